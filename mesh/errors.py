@@ -96,3 +96,16 @@ class InventoryWarning:
 
     def as_error(self) -> InventoryError:
         return InventoryError(self.origin, self.message, key=self.key)
+
+
+class InventoryErrors(MeshError):
+    """Several inventory errors found in one pass; reported together, exit 4."""
+
+    exit_code = EXIT_PARSE_ERROR
+
+    def __init__(self, errors: list[InventoryError]) -> None:
+        super().__init__(f"{len(errors)} error(s) in the inventory")
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(str(error) for error in self.errors)

@@ -1,0 +1,110 @@
+"""The `mesh` command: parses arguments, calls one function per command, prints, maps errors to exit codes.
+
+Exit codes are ansible-playbook's (INVENTORY.md): 4 parse error, 5 usage, 99 interrupted, 250 unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from mesh import errors
+from mesh.log import configure_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None, help="Log line format.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+@click.version_option(package_name="mesh")
+def cli(log_format: str | None, verbose: bool) -> None:
+    """mesh: a service mesh for VMs and containers, deployed the Ansible way."""
+    configure_logging(log_format, verbose)
+
+
+@cli.group()
+def inventory() -> None:
+    """Read, print and check Ansible inventories."""
+
+
+def _print_warnings(warnings: list[errors.InventoryWarning]) -> None:
+    for warning in warnings:
+        click.echo(f"[WARNING]: {warning}", err=True)
+
+
+@inventory.command("list")
+@click.argument("path")
+def inventory_list(path: str) -> None:
+    """Print the inventory as `ansible-inventory -i PATH --list` does."""
+    from mesh.inventory.listing import list_inventory
+    from mesh.inventory.loader import load_inventory
+
+    data = load_inventory(path)
+    _print_warnings(data.warnings)
+    click.echo(json.dumps(list_inventory(data), indent=4, sort_keys=True, ensure_ascii=False))
+
+
+@inventory.command("host")
+@click.argument("path")
+@click.argument("name")
+def inventory_host(path: str, name: str) -> None:
+    """Print one host's variables as `ansible-inventory -i PATH --host NAME` does."""
+    from mesh.inventory.listing import host_variables
+    from mesh.inventory.loader import load_inventory
+
+    data = load_inventory(path)
+    _print_warnings([w for w in data.warnings])
+    click.echo(json.dumps(host_variables(data, name), indent=4, sort_keys=True, ensure_ascii=False))
+
+
+@inventory.command("check")
+@click.argument("path")
+def inventory_check(path: str) -> None:
+    """Refuse everything `mesh deploy` would refuse, before connecting to any host; print a summary."""
+    from mesh.inventory.check import check_inventory
+    from mesh.inventory.loader import load_inventory
+
+    data = load_inventory(path)
+    report = check_inventory(data)
+    for line in report.summary_lines():
+        click.echo(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns (and exits with) ansible-playbook's exit codes."""
+    code = run(argv)
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="mesh", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return errors.EXIT_INTERRUPTED
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return errors.EXIT_USAGE
+    except errors.InventoryErrors as exc:
+        for error in exc.errors:
+            click.echo(f"ERROR: {error}", err=True)
+        return exc.exit_code
+    except errors.MeshError as exc:
+        click.echo(f"ERROR: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return errors.EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return errors.EXIT_OK
+    except Exception as exc:  # a bug: one line for the user, the traceback only when asked
+        click.echo(f"ERROR: unexpected {type(exc).__name__}: {exc} (MESH_DEBUG=1 shows the traceback)", err=True)
+        if os.environ.get("MESH_DEBUG"):
+            traceback.print_exc()
+        return errors.EXIT_UNEXPECTED
+    return errors.EXIT_OK
