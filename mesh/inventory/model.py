@@ -1,0 +1,148 @@
+"""The mesh as the inventory describes it: typed, frozen, validated objects (settings, hosts, workloads).
+
+It owns the shapes and what follows from them (SPIFFE ids, Consul ids); it must not read files or validate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Literal
+
+HostKind = Literal["vm", "container_host"]
+Protocol = Literal["http", "http2", "grpc", "tcp"]
+HealthKind = Literal["http", "grpc", "tcp"]
+
+CONTROLLERS_GROUP = "mesh_controllers"
+PROXY_PORT_BASE = 21000
+ADMIN_PORT_BASE = 19000
+
+
+def spiffe_id(trust_domain: str, service: str) -> str:
+    """The SPIFFE id of a service's workloads: `spiffe://<trust_domain>/svc/<service>`."""
+    return f"spiffe://{trust_domain}/svc/{service}"
+
+
+def health_checker_spiffe_id(trust_domain: str) -> str:
+    """The SPIFFE id of mesh's own health checker."""
+    return f"spiffe://{trust_domain}/mesh/health"
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """Mesh-wide settings: the same on every host of the inventory."""
+
+    trust_domain: str = "mesh.local"
+    consul_url: str | None = None
+    state_dir: str = ".mesh"  # absolute: resolved against the inventory's folder
+    cert_ttl: timedelta = timedelta(hours=24)
+    known_hosts: str = "~/.ssh/known_hosts"
+
+    @property
+    def cert_ttl_seconds(self) -> int:
+        return int(self.cert_ttl.total_seconds())
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How mesh reaches a host over SSH (or runs locally), from Ansible's own connection variables."""
+
+    address: str
+    port: int = 22
+    user: str | None = None  # None: the current user, as Ansible does
+    private_key_file: str | None = None
+    known_hosts: str = "~/.ssh/known_hosts"
+    ssh_common_args: str = ""
+    ssh_extra_args: str = ""
+    proxy_jump: str | None = None
+    strict_host_key_checking: bool = True
+    become: bool = False
+    become_user: str = "root"
+    local: bool = False
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A service the app reaches at 127.0.0.1:local_port."""
+
+    service: str
+    local_port: int
+
+
+@dataclass(frozen=True)
+class Health:
+    """How mesh's checker (and Envoy) decide that the app itself answers."""
+
+    kind: HealthKind = "tcp"
+    http_path: str | None = None
+    interval: timedelta = timedelta(seconds=5)
+    timeout: timedelta = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One item of a host's `mesh_workloads`: an app instance and its Envoy."""
+
+    host: str
+    index: int
+    service: str
+    port: int
+    trust_domain: str
+    version: str = "v1"
+    protocol: Protocol = "http"
+    container: str | None = None
+    health: Health = field(default_factory=Health)
+    upstreams: tuple[Upstream, ...] = ()
+    proxy_port: int = PROXY_PORT_BASE
+    admin_port: int = ADMIN_PORT_BASE
+
+    @property
+    def spiffe_id(self) -> str:
+        return spiffe_id(self.trust_domain, self.service)
+
+    @property
+    def consul_id(self) -> str:
+        """The Consul service ID: `<service>-<host>-<index>`."""
+        return f"{self.service}-{self.host}-{self.index}"
+
+
+@dataclass(frozen=True)
+class ManagedHost:
+    """A host mesh deploys to: it has workloads or is in `mesh_controllers`."""
+
+    name: str
+    kind: HostKind
+    connection: Connection
+    workloads: tuple[Workload, ...] = ()
+    is_controller: bool = False
+
+    @property
+    def consul_kind(self) -> str:
+        """The `kind` Meta of this host's Consul registrations: `vm` or `container`."""
+        return "vm" if self.kind == "vm" else "container"
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The validated mesh: settings, managed hosts in inventory order, controllers, services and instances."""
+
+    settings: MeshSettings
+    hosts: tuple[ManagedHost, ...] = ()
+    unmanaged_hosts: tuple[str, ...] = ()
+    services: Mapping[str, tuple[Workload, ...]] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def controllers(self) -> tuple[ManagedHost, ...]:
+        return tuple(host for host in self.hosts if host.is_controller)
+
+    @property
+    def workloads(self) -> tuple[Workload, ...]:
+        return tuple(workload for host in self.hosts for workload in host.workloads)
+
+    def host(self, name: str) -> ManagedHost:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)

@@ -1,0 +1,231 @@
+"""Builds the validated Mesh from an inventory's data: renders the variables mesh reads and checks every rule
+of INVENTORY.md, collecting all errors. It must not read files (the loader does) nor connect to hosts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any, cast
+
+from mesh.errors import InventoryError, InventoryErrors
+from mesh.inventory.connection import read_connection, ssh_port
+from mesh.inventory.data import InventoryData, Var
+from mesh.inventory.located import Located, Problems
+from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh, MeshSettings, Workload
+from mesh.inventory.templating import Templating, host_groups
+from mesh.inventory.values import check_string, check_trust_domain, check_url, parse_duration
+from mesh.inventory.workloads import ParsedWorkload, check_ports, read_workloads
+from mesh.suggest import did_you_mean
+
+MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_known_hosts")
+PER_HOST = ("mesh_host_kind", "mesh_workloads")
+MESH_VARIABLES = MESH_WIDE + PER_HOST
+HOST_KINDS = ("vm", "container_host")
+
+VarsOf = Callable[[InventoryData, str], Mapping[str, Var]]
+
+
+@dataclass(frozen=True)
+class _HostReading:
+    """What one host says: its kind, workloads, whether mesh manages it, and its mesh-wide values."""
+
+    name: str
+    kind: HostKind
+    workloads: list[ParsedWorkload]
+    workloads_where: Located | None  # set when mesh_workloads is a non-empty list, even if invalid
+    is_controller: bool
+    wide: dict[str, Located]
+
+
+def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None = None,
+               dynamic: bool = False) -> Mesh:
+    """The validated Mesh of an inventory, or InventoryErrors listing every problem (file, line, key).
+
+    vars_of(data, host) gives a host's merged variables; it defaults to the reader's host_vars_with_origins.
+    dynamic says the inventory was a script or plugin (mesh_state_dir then starts at the current directory).
+    """
+    if vars_of is None:
+        from mesh.inventory.resolve import host_vars_with_origins
+
+        vars_of = host_vars_with_origins
+    reader = vars_of
+    templating = Templating(data, lambda host: reader(data, host))
+    problems = Problems()
+    _check_variable_names(data, problems)
+    controllers = set(_hosts_in(data, CONTROLLERS_GROUP))
+    readings = [_read_host(data, templating, name, name in controllers, problems) for name in data.hosts]
+    settings = _settings(readings, inventory_path, dynamic, problems)
+    managed = [_managed_host(templating, reading, settings, problems) for reading in readings
+               if reading.workloads_where or reading.is_controller]
+    _check_mesh(data, readings, settings, problems)
+    if problems.errors:
+        raise InventoryErrors(problems.errors)
+    hosts = tuple(host for host in managed if host is not None)
+    return Mesh(
+        settings=settings,
+        hosts=hosts,
+        unmanaged_hosts=tuple(r.name for r in readings if not (r.workloads_where or r.is_controller)),
+        services=_services(hosts),
+    )
+
+
+def _lookup(templating: Templating, host: str, problems: Problems) -> Callable[[str], Located | None]:
+    """A host's rendered variable by name (None when unset or when rendering failed, recorded)."""
+
+    def lookup(name: str) -> Located | None:
+        var = templating.raw_vars(host).get(name)
+        if var is None:
+            return None
+        try:
+            value = templating.render(host, name)
+        except InventoryError as exc:
+            problems.add(exc)
+            return None
+        return Located(value, var.origin, name, var.marks)
+
+    return lookup
+
+
+def _read_host(data: InventoryData, templating: Templating, name: str, is_controller: bool,
+               problems: Problems) -> _HostReading:
+    lookup = _lookup(templating, name, problems)
+    kind: HostKind = "vm"
+    kind_spot = lookup("mesh_host_kind")
+    if kind_spot is not None:
+        if kind_spot.value in HOST_KINDS:
+            kind = cast(HostKind, kind_spot.value)
+        else:
+            problems.at(kind_spot, f"expected vm or container_host, got {kind_spot.value!r}",
+                        did_you_mean(str(kind_spot.value), HOST_KINDS))
+    workloads_spot = lookup("mesh_workloads")
+    workloads = [] if workloads_spot is None else read_workloads(name, kind, workloads_spot, problems)
+    wide = {key: spot for key in MESH_WIDE if (spot := lookup(key)) is not None}
+    listed = workloads_spot if workloads_spot is not None and workloads_spot.value else None
+    return _HostReading(name, kind, workloads, listed, is_controller, wide)
+
+
+def _managed_host(templating: Templating, reading: _HostReading, settings: MeshSettings,
+                  problems: Problems) -> ManagedHost | None:
+    lookup = _lookup(templating, reading.name, problems)
+    written = {name: var.origin for name, var in templating.raw_vars(reading.name).items()}
+    connection = read_connection(reading.name, written, lookup, settings.known_hosts, problems)
+    check_ports(reading.name, reading.kind, ssh_port(lookup), reading.workloads, problems)
+    if connection is None:
+        return None
+    workloads = tuple(replace(item.workload, trust_domain=settings.trust_domain) for item in reading.workloads)
+    return ManagedHost(reading.name, reading.kind, connection, workloads, reading.is_controller)
+
+
+def _check_variable_names(data: InventoryData, problems: Problems) -> None:
+    """Unknown mesh_* variables anywhere (hosts, groups, group_vars, host_vars) are errors."""
+    layers = [*(g.vars for g in data.groups.values()), *(g.file_vars for g in data.groups.values()),
+              *(h.vars for h in data.hosts.values()), *(h.file_vars for h in data.hosts.values())]
+    for layer in layers:
+        for name, var in layer.items():
+            if not name.startswith("mesh_") or name in MESH_VARIABLES:
+                continue
+            hint = did_you_mean(name, MESH_VARIABLES)
+            if name == CONTROLLERS_GROUP:
+                hint = "mesh_controllers is a group: put the controller hosts in it"
+            problems.add(InventoryError(var.origin, f"unknown mesh variable; known: {', '.join(MESH_VARIABLES)}",
+                                        key=name, hint=hint))
+
+
+def _settings(readings: list[_HostReading], inventory_path: str, dynamic: bool, problems: Problems) -> MeshSettings:
+    chosen = _mesh_wide_values(readings, problems)
+    defaults = MeshSettings()
+    trust_domain = _wide(chosen, "mesh_trust_domain", check_trust_domain, problems) or defaults.trust_domain
+    consul_url = _wide(chosen, "mesh_consul_url", check_url, problems)
+    state_dir = _wide(chosen, "mesh_state_dir", lambda v: check_string(v, "a folder path"), problems)
+    ttl = _wide(chosen, "mesh_cert_ttl", parse_duration, problems) or defaults.cert_ttl
+    known_hosts = _wide(chosen, "mesh_known_hosts", lambda v: check_string(v, "a file path"), problems)
+    return MeshSettings(
+        trust_domain=trust_domain,
+        consul_url=consul_url,
+        state_dir=resolve_state_dir(state_dir or defaults.state_dir, inventory_path, dynamic),
+        cert_ttl=ttl,
+        known_hosts=known_hosts or defaults.known_hosts,
+    )
+
+
+def _mesh_wide_values(readings: list[_HostReading], problems: Problems) -> dict[str, Located]:
+    """One value per mesh-wide variable; every host that sets it must agree."""
+    chosen: dict[str, tuple[str, Located]] = {}
+    for reading in readings:
+        for key, spot in reading.wide.items():
+            if key not in chosen:
+                chosen[key] = (reading.name, spot)
+                continue
+            first_host, first = chosen[key]
+            if spot.value != first.value:
+                problems.at(spot, f"a mesh-wide variable must be the same on every host: {reading.name} has "
+                                  f"{spot.value!r}, {first_host} has {first.value!r} ({first.origin})",
+                            "set it once, in `all: vars:` or group_vars/all.yml")
+    return {key: spot for key, (_, spot) in chosen.items()}
+
+
+def _wide(chosen: dict[str, Located], key: str, reader: Callable[[Any], Any], problems: Problems) -> Any:
+    return problems.read(chosen[key], reader) if key in chosen else None
+
+
+def resolve_state_dir(state_dir: str, inventory_path: str, dynamic: bool = False) -> str:
+    """mesh_state_dir made absolute: relative paths start at the inventory's folder (the folder itself when
+    the inventory is a folder, the current directory for a dynamic inventory)."""
+    path = os.path.expanduser(state_dir)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    if dynamic or (os.path.isfile(inventory_path) and os.access(inventory_path, os.X_OK)):
+        base = os.getcwd()
+    elif os.path.isdir(inventory_path):
+        base = os.path.abspath(inventory_path)
+    else:
+        base = os.path.dirname(os.path.abspath(inventory_path))
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _check_mesh(data: InventoryData, readings: list[_HostReading], settings: MeshSettings,
+                problems: Problems) -> None:
+    """The rules that look at the whole inventory: Consul URL, controllers, upstreams."""
+    workloads = [item for reading in readings for item in reading.workloads]
+    where = next((r.workloads_where for r in readings if r.workloads_where is not None), None)
+    if where is None:
+        return
+    if not any("mesh_consul_url" in r.wide for r in readings):
+        problems.at(Located(None, where.origin, "mesh_consul_url"),
+                    "mesh_consul_url is required when any host has workloads (Consul's HTTP API, such as "
+                    "http://10.77.0.2:8500)", "set it in `all: vars:` or group_vars/all.yml")
+    if not any(r.is_controller for r in readings):
+        hint = did_you_mean(CONTROLLERS_GROUP, [g for g in data.groups if g not in ("all", "ungrouped")])
+        problems.at(Located(None, where.origin, CONTROLLERS_GROUP),
+                    f"the inventory has workloads but no host in the group {CONTROLLERS_GROUP}, which runs mesh's "
+                    "health checker", hint or f"add a group {CONTROLLERS_GROUP} with at least one host")
+    # Services of workloads with errors count too, so that one mistake is reported once.
+    services = sorted({item.workload.service for item in workloads} | _written_services(readings))
+    for item in workloads:
+        for name, spot in item.upstreams:
+            if name not in services:
+                problems.at(spot.child("service"), f"no host runs the service {name!r}; known services: {', '.join(services)}",
+                            did_you_mean(name, services))
+
+
+def _written_services(readings: list[_HostReading]) -> set[str]:
+    return {
+        item["service"] for r in readings if r.workloads_where is not None and isinstance(r.workloads_where.value, list)
+        for item in r.workloads_where.value if isinstance(item, dict) and isinstance(item.get("service"), str)
+    }
+
+
+def _hosts_in(data: InventoryData, group: str) -> list[str]:
+    return [name for name in data.hosts if group in host_groups(data, name)]
+
+
+def _services(hosts: tuple[ManagedHost, ...]) -> Mapping[str, tuple[Workload, ...]]:
+    services: dict[str, list[Workload]] = {}
+    for host in hosts:
+        for workload in host.workloads:
+            services.setdefault(workload.service, []).append(workload)
+    return MappingProxyType({name: tuple(items) for name, items in sorted(services.items())})
+
