@@ -73,6 +73,15 @@ def inventory_check(path: str) -> None:
         click.echo(line)
 
 
+def _add_lab_commands() -> None:
+    from mesh.lab.commands import lab
+
+    cli.add_command(lab)
+
+
+_add_lab_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) ansible-playbook's exit codes."""
     code = run(argv)

@@ -1,0 +1,1 @@
+"""mesh lab: a real multi-node hybrid fleet (nspawn VMs, a Docker host, Consul) on one Linux machine."""
