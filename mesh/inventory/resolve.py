@@ -37,7 +37,7 @@ def reconcile(data: InventoryData) -> None:
     for host in data.hosts.values():
         member_of = closures.of_host(host.groups)
         if "ungrouped" in member_of:
-            if member_of - {"ungrouped"} and host.name in host.groups and "ungrouped" in host.groups:
+            if member_of - {"ungrouped"} and "ungrouped" in host.groups:
                 ungrouped.hosts.remove(host.name)
                 host.groups.remove("ungrouped")
         elif not member_of:
