@@ -35,6 +35,12 @@ def _print_warnings(warnings: list[errors.InventoryWarning]) -> None:
         click.echo(f"[WARNING]: {warning}", err=True)
 
 
+def _json_text(value: object) -> str:
+    """Indented JSON for a person at a terminal; compact (and several times faster to write) when piped."""
+    indent = 4 if sys.stdout.isatty() else None
+    return json.dumps(value, indent=indent, sort_keys=True, ensure_ascii=False)
+
+
 @inventory.command("list")
 @click.argument("path")
 def inventory_list(path: str) -> None:
@@ -44,7 +50,7 @@ def inventory_list(path: str) -> None:
 
     data = load_inventory(path)
     _print_warnings(data.warnings)
-    click.echo(json.dumps(list_inventory(data), indent=4, sort_keys=True, ensure_ascii=False))
+    click.echo(_json_text(list_inventory(data)))
 
 
 @inventory.command("host")
@@ -57,7 +63,7 @@ def inventory_host(path: str, name: str) -> None:
 
     data = load_inventory(path)
     _print_warnings([w for w in data.warnings])
-    click.echo(json.dumps(host_variables(data, name), indent=4, sort_keys=True, ensure_ascii=False))
+    click.echo(_json_text(host_variables(data, name)))
 
 
 @inventory.command("check")

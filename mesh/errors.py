@@ -6,6 +6,7 @@ Bugs are not here: they still raise as ordinary exceptions and end with exit cod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -17,9 +18,11 @@ EXIT_INTERRUPTED = 99
 EXIT_UNEXPECTED = 250
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where a value was written: file, 1-based line and column (None when unknown)."""
+class Origin(NamedTuple):
+    """Where a value was written: file, 1-based line and column (None when unknown).
+
+    A named tuple rather than a dataclass: an inventory of 10,000 hosts makes hundreds of thousands of them.
+    """
 
     file: str
     line: int | None = None

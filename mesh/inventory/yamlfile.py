@@ -25,7 +25,7 @@ MAX_DEPTH = 200
 VAULT_HEADER = "$ANSIBLE_VAULT;"
 
 
-@dataclass
+@dataclass(slots=True)
 class Marks:
     """Positions of one value and, for mappings and sequences, of what it holds."""
 
@@ -120,6 +120,7 @@ def load_yaml_text(text: str, path: str) -> YamlDocument:
             return YamlDocument(path, json_data, Marks(Origin(path, 1, 1)))
         return YamlDocument(path, None, Marks(Origin(path, 1, 1)))
     builder = _Builder(path)
+    builder.shares_nodes = "&" in text or "<<" in text
     if "&" in text:
         # Only aliases multiply values; without anchors, the node count is bounded by the text's size.
         builder.check_size(node)
@@ -175,7 +176,12 @@ def _syntax_error(exc: yaml.MarkedYAMLError, path: str, text: str) -> InventoryE
 
 
 def _origin(path: str, node: Node) -> Origin:
-    return Origin(path, node.start_mark.line + 1, node.start_mark.column + 1)
+    mark = node.start_mark
+    # tuple.__new__ skips the named tuple's Python-level constructor: this runs once per value.
+    return _new_tuple(Origin, (path, mark.line + 1, mark.column + 1))
+
+
+_new_tuple = tuple.__new__
 
 
 class _Builder:
@@ -185,6 +191,8 @@ class _Builder:
         self.path = path
         self.warnings: list[InventoryWarning] = []
         self._built: dict[int, tuple[Any, Marks]] = {}
+        # Only YAML aliases make one node appear twice; without anchors no memo is needed.
+        self.shares_nodes = True
         self._constructor = yaml.SafeLoader("")
 
     def check_size(self, root: Node) -> None:
@@ -213,17 +221,23 @@ class _Builder:
             sizes[key] = total
 
     def build(self, node: Node, depth: int) -> tuple[Any, Marks]:
+        if not self.shares_nodes:
+            return self._build_new(node, depth)
         key = id(node)
         if key in self._built:
             return self._built[key]
-        if isinstance(node, MappingNode):
-            result = self._build_mapping(node, depth)
-        elif isinstance(node, SequenceNode):
-            result = self._build_sequence(node, depth)
-        else:
-            result = self._build_scalar(node)
+        result = self._build_new(node, depth)
         self._built[key] = result
         return result
+
+    def _build_new(self, node: Node, depth: int) -> tuple[Any, Marks]:
+        if isinstance(node, ScalarNode):
+            if node.tag == "tag:yaml.org,2002:str":
+                return node.value, Marks(_origin(self.path, node))
+            return self._build_scalar(node)
+        if isinstance(node, MappingNode):
+            return self._build_mapping(node, depth)
+        return self._build_sequence(node, depth)
 
     def _build_scalar(self, node: Node) -> tuple[Any, Marks]:
         origin = _origin(self.path, node)

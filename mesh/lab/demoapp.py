@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""The lab's demo application: answers {"hops": [...]} over HTTP (or one JSON hop per line over TCP).
+
+Standard library only, one file: it is copied to nodes and into the app image and must never import mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import signal
+import socket
+import socketserver
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+UPSTREAM_TIMEOUT = 2.0
+TCP_BY_DEFAULT = {"db"}
+
+
+class Upstream:
+    """One upstream as the app knows it: a name, where to reach it, and how to speak to it."""
+
+    def __init__(self, name: str, host: str, port: int, protocol: str) -> None:
+        self.name, self.host, self.port, self.protocol = name, host, port, protocol
+
+    def hops(self) -> list[dict[str, Any]]:
+        """The hops this upstream reports, or one error hop naming it."""
+        try:
+            return self._tcp_hops() if self.protocol == "tcp" else self._http_hops()
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            return [{"service": self.name, "error": f"{self.host}:{self.port}: {_reason(exc)}"}]
+
+    def _http_hops(self) -> list[dict[str, Any]]:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=UPSTREAM_TIMEOUT)
+        try:
+            connection.request("GET", "/", headers={"Accept": "application/json"})
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        if response.status != 200:
+            text = body.decode(errors="replace").strip()[:200]
+            raise ValueError(f"HTTP {response.status}" + (f": {text}" if text else ""))
+        hops = json.loads(body).get("hops")
+        if not isinstance(hops, list):
+            raise ValueError("the answer has no hops list")
+        return hops
+
+    def _tcp_hops(self) -> list[dict[str, Any]]:
+        with socket.create_connection((self.host, self.port), timeout=UPSTREAM_TIMEOUT) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(b"hop\n")
+            line = conn.makefile("rb").readline()
+        if not line:
+            raise ValueError("connection closed without an answer")
+        hop = json.loads(line)
+        if not isinstance(hop, dict):
+            raise ValueError("the answer is not a JSON object")
+        return [hop]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) or isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+class App:
+    """One instance's identity and upstreams; makes the answers both servers send."""
+
+    def __init__(self, hop: dict[str, str], upstreams: list[Upstream]) -> None:
+        self.hop = hop
+        self.upstreams = upstreams
+
+    def answer(self) -> dict[str, Any]:
+        hops: list[dict[str, Any]] = [dict(self.hop)]
+        for upstream in self.upstreams:
+            hops.extend(upstream.hops())
+        return {"hops": hops}
+
+
+class HttpHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else keep-alive stalls 40 ms per request (Nagle + delayed ACK)
+    server: AppHTTPServer
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] == "/healthz":
+            self._send(200, b"ok\n", "text/plain")
+            return
+        body = json.dumps(self.server.app.answer()).encode() + b"\n"
+        self._send(200, body, "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # no access log: the journal and `docker logs` stay readable
+
+
+class AppHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: App) -> None:
+        self.app = app
+        super().__init__(address, HttpHandler)
+
+
+class LineHandler(socketserver.StreamRequestHandler):
+    server: AppTCPServer
+
+    def handle(self) -> None:
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        answer = json.dumps(self.server.app.hop).encode() + b"\n"
+        for _line in self.rfile:
+            self.wfile.write(answer)
+
+
+class AppTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: App) -> None:
+        self.app = app
+        super().__init__(address, LineHandler)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="mesh demo app: reports the services a request went through")
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--version", default="v1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bind", default="0.0.0.0")
+    parser.add_argument("--host", default=socket.gethostname(), help="the inventory host name")
+    parser.add_argument("--instance", help="the container name, or the host name on a VM (default: --host)")
+    parser.add_argument("--kind", choices=("vm", "container"), default="vm")
+    parser.add_argument("--protocol", choices=("http", "tcp"), default="http")
+    parser.add_argument("--upstream", action="append", default=[], metavar="NAME=HOST:PORT")
+    parser.add_argument("--upstream-protocol", action="append", default=[], metavar="NAME=http|tcp",
+                        help="default: tcp for db, http for the rest")
+    return parser.parse_args(argv)
+
+
+def build_app(args: argparse.Namespace) -> App:
+    protocols = {}
+    for item in args.upstream_protocol:
+        name, _, protocol = item.partition("=")
+        if protocol not in ("http", "tcp"):
+            raise SystemExit(f"--upstream-protocol {item}: expected NAME=http or NAME=tcp")
+        protocols[name] = protocol
+    upstreams = []
+    for item in args.upstream:
+        name, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        if not name or not host or not port.isdigit():
+            raise SystemExit(f"--upstream {item}: expected NAME=HOST:PORT")
+        default = "tcp" if name in TCP_BY_DEFAULT else "http"
+        upstreams.append(Upstream(name, host, int(port), protocols.get(name, default)))
+    hop = {"service": args.service, "version": args.version, "host": args.host,
+           "instance": args.instance or args.host, "kind": args.kind}
+    return App(hop, upstreams)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    app = build_app(args)
+    server_class = AppTCPServer if args.protocol == "tcp" else AppHTTPServer
+    server = server_class((args.bind, args.port), app)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
+    thread.start()
+    print(f"{args.service} {args.version} listening on {args.bind}:{args.port} ({args.protocol})", flush=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The demo app run for real on 127.0.0.1: a web -> api -> db chain, an unreachable upstream, db's line
+protocol, /healthz, keep-alive and a clean SIGTERM. Each instance is a child process this test ends by PID.
+"""
+
+from __future__ import annotations
+
+import ast
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import mesh.lab.demoapp
+
+SCRIPT = Path(mesh.lab.demoapp.__file__)
+Start = Callable[..., int]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in started:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def start(procs: list[subprocess.Popen[bytes]]) -> Start:
+    def run(service: str, *flags: str, host: str = "vm1", **options: str) -> int:
+        port = free_port()
+        argv = [sys.executable, str(SCRIPT), "--service", service, "--port", str(port), "--bind", "127.0.0.1",
+                "--host", host, *flags]
+        for name, value in options.items():
+            argv += [f"--{name.replace('_', '-')}", value]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        wait_listening(port, proc)
+        return port
+
+    return run
+
+
+def get(port: int, path: str = "/") -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_chain_web_api_db(start: Start) -> None:
+    db = start("db", "--protocol", "tcp", host="vm3")
+    api = start("api", "--upstream", f"db=127.0.0.1:{db}", host="dock1", version="v2", instance="api-v2-1",
+                kind="container")
+    web = start("web", "--upstream", f"api=127.0.0.1:{api}", host="vm1")
+    status, body = get(web, "/some/path")
+    assert status == 200
+    assert json.loads(body) == {"hops": [
+        {"service": "web", "version": "v1", "host": "vm1", "instance": "vm1", "kind": "vm"},
+        {"service": "api", "version": "v2", "host": "dock1", "instance": "api-v2-1", "kind": "container"},
+        {"service": "db", "version": "v1", "host": "vm3", "instance": "vm3", "kind": "vm"},
+    ]}  # fmt: skip
+
+
+def test_unreachable_upstream_gives_an_error_hop(start: Start) -> None:
+    dead = free_port()
+    web = start("web", "--upstream", f"api=127.0.0.1:{dead}", "--upstream", f"db=127.0.0.1:{dead}")
+    hops = json.loads(get(web)[1])["hops"]
+    assert [hop["service"] for hop in hops] == ["web", "api", "db"]
+    assert hops[1]["error"] == f"127.0.0.1:{dead}: connection refused"
+    assert "error" in hops[2] and "version" not in hops[2]
+
+
+def test_upstream_answering_non_200_is_an_error_hop(start: Start) -> None:
+    db = start("db", "--protocol", "tcp")
+    # db speaks TCP lines, not HTTP: asked over HTTP it answers garbage, which must become an error hop
+    web = start("web", "--upstream", f"api=127.0.0.1:{db}", "--upstream-protocol", "api=http")
+    hops = json.loads(get(web)[1])["hops"]
+    assert hops[1]["service"] == "api" and "error" in hops[1]
+
+
+def test_tcp_line_protocol(start: Start) -> None:
+    db = start("db", "--protocol", "tcp", host="vm3")
+    with socket.create_connection(("127.0.0.1", db), timeout=5) as conn:
+        reader = conn.makefile("rb")
+        for _ in range(3):
+            conn.sendall(b"anything\n")
+            assert json.loads(reader.readline()) == {
+                "service": "db", "version": "v1", "host": "vm3", "instance": "vm3", "kind": "vm"}
+
+
+def test_healthz_and_keep_alive(start: Start) -> None:
+    web = start("web")
+    connection = http.client.HTTPConnection("127.0.0.1", web, timeout=5)
+    started = time.monotonic()
+    for _ in range(20):
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"ok\n")
+    connection.close()
+    assert time.monotonic() - started < 0.5  # 40 ms per request would mean Nagle is back
+
+
+def test_sigterm_exits_cleanly(start: Start, procs: list[subprocess.Popen[bytes]]) -> None:
+    start("web")
+    procs[-1].send_signal(signal.SIGTERM)
+    assert procs[-1].wait(timeout=5) == 0
+
+
+def test_script_imports_only_the_standard_library() -> None:
+    tree = ast.parse(SCRIPT.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {str(node.module).split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - {"__future__"} <= sys.stdlib_module_names
