@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="mesh", standalone_mode=False)
+        # with standalone_mode=False, click returns a command's ctx.exit(code) instead of raising it
+        returned = cli.main(args=argv, prog_name="mesh", standalone_mode=False)
+        if isinstance(returned, int):
+            return returned
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         return errors.EXIT_INTERRUPTED

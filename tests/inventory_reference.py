@@ -80,6 +80,7 @@ def _run(argv: Sequence[str], env: dict[str, str], cwd: str, timeout: float, cap
             timeout=timeout,
             stdin=subprocess.DEVNULL,
             preexec_fn=_limit_memory if cap else None,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -212,8 +213,8 @@ def compare_list(reference: Run, mesh: Run) -> list[str]:
 
 def compare_host(reference: Run, mesh: Run) -> list[str]:
     if mesh.returncode != reference.returncode:
-        return [f"exit codes differ: ansible-inventory {reference.returncode}, mesh {mesh.returncode}\n"
-                f"{mesh.stderr[-2000:]}"]
+        codes = f"exit codes differ: ansible-inventory {reference.returncode}, mesh {mesh.returncode}"
+        return [f"{codes}\n{mesh.stderr[-2000:]}"]
     if reference.returncode != 0:
         return []
     try:

@@ -1,15 +1,15 @@
 """Expands one Ansible host pattern (`web[01:20].example.com:2222`, `[fe80::1]:22`) into host names and a port,
 with the same acceptance rules as ansible-core. It owns the pattern's text only; it must not touch inventory data.
-
-How Ansible reads a pattern (measured against ansible-core 2.19):
-- A port is split off first: `[anything]:PORT`, then `NAME:PORT` where NAME has no ':' outside `[...]`.
-- What is left must look like an IPv4 address, an IPv6 address or a host name, each possibly with ranges;
-  when it does not, the whole pattern (port included) is the host name and there is no port.
-- Any `[` left in the name starts a range `[begin:end]` or `[begin:end:step]`; several ranges multiply.
-- The port is `int()` of the digits (`host:022` is port 22). Ansible sets `ansible_port` from it only when
-  it is not 0 and only when the host is new: callers apply that rule, this module returns the number.
-- A range can expand to no host at all (`web[5:1]`, a negative step); the caller decides how to warn.
 """
+
+# How Ansible reads a pattern (measured against ansible-core 2.19):
+# - A port is split off first: `[anything]:PORT`, then `NAME:PORT` where NAME has no ':' outside `[...]`.
+# - What is left must look like an IPv4 address, an IPv6 address or a host name, each possibly with ranges;
+#   when it does not, the whole pattern (port included) is the host name and there is no port.
+# - Any `[` left in the name starts a range `[begin:end]` or `[begin:end:step]`; several ranges multiply.
+# - The port is `int()` of the digits (`host:022` is port 22). Ansible sets `ansible_port` from it only when
+#   it is not 0 and only when the host is new: callers apply that rule, this module returns the number.
+# - A range can expand to no host at all (`web[5:1]`, a negative step); the caller decides how to warn.
 
 from __future__ import annotations
 

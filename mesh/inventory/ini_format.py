@@ -1,14 +1,14 @@
 """Reads Ansible's INI inventory format into InventoryData exactly as ansible-core 2.19 does, recording the
 file, line and column of every group, host and variable. It must not reconcile the inventory or read other files.
-
-Measured rules (see tests/unit/test_ini_format.py for the cases):
-- Lines are split as Python's str.splitlines() splits them, stripped; a line starting with '#' or ';' is skipped.
-- Host lines are split like shlex.split(line, comments=True): quotes are removed and '#' starts a comment even
-  inside a word; every value then goes through ast.literal_eval, falling back to the text.
-- `[group:vars]` lines are `key=value` split at the first '='; the value, stripped but with quotes and any
-  trailing comment kept, goes through ast.literal_eval too. Tuples and sets become lists; bytes become text.
-Everything Ansible refuses raises InventoryError; what it reads but almost surely not as meant is warned.
 """
+
+# Measured rules (see tests/unit/test_ini_format.py for the cases):
+# - Lines are split as Python's str.splitlines() splits them, stripped; a line starting with '#' or ';' is skipped.
+# - Host lines are split like shlex.split(line, comments=True): quotes are removed and '#' starts a comment even
+#   inside a word; every value then goes through ast.literal_eval, falling back to the text.
+# - `[group:vars]` lines are `key=value` split at the first '='; the value, stripped but with quotes and any
+#   trailing comment kept, goes through ast.literal_eval too. Tuples and sets become lists; bytes become text.
+# Everything Ansible refuses raises InventoryError; what it reads but almost surely not as meant is warned.
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ _UNSAFE_GROUP_CHARS = re.compile(r"^[\d\W]|[^\w]")
 _LEADING_ZERO_PORT = re.compile(r":0[0-9]+$")
 _HOST_WITH_PORT = re.compile(r"[^:\[\]]+:[0-9]+")
 _SHLEX_SPACE = " \t\r\n"
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SHORT_DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,17})\Z")
 # Line ends that str.splitlines() honours but an editor does not show as a new line.
 _HIDDEN_BREAKS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 _JSON_KEY_TYPES = (str, int, float, bool, type(None))
@@ -82,9 +84,9 @@ def split_host_line(line: str) -> HostLine:
             if state == "a":
                 tokens.append(Token("".join(chars), start))
                 comment_at = index if char == "#" else None
+            state, index = " ", index + 1
             if char == "#":
                 break
-            state, index = " ", index + 1
             continue
         if state == " ":
             state, start, chars = "a", index, []
@@ -124,14 +126,21 @@ def _quoted_char(line: str, index: int, quote: str, chars: list[str]) -> int:
 
 def ini_value(text: str) -> Any:
     """The value Ansible makes of an INI value's text: a Python literal when it is one, else the text."""
+    # Fast paths with literal_eval's own answers: a plain name is never a literal, a short decimal is an int.
+    if _PLAIN_NAME.match(text) and text not in ("True", "False", "None"):
+        return text
+    if _SHORT_DECIMAL.match(text):
+        return int(text)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-    except (TypeError, RecursionError, MemoryError) as error:
-        raise UnreadableValue(str(error) or type(error).__name__) from None
+    except TypeError as error:
+        raise UnreadableValue(str(error)) from None
+    except (RecursionError, MemoryError):
+        raise UnreadableValue("it is nested too deeply") from None
     return _plain(value)
 
 
@@ -212,7 +221,7 @@ class _IniReader:
         if section:
             self._section(section.group(1), section.group(2), line, origin)
         elif line.startswith("[") and line.endswith("]"):
-            raise InventoryError(origin, f"invalid section header {line!r}", key=line,
+            raise InventoryError(origin, f"invalid section header {_short(line)}", key=line,
                                  hint="write [group], [group:vars] or [group:children], with no spaces")
         elif self.kind == "hosts":
             _HostLineReader(self, origin).read(line)
@@ -249,7 +258,7 @@ class _IniReader:
 
     def _variable(self, line: str, origin: Origin) -> None:
         if "=" not in line:
-            raise InventoryError(origin, f"expected key=value in [{self.group}:vars], got {line!r}", key=line)
+            raise InventoryError(origin, f"expected key=value in [{self.group}:vars], got {_short(line)}", key=line)
         key_text, value_text = line.split("=", 1)
         key, value_text = key_text.strip(), value_text.strip()
         value = self.value(value_text, origin, key)
@@ -260,7 +269,7 @@ class _IniReader:
     def _child(self, line: str, origin: Origin) -> None:
         match = _GROUP_NAME.match(line)
         if not match:
-            raise InventoryError(origin, f"expected one group name in [{self.group}:children], got {line!r}",
+            raise InventoryError(origin, f"expected one group name in [{self.group}:children], got {_short(line)}",
                                  key=line, hint="one group per line; a comment starts with '#'")
         child = match.group(1)
         if child not in self.data.groups:
@@ -282,7 +291,7 @@ class _IniReader:
         try:
             value = ini_value(text)
         except UnreadableValue as error:
-            raise InventoryError(origin, f"Ansible cannot read the value {text!r}: {error}", key=key,
+            raise InventoryError(origin, f"Ansible cannot read the value {_short(text)}: {error}", key=key,
                                  hint="quote the whole value to keep it as text") from None
         _warn_value(self.data, value, text, origin, key)
         return value
@@ -294,12 +303,12 @@ class _IniReader:
                                             "deprecation warning", key=key))
         earlier = owner_vars.get(key)
         if earlier is not None and earlier.origin.file == self.path and earlier.value != value:
-            self.data.warn(InventoryWarning(origin, f"{key} was already set to {earlier.value!r} at "
+            self.data.warn(InventoryWarning(origin, f"{key} was already set to {_short(repr(earlier.value))} at "
                                             f"{earlier.origin}; this later value wins", key=key))
 
     def finish(self) -> None:
         for name, waiting in self.pending.items():
-            hint = did_you_mean(name, self.data.groups)
+            hint = did_you_mean(name, (group for group in self.data.groups if group != name))
             if waiting.kind == "vars":
                 raise InventoryError(waiting.origin, f"[{name}:vars] is given, but group {name!r} is never "
                                      "defined", key=name, hint=hint or f"add a [{name}] section")
@@ -342,7 +351,7 @@ class _HostLineReader:
             hosts, port = expand_host_pattern(token.text, origin)
         except InventoryError:
             if line.startswith("[") and "]" in line:
-                raise InventoryError(origin, f"{line!r} is neither a section header nor a host", key=line,
+                raise InventoryError(origin, f"{_short(line)} is neither a section header nor a host", key=line,
                                      hint="a comment after a section header starts with '#'") from None
             raise
         if token.text.strip().endswith(":") and port is None:
@@ -371,7 +380,7 @@ class _HostLineReader:
     def _variable(self, token: Token) -> tuple[str, Any, Origin]:
         origin = self.at(token.column)
         if "=" not in token.text:
-            raise InventoryError(origin, f"expected key=value after the host name, got {token.text!r}",
+            raise InventoryError(origin, f"expected key=value after the host name, got {_short(token.text)}",
                                  key=token.text, hint="quote a value that contains spaces: key=\"a b\"")
         key, text = token.text.split("=", 1)
         return key, self.file.value(text, origin, key), origin
@@ -411,6 +420,11 @@ def _warn_value(data: InventoryData, value: Any, text: str, origin: Origin, key:
     if ("b'" in text or 'b"' in text) and _has_bytes_literal(text):
         data.warn(InventoryWarning(origin, "a bytes literal is read as text that Ansible marks unsafe "
                                    "(never templated)", key=key))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """text quoted for a message, cut to limit characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def _has_bytes_literal(text: str) -> bool:

@@ -13,7 +13,6 @@ import signal
 import socket
 import socketserver
 import sys
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,7 +30,7 @@ class Upstream:
         """The hops this upstream reports, or one error hop naming it."""
         try:
             return self._tcp_hops() if self.protocol == "tcp" else self._http_hops()
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, TypeError, http.client.HTTPException) as exc:
             return [{"service": self.name, "error": f"{self.host}:{self.port}: {_reason(exc)}"}]
 
     def _http_hops(self) -> list[dict[str, Any]]:
@@ -47,7 +46,7 @@ class Upstream:
             raise ValueError(f"HTTP {response.status}" + (f": {text}" if text else ""))
         hops = json.loads(body).get("hops")
         if not isinstance(hops, list):
-            raise ValueError("the answer has no hops list")
+            raise TypeError("the answer has no hops list")
         return hops
 
     def _tcp_hops(self) -> list[dict[str, Any]]:
@@ -59,12 +58,12 @@ class Upstream:
             raise ValueError("connection closed without an answer")
         hop = json.loads(line)
         if not isinstance(hop, dict):
-            raise ValueError("the answer is not a JSON object")
+            raise TypeError("the answer is not a JSON object")
         return [hop]
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) or isinstance(exc, socket.timeout):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
@@ -104,7 +103,7 @@ class HttpHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # no access log: the journal and `docker logs` stay readable
 
 
@@ -172,20 +171,30 @@ def build_app(args: argparse.Namespace) -> App:
     return App(hop, upstreams)
 
 
+class Stop(Exception):
+    """Raised by the SIGTERM/SIGINT handler in the main thread, which is in serve_forever."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stop
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     app = build_app(args)
-    server_class = AppTCPServer if args.protocol == "tcp" else AppHTTPServer
-    server = server_class((args.bind, args.port), app)
-    stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
-    thread.start()
-    print(f"{args.service} {args.version} listening on {args.bind}:{args.port} ({args.protocol})", flush=True)
-    stop.wait()
-    server.shutdown()
-    server.server_close()
+        signal.signal(signum, _stop)
+    server_class = AppTCPServer if args.protocol == "tcp" else AppHTTPServer
+    try:
+        server = server_class((args.bind, args.port), app)
+        try:
+            print(f"{args.service} {args.version} listening on {args.bind}:{args.port} ({args.protocol})",
+                  flush=True)
+            server.serve_forever(poll_interval=0.2)
+        finally:
+            server.server_close()
+    except Stop:
+        pass
     return 0
 
 

@@ -39,8 +39,8 @@ def run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
         env: Mapping[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a host command; on failure raise LabError naming the command and its stderr."""
     try:
-        result = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout,
-                                env=dict(env) if env is not None else None)
+        result = subprocess.run(list(argv), check=False, input=input, capture_output=True, text=True,
+                                timeout=timeout, env=dict(env) if env is not None else None)
     except FileNotFoundError as exc:
         require_tools(argv[0])
         raise LabError(f"cannot run {argv[0]}: {exc}") from exc

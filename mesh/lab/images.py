@@ -40,13 +40,20 @@ NODE_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "curl",
     "openssl", "nftables", "iptables", "procps", "docker.io",
 )  # fmt: skip
-# Enabled by docker.io's postinst; only the container host enables them, at its first boot.
-NODE_DISABLED_UNITS = ("docker.service", "docker.socket", "containerd.service")
+# Docker's units: only the container host enables them, at its first boot. The rest would reach for a
+# package mirror (nothing in the lab does) or scrub disks a node does not own.
+NODE_DISABLED_UNITS = (
+    "docker.service", "docker.socket", "containerd.service", "apt-daily.timer", "apt-daily-upgrade.timer",
+    "e2scrub_all.timer", "e2scrub_reap.service", "fstrim.timer",
+)  # fmt: skip
 # Bump when the build steps change (not the package list: that is in the key already).
-NODE_SCRIPT_VERSION = 1
+NODE_SCRIPT_VERSION = 2
 
 APP_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
-APP_SCRIPT_VERSION = 1
+APP_SCRIPT_VERSION = 2
+# Not needed to run Python in a container: docs, translations, and glibc's iconv modules (Python has its own codecs).
+APP_EXCLUDED_PREFIXES = ("usr/share/doc/", "usr/share/man/", "usr/share/info/", "usr/share/locale/",
+                         "usr/share/lintian/", "usr/lib/x86_64-linux-gnu/gconv/")
 APP_SCRIPT_PATH = "opt/mesh-demo/demoapp.py"
 
 CONSUL_SUITE = "bullseye"
@@ -127,7 +134,11 @@ def ensure_artifact(recipe: Recipe, builder: Builder, cache_dir: Path | None = N
         staging.mkdir()
         started = time.monotonic()
         progress(f"{recipe.name}: building {final.name} (once; later runs reuse it)")
-        builder(recipe, staging, progress)
+        try:
+            builder(recipe, staging, progress)
+        except BaseException:
+            remove_tree(staging)
+            raise
         seconds = round(time.monotonic() - started, 1)
         marker = {"recipe": _recipe_data(recipe), "key": recipe.key, "seconds": seconds}
         (staging / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
@@ -332,6 +343,7 @@ def build_app_image(base_rootfs: Path, tar_path: Path, packages: tuple[str, ...]
     require_root("building the demo app image")
     progress(f"app image: copying {', '.join(packages)} and their dependencies from the node rootfs")
     files = debian.package_files(base_rootfs, debian.dependency_closure(base_rootfs, packages))
+    files = [name for name in files if not name.startswith(APP_EXCLUDED_PREFIXES)]
     tree = tar_path.parent / "tree"
     debian.copy_files(base_rootfs, tree, files)
     for name in ("etc/passwd", "etc/group", "etc/nsswitch.conf"):

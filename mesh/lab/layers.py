@@ -181,8 +181,8 @@ def containers_script(node: Node, images: Images) -> str:
     tar = f"{IMAGES_IN_NODE}/{images.app_tar.name}"
     lines = ["#!/bin/sh", "set -e",
              f"docker image inspect {images.app_image} >/dev/null 2>&1 || docker import {tar} {images.app_image}",
-             f"docker network inspect {demo_units.DOCKER_NETWORK} >/dev/null 2>&1 || "
-             f"docker network create {demo_units.DOCKER_NETWORK} >/dev/null"]
+             (f"docker network inspect {demo_units.DOCKER_NETWORK} >/dev/null 2>&1 || "
+              f"docker network create {demo_units.DOCKER_NETWORK} >/dev/null")]
     for workload in node.workloads:
         instance = demo_instance(node, workload)
         argv = ["docker", *demo_units.docker_run_args(instance, images.app_image)]

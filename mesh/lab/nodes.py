@@ -125,7 +125,8 @@ def start_supervisor(paths: LabPaths, files: NodeFiles, argv: list[str], env: di
     source = Path(supervisor_module.__file__)
     if not script.exists() or script.read_bytes() != source.read_bytes():
         shutil.copyfile(source, script)
-    files.spec.write_text(json.dumps({"argv": argv, "env": env, "pidfile": str(files.pidfile)}))
+    spec = {"argv": argv, "env": env, "pidfile": str(files.pidfile), "cgroup": f"mesh-lab-{files.base.name}"}
+    files.spec.write_text(json.dumps(spec))
     with open(files.log, "ab") as output:
         process = subprocess.Popen([sys.executable, "-I", str(script), str(files.spec)], stdin=subprocess.DEVNULL,
                                    stdout=output, stderr=subprocess.STDOUT, cwd="/", start_new_session=True,

@@ -28,7 +28,7 @@ class LabSsh:
             options += ["-o", "BatchMode=yes"]
         # one remote word list, quoted so the remote shell sees exactly these arguments
         remote = " ".join(shlex.quote(word) for word in command) if len(command) > 1 else command[0]
-        return ["ssh", *options, f"root@{address}", "--", remote]
+        return ["ssh", *options, "--", f"root@{address}", remote]
 
     def run(self, address: str, command: Sequence[str], timeout: float = 30,
             input: str | None = None) -> subprocess.CompletedProcess[str]:

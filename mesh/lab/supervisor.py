@@ -24,6 +24,21 @@ def _say(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} supervisor[{os.getpid()}]: {message}", flush=True)
 
 
+def enter_own_cgroup(name: str, root: Path = Path("/sys/fs/cgroup")) -> None:
+    """Move this process into a cgroup of its own, so that nspawn makes the node's `payload` and `supervisor`
+    cgroups under it: on a host whose PID 1 is not systemd, nspawn would otherwise put every node's systemd in
+    one shared /payload, where each would manage (and stop) the others' units."""
+    candidates = [root / "systemd", root / "unified"]
+    if (root / "cgroup.controllers").exists():  # a pure cgroup v2 host
+        candidates = [root]
+    for hierarchy in candidates:
+        if not (hierarchy / "cgroup.procs").exists():
+            continue
+        own = hierarchy / name
+        own.mkdir(exist_ok=True)
+        (own / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+
 def supervise(argv: list[str], env: dict[str, str], pidfile: Path) -> int:
     stopping = False
     child: subprocess.Popen[bytes] | None = None
@@ -58,6 +73,7 @@ def supervise(argv: list[str], env: dict[str, str], pidfile: Path) -> int:
 
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    enter_own_cgroup(str(spec["cgroup"]))
     return supervise(list(spec["argv"]), dict(spec.get("env", {})), Path(spec["pidfile"]))
 
 

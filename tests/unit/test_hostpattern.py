@@ -93,7 +93,10 @@ PIECES = st.sampled_from([
 @settings(max_examples=1500, deadline=None)
 @given(st.lists(PIECES, min_size=1, max_size=8).map("".join))
 def test_same_as_ansible(pattern: str) -> None:
-    assert _mesh_expand(pattern) == _ansible_expand(pattern)
+    theirs = _ansible_expand(pattern)
+    if theirs is not None and len(theirs[0]) > MAX_HOSTS_PER_PATTERN:
+        theirs = None  # mesh refuses what Ansible would expand without bound
+    assert _mesh_expand(pattern) == theirs
 
 
 @pytest.mark.parametrize("pattern", [

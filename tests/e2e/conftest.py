@@ -1,0 +1,30 @@
+"""The end-to-end tests' one lab for the whole session, brought up after a snapshot of the machine.
+A lab that cannot start fails the tests (never a skip); the lab is taken down at the end in any case.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lab_helpers import LAB_ARGS, LabUp, inventory_hosts, machine_state, mesh
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabUp]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab end-to-end tests run as root (network namespaces, mounts, nspawn)")
+    cleared = mesh("lab", "down")  # a lab an earlier run left is not part of the machine's own state
+    if cleared.returncode != 0:
+        pytest.fail(f"`mesh lab down` before the tests failed:\n{cleared.stderr}")
+    before = machine_state()
+    inventory = tmp_path_factory.mktemp("lab") / "lab.yaml"
+    result = mesh("lab", "up", *LAB_ARGS, "--inventory", str(inventory), timeout=900)
+    if result.returncode != 0:
+        mesh("lab", "down")
+        pytest.fail(f"`mesh lab up` failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    state_dir = Path(os.environ.get("MESH_LAB_STATE") or "/var/lib/mesh-lab")
+    yield LabUp(inventory, state_dir, inventory_hosts(inventory), before, result.stdout)
+    mesh("lab", "down")  # idempotent: the last test already took it down when all went well
