@@ -93,8 +93,6 @@ def split_port(pattern: str) -> tuple[str, int | None]:
 
 
 def _expand_ranges(name: str, pattern: str, origin: Origin) -> list[str]:
-    if "|" in name:
-        raise InventoryError(origin, "a host name with a range cannot contain '|'", key=pattern)
     segments: list[_Segment] = []
     rest = name
     total = 1
@@ -115,14 +113,15 @@ def _expand_ranges(name: str, pattern: str, origin: Origin) -> list[str]:
 
 
 def _cut_range(text: str, pattern: str, origin: Origin) -> tuple[str, str, str]:
-    """Text before the first bracket, between the first '[' and first ']' (in either order), and after."""
-    start = text.find("[")
-    end = text.find("]")
-    if end < 0:
-        raise InventoryError(origin, "a host range is not closed with ']'", key=pattern,
+    """Head, range body and tail, cut where Ansible cuts: at the first '[', the first ']' and any '|'."""
+    # Ansible turns the first '[' and the first ']' into '|' and splits on '|': a '|' in a name acts as a
+    # bracket, and anything but exactly three parts is an error.
+    parts = text.replace("[", "|", 1).replace("]", "|", 1).split("|")
+    if len(parts) != 3:
+        problem = "is not closed with ']'" if "]" not in text else "cannot be read next to a '|' in the name"
+        raise InventoryError(origin, f"a host range {problem}", key=pattern,
                              hint="write it as [begin:end] or [begin:end:step]")
-    low, high = min(start, end), max(start, end)
-    return text[:low], text[low + 1:high], text[high + 1:]
+    return parts[0], parts[1], parts[2]
 
 
 def _range_values(body: str, pattern: str, origin: Origin) -> list[str]:

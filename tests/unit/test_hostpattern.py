@@ -103,7 +103,7 @@ def test_same_as_ansible(pattern: str) -> None:
     "::", "::1", "1::", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7::", "::2:3:4:5:6:7:8", "1::8", "::ffff:1.2.3.4",
     "0:0:0:0:0:0:1.2.3.4", "0:0:0:0:0:ffff:1.2.3.4", "[::1]:22", "[1:2:3:4:5:6:7:8]:22", "fe80::[0a:0f]",
     "fe80::[a:f]:22", "[fe80::[1:3]]:22", "1.2.3.256", "256.1.1.1:22", "a..b:22", "-a:22", "a-:22", "_a:22",
-    "KELVIN\u212a[a:b]", "x[\u212a:b]",
+    "KELVIN\u212a[a:b]", "x[\u212a:b]", "|:0[", "a|b[1:2", "a[1:2]|", "a]1:2|",
 ])
 def test_addresses_same_as_ansible(pattern: str) -> None:
     assert _mesh_expand(pattern) == _ansible_expand(pattern)
