@@ -39,6 +39,8 @@ class Group:
     priority: int = 1
     # Where a YAML `children:` first named this group (None when it never was one).
     child_origin: Origin | None = None
+    # The same names as `hosts`, for constant-time membership tests (`hosts` keeps Ansible's order).
+    host_set: set[str] = field(default_factory=set, repr=False)
 
 
 @dataclass
@@ -82,7 +84,8 @@ class InventoryData:
             host = self.hosts[name] = Host(name, origin)
         if group is not None and group != "all":
             target = self.add_group(group, origin)
-            if name not in target.hosts:
+            if name not in target.host_set:
+                target.host_set.add(name)
                 target.hosts.append(name)
             if group not in host.groups:
                 host.groups.append(group)

@@ -34,14 +34,19 @@ def reconcile(data: InventoryData) -> None:
             data.add_child("all", name, group.origin)
     ungrouped = data.groups["ungrouped"]
     closures = _Closures(data)
+    leaving: set[str] = set()
     for host in data.hosts.values():
         member_of = closures.of_host(host.groups)
         if "ungrouped" in member_of:
             if member_of - {"ungrouped"} and "ungrouped" in host.groups:
-                ungrouped.hosts.remove(host.name)
+                leaving.add(host.name)
                 host.groups.remove("ungrouped")
         elif not member_of:
             data.add_host(host.name, host.origin, "ungrouped")
+    if leaving:
+        # One pass over the list, not one search per host: keeps 10,000-host inventories linear.
+        ungrouped.hosts = [name for name in ungrouped.hosts if name not in leaving]
+        ungrouped.host_set -= leaving
     for name in data.groups.keys() & data.hosts.keys():
         data.warn(InventoryWarning(data.hosts[name].origin, "a group and a host have the same name; Ansible "
                                    "warns and patterns naming it mean the group", key=name))
