@@ -88,7 +88,7 @@ def _rmdir_tree(top: Path) -> bool:
 
 
 def remove_cgroups() -> list[str]:
-    removed = []
+    removed: list[str] = []
     if not CGROUP_ROOT.is_dir():
         return removed
     hierarchies = [CGROUP_ROOT] if (CGROUP_ROOT / "cgroup.controllers").exists() else sorted(CGROUP_ROOT.iterdir())
@@ -107,7 +107,7 @@ def remove_cgroups() -> list[str]:
 
 
 def remove_envoy_shm() -> list[str]:
-    removed = []
+    removed: list[str] = []
     for path in Path("/dev/shm").glob("envoy_*"):
         path.unlink(missing_ok=True)
         removed.append(f"shm {path}")
@@ -130,7 +130,7 @@ def remove_state_files(paths: LabPaths) -> list[str]:
     if left:
         raise LabError(f"still mounted under {paths.nodes}: {', '.join(map(str, left))}",
                        hint="stop what uses them, then run `mesh lab down` again")
-    removed = []
+    removed: list[str] = []
     if not paths.root.exists():
         return removed
     for entry in sorted(paths.root.iterdir()):

@@ -17,8 +17,9 @@ def _progress(message: str) -> None:
 
 
 def _lab():  # type: ignore[no-untyped-def]
-    from mesh.lab.lifecycle import Lab
+    from mesh.lab.lifecycle import Lab, preflight
 
+    preflight()  # Linux, root and the host's tools, before anything reads the state
     return Lab(LabPaths.from_env(), progress=_progress)
 
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from mesh.errors import MeshError
+from mesh.errors import EXIT_USAGE, MeshError
 
 # The Debian package that ships each command the lab runs on the host.
 PACKAGES = {
@@ -25,6 +25,12 @@ PACKAGES = {
 
 class LabError(MeshError):
     """The lab cannot do what was asked; the message says why and what to do."""
+
+
+class UnknownNodeError(LabError):
+    """A node name the lab does not have (exit 5, a usage error)."""
+
+    exit_code = EXIT_USAGE
 
 
 def require_tools(*names: str) -> None:

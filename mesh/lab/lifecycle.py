@@ -231,7 +231,7 @@ class Lab:
         removed += cleanup.kill_leftover_processes(self.paths)
         removed += [f"mount {point}" for point in nodes.unmount_all(self.paths.nodes)]
         for entry in entries:
-            network.delete_node_link(entry.netns, entry.veth)
+            removed += network.delete_node_link(entry.netns, entry.veth)
         removed += network.delete_leftovers(record.bridge if record else BRIDGE)
         removed += cleanup.remove_cgroups()
         removed += cleanup.remove_envoy_shm()

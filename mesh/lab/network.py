@@ -81,7 +81,12 @@ def ensure_node_link(netns: str, veth: str, bridge: str, address: str, prefix: i
     if not netns_exists(netns):
         run(["ip", "netns", "add", netns])
         changed = True
-    if veth not in _lab_links():
+    links = _lab_links()
+    if veth in links and links[veth].get("master") != bridge:
+        # the bridge was made again (removed by hand?): attach the node to it
+        run(["ip", "link", "set", veth, "master", bridge, "up"])
+        changed = True
+    if veth not in links:
         run(["ip", "link", "del", veth], check=False)
         run(["ip", "-n", netns, "link", "del", "eth0"], check=False)
         run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns])
@@ -101,11 +106,15 @@ def netns_pids(netns: str) -> list[int]:
     return [int(pid) for pid in found if pid.isdigit()]
 
 
-def delete_node_link(netns: str, veth: str) -> None:
+def delete_node_link(netns: str, veth: str) -> list[str]:
+    removed = []
     if veth in _lab_links():
         run(["ip", "link", "del", veth], check=False)
+        removed.append(f"link {veth}")
     if netns_exists(netns):
         run(["ip", "netns", "del", netns])
+        removed.append(f"netns {netns}")
+    return removed
 
 
 def delete_leftovers(bridge: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from mesh.lab.errors import LabError
+from mesh.lab.errors import LabError, UnknownNodeError
 
 BRIDGE = "meshlab0"
 SUBNET = "10.77.0.0/24"
@@ -86,7 +86,7 @@ class Topology:
         for node in self.nodes:
             if node.name == name:
                 return node
-        raise LabError(f"no node {name!r} in the lab", hint="nodes: " + ", ".join(n.name for n in self.nodes))
+        raise UnknownNodeError(f"no node {name!r} in the lab", hint="nodes: " + ", ".join(n.name for n in self.nodes))
 
 
 def _address(last: int) -> str:
