@@ -88,6 +88,15 @@ def _add_lab_commands() -> None:
 _add_lab_commands()
 
 
+def _add_ca_commands() -> None:
+    from mesh.ca_commands import ca
+
+    cli.add_command(ca)
+
+
+_add_ca_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) ansible-playbook's exit codes."""
     code = run(argv)

@@ -8,6 +8,7 @@ would cost seconds), and a failure prints the files of the inventory that differ
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 from inventory_reference import Sandbox, compare_list
 
 BATCH = 5
-EXAMPLES = 5  # BATCH * EXAMPLES inventories in all
+# BATCH * EXAMPLES inventories in all; MESH_HYPOTHESIS_EXAMPLES=50 for a longer hunt.
+EXAMPLES = int(os.environ.get("MESH_HYPOTHESIS_EXAMPLES", "5"))
 
 GROUPS = [f"g{i}" for i in range(6)]
 HOSTS = [f"h{i}" for i in range(8)] + ["web[1:3]", "db[01:03]", "r[a:c]x", "n[0:6:3]"]

@@ -1,0 +1,175 @@
+"""The pure computation of one proxy's desired config from the validated mesh.
+
+It decides names, ports, TLS identities, health checks and endpoints; it must not render text or do I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import timedelta
+
+from mesh.config import paths
+from mesh.config.errors import ConfigError
+from mesh.config.model import (
+    Admin,
+    CertificateSecret,
+    Cluster,
+    DownstreamTls,
+    Endpoint,
+    HealthChain,
+    HealthCheck,
+    InboundListener,
+    OutboundListener,
+    OutlierDetection,
+    ProxyConfig,
+    RetryPolicy,
+    Secrets,
+    TrustBundleSecret,
+    UpstreamTls,
+)
+from mesh.inventory.model import Mesh, Protocol, Upstream, Workload, spiffe_id
+
+INBOUND_LISTENER = "inbound"
+LOCAL_APP_CLUSTER = "local-app"
+CERTIFICATE_SECRET = "proxy-cert"
+TRUST_BUNDLE_SECRET = "mesh-ca"
+HEALTH_PATH = "/mesh/health"
+ADMIN_ADDRESS = "127.0.0.1"
+INBOUND_ADDRESS = "0.0.0.0"
+OUTBOUND_ADDRESS = "127.0.0.1"
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+CONNECT_TIMEOUT_MS = 1_000
+# Peer Envoys are checked every second through their health chain: two misses eject within ~2 s.
+UPSTREAM_CHECK_INTERVAL_MS = 1_000
+UPSTREAM_CHECK_TIMEOUT_MS = 800
+HEALTHY_THRESHOLD = 1
+UNHEALTHY_THRESHOLD = 2
+OUTLIER = OutlierDetection(consecutive_5xx=5, consecutive_gateway_failure=2, interval_ms=1_000,
+                           base_ejection_time_ms=10_000, max_ejection_percent=50)
+RETRIES = RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=2,
+                      host_selection_retry_max_attempts=3)
+
+
+def outbound_listener_name(service: str) -> str:
+    return f"outbound-{service}"
+
+
+def upstream_cluster_name(service: str) -> str:
+    return f"upstream-{service}"
+
+
+def health_server_name(trust_domain: str) -> str:
+    """The SNI that selects the inbound health chain (mesh's checker and peer Envoys use it)."""
+    return f"health.{trust_domain}"
+
+
+def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
+    """The desired config of `workload`'s Envoy: one inbound listener, one outbound listener per upstream."""
+    proxy = paths.proxy_name(workload)
+    trust_domain = mesh.settings.trust_domain
+    upstream_clusters = tuple(_upstream_cluster(mesh, proxy, upstream) for upstream in workload.upstreams)
+    return ProxyConfig(
+        proxy=proxy,
+        node_id=workload.consul_id,
+        service=workload.service,
+        host=workload.host,
+        trust_domain=trust_domain,
+        base_id=paths.base_id(workload),
+        admin=Admin(ADMIN_ADDRESS, workload.admin_port),
+        secrets=Secrets(
+            CertificateSecret(CERTIFICATE_SECRET, paths.cert_path(proxy), paths.key_path(proxy)),
+            TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.CA_PATH),
+        ),
+        inbound=_inbound(workload, trust_domain),
+        outbound=tuple(_outbound(upstream, cluster.protocol)
+                       for upstream, cluster in zip(workload.upstreams, upstream_clusters, strict=True)),
+        clusters=(_local_app_cluster(workload), *upstream_clusters),
+        max_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
+        config_path=paths.envoy_config_path(proxy),
+    )
+
+
+def _inbound(workload: Workload, trust_domain: str) -> InboundListener:
+    return InboundListener(
+        name=INBOUND_LISTENER,
+        address=INBOUND_ADDRESS,
+        port=workload.proxy_port,
+        protocol=workload.protocol,
+        cluster=LOCAL_APP_CLUSTER,
+        tls=DownstreamTls(CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET, f"spiffe://{trust_domain}/"),
+        health=HealthChain(health_server_name(trust_domain), HEALTH_PATH, LOCAL_APP_CLUSTER, 100),
+    )
+
+
+def _outbound(upstream: Upstream, protocol: Protocol) -> OutboundListener:
+    return OutboundListener(
+        name=outbound_listener_name(upstream.service),
+        service=upstream.service,
+        address=OUTBOUND_ADDRESS,
+        port=upstream.local_port,
+        protocol=protocol,
+        cluster=upstream_cluster_name(upstream.service),
+        retry_policy=None if protocol == "tcp" else RETRIES,
+    )
+
+
+def _local_app_cluster(workload: Workload) -> Cluster:
+    """The app on 127.0.0.1:port, checked as the inventory says: the health chain reports this check."""
+    health = workload.health
+    check = HealthCheck(
+        kind=health.kind,
+        interval_ms=_ms(health.interval),
+        timeout_ms=_ms(health.timeout),
+        healthy_threshold=HEALTHY_THRESHOLD,
+        unhealthy_threshold=UNHEALTHY_THRESHOLD,
+        http_path=health.http_path if health.kind == "http" else None,
+        http2=health.kind == "http" and workload.protocol in ("http2", "grpc"),
+    )
+    return Cluster(LOCAL_APP_CLUSTER, workload.protocol, "STATIC", (Endpoint("127.0.0.1", workload.port),),
+                   check, CONNECT_TIMEOUT_MS)
+
+
+def _upstream_cluster(mesh: Mesh, proxy: str, upstream: Upstream) -> Cluster:
+    """Every instance of the upstream service in the mesh, mTLS, checked through its health chain."""
+    trust_domain = mesh.settings.trust_domain
+    instances = [(host.connection.address, workload) for host in mesh.hosts for workload in host.workloads
+                 if workload.service == upstream.service]
+    if not instances:
+        raise ConfigError(proxy, f"upstream {upstream.service!r}: no host runs this service")
+    protocols = sorted({workload.protocol for _, workload in instances})
+    if len(protocols) > 1:
+        raise ConfigError(proxy, f"upstream {upstream.service!r}: its instances disagree on the protocol "
+                                 f"({', '.join(protocols)})", hint="give every instance the same protocol")
+    check = HealthCheck(
+        kind="http",
+        interval_ms=UPSTREAM_CHECK_INTERVAL_MS,
+        timeout_ms=UPSTREAM_CHECK_TIMEOUT_MS,
+        healthy_threshold=HEALTHY_THRESHOLD,
+        unhealthy_threshold=UNHEALTHY_THRESHOLD,
+        http_path=HEALTH_PATH,
+        http_host=health_server_name(trust_domain),
+        tls_server_name=health_server_name(trust_domain),
+    )
+    return Cluster(
+        name=upstream_cluster_name(upstream.service),
+        protocol=instances[0][1].protocol,
+        discovery="STATIC" if all(_is_ip(address) for address, _ in instances) else "STRICT_DNS",
+        endpoints=tuple(Endpoint(address, workload.proxy_port) for address, workload in instances),
+        health_check=check,
+        connect_timeout_ms=CONNECT_TIMEOUT_MS,
+        tls=UpstreamTls(CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET, upstream.service,
+                        spiffe_id(trust_domain, upstream.service)),
+        outlier_detection=OUTLIER,
+    )
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _ms(value: timedelta) -> int:
+    return max(1, round(value.total_seconds() * 1000))

@@ -1,0 +1,50 @@
+"""The consistency check of a proxy config, as go-control-plane's Snapshot.Consistent(): refuse dangling names.
+
+It reads a ProxyConfig and raises; it must not repair or render anything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mesh.config.errors import InconsistentConfig
+from mesh.config.model import ProxyConfig
+
+
+def consistent(cfg: ProxyConfig) -> None:
+    """Raise InconsistentConfig unless every cluster and secret a listener or cluster names is present."""
+    problems = _duplicates(cfg) + _dangling_clusters(cfg) + _dangling_secrets(cfg)
+    if problems:
+        raise InconsistentConfig(cfg.proxy, "; ".join(problems))
+
+
+def _duplicates(cfg: ProxyConfig) -> list[str]:
+    names = [
+        *(f"listener {n!r}" for n in [cfg.inbound.name, *(o.name for o in cfg.outbound)]),
+        *(f"cluster {c.name!r}" for c in cfg.clusters),
+    ]
+    ports = [f"port {p}" for p in [cfg.admin.port, cfg.inbound.port, *(o.port for o in cfg.outbound)]]
+    return [f"{name} appears {count} times" for name, count in Counter(names + ports).items() if count > 1]
+
+
+def _dangling_clusters(cfg: ProxyConfig) -> list[str]:
+    present = {cluster.name for cluster in cfg.clusters}
+    wanted = [(cfg.inbound.name, cfg.inbound.cluster), (f"{cfg.inbound.name} health chain", cfg.inbound.health.cluster),
+              *((listener.name, listener.cluster) for listener in cfg.outbound)]
+    return [f"{owner} names cluster {name!r}, which is not in this config"
+            for owner, name in wanted if name not in present]
+
+
+def _dangling_secrets(cfg: ProxyConfig) -> list[str]:
+    certificates = {cfg.secrets.certificate.name}
+    bundles = {cfg.secrets.trust_bundle.name}
+    tls = [(cfg.inbound.name, cfg.inbound.tls.certificate_secret, cfg.inbound.tls.trust_bundle_secret)]
+    tls += [(cluster.name, cluster.tls.certificate_secret, cluster.tls.trust_bundle_secret)
+            for cluster in cfg.clusters if cluster.tls is not None]
+    problems = []
+    for owner, certificate, bundle in tls:
+        if certificate not in certificates:
+            problems.append(f"{owner} names certificate secret {certificate!r}, which is not in this config")
+        if bundle not in bundles:
+            problems.append(f"{owner} names trust bundle secret {bundle!r}, which is not in this config")
+    return problems

@@ -1,0 +1,188 @@
+"""The desired config of one proxy as typed, frozen data: listeners, clusters, endpoints, secrets, admin.
+
+It owns the shapes only; computing them (compute.py) and writing them out (mesh/render.py) live elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mesh.inventory.model import Protocol
+
+HealthCheckKind = Literal["http", "grpc", "tcp"]
+Discovery = Literal["STATIC", "STRICT_DNS"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One address a cluster sends to."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class CertificateSecret:
+    """The proxy's own certificate chain and private key, as files on its host."""
+
+    name: str
+    certificate_chain: str
+    private_key: str
+
+
+@dataclass(frozen=True)
+class TrustBundleSecret:
+    """The mesh CA a peer's certificate must chain to, as a file on the host."""
+
+    name: str
+    trusted_ca: str
+
+
+@dataclass(frozen=True)
+class Secrets:
+    certificate: CertificateSecret
+    trust_bundle: TrustBundleSecret
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """An active health check Envoy runs against every endpoint of a cluster."""
+
+    kind: HealthCheckKind
+    interval_ms: int
+    timeout_ms: int
+    healthy_threshold: int
+    unhealthy_threshold: int
+    http_path: str | None = None  # kind "http"
+    http_host: str | None = None  # the Host/:authority of an http check
+    http2: bool = False  # kind "http": speak HTTP/2 to the endpoint
+    tls_server_name: str | None = None  # check over the cluster's second transport socket, with this SNI
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """How a cluster's Envoy presents itself to, and verifies, a peer Envoy."""
+
+    certificate_secret: str
+    trust_bundle_secret: str
+    server_name: str  # SNI of ordinary traffic
+    peer_spiffe_id: str  # exact URI SAN the peer must present
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    consecutive_5xx: int
+    consecutive_gateway_failure: int
+    interval_ms: int
+    base_ejection_time_ms: int
+    max_ejection_percent: int
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A fixed list of endpoints: the local app, or every instance of an upstream service."""
+
+    name: str
+    protocol: Protocol
+    discovery: Discovery  # STRICT_DNS when an ansible_host is a name rather than an IP address
+    endpoints: tuple[Endpoint, ...]
+    health_check: HealthCheck
+    connect_timeout_ms: int
+    tls: UpstreamTls | None = None
+    outlier_detection: OutlierDetection | None = None
+
+    @property
+    def http2(self) -> bool:
+        return self.protocol in ("http2", "grpc")
+
+
+@dataclass(frozen=True)
+class DownstreamTls:
+    """What the inbound listener requires of a client: a cert from the mesh CA with a SPIFFE id in the domain."""
+
+    certificate_secret: str
+    trust_bundle_secret: str
+    spiffe_id_prefix: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retry_on: str
+    num_retries: int
+    host_selection_retry_max_attempts: int
+
+
+@dataclass(frozen=True)
+class HealthChain:
+    """The inbound filter chain chosen by SNI that answers 200 on `path` only while `cluster` is healthy."""
+
+    server_name: str
+    path: str
+    cluster: str
+    min_healthy_percent: int
+
+
+@dataclass(frozen=True)
+class InboundListener:
+    """mTLS on proxy_port: the default chain forwards to the local app, the health chain reports on it."""
+
+    name: str
+    address: str
+    port: int
+    protocol: Protocol
+    cluster: str
+    tls: DownstreamTls
+    health: HealthChain
+
+    @property
+    def http(self) -> bool:
+        return self.protocol != "tcp"
+
+
+@dataclass(frozen=True)
+class OutboundListener:
+    """Where the app reaches an upstream service: plain text on 127.0.0.1:local_port."""
+
+    name: str
+    service: str
+    address: str
+    port: int
+    protocol: Protocol
+    cluster: str
+    retry_policy: RetryPolicy | None  # http-ish only
+
+    @property
+    def http(self) -> bool:
+        return self.protocol != "tcp"
+
+
+@dataclass(frozen=True)
+class Admin:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Everything one proxy needs, for one workload: rendered to files now, served over xDS later."""
+
+    proxy: str  # `<service>-<index>`, unique on its host
+    node_id: str  # `<service>-<host>-<index>`, unique in the mesh (the Consul service ID)
+    service: str
+    host: str
+    trust_domain: str
+    base_id: int
+    admin: Admin
+    secrets: Secrets
+    inbound: InboundListener
+    outbound: tuple[OutboundListener, ...]
+    clusters: tuple[Cluster, ...]
+    max_downstream_connections: int
+    config_path: str
+
+    def cluster(self, name: str) -> Cluster:
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        raise KeyError(name)

@@ -1,0 +1,173 @@
+"""The controller hosts' Python environment: the wheels mesh pushes, the commands that install them into
+/opt/mesh/venv, and the checker's systemd unit. It builds and renders locally; it must not touch a host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jinja2
+
+from mesh.errors import MeshError
+
+MESH_ROOT = "/opt/mesh"
+VENV = f"{MESH_ROOT}/venv"
+WHEELS_DIR = f"{MESH_ROOT}/wheels"
+MARKER_FILE = f"{VENV}/mesh-wheels.marker"
+CHECKER_UNIT = "mesh-health-checker.service"
+# What `python -m mesh.healthcheck` imports beyond the standard library (their own dependencies follow).
+CHECKER_RUNTIME = ("py-consul", "structlog")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = REPO_ROOT / "templates"
+_NAME = re.compile(r"^[A-Za-z0-9._-]+")
+
+
+class ControllerEnvError(MeshError):
+    """The controller's wheels could not be built (pip failed, or mesh is not run from a checkout)."""
+
+
+@dataclass(frozen=True)
+class CheckerUnitContext:
+    """templates/systemd/mesh-health-checker.service.j2."""
+
+    python: str = f"{VENV}/bin/python3"
+    config_dir: str = "/etc/mesh/checker"
+    config_path: str = "/etc/mesh/checker/checker.json"
+    user: str = "root"
+    description: str = "mesh health checker (one active per mesh, through a Consul lock)"
+
+
+def runtime_pins(roots: Iterable[str] = CHECKER_RUNTIME) -> list[str]:
+    """`name==version` for the checker's runtime and every dependency, as installed here (so the controller
+    runs what the tests ran). Extras are left out; other markers are kept conservatively (a pin too many)."""
+    pins: dict[str, str] = {}
+    pending = list(roots)
+    while pending:
+        name = _canonical(pending.pop())
+        if name in pins:
+            continue
+        try:
+            pins[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a marker-only dependency of another Python (typing-extensions on 3.10)
+        for requirement in importlib.metadata.requires(name) or []:
+            if "extra ==" not in requirement and (match := _NAME.match(requirement)):
+                pending.append(match.group(0))
+    return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def source_digest(repo: Path = REPO_ROOT) -> str:
+    """sha256 over mesh's package sources and pyproject.toml: what the mesh wheel is built from."""
+    digest = hashlib.sha256()
+    for path in [repo / "pyproject.toml", *sorted(_package_files(repo))]:
+        digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _package_files(repo: Path) -> list[Path]:
+    return [path for path in (repo / "mesh").rglob("*") if path.is_file() and "__pycache__" not in path.parts]
+
+
+def wheels_key(repo: Path = REPO_ROOT) -> str:
+    """The cache key of a wheel set: mesh's sources, the pinned runtime, this Python and machine."""
+    parts = [source_digest(repo), *runtime_pins(), sys.implementation.cache_tag or "", platform.machine()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def build_wheels(cache_dir: Path, repo: Path = REPO_ROOT) -> list[Path]:
+    """Build (once per key) the wheel of mesh itself plus the checker's runtime, under cache_dir/wheels-KEY."""
+    if not (repo / "pyproject.toml").is_file():
+        raise ControllerEnvError(f"building the controller's wheels needs mesh's source tree; {repo} has no "
+                                 "pyproject.toml", hint="run mesh from a checkout or an editable install")
+    target = cache_dir / f"wheels-{wheels_key(repo)}"
+    if not (target / ".complete").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="wheels-", dir=cache_dir) as work:
+            staging = Path(work) / "out"
+            _build_into(repo, Path(work), staging)
+            (staging / ".complete").write_text("\n".join(runtime_pins()) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    return sorted(target.glob("*.whl"))
+
+
+def _build_into(repo: Path, work: Path, staging: Path) -> None:
+    # Build from a copy of the sources: setuptools' build/ directory in the checkout can carry stale modules.
+    source = work / "src"
+    shutil.copytree(repo / "mesh", source / "mesh", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(repo / "pyproject.toml", source / "pyproject.toml")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "--quiet", "--wheel-dir",
+           str(staging)]
+    constraints = work / "constraints.txt"
+    constraints.write_text("\n".join(runtime_pins()) + "\n")
+    _run([*pip, "--no-deps", str(source)], "building mesh's wheel")
+    _run([*pip, "--constraint", str(constraints), *CHECKER_RUNTIME], "building the health checker's wheels")
+
+
+def _run(argv: list[str], what: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise ControllerEnvError(f"{what} failed (pip exited {done.returncode}): " + " | ".join(tail))
+
+
+def wheel_set_marker(wheels: Sequence[Path]) -> str:
+    """What the venv records once installed: sha256 over the wheels' names and contents."""
+    digest = hashlib.sha256()
+    for wheel in sorted(wheels, key=lambda path: path.name):
+        digest.update(wheel.name.encode() + b"\0" + hashlib.sha256(wheel.read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
+def installed_marker_command() -> str:
+    """The fact: prints the installed wheel-set marker, or nothing when there is no venv yet."""
+    return f"cat {MARKER_FILE} 2>/dev/null || true"
+
+
+def install_commands(wheel_names: Sequence[str], marker: str, installed: str | None = None) -> list[str]:
+    """Shell commands that create /opt/mesh/venv and install exactly these wheels (already pushed to
+    /opt/mesh/wheels). Pure. Nothing to do when `installed` (the fact) equals `marker`; each command is also
+    guarded, so running them twice changes nothing. The marker is written only after the checker imports."""
+    if installed is not None and installed.strip() == marker:
+        return []
+    wheels = [f"{WHEELS_DIR}/{name}" for name in sorted(wheel_names)]
+    python = f"{VENV}/bin/python3"
+    quoted = " ".join(shlex.quote(wheel) for wheel in wheels)
+    keep = " ".join(f"! -name {shlex.quote(name)}" for name in sorted(wheel_names))
+    install = (f"{python} -m pip install --quiet --disable-pip-version-check --no-index --no-deps "
+               f"--force-reinstall --find-links {WHEELS_DIR} {quoted}")
+    return [
+        f"test -x {python} || python3 -m venv {VENV}",
+        (f"test \"$(cat {MARKER_FILE} 2>/dev/null)\" = {shlex.quote(marker)} || "
+         f"{{ {install} && {python} -c 'import mesh.healthcheck.__main__' && "
+         f"echo {shlex.quote(marker)} > {MARKER_FILE}; }}"),
+        f"find {WHEELS_DIR} -maxdepth 1 -name '*.whl' {keep} -delete",
+    ]
+
+
+def render_checker_unit(context: CheckerUnitContext | None = None,
+                        templates_dir: Path = TEMPLATES_DIR) -> str:
+    """The text of mesh-health-checker.service; refuses a template that does not render a unit."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir)),
+                                     undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                     autoescape=False)
+    text = environment.get_template(f"systemd/{CHECKER_UNIT}.j2").render(asdict(context or CheckerUnitContext()))
+    sections = re.findall(r"^\[(\w+)\]$", text, flags=re.MULTILINE)
+    if sections != ["Unit", "Service", "Install"]:
+        raise ValueError(f"rendered {CHECKER_UNIT} has sections {sections}, expected Unit, Service, Install")
+    return text

@@ -1,0 +1,210 @@
+"""Runs a playbook on managed hosts: plays in order, each task on every live host in parallel, handlers at
+the end of a play, the transcript and recap. It owns scheduling and counting; modules do the host work.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from mesh.deploy.connection import Connector, connect
+from mesh.deploy.display import Display
+from mesh.deploy.errors import HostUnreachable
+from mesh.deploy.execute import HostRun, run_task
+from mesh.deploy.modules import ModuleRegistry, registry
+from mesh.deploy.patterns import match_hosts
+from mesh.deploy.playbook import Play, Playbook, Task
+from mesh.deploy.recap import format_recap
+from mesh.deploy.results import PlayResult, TaskResult
+from mesh.deploy.variables import Templar, task_scope
+from mesh.inventory.model import ManagedHost
+
+log = structlog.get_logger()
+
+ConnectorFactory = Callable[[ManagedHost], Connector]
+REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+
+@dataclass
+class _HostState:
+    """One host across the run: its connector, registered results, whether it is still in play."""
+
+    host: ManagedHost
+    inventory: Mapping[str, Any]
+    connector: Connector | None = None
+    registered: dict[str, Any] = field(default_factory=dict)
+    notified: set[str] = field(default_factory=set)
+    dead: bool = False
+
+
+class PlaybookRun:
+    """One run of a playbook; see run_playbook. An object so that two runs never share state."""
+
+    def __init__(self, playbook: Playbook, hosts: Sequence[ManagedHost], connector_factory: ConnectorFactory,
+                 extra_vars: Mapping[str, Any], shared: Any, check: bool, forks: int,
+                 tags: frozenset[str] | None, host_vars: Mapping[str, Mapping[str, Any]],
+                 groups: Mapping[str, Sequence[str]], modules: ModuleRegistry, display: Display,
+                 templates_dir: Path) -> None:
+        self.playbook = playbook
+        self.factory = connector_factory
+        self.extra_vars = dict(extra_vars)
+        self.shared = shared
+        self.check = check
+        self.forks = max(1, forks)
+        self.tags = tags
+        self.groups = {**groups, "all": [host.name for host in hosts]}
+        self.modules = modules
+        self.display = display
+        self.templates_dir = templates_dir
+        self.templar = Templar()
+        self.result = PlayResult(check_mode=check)
+        self._lock = threading.Lock()
+        self.states = {host.name: _HostState(host, self._inventory_scope(host, host_vars.get(host.name, {})))
+                       for host in hosts}
+
+    def _inventory_scope(self, host: ManagedHost, variables: Mapping[str, Any]) -> Mapping[str, Any]:
+        magic = {"inventory_hostname": host.name, "inventory_hostname_short": host.name.split(".")[0],
+                 "groups": self.groups, "ansible_check_mode": self.check,
+                 "group_names": sorted(g for g, members in self.groups.items()
+                                       if host.name in members and g != "all"),
+                 "playbook_dir": str(self.playbook.path.parent), "ansible_host": host.connection.address}
+        return _Layered(variables, magic)
+
+    def run(self) -> PlayResult:
+        try:
+            with ThreadPoolExecutor(max_workers=self.forks, thread_name_prefix="mesh-host") as pool:
+                for play in self.playbook.plays:
+                    self._play(play, pool)
+        finally:
+            for state in self.states.values():
+                if state.connector is not None:
+                    state.connector.close()
+        self.display.line(format_recap(self.result).rstrip("\n") + "\n")
+        return self.result
+
+    def _play(self, play: Play, pool: ThreadPoolExecutor) -> None:
+        names, unknown = match_hosts(play.hosts, list(self.states), self.groups)
+        for term in unknown:
+            self.display.warning(f"Could not match supplied host pattern, ignoring: {term}")
+        self.display.header(f"PLAY [{play.name}]")
+        live = [self.states[name] for name in names if not self.states[name].dead]
+        if not live:
+            self.display.line("skipping: no hosts matched", "skipped")
+            return
+        for state in live:
+            self.result.touch(state.host.name)
+            state.notified.clear()
+        for task in play.tasks:
+            if not self._selected(task):
+                continue
+            if not self._task(play, task, [s for s in live if not s.dead], pool, "TASK"):
+                self.display.header("NO MORE HOSTS LEFT")
+                return
+        self._handlers(play, live, pool)
+
+    def _selected(self, task: Task) -> bool:
+        if self.tags is None or "always" in task.tags:
+            return True
+        return bool(task.tags & self.tags) or ("untagged" in self.tags and not task.tags)
+
+    def _handlers(self, play: Play, live: list[_HostState], pool: ThreadPoolExecutor) -> None:
+        for handler in play.handlers:
+            names = {handler.name, *handler.listen}
+            hosts = [s for s in live if not s.dead and s.notified & names]
+            if hosts:
+                self._task(play, handler, hosts, pool, "RUNNING HANDLER")
+
+    def _task(self, play: Play, task: Task, hosts: list[_HostState], pool: ThreadPoolExecutor,
+              kind: str) -> bool:
+        """Run task on hosts in parallel; False when no host is left."""
+        if not hosts:
+            return False
+        self.display.header(f"{kind} [{task.name}]")
+        list(pool.map(lambda state: self._on_host(play, task, state), hosts))
+        return any(not state.dead for state in hosts)
+
+    def _on_host(self, play: Play, task: Task, state: _HostState) -> None:
+        name = state.host.name
+        try:
+            if state.connector is None:
+                state.connector = self.factory(state.host)
+            run = HostRun(state.host, state.connector, self.modules, self.templar, self.check, self.shared,
+                          self.templates_dir, self.playbook.path.parent)
+            result = run_task(run, task, lambda item: self._scope(play, task, state, item),
+                              lambda item_result, item: self.display.result(name, item_result, item, True))
+        except HostUnreachable as exc:
+            result = TaskResult("unreachable", str(exc))
+        self._record(play, task, state, result)
+
+    def _scope(self, play: Play, task: Task, state: _HostState,
+               item: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        return task_scope(self.templar, state.inventory, play.vars, task.vars, state.registered,
+                          self.extra_vars, item)
+
+    def _record(self, play: Play, task: Task, state: _HostState, result: TaskResult) -> None:
+        name = state.host.name
+        if task.register and result.status != "unreachable":
+            state.registered[task.register] = result.registered()
+        if result.changed:
+            state.notified.update(task.notify)
+            self._check_notify(play, task)
+        if result.status == "unreachable" or (result.failed and not result.ignored):
+            state.dead = True
+        if not result.items or result.status in ("failed", "unreachable", "skipped"):
+            self.display.result(name, result)
+        with self._lock:
+            self.result.record(name, task.name, result)
+        log.debug("task done", host=name, task=task.name, status=result.status)
+
+    def _check_notify(self, play: Play, task: Task) -> None:
+        known = {name for handler in play.handlers for name in (handler.name, *handler.listen)}
+        for name in task.notify:
+            if name not in known:
+                self.display.warning(f"The requested handler '{name}' was not found in the play's handlers")
+
+
+class _Layered(Mapping[str, Any]):
+    """A host's inventory variables over Ansible's magic ones (inventory_hostname, groups...)."""
+
+    def __init__(self, variables: Mapping[str, Any], magic: Mapping[str, Any]) -> None:
+        self._variables = variables
+        self._magic = magic
+
+    def __getitem__(self, key: str) -> Any:
+        return self._variables[key] if key in self._variables else self._magic[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._variables or key in self._magic
+
+    def __iter__(self) -> Any:
+        return iter({**dict.fromkeys(self._magic), **dict.fromkeys(self._variables)})
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def run_playbook(playbook: Playbook, hosts: Sequence[ManagedHost], connector_factory: ConnectorFactory = connect,
+                 extra_vars: Mapping[str, Any] | None = None, shared: Any = None, check: bool = False,
+                 forks: int = 10, tags: Sequence[str] | None = None, *,
+                 host_vars: Mapping[str, Mapping[str, Any]] | None = None,
+                 groups: Mapping[str, Sequence[str]] | None = None, modules: ModuleRegistry | None = None,
+                 output: TextIO | None = None, color: bool | None = None,
+                 templates_dir: Path | None = None) -> PlayResult:
+    """Run every play of playbook on the hosts its `hosts:` pattern selects among hosts; print as
+    ansible-playbook does and return the counters (recap.exit_code gives the exit code).
+
+    host_vars: each host's inventory variables (for templates and `when`); groups: group -> host names
+    (for patterns); check: compute changes without applying them; tags: run only tasks with these tags.
+    """
+    runner = PlaybookRun(
+        playbook, hosts, connector_factory, extra_vars or {}, shared, check, forks,
+        frozenset(tags) if tags is not None else None, host_vars or {}, groups or {},
+        modules or registry, Display(output or sys.stdout, color), templates_dir or REPO_TEMPLATES)
+    return runner.run()

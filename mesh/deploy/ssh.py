@@ -1,0 +1,178 @@
+"""The SSH connector: fabric/paramiko, host keys checked against the inventory's known_hosts file only.
+It owns connecting, host key checks and running commands; it must not know about tasks or modules.
+
+It does not read ~/.ssh/config: everything that decides how a host is reached is in the inventory, so a
+deploy behaves the same from every machine (Ansible's own options, INVENTORY.md, are the only source).
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import os
+import threading
+from typing import Any
+
+import paramiko
+from fabric import Config
+from fabric import Connection as FabricConnection
+
+from mesh.deploy.connection import CommandResult, become_prefix, get_via, put_via, wrap_become
+from mesh.deploy.errors import HostUnreachable
+from mesh.inventory.model import Connection
+
+CONNECT_TIMEOUT = 10.0
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The key's fingerprint as OpenSSH prints it: `SHA256:...`."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class UnknownHostKey(paramiko.SSHException):
+    def __init__(self, hostname: str, key: paramiko.PKey) -> None:
+        super().__init__(f"unknown host key for {hostname}")
+        self.hostname = hostname
+        self.key = key
+
+
+class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+    """paramiko's RejectPolicy, keeping the key seen so the message can show its fingerprint."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        transport = client.get_transport()
+        if transport is not None:
+            transport.close()
+        raise UnknownHostKey(hostname, key)
+
+
+class SSHConnector:
+    """Runs commands on one host over SSH (connects on first use; one connection per host).
+
+    >>> conn = SSHConnector(host.connection, name="vm1"); conn.run("uname -r").text()
+    """
+
+    def __init__(self, connection: Connection, name: str | None = None) -> None:
+        self._connection = connection
+        self._name = name or connection.address
+        self._known_hosts = os.path.expanduser(connection.known_hosts)
+        self._user = connection.user or getpass.getuser()
+        self._prefix = become_prefix(connection, self._user)
+        self._fabric: FabricConnection | None = None
+        self._lock = threading.Lock()
+
+    # ---- connecting -----------------------------------------------------------------------------------
+
+    def _client(self, address: str, port: int, user: str, gateway: FabricConnection | None) -> FabricConnection:
+        config = Config(overrides={"load_ssh_configs": False})
+        key_file = self._connection.private_key_file
+        connect_kwargs: dict[str, Any] = {"look_for_keys": key_file is None, "allow_agent": key_file is None}
+        if key_file:
+            connect_kwargs["key_filename"] = os.path.expanduser(key_file)
+        made = FabricConnection(address, user=user, port=port, config=config, gateway=gateway,
+                                connect_timeout=int(CONNECT_TIMEOUT), connect_kwargs=connect_kwargs)
+        made.client.load_host_keys(self._known_hosts)
+        strict = self._connection.strict_host_key_checking
+        made.client.set_missing_host_key_policy(_RejectUnknown() if strict else paramiko.WarningPolicy())
+        return made
+
+    def _gateway(self) -> FabricConnection | None:
+        jump = self._connection.proxy_jump
+        if not jump:
+            return None
+        gateway: FabricConnection | None = None
+        for hop in jump.split(","):  # ssh's ProxyJump: hops in order, each reached through the previous one
+            user, _, rest = hop.rpartition("@")
+            address, _, port = rest.partition(":")
+            gateway = self._client(address, int(port or 22), user or self._user, gateway)
+        return gateway
+
+    def _open(self) -> FabricConnection:
+        if self._fabric is not None and self._fabric.is_connected:
+            return self._fabric
+        if not os.path.isfile(self._known_hosts):
+            raise HostUnreachable(self._name, f"the known_hosts file {self._known_hosts} does not exist",
+                                  hint="set mesh_known_hosts or -o UserKnownHostsFile= to the right file")
+        conn = self._connection
+        where = f"{conn.address}:{conn.port}"
+        try:
+            fabric_conn = self._client(conn.address, conn.port, self._user, self._gateway())
+            fabric_conn.open()
+        except UnknownHostKey as exc:
+            raise HostUnreachable(
+                self._name,
+                f"host key of {exc.hostname} is not in {self._known_hosts} (the host offered "
+                f"{exc.key.get_name()} {fingerprint(exc.key)}); mesh connects only to known hosts",
+                hint="add the host's key to that file after checking it") from None
+        except paramiko.BadHostKeyException as exc:
+            raise HostUnreachable(
+                self._name,
+                f"host key of {exc.hostname} CHANGED: {self._known_hosts} has {exc.expected_key.get_name()} "
+                f"{fingerprint(exc.expected_key)}, the host offered {exc.key.get_name()} {fingerprint(exc.key)}",
+                hint=f"if the host was rebuilt, check the new key and replace its line in {self._known_hosts}",
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            raise HostUnreachable(self._name, f"SSH authentication failed at {where} as {self._user}: {exc}",
+                                  hint="check ansible_user and ansible_ssh_private_key_file") from None
+        except (TimeoutError, OSError, paramiko.SSHException, EOFError) as exc:
+            raise HostUnreachable(self._name, f"cannot connect to {where}: {exc or type(exc).__name__}") from None
+        self._fabric = fabric_conn
+        return fabric_conn
+
+    # ---- the connector interface ------------------------------------------------------------------------
+
+    def run(self, cmd: str, stdin: bytes | None = None, timeout: float | None = None) -> CommandResult:
+        with self._lock:
+            transport = self._open().client.get_transport()
+            try:
+                assert transport is not None
+                channel = transport.open_session()
+            except (paramiko.SSHException, OSError, AssertionError) as exc:
+                self._fabric = None
+                raise HostUnreachable(self._name, f"the SSH connection broke: {exc}") from None
+            return _exec(channel, wrap_become(cmd, self._prefix), stdin, timeout)
+
+    def put(self, data: bytes, path: str, mode: int, owner: str | None = None, group: str | None = None) -> None:
+        put_via(self, data, path, mode, owner, group)
+
+    def get(self, path: str) -> bytes | None:
+        return get_via(self, path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fabric is not None:
+                self._fabric.close()
+                self._fabric = None
+
+
+def _exec(channel: paramiko.Channel, cmd: str, stdin: bytes | None, timeout: float | None) -> CommandResult:
+    """Run cmd on a fresh channel: stdin sent and stderr read on threads so no pipe fills up and blocks."""
+    channel.settimeout(timeout)
+    channel.exec_command(cmd)
+    stderr: list[bytes] = []
+
+    def feed() -> None:
+        try:
+            if stdin:
+                channel.sendall(stdin)
+        finally:
+            channel.shutdown_write()
+
+    def drain() -> None:
+        stderr.append(channel.makefile_stderr("rb").read())
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        stdout = channel.makefile("rb").read()
+        code = channel.recv_exit_status()
+    except TimeoutError:
+        channel.close()
+        return CommandResult(124, b"", f"timed out after {timeout} s".encode())
+    for thread in threads:
+        thread.join()
+    channel.close()
+    return CommandResult(code, stdout, b"".join(stderr))

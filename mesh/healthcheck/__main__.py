@@ -1,0 +1,70 @@
+"""`python -m mesh.healthcheck --config /etc/mesh/checker/checker.json`: wiring, signals and exit codes.
+
+It builds the parts from the config and runs the loop until SIGTERM/SIGINT; it must not decide health itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import ssl
+import sys
+import threading
+from functools import partial
+from types import FrameType
+
+import structlog
+
+from mesh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, MeshError
+from mesh.healthcheck.checker import HealthChecker, consul_writer
+from mesh.healthcheck.config import DEFAULT_CONFIG, CheckerConfig, CheckerConfigError, load_config
+from mesh.healthcheck.leader import Leadership
+from mesh.healthcheck.probe import client_context, probe
+from mesh.log import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh.healthcheck", description=__doc__)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="checker.json (default: %(default)s)")
+    parser.add_argument("--log-format", choices=("console", "json"), default=None)
+    parser.exit_on_error = False
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as exc:
+        print(f"mesh health checker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(args.log_format)
+    log = structlog.get_logger()
+    try:
+        config = load_config(args.config)
+        checker = build_checker(config)
+    except MeshError as exc:
+        log.error("checker_config_refused", error=str(exc))
+        return exc.exit_code
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, partial(_request_stop, stop))
+    checker.run(stop)
+    return EXIT_OK
+
+
+def build_checker(config: CheckerConfig) -> HealthChecker:
+    """The checker with its real parts: the client TLS context, the Consul lock and the Consul writer."""
+    try:
+        context = client_context(config.cert, config.key, config.ca)
+    except (OSError, ssl.SSLError) as exc:  # the message names files, never their content
+        raise CheckerConfigError(f"cannot load the checker's certificate, key or CA "
+                                 f"({config.cert}, {config.key}, {config.ca}): {exc}") from exc
+    lock = Leadership(config.consul_url, config.lock_key, config.session_ttl)
+    return HealthChecker(config, lock, partial(probe, context, config=config), consul_writer(config.consul_url))
+
+
+def _request_stop(stop: threading.Event, signum: int, frame: FrameType | None) -> None:
+    stop.set()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,92 @@
+"""Leadership among health checkers: a Consul session with a TTL and the KV lock `mesh/health-checker/leader`.
+
+It owns acquiring, renewing, fencing and releasing the lock; it must not probe or write health.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import consul
+import structlog
+
+from mesh.catalog import connect
+
+SESSION_NAME = "mesh-health-checker"
+
+
+def holder_id() -> str:
+    """Who holds the lock, as written into the KV value: host name and PID."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Leadership:
+    """One checker's claim on the lock. Call step() at least every ttl/3; holds() says whether to write.
+
+    The session uses behavior=release and no lock-delay: a leader fences itself instead, so it stops writing
+    once it has not renewed for a whole TTL, while Consul invalidates a session only after up to twice the TTL.
+    """
+
+    def __init__(self, consul_url: str, key: str, ttl: int, holder: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = connect(consul_url, timeout=max(2.0, ttl / 4))
+        self.key = key
+        self.ttl = ttl
+        self.holder = holder or holder_id()
+        self.clock = clock
+        self.session: str | None = None
+        self.leading = False
+        self.renewed_at = float("-inf")
+        self.log = structlog.get_logger().bind(holder=self.holder)
+
+    def step(self) -> bool:
+        """Renew the session (creating one when needed) and try to take the lock when not holding it."""
+        try:
+            self._keep_session()
+            if not self.leading:
+                value = json.dumps({"holder": self.holder})
+                self.leading = bool(self.client.kv.put(self.key, value, acquire=self.session))
+                if self.leading:
+                    self.log.info("leadership_acquired", key=self.key, session=self.session)
+        except (consul.ConsulException, OSError) as exc:
+            self.log.warning("leadership_consul_error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+        return self.holds()
+
+    def _keep_session(self) -> None:
+        if self.session is not None:
+            try:
+                self.client.session.renew(self.session)
+                self.renewed_at = self.clock()
+                return
+            except consul.NotFound:
+                self.log.warning("leadership_session_lost", session=self.session, was_leading=self.leading)
+                self.session, self.leading = None, False
+        self.session = self.client.session.create(name=SESSION_NAME, ttl=self.ttl, lock_delay=0,
+                                                  behavior="release")
+        self.renewed_at = self.clock()
+
+    def holds(self) -> bool:
+        """Leading, and the session was renewed less than one TTL ago (else stop writing: it may be gone)."""
+        if self.leading and self.clock() - self.renewed_at >= self.ttl:
+            self.log.warning("leadership_fenced", seconds_since_renewal=round(self.clock() - self.renewed_at, 1))
+            self.leading = False
+        return self.leading
+
+    def release(self) -> None:
+        """Give the lock back and end the session, so a standby takes over at once; errors only logged."""
+        if self.session is None:
+            return
+        try:
+            if self.leading:
+                self.client.kv.put(self.key, json.dumps({"holder": self.holder}), release=self.session)
+                self.log.info("leadership_released", key=self.key)
+            self.client.session.destroy(self.session)
+        except (consul.ConsulException, OSError) as exc:
+            self.log.warning("leadership_release_failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+        finally:
+            self.session, self.leading = None, False
+            self.client.http.close()

@@ -1,0 +1,116 @@
+"""Reading a workload leaf back: its SPIFFE ID, validity and serial, whether it chains to this CA, and
+whether it needs renewal (unreadable, foreign, or past half its lifetime). It must not sign anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+
+from mesh.errors import MeshError
+
+RENEW_AT_REMAINING = 0.5
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    """What mesh reads from a leaf: its SPIFFE ID (None if it has none), validity and serial (hex)."""
+
+    spiffe_id: str | None
+    not_before: datetime
+    not_after: datetime
+    serial: str
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    """A certificate's serial number as lower-case hex, as `mesh ca show` and issued.json write it."""
+    return f"{cert.serial_number:x}"
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint as openssl prints it: upper-case hex pairs joined by colons."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def load_chain(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle, leaf first; MeshError if there is none or it is not PEM."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise MeshError("not a PEM certificate") from None
+    return certs
+
+
+def leaf_info(cert_pem: bytes) -> LeafInfo:
+    """The first certificate of cert_pem (a leaf or leaf + chain) as LeafInfo; MeshError if unreadable."""
+    leaf = load_chain(cert_pem)[0]
+    return LeafInfo(
+        spiffe_id=_spiffe_id(leaf),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        serial=serial_hex(leaf),
+    )
+
+
+def _spiffe_id(leaf: x509.Certificate) -> str | None:
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = [uri for uri in names.get_values_for_type(x509.UniformResourceIdentifier) if uri.startswith("spiffe://")]
+    return uris[0] if len(uris) == 1 else None
+
+
+def leaf_remaining_fraction(cert_pem: bytes, now: datetime | None = None) -> float:
+    """The part of the leaf's lifetime still ahead at now, from 1.0 (just issued) to 0.0 (expired)."""
+    info = leaf_info(cert_pem)
+    now = now or datetime.now(UTC)
+    lifetime = (info.not_after - info.not_before).total_seconds()
+    if lifetime <= 0:
+        return 0.0
+    return min(1.0, max(0.0, (info.not_after - now).total_seconds() / lifetime))
+
+
+def leaf_needs_renewal(cert_pem: bytes, now: datetime | None = None, root_pem: bytes | None = None,
+                       intermediate_pem: bytes | None = None) -> bool:
+    """True when the leaf is unreadable, past half its lifetime, or (root_pem given) does not chain to that
+    root through the intermediates in cert_pem (a leaf + chain bundle) or intermediate_pem."""
+    try:
+        if leaf_remaining_fraction(cert_pem, now) <= RENEW_AT_REMAINING:
+            return True
+        if root_pem is None:
+            return False
+        return not chains_to(cert_pem, root_pem, intermediate_pem)
+    except MeshError:
+        return True
+
+
+def chains_to(cert_pem: bytes, root_pem: bytes, intermediate_pem: bytes | None = None) -> bool:
+    """Whether the first certificate of cert_pem was signed by root_pem's root, directly or through one
+    CA certificate (from cert_pem or intermediate_pem) that the root signed. Signatures only, not times."""
+    certs = load_chain(cert_pem)
+    root = load_chain(root_pem)[0]
+    middles = certs[1:] + (load_chain(intermediate_pem) if intermediate_pem else [])
+    leaf = certs[0]
+    if _signed_by(leaf, root):
+        return True
+    return any(_is_ca(middle) and _signed_by(middle, root) and _signed_by(leaf, middle) for middle in middles)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

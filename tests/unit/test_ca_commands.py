@@ -1,0 +1,151 @@
+"""`mesh ca init` and `mesh ca show` through the CLI: where the CA goes (inventory or options), created once,
+the table of root, intermediate and leaves with their state, and the exit codes of bad usage."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mesh.ca_commands import remaining_text
+from mesh.cli import run
+from mesh.pki import CertificateAuthority
+
+INVENTORY = """\
+all:
+  vars:
+    mesh_trust_domain: lab.mesh
+    mesh_consul_url: http://10.77.0.2:8500
+    mesh_state_dir: state
+  children:
+    mesh_controllers:
+      hosts:
+        ctl1: {ansible_host: 10.77.0.3}
+    vms:
+      hosts:
+        vm1:
+          ansible_host: 10.77.0.11
+          mesh_workloads:
+            - {service: web, port: 8080}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _unbound_logs() -> Iterator[None]:
+    """The CLI binds structlog to the stderr of the moment, which pytest closes after the test: unbind it."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+def write_inventory(folder: Path, text: str = INVENTORY) -> Path:
+    path = folder / "inventory.yml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def csr() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_init_twice_creates_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inventory = write_inventory(tmp_path)
+    assert run(["ca", "init", str(inventory)]) == 0
+    first = capsys.readouterr().out
+    assert run(["ca", "init", str(inventory)]) == 0
+    second = capsys.readouterr().out
+    ca_dir = tmp_path / "state" / "ca"
+    assert first.startswith(f"created mesh CA in {ca_dir} (trust domain lab.mesh)")
+    assert second.startswith(f"found existing mesh CA in {ca_dir}")
+    openssl = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in",
+                              str(ca_dir / "root.pem")], capture_output=True, text=True, check=True)
+    expected = openssl.stdout.strip().split("=", 1)[1]
+    assert f"root SHA-256 fingerprint: {expected}" in first and expected in second
+    assert "PRIVATE" not in first + second
+
+
+def test_init_without_inventory_uses_options_or_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(["ca", "init", "--state-dir", str(tmp_path / "s"), "--trust-domain", "corp.mesh"]) == 0
+    assert CertificateAuthority.load(str(tmp_path / "s")).trust_domain == "corp.mesh"
+    monkeypatch.chdir(tmp_path)
+    assert run(["ca", "init"]) == 0
+    assert CertificateAuthority.load(str(tmp_path / ".mesh")).trust_domain == "mesh.local"
+    assert "(trust domain mesh.local)" in capsys.readouterr().out
+
+
+def test_init_refuses_another_trust_domain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inventory = write_inventory(tmp_path)
+    assert run(["ca", "init", "--state-dir", str(tmp_path / "state"), "--trust-domain", "other.mesh"]) == 0
+    assert run(["ca", "init", str(inventory)]) == 1
+    assert "belongs to trust domain 'other.mesh', not 'lab.mesh'" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inventory = write_inventory(tmp_path)
+    assert run(["ca", "init", str(inventory), "--state-dir", str(tmp_path)]) == 5
+    assert "not both" in capsys.readouterr().err
+    assert run(["ca", "init", "--state-dir", str(tmp_path), "--trust-domain", "Not Valid"]) == 5
+    assert "--trust-domain" in capsys.readouterr().err
+    assert run(["ca", "init", "--no-such-option"]) == 5
+
+
+def test_broken_inventory_exits_4(tmp_path: Path) -> None:
+    inventory = write_inventory(tmp_path, INVENTORY.replace("mesh_state_dir", "mesh_state_dri"))
+    assert run(["ca", "init", str(inventory)]) == 4
+    assert not (tmp_path / "state").exists()
+
+
+def test_show_without_ca_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["ca", "show", "--state-dir", str(tmp_path)]) == 1
+    assert "no mesh CA" in capsys.readouterr().err
+
+
+def _row(out: str, needle: str) -> str:
+    lines = [line for line in out.splitlines() if needle in line]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_show_lists_root_intermediate_and_leaves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inventory = write_inventory(tmp_path)
+    authority, _ = CertificateAuthority.ensure(str(tmp_path / "state"), "lab.mesh")
+    now = datetime.now(UTC)
+    web = "spiffe://lab.mesh/svc/web"
+    authority.sign(csr(), web, timedelta(hours=1), "vm1", "expired-0", now=now - timedelta(days=2))
+    authority.sign(csr(), web, timedelta(hours=10), "vm1", "late-0", now=now - timedelta(hours=8))
+    old = authority.sign(csr(), web, timedelta(hours=24), "vm2", "web-0", now=now - timedelta(hours=1))
+    fresh = authority.sign(csr(), web, timedelta(hours=24), "vm2", "web-0")
+    capsys.readouterr()
+    assert run(["ca", "show", str(inventory)]) == 0
+    out = capsys.readouterr().out
+    assert "trust domain lab.mesh" in out
+    assert re.search(r"root\s.*mesh root CA lab\.mesh.*\s3649d 2\dh\s.*ok", _row(out, "mesh root CA"))
+    assert re.search(r"intermediate.*\s182[56]d \d+h\s.*ok", _row(out, "mesh intermediate CA"))
+    assert "EXPIRED" in _row(out, "expired-0") and " - " in _row(out, "expired-0")
+    assert "UNDER 1/4 LEFT" in _row(out, "late-0")
+    assert "superseded" in _row(out, old.serial)
+    fresh_row = _row(out, fresh.serial)
+    assert re.search(r"spiffe://lab\.mesh/svc/web .*2[34]h \d+m .*ok", fresh_row)
+    assert fresh.not_after.strftime("%Y-%m-%d %H:%M") in fresh_row
+    assert "PRIVATE" not in out and "BEGIN" not in out
+
+
+def test_remaining_text() -> None:
+    assert remaining_text(timedelta(days=3, hours=4, minutes=5)) == "3d 4h"
+    assert remaining_text(timedelta(hours=4, minutes=5)) == "4h 5m"
+    assert remaining_text(timedelta(minutes=5, seconds=9)) == "5m"
+    assert remaining_text(timedelta(seconds=-1)) == "-"
