@@ -179,7 +179,7 @@ def plan_sync(wanted: Sequence[Registration], state: CatalogState) -> SyncPlan:
             register.append((reg.service_id, body))
     deregister = tuple(
         InstanceRef(node, service_id) for (node, service_id), item in observed.items()
-        if (node, service_id) not in wanted_keys and item.service.get("Meta", {}).get(MANAGED_BY) == MESH)
+        if (node, service_id) not in wanted_keys and (item.service.get("Meta") or {}).get(MANAGED_BY) == MESH)
     dropped = {(ref.node, ref.service_id) for ref in deregister}
     nodes_in_use = {node for node, service_id in observed if (node, service_id) not in dropped}
     nodes_in_use |= {reg.node for reg in wanted}

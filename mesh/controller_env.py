@@ -103,6 +103,9 @@ def build_wheels(cache_dir: Path, repo: Path = REPO_ROOT) -> list[Path]:
             (staging / ".complete").write_text("\n".join(runtime_pins()) + "\n")
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
+        for stale in cache_dir.glob("wheels-*"):
+            if stale.is_dir() and stale != target and (stale / ".complete").is_file():
+                shutil.rmtree(stale, ignore_errors=True)
     return sorted(target.glob("*.whl"))
 
 
@@ -117,6 +120,24 @@ def _build_into(repo: Path, work: Path, staging: Path) -> None:
     constraints.write_text("\n".join(runtime_pins()) + "\n")
     _run([*pip, "--no-deps", str(source)], "building mesh's wheel")
     _run([*pip, "--constraint", str(constraints), *CHECKER_RUNTIME], "building the health checker's wheels")
+    for wheel in staging.glob("*.whl"):
+        _prefer_pure(wheel)
+
+
+def _prefer_pure(wheel: Path) -> None:
+    """Swap a compiled wheel (charset-normalizer's) for the same release's pure one when it exists, so the
+    set installs on any controller Python rather than only on this one's version and machine."""
+    if wheel.name.endswith("-none-any.whl"):
+        return
+    name, version = wheel.name.split("-")[:2]
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--quiet", "--no-deps",
+         "--only-binary=:all:", "--platform", "any", "--implementation", "py", "--python-version", python,
+         "--dest", str(wheel.parent), f"{name}=={version}"],
+        capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    if done.returncode == 0 and any(wheel.parent.glob(f"{name}-{version}-*none-any.whl")):
+        wheel.unlink()
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -105,15 +105,36 @@ class _Hello(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # else keep-alive stalls 40 ms per request (REAL-PARTS)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         body = json.dumps({"app": "api", "path": self.path, "xfcc": self.headers.get("x-forwarded-client-cert")})
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body.encode())
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+class _App(http.server.ThreadingHTTPServer):
+    """An HTTP app whose stop() also drops open keep-alive connections, as a process that exits does."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, _Hello)
+        self.connections: list[socket.socket] = []
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, peer = super().get_request()
+        self.connections.append(connection)
+        return connection, peer
+
+    def stop(self) -> None:
+        stop(self)
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -214,7 +235,8 @@ def stop_envoys(envoys: list[RunningEnvoy]) -> None:
         except subprocess.TimeoutExpired:
             envoy.process.kill()
             envoy.process.wait()
-        for leftover in Path("/dev/shm").glob(f"envoy_*_{envoy.base_id}"):
+        # Envoy names its shared memory after base_id * 10 + a digit (the hot-restart epoch slot).
+        for leftover in Path("/dev/shm").glob(f"envoy_shared_memory_{envoy.base_id}?"):
             leftover.unlink(missing_ok=True)
 
 
@@ -273,7 +295,7 @@ def write_identity(folder: Path, name: str, issuer: Issuer, uri: str) -> tuple[P
 def test_two_services_over_mtls_on_loopback(tmp_path: Path) -> None:
     loop = loopback_mesh()
     mesh_ca, foreign_ca = make_ca("loopback mesh CA"), make_ca("foreign CA")
-    api_app = http.server.ThreadingHTTPServer(("127.0.0.1", loop.api.port), _Hello)
+    api_app = _App(("127.0.0.1", loop.api.port))
     envoys: list[RunningEnvoy] = []
     base = 50_000 + os.getpid() % 10_000 * 4
     try:
@@ -287,7 +309,7 @@ def test_two_services_over_mtls_on_loopback(tmp_path: Path) -> None:
                 folder = tmp_path / workload.service
                 folder.mkdir()
                 envoys.append(start_envoy(loop, workload, files, folder, base + number))
-            web_envoy, api_envoy, db_envoy = envoys
+            web_envoy, api_envoy, _db_envoy = envoys
             check_calls_through_the_mesh(loop, web_envoy)
             check_inbound_refusals(loop, tmp_path, mesh_ca, foreign_ca, api_envoy)
             check_health_follows_the_app(loop, tmp_path, mesh_ca, api_app, web_envoy, api_envoy)
@@ -332,7 +354,7 @@ def check_inbound_refusals(loop: Loopback, folder: Path, mesh_ca: Issuer, foreig
         assert sum(map(int, counts)) >= 1, f"fail_verify_{reason} not counted: {stats}"
 
 
-def check_health_follows_the_app(loop: Loopback, folder: Path, mesh_ca: Issuer, api_app: http.server.HTTPServer,
+def check_health_follows_the_app(loop: Loopback, folder: Path, mesh_ca: Issuer, api_app: _App,
                                  web_envoy: RunningEnvoy, api_envoy: RunningEnvoy) -> None:
     checker = write_identity(folder, "checker", mesh_ca, f"spiffe://{TRUST_DOMAIN}/mesh/health")
     health = health_server_name(TRUST_DOMAIN)
@@ -344,7 +366,7 @@ def check_health_follows_the_app(loop: Loopback, folder: Path, mesh_ca: Issuer, 
     assert eventually(lambda: health_status("127.0.0.4", loop.db.proxy_port) == 200, WAIT_S, "db (tcp) healthy")
     assert health_status("127.0.0.3", loop.api.proxy_port, "/other") == 404  # the health chain forwards nothing
     assert health_status("127.0.0.2", loop.web.proxy_port) == 503  # nothing listens on web's app port
-    stop(api_app)
+    api_app.stop()
     eventually(lambda: health_status("127.0.0.3", loop.api.proxy_port) == 503, WAIT_S, "api unhealthy", api_envoy)
     flags = re.compile(rf"upstream-api::127\.0\.0\.3:{loop.api.proxy_port}::health_flags::(\S+)")
 

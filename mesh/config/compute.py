@@ -83,7 +83,7 @@ def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
         inbound=_inbound(workload, trust_domain),
         outbound=tuple(_outbound(upstream, cluster.protocol)
                        for upstream, cluster in zip(workload.upstreams, upstream_clusters, strict=True)),
-        clusters=(_local_app_cluster(workload), *upstream_clusters),
+        clusters=(_local_app_cluster(proxy, workload), *upstream_clusters),
         max_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
         config_path=paths.envoy_config_path(proxy),
     )
@@ -113,9 +113,12 @@ def _outbound(upstream: Upstream, protocol: Protocol) -> OutboundListener:
     )
 
 
-def _local_app_cluster(workload: Workload) -> Cluster:
+def _local_app_cluster(proxy: str, workload: Workload) -> Cluster:
     """The app on 127.0.0.1:port, checked as the inventory says: the health chain reports this check."""
     health = workload.health
+    if health.kind == "grpc" and workload.protocol not in ("http2", "grpc"):
+        raise ConfigError(proxy, f"health {{grpc: true}} needs protocol grpc or http2, not {workload.protocol}",
+                          hint="use {http: /path} or {tcp: true} for this workload")
     check = HealthCheck(
         kind=health.kind,
         interval_ms=_ms(health.interval),

@@ -11,7 +11,7 @@ import importlib.util
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def validate_envoy_config(text: str, cert_files: Mapping[str, bytes] | None = No
         raise EnvoyRejectedConfig(proxy, f"envoy --mode validate refused the config: {_last_lines(message)}")
 
 
-def rewrite_file_paths(config: Any, folder: Path, contents: Any) -> dict[str, Path]:
+def rewrite_file_paths(config: Any, folder: Path, contents: Callable[[str, str], bytes]) -> dict[str, Path]:
     """Point every TLS `filename` of `config` (in place) into `folder`, writing contents(path, role) there.
 
     Returns {original path: new path}; the same original path always maps to the same new file.

@@ -19,6 +19,7 @@ class HostUnreachable(MeshError):
     def __init__(self, host: str, message: str, hint: str | None = None) -> None:
         super().__init__(f"{host}: {message}", hint)
         self.host = host
+        self.detail = message if not hint else f"{message} ({hint})"  # without the host, for `fatal: [host]`
 
 
 class ModuleFailure(Exception):

@@ -70,9 +70,9 @@ def run_module(run: HostRun, task: Task, args: dict[str, Any], scope: Mapping[st
     except StopIteration as stop:
         outcome: Outcome = stop.value or Outcome()
     except ModuleFailure as exc:
-        return TaskResult("failed", exc.message, dict(exc.data))
+        return TaskResult("failed", exc.message, dict(exc.data), changed_anyway=changed)
     if outcome.failed:
-        return TaskResult("failed", outcome.msg, dict(outcome.data))
+        return TaskResult("failed", outcome.msg, dict(outcome.data), changed_anyway=changed)
     return TaskResult("changed" if changed else "ok", outcome.msg, dict(outcome.data))
 
 
@@ -107,7 +107,10 @@ def _overrides(run: HostRun, task: Task, scope: Mapping[str, Any], result: TaskR
             status = "changed" if run.templar.all_true(task.changed_when, seen) else "ok"
         if task.failed_when is not None:
             failed = run.templar.all_true(task.failed_when, seen)
-            status = "failed" if failed else ("ok" if status == "failed" else status)
+            if failed:
+                status = "failed"
+            elif status == "failed":
+                status = "changed" if result.changed_anyway and task.changed_when is None else "ok"
     except ExpressionError as exc:
         return TaskResult("failed", str(exc), result.data)
     msg = result.msg if status == "failed" or result.status != "failed" else ""

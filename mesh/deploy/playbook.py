@@ -52,7 +52,7 @@ class Task:
     changed_when: tuple[Any, ...] | None = None
     failed_when: tuple[Any, ...] | None = None
     ignore_errors: bool = False
-    vars: Mapping[str, Any] = EMPTY
+    vars: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     listen: tuple[str, ...] = ()
     has_name: bool = True
 
@@ -62,7 +62,7 @@ class Play:
     name: str
     hosts: str
     origin: Origin
-    vars: Mapping[str, Any] = EMPTY
+    vars: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     tasks: tuple[Task, ...] = ()
     handlers: tuple[Task, ...] = ()
 
@@ -167,7 +167,9 @@ class _Reader:
             elif str(key) in UNSUPPORTED:
                 self.key_error(where, str(key), UNSUPPORTED[str(key)])
             else:
-                hint = did_you_mean(str(key), [*allowed, *self.modules.names()])
+                names = self.modules.names()
+                fqcns = [f"ansible.builtin.{name}" for name in names if "." not in name]
+                hint = did_you_mean(str(key), [*allowed, *names, *fqcns])
                 self.key_error(where, str(key), "not a module or task key mesh knows", hint=hint)
         if spec is None:
             if not module_keys:

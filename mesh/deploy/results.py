@@ -19,6 +19,7 @@ class TaskResult:
     data: dict[str, Any] = field(default_factory=dict)
     items: tuple[TaskResult, ...] = ()
     ignored: bool = False  # failed, but the task said ignore_errors
+    changed_anyway: bool = False  # failed after changing something (failed_when false makes it changed)
 
     @property
     def changed(self) -> bool:
@@ -55,6 +56,7 @@ class HostStats:
         if result.status == "unreachable":
             self.unreachable += 1
         elif result.status == "failed" and result.ignored:
+            self.ok += 1  # as ansible-playbook counts an ignored failure: ok and ignored
             self.ignored += 1
         elif result.status == "failed":
             self.failed += 1

@@ -140,7 +140,7 @@ class PlaybookRun:
             result = run_task(run, task, lambda item: self._scope(play, task, state, item),
                               lambda item_result, item: self.display.result(name, item_result, item, True))
         except HostUnreachable as exc:
-            result = TaskResult("unreachable", str(exc))
+            result = TaskResult("unreachable", exc.detail)
         self._record(play, task, state, result)
 
     def _scope(self, play: Play, task: Task, state: _HostState,
@@ -161,7 +161,6 @@ class PlaybookRun:
             self.display.result(name, result)
         with self._lock:
             self.result.record(name, task.name, result)
-        log.debug("task done", host=name, task=task.name, status=result.status)
 
     def _check_notify(self, play: Play, task: Task) -> None:
         known = {name for handler in play.handlers for name in (handler.name, *handler.listen)}

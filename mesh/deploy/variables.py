@@ -15,7 +15,7 @@ from typing import Any
 
 from jinja2 import TemplateSyntaxError
 from jinja2.exceptions import TemplateError, UndefinedError
-from jinja2.runtime import new_context
+from jinja2.runtime import Undefined, new_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from mesh.inventory.templating import ansible_concat, is_template, make_environment
@@ -47,6 +47,7 @@ def _succeeded(value: Any) -> bool:
 def task_environment() -> SandboxedEnvironment:
     """The native, sandboxed Jinja2 of the inventory plus a few filters and tests playbooks use everywhere."""
     env = make_environment()
+    env.keep_trailing_newline = True  # `content: "{{ x }}\n"` keeps its newline, as in Ansible
     env.filters.update(bool=to_bool, to_json=json.dumps, mandatory=lambda value: value)
     env.tests.update(changed=_result_test("changed"), failed=_result_test("failed"),
                      skipped=_result_test("skipped"), succeeded=_succeeded, success=_succeeded)
@@ -84,7 +85,9 @@ class Templar:
         template = self._compile(source)
         context = new_context(self.env, None, {}, WithGlobals(scope, self.env.globals), shared=True)  # type: ignore[arg-type]
         try:
-            return ansible_concat(template.root_render_func(context))
+            result = ansible_concat(template.root_render_func(context))
+            _fail_on_undefined(result)
+            return result
         except UndefinedError as exc:
             raise ExpressionError(f"{source!r}: {exc.message}") from None
         except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
@@ -102,6 +105,18 @@ class Templar:
 
     def all_true(self, conditions: tuple[Any, ...], scope: Mapping[str, Any]) -> bool:
         return all(self.condition(condition, scope) for condition in conditions)
+
+
+def _fail_on_undefined(value: Any) -> None:
+    """Native rendering returns an undefined value as is: make it fail here, inside lists and dicts too."""
+    if isinstance(value, Undefined):
+        str(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _fail_on_undefined(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _fail_on_undefined(item)
 
 
 class WithGlobals(Mapping[str, Any]):

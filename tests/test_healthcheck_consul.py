@@ -1,0 +1,218 @@
+"""The health checker as controllers run it (`python -m mesh.healthcheck`, real processes) against a real
+Consul 1.8.7 and local TLS stand-ins for Envoy's health chain: status changes, one leader, takeover.
+
+Tests wait with generous deadlines and assert the outcome, not the time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh import catalog, controller_env
+from mesh.healthcheck.config import LOCK_KEY, checker_config
+from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Workload
+from mesh.testing.consul_server import ConsulDevServer
+from mesh.testing.health_endpoint import HealthEndpoint, LeafFiles, TestCA
+
+TD = "lab.mesh"
+DEADLINE = 30.0
+
+
+@pytest.fixture(scope="module")
+def consul() -> Iterator[ConsulDevServer]:
+    from mesh.lab.images import ensure_consul_binary
+
+    try:
+        binary = ensure_consul_binary()
+    except Exception as exc:  # noqa: BLE001 (any failure to get the binary means: skip, and say why)
+        pytest.skip(f"no Consul binary: {exc}")
+    with ConsulDevServer(binary) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LeafFiles]:
+    ca = TestCA(tmp_path_factory.mktemp("pki"))
+    return {"api": ca.issue(f"spiffe://{TD}/svc/api", "api"),
+            "checker": ca.issue(f"spiffe://{TD}/mesh/health", "checker")}
+
+
+@pytest.fixture
+def endpoints(pki: dict[str, LeafFiles]) -> Iterator[list[HealthEndpoint]]:
+    servers = [HealthEndpoint(pki["api"], TD).start() for _ in range(2)]
+    yield servers
+    for server in servers:
+        try:
+            server.stop()
+        except OSError:
+            pass
+
+
+def local_mesh(consul_url: str, endpoints: list[HealthEndpoint]) -> Mesh:
+    """Two hosts (both 127.0.0.1), one `api` instance each, on the endpoints' ports."""
+    hosts = tuple(ManagedHost(f"h{n}", "vm", Connection("127.0.0.1"),
+                              (Workload(f"h{n}", 0, "api", 9090, TD, proxy_port=endpoint.port),))
+                  for n, endpoint in enumerate(endpoints, start=1))
+    return Mesh(MeshSettings(trust_domain=TD, consul_url=consul_url), hosts)
+
+
+@dataclass
+class Checker:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def wrote(self) -> list[dict[str, Any]]:
+        return [event for event in self.events() if event.get("event") == "health_written"]
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+            self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def start_checker(consul: ConsulDevServer, pki: dict[str, LeafFiles], tmp_path: Path,
+                  endpoints: list[HealthEndpoint]) -> Iterator[Callable[..., Checker]]:
+    started: list[Checker] = []
+    mesh = local_mesh(consul.url, endpoints)
+    catalog.sync(consul.url, mesh)
+    files = pki["checker"]
+    config = replace(checker_config(mesh), cert=str(files.cert), key=str(files.key), ca=str(files.ca),
+                     interval=0.5, timeout=1.0, lock_key=f"{LOCK_KEY}-{tmp_path.name}")
+    config_path = tmp_path / "checker.json"
+    config_path.write_text(config.to_json())
+
+    def start(python: str = sys.executable) -> Checker:
+        log_path = tmp_path / f"checker-{len(started)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen([python, "-m", "mesh.healthcheck", "--config", str(config_path)],
+                                       stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=tmp_path,
+                                       env={**os.environ, "MESH_LOG_FORMAT": "json"})
+        started.append(Checker(process, log_path))
+        return started[-1]
+
+    yield start
+    for checker in started:
+        checker.stop(signal.SIGKILL)
+    client = catalog.connect(consul.url)
+    for node in ("h1", "h2"):
+        client.catalog.deregister(node)
+
+
+def status_of(url: str, service_id: str) -> tuple[str, str]:
+    [health] = [h for h in catalog.service_health(url, "api") if h.service_id == service_id]
+    return health.status, health.output
+
+
+def wait_for(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {deadline:g}s: {what}")
+
+
+def leader_pid(url: str, key: str) -> int | None:
+    entry = catalog.connect(url).kv.get(key)[1]
+    if not entry or not entry.get("Session"):
+        return None
+    return int(json.loads(base64.b64decode(entry["Value"]) if isinstance(entry["Value"], str)
+                          else entry["Value"])["holder"].rsplit(":", 1)[1])
+
+
+def test_passing_then_critical_on_503_and_on_a_stopped_envoy(
+        consul: ConsulDevServer, endpoints: list[HealthEndpoint], start_checker: Callable[..., Checker]) -> None:
+    checker = start_checker()
+    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing"
+             and status_of(consul.url, "api-h2-0")[0] == "passing", "both instances passing")
+    endpoints[0].healthy = False
+    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "critical", "503 makes api-h1-0 critical")
+    assert "GET /mesh/health: 503" in status_of(consul.url, "api-h1-0")[1]
+    endpoints[1].stop()
+    wait_for(lambda: status_of(consul.url, "api-h2-0")[0] == "critical", "a stopped endpoint is critical")
+    assert "refused" in status_of(consul.url, "api-h2-0")[1]
+    endpoints[0].healthy = True
+    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing", "recovery makes it passing again")
+    writes = [(event["instance"], event["status"]) for event in checker.wrote()]
+    assert writes == [("api-h1-0", "passing"), ("api-h2-0", "passing"), ("api-h1-0", "critical"),
+                      ("api-h2-0", "critical"), ("api-h1-0", "passing")], "only changes are written"
+    checker.stop()
+    assert checker.process.returncode == 0
+    assert any(event.get("event") == "leadership_released" for event in checker.events())
+
+
+def test_one_leader_and_a_standby_that_takes_over_after_a_crash(
+        consul: ConsulDevServer, endpoints: list[HealthEndpoint], start_checker: Callable[..., Checker],
+        tmp_path: Path) -> None:
+    key = f"{LOCK_KEY}-{tmp_path.name}"
+    first, second = start_checker(), start_checker()
+    wait_for(lambda: leader_pid(consul.url, key) is not None, "someone leads")
+    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing", "the leader writes")
+    time.sleep(2)  # several rounds of both
+    by_pid = {first.process.pid: first, second.process.pid: second}
+    pid = leader_pid(consul.url, key)
+    assert pid in by_pid
+    leader, standby = by_pid[pid], by_pid[next(p for p in by_pid if p != pid)]
+    assert leader.wrote() and not standby.wrote(), "the standby writes nothing"
+
+    leader.stop(signal.SIGKILL)  # no release: the session has to expire
+    endpoints[0].healthy = False
+    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "critical", "the standby took over and writes",
+             deadline=DEADLINE + 5)
+    assert leader_pid(consul.url, key) == standby.process.pid
+    assert standby.wrote()
+
+
+def test_sigterm_releases_the_lock_for_the_standby_at_once(
+        consul: ConsulDevServer, start_checker: Callable[..., Checker], tmp_path: Path) -> None:
+    key = f"{LOCK_KEY}-{tmp_path.name}"
+    first, second = start_checker(), start_checker()
+    wait_for(lambda: leader_pid(consul.url, key) is not None, "someone leads")
+    by_pid = {first.process.pid: first, second.process.pid: second}
+    old = leader_pid(consul.url, key)
+    assert old is not None
+    by_pid[old].stop(signal.SIGTERM)
+    assert by_pid[old].process.returncode == 0
+    other = next(p for p in by_pid if p != old)
+    wait_for(lambda: leader_pid(consul.url, key) == other, "the standby leads after a clean stop",
+             deadline=10)
+
+
+def test_the_controller_venv_built_from_the_wheels_runs_the_checker(
+        consul: ConsulDevServer, start_checker: Callable[..., Checker], tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    wheels = controller_env.build_wheels(tmp_path_factory.getbasetemp() / "wheel-cache")
+    root = tmp_path / "opt-mesh"
+    (root / "wheels").mkdir(parents=True)
+    for wheel in wheels:
+        shutil.copy2(wheel, root / "wheels" / wheel.name)
+    marker = controller_env.wheel_set_marker(wheels)
+    commands = controller_env.install_commands([w.name for w in wheels], marker)
+    for _ in range(2):  # the second run changes nothing
+        for command in commands:
+            local = command.replace(controller_env.MESH_ROOT, str(root))
+            subprocess.run(["bash", "-c", local], check=True, capture_output=True, env=os.environ | {
+                "PATH": f"{Path(sys.base_exec_prefix) / 'bin'}:{os.environ['PATH']}"})
+    assert (root / "venv" / "mesh-wheels.marker").read_text().strip() == marker
+    checker = start_checker(python=str(root / "venv" / "bin" / "python3"))
+    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing", "the venv's checker writes passing")
+    checker.stop()
+    assert checker.process.returncode == 0

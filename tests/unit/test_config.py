@@ -1,0 +1,121 @@
+"""The pure proxy config computation: names, endpoints, TLS identities, health checks, consistency.
+
+Input is the golden inventory (tests/golden/envoy/input/inventory.yaml); no Envoy runs here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from test_render import golden_mesh, workload
+
+from mesh.config import ConfigError, InconsistentConfig, compute_proxy_config, consistent
+from mesh.config.model import Endpoint, ProxyConfig
+
+
+def config(node_id: str) -> ProxyConfig:
+    mesh = golden_mesh()
+    return compute_proxy_config(mesh, workload(mesh, node_id))
+
+
+def test_names_paths_and_admin() -> None:
+    cfg = config("db-vm2-1")
+    assert (cfg.proxy, cfg.node_id, cfg.base_id) == ("db-1", "db-vm2-1", 2)
+    assert cfg.config_path == "/etc/mesh/proxies/db-1/envoy.yaml"
+    assert cfg.secrets.certificate.private_key == "/etc/mesh/proxies/db-1/key.pem"
+    assert cfg.secrets.certificate.certificate_chain == "/etc/mesh/proxies/db-1/cert.pem"
+    assert cfg.secrets.trust_bundle.trusted_ca == "/etc/mesh/ca.pem"
+    assert (cfg.admin.address, cfg.admin.port) == ("127.0.0.1", 19001)
+
+
+def test_inbound_requires_the_trust_domain_and_has_a_health_chain() -> None:
+    inbound = config("web-vm1-0").inbound
+    assert (inbound.address, inbound.port, inbound.cluster) == ("0.0.0.0", 21000, "local-app")
+    assert inbound.tls.spiffe_id_prefix == "spiffe://golden.mesh/"
+    assert (inbound.health.server_name, inbound.health.path) == ("health.golden.mesh", "/mesh/health")
+    assert (inbound.health.cluster, inbound.health.min_healthy_percent) == ("local-app", 100)
+
+
+def test_local_app_is_checked_as_the_inventory_says() -> None:
+    web = config("web-vm1-0").cluster("local-app")
+    assert web.endpoints == (Endpoint("127.0.0.1", 8080),)
+    assert (web.health_check.kind, web.health_check.http_path, web.health_check.interval_ms) == ("http", "/healthz", 5000)
+    db = config("db-vm2-1").cluster("local-app").health_check
+    assert (db.kind, db.interval_ms, db.timeout_ms) == ("tcp", 3000, 5000)
+    pricing = config("pricing-vm3-1").cluster("local-app")
+    assert pricing.health_check.kind == "grpc" and pricing.http2
+
+
+def test_upstream_cluster_lists_every_instance_with_mtls_to_its_identity() -> None:
+    cfg = config("web-vm1-0")
+    api = cfg.cluster("upstream-api")
+    assert api.endpoints == (Endpoint("10.0.0.12", 21000), Endpoint("10.0.0.13", 21000))
+    assert api.discovery == "STATIC" and cfg.cluster("upstream-report").discovery == "STRICT_DNS"
+    assert api.tls is not None
+    assert (api.tls.server_name, api.tls.peer_spiffe_id) == ("api", "spiffe://golden.mesh/svc/api")
+    check = api.health_check
+    assert (check.kind, check.http_path, check.tls_server_name) == ("http", "/mesh/health", "health.golden.mesh")
+    assert check.interval_ms <= 1000 and check.unhealthy_threshold <= 3
+    assert api.outlier_detection is not None and api.outlier_detection.base_ejection_time_ms == 10_000
+
+
+def test_outbound_listeners_follow_the_upstream_protocol() -> None:
+    cfg = config("api-vm2-0")
+    db, pricing = cfg.outbound
+    assert (db.address, db.port, db.protocol, db.cluster, db.retry_policy) == (
+        "127.0.0.1", 19102, "tcp", "upstream-db", None)
+    assert (pricing.port, pricing.protocol) == (19103, "grpc") and pricing.retry_policy is not None
+    assert 1 <= pricing.retry_policy.num_retries <= 2 and "connect-failure" in pricing.retry_policy.retry_on
+    assert cfg.cluster("upstream-pricing").http2 and not cfg.cluster("upstream-db").http2
+    assert cfg.cluster("upstream-db").endpoints == (Endpoint("10.0.0.12", 21001),)
+
+
+def test_no_upstreams_means_only_the_inbound_side() -> None:
+    cfg = config("report-vm4-0")
+    assert cfg.outbound == () and [c.name for c in cfg.clusters] == ["local-app"]
+
+
+def test_computation_is_pure_and_repeatable() -> None:
+    assert config("web-vm1-0") == config("web-vm1-0")
+
+
+def test_consistent_accepts_computed_configs() -> None:
+    mesh = golden_mesh()
+    for each in mesh.workloads:
+        consistent(compute_proxy_config(mesh, each))
+
+
+def test_consistent_refuses_a_dangling_cluster_or_secret() -> None:
+    cfg = config("web-vm1-0")
+    with pytest.raises(InconsistentConfig, match="'upstream-api'"):
+        consistent(dataclasses.replace(cfg, clusters=tuple(c for c in cfg.clusters if c.name != "upstream-api")))
+    renamed = dataclasses.replace(cfg.secrets, trust_bundle=dataclasses.replace(cfg.secrets.trust_bundle, name="x"))
+    with pytest.raises(InconsistentConfig, match="trust bundle secret 'mesh-ca'"):
+        consistent(dataclasses.replace(cfg, secrets=renamed))
+
+
+def test_consistent_refuses_two_listeners_on_one_port() -> None:
+    cfg = config("web-vm1-0")
+    clash = dataclasses.replace(cfg.outbound[0], port=cfg.admin.port)
+    with pytest.raises(InconsistentConfig, match=f"port {cfg.admin.port} appears 2 times"):
+        consistent(dataclasses.replace(cfg, outbound=(clash, *cfg.outbound[1:])))
+
+
+def test_grpc_health_needs_an_http2_app() -> None:
+    mesh = golden_mesh()
+    report = workload(mesh, "report-vm4-0")
+    grpc_checked = dataclasses.replace(report, health=dataclasses.replace(report.health, kind="grpc"))
+    with pytest.raises(ConfigError, match="report-0: health {grpc: true} needs protocol grpc or http2"):
+        compute_proxy_config(mesh, grpc_checked)
+
+
+def test_instances_must_agree_on_the_protocol() -> None:
+    mesh = golden_mesh()
+    vm3 = mesh.host("vm3")
+    odd_api = dataclasses.replace(vm3.workloads[0], protocol="http2")
+    hosts = tuple(dataclasses.replace(h, workloads=(odd_api, *h.workloads[1:])) if h.name == "vm3" else h
+                  for h in mesh.hosts)
+    odd = dataclasses.replace(mesh, hosts=hosts)
+    with pytest.raises(ConfigError, match="upstream 'api': its instances disagree on the protocol"):
+        compute_proxy_config(odd, workload(odd, "web-vm1-0"))

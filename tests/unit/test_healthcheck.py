@@ -1,0 +1,269 @@
+"""The health checker without Consul: config parsing, the write rules, the probe against a local TLS stand-in
+for Envoy's health chain, the import closure controllers rely on, and the controller environment's pure parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from catalog_samples import make_mesh
+
+from mesh import controller_env
+from mesh.healthcheck.checker import HealthChecker
+from mesh.healthcheck.config import (
+    CheckerConfig,
+    CheckerConfigError,
+    Instance,
+    checker_config,
+    load_config,
+    parse_config,
+)
+from mesh.healthcheck.probe import ProbeResult, client_context, probe
+from mesh.testing.health_endpoint import HealthEndpoint, LeafFiles, TestCA, closed_port
+
+TD = "lab.mesh"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+
+
+def config_data(**changes: object) -> dict[str, object]:
+    data: dict[str, object] = {
+        "consul_url": "http://127.0.0.1:8500", "trust_domain": TD, "cert": "/c.pem", "key": "/k.pem",
+        "ca": "/ca.pem", "interval": 2,
+        "instances": [{"id": "api-vm2-0", "service": "api", "host": "vm2", "address": "10.77.0.12",
+                       "proxy_port": 21000}]}
+    data.update(changes)
+    return data
+
+
+# --- config -----------------------------------------------------------------------------------------------
+
+def test_config_parses_with_defaults() -> None:
+    config = parse_config(config_data())
+    assert config.instances == (Instance("api-vm2-0", "api", "vm2", "10.77.0.12", 21000),)
+    assert (config.interval, config.timeout, config.session_ttl) == (2.0, 2.0, 10)
+    assert config.lock_key == "mesh/health-checker/leader" and config.sni == "health.lab.mesh"
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"intervall": 3}, "intervall: unknown key"),
+    ({"consul_url": ""}, "consul_url: expected a non-empty string"),
+    ({"interval": 0}, "interval: expected a positive number"),
+    ({"session_ttl": 5}, "session_ttl: expected whole seconds from 10"),
+    ({"instances": {}}, "instances: expected a list"),
+    ({"instances": [{"id": "x"}]}, r"instances\[0\]: expected exactly the keys"),
+    ({"instances": [{"id": "x", "service": "a", "host": "h", "address": "a", "proxy_port": "21000"}]},
+     r"instances\[0\].proxy_port: expected an integer"),
+])
+def test_config_refusals_name_the_key(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(CheckerConfigError, match=message):
+        parse_config(config_data(**changes), "checker.json")
+
+
+def test_config_requires_the_trust_domain() -> None:
+    data = config_data()
+    del data["trust_domain"]
+    with pytest.raises(CheckerConfigError, match="trust_domain: required"):
+        parse_config(data)
+
+
+def test_load_config_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckerConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(CheckerConfigError, match="bad.json: not JSON"):
+        load_config(tmp_path / "bad.json")
+
+
+def test_checker_config_from_the_mesh_round_trips(tmp_path: Path) -> None:
+    config = checker_config(make_mesh())
+    assert [i.id for i in config.instances] == ["web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"]
+    assert config.key == "/etc/mesh/checker/key.pem" and config.instances[2].proxy_port == 21001
+    (tmp_path / "checker.json").write_text(config.to_json())
+    assert load_config(tmp_path / "checker.json") == config
+
+
+# --- the write rules ----------------------------------------------------------------------------------------
+
+class FakeLock:
+    def __init__(self, leading: bool = True) -> None:
+        self.leading = leading
+        self.released = False
+
+    def step(self) -> bool:
+        return self.leading
+
+    def holds(self) -> bool:
+        return self.leading
+
+    def release(self) -> None:
+        self.released = True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def two_instances() -> CheckerConfig:
+    base = parse_config(config_data(refresh=60))
+    return dataclasses.replace(base, instances=(
+        base.instances[0], Instance("db-vm2-1", "db", "vm2", "10.77.0.12", 21001)))
+
+
+def test_writes_only_changes_and_refreshes_after_a_while() -> None:
+    writes: list[tuple[str, str]] = []
+    clock = Clock()
+    checker = HealthChecker(two_instances(), FakeLock(), lambda i: ProbeResult("passing", "ok"),
+                            lambda i, r: writes.append((i.id, r.status)), clock=clock)
+    ok, bad = ProbeResult("passing", "ok"), ProbeResult("critical", "503")
+    assert checker.round([ok, ok]) == 2
+    assert checker.round([ok, ok]) == 0
+    assert checker.round([ok, bad]) == 1 and writes[-1] == ("db-vm2-1", "critical")
+    clock.now = 61
+    assert checker.round([ok, bad]) == 2
+
+
+def test_a_checker_that_lost_the_lock_stops_writing() -> None:
+    writes: list[str] = []
+    lock = FakeLock()
+
+    def write(instance: Instance, result: ProbeResult) -> None:
+        writes.append(instance.id)
+        lock.leading = False  # the session is lost right after the first write
+
+    checker = HealthChecker(two_instances(), lock, lambda i: ProbeResult("passing", "ok"), write)
+    checker.round([ProbeResult("passing", "ok")] * 2)
+    assert writes == ["api-vm2-0"]
+
+
+def test_a_standby_never_probes_or_writes_and_releases_on_stop() -> None:
+    probed: list[str] = []
+    lock = FakeLock(leading=False)
+    config = dataclasses.replace(two_instances(), interval=0.05)
+    checker = HealthChecker(config, lock, lambda i: probed.append(i.id) or ProbeResult("passing", ""),
+                            lambda i, r: pytest.fail("a standby wrote"))
+    stop = threading.Event()
+    runner = threading.Thread(target=checker.run, args=(stop,))
+    runner.start()
+    threading.Event().wait(0.3)
+    stop.set()
+    runner.join(timeout=5)
+    assert not probed and lock.released
+
+
+# --- the probe ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LeafFiles]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, other = TestCA(directory), TestCA(directory / "other", "other CA")
+    return {"api": ca.issue(f"spiffe://{TD}/svc/api", "api"),
+            "checker": ca.issue(f"spiffe://{TD}/mesh/health", "checker"),
+            "foreign": other.issue(f"spiffe://{TD}/mesh/health", "foreign")}
+
+
+@pytest.fixture
+def endpoint(pki: dict[str, LeafFiles]) -> Iterator[HealthEndpoint]:
+    with HealthEndpoint(pki["api"], TD) as server:
+        yield server
+
+
+def run_probe(files: LeafFiles, port: int, service: str = "api", trust_domain: str = TD,
+              timeout: float = 2.0) -> ProbeResult:
+    config = dataclasses.replace(parse_config(config_data()), trust_domain=trust_domain, timeout=timeout)
+    context = client_context(str(files.cert), str(files.key), str(files.ca))
+    return probe(context, Instance(f"{service}-h-0", service, "h", "127.0.0.1", port), config)
+
+
+def test_probe_passes_on_200_and_fails_on_503(endpoint: HealthEndpoint, pki: dict[str, LeafFiles]) -> None:
+    assert run_probe(pki["checker"], endpoint.port) == ProbeResult(
+        "passing", f"127.0.0.1:{endpoint.port}: GET /mesh/health: 200 OK")
+    endpoint.healthy = False
+    result = run_probe(pki["checker"], endpoint.port)
+    assert result.status == "critical" and "503" in result.output
+
+
+def test_probe_checks_the_servers_spiffe_id(endpoint: HealthEndpoint, pki: dict[str, LeafFiles]) -> None:
+    result = run_probe(pki["checker"], endpoint.port, service="db")
+    assert result.status == "critical" and f"expected spiffe://{TD}/svc/db" in result.output
+    assert endpoint.requests == 0  # nothing sent to a server that is not the instance
+
+
+def test_probe_sends_the_health_sni(endpoint: HealthEndpoint, pki: dict[str, LeafFiles]) -> None:
+    result = run_probe(pki["checker"], endpoint.port, trust_domain="other.mesh")
+    assert result.status == "critical" and "TLS" in result.output
+
+
+def test_a_client_from_another_ca_is_refused(endpoint: HealthEndpoint, pki: dict[str, LeafFiles]) -> None:
+    foreign = dataclasses.replace(pki["foreign"], ca=pki["checker"].ca)
+    assert run_probe(foreign, endpoint.port).status == "critical"
+
+
+def test_a_server_from_another_ca_is_refused(endpoint: HealthEndpoint, pki: dict[str, LeafFiles]) -> None:
+    untrusting = dataclasses.replace(pki["checker"], ca=pki["foreign"].ca)
+    result = run_probe(untrusting, endpoint.port)
+    assert result.status == "critical" and "CERTIFICATE_VERIFY_FAILED" in result.output
+
+
+def test_refused_and_silent_ports_are_critical(pki: dict[str, LeafFiles]) -> None:
+    assert "refused" in run_probe(pki["checker"], closed_port()).output
+    with socket.socket() as silent:  # accepts (backlog) but never answers the handshake
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        result = run_probe(pki["checker"], silent.getsockname()[1], timeout=0.3)
+    assert result.status == "critical" and "timed out after 0.3s" in result.output
+
+
+# --- what controllers need ----------------------------------------------------------------------------------
+
+def test_the_checker_imports_nothing_heavy() -> None:
+    code = "import sys, mesh.healthcheck.__main__; print('\\n'.join(sorted(sys.modules)))"
+    modules = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                 text=True).stdout.split())
+    # rich shows up here only because structlog uses it when installed; the controller venv has none
+    heavy = {"yaml", "jinja2", "fabric", "paramiko", "grpc", "cryptography", "click", "mesh.inventory"}
+    assert not heavy & modules
+    assert {"consul", "structlog", "mesh.catalog"} <= modules
+
+
+def test_runtime_pins_cover_the_checkers_imports() -> None:
+    names = {pin.split("==")[0] for pin in controller_env.runtime_pins()}
+    assert {"py-consul", "structlog", "requests", "urllib3", "idna", "certifi", "charset-normalizer"} <= names
+
+
+def test_install_commands_are_guarded_and_skipped_when_installed() -> None:
+    names = ["structlog-26.1.0-py3-none-any.whl", "mesh-0.1.0-py3-none-any.whl"]
+    commands = controller_env.install_commands(names, "abc123")
+    assert commands[0] == "test -x /opt/mesh/venv/bin/python3 || python3 -m venv /opt/mesh/venv"
+    assert "--no-index --no-deps --force-reinstall --find-links /opt/mesh/wheels" in commands[1]
+    assert "/opt/mesh/wheels/mesh-0.1.0-py3-none-any.whl /opt/mesh/wheels/structlog" in commands[1]
+    assert commands[1].startswith('test "$(cat /opt/mesh/venv/mesh-wheels.marker 2>/dev/null)" = abc123 ||')
+    assert "! -name mesh-0.1.0-py3-none-any.whl" in commands[2]
+    assert controller_env.install_commands(names, "abc123", installed="abc123\n") == []
+
+
+def test_checker_unit_golden(update_goldens: bool) -> None:
+    text = controller_env.render_checker_unit()
+    path = GOLDEN / "systemd" / "mesh-health-checker.service"
+    if update_goldens:
+        path.write_text(text)
+    assert path.is_file(), f"{path} is missing: run pytest --update-goldens"
+    assert text == path.read_text(), f"{path} differs: run pytest --update-goldens and review the diff"
+    assert "ExecStart=/opt/mesh/venv/bin/python3 -m mesh.healthcheck --config /etc/mesh/checker/checker.json" \
+        in text
+
+
+def test_config_json_is_what_the_checker_reads(tmp_path: Path) -> None:
+    text = checker_config(make_mesh()).to_json()
+    assert json.loads(text)["consul_url"] == "http://127.0.0.1:8500"
