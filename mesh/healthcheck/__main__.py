@@ -12,10 +12,11 @@ import sys
 import threading
 from functools import partial
 from types import FrameType
+from typing import NoReturn
 
 import structlog
 
-from mesh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, MeshError
+from mesh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, MeshError, UsageError
 from mesh.healthcheck.checker import HealthChecker, consul_writer
 from mesh.healthcheck.config import DEFAULT_CONFIG, CheckerConfig, CheckerConfigError, load_config
 from mesh.healthcheck.leader import Leadership
@@ -23,14 +24,18 @@ from mesh.healthcheck.probe import client_context, probe
 from mesh.log import configure_logging
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # exit 5 for usage, as every mesh command does
+        raise UsageError(message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mesh.healthcheck", description=__doc__)
+    parser = _Parser(prog="python -m mesh.healthcheck", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="checker.json (default: %(default)s)")
     parser.add_argument("--log-format", choices=("console", "json"), default=None)
-    parser.exit_on_error = False
     try:
         args = parser.parse_args(argv)
-    except argparse.ArgumentError as exc:
+    except UsageError as exc:
         print(f"mesh health checker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(args.log_format)

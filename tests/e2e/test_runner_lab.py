@@ -12,7 +12,7 @@ import fcntl
 import io
 import subprocess
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -92,8 +92,8 @@ def lab_hosts() -> Iterator[dict[str, ManagedHost]]:
         # The lock is released here; the lab stays up for the lead to tear down.
 
 
-def _clean(hosts: object) -> None:
-    for host in hosts:  # type: ignore[attr-defined]
+def _clean(hosts: Iterable[ManagedHost]) -> None:
+    for host in hosts:
         conn = connect(host)
         conn.run(f"systemctl disable --now {UNIT}; rm -rf {WORK} /etc/systemd/system/{UNIT}; "
                  "systemctl daemon-reload")
@@ -107,9 +107,9 @@ def _run(tmp_path: Path, text: str, hosts: list[ManagedHost]) -> tuple[PlayResul
     path = tmp_path / "play.yml"
     path.write_text(textwrap.dedent(text))
     out = io.StringIO()
-    result = run_playbook(load_playbook(path), hosts, groups=inventory_vars(load_inventory(str(INVENTORY))).groups,
-                          host_vars=inventory_vars(load_inventory(str(INVENTORY))).host_vars, output=out,
-                          color=False, templates_dir=tmp_path / "templates")
+    inventory = inventory_vars(load_inventory(str(INVENTORY)))
+    result = run_playbook(load_playbook(path), hosts, groups=inventory.groups, host_vars=inventory.host_vars,
+                          output=out, color=False, templates_dir=tmp_path / "templates")
     print(out.getvalue())
     return result, out.getvalue()
 

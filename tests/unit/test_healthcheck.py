@@ -82,6 +82,15 @@ def test_load_config_names_the_file(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.json")
 
 
+def test_the_command_exits_5_on_usage_and_1_on_a_bad_config(tmp_path: Path) -> None:
+    from mesh.healthcheck.__main__ import main
+
+    assert main(["--bogus"]) == 5
+    assert main(["--config", str(tmp_path / "missing.json")]) == 1
+    (tmp_path / "checker.json").write_text(json.dumps(config_data(cert=str(tmp_path / "none.pem"))))
+    assert main(["--config", str(tmp_path / "checker.json")]) == 1  # names the files, runs nothing
+
+
 def test_checker_config_from_the_mesh_round_trips(tmp_path: Path) -> None:
     config = checker_config(make_mesh())
     assert [i.id for i in config.instances] == ["web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"]
@@ -151,8 +160,12 @@ def test_a_standby_never_probes_or_writes_and_releases_on_stop() -> None:
     probed: list[str] = []
     lock = FakeLock(leading=False)
     config = dataclasses.replace(two_instances(), interval=0.05)
-    checker = HealthChecker(config, lock, lambda i: probed.append(i.id) or ProbeResult("passing", ""),
-                            lambda i, r: pytest.fail("a standby wrote"))
+
+    def prober(instance: Instance) -> ProbeResult:
+        probed.append(instance.id)
+        return ProbeResult("passing", "")
+
+    checker = HealthChecker(config, lock, prober, lambda i, r: pytest.fail("a standby wrote"))
     stop = threading.Event()
     runner = threading.Thread(target=checker.run, args=(stop,))
     runner.start()

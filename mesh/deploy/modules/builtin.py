@@ -70,6 +70,8 @@ def write_file(ctx: TaskContext[Any], dest: str, data: bytes, args: dict[str, An
     if stat is not None and stat.kind == "directory":
         raise ModuleFailure(f"{dest} is a directory")
     want = hashlib.sha256(data).hexdigest()
+    if stat is not None and not to_bool(args.get("force", True)):
+        return Outcome(msg=f"{dest} exists and force is no", data={"dest": dest})
     if stat is None or file_sha256(ctx.connector, dest) != want:
         yield PutFile(dest, data, mode if mode is not None else (stat.mode if stat else 0o644),
                       owner or (stat.owner if stat else None), group or (stat.group if stat else None),
