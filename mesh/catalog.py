@@ -1,6 +1,7 @@
 """Consul's catalog as mesh sees it: the registrations an inventory implies, syncing them, health in and out.
 
-It owns the Consul shapes (external nodes, service IDs, Meta, checks); it must not probe, render or read files.
+It owns the Consul shapes (external nodes, service IDs, Meta, checks); it must not probe, render or read
+files.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def registrations(mesh: Mesh) -> list[Registration]:
     result = []
     for host in mesh.hosts:
         for workload in host.workloads:
-            meta = {"version": workload.version, "host": host.name, "kind": host.consul_kind, MANAGED_BY: MESH}
+            meta = {"version": workload.version, "host": host.name, "kind": host.consul_kind,
+                    MANAGED_BY: MESH}
             result.append(Registration(
                 node=host.name, address=host.connection.address, service_id=workload.consul_id,
                 service=workload.service, port=workload.proxy_port, meta=MappingProxyType(meta)))
@@ -208,7 +210,7 @@ def _needed_registration(reg: Registration, seen: ObservedInstance | None) -> di
 
 
 def sync(consul_url: str, mesh: Mesh) -> SyncResult:
-    """Make the catalog hold exactly mesh's registrations; a second sync with the same mesh changes nothing."""
+    """Make the catalog hold exactly mesh's registrations; a second sync of the same mesh changes nothing."""
     log = structlog.get_logger()
     with _client(consul_url) as client:
         plan = plan_sync(registrations(mesh), read_state(client))
@@ -228,7 +230,7 @@ def sync(consul_url: str, mesh: Mesh) -> SyncResult:
 
 
 def read_state(client: consul.Consul) -> CatalogState:
-    """Every service instance with its node and mesh's check, plus the nodes carrying NodeMeta managed-by=mesh."""
+    """Every service instance with its node and mesh's check, and the nodes with NodeMeta managed-by=mesh."""
     _, names = client.catalog.services()
     instances: list[ObservedInstance] = []
     for name in sorted(names or {}):

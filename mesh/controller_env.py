@@ -90,7 +90,7 @@ def wheels_key(repo: Path = REPO_ROOT) -> str:
 
 
 def build_wheels(cache_dir: Path, repo: Path = REPO_ROOT) -> list[Path]:
-    """Build (once per key) the wheel of mesh itself plus the checker's runtime, under cache_dir/wheels-KEY."""
+    """Build (once per key) the wheel of mesh itself and the checker's runtime, in cache_dir/wheels-KEY."""
     if not (repo / "pyproject.toml").is_file():
         raise ControllerEnvError(f"building the controller's wheels needs mesh's source tree; {repo} has no "
                                  "pyproject.toml", hint="run mesh from a checkout or an editable install")
@@ -187,7 +187,8 @@ def render_checker_unit(context: CheckerUnitContext | None = None,
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir)),
                                      undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                                      autoescape=False)
-    text = environment.get_template(f"systemd/{CHECKER_UNIT}.j2").render(asdict(context or CheckerUnitContext()))
+    template = environment.get_template(f"systemd/{CHECKER_UNIT}.j2")
+    text = template.render(asdict(context or CheckerUnitContext()))
     sections = re.findall(r"^\[(\w+)\]$", text, flags=re.MULTILINE)
     if sections != ["Unit", "Service", "Install"]:
         raise ValueError(f"rendered {CHECKER_UNIT} has sections {sections}, expected Unit, Service, Install")

@@ -21,6 +21,7 @@ def make_mesh(drop: str | None = None) -> Mesh:
             Workload("dock1", 0, "api", 9090, td, version="v2", container="api-v2-1"),)),
     ]
     if drop:
-        hosts = [ManagedHost(h.name, h.kind, h.connection, tuple(w for w in h.workloads if w.consul_id != drop),
-                             h.is_controller) for h in hosts]
+        hosts = [ManagedHost(h.name, h.kind, h.connection,
+                             tuple(w for w in h.workloads if w.consul_id != drop), h.is_controller)
+                 for h in hosts]
     return Mesh(MeshSettings(trust_domain=td, consul_url="http://127.0.0.1:8500"), tuple(hosts))

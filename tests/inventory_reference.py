@@ -5,6 +5,8 @@ Shared by the corpus, broken-corpus and hypothesis tests; knows nothing of any o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import resource
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ VARS_DIRS = {"group_vars", "host_vars"}
 TIMEOUT = 10.0
 MEMORY_CAP = 1 << 30  # bytes of address space for one mesh run
 WORKERS = 4
+_INPROCESS = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,19 @@ class Sandbox:
     def mesh_run(self, *args: str, timeout: float = TIMEOUT, cap: bool = True) -> Run:
         assert self.mesh, "the mesh command is not installed (pip install -e .)"
         return _run([self.mesh, *args], self.env, self.cwd, timeout, cap=cap)
+
+    def mesh_inprocess(self, *args: str) -> Run:
+        """`mesh ARGS` through mesh.cli.run in this process (no interpreter start): for trusted inputs only,
+        one at a time (stdout and stderr are swapped for the call)."""
+        from mesh.cli import run
+
+        out, err = io.StringIO(), io.StringIO()
+        with _INPROCESS, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = run(list(args))
+            except SystemExit as exc:  # run() should return, but a stray exit must not end the test session
+                code = exc.code if isinstance(exc.code, int) else 1
+        return Run(("mesh", *args), code, out.getvalue(), err.getvalue())
 
     def parallel(self, jobs: Iterable[tuple[Any, ...]]) -> list[Run]:
         """Runs (method, *args) jobs on a pool of WORKERS threads; results in job order."""

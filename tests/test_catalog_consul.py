@@ -69,7 +69,8 @@ def test_a_second_sync_changes_nothing_and_keeps_the_status(url: str) -> None:
     result = catalog.sync(url, make_mesh())
     assert not result.changed and len(result.unchanged) == 4
     assert get(url, "/v1/catalog/service/api") == before  # same ModifyIndex: nothing was written
-    assert [h.status for h in catalog.service_health(url, "api") if h.service_id == "api-vm2-0"] == ["passing"]
+    statuses = [h.status for h in catalog.service_health(url, "api") if h.service_id == "api-vm2-0"]
+    assert statuses == ["passing"]
 
 
 def test_removing_a_workload_deregisters_only_it_and_never_others_services(url: str) -> None:

@@ -139,7 +139,8 @@ def leader_pid(url: str, key: str) -> int | None:
 
 
 def test_passing_then_critical_on_503_and_on_a_stopped_envoy(
-        consul: ConsulDevServer, endpoints: list[HealthEndpoint], start_checker: Callable[..., Checker]) -> None:
+        consul: ConsulDevServer, endpoints: list[HealthEndpoint],
+        start_checker: Callable[..., Checker]) -> None:
     checker = start_checker()
     wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing"
              and status_of(consul.url, "api-h2-0")[0] == "passing", "both instances passing")

@@ -61,7 +61,8 @@ def build_checker(config: CheckerConfig) -> HealthChecker:
         raise CheckerConfigError(f"cannot load the checker's certificate, key or CA "
                                  f"({config.cert}, {config.key}, {config.ca}): {exc}") from exc
     lock = Leadership(config.consul_url, config.lock_key, config.session_ttl)
-    return HealthChecker(config, lock, partial(probe, context, config=config), consul_writer(config.consul_url))
+    prober = partial(probe, context, config=config)
+    return HealthChecker(config, lock, prober, consul_writer(config.consul_url))
 
 
 def _request_stop(stop: threading.Event, signum: int, frame: FrameType | None) -> None:

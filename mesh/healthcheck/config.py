@@ -87,7 +87,8 @@ def parse_config(data: object, origin: str = "checker.json") -> CheckerConfig:
         raise CheckerConfigError(f"{origin}: instances: expected a list")
     ttl = _number(top, "session_ttl", origin, 10)
     if not 10 <= ttl <= 86400 or ttl != int(ttl):
-        raise CheckerConfigError(f"{origin}: session_ttl: expected whole seconds from 10 to 86400 (Consul's range)")
+        raise CheckerConfigError(f"{origin}: session_ttl: expected whole seconds from 10 to 86400 "
+                                 "(Consul's range)")
     return CheckerConfig(
         consul_url=_text(top, "consul_url", origin), trust_domain=_text(top, "trust_domain", origin),
         cert=_text(top, "cert", origin), key=_text(top, "key", origin), ca=_text(top, "ca", origin),
@@ -109,9 +110,9 @@ def _instance(item: object, origin: str, n: int) -> Instance:
     port = data["proxy_port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise CheckerConfigError(f"{origin}: {where}.proxy_port: expected an integer 1-65535, got {port!r}")
-    return Instance(id=_text(data, "id", origin, where=where), service=_text(data, "service", origin, where=where),
-                    host=_text(data, "host", origin, where=where),
-                    address=_text(data, "address", origin, where=where), proxy_port=port)
+    text = {key: _text(data, key, origin, where=where) for key in ("id", "service", "host", "address")}
+    return Instance(id=text["id"], service=text["service"], host=text["host"], address=text["address"],
+                    proxy_port=port)
 
 
 def _mapping(value: object, origin: str, where: str) -> Mapping[str, Any]:
@@ -146,5 +147,5 @@ def checker_config(mesh: Mesh, config_dir: str = CONFIG_DIR) -> CheckerConfig:
                  address=host.connection.address, proxy_port=workload.proxy_port)
         for host in mesh.hosts for workload in host.workloads)
     return CheckerConfig(consul_url=mesh.settings.consul_url, trust_domain=mesh.settings.trust_domain,
-                         cert=f"{config_dir}/cert.pem", key=f"{config_dir}/key.pem", ca=f"{config_dir}/ca.pem",
-                         instances=instances)
+                         cert=f"{config_dir}/cert.pem", key=f"{config_dir}/key.pem",
+                         ca=f"{config_dir}/ca.pem", instances=instances)

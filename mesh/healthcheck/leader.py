@@ -28,7 +28,8 @@ class Leadership:
     """One checker's claim on the lock. Call step() at least every ttl/3; holds() says whether to write.
 
     The session uses behavior=release and no lock-delay: a leader fences itself instead, so it stops writing
-    once it has not renewed for a whole TTL, while Consul invalidates a session only after up to twice the TTL.
+    once it has not renewed for a whole TTL, while Consul invalidates a session only after up to twice the
+    TTL.
     """
 
     def __init__(self, consul_url: str, key: str, ttl: int, holder: str | None = None,
@@ -53,7 +54,7 @@ class Leadership:
                 if self.leading:
                     self.log.info("leadership_acquired", key=self.key, session=self.session)
         except (consul.ConsulException, OSError) as exc:
-            self.log.warning("leadership_consul_error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            self.log.warning("leadership_consul_error", error=_first_line(exc))
         return self.holds()
 
     def _keep_session(self) -> None:
@@ -72,7 +73,8 @@ class Leadership:
     def holds(self) -> bool:
         """Leading, and the session was renewed less than one TTL ago (else stop writing: it may be gone)."""
         if self.leading and self.clock() - self.renewed_at >= self.ttl:
-            self.log.warning("leadership_fenced", seconds_since_renewal=round(self.clock() - self.renewed_at, 1))
+            since = round(self.clock() - self.renewed_at, 1)
+            self.log.warning("leadership_fenced", seconds_since_renewal=since)
             self.leading = False
         return self.leading
 
@@ -86,7 +88,11 @@ class Leadership:
                 self.log.info("leadership_released", key=self.key)
             self.client.session.destroy(self.session)
         except (consul.ConsulException, OSError) as exc:
-            self.log.warning("leadership_release_failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            self.log.warning("leadership_release_failed", error=_first_line(exc))
         finally:
             self.session, self.leading = None, False
             self.client.http.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)

@@ -1,6 +1,6 @@
 """One probe of one instance through its Envoy's health chain: mTLS 1.3, SPIFFE check, GET /mesh/health.
 
-It owns the client TLS (stdlib ssl only, so controllers need no cryptography) and the verdict; it writes nothing.
+It owns the client TLS (stdlib ssl only: controllers need no cryptography) and the verdict; it writes nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def probe(context: ssl.SSLContext, instance: Instance, config: CheckerConfig) ->
     where = f"{instance.address}:{instance.proxy_port}"
     started = time.monotonic()
     try:
-        with (socket.create_connection((instance.address, instance.proxy_port), timeout=config.timeout) as raw,
+        address = (instance.address, instance.proxy_port)
+        with (socket.create_connection(address, timeout=config.timeout) as raw,
               context.wrap_socket(raw, server_hostname=config.sni) as tls):
             identity = _spiffe_ids(tls.getpeercert())
             expected = f"spiffe://{config.trust_domain}/svc/{instance.service}"

@@ -75,7 +75,8 @@ class ConsulDevServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"consul agent -dev exited with {self.process.returncode}: {self.log_text()}")
+                code = self.process.returncode
+                raise RuntimeError(f"consul agent -dev exited with {code}: {self.log_text()}")
             if self._serving():
                 return
             time.sleep(0.1)

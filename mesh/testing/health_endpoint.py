@@ -43,8 +43,8 @@ class TestCA:
                      .not_valid_before(now - datetime.timedelta(minutes=5))
                      .not_valid_after(now + datetime.timedelta(days=1))
                      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                                    critical=True)
+                     .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                                  False), critical=True)
                      .sign(self.key, hashes.SHA256()))
         directory.mkdir(parents=True, exist_ok=True)
         self.ca_file = directory / f"{name.replace(' ', '-')}.pem"

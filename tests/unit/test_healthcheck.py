@@ -273,8 +273,8 @@ def test_checker_unit_golden(update_goldens: bool) -> None:
         path.write_text(text)
     assert path.is_file(), f"{path} is missing: run pytest --update-goldens"
     assert text == path.read_text(), f"{path} differs: run pytest --update-goldens and review the diff"
-    assert "ExecStart=/opt/mesh/venv/bin/python3 -m mesh.healthcheck --config /etc/mesh/checker/checker.json" \
-        in text
+    command = "/opt/mesh/venv/bin/python3 -m mesh.healthcheck --config /etc/mesh/checker/checker.json"
+    assert f"ExecStart={command}" in text
 
 
 def test_config_json_is_what_the_checker_reads(tmp_path: Path) -> None:
