@@ -120,6 +120,9 @@ def _build_into(repo: Path, work: Path, staging: Path) -> None:
     constraints.write_text("\n".join(runtime_pins()) + "\n")
     _run([*pip, "--no-deps", str(source)], "building mesh's wheel")
     _run([*pip, "--constraint", str(constraints), *CHECKER_RUNTIME], "building the health checker's wheels")
+    # Debian's python3 comes without ensurepip (python3-venv): the venv is made --without-pip and pip runs
+    # from its own wheel, pushed with the others.
+    _run([*pip, "--no-deps", f"pip=={importlib.metadata.version('pip')}"], "fetching pip's wheel")
     for wheel in staging.glob("*.whl"):
         _prefer_pure(wheel)
 
@@ -166,14 +169,18 @@ def install_commands(wheel_names: Sequence[str], marker: str, installed: str | N
     guarded, so running them twice changes nothing. The marker is written only after the checker imports."""
     if installed is not None and installed.strip() == marker:
         return []
-    wheels = [f"{WHEELS_DIR}/{name}" for name in sorted(wheel_names)]
+    pip_wheels = [name for name in sorted(wheel_names) if name.startswith("pip-")]
+    wheels = [f"{WHEELS_DIR}/{name}" for name in sorted(wheel_names) if name not in pip_wheels]
     python = f"{VENV}/bin/python3"
     quoted = " ".join(shlex.quote(wheel) for wheel in wheels)
     keep = " ".join(f"! -name {shlex.quote(name)}" for name in sorted(wheel_names))
-    install = (f"{python} -m pip install --quiet --disable-pip-version-check --no-index --no-deps "
+    # pip runs from its pushed wheel (`python pip-X.whl/pip`) when there is one: hosts need no ensurepip.
+    pip = f"{python} {WHEELS_DIR}/{pip_wheels[-1]}/pip" if pip_wheels else f"{python} -m pip"
+    venv = f"python3 -m venv --without-pip {VENV}" if pip_wheels else f"python3 -m venv {VENV}"
+    install = (f"{pip} install --quiet --disable-pip-version-check --no-index --no-deps "
                f"--force-reinstall --find-links {WHEELS_DIR} {quoted}")
     return [
-        f"test -x {python} || python3 -m venv {VENV}",
+        f"test -x {python} || {venv}",
         (f"test \"$(cat {MARKER_FILE} 2>/dev/null)\" = {shlex.quote(marker)} || "
          f"{{ {install} && {python} -c 'import mesh.healthcheck.__main__' && "
          f"echo {shlex.quote(marker)} > {MARKER_FILE}; }}"),

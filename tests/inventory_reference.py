@@ -155,11 +155,6 @@ class Sandbox:
             return [f.result() for f in futures]
 
 
-def ansible_refuses(run: Run) -> bool:
-    """Ansible could not read the inventory: it failed (with UNPARSED_FAILED) or skipped a source."""
-    return run.returncode != 0 or "Unable to parse" in run.stderr
-
-
 # Comparison ---------------------------------------------------------------------------------------
 
 

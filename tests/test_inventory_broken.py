@@ -60,11 +60,11 @@ def broken() -> Iterator[dict[str, Case]]:
     workdir = Path(tempfile.mkdtemp(prefix="mesh-broken-"))
     try:
         found: dict[str, Case] = {}
-        for case in BROKEN_CASES:
-            expect = yaml.safe_load((case / "expect.yaml").read_text())
-            folder = _materialize(case, workdir)
-            found[case.name] = Case(case.name, expect, inventory_path(folder))
-        jobs, keys = [], []
+        for folder in BROKEN_CASES:
+            expect = yaml.safe_load((folder / "expect.yaml").read_text())
+            found[folder.name] = Case(folder.name, expect, inventory_path(_materialize(folder, workdir)))
+        jobs: list[tuple[Any, ...]] = []
+        keys: list[tuple[str, str]] = []
         for case in found.values():
             commands = ("list", "check", "host") if case.expect["refused"] is True else ("list", "check")
             for command in commands:

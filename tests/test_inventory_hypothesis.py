@@ -71,6 +71,7 @@ class Inventory:
     groups: dict[str, dict[str, Any]]
     ungrouped: dict[str, Any]
     all_vars: dict[str, Any]
+    inline: bool = False  # YAML: write each group under its first parent instead of under all.children
     group_files: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     host_files: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
@@ -81,7 +82,7 @@ def inventories(draw: st.DrawFn) -> Inventory:
     vmaps = ini_var_maps if fmt == "ini" else var_maps
     names = draw(st.lists(st.sampled_from(GROUPS), min_size=1, max_size=5, unique=True))
     names.sort()
-    groups = {}
+    groups: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
         later = names[i + 1:]  # children only point forward: no cycles
         groups[name] = {
@@ -89,8 +90,11 @@ def inventories(draw: st.DrawFn) -> Inventory:
             "children": draw(st.lists(st.sampled_from(later), unique=True, max_size=2)) if later else [],
             "vars": draw(vmaps),
         }
+        priority = draw(st.one_of(st.none(), st.integers(1, 4)))
+        if priority is not None:
+            groups[name]["vars"]["ansible_group_priority"] = priority if fmt == "yaml" else str(priority)
     ungrouped = draw(st.dictionaries(st.sampled_from(HOSTS), vmaps, max_size=2))
-    inv = Inventory(fmt, groups, ungrouped, draw(vmaps))
+    inv = Inventory(fmt, groups, ungrouped, draw(vmaps), inline=fmt == "yaml" and draw(st.booleans()))
     plain = [h for g in groups.values() for h in g["hosts"] if "[" not in h] + [h for h in ungrouped if "[" not in h]
     kinds = st.sampled_from([".yml", ".yaml", ".json", "", "/"])
     for group in draw(st.lists(st.sampled_from(["all", *names]), unique=True, max_size=2)):
@@ -138,17 +142,34 @@ def render_yaml(inv: Inventory) -> str:
         lines.append("  hosts:")
         for host, hvars in inv.ungrouped.items():
             lines += [f"    {host}:", *yaml_map(hvars, 6)]
-    lines.append("  children:")
-    for name, group in inv.groups.items():
-        lines.append(f"    {name}:")
+    parent_of: dict[str, str] = {}
+    if inv.inline:
+        for name, group in inv.groups.items():
+            for child in group["children"]:
+                parent_of.setdefault(child, name)
+
+    def group_lines(name: str, indent: int) -> list[str]:
+        pad, group = " " * indent, inv.groups[name]
+        out = [f"{pad}{name}:"]
         if group["hosts"]:
-            lines.append("      hosts:")
+            out.append(f"{pad}  hosts:")
             for host, hvars in group["hosts"].items():
-                lines += [f"        {host}:", *yaml_map(hvars, 10)]
+                out += [f"{pad}    {host}:", *yaml_map(hvars, indent + 6)]
         if group["children"]:
-            lines += ["      children:", *(f"        {child}:" for child in group["children"])]
+            out.append(f"{pad}  children:")
+            for child in group["children"]:
+                if parent_of.get(child) == name:
+                    out += group_lines(child, indent + 4)
+                else:
+                    out.append(f"{pad}    {child}:")
         if group["vars"]:
-            lines += ["      vars:", *yaml_map(group["vars"], 8)]
+            out += [f"{pad}  vars:", *yaml_map(group["vars"], indent + 4)]
+        return out
+
+    lines.append("  children:")
+    for name in inv.groups:
+        if name not in parent_of:
+            lines += group_lines(name, 4)
     return "\n".join(lines) + "\n"
 
 

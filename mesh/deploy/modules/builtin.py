@@ -16,7 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
-from mesh.deploy.modules.facts import FileStat, file_sha256, file_stat, path_exists, unit_state
+from mesh.deploy.modules.facts import FileStat, UnitState, file_sha256, file_stat, path_exists, unit_state
 from mesh.deploy.variables import WithGlobals, to_bool
 
 if TYPE_CHECKING:
@@ -164,6 +164,8 @@ def systemd_service(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     unit = str(name)
     quoted = shlex.quote(unit)
     facts = unit_state(ctx.connector, unit)
+    if not facts.loaded and ctx.check_mode and (state is not None or enabled is not None):
+        facts = UnitState(True, "inactive", False)  # an earlier task would have installed it
     if not facts.loaded and (state is not None or enabled is not None):
         raise ModuleFailure(f"could not find the requested service {unit}: systemd has no such unit")
     if enabled is not None and to_bool(enabled) != facts.enabled:

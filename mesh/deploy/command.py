@@ -1,0 +1,143 @@
+"""`mesh deploy INVENTORY`: inventory, CA, playbooks/deploy.yml on the managed hosts in parallel, then Consul.
+It wires the parts and prints what it did; it must not compute config or talk to a host itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import ChainMap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from mesh import catalog, controller_env
+from mesh.config import paths
+from mesh.config.validate import envoy_binary
+from mesh.deploy.connection import connect
+from mesh.deploy.display import Display
+from mesh.deploy.hostvars import inventory_vars
+from mesh.deploy.modules import registry
+from mesh.deploy.patterns import match_hosts
+from mesh.deploy.playbook import load_playbook
+from mesh.deploy.recap import exit_code
+from mesh.deploy.runner import ConnectorFactory, run_playbook
+from mesh.deploy.steps import register_mesh_modules
+from mesh.deploy.steps.context import ControllerWheels, DeployContext, LocalFile
+from mesh.errors import EXIT_ERROR, EXIT_OK, InventoryError, InventoryErrors, MeshError, Origin
+from mesh.inventory.check import check_inventory
+from mesh.inventory.loader import load_inventory
+from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh
+from mesh.pki import CertificateAuthority
+
+PLAYBOOK = Path(__file__).resolve().parents[2] / "playbooks" / "deploy.yml"
+VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
+WHEELS_CACHE = "wheels"  # under mesh_state_dir
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """What the command line may change about a deploy."""
+
+    check: bool = False
+    limit: str | None = None
+    tags: Sequence[str] | None = None
+    forks: int = 20
+    playbook: Path = PLAYBOOK
+
+
+def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output: TextIO | None = None,
+           connector_factory: ConnectorFactory = connect) -> int:
+    """Deploy the inventory's mesh; the exit code of INVENTORY.md. Raises InventoryErrors (exit 4) before
+    touching anything when the inventory or the playbook is refused."""
+    started = time.monotonic()
+    out = Display(output or sys.stdout)
+    mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
+    _require_controller(mesh, inventory_path)
+    modules = registry.copy()
+    register_mesh_modules(modules)
+    playbook = load_playbook(options.playbook, modules)
+    targets = _targets(mesh, options.limit, out)
+    ca, created = CertificateAuthority.ensure(mesh.settings.state_dir, mesh.settings.trust_domain)
+    out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} (root {ca.root_fingerprint[:23]}...)")
+    context = DeployContext(mesh, ca, LocalFile(Path(envoy_binary())), _wheels(mesh, targets))
+    result = run_playbook(
+        playbook, targets, connector_factory, extra_vars={"mesh_ca_pem": ca.root_pem.decode()}, shared=context,
+        check=options.check, forks=options.forks, tags=options.tags,
+        host_vars=_host_vars(inventory_path, targets), groups=_groups(targets), modules=modules,
+        output=output or sys.stdout)
+    synced = _sync_catalog(mesh, options.check, out)  # also after a host failed: its old config still runs
+    code = exit_code(result) or synced
+    out.line(f"deploy finished in {time.monotonic() - started:.1f} s" + (" (check mode)" if options.check else ""))
+    return code
+
+
+def _require_controller(mesh: Mesh, inventory_path: str) -> None:
+    if mesh.workloads and not mesh.controllers:
+        raise InventoryErrors([InventoryError(
+            Origin(inventory_path), "the inventory has workloads but no host in the group mesh_controllers",
+            key=CONTROLLERS_GROUP, hint="add a host to mesh_controllers: it runs mesh's health checker")])
+
+
+def _targets(mesh: Mesh, limit: str | None, out: Display) -> list[ManagedHost]:
+    """The hosts this deploy touches: VMs with workloads and controllers (container hosts: the next issue)."""
+    targets = []
+    for host in mesh.hosts:
+        if host.kind == "container_host" and not host.is_controller:
+            out.warning(f"{host.name} is a container host: this version of mesh deploys VMs only, so it is left "
+                        "alone (its instances are still registered in Consul and listed as endpoints; Envoy's "
+                        "health checks keep traffic off them until they run a proxy)")
+            continue
+        targets.append(host)
+    if limit:
+        names, unknown = match_hosts(limit, [host.name for host in targets], _groups(targets))
+        for term in unknown:
+            out.warning(f"--limit: {term!r} matches no host this deploy touches")
+        targets = [host for host in targets if host.name in names]
+    return targets
+
+
+def _groups(targets: Sequence[ManagedHost]) -> dict[str, list[str]]:
+    return {VM_GROUP: [host.name for host in targets if host.kind == "vm" and host.workloads],
+            CONTROLLERS_GROUP: [host.name for host in targets if host.is_controller]}
+
+
+def _host_vars(inventory_path: str, targets: Sequence[ManagedHost]) -> dict[str, Mapping[str, Any]]:
+    """Each host's inventory variables, plus `mesh_proxies`: its proxies' names."""
+    variables = inventory_vars(load_inventory(inventory_path)).host_vars
+    made: dict[str, Mapping[str, Any]] = {}
+    for host in targets:
+        proxies = [paths.proxy_name(workload) for workload in host.workloads]
+        made[host.name] = ChainMap({"mesh_proxies": proxies}, variables.get(host.name, {}))  # type: ignore[arg-type]
+    return made
+
+
+def _wheels(mesh: Mesh, targets: Sequence[ManagedHost]) -> ControllerWheels | None:
+    if not any(host.is_controller for host in targets):
+        return None
+    wheels = controller_env.build_wheels(Path(mesh.settings.state_dir) / WHEELS_CACHE)
+    return ControllerWheels(tuple(wheels), controller_env.wheel_set_marker(wheels))
+
+
+def _sync_catalog(mesh: Mesh, check: bool, out: Display) -> int:
+    """Register every instance and deregister what left (only the plan in check mode); 1 when Consul fails."""
+    url = mesh.settings.consul_url
+    if not url:
+        out.warning("mesh_consul_url is not set: Consul not updated")
+        return EXIT_ERROR
+    try:
+        if check:
+            client = catalog.connect(url)
+            with catalog.consul_errors(url):
+                plan = catalog.plan_sync(catalog.registrations(mesh), catalog.read_state(client))
+            out.line(f"Consul {url} (check mode): would register {len(plan.register)}, leave "
+                     f"{len(plan.unchanged)} unchanged, deregister {len(plan.deregister)}")
+            return EXIT_OK
+        synced = catalog.sync(url, mesh)
+    except MeshError as exc:
+        out.line(f"ERROR: Consul not updated: {exc}", "failed")
+        return EXIT_ERROR
+    out.line(f"Consul {url}: registered {len(synced.registered)}, unchanged {len(synced.unchanged)}, "
+             f"deregistered {len(synced.deregistered)}")
+    return EXIT_OK

@@ -1,0 +1,26 @@
+"""The mesh.* modules playbooks/deploy.yml uses (and `user`, Ansible's builtin the runner lacked), registered
+into a registry the caller owns. It owns their names and arguments; the steps themselves live beside it.
+
+    modules = registry.copy(); register_mesh_modules(modules)
+    playbook = load_playbook("playbooks/deploy.yml", modules)
+"""
+
+from __future__ import annotations
+
+from mesh.deploy.modules import ModuleRegistry
+from mesh.deploy.steps import controller, host, proxy
+
+
+def register_mesh_modules(modules: ModuleRegistry) -> None:
+    """Add the deploy's modules to `modules`; their `shared` must be a DeployContext."""
+    modules.register("user", host.user, ("name", "system", "create_home", "shell", "state"))
+    modules.register("mesh.prerequisites", host.prerequisites, ("controller",))
+    modules.register("mesh.envoy_binary", host.envoy_binary, ("dest", "mode"))
+    modules.register("mesh.firewall", host.firewall, ())
+    modules.register("mesh.certificate", proxy.certificate, ("proxy", "checker"))
+    modules.register("mesh.envoy_config", proxy.envoy_config, ("proxy",))
+    modules.register("mesh.envoy_unit", proxy.envoy_unit, ("proxy",))
+    modules.register("mesh.restart_proxies", proxy.restart_proxies, ("all",))
+    modules.register("mesh.checker_env", controller.checker_env, ())
+    modules.register("mesh.checker_config", controller.checker_config_file, ())
+    modules.register("mesh.checker_unit", controller.checker_unit, ())

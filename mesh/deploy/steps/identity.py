@@ -1,0 +1,72 @@
+"""Whose certificate a step manages (a proxy's or the health checker's) and whether the host's one must be
+renewed. It reads the certificate and the key's public half from the host; it must not read private keys.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mesh.config import paths
+from mesh.deploy.connection import Connector, RemoteError
+from mesh.errors import MeshError
+from mesh.healthcheck.config import CONFIG_DIR as CHECKER_DIR
+from mesh.inventory.model import health_checker_spiffe_id
+from mesh.pki import CertificateAuthority, leaf_info
+
+CHECKER_LEDGER_NAME = "health-checker"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A SPIFFE identity and where its key and certificate live on the host."""
+
+    spiffe_id: str
+    key: str
+    cert: str
+    owner: str  # owns the key (0600)
+    common_name: str
+    ledger_name: str  # the `proxy` column of the CA's ledger
+    proxy: str | None = None  # set for a proxy: a new certificate restarts it
+
+
+def proxy_identity(proxy: str, spiffe_id: str) -> Identity:
+    return Identity(spiffe_id, paths.key_path(proxy), paths.cert_path(proxy), paths.ENVOY_USER,
+                    spiffe_id.rsplit("/", 1)[-1], proxy, proxy)
+
+
+def checker_identity(trust_domain: str) -> Identity:
+    return Identity(health_checker_spiffe_id(trust_domain), f"{CHECKER_DIR}/key.pem", f"{CHECKER_DIR}/cert.pem",
+                    "root", "health", CHECKER_LEDGER_NAME)
+
+
+def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuthority) -> str | None:
+    """Why the host's certificate must be replaced (missing, unreadable, another SPIFFE ID, another CA, past
+    half its lifetime, not matching the key), or None when it is good."""
+    try:
+        cert = connector.get(identity.cert)
+    except RemoteError:
+        return "unreadable"
+    if cert is None:
+        return "missing"
+    try:
+        info = leaf_info(cert)
+    except MeshError:
+        return "unreadable"
+    if info.spiffe_id != identity.spiffe_id:
+        return f"issued for {info.spiffe_id}, not {identity.spiffe_id}"
+    if ca.needs_renewal(cert):
+        return "past half its lifetime or not from this CA"
+    public = connector.run(f"openssl pkey -in {shlex.quote(identity.key)} -pubout")
+    if not public.ok or _public_key(cert) != public.stdout.strip():
+        return "does not match the key on the host"
+    return None
+
+
+def _public_key(cert_pem: bytes) -> bytes:
+    leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    return leaf.public_key().public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo).strip()

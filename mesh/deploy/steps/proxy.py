@@ -1,0 +1,128 @@
+"""Per-proxy mesh steps on a VM: the key and certificate, Envoy's config (validated on the host before it
+replaces the old one), its systemd unit, and the handler restarting exactly the proxies whose files changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from typing import Any
+
+from mesh.config import paths
+from mesh.config.errors import ConfigError, EnvoyRejectedConfig
+from mesh.deploy.errors import ModuleFailure
+from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
+from mesh.deploy.modules.builtin import attribute_changes
+from mesh.deploy.modules.facts import file_sha256, file_stat
+from mesh.deploy.steps.context import DeployContext
+from mesh.deploy.steps.identity import Identity, checker_identity, proxy_identity, renewal_reason
+from mesh.deploy.variables import to_bool
+from mesh.render import render_envoy_config, render_envoy_unit, validate_envoy_config
+
+VALIDATE_TIMEOUT_S = 120
+
+
+def _proxy(args: dict[str, Any]) -> str:
+    name = args.get("proxy")
+    if not name:
+        raise ModuleFailure("missing required argument: proxy")
+    return str(name)
+
+
+def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """A key made on the host (never leaving it) and a certificate from the mesh CA, renewed when needed."""
+    shared = ctx.shared
+    trust_domain = shared.mesh.settings.trust_domain
+    if to_bool(args.get("checker", False)):
+        identity = checker_identity(trust_domain)
+    else:
+        proxy = _proxy(args)
+        identity = proxy_identity(proxy, shared.workload(ctx.host.name, proxy).spiffe_id)
+    fresh = not ctx.connector.run(f"test -s {shlex.quote(identity.key)}").ok
+    if fresh:
+        made = yield RunCommand(_keygen(identity), f"create the private key {identity.key} on the host")
+        if made is None:  # check mode: no key, so no CSR either
+            return Outcome(msg="would create a key and request a certificate")
+    else:
+        stat = file_stat(ctx.connector, identity.key)
+        if stat is not None:
+            yield from attribute_changes(identity.key, stat, 0o600, identity.owner, identity.owner)
+    reason = "new key" if fresh else renewal_reason(ctx.connector, identity, shared.ca)
+    if reason is None:
+        return Outcome(msg="certificate valid", data={"spiffe_id": identity.spiffe_id})
+    if ctx.check_mode:
+        return Outcome(msg=f"would renew the certificate: {reason}")
+    csr = ctx.connector.run(f"openssl req -new -sha256 -key {shlex.quote(identity.key)} -subj "
+                            f"{shlex.quote('/CN=' + identity.common_name)}")
+    if not csr.ok:
+        raise ModuleFailure(f"openssl could not make a CSR on the host: {csr.error_text()}")
+    issued = shared.ca.sign(csr.stdout, identity.spiffe_id, shared.mesh.settings.cert_ttl, ctx.host.name,
+                            identity.ledger_name)
+    yield PutFile(identity.cert, issued.chain_pem, 0o644, "root", "root", f"write {identity.cert}")
+    if identity.proxy is not None:
+        shared.mark_restart(ctx.host.name, identity.proxy)
+    return Outcome(msg=f"certificate issued ({reason}), valid until {issued.not_after.isoformat()}",
+                   data={"spiffe_id": identity.spiffe_id, "serial": issued.serial})
+
+
+def _keygen(identity: Identity) -> str:
+    key = shlex.quote(identity.key)
+    owner = shlex.quote(f"{identity.owner}:{identity.owner}")
+    return ("set -e; umask 077; t=" + key + ".mesh-tmp.$$; trap 'rm -f \"$t\"' EXIT; "
+            "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out \"$t\" 2>/dev/null; "
+            f"chown {owner} \"$t\"; chmod 0600 \"$t\"; mv -f \"$t\" {key}")
+
+
+def envoy_config(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """Envoy's rendered config: when it differs, sent beside the old one, validated there by the host's Envoy
+    as the proxy's user, then renamed into place; a refused config fails the host and leaves the old one."""
+    proxy = _proxy(args)
+    try:
+        cfg = ctx.shared.proxy_config(ctx.host.name, proxy)
+        data = render_envoy_config(cfg).encode()
+    except ConfigError as exc:
+        raise ModuleFailure(str(exc)) from None
+    path, group = cfg.config_path, paths.ENVOY_USER
+    if file_sha256(ctx.connector, path) == hashlib.sha256(data).hexdigest():
+        stat = file_stat(ctx.connector, path)
+        if stat is not None:
+            yield from attribute_changes(path, stat, 0o640, "root", group)
+        return Outcome(data={"dest": path})
+    try:  # the same Envoy locally first, so a bad render never reaches a host
+        validate_envoy_config(data.decode(), {paths.CA_PATH: ctx.shared.ca.root_pem}, str(ctx.shared.envoy.path))
+    except EnvoyRejectedConfig as exc:
+        raise ModuleFailure(f"proxy {proxy}: {exc}; nothing was sent") from None
+    temp = f"{paths.proxy_dir(proxy)}/.envoy.yaml.new"
+    yield PutFile(temp, data, 0o640, "root", group, f"send {path} (to validate)")
+    checked = yield RunCommand(
+        f"runuser -u {group} -- {paths.ENVOY_BINARY} --mode validate -c {shlex.quote(temp)} "
+        f"--disable-hot-restart --log-level error", "validate on the host", check_exit=False, changes=False)
+    if checked is not None and not checked.ok:
+        yield RunCommand(f"rm -f {shlex.quote(temp)}", "remove the refused config", changes=False)
+        message = " | ".join(checked.error_text().splitlines()[-6:])
+        return Outcome(msg=f"proxy {proxy}: Envoy on {ctx.host.name} refused the new config (the running config "
+                           f"is kept): {message}", failed=True)
+    yield RunCommand(f"mv -f {shlex.quote(temp)} {shlex.quote(path)}", f"install {path}")
+    ctx.shared.mark_restart(ctx.host.name, proxy)
+    return Outcome(data={"dest": path, "checksum": hashlib.sha256(data).hexdigest()})
+
+
+def envoy_unit(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """The proxy's systemd unit; systemd re-reads units when it changed."""
+    proxy = _proxy(args)
+    data = render_envoy_unit(ctx.shared.proxy_config(ctx.host.name, proxy)).encode()
+    path = paths.envoy_unit_path(proxy)
+    if file_sha256(ctx.connector, path) != hashlib.sha256(data).hexdigest():
+        yield PutFile(path, data, 0o644, "root", "root", f"write {path}")
+        yield RunCommand("systemctl daemon-reload", "daemon-reload", changes=False)
+        ctx.shared.mark_restart(ctx.host.name, proxy)
+    return Outcome(data={"unit": paths.envoy_unit_name(proxy), "dest": path})
+
+
+def restart_proxies(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """Handler: restart the proxies whose files changed in this run (every proxy with all=true)."""
+    names = [paths.proxy_name(workload) for workload in ctx.host.workloads]
+    chosen = names if to_bool(args.get("all", False)) else ctx.shared.restarts(ctx.host.name)
+    for proxy in chosen:
+        yield RunCommand(f"systemctl restart {paths.envoy_unit_name(proxy)}", f"restart {proxy}")
+    return Outcome(msg=f"restarted: {', '.join(chosen) or 'none'}", data={"restarted": chosen})
