@@ -156,7 +156,7 @@ def run(argv: list[str] | None = None) -> int:
         return errors.EXIT_INTERRUPTED
     except BrokenPipeError:
         return errors.EXIT_OK
-    except Exception as exc:  # a bug: one line for the user, the traceback only when asked
+    except Exception as exc:  # noqa: BLE001 - a bug: one line for the user, the traceback only when asked
         click.echo(f"ERROR: unexpected {type(exc).__name__}: {exc} (MESH_DEBUG=1 shows the traceback)", err=True)
         if os.environ.get("MESH_DEBUG"):
             traceback.print_exc()

@@ -35,7 +35,7 @@ MESH_VALID = [
     GOOD / "22-mesh-example-ini" / "hosts.ini",
     GOOD / "35-mesh-group-vars" / "hosts.yaml",
     REPO / "inventory" / "example.yaml",
-    REPO / "inventory" / "example.ini",
+    REPO / "inventory" / "example-ini" / "hosts.ini",
 ]
 
 

@@ -5,8 +5,8 @@ source (a script or a plugin configuration, read through the user's own `ansible
 
 from __future__ import annotations
 
-import json
 import gc
+import json
 import os
 import re
 import shutil

@@ -58,8 +58,10 @@ def _read_group(data: InventoryData, name: Any, body: Any, marks: Marks, where: 
         if key not in GROUP_KEYS:
             raise _unknown_group_key(name, key, body, marks)
     if "hosts" in body and sections["hosts"] is None:
-        raise InventoryError(marks.key_origin("hosts"), "`hosts:` is empty (Ansible ignores it)", key=f"{name}.hosts",
-                             hint="indent the hosts under it, or remove the line")
+        # Ansible reads an empty `hosts:` as a group with no hosts; almost always hosts lost to indentation.
+        data.warn(InventoryWarning(marks.key_origin("hosts"), "`hosts:` is empty, so the group has no hosts "
+                                   "(Ansible reads it so); indent the hosts under it, or remove the line",
+                                   key=f"{name}.hosts"))
     for key in body:  # in file order, as Ansible walks them
         content = sections[key]
         if content is None:

@@ -293,7 +293,12 @@ class _Builder:
             key, _ = self.build(key_node, depth + 1)
             if isinstance(key, (list, dict)):
                 raise InventoryError(_origin(self.path, key_node), "a mapping key must be a plain value")
-            value, value_marks = self.build(value_node, depth + 1)
+            try:
+                value, value_marks = self.build(value_node, depth + 1)
+            except InventoryError as error:
+                if error.key is None:  # name the key whose value could not be read (a !vault value, say)
+                    error.key = str(key)
+                raise
             values[key] = value
             items[key] = value_marks
             key_origins[key] = _origin(self.path, key_node)

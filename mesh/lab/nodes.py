@@ -103,6 +103,10 @@ def nspawn_command(node: Node, files: NodeFiles, images: Images) -> tuple[list[s
             f"--machine={node.name}", f"--network-namespace-path=/run/netns/{node.netns}",
             "--link-journal=no", "--resolv-conf=off", "--timezone=off", "--console=passive"]
     env: dict[str, str] = {}
+    if node.role != "container_host":
+        # A VM's root manages its own network namespace's firewall (mesh's nftables table): nspawn drops
+        # CAP_NET_ADMIN unless the container has a private network, which --network-namespace-path is.
+        argv.append("--capability=CAP_NET_ADMIN")
     if node.role == "consul":
         argv.append(f"--bind-ro={images.consul}:{CONSUL_IN_NODE}")
     if node.role == "container_host":

@@ -46,8 +46,9 @@ class MeshCAProbeIssuer:
                .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
                .sign(key, hashes.SHA256()))
         now = datetime.datetime.now(datetime.UTC)
-        leaf = build_leaf(LeafRequest(csr=csr, spiffe_id=spiffe_id, common_name=name,
-                                      not_before=now - CLOCK_SKEW, not_after=now + PROBE_LIFETIME), self._issuer)
+        request = LeafRequest(csr=csr, spiffe_id=spiffe_id, common_name=name, not_before=now - CLOCK_SKEW,
+                              not_after=now + PROBE_LIFETIME)
+        leaf = build_leaf(request, self._issuer)
         directory.mkdir(parents=True, exist_ok=True)
         cert_file, key_file = directory / f"{name}.pem", directory / f"{name}-key.pem"
         cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)

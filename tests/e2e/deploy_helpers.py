@@ -36,7 +36,7 @@ LAB_STATE = Path(os.environ.get("MESH_LAB_STATE") or "/var/lib/mesh-lab")
 WAIT = 30.0  # the generous timeout of timed behaviour (issue 12)
 
 
-# ---- the CLI -------------------------------------------------------------------------------------------------
+# ---- the CLI -----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Run:
@@ -52,21 +52,23 @@ class Run:
         return self.stdout + self.stderr
 
     def __str__(self) -> str:
-        return f"`mesh {' '.join(self.argv)}` exited {self.code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+        return (f"`mesh {' '.join(self.argv)}` exited {self.code}\n--- stdout\n{self.stdout}\n"
+                f"--- stderr\n{self.stderr}")
 
     def recap(self) -> dict[str, dict[str, int]]:
         return parse_recap(self.stdout)
 
 
 def run_mesh(*args: str, timeout: float = 300) -> Run:
-    """`mesh ARGS` with its output captured; a run past `timeout` is a test failure showing what it printed."""
+    """`mesh ARGS` with its output captured; a run past `timeout` fails the test, showing what it printed."""
     try:
         done = subprocess.run([MESH, *args], capture_output=True, text=True, timeout=timeout, check=False,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        raise AssertionError(f"`mesh {' '.join(args)}` still ran after {timeout:.0f} s\n{out}\n{err}") from None
+        command = " ".join(args)
+        raise AssertionError(f"`mesh {command}` still ran after {timeout:.0f} s\n{out}\n{err}") from None
     return Run(tuple(args), done.returncode, done.stdout, done.stderr)
 
 
@@ -86,7 +88,7 @@ def parse_recap(stdout: str) -> dict[str, dict[str, int]]:
     return counts
 
 
-# ---- waiting -------------------------------------------------------------------------------------------------
+# ---- waiting -----------------------------------------------------------------------------------------------
 
 def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], what: str, timeout: float = WAIT,
              interval: float = 0.5) -> T:
@@ -101,7 +103,7 @@ def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], what: str, timeout
         time.sleep(interval)
 
 
-# ---- lab nodes -----------------------------------------------------------------------------------------------
+# ---- lab nodes ---------------------------------------------------------------------------------------------
 
 def lab_handle(up_output: str, before: Any) -> LabUp:
     """The lab of inventory/lab.yaml as lab_helpers knows it (its SSH key, known_hosts and addresses)."""
@@ -139,7 +141,8 @@ def hops(lab: LabUp, host: str, port: int) -> list[dict[str, Any]] | str:
 def unit_pids(lab: LabUp, host: str, units: Iterable[str]) -> dict[str, str]:
     """MainPID and ActiveState of each unit on host: {'mesh-envoy-web-0.service': '1234 active'}."""
     names = list(units)
-    text = out(lab, host, "systemctl show -p Id -p MainPID -p ActiveState " + " ".join(map(shlex.quote, names)))
+    listed = " ".join(map(shlex.quote, names))
+    text = out(lab, host, f"systemctl show -p Id -p MainPID -p ActiveState {listed}")
     found: dict[str, str] = {}
     for block in text.strip().split("\n\n"):
         fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
@@ -175,7 +178,7 @@ def tcp_from(lab: LabUp, source: str, targets: Iterable[tuple[str, int]]) -> dic
     return dict(json.loads(out(lab, source, f"python3 - {argv}", input=_PY_CONNECT, timeout=30)))
 
 
-# ---- TLS probes from another node -----------------------------------------------------------------------------
+# ---- TLS probes from another node --------------------------------------------------------------------------
 
 _PY_TLS = r"""
 import json, socket, ssl, sys
@@ -259,7 +262,7 @@ def tls_from(lab: LabUp, source: str, address: str, port: int, mode: str, server
     return TlsProbe(seen["handshake"], seen["answer"], seen["error"])
 
 
-# ---- Consul --------------------------------------------------------------------------------------------------
+# ---- Consul ------------------------------------------------------------------------------------------------
 
 def consul(url: str, path: str) -> Any:
     with urllib.request.urlopen(f"{url.rstrip('/')}{path}", timeout=10) as answer:
@@ -275,7 +278,7 @@ def check_status(url: str, service: str, service_id: str) -> str:
     return max((c["Status"] for c in checks), key=lambda s: order.get(s, 3))
 
 
-# ---- private keys --------------------------------------------------------------------------------------------
+# ---- private keys ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class FoundKey:
@@ -359,7 +362,7 @@ def keys_in_folders(folders: Iterable[Path], skip: Iterable[str] = (".venv", ".g
     return found
 
 
-# ---- what a deploy may touch on a host -------------------------------------------------------------------------
+# ---- what a deploy may touch on a host ---------------------------------------------------------------------
 
 _FILES = ("for p in /etc/mesh /usr/local/lib/mesh /etc/systemd/system; do [ -e $p ] && "
           "find $p \\( -path '/etc/systemd/system/*' -a ! -name 'mesh-*' \\) -prune -o -type f -print0; done "
@@ -368,20 +371,20 @@ _FILES = ("for p in /etc/mesh /usr/local/lib/mesh /etc/systemd/system; do [ -e $
 
 
 def host_files(lab: LabUp, host: str) -> str:
-    """Path, mode, owner and SHA-256 of every file mesh writes on a host (/etc/mesh, its binary, its units)."""
+    """Path, mode, owner and SHA-256 of every file mesh writes on a host (/etc/mesh, Envoy, the units)."""
     return out(lab, host, _FILES, timeout=120)
 
 
-# ---- inventory copies ----------------------------------------------------------------------------------------
+# ---- inventory copies --------------------------------------------------------------------------------------
 
 Edit = Callable[[dict[str, Any]], None]
 
 
 def inventory_copy(folder: Path, state_dir: str, edit: Edit | None = None,
-                   host_vars: dict[str, Edit] | None = None) -> Path:
-    """inventory/lab.yaml with the group_vars/ and host_vars/ beside it, copied to folder with mesh_state_dir
-    pinned to the lab's (same CA), then `edit` applied to the inventory document and host_vars[host] to that
-    host's host_vars document (where its mesh_workloads live). Returns the copy's path."""
+                   hosts: dict[str, Edit] | None = None) -> Path:
+    """inventory/lab.yaml (with any group_vars/ and host_vars/ beside it) copied to folder with mesh_state_dir
+    pinned to the lab's (same CA), then `edit` applied to the inventory document and hosts[name] to that
+    host's variables (its host_vars file when it has one, else its entry in the inventory). Returns the path."""
     folder.mkdir(parents=True, exist_ok=True)
     for sub in ("group_vars", "host_vars"):
         if (INVENTORY.parent / sub).is_dir():
@@ -390,11 +393,17 @@ def inventory_copy(folder: Path, state_dir: str, edit: Edit | None = None,
     document["all"].setdefault("vars", {})["mesh_state_dir"] = state_dir
     if edit is not None:
         edit(document)
+    for name, change in (hosts or {}).items():
+        host_file = folder / "host_vars" / f"{name}.yml"
+        if host_file.exists():
+            variables = yaml.safe_load(host_file.read_text())
+            change(variables)
+            host_file.write_text(yaml.safe_dump(variables, sort_keys=False))
+        else:
+            entries = [group["hosts"][name] for group in document["all"]["children"].values()
+                       if name in (group.get("hosts") or {})]
+            assert entries, f"{name} is not in {INVENTORY}"
+            change(entries[0])
     copy = folder / INVENTORY.name
     copy.write_text(yaml.safe_dump(document, sort_keys=False))
-    for host, change in (host_vars or {}).items():
-        path = folder / "host_vars" / f"{host}.yml"
-        variables = yaml.safe_load(path.read_text()) if path.exists() else {}
-        change(variables)
-        path.write_text(yaml.safe_dump(variables, sort_keys=False))
     return copy

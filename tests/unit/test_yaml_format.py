@@ -60,6 +60,14 @@ def test_yaml_1_1_values_as_ansible_prints_them(tmp_path: Path) -> None:
     assert "022" in warning.message
 
 
+def test_empty_hosts_is_an_empty_group_with_a_warning(tmp_path: Path) -> None:
+    data = _load(tmp_path, "web:\n  hosts:\n")
+    assert "web" not in list_inventory(data)  # Ansible lists no empty group
+    (warning,) = data.warnings
+    assert (warning.key, warning.origin.line) == ("web.hosts", 2)
+    assert "empty" in warning.message
+
+
 def test_hosts_as_a_lone_name_is_read_as_ansible_does(tmp_path: Path) -> None:
     assert list_inventory(_load(tmp_path, "web:\n  hosts: h1\n"))["web"] == {"hosts": ["h1"]}
 
@@ -70,7 +78,6 @@ def test_hosts_as_a_lone_name_is_read_as_ansible_does(tmp_path: Path) -> None:
         ("all:\n  host:\n    h1:\n", 2, "host", "did you mean 'hosts'"),
         ("all:\n  hosts:\n    - h1\n    - h2\n", 3, "all.hosts", "not a list"),
         ("all:\n  children:\n    web:\n      hosts:\n      h1:\n", 5, "h1", "indent"),
-        ("web:\n  hosts:\n", 2, "web.hosts", "empty"),
         ("a:\n  children:\n    b:\n      children:\n        a:\n", 3, "b", "loop"),
         ("123:\n  hosts:\n    h1:\n", 1, "123", "text"),
         ("web:\n  hosts:\n    123:\n", 3, "123", "text"),

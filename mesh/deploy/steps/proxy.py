@@ -92,19 +92,26 @@ def envoy_config(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Modul
         validate_envoy_config(data.decode(), {paths.CA_PATH: ctx.shared.ca.root_pem}, str(ctx.shared.envoy.path))
     except EnvoyRejectedConfig as exc:
         raise ModuleFailure(f"proxy {proxy}: {exc}; nothing was sent") from None
-    temp = f"{paths.proxy_dir(proxy)}/.envoy.yaml.new"
+    temp = f"{paths.proxy_dir(proxy)}/.envoy.new.yaml"  # Envoy picks the format by extension
     yield PutFile(temp, data, 0o640, "root", group, f"send {path} (to validate)")
     checked = yield RunCommand(
         f"runuser -u {group} -- {paths.ENVOY_BINARY} --mode validate -c {shlex.quote(temp)} "
         f"--disable-hot-restart --log-level error", "validate on the host", check_exit=False, changes=False)
     if checked is not None and not checked.ok:
         yield RunCommand(f"rm -f {shlex.quote(temp)}", "remove the refused config", changes=False)
-        message = " | ".join(checked.error_text().splitlines()[-6:])
+        message = envoy_error(checked.error_text())
         return Outcome(msg=f"proxy {proxy}: Envoy on {ctx.host.name} refused the new config (the running config "
                            f"is kept): {message}", failed=True)
     yield RunCommand(f"mv -f {shlex.quote(temp)} {shlex.quote(path)}", f"install {path}")
     ctx.shared.mark_restart(ctx.host.name, proxy)
     return Outcome(data={"dest": path, "checksum": hashlib.sha256(data).hexdigest()})
+
+
+def envoy_error(output: str) -> str:
+    """Envoy's own reason from `--mode validate` output (which may echo the whole config after it)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    reasons = [line for line in lines if "[critical]" in line or "[error]" in line]
+    return " | ".join((reasons or lines)[:3])[:2000]
 
 
 def envoy_unit(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
