@@ -23,6 +23,7 @@ from mesh.deploy.errors import HostUnreachable
 from mesh.inventory.model import Connection
 
 CONNECT_TIMEOUT = 10.0
+SEND_SLICE = 256 * 1024
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -155,8 +156,10 @@ def _exec(channel: paramiko.Channel, cmd: str, stdin: bytes | None, timeout: flo
 
     def feed() -> None:
         try:
-            if stdin:
-                channel.sendall(stdin)
+            # In slices: paramiko's sendall re-slices what is left after every packet, quadratic on a
+            # 100 MB binary (minutes of copying); a bounded slice keeps that cost small.
+            for start in range(0, len(stdin or b""), SEND_SLICE):
+                channel.sendall((stdin or b"")[start:start + SEND_SLICE])
         finally:
             channel.shutdown_write()
 

@@ -196,16 +196,10 @@ try:
         with ctx.wrap_socket(raw) as tls:
             result["handshake"] = True
             if mode == "http":
-                tls.sendall(b"GET / HTTP/1.1
-Host: probe
-Connection: close
-
-")
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
             else:
-                tls.sendall(b"hop
-")
-            while not (mode == "line" and data.endswith(b"
-")):
+                tls.sendall(b"hop\n")
+            while not (mode == "line" and data.endswith(b"\n")):
                 chunk = tls.recv(65536)
                 if not chunk:
                     break

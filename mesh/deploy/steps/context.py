@@ -47,8 +47,9 @@ class DeployContext:
 
     mesh: Mesh
     ca: CertificateAuthority
-    envoy: LocalFile
+    envoy: LocalFile  # the binary pushed to hosts
     wheels: ControllerWheels | None = None
+    local_envoy: str | None = None  # the Envoy that validates configs here first (default: the pushed one)
     _restarts: dict[str, set[str]] = field(default_factory=dict)
     _configs: dict[tuple[str, str], ProxyConfig] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -89,7 +89,8 @@ def envoy_config(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Modul
             yield from attribute_changes(path, stat, 0o640, "root", group)
         return Outcome(data={"dest": path})
     try:  # the same Envoy locally first, so a bad render never reaches a host
-        validate_envoy_config(data.decode(), {paths.CA_PATH: ctx.shared.ca.root_pem}, str(ctx.shared.envoy.path))
+        validate_envoy_config(data.decode(), {paths.CA_PATH: ctx.shared.ca.root_pem},
+                              ctx.shared.local_envoy or str(ctx.shared.envoy.path))
     except EnvoyRejectedConfig as exc:
         raise ModuleFailure(f"proxy {proxy}: {exc}; nothing was sent") from None
     temp = f"{paths.proxy_dir(proxy)}/.envoy.new.yaml"  # Envoy picks the format by extension

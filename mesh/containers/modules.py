@@ -1,0 +1,205 @@
+"""The runner's modules for container hosts: `mesh.sidecar_image`, `mesh.sidecar`, `mesh.sidecar_host`.
+Each reads facts and yields only the changes needed; none touches an app container or applies anything itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mesh.config import paths
+from mesh.containers.docker import container_logs, container_state, image_present
+from mesh.containers.image import ENVOY_IN_IMAGE, SIDECAR_UID, SidecarImage, build_sidecar_image_tar
+from mesh.containers.reachability import (
+    LIST_PATH,
+    RULES_PATH,
+    WATCHER_PATH,
+    WATCHER_UNIT,
+    WATCHER_UNIT_PATH,
+    render_rules,
+    render_sidecar_list,
+    render_watcher,
+    render_watcher_unit,
+)
+from mesh.containers.sidecar import docker_run_args, files_hash, hashed_files, sidecar_spec, validate_args
+from mesh.deploy.errors import ModuleFailure
+from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
+from mesh.deploy.modules.facts import file_sha256
+from mesh.inventory.model import ManagedHost, Workload
+
+if TYPE_CHECKING:
+    from mesh.deploy.modules import ModuleRegistry
+
+IMPORT_CHANGES = ("USER 101:101", f'ENTRYPOINT ["{ENVOY_IN_IMAGE}"]')
+SETTLE_S = 1  # a sidecar that cannot start (a port taken in the app's namespace) has exited by then
+
+
+def file_modes(proxy: str) -> tuple[tuple[str, int, int, int], ...]:
+    """(path, uid, gid, mode) the sidecar's user needs on the host: the key 0600 owned by it, the folder and
+    config readable by its group, numerically (the host need not know the sidecar's user by name)."""
+    uid = SIDECAR_UID
+    return ((paths.proxy_dir(proxy), 0, uid, 0o750), (paths.key_path(proxy), uid, uid, 0o600),
+            (paths.envoy_config_path(proxy), 0, uid, 0o640))
+
+
+def sidecar_image(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
+    """The sidecar image on the host under its tag; sent and `docker import`ed only when the tag is missing.
+    Args: cache_dir (build here, cached) or src + tag (a tarball built earlier)."""
+    image = _image(args)
+    if image_present(ctx.connector, image.tag):
+        return Outcome(msg=f"{image.tag} present", data={"tag": image.tag, "sent": False})
+    remote = f"/var/tmp/{image.tag.replace(':', '-')}.tar.gz"
+    yield PutFile(remote, image.path.read_bytes(), 0o600, None, None, f"send the sidecar image {image.tag}")
+    changes = " ".join(f"--change {shlex.quote(change)}" for change in IMPORT_CHANGES)
+    yield RunCommand(f"docker import {changes} {shlex.quote(remote)} {shlex.quote(image.tag)} >/dev/null; "
+                     f"rc=$?; rm -f {shlex.quote(remote)}; exit $rc", f"docker import {image.tag}")
+    return Outcome(msg=f"{image.tag} imported", data={"tag": image.tag, "sent": True})
+
+
+def _image(args: dict[str, Any]) -> SidecarImage:
+    if args.get("src") and args.get("tag"):
+        return SidecarImage(Path(str(args["src"])), str(args["tag"]))
+    if args.get("cache_dir"):
+        return build_sidecar_image_tar(Path(str(args["cache_dir"])).expanduser())
+    raise ModuleFailure("missing required argument: cache_dir (or src and tag)")
+
+
+def sidecar(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
+    """The proxy's sidecar running the current files and image in its app container's namespace. Untouched
+    when its hash label matches and it shares the app's namespace; else validated in a throwaway container,
+    then replaced. A missing app container fails this task only (mesh never creates or touches it)."""
+    proxy, image = _arg(args, "proxy"), _arg(args, "image")
+    workload = _workload(ctx.host, proxy)
+    app = str(workload.container)
+    app_state = container_state(ctx.connector, app)
+    if app_state is None or not app_state.running:
+        why = "does not exist" if app_state is None else f"is not running ({app_state.status})"
+        return Outcome(msg=f"proxy {proxy}: the app container {app!r} {why} on {ctx.host.name}; mesh adds a "
+                           "sidecar to the container you run and never creates or starts it: start it and deploy "
+                           "again", data={"proxy": proxy, "app_container": app}, failed=True)
+    yield from _ownership(ctx, proxy)
+    spec = sidecar_spec(ctx.host, workload, image, files_hash(_digests(ctx, proxy), image))
+    data = {"proxy": proxy, "name": spec.name, "config_hash": spec.revision, "app_container": app}
+    current = container_state(ctx.connector, spec.name)
+    if current is not None and current.config_hash == spec.revision and current.running:
+        if current.netns == app_state.netns:
+            return Outcome(msg=f"{spec.name} up to date", data={**data, "id": current.id})
+        yield RunCommand(f"docker restart --time 5 {shlex.quote(spec.name)}",
+                         f"restart {spec.name} into the network namespace of {app}")
+        return Outcome(msg=f"{spec.name} rejoined {app}", data=data)
+    if not image_present(ctx.connector, image):
+        raise ModuleFailure(f"proxy {proxy}: the sidecar image {image} is not on {ctx.host.name} "
+                            "(mesh.sidecar_image loads it)")
+    checked = yield RunCommand(shlex.join(["docker", *validate_args(spec)]), f"validate {spec.config_path}",
+                               check_exit=False, changes=False)
+    if checked is not None and not checked.ok:
+        kept = f"{spec.name} keeps running its previous config" if current else "no sidecar was started"
+        return Outcome(msg=f"proxy {proxy}: Envoy refused {spec.config_path} on {ctx.host.name} ({kept}): "
+                           f"{_envoy_reason(checked.error_text())}", data=data, failed=True)
+    if current is not None:
+        yield RunCommand(f"docker rm --force {shlex.quote(spec.name)} >/dev/null", f"remove the old {spec.name}")
+    started = yield RunCommand(shlex.join(["docker", *docker_run_args(spec)]), f"run {spec.name}")
+    if started is None:  # check mode
+        return Outcome(msg=f"would (re)create {spec.name}", data=data)
+    return _settled(ctx, spec.name, data)
+
+
+def _settled(ctx: TaskContext[Any], name: str, data: dict[str, Any]) -> Outcome:
+    ctx.connector.run(f"sleep {SETTLE_S}")
+    state = container_state(ctx.connector, name)
+    if state is None or not state.running or state.restart_count > 0:
+        status = state.status if state else "gone"
+        return Outcome(msg=f"{name} did not stay up ({status}): {container_logs(ctx.connector, name)}",
+                       data=data, failed=True)
+    return Outcome(msg=f"{name} started", data={**data, "id": state.id})
+
+
+def _ownership(ctx: TaskContext[Any], proxy: str) -> ModuleRun:
+    for path, uid, gid, mode in file_modes(proxy):
+        quoted = shlex.quote(path)
+        found = ctx.connector.run(f"stat -c '%u:%g:%a' {quoted}")
+        if not found.ok:
+            raise ModuleFailure(f"proxy {proxy}: {path} is missing on {ctx.host.name} (the certificate and "
+                                "Envoy config steps write it before the sidecar)")
+        if found.text() != f"{uid}:{gid}:{mode:o}":
+            yield RunCommand(f"chown {uid}:{gid} {quoted} && chmod {mode:04o} {quoted}",
+                             f"{path}: {uid}:{gid} {mode:04o} for the sidecar's user")
+    return None
+
+
+def _digests(ctx: TaskContext[Any], proxy: str) -> dict[str, str]:
+    digests: dict[str, str] = {}
+    for path in hashed_files(proxy):
+        found = file_sha256(ctx.connector, path)
+        if found is None:
+            raise ModuleFailure(f"proxy {proxy}: {path} is missing on {ctx.host.name}")
+        digests[path] = found
+    return digests
+
+
+def sidecar_host(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
+    """The host-wide parts: the sidecar list, the reachability script (applied when it changed or its rules
+    are not in place), the watcher and its unit (enabled; restarted only when they changed)."""
+    host = ctx.host
+    wanted = ((LIST_PATH, render_sidecar_list(host), 0o644), (RULES_PATH, render_rules(host), 0o755),
+              (WATCHER_PATH, render_watcher(host), 0o755), (WATCHER_UNIT_PATH, render_watcher_unit(), 0o644))
+    for folder in sorted({str(Path(path).parent) for path, _, _ in wanted}):
+        if not ctx.connector.run(f"test -d {shlex.quote(folder)}").ok:
+            yield RunCommand(f"mkdir -p -m 0755 {shlex.quote(folder)}", f"create {folder}")
+    changed = set()
+    for path, text, mode in wanted:
+        data = text.encode()
+        if file_sha256(ctx.connector, path) != hashlib.sha256(data).hexdigest():
+            changed.add(path)
+            yield PutFile(path, data, mode, None, None, f"write {path}")
+    yield from _watcher_changes(ctx, restart=bool(changed & {WATCHER_PATH, WATCHER_UNIT_PATH}))
+    if RULES_PATH in changed or not ctx.connector.run(f"{RULES_PATH} check").ok:
+        yield RunCommand(f"{RULES_PATH} apply", "apply the reachability rules")
+    return Outcome(data={"changed_files": sorted(changed)})
+
+
+def _watcher_changes(ctx: TaskContext[Any], restart: bool) -> ModuleRun:
+    unit = WATCHER_UNIT
+    if restart:
+        yield RunCommand("systemctl daemon-reload", "daemon-reload", changes=False)
+    if ctx.connector.run(f"systemctl is-enabled --quiet {unit}").code != 0:
+        yield RunCommand(f"systemctl enable {unit}", f"enable {unit}")
+    if restart:
+        yield RunCommand(f"systemctl restart {unit}", f"restart {unit}")
+    elif ctx.connector.run(f"systemctl is-active --quiet {unit}").code != 0:
+        yield RunCommand(f"systemctl start {unit}", f"start {unit}")
+    return None
+
+
+def remove_sidecar_commands(names: list[str]) -> list[Change]:
+    """Changes that remove mesh's sidecars by name (a workload left the inventory; tests clean up)."""
+    return [RunCommand(f"docker rm --force {shlex.quote(name)}", f"remove {name}") for name in names]
+
+
+def register_container_modules(registry: ModuleRegistry) -> None:
+    """Add mesh's container-host modules to a registry (the deploy's, or a test's copy)."""
+    registry.register("mesh.sidecar_image", sidecar_image, params={"cache_dir", "src", "tag"})
+    registry.register("mesh.sidecar", sidecar, params={"proxy", "image"})
+    registry.register("mesh.sidecar_host", sidecar_host, params=set())
+
+
+def _arg(args: dict[str, Any], name: str) -> str:
+    value = args.get(name)
+    if value in (None, ""):
+        raise ModuleFailure(f"missing required argument: {name}")
+    return str(value)
+
+
+def _workload(host: ManagedHost, proxy: str) -> Workload:
+    for workload in host.workloads:
+        if paths.proxy_name(workload) == proxy and workload.container:
+            return workload
+    raise ModuleFailure(f"{host.name} runs no container workload with proxy {proxy!r} in the inventory")
+
+
+def _envoy_reason(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    reasons = [line for line in lines if "[critical]" in line or "[error]" in line]
+    return " | ".join((reasons or lines)[:3])[:2000]

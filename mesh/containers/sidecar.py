@@ -1,0 +1,138 @@
+"""A workload's Envoy sidecar on a container host as data: its name, mounts, limits, labels, and the `docker`
+arguments that run or validate it. Pure: it must not run docker or read the host (mesh.containers.modules does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mesh.config import paths
+from mesh.containers.image import SIDECAR_UID
+from mesh.inventory.model import ManagedHost, Workload
+
+SIDECAR_PREFIX = "mesh-envoy-"
+MEMORY_LIMIT = "256m"
+PIDS_LIMIT = 1024
+LOG_LEVEL = "warn"
+LABEL_MANAGED_BY = "mesh.managed-by"
+LABEL_PROXY = "mesh.proxy"
+LABEL_APP = "mesh.app-container"
+LABEL_CONFIG_HASH = "mesh.config-hash"
+HASH_DIGITS = 16
+
+
+class NotAContainerWorkload(ValueError):
+    """A sidecar was asked for a workload with no `container` (a VM workload): a caller's bug."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A read-only bind mount: the same path on the host and in the sidecar."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class SidecarSpec:
+    """Everything that decides the sidecar container; `revision` changes whenever any of it does."""
+
+    name: str
+    proxy: str
+    host: str
+    app_container: str
+    image: str
+    config_path: str
+    base_id: int
+    config_hash: str  # of the files the sidecar reads (config, certificate, CA) and the image
+    mounts: tuple[Mount, ...]
+    user: str = f"{SIDECAR_UID}:{SIDECAR_UID}"
+    memory: str = MEMORY_LIMIT
+    pids_limit: int = PIDS_LIMIT
+    log_level: str = LOG_LEVEL
+
+    @property
+    def revision(self) -> str:
+        """The `mesh.config-hash` label: a hash of config_hash and every other field (what `docker run` gets)."""
+        body = "\0".join([self.config_hash, *_run_args(self, label=None)])
+        return hashlib.sha256(body.encode()).hexdigest()[:HASH_DIGITS]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {LABEL_MANAGED_BY: "mesh", LABEL_PROXY: self.proxy, LABEL_APP: self.app_container,
+                LABEL_CONFIG_HASH: self.revision}
+
+
+def sidecar_name(workload: Workload) -> str:
+    """`mesh-envoy-<proxy>`: mesh's own prefix (never a name the user gave) and the proxy name of design12."""
+    return SIDECAR_PREFIX + paths.proxy_name(workload)
+
+
+def sidecar_mounts(proxy: str) -> tuple[Mount, ...]:
+    """The proxy's folder (key, certificate chain, envoy.yaml) and the mesh CA, read-only."""
+    return (Mount(paths.proxy_dir(proxy)), Mount(paths.CA_PATH))
+
+
+def files_hash(file_digests: Mapping[str, str], image: str) -> str:
+    """The config_hash of a sidecar: the sha256 of each file it reads (path -> hex digest) and its image."""
+    digest = hashlib.sha256(image.encode())
+    for path, hexdigest in sorted(file_digests.items()):
+        digest.update(f"\0{path}\0{hexdigest}".encode())
+    return digest.hexdigest()[:HASH_DIGITS]
+
+
+def hashed_files(proxy: str) -> tuple[str, ...]:
+    """The files whose content goes into config_hash (the key only changes together with the certificate)."""
+    return (paths.envoy_config_path(proxy), paths.cert_path(proxy), paths.CA_PATH)
+
+
+def sidecar_spec(host: ManagedHost, workload: Workload, image_tag: str, config_hash: str) -> SidecarSpec:
+    """The sidecar of `workload` (on container host `host`) running image_tag with the files of config_hash."""
+    if not workload.container:
+        raise NotAContainerWorkload(f"{workload.consul_id} has no container: it is not a container workload")
+    if host.kind != "container_host":
+        raise NotAContainerWorkload(f"{host.name} is not a container host (mesh_host_kind: {host.kind})")
+    proxy = paths.proxy_name(workload)
+    return SidecarSpec(name=sidecar_name(workload), proxy=proxy, host=host.name, app_container=workload.container,
+                       image=image_tag, config_path=paths.envoy_config_path(proxy),
+                       base_id=paths.base_id(workload), config_hash=config_hash, mounts=sidecar_mounts(proxy))
+
+
+def docker_run_args(spec: SidecarSpec) -> list[str]:
+    """`docker` arguments (from `run`) that start the sidecar, detached, in the app container's namespace."""
+    return _run_args(spec, label=spec.revision)
+
+
+def validate_args(spec: SidecarSpec, config_path: str | None = None) -> list[str]:
+    """`docker` arguments of a throwaway sidecar that runs `envoy --mode validate` on config_path (by default
+    the sidecar's config) with the same image, user and mounts, and no network."""
+    return ["run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges", "--user", spec.user, "--memory", spec.memory,
+            *_mount_args(spec), spec.image,
+            "--mode", "validate", "-c", config_path or spec.config_path, "--disable-hot-restart",
+            "--log-level", "error"]  # fmt: skip
+
+
+def _run_args(spec: SidecarSpec, label: str | None) -> list[str]:
+    labels = [LABEL_MANAGED_BY, "mesh", LABEL_PROXY, spec.proxy, LABEL_APP, spec.app_container]
+    labels += [LABEL_CONFIG_HASH, label] if label is not None else []
+    return [
+        "run", "--detach", "--name", spec.name,
+        "--network", f"container:{spec.app_container}",
+        "--restart", "always",
+        "--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=16m",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--user", spec.user,
+        "--memory", spec.memory, "--pids-limit", str(spec.pids_limit),
+        "--log-opt", "max-size=10m", "--log-opt", "max-file=3",
+        *[word for key, value in zip(labels[::2], labels[1::2], strict=True)
+          for word in ("--label", f"{key}={value}")],
+        *_mount_args(spec),
+        spec.image,
+        "-c", spec.config_path, "--base-id", str(spec.base_id), "--log-level", spec.log_level,
+    ]  # fmt: skip
+
+
+def _mount_args(spec: SidecarSpec) -> list[str]:
+    return [word for mount in spec.mounts for word in ("--volume", f"{mount.path}:{mount.path}:ro")]

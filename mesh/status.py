@@ -1,0 +1,199 @@
+"""`mesh status INVENTORY`: per proxy, reachable, Envoy running and its version, config applied, certificate
+expiry, upstream instances healthy in Consul and in Envoy; the checker on controllers. It only reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.table import Table
+
+from mesh import catalog, controller_env
+from mesh.config import paths
+from mesh.config.compute import compute_proxy_config, upstream_cluster_name
+from mesh.deploy.connection import Connector, RemoteError, connect
+from mesh.deploy.errors import HostUnreachable
+from mesh.deploy.modules.facts import file_sha256
+from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError
+from mesh.inventory.check import check_inventory
+from mesh.inventory.loader import load_inventory
+from mesh.inventory.model import ManagedHost, Mesh, Workload
+from mesh.pki import leaf_info, leaf_remaining_fraction
+from mesh.render import render_envoy_config
+
+WARN_REMAINING = 0.25  # a leaf with less than this part of its lifetime left makes status exit 2
+ADMIN_TIMEOUT_S = 3
+
+
+@dataclass
+class Row:
+    """One line of the table; problems make the exit code 2, unreachable 3."""
+
+    host: str
+    proxy: str
+    cells: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    unreachable: bool = False
+
+
+def status(inventory_path: str, console: Console | None = None,
+           connector_factory: Callable[[ManagedHost], Connector] = connect) -> int:
+    """Print the mesh's state; 0 healthy, 2 something unhealthy, 3 a host unreachable."""
+    mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
+    deployed = [host for host in mesh.hosts if host.kind == "vm" or host.is_controller]
+    consul = _consul_health(mesh)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        per_host = list(pool.map(lambda host: _host_rows(mesh, host, consul, connector_factory), deployed))
+    rows = [row for rows in per_host for row in rows]
+    _print(rows, console or Console())
+    skipped = [host.name for host in mesh.hosts if host not in deployed]
+    out = console or Console()
+    if skipped:
+        out.print(f"not deployed by this version (container hosts): {', '.join(skipped)}; their instances are "
+                  "not counted")
+    for row in rows:
+        for problem in row.problems:
+            out.print(f"[red]{row.host} {row.proxy}: {problem}[/red]")
+    if any(row.unreachable for row in rows):
+        return EXIT_UNREACHABLE
+    return EXIT_HOST_FAILED if any(row.problems for row in rows) else EXIT_OK
+
+
+def _consul_health(mesh: Mesh) -> dict[str, list[catalog.InstanceHealth]] | str:
+    """Every service's instances with their status, or the reason Consul could not be read."""
+    if not mesh.settings.consul_url:
+        return "mesh_consul_url is not set"
+    try:
+        return {service: catalog.service_health(mesh.settings.consul_url, service) for service in mesh.services}
+    except MeshError as exc:
+        return str(exc)
+
+
+def _host_rows(mesh: Mesh, host: ManagedHost, consul: dict[str, list[catalog.InstanceHealth]] | str,
+               factory: Callable[[ManagedHost], Connector]) -> list[Row]:
+    connector = factory(host)
+    rows = [Row(host.name, paths.proxy_name(workload)) for workload in host.workloads]
+    if host.is_controller:
+        rows.append(Row(host.name, "health-checker"))
+    try:
+        for row, workload in zip(rows, host.workloads, strict=False):
+            _proxy_row(mesh, workload, row, connector, consul)
+        if host.is_controller:
+            state = connector.run(f"systemctl is-active {controller_env.CHECKER_UNIT}").text()
+            rows[-1].cells["envoy"] = f"checker {state}"
+            if state != "active":
+                rows[-1].problems.append(f"{controller_env.CHECKER_UNIT} is {state}")
+    except HostUnreachable as exc:
+        for row in rows:
+            row.unreachable = True
+            row.cells = {"reachable": "[red]no[/red]"}
+        rows[0].problems.append(f"unreachable: {exc.detail}")
+    finally:
+        connector.close()
+    for row in rows:
+        row.cells.setdefault("reachable", "yes")
+    return rows
+
+
+def _proxy_row(mesh: Mesh, workload: Workload, row: Row, connector: Connector,
+               consul: dict[str, list[catalog.InstanceHealth]] | str) -> None:
+    proxy = row.proxy
+    state = connector.run(f"systemctl is-active {paths.envoy_unit_name(proxy)}").text()
+    info = _admin_json(connector, workload.admin_port, "server_info")
+    version = str(info.get("version", "?")).split("/")[1] if "/" in str(info.get("version", "")) else "?"
+    row.cells["envoy"] = f"{state} {version}" if state == "active" else state
+    if state != "active":
+        row.problems.append(f"Envoy unit is {state}")
+    cfg = compute_proxy_config(mesh, workload)
+    applied = file_sha256(connector, cfg.config_path) == hashlib.sha256(render_envoy_config(cfg).encode()).hexdigest()
+    row.cells["config"] = "applied" if applied else "[red]differs[/red]"
+    if not applied:
+        row.problems.append("the config on the host differs from the inventory's (run mesh deploy)")
+    row.cells["certificate"] = _certificate(connector, proxy, row)
+    row.cells["upstreams"] = _upstreams(mesh, workload, connector, consul, row)
+
+
+def _certificate(connector: Connector, proxy: str, row: Row) -> str:
+    try:
+        cert = connector.get(paths.cert_path(proxy))
+        if cert is None:
+            raise MeshError("missing")
+        info, remaining = leaf_info(cert), leaf_remaining_fraction(cert)
+    except (MeshError, RemoteError) as exc:
+        row.problems.append(f"certificate unreadable: {exc}")
+        return "[red]unreadable[/red]"
+    left = info.not_after - datetime.now(UTC)
+    text = f"{info.not_after:%Y-%m-%d %H:%M} UTC ({_hours(left.total_seconds())} left)"
+    if remaining < WARN_REMAINING:
+        row.problems.append(f"certificate has under a quarter of its lifetime left (expires "
+                            f"{info.not_after.isoformat()}): run mesh deploy to renew it")
+        return f"[red]{text}[/red]"
+    return text
+
+
+def _hours(seconds: float) -> str:
+    return f"{max(seconds, 0) / 3600:.1f} h"
+
+
+def _upstreams(mesh: Mesh, workload: Workload, connector: Connector,
+               consul: dict[str, list[catalog.InstanceHealth]] | str, row: Row) -> str:
+    envoy = _envoy_health(connector, workload.admin_port)
+    parts = []
+    deployed = {host.name for host in mesh.hosts if host.kind == "vm"}
+    for upstream in workload.upstreams:
+        flags = envoy.get(upstream_cluster_name(upstream.service), [])
+        healthy_envoy = sum(flag == "healthy" for flag in flags)
+        if isinstance(consul, str):
+            consul_text = "consul ?"
+            row.problems.append(f"Consul: {consul}")
+        else:
+            instances = [item for item in consul.get(upstream.service, []) if item.node in deployed]
+            passing = sum(item.status == "passing" for item in instances)
+            consul_text = f"consul {passing}/{len(instances)}"
+            if passing < len(instances):
+                row.problems.append(f"{upstream.service}: {len(instances) - passing} instance(s) critical in Consul")
+        parts.append(f"{upstream.service}: {consul_text}, envoy {healthy_envoy}/{len(flags)}")
+        if healthy_envoy == 0:
+            row.problems.append(f"{upstream.service}: no healthy instance in Envoy")
+    return "; ".join(parts) or "-"
+
+
+def _admin(connector: Connector, port: int, path: str) -> str:
+    result = connector.run(f"curl -s -m {ADMIN_TIMEOUT_S} {shlex.quote(f'http://127.0.0.1:{port}/{path}')}")
+    return result.stdout.decode(errors="replace") if result.ok else ""
+
+
+def _admin_json(connector: Connector, port: int, path: str) -> dict[str, object]:
+    try:
+        data = json.loads(_admin(connector, port, path) or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _envoy_health(connector: Connector, port: int) -> dict[str, list[str]]:
+    """Cluster -> the health_flags of each of its hosts, from the admin /clusters text."""
+    found: dict[str, list[str]] = {}
+    for line in _admin(connector, port, "clusters").splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[2] == "health_flags":
+            found.setdefault(parts[0], []).append(parts[3])
+    return found
+
+
+def _print(rows: list[Row], console: Console) -> None:
+    table = Table(title="mesh status")
+    columns = ("host", "proxy", "reachable", "envoy", "config", "certificate", "upstreams")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.host, row.proxy, *(row.cells.get(column, "") for column in columns[2:]),
+                      style="red" if row.problems else None)
+    console.print(table)

@@ -1,0 +1,430 @@
+"""Container hosts: sidecar specs and `docker run` arguments, reachability scripts and the watcher (goldens in
+tests/golden/containers/), the sidecar image tarball, and the runner modules on a fake host.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import shlex
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh.config import compute_proxy_config, paths
+from mesh.containers import image as image_mod
+from mesh.containers.image import ImageFile, build_sidecar_image_tar, shared_libraries, write_image_tar
+from mesh.containers.modules import (
+    file_modes,
+    register_container_modules,
+    sidecar,
+    sidecar_host,
+    sidecar_image,
+)
+from mesh.containers.reachability import (
+    RULES_PATH,
+    WATCHER_UNIT,
+    render_rules,
+    render_sidecar_list,
+    render_watcher,
+    render_watcher_unit,
+    sidecar_entries,
+)
+from mesh.containers.sidecar import (
+    NotAContainerWorkload,
+    docker_run_args,
+    files_hash,
+    hashed_files,
+    sidecar_spec,
+    validate_args,
+)
+from mesh.deploy.connection import CommandResult
+from mesh.deploy.execute import apply_change
+from mesh.deploy.modules import registry
+from mesh.deploy.modules.api import Change, ModuleRun, Outcome, RunCommand, TaskContext
+from mesh.inventory.loader import load_inventory
+from mesh.inventory.model import ManagedHost, Mesh
+from mesh.inventory.validate import build_mesh
+from mesh.render import render_envoy_config, validate_envoy_config
+from mesh.testing.fake_connector import FakeConnector, FakeHost
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "containers"
+INVENTORY = GOLDEN / "input" / "inventory.yaml"
+IMAGE = "mesh-envoy:0123456789ab"
+
+
+def golden_mesh() -> Mesh:
+    return build_mesh(load_inventory(str(INVENTORY)), str(INVENTORY))
+
+
+def dock1() -> ManagedHost:
+    return golden_mesh().host("dock1")
+
+
+def check_golden(path: Path, text: str, update: bool) -> None:
+    if update:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.is_file(), f"{path} is missing: run pytest --update-goldens"
+    assert text == path.read_text(), f"{path} differs: run pytest --update-goldens and review the diff"
+
+
+# ---- sidecar spec and docker arguments ------------------------------------------------------------------
+
+
+def test_sidecar_run_and_validate_args_golden(update_goldens: bool) -> None:
+    host = dock1()
+    lines = []
+    for workload in host.workloads:
+        spec = sidecar_spec(host, workload, IMAGE, "f" * 16)
+        lines += [f"# {spec.name}", shlex.join(["docker", *docker_run_args(spec)]),
+                  shlex.join(["docker", *validate_args(spec)]), ""]
+    check_golden(GOLDEN / "sidecar-docker-args.txt", "\n".join(lines), update_goldens)
+
+
+def test_sidecar_joins_the_app_namespace_read_only_and_unprivileged() -> None:
+    host = dock1()
+    spec = sidecar_spec(host, host.workloads[0], IMAGE, "abc")
+    args = docker_run_args(spec)
+    pairs = set(itertools.pairwise(args))
+    assert spec.name == "mesh-envoy-api-0"
+    assert ("--network", "container:api-v2-1") in pairs and ("--restart", "always") in pairs
+    assert {("--cap-drop", "ALL"), ("--security-opt", "no-new-privileges"), ("--user", "101:101")} <= pairs
+    assert "--read-only" in args and ("--memory", "256m") in pairs
+    assert ("--volume", "/etc/mesh/proxies/api-0:/etc/mesh/proxies/api-0:ro") in pairs
+    assert ("--volume", "/etc/mesh/ca.pem:/etc/mesh/ca.pem:ro") in pairs
+    assert {("--label", "mesh.managed-by=mesh"), ("--label", "mesh.proxy=api-0"),
+            ("--label", f"mesh.config-hash={spec.revision}")} <= pairs
+    assert "-p" not in args and "--publish" not in args  # Docker refuses it with --network container:
+    assert args[args.index(IMAGE) + 1:] == ["-c", "/etc/mesh/proxies/api-0/envoy.yaml", "--base-id", "1",
+                                            "--log-level", "warn"]
+    assert spec.labels["mesh.config-hash"] == spec.revision
+
+
+def test_revision_follows_files_image_and_arguments_only() -> None:
+    host = dock1()
+    workload = host.workloads[0]
+    digests = {path: "0" * 64 for path in hashed_files("api-0")}
+    base = sidecar_spec(host, workload, IMAGE, files_hash(digests, IMAGE))
+    assert base.revision == sidecar_spec(host, workload, IMAGE, files_hash(dict(digests), IMAGE)).revision
+    changed_cert = {**digests, paths.cert_path("api-0"): "1" * 64}
+    assert sidecar_spec(host, workload, IMAGE, files_hash(changed_cert, IMAGE)).revision != base.revision
+    other_image = "mesh-envoy:ba9876543210"
+    assert sidecar_spec(host, workload, other_image, files_hash(digests, other_image)).revision != base.revision
+    from dataclasses import replace
+    assert replace(base, memory="512m").revision != base.revision
+
+
+def test_sidecar_spec_refuses_a_vm_workload() -> None:
+    vm1 = golden_mesh().host("vm1")
+    with pytest.raises(NotAContainerWorkload):
+        sidecar_spec(vm1, vm1.workloads[0], IMAGE, "abc")
+
+
+def test_container_workload_config_is_valid_with_the_sidecar_paths() -> None:
+    """compute_proxy_config needs no change for containers: same paths in the sidecar, app on 127.0.0.1."""
+    mesh = golden_mesh()
+    workload = mesh.host("dock1").workloads[0]
+    cfg = compute_proxy_config(mesh, workload)
+    assert cfg.inbound.address == "0.0.0.0" and cfg.inbound.port == 21000
+    assert cfg.clusters[0].endpoints[0].address == "127.0.0.1"
+    mounted = {mount.path for mount in sidecar_spec(mesh.host("dock1"), workload, IMAGE, "x").mounts}
+    for path in (cfg.secrets.certificate.certificate_chain, cfg.secrets.certificate.private_key,
+                 cfg.secrets.trust_bundle.trusted_ca, cfg.config_path):
+        assert any(path == folder or path.startswith(folder + "/") for folder in mounted), path
+    validate_envoy_config(render_envoy_config(cfg))
+
+
+# ---- reachability and the watcher ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "render"), [
+    ("sidecar-rules.sh", lambda: render_rules(dock1())),
+    ("sidecars.list", lambda: render_sidecar_list(dock1())),
+    ("mesh-sidecars.sh", lambda: render_watcher(dock1())),
+    (WATCHER_UNIT, render_watcher_unit),
+])
+def test_host_files_golden(name: str, render: Callable[[], str], update_goldens: bool) -> None:
+    check_golden(GOLDEN / name, render(), update_goldens)
+
+
+@pytest.mark.parametrize("render", [lambda: render_rules(dock1()), lambda: render_watcher(dock1())])
+def test_scripts_are_posix_shell(render: Callable[[], str]) -> None:
+    checked = subprocess.run(["sh", "-n"], input=render(), capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_rules_name_only_mesh_chains_and_every_proxy_port() -> None:
+    text = render_rules(dock1())
+    assert "ENTRIES='api-v2-1 21000\napi-v2-2 21005\n'" in text
+    assert "iptables-restore -w --noflush" in text
+    for line in text.splitlines():
+        if "iptables -w" in line and (" -I " in line or " -A " in line or " -F " in line or " -X " in line):
+            assert "$NAT_CHAIN" in line or "$FWD_CHAIN" in line or "-N DOCKER-USER" in line, line
+    assert [(e.app_container, e.proxy_port) for e in sidecar_entries(dock1())] == [("api-v2-1", 21000),
+                                                                                   ("api-v2-2", 21005)]
+
+
+def test_rules_script_output_with_fake_docker_and_iptables(tmp_path: Path) -> None:
+    """Run the rendered script's `desired` with docker answering an address for one app and not the other."""
+    script = render_rules(dock1()).replace("PATH=/usr/local/sbin", f"PATH={tmp_path}:/usr/local/sbin")
+    (tmp_path / "docker").write_text('#!/bin/sh\n[ "$5" = api-v2-1 ] && echo "172.18.0.5 " || exit 1\n')
+    (tmp_path / "docker").chmod(0o755)
+    body = script.split("\n# The watcher and a deploy")[0] + "\ndesired\n"  # no lock, no iptables
+    done = subprocess.run(["sh", "-c", body], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "*nat", ":MESH-SIDECARS - [0:0]", "-A MESH-SIDECARS -i docker+ -j RETURN", "-A MESH-SIDECARS -i br-+ -j RETURN",
+        "-A MESH-SIDECARS -p tcp -m tcp --dport 21000 -j DNAT --to-destination 172.18.0.5:21000", "COMMIT",
+        "*filter", ":MESH-SIDECARS-FWD - [0:0]",
+        "-A MESH-SIDECARS-FWD -d 172.18.0.5/32 -p tcp -m tcp --dport 21000 -m conntrack --ctstate DNAT -j ACCEPT",
+        "COMMIT"]
+    assert "api-v2-2 is not running" in done.stderr
+
+
+# ---- the sidecar image -----------------------------------------------------------------------------------
+
+
+def _tar_names(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return tar.getnames()
+
+
+def test_image_tar_is_deterministic_and_sorted(tmp_path: Path) -> None:
+    (tmp_path / "bin").write_bytes(b"\x7fELF fake")
+    (tmp_path / "lib").write_bytes(b"lib")
+    files = (ImageFile("/usr/local/bin/envoy", tmp_path / "bin", 0o755),
+             ImageFile("/lib/x86_64-linux-gnu/libc.so.6", tmp_path / "lib", 0o755))
+    first, second = io.BytesIO(), io.BytesIO()
+    write_image_tar(first, files, image_mod.etc_files())
+    (tmp_path / "lib").touch()  # a new mtime, same bytes
+    write_image_tar(second, files, image_mod.etc_files())
+    assert first.getvalue() == second.getvalue()
+    names = _tar_names(first.getvalue())
+    assert names == sorted(names)
+    with tarfile.open(fileobj=io.BytesIO(first.getvalue()), mode="r:gz") as tar:
+        assert {(m.uid, m.gid, m.mtime) for m in tar.getmembers()} == {(0, 0, 0)}
+        assert tar.getmember("tmp").mode == 0o1777
+    for name in ("a.tar.gz", "another-name.tar.gz"):  # gzip must not record the file's name
+        with (tmp_path / name).open("wb") as handle:
+            write_image_tar(handle, files, image_mod.etc_files())
+    assert (tmp_path / "a.tar.gz").read_bytes() == (tmp_path / "another-name.tar.gz").read_bytes()
+    (tmp_path / "lib").write_bytes(b"lib2")
+    third = io.BytesIO()
+    write_image_tar(third, files, image_mod.etc_files())
+    assert third.getvalue() != first.getvalue()
+
+
+@pytest.fixture(scope="module")
+def built_image(tmp_path_factory: pytest.TempPathFactory) -> image_mod.SidecarImage:
+    return build_sidecar_image_tar(tmp_path_factory.mktemp("image-cache"))
+
+
+def test_real_image_holds_envoy_every_ldd_library_and_the_user(built_image: image_mod.SidecarImage) -> None:
+    names = set(_tar_names(built_image.path.read_bytes()))
+    from mesh.config.validate import envoy_binary
+    libraries = shared_libraries(Path(envoy_binary()))
+    assert any("ld-linux" in library for library in libraries) and any("libc.so" in lib for lib in libraries)
+    assert {library.lstrip("/") for library in libraries} <= names
+    assert {"usr/local/bin/envoy", "etc/passwd", "etc/group", "tmp"} <= names
+    with tarfile.open(built_image.path, mode="r:gz") as tar:
+        passwd = tar.extractfile("etc/passwd")
+        assert passwd is not None and b"envoy:x:101:101:" in passwd.read()
+    assert built_image.tag.startswith("mesh-envoy:") and len(built_image.digest) == 12
+
+
+def test_real_image_is_cached_by_content(built_image: image_mod.SidecarImage) -> None:
+    mtime = built_image.path.stat().st_mtime_ns
+    again = build_sidecar_image_tar(built_image.path.parent.parent)
+    assert again == built_image and again.path.stat().st_mtime_ns == mtime
+
+
+# ---- the runner modules on a fake host -------------------------------------------------------------------
+
+
+class FakeDocker:
+    """Answers the docker commands of the modules on a FakeHost: containers by name, images by tag."""
+
+    def __init__(self, host: FakeHost, validate_ok: bool = True) -> None:
+        self.containers: dict[str, dict[str, Any]] = {}
+        self.images: set[str] = set()
+        self.validate_ok = validate_ok
+        self.next_id = 0
+        host.stub(r"^docker ", self.run)
+        host.stub(r"^readlink /proc/", lambda cmd, _: CommandResult(0, f"net:[{cmd.split('/')[2]}]\n".encode(), b""))
+        host.stub(r"^stat -c '%u:%g:%a'", self.stat)
+        host.stub(r"^sleep ", CommandResult(0, b"", b""))
+        self.modes: dict[str, str] = {path: f"{uid}:{gid}:{mode:o}" for path, uid, gid, mode in file_modes("api-0")}
+
+    def add(self, name: str, pid: int, label: str | None = None) -> None:
+        self.next_id += 1
+        self.containers[name] = {"id": f"id{self.next_id}", "pid": pid, "label": label}
+
+    def stat(self, cmd: str, _: bytes | None) -> CommandResult:
+        path = shlex.split(cmd)[-1]
+        return CommandResult(0, f"{self.modes.get(path, '0:0:644')}\n".encode(), b"")
+
+    def run(self, cmd: str, _: bytes | None) -> CommandResult:
+        words = shlex.split(cmd.split(" >/dev/null")[0].split(";")[0])
+        if words[1:3] == ["container", "inspect"]:
+            found = self.containers.get(words[-1])
+            if found is None:
+                return CommandResult(1, b"", f"Error: No such container: {words[-1]}".encode())
+            line = f"{found['id']}|running|true|{found['pid']}|0|{found['label'] or '<no value>'}\n"
+            return CommandResult(0, line.encode(), b"")
+        if words[1:3] == ["image", "inspect"]:
+            return CommandResult(0 if words[3] in self.images else 1, b"", b"")
+        if words[1] == "import":
+            self.images.add(words[-1])
+            return CommandResult(0, b"", b"")
+        if words[1:3] == ["run", "--rm"]:
+            return CommandResult(0 if self.validate_ok else 1, b"", b"[critical] bad config")
+        if words[1:3] == ["run", "--detach"]:
+            name = words[words.index("--name") + 1]
+            label = next(w.split("=", 1)[1] for w in words if w.startswith("mesh.config-hash="))
+            app = words[words.index("--network") + 1].removeprefix("container:")
+            self.add(name, self.containers[app]["pid"], label)
+            return CommandResult(0, b"", b"")
+        if words[1] == "rm":
+            self.containers.pop(words[-1], None)
+            return CommandResult(0, b"", b"")
+        if words[1] == "restart":
+            self.containers[words[-1]]["pid"] = self.containers[words[-1]].get("app_pid", 1)
+            return CommandResult(0, b"", b"")
+        return CommandResult(127, b"", f"fake docker: {cmd}".encode())
+
+
+def drive(module: Callable[[TaskContext[Any], dict[str, Any]], ModuleRun], host: FakeHost,
+          managed: ManagedHost, args: dict[str, Any]) -> tuple[Outcome, list[Change]]:
+    connector = FakeConnector(host)
+    ctx: TaskContext[Any] = TaskContext(managed, connector, {}, False, None, Path("."), Path("."))
+    steps, changes = module(ctx, args), []
+    try:
+        change = next(steps)
+        while True:
+            changes.append(change)
+            change = steps.send(apply_change(change, connector))
+    except StopIteration as stop:
+        return stop.value or Outcome(), changes
+
+
+def proxy_files(host: FakeHost) -> None:
+    for path in (*hashed_files("api-0"), paths.key_path("api-0")):
+        host.write(path, f"content of {path}")
+
+
+def test_sidecar_created_then_left_alone_then_replaced_when_the_config_changes() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    docker.images.add(IMAGE)
+    docker.add("api-v2-1", pid=500)
+    proxy_files(host)
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert not outcome.failed, outcome.msg
+    assert [c.description for c in changes] == ["validate /etc/mesh/proxies/api-0/envoy.yaml", "run mesh-envoy-api-0"]
+    first_id = docker.containers["mesh-envoy-api-0"]["id"]
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert changes == [] and outcome.data["id"] == first_id and "up to date" in outcome.msg
+    host.write(paths.envoy_config_path("api-0"), "a new config")
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert [c.description for c in changes] == ["validate /etc/mesh/proxies/api-0/envoy.yaml",
+                                                "remove the old mesh-envoy-api-0", "run mesh-envoy-api-0"]
+    assert docker.containers["mesh-envoy-api-0"]["id"] != first_id
+
+
+def test_sidecar_in_a_stale_namespace_is_restarted_not_recreated() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    docker.images.add(IMAGE)
+    docker.add("api-v2-1", pid=500)
+    proxy_files(host)
+    drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    docker.containers["api-v2-1"]["pid"] = 600  # the app restarted: a new namespace
+    docker.containers["mesh-envoy-api-0"]["app_pid"] = 600
+    _outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert [c.description for c in changes] == ["restart mesh-envoy-api-0 into the network namespace of api-v2-1"]
+
+
+def test_sidecar_refused_config_keeps_the_running_sidecar() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    docker.images.add(IMAGE)
+    docker.add("api-v2-1", pid=500)
+    docker.add("mesh-envoy-api-0", pid=500, label="old")
+    proxy_files(host)
+    docker.validate_ok = False
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert outcome.failed and "keeps running its previous config" in outcome.msg and "bad config" in outcome.msg
+    assert all("docker rm" not in c.cmd and "--detach" not in c.cmd for c in changes if isinstance(c, RunCommand))
+    assert docker.containers["mesh-envoy-api-0"]["label"] == "old"
+
+
+def test_sidecar_with_a_missing_app_container_fails_clearly_and_touches_nothing() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    docker.images.add(IMAGE)
+    proxy_files(host)
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert outcome.failed and changes == []
+    assert "'api-v2-1' does not exist on dock1" in outcome.msg and "never creates" in outcome.msg
+    assert not any(cmd.startswith("docker run") for cmd in host.commands)
+
+
+def test_sidecar_fixes_ownership_for_the_sidecar_user() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    docker.images.add(IMAGE)
+    docker.add("api-v2-1", pid=500)
+    proxy_files(host)
+    docker.modes[paths.key_path("api-0")] = "0:0:600"
+    _, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert isinstance(changes[0], RunCommand)
+    assert changes[0].cmd == "chown 101:101 /etc/mesh/proxies/api-0/key.pem && chmod 0600 /etc/mesh/proxies/api-0/key.pem"
+
+
+def test_sidecar_image_sent_only_when_the_tag_is_missing(tmp_path: Path) -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    tar = tmp_path / "image.tar.gz"
+    tar.write_bytes(b"tarball")
+    args = {"src": str(tar), "tag": IMAGE}
+    outcome, changes = drive(sidecar_image, host, managed, args)
+    assert outcome.data == {"tag": IMAGE, "sent": True} and IMAGE in docker.images
+    assert len(changes) == 2 and "--change 'USER 101:101'" in changes[1].cmd  # type: ignore[union-attr]
+    assert "'ENTRYPOINT [\"/usr/local/bin/envoy\"]'" in changes[1].cmd  # type: ignore[union-attr]
+    assert "rm -f /var/tmp/mesh-envoy-0123456789ab.tar.gz" in changes[1].cmd  # type: ignore[union-attr]
+    outcome, changes = drive(sidecar_image, host, managed, args)
+    assert changes == [] and outcome.data["sent"] is False
+
+
+def test_sidecar_host_writes_files_then_changes_nothing() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    applied: list[str] = []
+
+    def rules(cmd: str, _: bytes | None) -> CommandResult:
+        applied.append(cmd.split()[-1])
+        return CommandResult(0 if cmd.endswith("apply") or applied.count("apply") else 1, b"", b"")
+
+    host.stub(rf"^{RULES_PATH} ", rules)
+    from mesh.testing.fake_connector import FakeUnit
+    host.units[WATCHER_UNIT] = FakeUnit()
+    _, changes = drive(sidecar_host, host, managed, {})
+    descriptions = [c.description for c in changes]
+    assert "restart mesh-sidecars.service" in descriptions and "enable mesh-sidecars.service" in descriptions
+    assert descriptions[-1] == "apply the reachability rules"
+    assert yaml.safe_load(host.files[paths.MESH_ROOT + "/sidecars.list"].data or b"") is not None
+    _, changes = drive(sidecar_host, host, managed, {})
+    assert changes == []
+
+
+def test_modules_register_under_mesh_names() -> None:
+    made = registry.copy()
+    register_container_modules(made)
+    for name in ("mesh.sidecar_image", "mesh.sidecar", "mesh.sidecar_host"):
+        assert made.resolve(name) is not None
+    assert registry.resolve("mesh.sidecar") is None  # the shared registry is left alone

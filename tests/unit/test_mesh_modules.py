@@ -1,0 +1,216 @@
+"""playbooks/deploy.yml with the mesh.* modules on fake VMs: keys made on the host, certificates signed here,
+configs validated on the host before they replace the old ones, exactly the changed proxies restarted, a second
+run changing nothing, and a missing prerequisite or a refused config failing only that host."""
+
+from __future__ import annotations
+
+import io
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mesh.config import paths
+from mesh.config.validate import envoy_binary
+from mesh.deploy.command import PLAYBOOK, _groups
+from mesh.deploy.connection import CommandResult
+from mesh.deploy.modules import registry
+from mesh.deploy.playbook import load_playbook
+from mesh.deploy.recap import exit_code
+from mesh.deploy.results import PlayResult
+from mesh.deploy.runner import run_playbook
+from mesh.deploy.steps import register_mesh_modules
+from mesh.deploy.steps.context import DeployContext, LocalFile
+from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
+from mesh.pki import CertificateAuthority, leaf_info
+from mesh.testing.fake_connector import FakeFleet, FakeHost, FakeUnit
+
+OK = CommandResult(0, b"", b"")
+TD = "test.mesh"
+
+
+def _mesh(tmp_path: Path) -> Mesh:
+    def host(name: str, address: str, *workloads: Workload) -> ManagedHost:
+        return ManagedHost(name, "vm", Connection(address), workloads)
+
+    web = Workload("vm1", 0, "web", 8080, TD, upstreams=(Upstream("api", 19101),))
+    api = Workload("vm2", 0, "api", 9090, TD, proxy_port=21000, admin_port=19000)
+    db = Workload("vm2", 1, "db", 5432, TD, protocol="tcp", proxy_port=21001, admin_port=19001)
+    settings = MeshSettings(trust_domain=TD, consul_url="http://127.0.0.1:1", state_dir=str(tmp_path / "state"))
+    return Mesh(settings, (host("vm1", "10.0.0.11", web), host("vm2", "10.0.0.12", api, db)),
+                services={"web": (web,), "api": (api,), "db": (db,)})
+
+
+def _fake_vm(host: FakeHost, missing: str = "") -> None:
+    """Stubs for the commands mesh's steps send, acting on the fake host's files."""
+    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+
+    def genpkey(cmd: str, stdin: bytes | None) -> CommandResult:
+        path = re.search(r'mv -f "\$t" (\S+)$', cmd).group(1)  # type: ignore[union-attr]
+        keys[path] = ec.generate_private_key(ec.SECP256R1())
+        host.write(path, b"PRIVATE KEY (fake)", 0o600, "mesh-envoy", "mesh-envoy")
+        return OK
+
+    def csr(cmd: str, stdin: bytes | None) -> CommandResult:
+        key = keys[re.search(r"-key (\S+)", cmd).group(1)]  # type: ignore[union-attr]
+        request = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])).sign(key, hashes.SHA256()))
+        return CommandResult(0, request.public_bytes(serialization.Encoding.PEM), b"")
+
+    def pubkey(cmd: str, stdin: bytes | None) -> CommandResult:
+        key = keys[re.search(r"-in (\S+)", cmd).group(1)]  # type: ignore[union-attr]
+        return CommandResult(0, key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), b"")
+
+    def move(cmd: str, stdin: bytes | None) -> CommandResult:
+        source, dest = (word.strip("'") for word in cmd.split()[-2:])
+        host.files[dest] = host.files.pop(source)
+        return OK
+
+    host.stub(r"command -v openssl", CommandResult(0, missing.encode(), b""))
+    host.stub(r"^getent passwd", lambda cmd, _: OK if "/etc/passwd:mesh-envoy" in host.files
+              else CommandResult(2, b"", b""))
+    def useradd(cmd: str, stdin: bytes | None) -> CommandResult:
+        host.write("/etc/passwd:mesh-envoy", "")
+        return OK
+
+    host.stub(r"useradd", useradd)
+    host.stub(r"openssl genpkey", genpkey)
+    host.stub(r"^openssl req -new", csr)
+    host.stub(r"^openssl pkey", pubkey)
+    host.stub(r"^runuser -u mesh-envoy -- /usr/local/lib/mesh/envoy --mode validate", OK)
+    host.stub(r"^mv -f ", move)
+    host.stub(r"^/usr/sbin/nft ", OK)
+    host.write(paths.NFT_BINARY, b"", 0o755)
+    for unit in ("mesh-envoy-web-0.service", "mesh-envoy-api-0.service", "mesh-envoy-db-1.service",
+                 "mesh-firewall.service"):
+        host.units[unit] = FakeUnit()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Mesh, DeployContext, FakeFleet]:
+    mesh = _mesh(tmp_path)
+    ca, _ = CertificateAuthority.ensure(mesh.settings.state_dir, TD)
+    binary = tmp_path / "envoy"
+    binary.write_bytes(b"not really envoy")
+    context = DeployContext(mesh, ca, LocalFile(binary), local_envoy=envoy_binary())
+    fleet = FakeFleet()
+    for name in ("vm1", "vm2"):
+        _fake_vm(fleet.host(name))
+    return mesh, context, fleet
+
+
+def deploy(mesh: Mesh, context: DeployContext, fleet: FakeFleet) -> tuple[PlayResult, str]:
+    modules = registry.copy()
+    register_mesh_modules(modules)
+    out = io.StringIO()
+    host_vars = {host.name: {"mesh_proxies": [paths.proxy_name(w) for w in host.workloads]} for host in mesh.hosts}
+    context = DeployContext(context.mesh, context.ca, context.envoy, local_envoy=context.local_envoy)
+    result = run_playbook(load_playbook(PLAYBOOK, modules), list(mesh.hosts), fleet.connect,
+                          extra_vars={"mesh_ca_pem": context.ca.root_pem.decode()}, shared=context,
+                          host_vars=host_vars, groups=_groups(list(mesh.hosts)), modules=modules, output=out,
+                          color=False)
+    return result, out.getvalue()
+
+
+def restarts(host: FakeHost) -> list[str]:
+    return [cmd for cmd in host.commands if cmd.startswith("systemctl restart")]
+
+
+def test_first_deploy_makes_keys_on_the_host_and_a_second_changes_nothing(setup: tuple[Mesh, DeployContext,
+                                                                                        FakeFleet]) -> None:
+    mesh, context, fleet = setup
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 0, out
+    vm2 = fleet.host("vm2")
+    key = vm2.files[paths.key_path("api-0")]
+    assert (key.mode, key.owner) == (0o600, "mesh-envoy")
+    assert paths.key_path("api-0") not in vm2.puts  # made on the host, never sent
+    chain = vm2.files[paths.cert_path("api-0")].data
+    assert chain is not None and leaf_info(chain).spiffe_id == f"spiffe://{TD}/svc/api"
+    assert chain.count(b"BEGIN CERTIFICATE") == 2  # leaf + intermediate
+    config = vm2.files[paths.envoy_config_path("db-1")]
+    assert (config.mode, config.group) == (0o640, "mesh-envoy")
+    assert vm2.files[paths.ENVOY_BINARY].data == b"not really envoy"
+    assert vm2.units["mesh-envoy-db-1.service"].active == "active" and vm2.units["mesh-envoy-db-1.service"].enabled
+    assert b"tcp dport { 5432, 9090 } drop" in (vm2.files[paths.FIREWALL_PATH].data or b"")
+    for host in fleet.hosts.values():
+        host.commands.clear()
+        host.puts.clear()
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 0 and all(stats.changed == 0 for stats in result.stats.values()), out
+    assert all(not host.puts and not restarts(host) for host in fleet.hosts.values())
+
+
+def test_only_the_proxies_whose_files_changed_restart(setup: tuple[Mesh, DeployContext, FakeFleet]) -> None:
+    mesh, context, fleet = setup
+    deploy(mesh, context, fleet)
+    vm2 = fleet.host("vm2")
+    for host in fleet.hosts.values():
+        host.commands.clear()
+    vm2.write(paths.envoy_config_path("db-1"), "edited by hand", 0o640, "root", "mesh-envoy")
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 0, out
+    assert restarts(vm2) == ["systemctl restart mesh-envoy-db-1.service"]
+    assert not restarts(fleet.host("vm1"))
+
+
+def test_certificates_are_renewed_when_foreign_or_past_half_life(setup: tuple[Mesh, DeployContext,
+                                                                               FakeFleet]) -> None:
+    mesh, context, fleet = setup
+    deploy(mesh, context, fleet)
+    vm1 = fleet.host("vm1")
+    old = vm1.files[paths.cert_path("web-0")].data
+    assert old is not None
+    # Another SPIFFE id for the same key: renewed.
+    csr = vm1.stubs[[p.pattern for p, _ in vm1.stubs].index("^openssl req -new")][1]
+    request = csr(f"openssl req -new -key {paths.key_path('web-0')}", None).stdout  # type: ignore[operator]
+    other = context.ca.sign(request, f"spiffe://{TD}/svc/other", timedelta(hours=24), "vm1", "web-0")
+    vm1.write(paths.cert_path("web-0"), other.chain_pem)
+    deploy(mesh, context, fleet)
+    renewed = vm1.files[paths.cert_path("web-0")].data
+    assert renewed is not None and leaf_info(renewed).spiffe_id == f"spiffe://{TD}/svc/web"
+    # Past half its lifetime: renewed.
+    aged = context.ca.sign(request, f"spiffe://{TD}/svc/web", timedelta(hours=24), "vm1", "web-0",
+                           now=datetime.now(UTC) - timedelta(hours=13))
+    vm1.write(paths.cert_path("web-0"), aged.chain_pem)
+    vm1.commands.clear()
+    deploy(mesh, context, fleet)
+    fresh = vm1.files[paths.cert_path("web-0")].data
+    assert fresh is not None and leaf_info(fresh).not_after > aged.not_after
+    assert restarts(vm1) == ["systemctl restart mesh-envoy-web-0.service"]
+
+
+def test_a_config_envoy_refuses_fails_that_host_and_keeps_the_old_one(setup: tuple[Mesh, DeployContext,
+                                                                                   FakeFleet]) -> None:
+    mesh, context, fleet = setup
+    deploy(mesh, context, fleet)
+    vm2 = fleet.host("vm2")
+    vm2.write(paths.envoy_config_path("api-0"), "the old config", 0o640, "root", "mesh-envoy")
+    vm2.stubs.insert(0, (re.compile(r"--mode validate"), CommandResult(
+        1, b"", b"[critical][main] error initializing configuration: Invalid path: /nope")))
+    vm2.commands.clear()
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 2 and result.failed_hosts == ["vm2"]
+    assert "refused the new config (the running config is kept)" in out and "Invalid path: /nope" in out
+    assert vm2.files[paths.envoy_config_path("api-0")].data == b"the old config"
+    assert not any(path.endswith(".envoy.new.yaml") for path in vm2.files)
+    assert not restarts(vm2)
+
+
+def test_missing_prerequisites_fail_the_host_before_any_change(setup: tuple[Mesh, DeployContext,
+                                                                             FakeFleet]) -> None:
+    mesh, context, fleet = setup
+    vm1 = FakeHost("vm1")
+    _fake_vm(vm1, missing="openssl\nnft or iptables\n")
+    fleet.hosts["vm1"] = vm1
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 2 and result.failed_hosts == ["vm1"]
+    assert "missing prerequisites on vm1: openssl, nft or iptables" in out
+    assert vm1.puts == [] and vm1.commands == [vm1.commands[0]]  # only the (read-only) check ran
+    assert fleet.host("vm2").files[paths.envoy_config_path("api-0")].data  # the other host is deployed
