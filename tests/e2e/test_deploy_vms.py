@@ -404,6 +404,7 @@ def test_broken_inventory_exits_4_naming_the_key_and_touches_nothing(fleet: LabU
         api["upstream"] = api.pop("upstreams")
 
     broken = inventory_copy(tmp_path / "inventory", state_dir, hosts={"vm2": typo})
+    looked = time.time()
     states = {host: _host_state(fleet, host) for host in DEPLOYED}
     catalog = _catalog()
     time.sleep(1.1)  # the journal has second resolution: our own SSH logins stay out of the window
@@ -416,6 +417,7 @@ def test_broken_inventory_exits_4_naming_the_key_and_touches_nothing(fleet: LabU
     assert "upstream" in run.text and "upstreams" in run.text, f"no did-you-mean for the key:\n{run}"
     assert "Traceback" not in run.text, str(run)
     assert "PLAY RECAP" not in run.stdout, str(run)
+    assert _ssh_logins(fleet, "vm2", looked, started) > 0, "the journal shows no login, not even our own"
     assert {host: _ssh_logins(fleet, host, started, finished) for host in fleet.hosts} == \
         {host: 0 for host in fleet.hosts}, "the deploy connected to hosts with an inventory it refused"
     assert {host: _host_state(fleet, host) for host in DEPLOYED} == states
