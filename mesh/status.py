@@ -1,5 +1,7 @@
-"""`mesh status INVENTORY`: per proxy, reachable, Envoy running and its version, config applied, certificate
-expiry, upstream instances healthy in Consul and in Envoy; the checker on controllers. It only reads.
+"""`mesh status INVENTORY`: per proxy (a systemd Envoy on a VM, a sidecar container on a container host),
+reachable, Envoy running and its version, config applied, certificate expiry, upstream instances healthy in
+Consul and in Envoy; the sidecar watcher and reachability rules on container hosts; the checker on controllers.
+It only reads.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from rich.table import Table
 from mesh import catalog, controller_env
 from mesh.config import paths
 from mesh.config.compute import compute_proxy_config, upstream_cluster_name
+from mesh.containers.docker import container_state
+from mesh.containers.reachability import RULES_PATH, WATCHER_UNIT
+from mesh.containers.sidecar import files_hash, hashed_files, sidecar_name, sidecar_spec
 from mesh.deploy.connection import Connector, RemoteError, connect
-from mesh.deploy.errors import HostUnreachable
+from mesh.deploy.errors import HostUnreachable, ModuleFailure
 from mesh.deploy.modules.facts import file_sha256
 from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError
 from mesh.inventory.check import check_inventory
@@ -47,17 +52,13 @@ def status(inventory_path: str, console: Console | None = None,
            connector_factory: Callable[[ManagedHost], Connector] = connect) -> int:
     """Print the mesh's state; 0 healthy, 2 something unhealthy, 3 a host unreachable."""
     mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
-    deployed = [host for host in mesh.hosts if host.kind == "vm" or host.is_controller]
+    deployed = [host for host in mesh.hosts if host.workloads or host.is_controller]
     consul = _consul_health(mesh)
     with ThreadPoolExecutor(max_workers=20) as pool:
         per_host = list(pool.map(lambda host: _host_rows(mesh, host, consul, connector_factory), deployed))
     rows = [row for rows in per_host for row in rows]
-    _print(rows, console or Console())
-    skipped = [host.name for host in mesh.hosts if host not in deployed]
     out = console or Console()
-    if skipped:
-        out.print(f"not deployed by this version (container hosts): {', '.join(skipped)}; their instances are "
-                  "not counted")
+    _print(rows, out)
     for row in rows:
         for problem in row.problems:
             out.print(f"[red]{row.host} {row.proxy}: {problem}[/red]")
@@ -80,11 +81,19 @@ def _host_rows(mesh: Mesh, host: ManagedHost, consul: dict[str, list[catalog.Ins
                factory: Callable[[ManagedHost], Connector]) -> list[Row]:
     connector = factory(host)
     rows = [Row(host.name, paths.proxy_name(workload)) for workload in host.workloads]
+    containers = host.kind == "container_host" and bool(host.workloads)
+    if containers:
+        rows.append(Row(host.name, "sidecar watcher"))
     if host.is_controller:
         rows.append(Row(host.name, "health-checker"))
     try:
         for row, workload in zip(rows, host.workloads, strict=False):
-            _proxy_row(mesh, workload, row, connector, consul)
+            if containers:
+                _sidecar_row(mesh, host, workload, row, connector, consul)
+            else:
+                _proxy_row(mesh, workload, row, connector, consul)
+        if containers:
+            _watcher_row(connector, rows[len(host.workloads)])
         if host.is_controller:
             state = connector.run(f"systemctl is-active {controller_env.CHECKER_UNIT}").text()
             rows[-1].cells["envoy"] = f"checker {state}"
@@ -120,6 +129,68 @@ def _proxy_row(mesh: Mesh, workload: Workload, row: Row, connector: Connector,
     row.cells["upstreams"] = _upstreams(mesh, workload, connector, consul, row)
 
 
+def _sidecar_row(mesh: Mesh, host: ManagedHost, workload: Workload, row: Row, connector: Connector,
+                 consul: dict[str, list[catalog.InstanceHealth]] | str) -> None:
+    """A sidecar: its container running in its app container's namespace, Envoy's admin answering inside that
+    namespace, its files the inventory's and the running container made from them (the config-hash label)."""
+    proxy, name = row.proxy, sidecar_name(workload)
+    try:
+        state = container_state(connector, name)
+        app = container_state(connector, str(workload.container))
+    except ModuleFailure as exc:
+        row.cells["envoy"] = "[red]docker ?[/red]"
+        row.problems.append(str(exc))
+        return
+    pid = state.pid if state is not None and state.running else None
+    if state is None:
+        row.problems.append(f"no sidecar container {name} (run mesh deploy)")
+    elif not state.running:
+        row.problems.append(f"sidecar {name} is {state.status}")
+    if app is None or not app.running:
+        row.problems.append(f"app container {workload.container} is "
+                            f"{'missing' if app is None else app.status}")
+    elif state is not None and state.running and state.netns != app.netns:
+        row.problems.append(f"{name} is not in the network namespace of {workload.container} (the watcher "
+                            "restarts it)")
+    info = _admin_json(connector, workload.admin_port, "server_info", pid) if pid else {}
+    version = str(info.get("version", "?")).split("/")[1] if "/" in str(info.get("version", "")) else "?"
+    if pid and not info:
+        row.problems.append(f"Envoy's admin on 127.0.0.1:{workload.admin_port} in {name} does not answer")
+    row.cells["envoy"] = f"sidecar {state.status if state else 'missing'} {version if info else ''}".strip()
+    row.cells["config"] = _sidecar_config(mesh, host, workload, connector, state.config_hash if state else None,
+                                          name, row)
+    row.cells["certificate"] = _certificate(connector, proxy, row)
+    row.cells["upstreams"] = _upstreams(mesh, workload, connector, consul, row, pid)
+
+
+def _sidecar_config(mesh: Mesh, host: ManagedHost, workload: Workload, connector: Connector, label: str | None,
+                    name: str, row: Row) -> str:
+    proxy = paths.proxy_name(workload)
+    cfg = compute_proxy_config(mesh, workload)
+    digests = {path: file_sha256(connector, path) or "" for path in hashed_files(proxy)}
+    if digests[cfg.config_path] != hashlib.sha256(render_envoy_config(cfg).encode()).hexdigest():
+        row.problems.append("the config on the host differs from the inventory's (run mesh deploy)")
+        return "[red]differs[/red]"
+    image = connector.run(f"docker container inspect --format '{{{{.Config.Image}}}}' {shlex.quote(name)}").text()
+    revision = sidecar_spec(host, workload, image, files_hash(digests, image)).revision
+    if label != revision:
+        row.problems.append(f"{name} does not run the current files (run mesh deploy)")
+        return "[red]not running it[/red]"
+    return "applied"
+
+
+def _watcher_row(connector: Connector, row: Row) -> None:
+    state = connector.run(f"systemctl is-active {WATCHER_UNIT}").text()
+    rules = connector.run(f"{RULES_PATH} check").ok
+    row.cells["envoy"] = f"watcher {state}"
+    row.cells["config"] = "rules applied" if rules else "[red]rules differ[/red]"
+    if state != "active":
+        row.problems.append(f"{WATCHER_UNIT} is {state}")
+    if not rules:
+        row.problems.append(f"the reachability rules are not in place ({RULES_PATH} check failed; the watcher or "
+                            "mesh deploy applies them)")
+
+
 def _certificate(connector: Connector, proxy: str, row: Row) -> str:
     try:
         cert = connector.get(paths.cert_path(proxy))
@@ -143,10 +214,10 @@ def _hours(seconds: float) -> str:
 
 
 def _upstreams(mesh: Mesh, workload: Workload, connector: Connector,
-               consul: dict[str, list[catalog.InstanceHealth]] | str, row: Row) -> str:
-    envoy = _envoy_health(connector, workload.admin_port)
+               consul: dict[str, list[catalog.InstanceHealth]] | str, row: Row, pid: int | None = None) -> str:
+    envoy = _envoy_health(connector, workload.admin_port, pid)
     parts = []
-    deployed = {host.name for host in mesh.hosts if host.kind == "vm"}
+    deployed = {host.name for host in mesh.hosts}
     for upstream in workload.upstreams:
         flags = envoy.get(upstream_cluster_name(upstream.service), [])
         healthy_envoy = sum(flag == "healthy" for flag in flags)
@@ -165,23 +236,26 @@ def _upstreams(mesh: Mesh, workload: Workload, connector: Connector,
     return "; ".join(parts) or "-"
 
 
-def _admin(connector: Connector, port: int, path: str) -> str:
-    result = connector.run(f"curl -s -m {ADMIN_TIMEOUT_S} {shlex.quote(f'http://127.0.0.1:{port}/{path}')}")
+def _admin(connector: Connector, port: int, path: str, pid: int | None = None) -> str:
+    """GET Envoy's admin path on 127.0.0.1:port: of the host, or inside the network namespace of process pid
+    (a sidecar: its image has no shell or curl, the host's curl runs in its namespace)."""
+    enter = f"nsenter -t {pid} -n " if pid else ""
+    result = connector.run(f"{enter}curl -s -m {ADMIN_TIMEOUT_S} {shlex.quote(f'http://127.0.0.1:{port}/{path}')}")
     return result.stdout.decode(errors="replace") if result.ok else ""
 
 
-def _admin_json(connector: Connector, port: int, path: str) -> dict[str, object]:
+def _admin_json(connector: Connector, port: int, path: str, pid: int | None = None) -> dict[str, object]:
     try:
-        data = json.loads(_admin(connector, port, path) or "{}")
+        data = json.loads(_admin(connector, port, path, pid) or "{}")
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _envoy_health(connector: Connector, port: int) -> dict[str, list[str]]:
+def _envoy_health(connector: Connector, port: int, pid: int | None = None) -> dict[str, list[str]]:
     """Cluster -> the health_flags of each of its hosts, from the admin /clusters text."""
     found: dict[str, list[str]] = {}
-    for line in _admin(connector, port, "clusters").splitlines():
+    for line in _admin(connector, port, "clusters", pid).splitlines():
         parts = line.split("::")
         if len(parts) == 4 and parts[2] == "health_flags":
             found.setdefault(parts[0], []).append(parts[3])

@@ -21,10 +21,12 @@ from mesh.config.validate import envoy_binary
 
 IMAGE_REPOSITORY = "mesh-envoy"
 ENVOY_IN_IMAGE = "/usr/local/bin/envoy"
-SIDECAR_UID = 101  # the official Envoy images' uid; files the sidecar reads are owned by it on the host
+# The sidecar's uid and gid, and the owner of the files it reads on the host: an id no Debian package or
+# adduser assigns (system ids stop at 999, users at 59999), so no other account on the host can read the keys.
+SIDECAR_UID = 64101
 SIDECAR_USER = "envoy"
 # Bump when the image's layout changes, so cached tarballs of the old layout are not reused.
-RECIPE = "mesh-envoy-image/1"
+RECIPE = "mesh-envoy-image/2"
 TAG_DIGITS = 12
 _LDD_PATH = re.compile(r"(/\S+)\s+\(0x[0-9a-f]+\)")
 

@@ -22,8 +22,18 @@ from mesh.containers.reachability import (
     render_sidecar_list,
     render_watcher,
     render_watcher_unit,
+    sidecar_entries,
 )
-from mesh.containers.sidecar import docker_run_args, files_hash, hashed_files, sidecar_spec, validate_args
+from mesh.containers.sidecar import (
+    LABEL_MANAGED_BY,
+    docker_run_args,
+    file_modes,
+    files_hash,
+    hashed_files,
+    sidecar_spec,
+    validate_args,
+)
+from mesh.deploy.connection import Connector
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.facts import file_sha256
@@ -32,16 +42,8 @@ from mesh.inventory.model import ManagedHost, Workload
 if TYPE_CHECKING:
     from mesh.deploy.modules import ModuleRegistry
 
-IMPORT_CHANGES = ("USER 101:101", f'ENTRYPOINT ["{ENVOY_IN_IMAGE}"]')
+IMPORT_CHANGES = (f"USER {SIDECAR_UID}:{SIDECAR_UID}", f'ENTRYPOINT ["{ENVOY_IN_IMAGE}"]')
 SETTLE_S = 1  # a sidecar that cannot start (a port taken in the app's namespace) has exited by then
-
-
-def file_modes(proxy: str) -> tuple[tuple[str, int, int, int], ...]:
-    """(path, uid, gid, mode) the sidecar's user needs on the host: the key 0600 owned by it, the folder and
-    config readable by its group, numerically (the host need not know the sidecar's user by name)."""
-    uid = SIDECAR_UID
-    return ((paths.proxy_dir(proxy), 0, uid, 0o750), (paths.key_path(proxy), uid, uid, 0o600),
-            (paths.envoy_config_path(proxy), 0, uid, 0o640))
 
 
 def sidecar_image(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
@@ -141,7 +143,8 @@ def _digests(ctx: TaskContext[Any], proxy: str) -> dict[str, str]:
 
 def sidecar_host(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     """The host-wide parts: the sidecar list, the reachability script (applied when it changed or its rules
-    are not in place), the watcher and its unit (enabled; restarted only when they changed)."""
+    are not in place), the watcher and its unit (enabled; restarted only when they changed), and the removal
+    of mesh's sidecars whose workload left the inventory."""
     host = ctx.host
     wanted = ((LIST_PATH, render_sidecar_list(host), 0o644), (RULES_PATH, render_rules(host), 0o755),
               (WATCHER_PATH, render_watcher(host), 0o755), (WATCHER_UNIT_PATH, render_watcher_unit(), 0o644))
@@ -157,7 +160,19 @@ def sidecar_host(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     yield from _watcher_changes(ctx, restart=bool(changed & {WATCHER_PATH, WATCHER_UNIT_PATH}))
     if RULES_PATH in changed or not ctx.connector.run(f"{RULES_PATH} check").ok:
         yield RunCommand(f"{RULES_PATH} apply", "apply the reachability rules")
-    return Outcome(data={"changed_files": sorted(changed)})
+    stale = stale_sidecars(ctx.connector, host)
+    yield from remove_sidecar_commands(stale)
+    return Outcome(msg=f"removed sidecars of workloads that left the inventory: {', '.join(stale)}" if stale else "",
+                   data={"changed_files": sorted(changed), "removed": stale})
+
+
+def stale_sidecars(connector: Connector, host: ManagedHost) -> list[str]:
+    """mesh's sidecars (by its label) on the host whose workload is no longer in the host's inventory entry."""
+    listed = connector.run(f"docker ps --all --filter label={LABEL_MANAGED_BY}=mesh --format '{{{{.Names}}}}'")
+    if not listed.ok:
+        raise ModuleFailure(f"docker ps failed on {host.name}: {listed.error_text()}")
+    wanted = {entry.sidecar for entry in sidecar_entries(host)}
+    return sorted(set(listed.text().split()) - wanted)
 
 
 def _watcher_changes(ctx: TaskContext[Any], restart: bool) -> ModuleRun:

@@ -82,6 +82,14 @@ def files_hash(file_digests: Mapping[str, str], image: str) -> str:
     return digest.hexdigest()[:HASH_DIGITS]
 
 
+def file_modes(proxy: str) -> tuple[tuple[str, int, int, int], ...]:
+    """(path, uid, gid, mode) the sidecar's user needs on the host: the key 0600 owned by it, the folder and
+    config readable by its group, numerically (the host need not know the sidecar's user by name)."""
+    uid = SIDECAR_UID
+    return ((paths.proxy_dir(proxy), 0, uid, 0o750), (paths.key_path(proxy), uid, uid, 0o600),
+            (paths.envoy_config_path(proxy), 0, uid, 0o640))
+
+
 def hashed_files(proxy: str) -> tuple[str, ...]:
     """The files whose content goes into config_hash (the key only changes together with the certificate)."""
     return (paths.envoy_config_path(proxy), paths.cert_path(proxy), paths.CA_PATH)

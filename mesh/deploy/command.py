@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from mesh import catalog, controller_env
 from mesh.config import paths
 from mesh.config.validate import envoy_binary
+from mesh.containers.image import SidecarImage, build_sidecar_image_tar
 from mesh.deploy.connection import connect
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import inventory_vars
@@ -33,7 +34,9 @@ from mesh.pki import CertificateAuthority
 
 PLAYBOOK = Path(__file__).resolve().parents[2] / "playbooks" / "deploy.yml"
 VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
+CONTAINER_HOSTS_GROUP = "mesh_container_hosts"  # container hosts with workloads
 WHEELS_CACHE = "wheels"  # under mesh_state_dir
+IMAGES_CACHE = "images"  # under mesh_state_dir: the sidecar image tarball
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,12 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
     ca, created = CertificateAuthority.ensure(mesh.settings.state_dir, mesh.settings.trust_domain)
     out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} (root {ca.root_fingerprint[:23]}...)")
     context = DeployContext(mesh, ca, LocalFile(Path(envoy_binary())), _wheels(mesh, targets))
+    extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.root_pem.decode()}
+    image = _sidecar_image(mesh, targets, out)
+    if image is not None:
+        extra_vars["mesh_sidecar_image"] = {"src": str(image.path), "tag": image.tag}
     result = run_playbook(
-        playbook, targets, connector_factory, extra_vars={"mesh_ca_pem": ca.root_pem.decode()}, shared=context,
+        playbook, targets, connector_factory, extra_vars=extra_vars, shared=context,
         check=options.check, forks=options.forks, tags=options.tags,
         host_vars=_host_vars(inventory_path, targets), groups=_groups(targets), modules=modules,
         output=output or sys.stdout)
@@ -81,15 +88,8 @@ def _require_controller(mesh: Mesh, inventory_path: str) -> None:
 
 
 def _targets(mesh: Mesh, limit: str | None, out: Display) -> list[ManagedHost]:
-    """The hosts this deploy touches: VMs with workloads and controllers (container hosts: the next issue)."""
-    targets = []
-    for host in mesh.hosts:
-        if host.kind == "container_host" and not host.is_controller:
-            out.warning(f"{host.name} is a container host: this version of mesh deploys VMs only, so it is left "
-                        "alone (its instances are still registered in Consul and listed as endpoints; Envoy's "
-                        "health checks keep traffic off them until they run a proxy)")
-            continue
-        targets.append(host)
+    """The hosts this deploy may touch (the plays pick VMs and container hosts with workloads, and controllers)."""
+    targets = list(mesh.hosts)
     if limit:
         names, unknown = match_hosts(limit, [host.name for host in targets], _groups(targets))
         for term in unknown:
@@ -100,6 +100,7 @@ def _targets(mesh: Mesh, limit: str | None, out: Display) -> list[ManagedHost]:
 
 def _groups(targets: Sequence[ManagedHost]) -> dict[str, list[str]]:
     return {VM_GROUP: [host.name for host in targets if host.kind == "vm" and host.workloads],
+            CONTAINER_HOSTS_GROUP: [host.name for host in targets if host.kind == "container_host" and host.workloads],
             CONTROLLERS_GROUP: [host.name for host in targets if host.is_controller]}
 
 
@@ -111,6 +112,18 @@ def _host_vars(inventory_path: str, targets: Sequence[ManagedHost]) -> dict[str,
         proxies = [paths.proxy_name(workload) for workload in host.workloads]
         made[host.name] = ChainMap({"mesh_proxies": proxies}, variables.get(host.name, {}))  # type: ignore[arg-type]
     return made
+
+
+def _sidecar_image(mesh: Mesh, targets: Sequence[ManagedHost], out: Display) -> SidecarImage | None:
+    """The sidecar image tarball (built once per Envoy binary, cached in mesh_state_dir) when container hosts
+    are deployed."""
+    if not any(host.kind == "container_host" and host.workloads for host in targets):
+        return None
+    started = time.monotonic()
+    image = build_sidecar_image_tar(Path(mesh.settings.state_dir) / IMAGES_CACHE)
+    out.line(f"sidecar image {image.tag} ({image.path.stat().st_size >> 20} MiB, "
+             f"{time.monotonic() - started:.1f} s)")
+    return image
 
 
 def _wheels(mesh: Mesh, targets: Sequence[ManagedHost]) -> ControllerWheels | None:

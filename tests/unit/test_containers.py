@@ -94,7 +94,7 @@ def test_sidecar_joins_the_app_namespace_read_only_and_unprivileged() -> None:
     pairs = set(itertools.pairwise(args))
     assert spec.name == "mesh-envoy-api-0"
     assert ("--network", "container:api-v2-1") in pairs and ("--restart", "always") in pairs
-    assert {("--cap-drop", "ALL"), ("--security-opt", "no-new-privileges"), ("--user", "101:101")} <= pairs
+    assert {("--cap-drop", "ALL"), ("--security-opt", "no-new-privileges"), ("--user", "64101:64101")} <= pairs
     assert "--read-only" in args and ("--memory", "256m") in pairs
     assert ("--volume", "/etc/mesh/proxies/api-0:/etc/mesh/proxies/api-0:ro") in pairs
     assert ("--volume", "/etc/mesh/ca.pem:/etc/mesh/ca.pem:ro") in pairs
@@ -234,7 +234,7 @@ def test_real_image_holds_envoy_every_ldd_library_and_the_user(built_image: imag
     assert {"usr/local/bin/envoy", "etc/passwd", "etc/group", "tmp"} <= names
     with tarfile.open(built_image.path, mode="r:gz") as tar:
         passwd = tar.extractfile("etc/passwd")
-        assert passwd is not None and b"envoy:x:101:101:" in passwd.read()
+        assert passwd is not None and b"envoy:x:64101:64101:" in passwd.read()
     assert built_image.tag.startswith("mesh-envoy:") and len(built_image.digest) == 12
 
 
@@ -293,6 +293,9 @@ class FakeDocker:
         if words[1] == "rm":
             self.containers.pop(words[-1], None)
             return CommandResult(0, b"", b"")
+        if words[1] == "ps":
+            names = [name for name, found in self.containers.items() if found["label"] is not None]
+            return CommandResult(0, "".join(f"{name}\n" for name in names).encode(), b"")
         if words[1] == "restart":
             self.containers[words[-1]]["pid"] = self.containers[words[-1]].get("app_pid", 1)
             return CommandResult(0, b"", b"")
@@ -384,7 +387,7 @@ def test_sidecar_fixes_ownership_for_the_sidecar_user() -> None:
     docker.modes[paths.key_path("api-0")] = "0:0:600"
     _, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
     assert isinstance(changes[0], RunCommand)
-    assert changes[0].cmd == "chown 101:101 /etc/mesh/proxies/api-0/key.pem && chmod 0600 /etc/mesh/proxies/api-0/key.pem"
+    assert changes[0].cmd == "chown 64101:64101 /etc/mesh/proxies/api-0/key.pem && chmod 0600 /etc/mesh/proxies/api-0/key.pem"
 
 
 def test_sidecar_image_sent_only_when_the_tag_is_missing(tmp_path: Path) -> None:
@@ -395,7 +398,7 @@ def test_sidecar_image_sent_only_when_the_tag_is_missing(tmp_path: Path) -> None
     args = {"src": str(tar), "tag": IMAGE}
     outcome, changes = drive(sidecar_image, host, managed, args)
     assert outcome.data == {"tag": IMAGE, "sent": True} and IMAGE in docker.images
-    assert len(changes) == 2 and "--change 'USER 101:101'" in changes[1].cmd  # type: ignore[union-attr]
+    assert len(changes) == 2 and "--change 'USER 64101:64101'" in changes[1].cmd  # type: ignore[union-attr]
     assert "'ENTRYPOINT [\"/usr/local/bin/envoy\"]'" in changes[1].cmd  # type: ignore[union-attr]
     assert "rm -f /var/tmp/mesh-envoy-0123456789ab.tar.gz" in changes[1].cmd  # type: ignore[union-attr]
     outcome, changes = drive(sidecar_image, host, managed, args)
@@ -404,6 +407,7 @@ def test_sidecar_image_sent_only_when_the_tag_is_missing(tmp_path: Path) -> None
 
 def test_sidecar_host_writes_files_then_changes_nothing() -> None:
     host, managed = FakeHost("dock1"), dock1()
+    FakeDocker(host)
     applied: list[str] = []
 
     def rules(cmd: str, _: bytes | None) -> CommandResult:
@@ -428,3 +432,18 @@ def test_modules_register_under_mesh_names() -> None:
     for name in ("mesh.sidecar_image", "mesh.sidecar", "mesh.sidecar_host"):
         assert made.resolve(name) is not None
     assert registry.resolve("mesh.sidecar") is None  # the shared registry is left alone
+
+
+def test_sidecar_host_removes_only_mesh_sidecars_whose_workload_left() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    docker.add("api-v2-1", pid=500)  # the user's app: no mesh label, never touched
+    docker.add("mesh-envoy-api-0", pid=500, label="current")
+    docker.add("mesh-envoy-old-3", pid=700, label="gone")
+    host.stub(rf"^{RULES_PATH} ", CommandResult(0, b"", b""))
+    from mesh.testing.fake_connector import FakeUnit
+    host.units[WATCHER_UNIT] = FakeUnit(active="active", enabled=True)
+    outcome, changes = drive(sidecar_host, host, managed, {})
+    assert outcome.data["removed"] == ["mesh-envoy-old-3"]
+    assert set(docker.containers) == {"api-v2-1", "mesh-envoy-api-0"}
+    assert [c.description for c in changes][-1] == "remove mesh-envoy-old-3"

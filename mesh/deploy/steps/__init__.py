@@ -7,6 +7,7 @@ into a registry the caller owns. It owns their names and arguments; the steps th
 
 from __future__ import annotations
 
+from mesh.containers.modules import register_container_modules
 from mesh.deploy.modules import ModuleRegistry
 from mesh.deploy.steps import controller, host, proxy
 
@@ -17,10 +18,12 @@ def register_mesh_modules(modules: ModuleRegistry) -> None:
     modules.register("mesh.prerequisites", host.prerequisites, ("controller",))
     modules.register("mesh.envoy_binary", host.envoy_binary, ("dest", "mode"))
     modules.register("mesh.firewall", host.firewall, ())
+    modules.register("mesh.proxy_folder", proxy.proxy_folder, ("proxy",))
     modules.register("mesh.certificate", proxy.certificate, ("proxy", "checker"))
-    modules.register("mesh.envoy_config", proxy.envoy_config, ("proxy",))
+    modules.register("mesh.envoy_config", proxy.envoy_config, ("proxy", "image"))
     modules.register("mesh.envoy_unit", proxy.envoy_unit, ("proxy",))
     modules.register("mesh.restart_proxies", proxy.restart_proxies, ("all",))
     modules.register("mesh.checker_env", controller.checker_env, ())
     modules.register("mesh.checker_config", controller.checker_config_file, ())
     modules.register("mesh.checker_unit", controller.checker_unit, ())
+    register_container_modules(modules)  # mesh.sidecar_image, mesh.sidecar, mesh.sidecar_host

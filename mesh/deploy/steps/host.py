@@ -20,15 +20,21 @@ from mesh.render import render_firewall, render_firewall_unit
 # Non-interactive SSH sessions of non-root users often lack the sbin folders where sshd and nft live.
 SBIN_PATH = "PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 TOOLS = ("openssl", "sha256sum", "useradd", "systemctl", "sshd")
+CONTAINER_HOST_TOOLS = ("docker", "iptables", "iptables-restore")
 MIN_CONTROLLER_PYTHON = (3, 10)  # the checker's wheels (structlog, py-consul) need 3.10+
 FIREWALL_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{paths.FIREWALL_UNIT}"
 
 
-def prerequisites_script(controller: bool) -> str:
+def prerequisites_script(controller: bool, container_host: bool = False) -> str:
     """A read-only script printing one name per missing prerequisite (nothing when all are there)."""
     lines = [SBIN_PATH, "[ -d /run/systemd/system ] || echo 'systemd (running as init)'"]
     lines += [f"command -v {tool} >/dev/null 2>&1 || echo {tool}" for tool in TOOLS]
-    lines.append("command -v nft >/dev/null 2>&1 || command -v iptables >/dev/null 2>&1 || echo 'nft or iptables'")
+    if container_host:  # sidecars run by Docker; proxy ports forwarded by mesh's iptables chains
+        lines += [f"command -v {tool} >/dev/null 2>&1 || echo {tool}" for tool in CONTAINER_HOST_TOOLS]
+        lines.append("docker info >/dev/null 2>&1 || echo 'a running Docker engine (docker info failed)'")
+    else:
+        lines.append("command -v nft >/dev/null 2>&1 || command -v iptables >/dev/null 2>&1 || "
+                     "echo 'nft or iptables'")
     if controller:
         major, minor = MIN_CONTROLLER_PYTHON
         lines.append(f"python3 -c 'import sys; sys.exit(sys.version_info < ({major}, {minor}))' 2>/dev/null || "
@@ -38,7 +44,8 @@ def prerequisites_script(controller: bool) -> str:
 
 def prerequisites(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     """Fail the host, before anything changes on it, when a prerequisite of INVENTORY.md is missing."""
-    result = ctx.connector.run(prerequisites_script(to_bool(args.get("controller", False))))
+    script = prerequisites_script(to_bool(args.get("controller", False)), ctx.host.kind == "container_host")
+    result = ctx.connector.run(script)
     missing = [line.strip() for line in result.text().splitlines() if line.strip()]
     if missing:
         return Outcome(msg=f"missing prerequisites on {ctx.host.name}: {', '.join(missing)}; "

@@ -33,8 +33,9 @@ class Identity:
     proxy: str | None = None  # set for a proxy: a new certificate restarts it
 
 
-def proxy_identity(proxy: str, spiffe_id: str) -> Identity:
-    return Identity(spiffe_id, paths.key_path(proxy), paths.cert_path(proxy), paths.ENVOY_USER,
+def proxy_identity(proxy: str, spiffe_id: str, owner: str = paths.ENVOY_USER) -> Identity:
+    """A proxy's identity; owner owns its key (a name on VMs, the sidecar's uid on container hosts)."""
+    return Identity(spiffe_id, paths.key_path(proxy), paths.cert_path(proxy), owner,
                     spiffe_id.rsplit("/", 1)[-1], proxy, proxy)
 
 

@@ -1,5 +1,6 @@
-"""Per-proxy mesh steps on a VM: the key and certificate, Envoy's config (validated on the host before it
-replaces the old one), its systemd unit, and the handler restarting exactly the proxies whose files changed.
+"""Per-proxy mesh steps: the proxy's folder, key and certificate, Envoy's config (validated on the host before it
+replaces the old one: by the host's Envoy on a VM, in the sidecar image on a container host), and on VMs the
+systemd unit and the handler restarting exactly the proxies whose files changed.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from typing import Any
 
 from mesh.config import paths
 from mesh.config.errors import ConfigError, EnvoyRejectedConfig
+from mesh.containers.sidecar import sidecar_spec, validate_args
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
-from mesh.deploy.modules.builtin import attribute_changes
-from mesh.deploy.modules.facts import file_sha256, file_stat
+from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.steps.identity import Identity, checker_identity, proxy_identity, renewal_reason
+from mesh.deploy.steps.ownership import Owned, folder_changes, ownership_changes, proxy_ownership
 from mesh.deploy.variables import to_bool
 from mesh.render import render_envoy_config, render_envoy_unit, validate_envoy_config
 
@@ -29,6 +31,14 @@ def _proxy(args: dict[str, Any]) -> str:
     return str(name)
 
 
+def proxy_folder(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """/etc/mesh/proxies/<proxy>, owned as the host's kind wants it (see ownership.py)."""
+    proxy = _proxy(args)
+    path = paths.proxy_dir(proxy)
+    yield from folder_changes(ctx.connector, path, proxy_ownership(ctx.host, proxy).folder)
+    return Outcome(data={"path": path})
+
+
 def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
     """A key made on the host (never leaving it) and a certificate from the mesh CA, renewed when needed."""
     shared = ctx.shared
@@ -37,16 +47,15 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
         identity = checker_identity(trust_domain)
     else:
         proxy = _proxy(args)
-        identity = proxy_identity(proxy, shared.workload(ctx.host.name, proxy).spiffe_id)
+        identity = proxy_identity(proxy, shared.workload(ctx.host.name, proxy).spiffe_id,
+                                  proxy_ownership(ctx.host, proxy).key.owner)
     fresh = not ctx.connector.run(f"test -s {shlex.quote(identity.key)}").ok
     if fresh:
         made = yield RunCommand(_keygen(identity), f"create the private key {identity.key} on the host")
         if made is None:  # check mode: no key, so no CSR either
             return Outcome(msg="would create a key and request a certificate")
     else:
-        stat = file_stat(ctx.connector, identity.key)
-        if stat is not None:
-            yield from attribute_changes(identity.key, stat, 0o600, identity.owner, identity.owner)
+        yield from ownership_changes(ctx.connector, identity.key, Owned(identity.owner, identity.owner, 0o600))
     reason = "new key" if fresh else renewal_reason(ctx.connector, identity, shared.ca)
     if reason is None:
         return Outcome(msg="certificate valid", data={"spiffe_id": identity.spiffe_id})
@@ -74,30 +83,28 @@ def _keygen(identity: Identity) -> str:
 
 
 def envoy_config(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """Envoy's rendered config: when it differs, sent beside the old one, validated there by the host's Envoy
-    as the proxy's user, then renamed into place; a refused config fails the host and leaves the old one."""
+    """Envoy's rendered config: when it differs, sent beside the old one, validated there (on a VM by the host's
+    Envoy as the proxy's user; on a container host in a throwaway container of the sidecar image `image`), then
+    renamed into place; a refused config fails the host and leaves the old one."""
     proxy = _proxy(args)
     try:
         cfg = ctx.shared.proxy_config(ctx.host.name, proxy)
         data = render_envoy_config(cfg).encode()
     except ConfigError as exc:
         raise ModuleFailure(str(exc)) from None
-    path, group = cfg.config_path, paths.ENVOY_USER
+    path, wanted = cfg.config_path, proxy_ownership(ctx.host, proxy).config
     if file_sha256(ctx.connector, path) == hashlib.sha256(data).hexdigest():
-        stat = file_stat(ctx.connector, path)
-        if stat is not None:
-            yield from attribute_changes(path, stat, 0o640, "root", group)
+        yield from ownership_changes(ctx.connector, path, wanted)
         return Outcome(data={"dest": path})
+    validate = _validate_command(ctx, proxy, args)
     try:  # the same Envoy locally first, so a bad render never reaches a host
         validate_envoy_config(data.decode(), {paths.CA_PATH: ctx.shared.ca.root_pem},
                               ctx.shared.local_envoy or str(ctx.shared.envoy.path))
     except EnvoyRejectedConfig as exc:
         raise ModuleFailure(f"proxy {proxy}: {exc}; nothing was sent") from None
-    temp = f"{paths.proxy_dir(proxy)}/.envoy.new.yaml"  # Envoy picks the format by extension
-    yield PutFile(temp, data, 0o640, "root", group, f"send {path} (to validate)")
-    checked = yield RunCommand(
-        f"runuser -u {group} -- {paths.ENVOY_BINARY} --mode validate -c {shlex.quote(temp)} "
-        f"--disable-hot-restart --log-level error", "validate on the host", check_exit=False, changes=False)
+    temp = new_config_path(proxy)
+    yield PutFile(temp, data, wanted.mode, wanted.owner, wanted.group, f"send {path} (to validate)")
+    checked = yield RunCommand(validate, "validate on the host", check_exit=False, changes=False)
     if checked is not None and not checked.ok:
         yield RunCommand(f"rm -f {shlex.quote(temp)}", "remove the refused config", changes=False)
         message = envoy_error(checked.error_text())
@@ -106,6 +113,24 @@ def envoy_config(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Modul
     yield RunCommand(f"mv -f {shlex.quote(temp)} {shlex.quote(path)}", f"install {path}")
     ctx.shared.mark_restart(ctx.host.name, proxy)
     return Outcome(data={"dest": path, "checksum": hashlib.sha256(data).hexdigest()})
+
+
+def new_config_path(proxy: str) -> str:
+    """Where a new config waits for validation: beside the old one (Envoy picks the format by extension)."""
+    return f"{paths.proxy_dir(proxy)}/.envoy.new.yaml"
+
+
+def _validate_command(ctx: TaskContext[DeployContext], proxy: str, args: dict[str, Any]) -> str:
+    temp = new_config_path(proxy)
+    if ctx.host.kind != "container_host":  # Envoy as the proxy's user: it must be able to read the key
+        return (f"runuser -u {paths.ENVOY_USER} -- {paths.ENVOY_BINARY} --mode validate -c {shlex.quote(temp)} "
+                f"--disable-hot-restart --log-level error")
+    image = args.get("image")
+    if not image:
+        raise ModuleFailure("missing required argument on a container host: image (the sidecar image's tag)")
+    # The sidecar's own image, user and read-only mounts: what the sidecar will see, with no host Envoy.
+    spec = sidecar_spec(ctx.host, ctx.shared.workload(ctx.host.name, proxy), str(image), "")
+    return shlex.join(["docker", *validate_args(spec, temp)])
 
 
 def envoy_error(output: str) -> str:
