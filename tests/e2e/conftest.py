@@ -28,3 +28,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabUp]:
     state_dir = Path(os.environ.get("MESH_LAB_STATE") or "/var/lib/mesh-lab")
     yield LabUp(inventory, state_dir, inventory_hosts(inventory), before, result.stdout)
     mesh("lab", "down")  # idempotent: the last test already took it down when all went well
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The lab's own tests first: they need a lab nobody has deployed to, and their last test takes it down
+    and compares the machine with its state before. The deploy tests then bring it up again as they need it."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_lab.py" else 1)
