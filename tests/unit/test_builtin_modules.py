@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from deploy_helpers import managed, run
+from runner_helpers import managed, run
 
 from mesh.deploy.connection import CommandResult
 from mesh.deploy.errors import ModuleFailure

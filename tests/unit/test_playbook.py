@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from deploy_helpers import write_playbook
+from runner_helpers import write_playbook
 
 from mesh.deploy.modules import registry
 from mesh.deploy.modules.api import ModuleRun, Outcome, TaskContext

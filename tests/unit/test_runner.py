@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy_helpers import managed, run
+from runner_helpers import managed, run
 
 from mesh.deploy.connection import CommandResult
 from mesh.deploy.modules import registry
