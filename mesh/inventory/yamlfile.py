@@ -168,7 +168,7 @@ def _syntax_error(exc: yaml.MarkedYAMLError, path: str, text: str) -> InventoryE
     origin = Origin(path, mark.line + 1, mark.column + 1) if mark else Origin(path)
     problem = exc.problem or "invalid YAML"
     lines = text.splitlines()
-    at_tab = bool(mark) and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]
+    at_tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]
     if "'\\t'" in problem or "\\t" in problem or at_tab:
         problem = "a tab character; YAML indentation must use spaces"
     context = f" {exc.context}" if exc.context else ""
@@ -237,6 +237,7 @@ class _Builder:
             return self._build_scalar(node)
         if isinstance(node, MappingNode):
             return self._build_mapping(node, depth)
+        assert isinstance(node, SequenceNode)  # the composer makes only these three kinds
         return self._build_sequence(node, depth)
 
     def _build_scalar(self, node: Node) -> tuple[Any, Marks]:
