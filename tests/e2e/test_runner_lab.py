@@ -74,7 +74,8 @@ FAILING = f"""
 """
 
 
-@pytest.fixture(scope="session")
+# Module-scoped like every lab lock in tests/e2e: one process holding it across modules would wait on itself.
+@pytest.fixture(scope="module")
 def lab_hosts() -> Iterator[dict[str, ManagedHost]]:
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
