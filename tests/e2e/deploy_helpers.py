@@ -5,6 +5,7 @@ nodes over SSH, probe ports and TLS from one node to another, ask Consul, and fi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -14,7 +15,8 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ from typing import Any, TypeVar
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from lab_helpers import MESH, LabUp, inventory_hosts
+from lab_helpers import MESH, LabUp, inventory_hosts, machine_state
 
 from mesh.testing.health_endpoint import LeafFiles
 
@@ -108,6 +110,24 @@ def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], what: str, timeout
 def lab_handle(up_output: str, before: Any) -> LabUp:
     """The lab of inventory/lab.yaml as lab_helpers knows it (its SSH key, known_hosts and addresses)."""
     return LabUp(INVENTORY, LAB_STATE, inventory_hosts(INVENTORY), before, up_output)
+
+
+@contextmanager
+def shared_lab() -> Iterator[LabUp]:
+    """The lab at inventory/lab.yaml at the shared size (idempotent: a lab already up, deployed or not, is used
+    as it is, as a user re-deploys), under the lock that keeps test runs side by side off each other. For a
+    module-scoped fixture only: one process holding the lock across modules would wait on itself. The lab
+    stays up, deployed, for whoever uses it next; conftest's session `lab` takes it down at the end."""
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = machine_state()
+        up = run_mesh("lab", "up", *SIZE, "--inventory", str(INVENTORY), timeout=900)
+        if up.code != 0 and "does not resize" in up.stderr:
+            run_mesh("lab", "down", timeout=300)
+            up = run_mesh("lab", "up", *SIZE, "--inventory", str(INVENTORY), timeout=900)
+        if up.code != 0:
+            raise AssertionError(f"the lab could not start, so `mesh deploy` cannot be tested:\n{up}")
+        yield lab_handle(up.stdout, before)
 
 
 def sh(lab: LabUp, host: str, command: str, input: str | bytes | None = None,

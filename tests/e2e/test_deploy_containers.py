@@ -10,7 +10,6 @@ and each brings back what it broke.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import re
 import time
@@ -21,20 +20,18 @@ from typing import Any
 import pytest
 from deploy_helpers import (
     INVENTORY,
-    LOCK,
-    SIZE,
     Run,
     check_status,
     hops,
-    lab_handle,
     out,
     run_mesh,
     sh,
+    shared_lab,
     tcp_from,
     tls_from,
     wait_for,
 )
-from lab_helpers import LabUp, machine_state
+from lab_helpers import LabUp
 
 from mesh.containers.reachability import FORWARD_CHAIN, NAT_CHAIN, WATCHER_UNIT
 from mesh.inventory.loader import load_inventory
@@ -58,17 +55,9 @@ TIMINGS: dict[str, float] = {}
 def deploy_lab() -> Iterator[LabUp]:
     """The lab at inventory/lab.yaml at the shared size, under the shared lock for the whole module (see
     test_deploy_vms.py for why not conftest's session lab)."""
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        before = machine_state()
-        up = run_mesh("lab", "up", *SIZE, "--inventory", str(INVENTORY), timeout=900)
-        if up.code != 0 and "does not resize" in up.stderr:
-            run_mesh("lab", "down", timeout=300)
-            up = run_mesh("lab", "up", *SIZE, "--inventory", str(INVENTORY), timeout=900)
-        if up.code != 0:
-            pytest.fail(f"the lab could not start, so `mesh deploy` cannot be tested:\n{up}")
-        yield lab_handle(up.stdout, before)
-        print(f"\ndeploy times: {TIMINGS}")
+    with shared_lab() as lab:
+        yield lab
+    print(f"\ndeploy times: {TIMINGS}")
 
 
 @pytest.fixture(scope="module")

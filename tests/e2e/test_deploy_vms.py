@@ -9,7 +9,6 @@ run in file order: the ones that stop, reboot or break things come last, and eac
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import re
@@ -22,8 +21,6 @@ from typing import Any
 import pytest
 from deploy_helpers import (
     INVENTORY,
-    LOCK,
-    SIZE,
     Run,
     cert_public_fingerprint,
     check_status,
@@ -33,17 +30,17 @@ from deploy_helpers import (
     inventory_copy,
     keys_in_folders,
     keys_on_node,
-    lab_handle,
     out,
     public_fingerprint,
     run_mesh,
     sh,
+    shared_lab,
     tcp_from,
     tls_from,
     unit_pids,
     wait_for,
 )
-from lab_helpers import LabUp, machine_state
+from lab_helpers import LabUp
 
 from mesh.config.compute import upstream_cluster_name
 from mesh.inventory.loader import load_inventory
@@ -82,17 +79,8 @@ def deploy_lab() -> Iterator[LabUp]:
     test_lab.py, which needs a lab nobody deployed to. The lock is module-scoped, not session-scoped:
     test_runner_lab.py flocks the same file through another descriptor and would wait on us forever.
     """
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        before = machine_state()
-        up = run_mesh("lab", "up", *SIZE, "--inventory", str(INVENTORY), timeout=900)
-        if up.code != 0 and "does not resize" in up.stderr:
-            run_mesh("lab", "down", timeout=300)
-            up = run_mesh("lab", "up", *SIZE, "--inventory", str(INVENTORY), timeout=900)
-        if up.code != 0:
-            pytest.fail(f"the lab could not start, so `mesh deploy` cannot be tested:\n{up}")
-        yield lab_handle(up.stdout, before)
-        # The lock is released here; the lab stays up, deployed, for whoever uses it next.
+    with shared_lab() as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")
