@@ -140,6 +140,11 @@ def _clean(lab: Lab) -> None:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # These tests drive the sidecar parts by hand on dock1: they start from a lab nobody deployed to (the
+        # deploy tests before them leave theirs deployed), which a warm `up` gives in seconds.
+        down = mesh("lab", "down", timeout=300)
+        if down.returncode != 0:
+            pytest.fail(f"`mesh lab down` failed:\n{down.stdout}\n{down.stderr}")
         up = mesh("lab", "up", *SIZE, "--inventory", str(INVENTORY), timeout=900)
         if up.returncode != 0:
             pytest.fail(f"`mesh lab up` failed:\n{up.stdout}\n{up.stderr}")
