@@ -177,7 +177,5 @@ def test_cli_check_ini_with_host_vars(tmp_path: Path, capsys: pytest.CaptureFixt
     })
     code = run(["inventory", "check", str(tmp_path / "inventory.ini")])
     captured = capsys.readouterr()
-    if "not supported in this build" in captured.err:
-        pytest.skip("the INI reader is not in this build yet")
     assert code == 0, captured.err
     assert "hosts: 2 vm, 1 container_host, 1 controller(s) among them, 0 other" in captured.out

@@ -263,7 +263,6 @@ def _ansible_lists(paths: list[str], workdir: Path) -> dict[str, Any]:
 
 
 def test_good_cases_list_as_ansible_does(tmp_path: Path) -> None:
-    pytest.importorskip("ansible")
     from mesh.inventory.listing import list_inventory
     from mesh.inventory.loader import load_inventory
 

@@ -4,7 +4,6 @@ in every measured form, no-extension files, dynamic sources (expected values mea
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -99,7 +98,6 @@ def test_missing_path_and_empty_folder_refused(tmp_path: Path) -> None:
         load_inventory(str(tmp_path / "inv"))
 
 
-@pytest.mark.skipif(shutil.which("ansible-inventory") is None, reason="needs ansible-core")
 def test_script_read_through_ansible_inventory(tmp_path: Path) -> None:
     script = tmp_path / "dyn.sh"
     script.write_text("#!/bin/sh\necho '{\"web\": {\"hosts\": [\"h1\"], \"vars\": {\"g\": 1, \"x\": \"group\"}}, "
