@@ -14,9 +14,7 @@ import re
 import socket
 import socketserver
 import ssl
-import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -33,9 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.config import EnvoyRejectedConfig, compute_proxy_config, health_server_name
-from mesh.config.validate import envoy_binary, rewrite_file_paths, validate_envoy_config
+from mesh.config.validate import rewrite_file_paths, validate_envoy_config
 from mesh.inventory.model import Connection, Health, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.render import render_envoy_config
+from mesh.testing import loopback
+from mesh.testing.loopback import RunningEnvoy, eventually, free_port, stop_envoys
 
 GOLDEN_ENVOY = Path(__file__).resolve().parent / "golden" / "envoy"
 TRUST_DOMAIN = "loop.mesh"
@@ -163,12 +163,6 @@ def stop(server: socketserver.BaseServer) -> None:
     server.server_close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 # --- the loopback mesh ---
 
 @dataclass(frozen=True)
@@ -194,18 +188,6 @@ def loopback_mesh() -> Loopback:
     return Loopback(Mesh(MeshSettings(trust_domain=TRUST_DOMAIN), hosts, (), services), web, api, db)
 
 
-@dataclass
-class RunningEnvoy:
-    process: subprocess.Popen[bytes]
-    admin_port: int
-    base_id: int
-    log: Path
-
-    def admin(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as response:
-            return str(response.read().decode())
-
-
 def start_envoy(loop: Loopback, workload: Workload, files: dict[str, bytes], folder: Path, base_id: int) -> RunningEnvoy:
     """Render the workload's real config, bind its inbound listener to its host's 127.0.0.x, point it at `files`."""
     config = yaml.safe_load(render_envoy_config(compute_proxy_config(loop.mesh, workload)))
@@ -214,47 +196,7 @@ def start_envoy(loop: Loopback, workload: Workload, files: dict[str, bytes], fol
         if listener["name"] == "inbound":
             listener["address"]["socket_address"]["address"] = address
     rewrite_file_paths(config, folder / "files", lambda path, _role: files[path])
-    config_path = folder / "envoy.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    log = folder / "envoy.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen([envoy_binary(), "-c", str(config_path), "--base-id", str(base_id),
-                                    "--log-level", "warn"], stdout=sink, stderr=subprocess.STDOUT)
-    envoy = RunningEnvoy(process, workload.admin_port, base_id, log)
-    eventually(lambda: envoy.admin("/ready").strip() == "LIVE" or None, 15, f"{workload.service}'s Envoy is LIVE",
-               envoy)
-    return envoy
-
-
-def stop_envoys(envoys: list[RunningEnvoy]) -> None:
-    for envoy in envoys:
-        envoy.process.terminate()
-    for envoy in envoys:
-        try:
-            envoy.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            envoy.process.kill()
-            envoy.process.wait()
-        # Envoy names its shared memory after base_id * 10 + a digit (the hot-restart epoch slot).
-        for leftover in Path("/dev/shm").glob(f"envoy_shared_memory_{envoy.base_id}?"):
-            leftover.unlink(missing_ok=True)
-
-
-def eventually(probe: Callable[[], T | None], timeout: float, what: str, envoy: RunningEnvoy | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            result = probe()
-        except Exception as error:  # noqa: BLE001 (retry until the deadline, then report the last one)
-            last = error
-        else:
-            if result is not None and result is not False:
-                return result
-            last = result
-        time.sleep(0.2)
-    log = envoy.log.read_text()[-3000:] if envoy else ""
-    raise AssertionError(f"not within {timeout} s: {what} (last: {last!r})\n{log}")
+    return loopback.start_envoy(workload.service, config, folder, base_id)
 
 
 def tls_request(address: str, port: int, server_name: str, ca: bytes, path: str = "/",
@@ -326,7 +268,7 @@ def check_calls_through_the_mesh(loop: Loopback, web_envoy: RunningEnvoy) -> Non
         with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/hello", timeout=5) as response:
             return dict(json.loads(response.read()))
 
-    answer = eventually(call_api, WAIT_S, "web reaches api through both Envoys", web_envoy)
+    answer = eventually(call_api, WAIT_S, "web reaches api through both Envoys", web_envoy.log)
     assert answer["app"] == "api" and answer["path"] == "/hello"
     assert f"URI={loop.web.spiffe_id}" in answer["xfcc"]  # the caller's identity, set by api's Envoy
 
@@ -335,7 +277,7 @@ def check_calls_through_the_mesh(loop: Loopback, web_envoy: RunningEnvoy) -> Non
             connection.sendall(b"ping over tcp\n")
             return connection.recv(100) or None
 
-    assert eventually(echo_db, WAIT_S, "web reaches db (tcp) through both Envoys", web_envoy) == b"ping over tcp\n"
+    assert eventually(echo_db, WAIT_S, "web reaches db (tcp) through both Envoys", web_envoy.log) == b"ping over tcp\n"
 
 
 def check_inbound_refusals(loop: Loopback, folder: Path, mesh_ca: Issuer, foreign_ca: Issuer,
@@ -367,14 +309,14 @@ def check_health_follows_the_app(loop: Loopback, folder: Path, mesh_ca: Issuer, 
     assert health_status("127.0.0.3", loop.api.proxy_port, "/other") == 404  # the health chain forwards nothing
     assert health_status("127.0.0.2", loop.web.proxy_port) == 503  # nothing listens on web's app port
     api_app.stop()
-    eventually(lambda: health_status("127.0.0.3", loop.api.proxy_port) == 503, WAIT_S, "api unhealthy", api_envoy)
+    eventually(lambda: health_status("127.0.0.3", loop.api.proxy_port) == 503, WAIT_S, "api unhealthy", api_envoy.log)
     flags = re.compile(rf"upstream-api::127\.0\.0\.3:{loop.api.proxy_port}::health_flags::(\S+)")
 
     def api_marked_unhealthy() -> bool:
         found = flags.search(web_envoy.admin("/clusters"))
         return bool(found and "failed_active_hc" in found.group(1))
 
-    eventually(api_marked_unhealthy, WAIT_S, "web's Envoy marks api failed_active_hc", web_envoy)
+    eventually(api_marked_unhealthy, WAIT_S, "web's Envoy marks api failed_active_hc", web_envoy.log)
     api_port = loop.web.upstreams[0].local_port
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://127.0.0.1:{api_port}/hello", timeout=5)
