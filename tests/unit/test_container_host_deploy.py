@@ -9,10 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from test_containers import IMAGE, FakeDocker
 
 from mesh.config import paths
@@ -31,6 +27,7 @@ from mesh.deploy.steps.context import DeployContext, LocalFile
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority
 from mesh.testing.fake_connector import FakeFleet, FakeHost, FakeUnit
+from mesh.testing.fake_openssl import stub_openssl
 
 OK = CommandResult(0, b"", b"")
 TD = "test.mesh"
@@ -54,30 +51,7 @@ def _numeric(owner: str) -> str:
 
 def _fake_dock1(host: FakeHost) -> FakeDocker:
     """Stubs for what the steps send to a container host, acting on the fake host's files."""
-    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
-
-    def genpkey(cmd: str, stdin: bytes | None) -> CommandResult:
-        path = re.search(r'mv -f "\$t" (\S+)$', cmd).group(1)  # type: ignore[union-attr]
-        owner = re.search(r"chown (\S+):", cmd).group(1)  # type: ignore[union-attr]
-        keys[path] = ec.generate_private_key(ec.SECP256R1())
-        host.write(path, b"PRIVATE KEY (fake)", 0o600, owner, owner)
-        return OK
-
-    def csr(cmd: str, stdin: bytes | None) -> CommandResult:
-        key = keys[re.search(r"-key (\S+)", cmd).group(1)]  # type: ignore[union-attr]
-        request = (x509.CertificateSigningRequestBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])).sign(key, hashes.SHA256()))
-        return CommandResult(0, request.public_bytes(serialization.Encoding.PEM), b"")
-
-    def pubkey(cmd: str, stdin: bytes | None) -> CommandResult:
-        key = keys[re.search(r"-in (\S+)", cmd).group(1)]  # type: ignore[union-attr]
-        return CommandResult(0, key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), b"")
-
-    def move(cmd: str, stdin: bytes | None) -> CommandResult:
-        source, dest = (word.strip("'") for word in cmd.split()[-2:])
-        host.files[dest] = host.files.pop(source)
-        return OK
+    stub_openssl(host)
 
     def stat(cmd: str, stdin: bytes | None) -> CommandResult:  # by number, from the fake files
         found = host.files.get(cmd.split()[-1].strip("'"))
@@ -87,10 +61,6 @@ def _fake_dock1(host: FakeHost) -> FakeDocker:
 
     host.stub(r"command -v openssl", OK)  # the prerequisites: all present
     host.stub(r"^stat -c '%u:%g:%a'", stat)  # before FakeDocker's own stub, which answers fixed modes
-    host.stub(r"openssl genpkey", genpkey)
-    host.stub(r"^openssl req -new", csr)
-    host.stub(r"^openssl pkey", pubkey)
-    host.stub(r"^mv -f ", move)
     host.stub(rf"^{RULES_PATH} ", OK)
     host.units[WATCHER_UNIT] = FakeUnit()
     docker = FakeDocker(host)

@@ -10,10 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from mesh.config import paths
 from mesh.config.validate import envoy_binary
@@ -29,6 +25,7 @@ from mesh.deploy.steps.context import DeployContext, LocalFile
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority, leaf_info
 from mesh.testing.fake_connector import FakeFleet, FakeHost, FakeUnit
+from mesh.testing.fake_openssl import stub_openssl
 
 OK = CommandResult(0, b"", b"")
 TD = "test.mesh"
@@ -48,29 +45,7 @@ def _mesh(tmp_path: Path) -> Mesh:
 
 def _fake_vm(host: FakeHost, missing: str = "") -> None:
     """Stubs for the commands mesh's steps send, acting on the fake host's files."""
-    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
-
-    def genpkey(cmd: str, stdin: bytes | None) -> CommandResult:
-        path = re.search(r'mv -f "\$t" (\S+)$', cmd).group(1)  # type: ignore[union-attr]
-        keys[path] = ec.generate_private_key(ec.SECP256R1())
-        host.write(path, b"PRIVATE KEY (fake)", 0o600, "mesh-envoy", "mesh-envoy")
-        return OK
-
-    def csr(cmd: str, stdin: bytes | None) -> CommandResult:
-        key = keys[re.search(r"-key (\S+)", cmd).group(1)]  # type: ignore[union-attr]
-        request = (x509.CertificateSigningRequestBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])).sign(key, hashes.SHA256()))
-        return CommandResult(0, request.public_bytes(serialization.Encoding.PEM), b"")
-
-    def pubkey(cmd: str, stdin: bytes | None) -> CommandResult:
-        key = keys[re.search(r"-in (\S+)", cmd).group(1)]  # type: ignore[union-attr]
-        return CommandResult(0, key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), b"")
-
-    def move(cmd: str, stdin: bytes | None) -> CommandResult:
-        source, dest = (word.strip("'") for word in cmd.split()[-2:])
-        host.files[dest] = host.files.pop(source)
-        return OK
+    stub_openssl(host)
 
     host.stub(r"command -v openssl", CommandResult(0, missing.encode(), b""))
     host.stub(r"^getent passwd", lambda cmd, _: OK if "/etc/passwd:mesh-envoy" in host.files
@@ -80,11 +55,7 @@ def _fake_vm(host: FakeHost, missing: str = "") -> None:
         return OK
 
     host.stub(r"useradd", useradd)
-    host.stub(r"openssl genpkey", genpkey)
-    host.stub(r"^openssl req -new", csr)
-    host.stub(r"^openssl pkey", pubkey)
     host.stub(r"^runuser -u mesh-envoy -- /usr/local/lib/mesh/envoy --mode validate", OK)
-    host.stub(r"^mv -f ", move)
     host.stub(r"^/usr/sbin/nft ", OK)
     host.write(paths.NFT_BINARY, b"", 0o755)
     for unit in ("mesh-envoy-web-0.service", "mesh-envoy-api-0.service", "mesh-envoy-db-1.service",

@@ -1,0 +1,57 @@
+"""openssl on a fake host, for the deploy steps' unit tests: keys, CSRs and public keys made with
+cryptography, the key files written into the fake host's files. Unit tests only; the lab runs the real one."""
+
+from __future__ import annotations
+
+import re
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mesh.deploy.connection import CommandResult
+from mesh.testing.fake_connector import FakeHost
+
+_OK = CommandResult(0, b"", b"")
+
+
+def stub_openssl(host: FakeHost) -> None:
+    """Answer the steps' `openssl genpkey` (with its chown and mv), `openssl req -new`, `openssl pkey` and
+    `mv -f` on host, keeping each generated key so CSRs and public keys match it."""
+    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+
+    def genpkey(cmd: str, stdin: bytes | None) -> CommandResult:
+        path = _group(r'mv -f "\$t" (\S+)$', cmd)
+        owner = _group(r"chown ([^:\s]+)", cmd)
+        keys[path] = ec.generate_private_key(ec.SECP256R1())
+        host.write(path, b"PRIVATE KEY (fake)", 0o600, owner, owner)
+        return _OK
+
+    def csr(cmd: str, stdin: bytes | None) -> CommandResult:
+        key = keys[_group(r"-key (\S+)", cmd)]
+        request = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])).sign(key, hashes.SHA256()))
+        return CommandResult(0, request.public_bytes(serialization.Encoding.PEM), b"")
+
+    def pubkey(cmd: str, stdin: bytes | None) -> CommandResult:
+        key = keys[_group(r"-in (\S+)", cmd)]
+        return CommandResult(0, key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), b"")
+
+    def move(cmd: str, stdin: bytes | None) -> CommandResult:
+        source, dest = (word.strip("'") for word in cmd.split()[-2:])
+        host.files[dest] = host.files.pop(source)
+        return _OK
+
+    host.stub(r"openssl genpkey", genpkey)
+    host.stub(r"^openssl req -new", csr)
+    host.stub(r"^openssl pkey", pubkey)
+    host.stub(r"^mv -f ", move)
+
+
+def _group(pattern: str, text: str) -> str:
+    found = re.search(pattern, text)
+    if found is None:
+        raise AssertionError(f"the fake openssl does not know this command: {text}")
+    return found.group(1)
