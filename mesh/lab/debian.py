@@ -63,8 +63,9 @@ def _one_line_uris(path: Path) -> list[str]:
     return uris
 
 
-def download_package(package: str, suite: str, work: Path) -> Path:
-    """Fetch one .deb of `suite` into `work` through a private apt configuration (lists and cache in work)."""
+def download_package(package: str, suite: str, work: Path, version: str | None = None) -> Path:
+    """Fetch one .deb of `suite` (at `version` when given) into `work` through a private apt configuration
+    (lists and cache in work)."""
     mirror = debian_mirror()
     sources = work / "sources.list"
     sources.write_text(f"deb {mirror} {suite} main\n")
@@ -78,31 +79,22 @@ def download_package(package: str, suite: str, work: Path) -> Path:
         "-o", "Acquire::Languages=none", "-o", "APT::Sandbox::User=root", "-qq",
     ]
     _run(["apt-get", *options, "update"], f"apt-get update for {suite}")
-    _run(["apt-get", *options, "download", package], f"apt-get download {package}", cwd=work / "debs")
+    wanted = f"{package}={version}" if version else package
+    _run(["apt-get", *options, "download", wanted], f"apt-get download {wanted}", cwd=work / "debs")
     debs = sorted((work / "debs").glob(f"{package}_*.deb"))
     if not debs:
         raise MeshError(f"apt-get download {package} from {suite} produced no .deb")
     return debs[0]
 
 
-def verified_vendor_deb(vendor: Path, package: str) -> Path:
-    """The vendored .deb of `package`, after checking it against the SHA256SUMS beside it."""
-    sums = vendor / "SHA256SUMS"
-    if not sums.is_file():
-        raise MeshError(f"the mirror does not serve {package} and there is no vendored copy at {vendor}")
-    expected = {}
-    for line in sums.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            expected[name.lstrip("*")] = digest
-    for name, digest in expected.items():
-        if name.startswith(f"{package}_") and name.endswith(".deb"):
-            deb = vendor / name
-            actual = hashlib.sha256(deb.read_bytes()).hexdigest()
-            if actual != digest:
-                raise MeshError(f"{deb} does not match {sums}: sha256 {actual}, expected {digest}")
-            return deb
-    raise MeshError(f"{sums} lists no {package} package")
+def verify_deb(deb: Path, expected_sha256: str) -> Path:
+    """`deb` after checking its SHA-256 against the digest the repository keeps for it."""
+    actual = hashlib.sha256(deb.read_bytes()).hexdigest()
+    if actual != expected_sha256:
+        raise MeshError(f"{deb.name} does not match the checksum mesh keeps for it: sha256 {actual}, "
+                        f"expected {expected_sha256}",
+                        hint="the mirror served another build of the package; refusing to run it")
+    return deb
 
 
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:

@@ -59,7 +59,12 @@ APP_SCRIPT_PATH = "opt/mesh-demo/demoapp.py"
 CONSUL_SUITE = "bullseye"
 CONSUL_PACKAGE = "consul"
 CONSUL_VERSION_PREFIX = "1.8.7"
-CONSUL_SCRIPT_VERSION = 1
+CONSUL_SCRIPT_VERSION = 2
+# The one build of Debian bullseye's consul package the lab runs, per machine architecture, with the SHA-256
+# the repository keeps for it: a mirror serving anything else is refused.
+CONSUL_DEBS = {
+    "x86_64": ("1.8.7+dfsg1-2+b3", "e4e888bba104daba1d9161f49bfc52649a7e4efd45b1a7ead5bc54f2cb9c89d9"),
+}
 
 
 def log_progress(message: str) -> None:
@@ -372,32 +377,33 @@ def consul_recipe() -> Recipe:
                   inputs=(("arch", platform.machine()),), min_free_bytes=400 * MIB)
 
 
-def vendor_consul_dir() -> Path:
-    """`shared/vendor/consul` beside the repository checkout (the fallback when the mirror lacks bullseye)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "vendor" / "consul"
+def consul_deb(machine: str) -> tuple[str, str]:
+    """(version, sha256) of the consul package for this machine's architecture."""
+    if machine not in CONSUL_DEBS:
+        raise MeshError(f"the lab's Consul package is pinned for {', '.join(sorted(CONSUL_DEBS))} only, "
+                        f"not {machine}", hint="add its version and checksum to CONSUL_DEBS in mesh/lab/images.py")
+    return CONSUL_DEBS[machine]
 
 
 def ensure_consul_binary(cache_dir: Path | None = None, progress: Progress = log_progress,
                          builder: Builder | None = None) -> Path:
-    """Consul 1.8.7 from Debian bullseye's package (a private apt configuration), else the vendored .deb."""
+    """Consul 1.8.7 from Debian bullseye's package (a private apt configuration), checked against CONSUL_DEBS."""
     return ensure_artifact(consul_recipe(), builder or build_consul, cache_dir, progress) / "consul"
 
 
 def build_consul(recipe: Recipe, staging: Path, progress: Progress) -> None:
     require_root("fetching Consul")
     require_tool("dpkg", "dpkg")
+    version, digest = consul_deb(platform.machine())
     with tempfile.TemporaryDirectory(prefix="mesh-lab-apt-") as work:
-        try:
-            progress(f"consul: fetching the {recipe.suite} package with a private apt configuration")
-            deb = debian.download_package(recipe.packages[0], recipe.suite, Path(work))
-        except MeshError as exc:
-            progress(f"consul: the mirror did not serve it ({exc.message.splitlines()[0]}); using the vendored copy")
-            deb = debian.verified_vendor_deb(vendor_consul_dir(), recipe.packages[0])
+        progress(f"consul: fetching the {recipe.suite} package {version} with a private apt configuration")
+        deb = debian.download_package(recipe.packages[0], recipe.suite, Path(work), version)
+        debian.verify_deb(deb, digest)
         extracted = Path(work) / "x"
         run_checked(["dpkg", "-x", str(deb), str(extracted)], "unpacking the consul package")
         binary = staging / "consul"
         shutil.copy2(extracted / "usr/bin/consul", binary)
         (staging / "source").write_text(f"{deb.name}\n")
-    version = run_checked([str(binary), "version"], "running consul version")
-    if f"v{CONSUL_VERSION_PREFIX}" not in version:
-        raise MeshError(f"the consul binary is not {CONSUL_VERSION_PREFIX}: {version.splitlines()[0]}")
+    reported = run_checked([str(binary), "version"], "running consul version")
+    if f"v{CONSUL_VERSION_PREFIX}" not in reported:
+        raise MeshError(f"the consul binary is not {CONSUL_VERSION_PREFIX}: {reported.splitlines()[0]}")

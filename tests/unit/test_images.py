@@ -199,18 +199,18 @@ def test_dependency_closure(tmp_path: Path) -> None:
     assert debian.dependency_closure(tmp_path, ["app"]) == ["app", "libc6", "libx", "postfix"]
 
 
-def test_vendored_deb_is_checked(tmp_path: Path) -> None:
+def test_a_downloaded_deb_is_checked_against_the_repositorys_checksum(tmp_path: Path) -> None:
     deb = tmp_path / "consul_1.8.7_amd64.deb"
     deb.write_bytes(b"package")
-    sums = tmp_path / "SHA256SUMS"
-    sums.write_text(f"{hashlib.sha256(b'package').hexdigest()}  {deb.name}\n")
-    assert debian.verified_vendor_deb(tmp_path, "consul") == deb
+    assert debian.verify_deb(deb, hashlib.sha256(b"package").hexdigest()) == deb
     deb.write_bytes(b"tampered")
-    with pytest.raises(MeshError, match="does not match"):
-        debian.verified_vendor_deb(tmp_path, "consul")
+    with pytest.raises(MeshError, match="does not match the checksum"):
+        debian.verify_deb(deb, hashlib.sha256(b"package").hexdigest())
 
 
-def test_the_vendored_consul_matches_its_checksum() -> None:
-    # CI and every session have shared/ beside the checkout: the fallback the lab relies on must be intact.
-    assert images.vendor_consul_dir().is_dir(), f"no {images.vendor_consul_dir()} beside the repo"
-    assert debian.verified_vendor_deb(images.vendor_consul_dir(), "consul").name.startswith("consul_1.8.7")
+def test_consul_is_pinned_per_architecture() -> None:
+    version, digest = images.consul_deb("x86_64")
+    assert version.startswith("1.8.7") and len(digest) == 64
+    with pytest.raises(MeshError, match="pinned for x86_64 only"):
+        images.consul_deb("sparc64")
+
