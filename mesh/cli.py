@@ -13,6 +13,7 @@ import traceback
 import click
 
 from mesh import errors
+from mesh.cli_inventory import fleet_inventory, inventory_argument, inventory_option
 from mesh.log import configure_logging
 
 
@@ -98,30 +99,32 @@ _add_ca_commands()
 
 
 @cli.command("deploy")
-@click.argument("inventory_path", metavar="INVENTORY")
+@inventory_argument
+@inventory_option
 @click.option("-C", "--check", is_flag=True, help="Show what would change; change nothing on the hosts.")
 @click.option("-l", "--limit", default=None, help="Only these hosts (an Ansible host pattern).")
 @click.option("-t", "--tags", default=None, help="Only tasks with these tags (comma-separated).")
 @click.option("-f", "--forks", default=20, show_default=True, type=click.IntRange(1, 500),
               help="Hosts deployed in parallel.")
 @click.pass_context
-def deploy_command(ctx: click.Context, inventory_path: str, check: bool, limit: str | None, tags: str | None,
-                   forks: int) -> None:
+def deploy_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None, check: bool,
+                   limit: str | None, tags: str | None, forks: int) -> None:
     """Deploy the mesh: CA, Envoy beside every VM workload, the health checker, Consul registrations."""
     from mesh.deploy.command import DeployOptions, deploy
 
     tag_list = [tag.strip() for tag in tags.split(",") if tag.strip()] if tags else None
-    ctx.exit(deploy(inventory_path, DeployOptions(check=check, limit=limit, tags=tag_list, forks=forks)))
+    ctx.exit(deploy(fleet_inventory(inventory_path, inventory_option), DeployOptions(check=check, limit=limit, tags=tag_list, forks=forks)))
 
 
 @cli.command("status")
-@click.argument("inventory_path", metavar="INVENTORY")
+@inventory_argument
+@inventory_option
 @click.pass_context
-def status_command(ctx: click.Context, inventory_path: str) -> None:
+def status_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None) -> None:
     """Per proxy: reachable, Envoy running and its version, config applied, certificate, upstream health."""
     from mesh.status import status
 
-    ctx.exit(status(inventory_path))
+    ctx.exit(status(fleet_inventory(inventory_path, inventory_option)))
 
 
 def main(argv: list[str] | None = None) -> int:
