@@ -4,7 +4,9 @@ print. No PKI here (mesh/pki/ does it), and never a key: only certificates, seri
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -14,10 +16,16 @@ from cryptography.x509.oid import NameOID
 from rich.console import Console
 from rich.table import Table
 
-from mesh.errors import UsageError
-from mesh.inventory.model import MeshSettings
+from mesh.cli_inventory import fleet_inventory, inventory_argument, inventory_option
+from mesh.deploy.connection import Connector
+from mesh.deploy.hostcerts import CertFile, HostFiles, all_cert_files, read_hosts
+from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError, UsageError
+from mesh.inventory.model import ManagedHost, MeshSettings
 from mesh.pki import CertificateAuthority, IssuedRecord, fingerprint
-from mesh.pki.leaf import serial_hex
+from mesh.pki.authority import ROOT_KEY
+from mesh.pki.expiry import Expiry, Lifetime, judge, judge_pem
+from mesh.pki.leaf import load_chain, serial_hex
+from mesh.pki.vcs import GITIGNORE, git_work_tree, key_in_git
 
 QUARTER = 0.25
 PIPE_WIDTH = 160  # rich wraps at 80 columns when stdout is not a terminal; rows of this table are wider
@@ -81,13 +89,21 @@ def init(inventory: str | None, state_dir: str | None, trust_domain: str | None)
 @_INVENTORY
 @_STATE_DIR
 def show(inventory: str | None, state_dir: str | None) -> None:
-    """List the root, the intermediate and every issued leaf with its expiry and the time left."""
+    """List the root, the intermediate and every issued leaf with its expiry and the time left; warn when the
+    root key is in a git work tree and not ignored."""
     target = resolve_target(inventory, state_dir, None)
     authority = CertificateAuthority.load(target.state_dir)
     click.echo(f"mesh CA in {authority.ca_dir} (trust domain {authority.trust_domain})")
     click.echo(f"root SHA-256 fingerprint: {fingerprint(authority.root)}")
     console = Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
     console.print(ca_table(authority, datetime.now(UTC)))
+    root_key = os.path.join(authority.ca_dir, ROOT_KEY)
+    if key_in_git(root_key):
+        click.echo(f"[WARNING]: the root key {root_key} is inside the git work tree {git_work_tree(root_key)} and "
+                   "git does not ignore it: whoever gets the repository can sign mesh certificates. Add "
+                   f"`/ca/*.key` to {os.path.join(authority.state_dir, GITIGNORE)}; if it was ever committed, purge "
+                   "it from the history and replace the CA on purpose (`mesh ca init`, then `mesh deploy "
+                   "--replace-ca`)", err=True)
 
 
 @dataclass(frozen=True)
@@ -162,3 +178,90 @@ def ca_table(authority: CertificateAuthority, now: datetime) -> Table:
         table.add_row(row.kind, row.name, row.spiffe_id, row.serial, row.not_after.strftime("%Y-%m-%d %H:%M"),
                       remaining_text(row.not_after - now), f"[{_STYLES[state]}]{state}[/]")
     return table
+
+
+# ---- mesh ca check: every certificate on every managed host, for cron --------------------------------------
+
+@dataclass(frozen=True)
+class HostCert:
+    """One certificate as `mesh ca check` prints it; lifetime None when its host could not be read."""
+
+    host: str
+    name: str
+    path: str
+    lifetime: Lifetime | None
+    note: str = ""
+
+    @property
+    def state(self) -> str:
+        return "UNREACHABLE" if self.lifetime is None else self.lifetime.state.value
+
+    def line(self, widths: tuple[int, int, int]) -> str:
+        detail = self.note if self.lifetime is None else self.lifetime.describe()
+        if self.lifetime is not None and self.note:
+            detail += f" ({self.note})"
+        return (f"{self.host:<{widths[0]}}  {self.name:<{widths[1]}}  {self.path:<{widths[2]}}  "
+                f"{self.state:<14}  {detail}").rstrip()
+
+
+def host_certs(wanted: Sequence[CertFile], seen: HostFiles, now: datetime) -> list[HostCert]:
+    """Pure: one entry per certificate of host `seen` (each certificate of a trust bundle; a leaf's first)."""
+    if seen.unreachable is not None:
+        return [HostCert(seen.host, "-", "-", None, f"unreachable: {seen.unreachable}")]
+    found: list[HostCert] = []
+    for item in wanted:
+        name = f"trust bundle ({item.name})" if item.kind == "bundle" else item.name
+        if item.path in seen.errors:
+            found.append(HostCert(item.host, name, item.path, Lifetime(Expiry.UNREADABLE), seen.errors[item.path]))
+            continue
+        data = seen.files.get(item.path)
+        if item.kind == "bundle" and data is not None:
+            try:
+                certs = load_chain(data)
+            except MeshError:
+                certs = []
+            found += [HostCert(item.host, name, item.path, judge(cert, now), f"root {fingerprint(cert)[:23]}...")
+                      for cert in certs] or [HostCert(item.host, name, item.path, Lifetime(Expiry.UNREADABLE))]
+        else:
+            found.append(HostCert(item.host, name, item.path, judge_pem(data, now)))
+    return found
+
+
+def check_exit_code(certs: Sequence[HostCert]) -> int:
+    """3 when a host was unreachable, else 2 when any certificate is low, expired, missing or unreadable, else 0."""
+    if any(cert.lifetime is None for cert in certs):
+        return EXIT_UNREACHABLE
+    return EXIT_HOST_FAILED if any(cert.lifetime is not None and cert.lifetime.state.bad for cert in certs) else EXIT_OK
+
+
+def check_fleet(inventory_path: str, factory: Callable[[ManagedHost], Connector] | None = None,
+                now: datetime | None = None) -> tuple[list[HostCert], int]:
+    """Read every certificate on every managed host of the inventory (in parallel) and judge it."""
+    from mesh.deploy.connection import connect
+    from mesh.inventory.check import check_inventory
+    from mesh.inventory.loader import load_inventory
+
+    mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
+    seen = read_hosts(list(mesh.hosts), all_cert_files, factory or connect)
+    when = now or datetime.now(UTC)
+    certs = [cert for host, got in zip(mesh.hosts, seen, strict=True)
+             for cert in host_certs(all_cert_files(host), got, when)]
+    return certs, check_exit_code(certs)
+
+
+@ca.command("check")
+@inventory_argument
+@inventory_option
+@click.pass_context
+def check(ctx: click.Context, inventory_path: str | None, inventory_option: str | None) -> None:
+    """Read every certificate on every managed host (proxies, sidecars, the checker, trust bundles) and print
+    its remaining lifetime. Exit 2 when one has under a third of its lifetime left (or is expired, missing or
+    unreadable), 3 when a host is unreachable, 0 otherwise: meant for cron or a monitor."""
+    certs, code = check_fleet(fleet_inventory(inventory_path, inventory_option))
+    widths = (max([len(c.host) for c in certs] + [4]), max([len(c.name) for c in certs] + [4]),
+              max([len(c.path) for c in certs] + [4]))
+    for cert in certs:
+        click.echo(cert.line(widths))
+    bad = sum(cert.lifetime is None or cert.lifetime.state.bad for cert in certs)
+    click.echo(f"{len(certs)} certificate(s), {bad} need attention" + (" (run mesh deploy to renew)" if bad else ""))
+    ctx.exit(code)

@@ -106,14 +106,17 @@ _add_ca_commands()
 @click.option("-t", "--tags", default=None, help="Only tasks with these tags (comma-separated).")
 @click.option("-f", "--forks", default=20, show_default=True, type=click.IntRange(1, 500),
               help="Hosts deployed in parallel.")
+@click.option("--replace-ca", is_flag=True, help="Re-trust hosts that trust another mesh CA with mesh_state_dir's "
+              "(made on purpose by `mesh ca init`); every proxy gets a new certificate.")
 @click.pass_context
 def deploy_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None, check: bool,
-                   limit: str | None, tags: str | None, forks: int) -> None:
+                   limit: str | None, tags: str | None, forks: int, replace_ca: bool) -> None:
     """Deploy the mesh: CA, Envoy beside every VM workload, the health checker, Consul registrations."""
     from mesh.deploy.command import DeployOptions, deploy
 
     tag_list = [tag.strip() for tag in tags.split(",") if tag.strip()] if tags else None
-    ctx.exit(deploy(fleet_inventory(inventory_path, inventory_option), DeployOptions(check=check, limit=limit, tags=tag_list, forks=forks)))
+    options = DeployOptions(check=check, limit=limit, tags=tag_list, forks=forks, replace_ca=replace_ca)
+    ctx.exit(deploy(fleet_inventory(inventory_path, inventory_option), options))
 
 
 @cli.command("status")

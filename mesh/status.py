@@ -25,15 +25,15 @@ from mesh.containers.reachability import RULES_PATH, WATCHER_UNIT
 from mesh.containers.sidecar import files_hash, hashed_files, sidecar_name, sidecar_spec
 from mesh.deploy.connection import Connector, RemoteError, connect
 from mesh.deploy.errors import HostUnreachable, ModuleFailure
+from mesh.deploy.hostcerts import CHECKER_CERT_PATH
 from mesh.deploy.modules.facts import file_sha256
 from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost, Mesh, Workload
-from mesh.pki import leaf_info, leaf_remaining_fraction
+from mesh.pki.expiry import WARN_REMAINING, Expiry, judge_pem
 from mesh.render import render_envoy_config
 
-WARN_REMAINING = 0.25  # a leaf with less than this part of its lifetime left makes status exit 2
 ADMIN_TIMEOUT_S = 3
 
 
@@ -99,6 +99,7 @@ def _host_rows(mesh: Mesh, host: ManagedHost, consul: dict[str, list[catalog.Ins
             rows[-1].cells["envoy"] = f"checker {state}"
             if state != "active":
                 rows[-1].problems.append(f"{controller_env.CHECKER_UNIT} is {state}")
+            rows[-1].cells["certificate"] = _certificate(connector, CHECKER_CERT_PATH, rows[-1])
     except HostUnreachable as exc:
         for row in rows:
             row.unreachable = True
@@ -125,7 +126,7 @@ def _proxy_row(mesh: Mesh, workload: Workload, row: Row, connector: Connector,
     row.cells["config"] = "applied" if applied else "[red]differs[/red]"
     if not applied:
         row.problems.append("the config on the host differs from the inventory's (run mesh deploy)")
-    row.cells["certificate"] = _certificate(connector, proxy, row)
+    row.cells["certificate"] = _certificate(connector, paths.cert_path(proxy), row)
     row.cells["upstreams"] = _upstreams(mesh, workload, connector, consul, row)
 
 
@@ -159,7 +160,7 @@ def _sidecar_row(mesh: Mesh, host: ManagedHost, workload: Workload, row: Row, co
     row.cells["envoy"] = f"sidecar {state.status if state else 'missing'} {version if info else ''}".strip()
     row.cells["config"] = _sidecar_config(mesh, host, workload, connector, state.config_hash if state else None,
                                           name, row)
-    row.cells["certificate"] = _certificate(connector, proxy, row)
+    row.cells["certificate"] = _certificate(connector, paths.cert_path(proxy), row)
     row.cells["upstreams"] = _upstreams(mesh, workload, connector, consul, row, pid)
 
 
@@ -191,26 +192,23 @@ def _watcher_row(connector: Connector, row: Row) -> None:
                             "mesh deploy applies them)")
 
 
-def _certificate(connector: Connector, proxy: str, row: Row) -> str:
+def _certificate(connector: Connector, path: str, row: Row) -> str:
+    """The leaf at path: its expiry and remaining lifetime; a problem (exit 2) when it is missing, unreadable,
+    expired or under WARN_REMAINING of its lifetime (the threshold of `mesh ca check`)."""
     try:
-        cert = connector.get(paths.cert_path(proxy))
-        if cert is None:
-            raise MeshError("missing")
-        info, remaining = leaf_info(cert), leaf_remaining_fraction(cert)
-    except (MeshError, RemoteError) as exc:
-        row.problems.append(f"certificate unreadable: {exc}")
+        seen = judge_pem(connector.get(path), datetime.now(UTC))
+    except RemoteError as exc:
+        row.problems.append(f"certificate {path} unreadable: {exc}")
         return "[red]unreadable[/red]"
-    left = info.not_after - datetime.now(UTC)
-    text = f"{info.not_after:%Y-%m-%d %H:%M} UTC ({_hours(left.total_seconds())} left)"
-    if remaining < WARN_REMAINING:
-        row.problems.append(f"certificate has under a quarter of its lifetime left (expires "
-                            f"{info.not_after.isoformat()}): run mesh deploy to renew it")
+    if seen.state in (Expiry.MISSING, Expiry.UNREADABLE):
+        row.problems.append(f"certificate {path} is {seen.state.value} (run mesh deploy)")
+        return f"[red]{seen.state.value}[/red]"
+    text = seen.describe().removeprefix("expires ")
+    if seen.state.bad:
+        what = "expired" if seen.state is Expiry.EXPIRED else f"has under {WARN_REMAINING:.0%} of its lifetime left"
+        row.problems.append(f"certificate {what} ({seen.describe()}): run mesh deploy to renew it")
         return f"[red]{text}[/red]"
     return text
-
-
-def _hours(seconds: float) -> str:
-    return f"{max(seconds, 0) / 3600:.1f} h"
 
 
 def _upstreams(mesh: Mesh, workload: Workload, connector: Connector,

@@ -1,4 +1,5 @@
-"""`mesh deploy INVENTORY`: inventory, CA, playbooks/deploy.yml on the managed hosts in parallel, then Consul.
+"""`mesh deploy INVENTORY`: inventory, CA (after trust.py's preflight), playbooks/deploy.yml on the managed hosts
+in parallel, then Consul.
 It wires the parts and prints what it did; it must not compute config or talk to a host itself.
 """
 
@@ -16,6 +17,7 @@ from mesh import catalog, controller_env
 from mesh.config import paths
 from mesh.config.validate import envoy_binary
 from mesh.containers.image import SidecarImage, build_sidecar_image_tar
+from mesh.deploy import trust
 from mesh.deploy.connection import connect
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import inventory_vars
@@ -26,11 +28,10 @@ from mesh.deploy.recap import exit_code
 from mesh.deploy.runner import ConnectorFactory, run_playbook
 from mesh.deploy.steps import register_mesh_modules
 from mesh.deploy.steps.context import ControllerWheels, DeployContext, LocalFile
-from mesh.errors import EXIT_ERROR, EXIT_OK, InventoryError, InventoryErrors, MeshError, Origin
+from mesh.errors import EXIT_ERROR, EXIT_OK, InventoryError, InventoryErrors, MeshError, Origin, UsageError
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh
-from mesh.pki import CertificateAuthority
 
 PLAYBOOK = Path(__file__).resolve().parents[2] / "playbooks" / "deploy.yml"
 VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
@@ -48,6 +49,7 @@ class DeployOptions:
     tags: Sequence[str] | None = None
     forks: int = 20
     playbook: Path = PLAYBOOK
+    replace_ca: bool = False  # hosts trusting another root get the state dir's CA (which must exist)
 
 
 def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output: TextIO | None = None,
@@ -56,13 +58,23 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
     touching anything when the inventory or the playbook is refused."""
     started = time.monotonic()
     out = Display(output or sys.stdout)
+    if options.replace_ca and options.limit:
+        raise UsageError("--replace-ca re-trusts every managed host at once; it cannot be used with --limit",
+                         "a fleet split between two roots cannot talk to itself")
     mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
     _require_controller(mesh, inventory_path)
     modules = registry.copy()
     register_mesh_modules(modules)
     playbook = load_playbook(options.playbook, modules)
     targets = _targets(mesh, options.limit, out)
-    ca, created = CertificateAuthority.ensure(mesh.settings.state_dir, mesh.settings.trust_domain)
+    if not mesh.hosts:
+        out.line("no managed host (no workloads, no mesh_controllers): no CA made, no host touched")
+        synced = _sync_catalog(mesh, options.check, out)
+        out.line(f"deploy finished in {time.monotonic() - started:.1f} s")
+        return synced
+    # every managed host's trust bundle is read first: the CA is made only when no host trusts another root
+    ca, created = trust.trusted_ca(mesh, connector_factory, replace=options.replace_ca, forks=options.forks,
+                                   warn=out.warning)
     out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} (root {ca.root_fingerprint[:23]}...)")
     context = DeployContext(mesh, ca, LocalFile(Path(envoy_binary())), _wheels(mesh, targets))
     extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.root_pem.decode()}

@@ -39,6 +39,7 @@ from mesh.pki.files import (
 from mesh.pki.leaf import chains_to, fingerprint, leaf_needs_renewal, load_chain, serial_hex
 from mesh.pki.ledger import IssuedRecord, append_record, read_records
 from mesh.pki.spiffe import spiffe_path
+from mesh.pki.vcs import GITIGNORE, protect_keys
 
 CA_FOLDER = "ca"
 ROOT_CERT = "root.pem"
@@ -178,6 +179,8 @@ def _create(state_dir: str, trust_domain: str) -> bool:
             shutil.rmtree(building)
     sync_dir(state_dir)
     structlog.get_logger().info("ca_created", state_dir=state_dir, trust_domain=trust_domain)
+    if protect_keys(state_dir):
+        structlog.get_logger().info("ca_keys_git_ignored", gitignore=os.path.join(state_dir, GITIGNORE))
     return True
 
 
