@@ -18,6 +18,7 @@ from mesh.containers.reachability import (
     WATCHER_PATH,
     WATCHER_UNIT,
     WATCHER_UNIT_PATH,
+    UnsafeScript,
     render_rules,
     render_sidecar_list,
     render_watcher,
@@ -42,6 +43,9 @@ from mesh.inventory.model import ManagedHost, Workload
 if TYPE_CHECKING:
     from mesh.deploy.modules import ModuleRegistry
 
+# mesh's own folder for the sidecar image tarball between its upload and `docker import` (root's, 0700).
+STAGING_PARENT = "/var/lib/mesh"
+STAGING_DIR = f"{STAGING_PARENT}/images"
 IMPORT_CHANGES = (f"USER {SIDECAR_UID}:{SIDECAR_UID}", f'ENTRYPOINT ["{ENVOY_IN_IMAGE}"]')
 SETTLE_S = 1  # a sidecar that cannot start (a port taken in the app's namespace) has exited by then
 
@@ -52,12 +56,36 @@ def sidecar_image(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     image = _image(args)
     if image_present(ctx.connector, image.tag):
         return Outcome(msg=f"{image.tag} present", data={"tag": image.tag, "sent": False})
-    remote = f"/var/tmp/{image.tag.replace(':', '-')}.tar.gz"
+    yield from _staging_folder(ctx)
+    remote = f"{STAGING_DIR}/{image.tag.replace(':', '-')}.tar.gz"
     yield PutFile(remote, image.path.read_bytes(), 0o600, None, None, f"send the sidecar image {image.tag}")
     changes = " ".join(f"--change {shlex.quote(change)}" for change in IMPORT_CHANGES)
     yield RunCommand(f"docker import {changes} {shlex.quote(remote)} {shlex.quote(image.tag)} >/dev/null; "
                      f"rc=$?; rm -f {shlex.quote(remote)}; exit $rc", f"docker import {image.tag}")
     return Outcome(msg=f"{image.tag} imported", data={"tag": image.tag, "sent": True})
+
+
+def _staging_folder(ctx: TaskContext[Any]) -> ModuleRun:
+    """STAGING_DIR as a real folder of root's, mode 0700, so that nobody else can read the tarball or swap it
+    between its upload and `docker import` (a predictable path in world-writable /var/tmp allowed both)."""
+    for folder, mode in ((STAGING_PARENT, 0o755), (STAGING_DIR, 0o700)):
+        quoted = shlex.quote(folder)
+        found = ctx.connector.run(f"stat -c '%F|%u:%g|%a' {quoted}")
+        if not found.ok:
+            yield RunCommand(f"mkdir -m {mode:04o} {quoted} && chown 0:0 {quoted}", f"create {folder}")
+            continue
+        kind, owner, current = (found.text().split("|") + ["", ""])[:3]
+        if kind != "directory":
+            raise ModuleFailure(f"{folder} on {ctx.host.name} is a {kind or 'thing'}, not a folder: mesh stages "
+                                "the sidecar image there; remove it and deploy again")
+        if folder == STAGING_PARENT:  # left as it is unless someone else could write to it
+            if owner.split(":")[0] != "0" or int(current or "0", 8) & 0o022:
+                raise ModuleFailure(f"{folder} on {ctx.host.name} is owned by {owner} with mode {current}: mesh "
+                                    "stages the sidecar image below it only when root alone can write to it")
+        elif (owner, current) != ("0:0", f"{mode:o}"):
+            yield RunCommand(f"chown 0:0 {quoted} && chmod {mode:04o} {quoted}",
+                             f"{folder}: root's, mode {mode:04o}")
+    return None
 
 
 def _image(args: dict[str, Any]) -> SidecarImage:
@@ -81,6 +109,10 @@ def sidecar(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
         return Outcome(msg=f"proxy {proxy}: the app container {app!r} {why} on {ctx.host.name}; mesh adds a "
                            "sidecar to the container you run and never creates or starts it: start it and deploy "
                            "again", data={"proxy": proxy, "app_container": app}, failed=True)
+    if app_state.published:
+        return Outcome(msg=published_verdict(ctx.host.name, proxy, app, app_state.published),
+                       data={"proxy": proxy, "app_container": app, "published": list(app_state.published)},
+                       failed=True)
     yield from _ownership(ctx, proxy)
     spec = sidecar_spec(ctx.host, workload, image, files_hash(_digests(ctx, proxy), image))
     data = {"proxy": proxy, "name": spec.name, "config_hash": spec.revision, "app_container": app}
@@ -106,6 +138,14 @@ def sidecar(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     if started is None:  # check mode
         return Outcome(msg=f"would (re)create {spec.name}", data=data)
     return _settled(ctx, spec.name, data)
+
+
+def published_verdict(host: str, proxy: str, app: str, published: tuple[str, ...]) -> str:
+    """Why a workload whose app container publishes ports is refused: Docker forwards a published port to the
+    app straight from the host's network, around the sidecar and its mTLS."""
+    return (f"proxy {proxy}: the app container {app!r} on {host} publishes port(s) {'; '.join(published)}: "
+            "a published port reaches the app around its sidecar (no mTLS, no mesh identity). mesh never "
+            "recreates or changes app containers: run it again without -p/--publish/-P and deploy again")
 
 
 def _settled(ctx: TaskContext[Any], name: str, data: dict[str, Any]) -> Outcome:
@@ -146,8 +186,11 @@ def sidecar_host(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     are not in place), the watcher and its unit (enabled; restarted only when they changed), and the removal
     of mesh's sidecars whose workload left the inventory."""
     host = ctx.host
-    wanted = ((LIST_PATH, render_sidecar_list(host), 0o644), (RULES_PATH, render_rules(host), 0o755),
-              (WATCHER_PATH, render_watcher(host), 0o755), (WATCHER_UNIT_PATH, render_watcher_unit(), 0o644))
+    try:
+        wanted = ((LIST_PATH, render_sidecar_list(host), 0o644), (RULES_PATH, render_rules(host), 0o755),
+                  (WATCHER_PATH, render_watcher(host), 0o755), (WATCHER_UNIT_PATH, render_watcher_unit(), 0o644))
+    except UnsafeScript as exc:
+        return Outcome(msg=f"{host.name}: {exc}; nothing was changed by this step", failed=True)
     for folder in sorted({str(Path(path).parent) for path, _, _ in wanted}):
         if not ctx.connector.run(f"test -d {shlex.quote(folder)}").ok:
             yield RunCommand(f"mkdir -p -m 0755 {shlex.quote(folder)}", f"create {folder}")

@@ -1,10 +1,14 @@
 """What makes each sidecar's proxy_port reachable on its container host's own address (and nothing else of the
-containers), and the watcher that keeps sidecars joined to restarted apps. Pure rendering: it must not run them.
+containers), what closes each app's port to all but its sidecar, and the watcher that keeps sidecars joined to
+restarted apps. Rendering, with every name checked and every script passed through `sh -n` on this machine;
+it must not run them on a host.
 """
 
 from __future__ import annotations
 
 import configparser
+import re
+import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,13 +23,23 @@ if TYPE_CHECKING:
 
 NAT_CHAIN = "MESH-SIDECARS"
 FORWARD_CHAIN = "MESH-SIDECARS-FWD"
+APP_CHAIN = "MESH-APP"  # filter chain inside each app container's network namespace
 RULES_PATH = f"{paths.MESH_ROOT}/sidecar-rules.sh"
 LIST_PATH = f"{paths.MESH_ROOT}/sidecars.list"
 STATE_PATH = "/run/mesh/sidecar-rules.applied"
+APP_STATE_PATH = "/run/mesh/sidecar-app-rules.applied"
 LOCK_PATH = "/run/mesh/sidecar-rules.lock"
 WATCHER_PATH = "/usr/local/lib/mesh/mesh-sidecars"
 WATCHER_UNIT = "mesh-sidecars.service"
 WATCHER_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{WATCHER_UNIT}"
+# Docker's own rule for container names; the scripts take them unquoted, in single-quoted lists and in awk.
+_CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+SH_CHECK_TIMEOUT_S = 10
+
+
+class UnsafeScript(ValueError):
+    """A rendered script that must not leave this machine: a name it would carry is not a plain container name, a
+    port is out of range, or `sh -n` refuses the text. The message names the script and the value."""
 
 
 @dataclass(frozen=True)
@@ -35,18 +49,29 @@ class SidecarEntry:
     app_container: str
     sidecar: str
     proxy_port: int
+    app_port: int
+
+
+@dataclass(frozen=True)
+class AppGuard:
+    """An app container whose port(s) only its sidecar may reach: everything else is dropped in its namespace."""
+
+    app_container: str
+    ports: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class RulesContext:
     """templates/containers/sidecar-rules.sh.j2."""
 
-    host: str
     entries: tuple[SidecarEntry, ...]
+    guards: tuple[AppGuard, ...]
     nat_chain: str
     forward_chain: str
+    app_chain: str
     rules_path: str
     state_path: str
+    app_state_path: str
     lock_path: str
 
 
@@ -54,7 +79,6 @@ class RulesContext:
 class ListContext:
     """templates/containers/sidecars.list.j2: the watcher's map of app containers to sidecars."""
 
-    host: str
     entries: tuple[SidecarEntry, ...]
     watcher_path: str
 
@@ -63,7 +87,6 @@ class ListContext:
 class WatcherContext:
     """templates/containers/mesh-sidecars.sh.j2."""
 
-    host: str
     list_path: str
     rules_path: str
 
@@ -76,22 +99,42 @@ class WatcherUnitContext:
 
 
 def sidecar_entries(host: ManagedHost) -> tuple[SidecarEntry, ...]:
-    """The host's container workloads in inventory order (proxy_port is unique on a container host)."""
-    return tuple(SidecarEntry(workload.container, sidecar_name(workload), workload.proxy_port)
-                 for workload in host.workloads if workload.container)
+    """The host's container workloads in inventory order (proxy_port is unique on a container host), each name
+    and port checked, since they go into scripts run as root (UnsafeScript otherwise)."""
+    entries = tuple(SidecarEntry(workload.container, sidecar_name(workload), workload.proxy_port, workload.port)
+                    for workload in host.workloads if workload.container)
+    for entry in entries:
+        for name in (entry.app_container, entry.sidecar):
+            if not (isinstance(name, str) and _CONTAINER_NAME.fullmatch(name)):
+                raise UnsafeScript(f"container name {name!r} on a container host: expected letters, digits, "
+                                   "'_', '.' and '-' (starting with a letter or digit)")
+        for port in (entry.proxy_port, entry.app_port):
+            if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
+                raise UnsafeScript(f"port {port!r} of container {entry.app_container}: expected 1-65535")
+    return entries
+
+
+def app_guards(entries: tuple[SidecarEntry, ...]) -> tuple[AppGuard, ...]:
+    """Per app container (first seen first), the sorted app ports of its workloads."""
+    ports: dict[str, set[int]] = {}
+    for entry in entries:
+        ports.setdefault(entry.app_container, set()).add(entry.app_port)
+    return tuple(AppGuard(app, tuple(sorted(found))) for app, found in ports.items())
 
 
 def render_rules(host: ManagedHost, templates_dir: Path = TEMPLATES_DIR) -> str:
-    """The idempotent iptables script (apply | check | remove) of mesh's chains on a container host."""
-    context = RulesContext(host.name, sidecar_entries(host), NAT_CHAIN, FORWARD_CHAIN, RULES_PATH, STATE_PATH,
-                           LOCK_PATH)
-    return _shell(_render(templates_dir, "containers/sidecar-rules.sh.j2", context))
+    """The idempotent iptables script (apply | check | remove) of mesh's chains on a container host and in its
+    app containers' network namespaces."""
+    entries = sidecar_entries(host)
+    context = RulesContext(entries, app_guards(entries), NAT_CHAIN, FORWARD_CHAIN, APP_CHAIN, RULES_PATH,
+                           STATE_PATH, APP_STATE_PATH, LOCK_PATH)
+    return checked_script("sidecar-rules.sh", _render(templates_dir, "containers/sidecar-rules.sh.j2", context))
 
 
 def render_sidecar_list(host: ManagedHost, templates_dir: Path = TEMPLATES_DIR) -> str:
     """/etc/mesh/sidecars.list: `app_container sidecar proxy_port` per line, read by the watcher."""
     entries = sidecar_entries(host)
-    text = _render(templates_dir, "containers/sidecars.list.j2", ListContext(host.name, entries, WATCHER_PATH))
+    text = _render(templates_dir, "containers/sidecars.list.j2", ListContext(entries, WATCHER_PATH))
     rows = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
     if rows != [[e.app_container, e.sidecar, str(e.proxy_port)] for e in entries]:
         raise ValueError(f"rendered sidecar list of {host.name} does not list its sidecars one per line")
@@ -100,8 +143,8 @@ def render_sidecar_list(host: ManagedHost, templates_dir: Path = TEMPLATES_DIR) 
 
 def render_watcher(host: ManagedHost, templates_dir: Path = TEMPLATES_DIR) -> str:
     """The watcher script (shell + docker CLI: no python3 is assumed on container hosts)."""
-    context = WatcherContext(host.name, LIST_PATH, RULES_PATH)
-    return _shell(_render(templates_dir, "containers/mesh-sidecars.sh.j2", context))
+    context = WatcherContext(LIST_PATH, RULES_PATH)
+    return checked_script("mesh-sidecars", _render(templates_dir, "containers/mesh-sidecars.sh.j2", context))
 
 
 def render_watcher_unit(templates_dir: Path = TEMPLATES_DIR) -> str:
@@ -120,7 +163,19 @@ def _render(templates_dir: Path, name: str, context: DataclassInstance) -> str:
     return template_environment(templates_dir).get_template(name).render(names)
 
 
-def _shell(text: str) -> str:
+def checked_script(name: str, text: str) -> str:
+    """text, a rendered script, once `/bin/sh -n` on this machine (the hosts run it with /bin/sh) has parsed it
+    without error; UnsafeScript otherwise, naming the script and the shell's complaint."""
     if not text.startswith("#!/bin/sh\n"):
-        raise ValueError("a rendered script must start with #!/bin/sh")
+        raise UnsafeScript(f"the rendered {name} does not start with #!/bin/sh")
+    if "\0" in text or "\r" in text:
+        raise UnsafeScript(f"the rendered {name} holds a NUL or carriage return")
+    try:
+        parsed = subprocess.run(["/bin/sh", "-n"], input=text.encode(), capture_output=True, check=False,
+                                timeout=SH_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UnsafeScript(f"`sh -n` did not finish parsing the rendered {name}") from None
+    if parsed.returncode != 0:
+        complaint = parsed.stderr.decode(errors="replace").strip()[:500]
+        raise UnsafeScript(f"the rendered {name} is not valid shell (`sh -n`: {complaint}); nothing was sent")
     return text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import shlex
 import subprocess
 import tarfile
@@ -20,6 +21,7 @@ from mesh.config import compute_proxy_config, paths
 from mesh.containers import image as image_mod
 from mesh.containers.image import ImageFile, build_sidecar_image_tar, shared_libraries, write_image_tar
 from mesh.containers.modules import (
+    STAGING_DIR,
     file_modes,
     register_container_modules,
     sidecar,
@@ -44,14 +46,15 @@ from mesh.containers.sidecar import (
     validate_args,
 )
 from mesh.deploy.connection import CommandResult
+from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.execute import apply_change
 from mesh.deploy.modules import registry
-from mesh.deploy.modules.api import Change, ModuleRun, Outcome, RunCommand, TaskContext
+from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.inventory.validate import build_mesh
 from mesh.render import render_envoy_config, validate_envoy_config
-from mesh.testing.fake_connector import FakeConnector, FakeHost
+from mesh.testing.fake_connector import FakeConnector, FakeFile, FakeHost
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "containers"
 INVENTORY = GOLDEN / "input" / "inventory.yaml"
@@ -258,12 +261,17 @@ class FakeDocker:
         host.stub(r"^docker ", self.run)
         host.stub(r"^readlink /proc/", lambda cmd, _: CommandResult(0, f"net:[{cmd.split('/')[2]}]\n".encode(), b""))
         host.stub(r"^stat -c '%u:%g:%a'", self.stat)
+        host.stub(r"^stat -c '%F\|%u:%g\|%a'", lambda cmd, _: folder_stat(host, cmd))
         host.stub(r"^sleep ", CommandResult(0, b"", b""))
         self.modes: dict[str, str] = {path: f"{uid}:{gid}:{mode:o}" for path, uid, gid, mode in file_modes("api-0")}
 
-    def add(self, name: str, pid: int, label: str | None = None) -> None:
+    def add(self, name: str, pid: int, label: str | None = None, bindings: dict[str, Any] | None = None,
+            publish_all: bool = False, ports: dict[str, Any] | None = None) -> None:
+        """A container; bindings, publish_all and ports as `docker inspect` prints HostConfig.PortBindings,
+        HostConfig.PublishAllPorts and NetworkSettings.Ports."""
         self.next_id += 1
-        self.containers[name] = {"id": f"id{self.next_id}", "pid": pid, "label": label}
+        self.containers[name] = {"id": f"id{self.next_id}", "pid": pid, "label": label,
+                                 "maps": [bindings or {}, publish_all, ports or {}]}
 
     def stat(self, cmd: str, _: bytes | None) -> CommandResult:
         path = shlex.split(cmd)[-1]
@@ -275,7 +283,8 @@ class FakeDocker:
             found = self.containers.get(words[-1])
             if found is None:
                 return CommandResult(1, b"", f"Error: No such container: {words[-1]}".encode())
-            line = f"{found['id']}|running|true|{found['pid']}|0|{found['label'] or '<no value>'}\n"
+            line = f"{found['id']}|running|true|{found['pid']}|0|{found['label'] or '<no value>'}"
+            line = "\t".join([line, *(json.dumps(value) for value in found["maps"])]) + "\n"
             return CommandResult(0, line.encode(), b"")
         if words[1:3] == ["image", "inspect"]:
             return CommandResult(0 if words[3] in self.images else 1, b"", b"")
@@ -300,6 +309,17 @@ class FakeDocker:
             self.containers[words[-1]]["pid"] = self.containers[words[-1]].get("app_pid", 1)
             return CommandResult(0, b"", b"")
         return CommandResult(127, b"", f"fake docker: {cmd}".encode())
+
+
+def folder_stat(host: FakeHost, cmd: str) -> CommandResult:
+    """`stat -c '%F|%u:%g|%a' PATH` on the fake host's files (owners by number)."""
+    found = host.files.get(shlex.split(cmd)[-1])
+    if found is None:
+        return CommandResult(1, b"", b"stat: cannot statx: No such file or directory")
+    kind = "directory" if found.data is None else "regular file"
+    owner = {"root": "0"}.get(found.owner, found.owner)
+    group = {"root": "0"}.get(found.group, found.group)
+    return CommandResult(0, f"{kind}|{owner}:{group}|{found.mode:o}\n".encode(), b"")
 
 
 def drive(module: Callable[[TaskContext[Any], dict[str, Any]], ModuleRun], host: FakeHost,
@@ -387,7 +407,8 @@ def test_sidecar_fixes_ownership_for_the_sidecar_user() -> None:
     docker.modes[paths.key_path("api-0")] = "0:0:600"
     _, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
     assert isinstance(changes[0], RunCommand)
-    assert changes[0].cmd == "chown 64101:64101 /etc/mesh/proxies/api-0/key.pem && chmod 0600 /etc/mesh/proxies/api-0/key.pem"
+    key = paths.key_path("api-0")
+    assert changes[0].cmd == f"chown 64101:64101 {key} && chmod 0600 {key}"
 
 
 def test_sidecar_image_sent_only_when_the_tag_is_missing(tmp_path: Path) -> None:
@@ -398,11 +419,49 @@ def test_sidecar_image_sent_only_when_the_tag_is_missing(tmp_path: Path) -> None
     args = {"src": str(tar), "tag": IMAGE}
     outcome, changes = drive(sidecar_image, host, managed, args)
     assert outcome.data == {"tag": IMAGE, "sent": True} and IMAGE in docker.images
-    assert len(changes) == 2 and "--change 'USER 64101:64101'" in changes[1].cmd  # type: ignore[union-attr]
-    assert "'ENTRYPOINT [\"/usr/local/bin/envoy\"]'" in changes[1].cmd  # type: ignore[union-attr]
-    assert "rm -f /var/tmp/mesh-envoy-0123456789ab.tar.gz" in changes[1].cmd  # type: ignore[union-attr]
+    assert [c.description for c in changes] == ["create /var/lib/mesh", "create /var/lib/mesh/images",
+                                                f"send the sidecar image {IMAGE}", f"docker import {IMAGE}"]
+    put, imported = changes[2], changes[3]
+    assert isinstance(put, PutFile) and isinstance(imported, RunCommand)
+    assert put.path == f"{STAGING_DIR}/mesh-envoy-0123456789ab.tar.gz" and put.mode == 0o600
+    assert changes[1].cmd == "mkdir -m 0700 /var/lib/mesh/images && chown 0:0 /var/lib/mesh/images"  # type: ignore[union-attr]
+    assert "--change 'USER 64101:64101'" in imported.cmd
+    assert "'ENTRYPOINT [\"/usr/local/bin/envoy\"]'" in imported.cmd
+    assert "rm -f /var/lib/mesh/images/mesh-envoy-0123456789ab.tar.gz" in imported.cmd
+    assert not any("/var/tmp" in cmd for cmd in host.commands)
     outcome, changes = drive(sidecar_image, host, managed, args)
     assert changes == [] and outcome.data["sent"] is False
+
+
+def test_sidecar_image_staging_folder_made_root_only_again(tmp_path: Path) -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    FakeDocker(host)
+    tar = tmp_path / "image.tar.gz"
+    tar.write_bytes(b"tarball")
+    host.files["/var/lib/mesh"] = FakeFile(None, 0o755)
+    host.files[STAGING_DIR] = FakeFile(None, 0o777, "1000", "1000")
+    _, changes = drive(sidecar_image, host, managed, {"src": str(tar), "tag": IMAGE})
+    assert isinstance(changes[0], RunCommand)
+    assert changes[0].cmd == f"chown 0:0 {STAGING_DIR} && chmod 0700 {STAGING_DIR}"
+    assert [c.description for c in changes][1:] == [f"send the sidecar image {IMAGE}", f"docker import {IMAGE}"]
+
+
+@pytest.mark.parametrize(("path", "file", "why"), [
+    ("/var/lib/mesh", FakeFile(None, 0o777), "owned by 0:0 with mode 777"),
+    ("/var/lib/mesh", FakeFile(None, 0o755, "1000"), "owned by 1000:0 with mode 755"),
+    (STAGING_DIR, FakeFile(b"a file"), "is a regular file, not a folder"),
+])
+def test_sidecar_image_refuses_a_staging_folder_others_control(tmp_path: Path, path: str, file: FakeFile,
+                                                               why: str) -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    FakeDocker(host)
+    tar = tmp_path / "image.tar.gz"
+    tar.write_bytes(b"tarball")
+    host.files["/var/lib/mesh"] = FakeFile(None, 0o755)
+    host.files[path] = file
+    with pytest.raises(ModuleFailure, match=why):
+        drive(sidecar_image, host, managed, {"src": str(tar), "tag": IMAGE})
+    assert not host.puts
 
 
 def test_sidecar_host_writes_files_then_changes_nothing() -> None:

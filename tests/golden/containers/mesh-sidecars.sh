@@ -1,8 +1,9 @@
 #!/bin/sh
-# mesh-sidecars on dock1: a sidecar joined with --network container:APP keeps the app's old network
-# namespace when the app restarts, and the app may come back with a new address. At start and on every start
-# of an app container listed in /etc/mesh/sidecars.list, restart its sidecar unless it already shares the app's
-# namespace, and re-apply the reachability rules (/etc/mesh/sidecar-rules.sh). Rendered by mesh; do not edit.
+# mesh-sidecars: a sidecar joined with --network container:APP keeps the app's old network namespace when the
+# app restarts, and the app may come back with a new address and a new namespace without mesh's chain closing
+# its port. At start and on every start of an app container listed in /etc/mesh/sidecars.list, restart its sidecar
+# unless it already shares the app's namespace, and re-apply the reachability rules (/etc/mesh/sidecar-rules.sh: the
+# host's chains and the chain in each app's namespace). Rendered by mesh; do not edit.
 set -u
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 LIST=/etc/mesh/sidecars.list

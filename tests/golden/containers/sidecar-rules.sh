@@ -1,23 +1,40 @@
 #!/bin/sh
-# mesh: makes each sidecar's proxy_port on dock1 reachable on the host's own addresses, and nothing else
-# of the containers. Rendered by mesh; do not edit. Only mesh's chains are touched:
+# mesh: makes each sidecar's proxy_port reachable on the container host's own addresses, and nothing else of
+# the containers, and closes each app's port to everything but its own sidecar. Rendered by mesh; do not edit.
+# Only mesh's chains are touched:
 #   nat    MESH-SIDECARS (jumped from PREROUTING for local destinations): DNAT to the app container
 #   filter MESH-SIDECARS-FWD (jumped from DOCKER-USER): ACCEPT exactly those DNAT'd destinations
+#   filter MESH-APP inside each app container's network namespace (jumped from INPUT): the app's port(s)
+#          from loopback only (its sidecar shares the namespace); dropped from every other source. Bridge
+#          traffic between containers never passes DOCKER-USER without br_netfilter, so only this closes them.
 # Usage: /etc/mesh/sidecar-rules.sh apply | check | remove   (check: exit 0 when the applied rules are current)
 set -eu
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 NAT_CHAIN=MESH-SIDECARS
 FWD_CHAIN=MESH-SIDECARS-FWD
+APP_CHAIN=MESH-APP
 STATE=/run/mesh/sidecar-rules.applied
+APP_STATE=/run/mesh/sidecar-app-rules.applied
 LOCK=/run/mesh/sidecar-rules.lock
 # app container, proxy_port
 ENTRIES='api-v2-1 21000
 api-v2-2 21005
 '
+# app container, its app port(s) (comma-separated)
+APP_PORTS='api-v2-1 9090
+api-v2-2 9090
+'
 
 container_ip() {
     docker container inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}' "$1" 2>/dev/null \
         | awk '{ print $1 }'
+}
+
+# The pid of a running container (its network namespace is /proc/PID/ns/net), or a failure.
+container_pid() {
+    pid=$(docker container inspect -f '{{.State.Pid}}' "$1" 2>/dev/null) || return 1
+    [ "${pid:-0}" -gt 0 ] 2>/dev/null || return 1
+    echo "$pid"
 }
 
 # The iptables-restore input for mesh's chains, with each app container's address as of now.
@@ -43,6 +60,78 @@ ENTRIES_END
     printf '*filter\n:%s - [0:0]\n%sCOMMIT\n' "$FWD_CHAIN" "$fwd"
 }
 
+# The iptables-restore input of the app chain for ports (comma-separated): loopback returns to INPUT's
+# other rules, every other packet to those ports is dropped.
+app_rules() {
+    drops=""
+    for port in $(echo "$1" | tr ',' ' '); do
+        drops="$drops-A $APP_CHAIN -p tcp -m tcp --dport $port -j DROP
+"
+    done
+    printf '*filter\n:%s - [0:0]\n-A %s -i lo -j RETURN\n%sCOMMIT\n' "$APP_CHAIN" "$APP_CHAIN" "$drops"
+}
+
+# The IP versions whose tools the host has: iptables always (a prerequisite), ip6tables when installed.
+families() {
+    echo iptables
+    if command -v ip6tables-restore >/dev/null 2>&1; then echo ip6tables; fi
+}
+
+# The app chain and the jump to it in the namespace of pid, as listed (for `check` to compare); fails when
+# either is missing.
+app_listing() {
+    for tool in $(families); do
+        nsenter -t "$1" -n "$tool" -w -S "$APP_CHAIN" 2>/dev/null || return 1
+        nsenter -t "$1" -n "$tool" -w -S INPUT 2>/dev/null | grep -x -- "-A INPUT -j $APP_CHAIN" || return 1
+    done
+}
+
+# One line per guarded app that is running: app, namespace, ports, and a checksum of its rules as listed
+# (`missing` when its chain or the jump to it is not there).
+app_state() {
+    while read -r app ports; do
+        [ -n "$app" ] || continue
+        pid=$(container_pid "$app") || continue
+        if listing=$(app_listing "$pid"); then
+            sum=$(printf '%s\n' "$listing" | cksum | tr ' ' :)
+        else
+            sum=missing
+        fi
+        echo "$app $(readlink "/proc/$pid/ns/net" || true) $ports $sum"
+    done <<APP_PORTS_END
+$APP_PORTS
+APP_PORTS_END
+}
+
+apply_app() {
+    app=$1 pid=$2 ports=$3
+    for tool in $(families); do
+        app_rules "$ports" | nsenter -t "$pid" -n "$tool-restore" -w --noflush || return 1
+        nsenter -t "$pid" -n "$tool" -w -C INPUT -j "$APP_CHAIN" 2>/dev/null ||
+            nsenter -t "$pid" -n "$tool" -w -I INPUT 1 -j "$APP_CHAIN" || return 1
+    done
+}
+
+# Each running app's namespace gets its chain; an app that is not running gets it when it starts (the watcher).
+apply_apps() {
+    failed=0
+    while read -r app ports; do
+        [ -n "$app" ] || continue
+        if ! pid=$(container_pid "$app"); then
+            echo "sidecar-rules: container $app is not running: its port(s) $ports are closed when it starts" >&2
+            continue
+        fi
+        if ! apply_app "$app" "$pid" "$ports"; then
+            echo "sidecar-rules: could not close port(s) $ports of container $app in its namespace" >&2
+            failed=1
+        fi
+    done <<APP_PORTS_END
+$APP_PORTS
+APP_PORTS_END
+    app_state > "$APP_STATE"
+    return "$failed"
+}
+
 jumps_present() {
     iptables -w -t nat -C PREROUTING -m addrtype --dst-type LOCAL -j "$NAT_CHAIN" 2>/dev/null &&
         iptables -w -t filter -C DOCKER-USER -j "$FWD_CHAIN" 2>/dev/null
@@ -58,11 +147,15 @@ apply() {
     iptables -w -t filter -C DOCKER-USER -j "$FWD_CHAIN" 2>/dev/null ||
         iptables -w -t filter -I DOCKER-USER 1 -j "$FWD_CHAIN"
     printf '%s\n' "$rules" > "$STATE"
+    apply_apps
 }
 
 check() {
-    [ -f "$STATE" ] && jumps_present || return 1
+    [ -f "$STATE" ] && [ -f "$APP_STATE" ] && jumps_present || return 1
     [ "$(desired)" = "$(cat "$STATE")" ] || return 1
+    # An app restarted since (a new namespace, no chain) or a chain changed by hand shows in its line.
+    [ "$(app_state)" = "$(cat "$APP_STATE")" ] || return 1
+    ! grep -q " missing$" "$APP_STATE" || return 1
     # Someone may have flushed a chain by hand since: count its rules against the applied ones.
     want_nat=$(grep -c "^-A $NAT_CHAIN " "$STATE" || true)
     have_nat=$(iptables -w -t nat -S "$NAT_CHAIN" 2>/dev/null | grep -c "^-A " || true)
@@ -76,7 +169,18 @@ remove() {
     while iptables -w -t filter -D DOCKER-USER -j "$FWD_CHAIN" 2>/dev/null; do :; done
     iptables -w -t nat -F "$NAT_CHAIN" 2>/dev/null && iptables -w -t nat -X "$NAT_CHAIN"
     iptables -w -t filter -F "$FWD_CHAIN" 2>/dev/null && iptables -w -t filter -X "$FWD_CHAIN"
-    rm -f "$STATE"
+    while read -r app ports; do
+        [ -n "$app" ] || continue
+        pid=$(container_pid "$app") || continue
+        for tool in $(families); do
+            while nsenter -t "$pid" -n "$tool" -w -D INPUT -j "$APP_CHAIN" 2>/dev/null; do :; done
+            nsenter -t "$pid" -n "$tool" -w -F "$APP_CHAIN" 2>/dev/null &&
+                nsenter -t "$pid" -n "$tool" -w -X "$APP_CHAIN" || true
+        done
+    done <<APP_PORTS_END
+$APP_PORTS
+APP_PORTS_END
+    rm -f "$STATE" "$APP_STATE"
 }
 
 # The watcher and a deploy may apply at the same moment: one at a time, or both would add the jumps.
