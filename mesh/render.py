@@ -54,6 +54,7 @@ class EnvoyUnitContext:
     binary: str
     config_path: str
     base_id: int
+    admin_dir: str
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def render_envoy_config(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -
 def render_envoy_unit(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> str:
     """The hardened systemd unit running this proxy's Envoy (installed at paths.envoy_unit_path)."""
     context = EnvoyUnitContext(proxy=cfg.proxy, node_id=cfg.node_id, host=cfg.host, user=paths.ENVOY_USER,
-                               binary=paths.ENVOY_BINARY, config_path=cfg.config_path, base_id=cfg.base_id)
+                               binary=paths.ENVOY_BINARY, config_path=cfg.config_path, base_id=cfg.base_id,
+                               admin_dir=paths.admin_dir(cfg.proxy))
     return _parsed_unit(_render(templates_dir, "systemd/mesh-envoy.service.j2", context))
 
 

@@ -116,7 +116,7 @@ def _proxy_row(mesh: Mesh, workload: Workload, row: Row, connector: Connector,
                consul: dict[str, list[catalog.InstanceHealth]] | str) -> None:
     proxy = row.proxy
     state = connector.run(f"systemctl is-active {paths.envoy_unit_name(proxy)}").text()
-    info = _admin_json(connector, workload.admin_port, "server_info")
+    info = _admin_json(connector, proxy, "server_info")
     version = str(info.get("version", "?")).split("/")[1] if "/" in str(info.get("version", "")) else "?"
     row.cells["envoy"] = f"{state} {version}" if state == "active" else state
     if state != "active":
@@ -153,15 +153,16 @@ def _sidecar_row(mesh: Mesh, host: ManagedHost, workload: Workload, row: Row, co
     elif state is not None and state.running and state.netns != app.netns:
         row.problems.append(f"{name} is not in the network namespace of {workload.container} (the watcher "
                             "restarts it)")
-    info = _admin_json(connector, workload.admin_port, "server_info", pid) if pid else {}
+    info = _admin_json(connector, proxy, "server_info") if pid else {}
     version = str(info.get("version", "?")).split("/")[1] if "/" in str(info.get("version", "")) else "?"
     if pid and not info:
-        row.problems.append(f"Envoy's admin on 127.0.0.1:{workload.admin_port} in {name} does not answer")
+        row.problems.append(f"Envoy's admin on {paths.admin_socket_path(proxy)} (mounted into {name}) does not "
+                            "answer")
     row.cells["envoy"] = f"sidecar {state.status if state else 'missing'} {version if info else ''}".strip()
     row.cells["config"] = _sidecar_config(mesh, host, workload, connector, state.config_hash if state else None,
                                           name, row)
     row.cells["certificate"] = _certificate(connector, paths.cert_path(proxy), row)
-    row.cells["upstreams"] = _upstreams(mesh, workload, connector, consul, row, pid)
+    row.cells["upstreams"] = _upstreams(mesh, workload, connector, consul, row, admin=pid is not None)
 
 
 def _sidecar_config(mesh: Mesh, host: ManagedHost, workload: Workload, connector: Connector, label: str | None,
@@ -212,8 +213,8 @@ def _certificate(connector: Connector, path: str, row: Row) -> str:
 
 
 def _upstreams(mesh: Mesh, workload: Workload, connector: Connector,
-               consul: dict[str, list[catalog.InstanceHealth]] | str, row: Row, pid: int | None = None) -> str:
-    envoy = _envoy_health(connector, workload.admin_port, pid)
+               consul: dict[str, list[catalog.InstanceHealth]] | str, row: Row, admin: bool = True) -> str:
+    envoy = _envoy_health(connector, paths.proxy_name(workload)) if admin else {}
     parts = []
     deployed = {host.name for host in mesh.hosts}
     for upstream in workload.upstreams:
@@ -234,26 +235,27 @@ def _upstreams(mesh: Mesh, workload: Workload, connector: Connector,
     return "; ".join(parts) or "-"
 
 
-def _admin(connector: Connector, port: int, path: str, pid: int | None = None) -> str:
-    """GET Envoy's admin path on 127.0.0.1:port: of the host, or inside the network namespace of process pid
-    (a sidecar: its image has no shell or curl, the host's curl runs in its namespace)."""
-    enter = f"nsenter -t {pid} -n " if pid else ""
-    result = connector.run(f"{enter}curl -s -m {ADMIN_TIMEOUT_S} {shlex.quote(f'http://127.0.0.1:{port}/{path}')}")
+def _admin(connector: Connector, proxy: str, path: str) -> str:
+    """GET Envoy's admin path over its unix socket (root's to read: on a VM, and on a container host the folder
+    mounted into the sidecar), with the host's curl over SSH."""
+    url = f"http://localhost/{path}"
+    result = connector.run(f"curl -s -m {ADMIN_TIMEOUT_S} --unix-socket "
+                           f"{shlex.quote(paths.admin_socket_path(proxy))} {shlex.quote(url)}")
     return result.stdout.decode(errors="replace") if result.ok else ""
 
 
-def _admin_json(connector: Connector, port: int, path: str, pid: int | None = None) -> dict[str, object]:
+def _admin_json(connector: Connector, proxy: str, path: str) -> dict[str, object]:
     try:
-        data = json.loads(_admin(connector, port, path, pid) or "{}")
+        data = json.loads(_admin(connector, proxy, path) or "{}")
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _envoy_health(connector: Connector, port: int, pid: int | None = None) -> dict[str, list[str]]:
+def _envoy_health(connector: Connector, proxy: str) -> dict[str, list[str]]:
     """Cluster -> the health_flags of each of its hosts, from the admin /clusters text."""
     found: dict[str, list[str]] = {}
-    for line in _admin(connector, port, "clusters", pid).splitlines():
+    for line in _admin(connector, proxy, "clusters").splitlines():
         parts = line.split("::")
         if len(parts) == 4 and parts[2] == "health_flags":
             found.setdefault(parts[0], []).append(parts[3])

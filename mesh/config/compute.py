@@ -34,7 +34,8 @@ LOCAL_APP_CLUSTER = "local-app"
 CERTIFICATE_SECRET = "proxy-cert"
 TRUST_BUNDLE_SECRET = "mesh-ca"
 HEALTH_PATH = "/mesh/health"
-ADMIN_ADDRESS = "127.0.0.1"
+ADMIN_SOCKET_MODE = 0o600  # Envoy's user (which creates it) and root only
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
 INBOUND_ADDRESS = "0.0.0.0"
 OUTBOUND_ADDRESS = "127.0.0.1"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
@@ -75,7 +76,7 @@ def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
         host=workload.host,
         trust_domain=trust_domain,
         base_id=paths.base_id(workload),
-        admin=Admin(ADMIN_ADDRESS, workload.admin_port),
+        admin=_admin(proxy),
         secrets=Secrets(
             CertificateSecret(CERTIFICATE_SECRET, paths.cert_path(proxy), paths.key_path(proxy)),
             TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.CA_PATH),
@@ -87,6 +88,15 @@ def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
         max_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
         config_path=paths.envoy_config_path(proxy),
     )
+
+
+def _admin(proxy: str) -> Admin:
+    """The admin socket in the proxy's folder; the inventory's admin_port opens nothing any more."""
+    path = paths.admin_socket_path(proxy)
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(proxy, f"Envoy's admin socket path {path} is longer than a unix socket allows "
+                                 f"({MAX_SOCKET_PATH} bytes)", hint="use a shorter service name")
+    return Admin(path, ADMIN_SOCKET_MODE)
 
 
 def _inbound(workload: Workload, trust_domain: str) -> InboundListener:

@@ -23,7 +23,7 @@ def _duplicates(cfg: ProxyConfig) -> list[str]:
         *(f"listener {n!r}" for n in [cfg.inbound.name, *(o.name for o in cfg.outbound)]),
         *(f"cluster {c.name!r}" for c in cfg.clusters),
     ]
-    ports = [f"port {p}" for p in [cfg.admin.port, cfg.inbound.port, *(o.port for o in cfg.outbound)]]
+    ports = [f"port {p}" for p in [cfg.inbound.port, *(o.port for o in cfg.outbound)]]
     return [f"{name} appears {count} times" for name, count in Counter(names + ports).items() if count > 1]
 
 

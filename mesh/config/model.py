@@ -159,8 +159,11 @@ class OutboundListener:
 
 @dataclass(frozen=True)
 class Admin:
-    address: str
-    port: int
+    """Envoy's admin API on a unix socket (a filesystem path, never abstract: an abstract socket is reachable
+    from anything sharing the network namespace, a sidecar's app container included)."""
+
+    socket_path: str
+    mode: int  # of the socket Envoy creates
 
 
 @dataclass(frozen=True)

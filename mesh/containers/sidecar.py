@@ -29,9 +29,10 @@ class NotAContainerWorkload(ValueError):
 
 @dataclass(frozen=True)
 class Mount:
-    """A read-only bind mount: the same path on the host and in the sidecar."""
+    """A bind mount, read-only unless writable: the same path on the host and in the sidecar."""
 
     path: str
+    writable: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,9 @@ def sidecar_name(workload: Workload) -> str:
 
 
 def sidecar_mounts(proxy: str) -> tuple[Mount, ...]:
-    """The proxy's folder (key, certificate chain, envoy.yaml) and the mesh CA, read-only."""
-    return (Mount(paths.proxy_dir(proxy)), Mount(paths.CA_PATH))
+    """The proxy's folder (key, certificate chain, envoy.yaml) and the mesh CA, read-only; the folder of Envoy's
+    admin socket writable (a file socket there is the host's root's to read, out of the app container's reach)."""
+    return (Mount(paths.proxy_dir(proxy)), Mount(paths.admin_dir(proxy), writable=True), Mount(paths.CA_PATH))
 
 
 def files_hash(file_digests: Mapping[str, str], image: str) -> str:
@@ -143,4 +145,5 @@ def _run_args(spec: SidecarSpec, label: str | None) -> list[str]:
 
 
 def _mount_args(spec: SidecarSpec) -> list[str]:
-    return [word for mount in spec.mounts for word in ("--volume", f"{mount.path}:{mount.path}:ro")]
+    return [word for mount in spec.mounts
+            for word in ("--volume", f"{mount.path}:{mount.path}:{'rw' if mount.writable else 'ro'}")]

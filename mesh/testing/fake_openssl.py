@@ -17,8 +17,9 @@ _OK = CommandResult(0, b"", b"")
 
 
 def stub_openssl(host: FakeHost) -> None:
-    """Answer the steps' `openssl genpkey` (with its chown and mv), `openssl req -new`, `openssl pkey` and
-    `mv -f` on host, keeping each generated key so CSRs and public keys match it."""
+    """Answer the steps' `openssl genpkey` (with its chown and mv), `openssl req -new`, `openssl pkey`,
+    `mv -f` and the swap of a proxy's `tls` link on host, keeping each generated key so CSRs and public keys
+    match it."""
     keys: dict[str, ec.EllipticCurvePrivateKey] = {}
 
     def genpkey(cmd: str, stdin: bytes | None) -> CommandResult:
@@ -39,6 +40,22 @@ def stub_openssl(host: FakeHost) -> None:
         return CommandResult(0, key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), b"")
 
+    def swap_link(cmd: str, stdin: bytes | None) -> CommandResult:
+        """`ln -sfn tls.V DIR/.tls.new && mv -fT ... DIR/tls && <remove the other tls.* folders>`: the files
+        under DIR/tls/ become those of DIR/tls.V/ (the same FakeFile objects, as through a link)."""
+        target, temp = (word.strip("'") for word in cmd.split()[2:4])
+        folder = temp.rsplit("/", 1)[0]
+        version, link = f"{folder}/{target}/", f"{folder}/tls/"
+        for path in [p for p in host.files if p.startswith((link, f"{folder}/tls.")) and
+                     not p.startswith(version)] + [f"{folder}/key.pem", f"{folder}/cert.pem"]:
+            host.files.pop(path, None)
+            keys.pop(path, None)
+        for path in [p for p in host.files if p.startswith(version)]:
+            host.files[link + path[len(version):]] = host.files[path]
+            if path in keys:
+                keys[link + path[len(version):]] = keys[path]
+        return _OK
+
     def move(cmd: str, stdin: bytes | None) -> CommandResult:
         source, dest = (word.strip("'") for word in cmd.split()[-2:])
         host.files[dest] = host.files.pop(source)
@@ -48,6 +65,7 @@ def stub_openssl(host: FakeHost) -> None:
     host.stub(r"^openssl req -new", csr)
     host.stub(r"^openssl pkey", pubkey)
     host.stub(r"^mv -f ", move)
+    host.stub(r"^ln -sfn ", swap_link)
 
 
 def _group(pattern: str, text: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import http.client
 import os
 import socket
 import subprocess
@@ -155,13 +156,31 @@ def write_identity(identity: Identity, folder: Path) -> dict[str, Path]:
 class RunningEnvoy:
     name: str
     process: subprocess.Popen[bytes]
-    admin_port: int
+    admin_socket: Path  # Envoy's admin is a unix socket (mesh renders no admin port)
     base_id: int
     log: Path
 
     def admin(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as response:
-            return str(response.read().decode())
+        connection = _UnixHTTPConnection(str(self.admin_socket))
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read().decode()
+        finally:
+            connection.close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (what `curl --unix-socket` does)."""
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__("localhost", timeout=5)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
 
 
 def shm_files(base_id: int) -> list[Path]:
@@ -184,17 +203,18 @@ def free_base_ids(count: int, first: int | None = None) -> list[int]:
 def start_envoy(name: str, config: Mapping[str, Any], folder: Path, base_id: int,
                 extra_args: tuple[str, ...] = (), timeout: float = 15.0) -> RunningEnvoy:
     """Write config to folder/envoy.yaml and run Envoy on it (stdout and stderr, access logs included, to
-    folder/envoy.log) until its admin /ready says LIVE. The admin port is read from the config."""
+    folder/envoy.log) until its admin /ready says LIVE. The admin socket is moved to folder/admin.sock."""
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "envoy.yaml"
+    admin_socket = folder / "admin.sock"
+    config = {**config, "admin": {"address": {"pipe": {"path": str(admin_socket), "mode": 0o600}}}}
     config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    admin_port = int(config["admin"]["address"]["socket_address"]["port_value"])
     log = folder / "envoy.log"
     with log.open("wb") as sink:
         process = subprocess.Popen([envoy_binary(), "-c", str(config_path), "--base-id", str(base_id),
                                     "--log-level", "warn", *extra_args],
                                    stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
-    envoy = RunningEnvoy(name, process, admin_port, base_id, log)
+    envoy = RunningEnvoy(name, process, admin_socket, base_id, log)
     deadline = time.monotonic() + timeout
     try:
         while not _live(envoy):
@@ -212,7 +232,7 @@ def _live(envoy: RunningEnvoy) -> bool:
         raise RuntimeError(f"{envoy.name}'s Envoy exited with {envoy.process.returncode}:\n{_tail(envoy.log)}")
     try:
         return envoy.admin("/ready").strip() == "LIVE"
-    except OSError:  # not listening yet (urllib's errors are OSErrors)
+    except (OSError, http.client.HTTPException):  # not listening yet
         return False
 
 

@@ -10,7 +10,7 @@ from runner_helpers import managed, run
 
 from mesh.deploy.connection import CommandResult
 from mesh.deploy.errors import ModuleFailure
-from mesh.deploy.modules.builtin import parse_mode
+from mesh.deploy.modules.builtin import parse_mode, staged_path
 from mesh.testing.fake_connector import FakeFleet, FakeUnit
 
 
@@ -116,3 +116,32 @@ def test_parse_mode() -> None:
     assert parse_mode("0640") == 0o640 and parse_mode(0o755) == 0o755 and parse_mode(None) is None
     with pytest.raises(ModuleFailure):
         parse_mode("u=rw")
+
+
+def test_copy_with_validate_checks_a_staged_file_before_it_replaces_the_old_one(tmp_path: Path) -> None:
+    """Ansible's `validate`: %s is the new file staged beside dest; a refusal leaves dest as it was."""
+    fleet = FakeFleet()
+    host = fleet.host("vm1")
+    host.write("/etc/nft.conf", "old rules")
+    staged = staged_path("/etc/nft.conf")
+    assert staged == "/etc/.mesh-staged/nft.conf"
+
+    def move(cmd: str, stdin: bytes | None) -> CommandResult:
+        source, dest = cmd.split()[-2:]
+        host.files[dest] = host.files.pop(source)
+        return CommandResult(0, b"", b"")
+
+    host.stub(r"^mv -f -- ", move)
+    host.stub(r"^nft -c -f ", lambda cmd, _: CommandResult(1, b"", b"nft.conf:1:1-3: Error: syntax error, unexpected bad")
+              if host.files[cmd.split()[-1]].data == b"bad" else CommandResult(0, b"", b""))
+    task = "    - copy: {content: '%s', dest: /etc/nft.conf, validate: 'nft -c -f %%s'}\n"
+    status, out = one(tmp_path, task % "bad", fleet)
+    assert status == "failed" and "failed to validate /etc/nft.conf (it is left as it was)" in out
+    assert "syntax error, unexpected bad" in out
+    assert host.files["/etc/nft.conf"].data == b"old rules" and staged not in host.files
+    assert f"nft -c -f {staged}" in host.commands
+    status, _ = one(tmp_path, task % "good", fleet)
+    assert status == "changed" and host.files["/etc/nft.conf"].data == b"good" and staged not in host.files
+    assert host.puts == [staged, staged]  # never written over dest directly
+    status, out = one(tmp_path, "    - copy: {content: x, dest: /etc/nft.conf, validate: 'nft -c -f'}\n", fleet)
+    assert status == "failed" and "validate must contain %s" in out

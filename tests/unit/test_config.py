@@ -23,10 +23,19 @@ def test_names_paths_and_admin() -> None:
     cfg = config("db-vm2-1")
     assert (cfg.proxy, cfg.node_id, cfg.base_id) == ("db-1", "db-vm2-1", 2)
     assert cfg.config_path == "/etc/mesh/proxies/db-1/envoy.yaml"
-    assert cfg.secrets.certificate.private_key == "/etc/mesh/proxies/db-1/key.pem"
-    assert cfg.secrets.certificate.certificate_chain == "/etc/mesh/proxies/db-1/cert.pem"
+    # Behind the `tls` link, swapped to a new folder with a new key (paths.tls_link).
+    assert cfg.secrets.certificate.private_key == "/etc/mesh/proxies/db-1/tls/key.pem"
+    assert cfg.secrets.certificate.certificate_chain == "/etc/mesh/proxies/db-1/tls/cert.pem"
     assert cfg.secrets.trust_bundle.trusted_ca == "/etc/mesh/ca.pem"
-    assert (cfg.admin.address, cfg.admin.port) == ("127.0.0.1", 19001)
+    # admin_port (19001) opens nothing: admin is a socket in the proxy's folder, 0600.
+    assert (cfg.admin.socket_path, cfg.admin.mode) == ("/etc/mesh/proxies/db-1/admin/admin.sock", 0o600)
+
+
+def test_an_admin_socket_path_too_long_for_a_unix_socket_is_refused() -> None:
+    mesh = golden_mesh()
+    long = dataclasses.replace(workload(mesh, "db-vm2-1"), service="d" * 90)
+    with pytest.raises(ConfigError, match="admin socket path .* is longer than a unix socket allows"):
+        compute_proxy_config(mesh, long)
 
 
 def test_inbound_requires_the_trust_domain_and_has_a_health_chain() -> None:
@@ -97,8 +106,8 @@ def test_consistent_refuses_a_dangling_cluster_or_secret() -> None:
 
 def test_consistent_refuses_two_listeners_on_one_port() -> None:
     cfg = config("web-vm1-0")
-    clash = dataclasses.replace(cfg.outbound[0], port=cfg.admin.port)
-    with pytest.raises(InconsistentConfig, match=f"port {cfg.admin.port} appears 2 times"):
+    clash = dataclasses.replace(cfg.outbound[0], port=cfg.inbound.port)
+    with pytest.raises(InconsistentConfig, match=f"port {cfg.inbound.port} appears 2 times"):
         consistent(dataclasses.replace(cfg, outbound=(clash, *cfg.outbound[1:])))
 
 

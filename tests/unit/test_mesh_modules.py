@@ -16,6 +16,7 @@ from mesh.config.validate import envoy_binary
 from mesh.deploy.command import PLAYBOOK, _groups
 from mesh.deploy.connection import CommandResult
 from mesh.deploy.modules import registry
+from mesh.deploy.modules.builtin import staged_path
 from mesh.deploy.playbook import load_playbook
 from mesh.deploy.recap import exit_code
 from mesh.deploy.results import PlayResult
@@ -57,6 +58,7 @@ def _fake_vm(host: FakeHost, missing: str = "") -> None:
     host.stub(r"useradd", useradd)
     host.stub(r"^runuser -u mesh-envoy -- /usr/local/lib/mesh/envoy --mode validate", OK)
     host.stub(r"^/usr/sbin/nft ", OK)
+    host.stub(r"systemd-analyze verify", OK)
     host.write(paths.NFT_BINARY, b"", 0o755)
     for unit in ("mesh-envoy-web-0.service", "mesh-envoy-api-0.service", "mesh-envoy-db-1.service",
                  "mesh-firewall.service"):
@@ -110,6 +112,17 @@ def test_first_deploy_makes_keys_on_the_host_and_a_second_changes_nothing(setup:
     assert vm2.files[paths.ENVOY_BINARY].data == b"not really envoy"
     assert vm2.units["mesh-envoy-db-1.service"].active == "active" and vm2.units["mesh-envoy-db-1.service"].enabled
     assert b"tcp dport { 5432, 9090 } drop" in (vm2.files[paths.FIREWALL_PATH].data or b"")
+    admin = vm2.files[paths.admin_dir("api-0")]
+    assert (admin.data, admin.mode, admin.owner, admin.group) == (None, 0o700, "mesh-envoy", "mesh-envoy")
+    # Each unit and the ruleset were checked by its own tool, staged, before the rename that installed it.
+    for dest, check in ((paths.envoy_unit_path("db-1"), "systemd-analyze verify --man=no "),
+                        ("/etc/systemd/system/mesh-firewall.service", "systemd-analyze verify --man=no "),
+                        (paths.FIREWALL_PATH, "/usr/sbin/nft -c -f ")):
+        staged = staged_path(dest)
+        checked = next(i for i, cmd in enumerate(vm2.commands) if f"{check}{staged}" in cmd)
+        moved = vm2.commands.index(f"mv -f -- {staged} {dest}")
+        assert vm2.puts.index(staged) >= 0 and checked < moved and dest not in vm2.puts
+        assert staged not in vm2.files
     for host in fleet.hosts.values():
         host.commands.clear()
         host.puts.clear()
@@ -185,3 +198,65 @@ def test_missing_prerequisites_fail_the_host_before_any_change(setup: tuple[Mesh
     assert "missing prerequisites on vm1: openssl, nft or iptables" in out
     assert vm1.puts == [] and vm1.commands == [vm1.commands[0]]  # only the (read-only) check ran
     assert fleet.host("vm2").files[paths.envoy_config_path("api-0")].data  # the other host is deployed
+
+
+def test_a_new_key_and_its_certificate_are_swapped_in_together(setup: tuple[Mesh, DeployContext,
+                                                                             FakeFleet]) -> None:
+    """The new key and certificate go into a new folder and one rename of the `tls` link makes them current:
+    nothing Envoy reads changes between the key and its certificate."""
+    mesh, context, fleet = setup
+    deploy(mesh, context, fleet)
+    vm1 = fleet.host("vm1")
+    first = vm1.files[paths.cert_path("web-0")].data
+    del vm1.files[paths.key_path("web-0")]  # a lost key: a new one is made
+    vm1.commands.clear()
+    vm1.puts.clear()
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 0, out
+    keygen = next(i for i, cmd in enumerate(vm1.commands) if "openssl genpkey" in cmd)
+    version = re.search(r'mv -f "\$t" (\S+)/key\.pem$', vm1.commands[keygen])
+    assert version is not None and version.group(1).startswith(f"{paths.proxy_dir('web-0')}/tls.")
+    assert vm1.puts == [f"{version.group(1)}/cert.pem"]  # the certificate beside its key, not behind the link
+    swap = next(i for i, cmd in enumerate(vm1.commands) if cmd.startswith("ln -sfn "))
+    assert keygen < swap and "mv -fT" in vm1.commands[swap]
+    assert vm1.commands[swap].split()[2] == version.group(1).rsplit("/", 1)[1]  # a relative link (sidecars)
+    assert not any("systemctl restart" in cmd for cmd in vm1.commands[:swap])
+    key, cert = vm1.files[paths.key_path("web-0")], vm1.files[paths.cert_path("web-0")]
+    assert (key.mode, key.owner) == (0o600, "mesh-envoy") and cert.data != first
+    assert restarts(vm1) == ["systemctl restart mesh-envoy-web-0.service"]
+
+
+def test_a_ruleset_nft_refuses_fails_the_host_and_keeps_the_old_one(setup: tuple[Mesh, DeployContext,
+                                                                                  FakeFleet]) -> None:
+    mesh, context, fleet = setup
+    deploy(mesh, context, fleet)
+    vm2 = fleet.host("vm2")
+    vm2.write(paths.FIREWALL_PATH, "the old ruleset", 0o644)
+    vm2.stubs.insert(0, (re.compile(r"^/usr/sbin/nft -c -f "), CommandResult(
+        1, b"", b"/etc/mesh/.mesh-staged/firewall.nft:9:3-6: Error: syntax error, unexpected junk")))
+    vm2.commands.clear()
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 2 and result.failed_hosts == ["vm2"]
+    assert "nft on vm2 refused the new /etc/mesh/firewall.nft (the old one is kept)" in out
+    assert "syntax error, unexpected junk" in out
+    assert vm2.files[paths.FIREWALL_PATH].data == b"the old ruleset"
+    assert staged_path(paths.FIREWALL_PATH) not in vm2.files
+    assert not any(cmd == f"/usr/sbin/nft -f {paths.FIREWALL_PATH}" for cmd in vm2.commands)
+
+
+def test_a_unit_systemd_refuses_fails_the_host_and_keeps_the_old_one(setup: tuple[Mesh, DeployContext,
+                                                                                   FakeFleet]) -> None:
+    mesh, context, fleet = setup
+    deploy(mesh, context, fleet)
+    vm1 = fleet.host("vm1")
+    unit = paths.envoy_unit_path("web-0")
+    vm1.write(unit, "the old unit", 0o644)
+    vm1.stubs.insert(0, (re.compile(r"systemd-analyze verify"), CommandResult(
+        1, b"", b"mesh-envoy-web-0.service: Command /usr/local/lib/mesh/envoy is not executable")))
+    vm1.commands.clear()
+    result, out = deploy(mesh, context, fleet)
+    assert exit_code(result) == 2 and result.failed_hosts == ["vm1"]
+    assert "systemd-analyze on vm1 refused the new unit (the old one is kept)" in out
+    assert "is not executable" in out
+    assert vm1.files[unit].data == b"the old unit" and staged_path(unit) not in vm1.files
+    assert not restarts(vm1) and "systemctl daemon-reload" not in vm1.commands

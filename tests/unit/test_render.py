@@ -111,9 +111,14 @@ def test_envoy_units_are_hardened_and_distinct_per_host() -> None:
     assert api["ExecStartPre"] == "/usr/local/lib/mesh/envoy --mode validate -c /etc/mesh/proxies/api-0/envoy.yaml"
     for setting in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
                     "ProtectKernelModules", "ProtectControlGroups", "LockPersonality", "MemoryDenyWriteExecute",
-                    "RestrictNamespaces"):
+                    "RestrictNamespaces", "ProtectKernelLogs", "ProtectClock", "ProtectHostname", "RestrictRealtime",
+                    "RestrictSUIDSGID"):
         assert api[setting] == "yes", setting
     assert api["ProtectSystem"] == "strict" and api["CapabilityBoundingSet"] == "" and api["AmbientCapabilities"] == ""
+    assert api["ProtectProc"] == "invisible" and api["SystemCallFilter"] == "@system-service"
+    # Envoy writes nothing but its admin socket: only that folder is writable, each proxy its own.
+    assert api["ReadWritePaths"] == "/etc/mesh/proxies/api-0/admin"
+    assert db["ReadWritePaths"] == "/etc/mesh/proxies/db-1/admin"
     assert api["Restart"] == "always" and api["LimitNOFILE"] == "65536"
     assert units["api-vm2-0"]["Install"]["WantedBy"] == "multi-user.target"
 
@@ -132,7 +137,7 @@ def test_rendered_envoy_config_is_the_model() -> None:
     resources = config["static_resources"]
     assert [listener["name"] for listener in resources["listeners"]] == ["inbound", "outbound-api", "outbound-report"]
     assert [cluster["name"] for cluster in resources["clusters"]] == ["local-app", "upstream-api", "upstream-report"]
-    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19000}
+    assert config["admin"]["address"] == {"pipe": {"path": "/etc/mesh/proxies/web-0/admin/admin.sock", "mode": 0o600}}
     api = resources["clusters"][1]
     addresses = [e["endpoint"]["address"]["socket_address"] for e in api["load_assignment"]["endpoints"][0]["lb_endpoints"]]
     assert addresses == [{"address": "10.0.0.12", "port_value": 21000}, {"address": "10.0.0.13", "port_value": 21000}]
@@ -158,7 +163,7 @@ def test_config_names_no_key_material() -> None:
     mesh = golden_mesh()
     cfg: ProxyConfig = compute_proxy_config(mesh, workload(mesh, "api-vm2-0"))
     text = render_envoy_config(cfg)
-    assert "PRIVATE KEY" not in text and "/etc/mesh/proxies/api-0/key.pem" in text
+    assert "PRIVATE KEY" not in text and "/etc/mesh/proxies/api-0/tls/key.pem" in text
 
 
 def _unit(text: str) -> dict[str, dict[str, str]]:

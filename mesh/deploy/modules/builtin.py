@@ -7,13 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shlex
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
 
+from mesh.deploy.connection import CommandResult
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.facts import FileStat, UnitState, file_sha256, file_stat, path_exists, unit_state
@@ -24,6 +26,45 @@ if TYPE_CHECKING:
 
 FILE_STATES = ("file", "directory", "absent", "touch")
 UNIT_STATES = ("started", "stopped", "restarted", "reloaded")
+STAGING_DIR = ".mesh-staged"
+
+
+def unit_check(unit_name: str) -> str:
+    """`systemd-analyze verify` of a staged unit: refused on a non-zero exit, and also when systemd says anything
+    about this unit (it exits 0 on a setting it would ignore, such as `ProtectProc=bogus`); what it says about
+    other units of the host does not count."""
+    name = shlex.quote(f"{unit_name}:")
+    return ("o=$(systemd-analyze verify --man=no %s 2>&1); r=$?; [ -z \"$o\" ] || echo \"$o\" >&2; "
+            f"[ $r -eq 0 ] && ! echo \"$o\" | grep -q -F -e %s -e {name}")
+
+
+def staged_path(dest: str) -> str:
+    """Where a new file waits for its check: a hidden folder beside dest (the same filesystem, so moving it in is
+    one rename; systemd and nft read nothing there), under dest's own name (systemd-analyze needs it)."""
+    folder, name = posixpath.split(dest)
+    return posixpath.join(folder, STAGING_DIR, name)
+
+
+def install_checked(dest: str, data: bytes, mode: int, owner: str | None, group: str | None,
+                    validate: str) -> Generator[Change, CommandResult | None, str | None]:
+    """Changes that stage data beside dest, check it with `validate` (its %s replaced by the staged path), and
+    only then rename it over dest. Returns None, or the check's message (the staged file removed, dest untouched).
+
+        refused = yield from install_checked("/etc/mesh/firewall.nft", rules, 0o644, "root", "root", "nft -c -f %s")
+    """
+    if "%s" not in validate:
+        raise ModuleFailure(f"validate must contain %s (the staged file): {validate!r}")
+    staged = staged_path(dest)
+    quoted = shlex.quote(staged)
+    yield RunCommand(f"mkdir -p -m 0700 -- {shlex.quote(posixpath.dirname(staged))}", "create the staging folder",
+                     changes=False)
+    yield PutFile(staged, data, mode, owner, group, f"send {dest} (to check)")
+    checked = yield RunCommand(validate.replace("%s", quoted), f"check {dest}", check_exit=False, changes=False)
+    if checked is not None and not checked.ok:
+        yield RunCommand(f"rm -f -- {quoted}", "remove the refused file", changes=False)
+        return checked.error_text() or f"the check exited {checked.code}"
+    yield RunCommand(f"mv -f -- {quoted} {shlex.quote(dest)}", f"install {dest}")
+    return None
 
 
 def parse_mode(value: Any) -> int | None:
@@ -73,9 +114,15 @@ def write_file(ctx: TaskContext[Any], dest: str, data: bytes, args: dict[str, An
     if stat is not None and not to_bool(args.get("force", True)):
         return Outcome(msg=f"{dest} exists and force is no", data={"dest": dest})
     if stat is None or file_sha256(ctx.connector, dest) != want:
-        yield PutFile(dest, data, mode if mode is not None else (stat.mode if stat else 0o644),
-                      owner or (stat.owner if stat else None), group or (stat.group if stat else None),
-                      f"write {dest}")
+        attrs = (mode if mode is not None else (stat.mode if stat else 0o644),
+                 owner or (stat.owner if stat else None), group or (stat.group if stat else None))
+        if args.get("validate"):
+            refused = yield from install_checked(dest, data, *attrs, str(args["validate"]))
+            if refused is not None:
+                return Outcome(msg=f"failed to validate {dest} (it is left as it was): {refused}",
+                               data={"dest": dest}, failed=True)
+        else:
+            yield PutFile(dest, data, *attrs, f"write {dest}")
     else:
         yield from attribute_changes(dest, stat, mode, owner, group)
     return Outcome(data={"dest": dest, "checksum": want, "size": len(data)})
@@ -218,8 +265,8 @@ def _run_line(ctx: TaskContext[Any], args: dict[str, Any], line: str) -> ModuleR
 
 def register_builtins(registry: ModuleRegistry) -> None:
     attrs = ("mode", "owner", "group")
-    registry.register("copy", copy, ("src", "content", "dest", "backup", "force", *attrs))
-    registry.register("template", template, ("src", "dest", "backup", "force", *attrs))
+    registry.register("copy", copy, ("src", "content", "dest", "backup", "force", "validate", *attrs))
+    registry.register("template", template, ("src", "dest", "backup", "force", "validate", *attrs))
     registry.register("file", file, ("path", "dest", "name", "state", "recurse", *attrs))
     unit_params = ("name", "state", "enabled", "daemon_reload")
     registry.register("systemd_service", systemd_service, unit_params)

@@ -11,7 +11,7 @@ from typing import Any
 from mesh.config import paths
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
-from mesh.deploy.modules.builtin import parse_mode
+from mesh.deploy.modules.builtin import install_checked, parse_mode, unit_check
 from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.variables import to_bool
@@ -23,6 +23,7 @@ TOOLS = ("openssl", "sha256sum", "useradd", "systemctl", "sshd")
 CONTAINER_HOST_TOOLS = ("docker", "iptables", "iptables-restore")
 MIN_CONTROLLER_PYTHON = (3, 10)  # the checker's wheels (structlog, py-consul) need 3.10+
 FIREWALL_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{paths.FIREWALL_UNIT}"
+FIREWALL_CHECK = f"{paths.NFT_BINARY} -c -f %s"  # nft's own check of a staged ruleset (%s: its path)
 
 
 def prerequisites_script(controller: bool, container_host: bool = False) -> str:
@@ -94,11 +95,21 @@ def firewall(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
         raise ModuleFailure(f"{paths.NFT_BINARY} not found: install nftables")
     ruleset = render_firewall(ctx.host).encode()
     unit = render_firewall_unit().encode()
+    # Each file is checked on the host by the tool that reads it (`nft -c`, `systemd-analyze verify`) before it
+    # replaces the old one: a refused file fails the host and leaves the old one (and the loaded table) alone.
     changed_rules = _differs(ctx, paths.FIREWALL_PATH, ruleset)
     if changed_rules:
-        yield PutFile(paths.FIREWALL_PATH, ruleset, 0o644, "root", "root", f"write {paths.FIREWALL_PATH}")
+        refused = yield from install_checked(paths.FIREWALL_PATH, ruleset, 0o644, "root", "root",
+                                             FIREWALL_CHECK)
+        if refused is not None:
+            return Outcome(msg=f"nft on {ctx.host.name} refused the new {paths.FIREWALL_PATH} (the old one is "
+                               f"kept): {refused}", failed=True)
     if _differs(ctx, FIREWALL_UNIT_PATH, unit):
-        yield PutFile(FIREWALL_UNIT_PATH, unit, 0o644, "root", "root", f"write {FIREWALL_UNIT_PATH}")
+        refused = yield from install_checked(FIREWALL_UNIT_PATH, unit, 0o644, "root", "root",
+                                             unit_check(paths.FIREWALL_UNIT))
+        if refused is not None:
+            return Outcome(msg=f"systemd-analyze on {ctx.host.name} refused the new {FIREWALL_UNIT_PATH} (the "
+                               f"old one is kept): {refused}", failed=True)
         yield RunCommand("systemctl daemon-reload", "daemon-reload", changes=False)
     loaded = ctx.connector.run(f"{paths.NFT_BINARY} list table inet mesh >/dev/null 2>&1").ok
     if changed_rules or not loaded:

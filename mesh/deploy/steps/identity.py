@@ -5,14 +5,16 @@ renewed. It reads the certificate and the key's public half from the host; it mu
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mesh.config import paths
 from mesh.deploy.connection import Connector, RemoteError
+from mesh.deploy.steps.ownership import Owned
 from mesh.errors import MeshError
+from mesh.healthcheck.config import CHECKER_USER
 from mesh.healthcheck.config import CONFIG_DIR as CHECKER_DIR
 from mesh.inventory.model import health_checker_spiffe_id
 from mesh.pki import CertificateAuthority, leaf_info
@@ -31,17 +33,44 @@ class Identity:
     common_name: str
     ledger_name: str  # the `proxy` column of the CA's ledger
     proxy: str | None = None  # set for a proxy: a new certificate restarts it
+    # A proxy's key and certificate live in a versioned folder of this ownership behind the `tls` link: a new
+    # key and its certificate are written into a new folder, then the link is swapped (paths.tls_link).
+    folder: Owned | None = None
 
 
-def proxy_identity(proxy: str, spiffe_id: str, owner: str = paths.ENVOY_USER) -> Identity:
-    """A proxy's identity; owner owns its key (a name on VMs, the sidecar's uid on container hosts)."""
+def proxy_identity(proxy: str, spiffe_id: str, owner: str = paths.ENVOY_USER,
+                   folder: Owned | None = None) -> Identity:
+    """A proxy's identity; owner owns its key (a name on VMs, the sidecar's uid on container hosts); folder is
+    the ownership of its key-and-certificate folders (the proxy folder's)."""
     return Identity(spiffe_id, paths.key_path(proxy), paths.cert_path(proxy), owner,
-                    spiffe_id.rsplit("/", 1)[-1], proxy, proxy)
+                    spiffe_id.rsplit("/", 1)[-1], proxy, proxy,
+                    folder or Owned("root", paths.ENVOY_USER, 0o750))
+
+
+def in_new_folder(identity: Identity, version: str) -> Identity:
+    """The identity with its key and certificate in a new versioned folder (not yet behind the link)."""
+    if identity.proxy is None or identity.folder is None:
+        return identity  # the checker's: one key file, replaced in place
+    folder = paths.tls_version_dir(identity.proxy, version)
+    return replace(identity, key=f"{folder}/key.pem", cert=f"{folder}/cert.pem")
+
+
+def swap_command(identity: Identity, version: str) -> str:
+    """Point the proxy's `tls` link at the new folder in one rename, then remove the folders (and the files of
+    mesh before versioned folders) that held the old key."""
+    assert identity.proxy is not None
+    proxy_dir, link = paths.proxy_dir(identity.proxy), paths.tls_link(identity.proxy)
+    name = f"{paths.TLS_VERSION_PREFIX}{version}"
+    temp = shlex.quote(f"{proxy_dir}/.tls.new")
+    return (f"ln -sfn {shlex.quote(name)} {temp} && mv -fT {temp} {shlex.quote(link)} && "
+            f"for old in {shlex.quote(proxy_dir)}/{paths.TLS_VERSION_PREFIX}*; do "
+            f"[ \"$old\" = {shlex.quote(f'{proxy_dir}/{name}')} ] || rm -rf -- \"$old\"; done; "
+            f"rm -f -- {shlex.quote(f'{proxy_dir}/key.pem')} {shlex.quote(f'{proxy_dir}/cert.pem')}")
 
 
 def checker_identity(trust_domain: str) -> Identity:
     return Identity(health_checker_spiffe_id(trust_domain), f"{CHECKER_DIR}/key.pem", f"{CHECKER_DIR}/cert.pem",
-                    "root", "health", CHECKER_LEDGER_NAME)
+                    CHECKER_USER, "health", CHECKER_LEDGER_NAME)
 
 
 def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuthority) -> str | None:

@@ -6,7 +6,9 @@ systemd unit and the handler restarting exactly the proxies whose files changed.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import shlex
+from datetime import UTC, datetime
 from typing import Any
 
 from mesh.config import paths
@@ -14,9 +16,17 @@ from mesh.config.errors import ConfigError, EnvoyRejectedConfig
 from mesh.containers.sidecar import sidecar_spec, validate_args
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
+from mesh.deploy.modules.builtin import install_checked, unit_check
 from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
-from mesh.deploy.steps.identity import Identity, checker_identity, proxy_identity, renewal_reason
+from mesh.deploy.steps.identity import (
+    Identity,
+    checker_identity,
+    in_new_folder,
+    proxy_identity,
+    renewal_reason,
+    swap_command,
+)
 from mesh.deploy.steps.ownership import Owned, folder_changes, ownership_changes, proxy_ownership
 from mesh.deploy.variables import to_bool
 from mesh.render import render_envoy_config, render_envoy_unit, validate_envoy_config
@@ -32,11 +42,15 @@ def _proxy(args: dict[str, Any]) -> str:
 
 
 def proxy_folder(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """/etc/mesh/proxies/<proxy>, owned as the host's kind wants it (see ownership.py)."""
+    """/etc/mesh/proxies/<proxy>, owned as the host's kind wants it (see ownership.py), and in it the folder of
+    Envoy's admin socket: Envoy's user's alone (0700), so no other user of the host can connect to admin."""
     proxy = _proxy(args)
     path = paths.proxy_dir(proxy)
-    yield from folder_changes(ctx.connector, path, proxy_ownership(ctx.host, proxy).folder)
-    return Outcome(data={"path": path})
+    ownership = proxy_ownership(ctx.host, proxy)
+    yield from folder_changes(ctx.connector, path, ownership.folder)
+    envoy_user = ownership.key.owner
+    yield from folder_changes(ctx.connector, paths.admin_dir(proxy), Owned(envoy_user, envoy_user, 0o700))
+    return Outcome(data={"path": path, "admin_socket": paths.admin_socket_path(proxy)})
 
 
 def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
@@ -47,11 +61,18 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
         identity = checker_identity(trust_domain)
     else:
         proxy = _proxy(args)
-        identity = proxy_identity(proxy, shared.workload(ctx.host.name, proxy).spiffe_id,
-                                  proxy_ownership(ctx.host, proxy).key.owner)
+        ownership = proxy_ownership(ctx.host, proxy)
+        identity = proxy_identity(proxy, shared.workload(ctx.host.name, proxy).spiffe_id, ownership.key.owner,
+                                  ownership.folder)
     fresh = not ctx.connector.run(f"test -s {shlex.quote(identity.key)}").ok
+    # A new key goes into a new folder with its certificate, swapped in by one rename once both are there: a
+    # restart in between still finds the old, matching pair.
+    version = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    target = in_new_folder(identity, version) if fresh else identity
     if fresh:
-        made = yield RunCommand(_keygen(identity), f"create the private key {identity.key} on the host")
+        if target is not identity and identity.folder is not None:
+            yield from folder_changes(ctx.connector, target.key.rsplit("/", 1)[0], identity.folder)
+        made = yield RunCommand(_keygen(target), f"create the private key {target.key} on the host")
         if made is None:  # check mode: no key, so no CSR either
             return Outcome(msg="would create a key and request a certificate")
     else:
@@ -61,13 +82,16 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
         return Outcome(msg="certificate valid", data={"spiffe_id": identity.spiffe_id})
     if ctx.check_mode:
         return Outcome(msg=f"would renew the certificate: {reason}")
-    csr = ctx.connector.run(f"openssl req -new -sha256 -key {shlex.quote(identity.key)} -subj "
+    csr = ctx.connector.run(f"openssl req -new -sha256 -key {shlex.quote(target.key)} -subj "
                             f"{shlex.quote('/CN=' + identity.common_name)}")
     if not csr.ok:
         raise ModuleFailure(f"openssl could not make a CSR on the host: {csr.error_text()}")
     issued = shared.ca.sign(csr.stdout, identity.spiffe_id, shared.mesh.settings.cert_ttl, ctx.host.name,
                             identity.ledger_name)
-    yield PutFile(identity.cert, issued.chain_pem, 0o644, "root", "root", f"write {identity.cert}")
+    yield PutFile(target.cert, issued.chain_pem, 0o644, "root", "root", f"write {target.cert}")
+    if target is not identity:
+        yield RunCommand(swap_command(identity, version), f"switch {paths.tls_link(identity.proxy or '')} to "
+                                                          "the new key and certificate")
     if identity.proxy is not None:
         shared.mark_restart(ctx.host.name, identity.proxy)
     return Outcome(msg=f"certificate issued ({reason}), valid until {issued.not_after.isoformat()}",
@@ -141,12 +165,16 @@ def envoy_error(output: str) -> str:
 
 
 def envoy_unit(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """The proxy's systemd unit; systemd re-reads units when it changed."""
+    """The proxy's systemd unit, checked by `systemd-analyze verify` on the host before it replaces the old one
+    (a refused unit fails the host and leaves the old one); systemd re-reads units when it changed."""
     proxy = _proxy(args)
     data = render_envoy_unit(ctx.shared.proxy_config(ctx.host.name, proxy)).encode()
-    path = paths.envoy_unit_path(proxy)
+    path, name = paths.envoy_unit_path(proxy), paths.envoy_unit_name(proxy)
     if file_sha256(ctx.connector, path) != hashlib.sha256(data).hexdigest():
-        yield PutFile(path, data, 0o644, "root", "root", f"write {path}")
+        refused = yield from install_checked(path, data, 0o644, "root", "root", unit_check(name))
+        if refused is not None:
+            return Outcome(msg=f"proxy {proxy}: systemd-analyze on {ctx.host.name} refused the new unit (the old "
+                               f"one is kept): {refused}", data={"unit": name, "dest": path}, failed=True)
         yield RunCommand("systemctl daemon-reload", "daemon-reload", changes=False)
         ctx.shared.mark_restart(ctx.host.name, proxy)
     return Outcome(data={"unit": paths.envoy_unit_name(proxy), "dest": path})
