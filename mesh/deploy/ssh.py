@@ -21,6 +21,7 @@ from fabric import Connection as FabricConnection
 from mesh.deploy.connection import CommandResult, become_prefix, get_via, put_via, wrap_become
 from mesh.deploy.errors import HostUnreachable
 from mesh.inventory.model import Connection
+from mesh.inventory.values import parse_proxy_jump
 
 CONNECT_TIMEOUT = 10.0
 SEND_SLICE = 256 * 1024
@@ -84,10 +85,8 @@ class SSHConnector:
         if not jump:
             return None
         gateway: FabricConnection | None = None
-        for hop in jump.split(","):  # ssh's ProxyJump: hops in order, each reached through the previous one
-            user, _, rest = hop.rpartition("@")
-            address, _, port = rest.partition(":")
-            gateway = self._client(address, int(port or 22), user or self._user, gateway)
+        for hop in parse_proxy_jump(jump):  # ssh's ProxyJump: hops in order, each through the previous one
+            gateway = self._client(hop.host, hop.port, hop.user or self._user, gateway)
         return gateway
 
     def _open(self) -> FabricConnection:

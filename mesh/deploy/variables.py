@@ -14,11 +14,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
-from jinja2.exceptions import TemplateError, UndefinedError
-from jinja2.runtime import Undefined, new_context
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 
-from mesh.inventory.templating import ansible_concat, is_template, make_environment
+from mesh.inventory.sandbox import BoundedSandbox
+from mesh.inventory.templating import compile_template, is_template, make_environment, render_template
 
 TRUE_WORDS = ("yes", "on", "1", "true", "y", "t")
 
@@ -44,7 +43,7 @@ def _succeeded(value: Any) -> bool:
     return isinstance(value, Mapping) and not value.get("failed")
 
 
-def task_environment() -> SandboxedEnvironment:
+def task_environment() -> BoundedSandbox:
     """The native, sandboxed Jinja2 of the inventory plus a few filters and tests playbooks use everywhere."""
     env = make_environment()
     env.keep_trailing_newline = True  # `content: "{{ x }}\n"` keeps its newline, as in Ansible
@@ -66,9 +65,11 @@ class Templar:
         with self._lock:
             if source not in self._cache:
                 try:
-                    self._cache[source] = self.env.from_string(source)
+                    self._cache[source] = compile_template(self.env, source)
                 except TemplateSyntaxError as exc:
                     raise ExpressionError(f"Jinja2 syntax error in {source!r}: {exc.message}") from None
+                except (RecursionError, MemoryError):
+                    raise ExpressionError(f"{source[:80]!r}: the template is nested too deeply to read") from None
             return self._cache[source]
 
     def render(self, value: Any, scope: Mapping[str, Any]) -> Any:
@@ -83,13 +84,12 @@ class Templar:
 
     def _render_string(self, source: str, scope: Mapping[str, Any]) -> Any:
         template = self._compile(source)
-        context = new_context(self.env, None, {}, WithGlobals(scope, self.env.globals), shared=True)  # type: ignore[arg-type]
         try:
-            result = ansible_concat(template.root_render_func(context))
-            _fail_on_undefined(result)
-            return result
+            return render_template(self.env, template, WithGlobals(scope, self.env.globals))
         except UndefinedError as exc:
             raise ExpressionError(f"{source!r}: {exc.message}") from None
+        except SecurityError as exc:
+            raise ExpressionError(f"{source[:80]!r}: refused by mesh's sandbox: {exc}") from None
         except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
             raise ExpressionError(f"{source!r}: {type(exc).__name__}: {exc}") from None
 
@@ -105,18 +105,6 @@ class Templar:
 
     def all_true(self, conditions: tuple[Any, ...], scope: Mapping[str, Any]) -> bool:
         return all(self.condition(condition, scope) for condition in conditions)
-
-
-def _fail_on_undefined(value: Any) -> None:
-    """Native rendering returns an undefined value as is: make it fail here, inside lists and dicts too."""
-    if isinstance(value, Undefined):
-        str(value)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _fail_on_undefined(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _fail_on_undefined(item)
 
 
 class WithGlobals(Mapping[str, Any]):

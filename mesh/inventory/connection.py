@@ -13,7 +13,8 @@ from mesh.inventory.model import Connection
 from mesh.inventory.values import (
     SshOptions,
     check_address,
-    check_string,
+    check_local_path,
+    check_user_name,
     parse_bool,
     parse_port,
     parse_ssh_args,
@@ -66,11 +67,11 @@ def read_connection(host: str, written: Mapping[str, Origin], lookup: Lookup, de
     _check_become_method(lookup, problems)
     address = _read(lookup, problems, check_address, "ansible_host", "ansible_ssh_host")
     port = _read(lookup, problems, parse_port, "ansible_port", "ansible_ssh_port")
-    user = _read(lookup, problems, lambda v: check_string(v, "a user name"), "ansible_user", "ansible_ssh_user")
-    key_file = _read(lookup, problems, lambda v: check_string(v, "a path to a private key"),
+    user = _read(lookup, problems, check_user_name, "ansible_user", "ansible_ssh_user")
+    key_file = _read(lookup, problems, lambda v: check_local_path(v, "a path to a private key"),
                      "ansible_private_key_file", "ansible_ssh_private_key_file")
     become = _read(lookup, problems, parse_bool, "ansible_become")
-    become_user = _read(lookup, problems, lambda v: check_string(v, "a user name"), "ansible_become_user")
+    become_user = _read(lookup, problems, check_user_name, "ansible_become_user")
     common = _ssh_args(lookup, "ansible_ssh_common_args", problems)
     extra = _ssh_args(lookup, "ansible_ssh_extra_args", problems)
     if len(problems.errors) > before or local is None or common is None or extra is None:
@@ -106,11 +107,16 @@ def ssh_port(lookup: Lookup) -> int | None:
 
 def _read(lookup: Lookup, problems: Problems, reader: Callable[[object], object], *names: str) -> Any:
     # Ansible's ssh plugin takes the last defined of its variable names: ansible_ssh_host beats ansible_host.
+    # The others are checked too: the runner's templates may still read them.
+    found: Any = None
+    chosen = False
     for name in reversed(names):
         spot = lookup(name)
         if spot is not None:
-            return problems.read(spot, reader)
-    return None
+            value = problems.read(spot, reader)
+            if not chosen:
+                found, chosen = value, True
+    return found
 
 
 def _connection_is_local(lookup: Lookup, problems: Problems) -> bool | None:

@@ -15,11 +15,18 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 from jinja2.nativetypes import NativeCodeGenerator
 from jinja2.runtime import Undefined, new_context
-from jinja2.sandbox import SandboxedEnvironment
 
 from mesh.errors import InventoryError, Origin
-from mesh.inventory.data import InventoryData, Var
+from mesh.inventory.data import InventoryData, UnsafeText, Var
 from mesh.inventory.located import sub_marks
+from mesh.inventory.sandbox import (
+    BoundedCodeGenerator,
+    BoundedSandbox,
+    BoundExceeded,
+    bounded_concat,
+    count_loops,
+    render_budget,
+)
 from mesh.inventory.yamlfile import Marks
 from mesh.suggest import did_you_mean
 
@@ -32,11 +39,13 @@ VarsOf = Callable[[str], Mapping[str, Var]]
 
 
 def is_template(value: Any) -> bool:
-    """True when value is a string Ansible would template (it holds a Jinja2 block start)."""
-    return isinstance(value, str) and any(start in value for start in TEMPLATE_STARTS)
+    """True when value is a string Ansible would template: it holds a Jinja2 block start and is not marked
+    `!unsafe` (Ansible keeps those literally, whatever they hold)."""
+    return (isinstance(value, str) and not isinstance(value, UnsafeText)
+            and any(start in value for start in TEMPLATE_STARTS))
 
 
-class _AnsibleNativeCodeGenerator(NativeCodeGenerator):
+class _AnsibleNativeCodeGenerator(BoundedCodeGenerator, NativeCodeGenerator):
     # No constant folding: "{{ 8080 }}" must stay the int 8080, "{{ 80 }}{{ 80 }}" the string "8080".
     def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: CodeGenerator._FinalizeInfo) -> Any:
         if isinstance(node, nodes.TemplateData):
@@ -55,13 +64,36 @@ def ansible_concat(values: Iterable[Any]) -> Any:
     return "".join(str(value) for value in chain(head, iterator))
 
 
-class _Environment(SandboxedEnvironment):
+class _Environment(BoundedSandbox):
     code_generator_class = _AnsibleNativeCodeGenerator
 
 
-def make_environment() -> SandboxedEnvironment:
-    """A sandboxed Jinja2 environment: StrictUndefined, Jinja2's built-in filters and tests, no loader."""
+def make_environment() -> BoundedSandbox:
+    """Jinja2's immutable sandbox with mesh's bounds (sandbox.py): StrictUndefined, Jinja2's built-in filters
+    and tests, no loader. Templates must be compiled with compile_template and rendered with render_template."""
     return _Environment(undefined=StrictUndefined, autoescape=False)
+
+
+def compile_template(env: BoundedSandbox, source: str | nodes.Template) -> Any:
+    """A template of env whose loops count against the render's step budget."""
+    tree = env.parse(source) if isinstance(source, str) else source
+    return env.from_string(count_loops(tree))
+
+
+def render_template(env: BoundedSandbox, template: Any, scope: Mapping[str, Any]) -> Any:
+    """The native result of template in scope, within the sandbox's bounds (BoundExceeded otherwise).
+
+    MemoryError and RecursionError become BoundExceeded too: a template must never end mesh unexpectedly."""
+    context = new_context(env, None, {}, scope, shared=True)  # type: ignore[arg-type]
+    try:
+        with render_budget():
+            result = bounded_concat(template.root_render_func(context), ansible_concat)
+    except MemoryError:
+        raise BoundExceeded("the template needs more memory than mesh has") from None
+    except RecursionError:
+        raise BoundExceeded("the template recurses without end") from None
+    _fail_on_undefined(result)
+    return result
 
 
 class Templating:
@@ -80,6 +112,10 @@ class Templating:
         self._active: list[tuple[str, str]] = []
         self._groups = _groups_dict(data)
         self._compiled: dict[str, Any] = {}
+
+    @property
+    def inventory(self) -> InventoryData:
+        return self._data
 
     def raw_vars(self, host: str) -> Mapping[str, Var]:
         if host not in self._raw:
@@ -125,19 +161,14 @@ class Templating:
 
     def _render_string(self, host: str, source: str, origin: Origin, key: str) -> Any:
         template = self._compile(source, origin, key)
-        context = new_context(self._env, None, {}, _HostScope(self, host), shared=True)  # type: ignore[arg-type]
         try:
-            result = ansible_concat(template.root_render_func(context))
-            _fail_on_undefined(result)
-            return result
+            return render_template(self._env, template, _HostScope(self, host))
         except InventoryError:
             raise
         except UndefinedError as exc:
             raise self._undefined(exc, host, origin, key) from None
         except SecurityError as exc:
             raise InventoryError(origin, f"the template is refused by mesh's sandbox: {exc}", key=key) from None
-        except RecursionError:
-            raise InventoryError(origin, "the template recurses without end", key=key) from None
         except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
             raise InventoryError(origin, f"the template fails: {type(exc).__name__}: {exc}", key=key) from None
 
@@ -146,10 +177,12 @@ class Templating:
             return self._compiled[source]
         try:
             tree = self._env.parse(source)
+            self._refuse_ansible_only(tree, origin, key)
+            template = compile_template(self._env, tree)
         except TemplateSyntaxError as exc:
             raise InventoryError(origin, f"Jinja2 syntax error: {exc.message}", key=key) from None
-        self._refuse_ansible_only(tree, origin, key)
-        template = self._env.from_string(tree)
+        except (RecursionError, MemoryError):
+            raise InventoryError(origin, "the template is nested too deeply to read", key=key) from None
         self._compiled[source] = template
         return template
 

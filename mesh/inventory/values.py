@@ -8,17 +8,33 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
+import unicodedata
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
-_VERSION = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$")
-_CONTAINER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+# Every pattern is used with fullmatch: `$` also matches before a final newline, so "web\n" would pass re.match.
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}", re.ASCII)
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
+_CONTAINER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}", re.ASCII)
+_DURATION = re.compile(r"(?:(\d{1,9})d)?(?:(\d{1,9})h)?(?:(\d{1,9})m)?(?:(\d{1,9})s)?", re.ASCII)
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", re.ASCII)
+# A managed host's inventory name lands in files run as root (scripts, units, nft rules, Envoy's config).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}", re.ASCII)
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", re.ASCII)
+# RFC 3986 pchar and '/', less what a shell or a quoted string would read: ' ( ) * $ (and no space, quote,
+# backslash or control character); an optional query of the same characters and '?'.
+_PATH_CHARS = r"(?:[A-Za-z0-9\-._~!&+,;=:@/]|%[0-9A-Fa-f]{2})"
+_HEALTH_PATH = re.compile(rf"/{_PATH_CHARS}{{0,1023}}(?:\?(?:{_PATH_CHARS}|\?){{0,1023}})?", re.ASCII)
+# What an http(s) URL may hold: RFC 3986's characters less quotes, parentheses, '*', '$' and '\'.
+_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!&+,;=%]{1,2048}", re.ASCII)
+_SCOPE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+_JUMP_HOP = re.compile(r"(?:(?P<user>[^@]*)@)?(?P<host>\[[^\]]*\]|[^:@\[\]]*)(?::(?P<port>[^:]*))?")
+MAX_PORT_DIGITS = 5
+CERT_TTL_MIN = timedelta(minutes=10)
+CERT_TTL_MAX = timedelta(days=90)
 # Ansible's boolean(): what `ansible_become: yes` and INI's "true" mean.
 _TRUE = {"y", "yes", "on", "1", "true", "t"}
 _FALSE = {"n", "no", "off", "0", "false", "f"}
@@ -49,7 +65,7 @@ def parse_port(value: Any) -> int:
     if isinstance(value, bool):
         raise BadValue(f"expected {expected}, got {describe(value)}")
     if isinstance(value, str):
-        if not value.isascii() or not value.isdigit():
+        if not value.isascii() or not value.isdigit() or len(value) > MAX_PORT_DIGITS + 1:
             raise BadValue(f"expected {expected}, got {describe(value)}")
         if len(value) > 1 and value.startswith("0"):
             raise BadValue(f"expected {expected}, got {value!r} with a leading zero")
@@ -68,11 +84,14 @@ def parse_duration(value: Any) -> timedelta:
     expected = "a duration such as 5s, 90m, 24h or 1d (units d, h, m, s)"
     if not isinstance(value, str) or not value:
         raise BadValue(f"expected {expected}, got {describe(value)}")
-    match = _DURATION.match(value)
+    match = _DURATION.fullmatch(value)
     if match is None or not any(match.groups()):
-        raise BadValue(f"expected {expected}, got {value!r}")
+        raise BadValue(f"expected {expected}, got {describe(value)}")
     days, hours, minutes, seconds = (int(part) if part else 0 for part in match.groups())
-    duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except OverflowError:
+        raise BadValue(f"expected {expected}, got {describe(value)}, far too long") from None
     if duration <= timedelta(0):
         raise BadValue(f"expected a duration longer than zero, got {value!r}")
     return duration
@@ -89,15 +108,70 @@ def parse_bool(value: Any) -> bool:
     raise BadValue(f"expected a boolean (true/false, yes/no), got {describe(value)}")
 
 
+def parse_cert_ttl(value: Any) -> timedelta:
+    """`mesh_cert_ttl`: a duration from CERT_TTL_MIN (a renewal at half-life must still have time to run)
+    to CERT_TTL_MAX (a stolen key must not stay valid for long)."""
+    duration = parse_duration(value)
+    if not CERT_TTL_MIN <= duration <= CERT_TTL_MAX:
+        raise BadValue(f"expected a certificate lifetime from 10m to 90d, got {value!r}")
+    return duration
+
+
 def check_string(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadValue(f"expected {what}, got {describe(value)}")
     return value
 
 
+def has_control_characters(value: str) -> bool:
+    """True when value holds a control character (NUL, CR, LF, tab, U+0085...), a line or paragraph separator
+    (U+2028, U+2029) or an invisible format character (bidirectional overrides)."""
+    return any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in value)
+
+
+def check_local_path(value: Any, what: str) -> str:
+    """A path on the machine running mesh (a key file, the state folder): any characters a file name may
+    have, `../` included, but no control characters or line separators."""
+    check_string(value, what)
+    if has_control_characters(value):
+        raise BadValue(f"expected {what} with no control characters or line separators, got {describe(value)}")
+    return str(value)
+
+
+def check_host_name(value: Any) -> str:
+    """The inventory name of a host mesh manages: letters, digits, '-', '_' and '.', at most 253, starting with
+    a letter, digit or '_'. It is written into scripts, units, nft rules and Envoy's config on the hosts."""
+    if not isinstance(value, str) or not _HOST_NAME.fullmatch(value) or ".." in value:
+        raise BadValue(
+            "a host mesh manages (one with workloads or in mesh_controllers) needs a name of letters, digits, "
+            f"'-', '_' and '.' (at most 253, not starting with '-' or '.'), got {describe(value)}"
+        )
+    return value
+
+
+def check_user_name(value: Any) -> str:
+    """A POSIX user name: a letter or '_', then letters, digits, '_', '.', '-'; at most 32."""
+    if not isinstance(value, str) or not _USER.fullmatch(value):
+        raise BadValue(f"expected a user name (a letter or '_', then letters, digits, '_', '.', '-'; at most 32), "
+                       f"got {describe(value)}")
+    return value
+
+
+def check_health_path(value: Any) -> str:
+    """An HTTP health check path: '/', then URL path characters (RFC 3986's pchar less ' ( ) * $), perhaps a
+    query; no `..` segment, no space, quote, backslash, control character or line separator."""
+    if (not isinstance(value, str) or not _HEALTH_PATH.fullmatch(value)
+            or ".." in value.split("?", 1)[0].split("/")):
+        raise BadValue(
+            "expected an HTTP path starting with '/', such as /healthz: letters, digits and - . _ ~ ! & + , ; = : "
+            f"@ / %XX (a query after '?'), no '..' segment, got {describe(value)}"
+        )
+    return value
+
+
 def check_dns_label(value: Any) -> str:
     """A service name: a DNS label, lower-case letters, digits and `-`, at most 63, no `-` at either end."""
-    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+    if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
         raise BadValue(
             f"expected a DNS label (a-z, 0-9 and '-', at most 63, not starting or ending with '-'), "
             f"got {describe(value)}"
@@ -106,20 +180,21 @@ def check_dns_label(value: Any) -> str:
 
 
 def check_version(value: Any) -> str:
-    if not isinstance(value, str) or not _VERSION.match(value):
+    if not isinstance(value, str) or not _VERSION.fullmatch(value):
         raise BadValue(f"expected a version label such as 'v1' (letters, digits, '.', '_', '-'), got {describe(value)}")
     return value
 
 
 def check_container_name(value: Any) -> str:
-    if not isinstance(value, str) or not _CONTAINER.match(value):
+    if not isinstance(value, str) or not _CONTAINER.fullmatch(value):
         raise BadValue(f"expected a Docker container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*), got {describe(value)}")
     return value
 
 
 def check_trust_domain(value: Any) -> str:
     """A SPIFFE trust domain: lower-case letters, digits, '.', '-' and '_'."""
-    if not isinstance(value, str) or not _TRUST_DOMAIN.match(value) or value.strip(".") != value:
+    if (not isinstance(value, str) or not _TRUST_DOMAIN.fullmatch(value) or value.strip(".") != value
+            or ".." in value):
         raise BadValue(f"expected a SPIFFE trust domain such as 'mesh.local' (a-z, 0-9, '.', '-', '_'), "
                        f"got {describe(value)}")
     return value
@@ -130,6 +205,10 @@ def check_url(value: Any) -> str:
     expected = "an http(s) URL such as http://10.77.0.2:8500"
     if not isinstance(value, str):
         raise BadValue(f"expected {expected}, got {describe(value)}")
+    if not _URL_CHARS.fullmatch(value):
+        # urlsplit silently drops tabs and newlines: refuse them (and quotes, spaces...) before it runs.
+        raise BadValue(f"expected {expected} (letters, digits and - . _ ~ : / ? # [ ] @ ! & + , ; = %), "
+                       f"got {describe(value)}")
     try:
         parts = urlsplit(value)
         port = parts.port
@@ -139,6 +218,8 @@ def check_url(value: Any) -> str:
         raise BadValue(f"expected {expected}, got {value!r}")
     if port == 0:
         raise BadValue(f"expected {expected}, got {value!r} (port 0)")
+    if ".." in parts.path.split("/"):
+        raise BadValue(f"expected {expected} with no '..' in its path, got {value!r}")
     return value
 
 
@@ -147,14 +228,19 @@ def check_address(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadValue(f"expected a host name or IP address, got {describe(value)}")
     try:
-        ipaddress.ip_address(value)
-        return value
+        address = ipaddress.ip_address(value)
     except ValueError:
         pass
-    if value.startswith("[") or re.match(r"^[^:]+:\d+$", value):
+    else:
+        # ipaddress takes any text after '%' as an IPv6 scope, newlines included.
+        scope = getattr(address, "scope_id", None)
+        if scope is None or _SCOPE_ID.fullmatch(scope):
+            return value
+        raise BadValue(f"expected an IPv6 scope of letters, digits, '.', '_', '-' after '%', got {describe(value)}")
+    if value.startswith("[") or re.fullmatch(r"[^:]+:\d+", value):
         raise BadValue(f"expected a host name or IP address with no port, got {value!r}; put the port in ansible_port")
-    if not _HOSTNAME.match(value) or ".." in value:
-        raise BadValue(f"expected a host name or IP address, got {value!r}")
+    if not _HOSTNAME.fullmatch(value) or ".." in value:
+        raise BadValue(f"expected a host name or IP address (letters, digits, '-', '_', '.'), got {describe(value)}")
     return value
 
 
@@ -172,6 +258,8 @@ def parse_ssh_args(value: Any) -> SshOptions:
         return SshOptions()
     if not isinstance(value, str):
         raise BadValue(f"expected ssh arguments as one string, got {describe(value)}")
+    if has_control_characters(value.replace("\t", " ")):
+        raise BadValue(f"expected ssh arguments on one line, with no control characters, got {describe(value)}")
     try:
         words = shlex.split(value)
     except ValueError as exc:
@@ -211,4 +299,36 @@ def _ssh_options(options: dict[str, str]) -> SshOptions:
     for name in ("UserKnownHostsFile", "ProxyJump"):
         if name in options and not options[name]:
             raise BadValue(f"the ssh option {name} needs a value")
-    return SshOptions(known_hosts=options.get("UserKnownHostsFile"), proxy_jump=options.get("ProxyJump"))
+    jump = options.get("ProxyJump")
+    if jump is not None and jump.lower() == "none":
+        jump = None  # ssh's way of saying: no jump host
+    if jump is not None:
+        parse_proxy_jump(jump)
+    return SshOptions(known_hosts=options.get("UserKnownHostsFile"), proxy_jump=jump)
+
+
+@dataclass(frozen=True)
+class JumpHop:
+    """One hop of ssh's ProxyJump: the host reached on the way (user None: the host's own user)."""
+
+    host: str
+    port: int = 22
+    user: str | None = None
+
+
+def parse_proxy_jump(value: str) -> tuple[JumpHop, ...]:
+    """ssh's ProxyJump: hops `[user@]host[:port]` separated by ','; host a name or an address ([v6] with a port)."""
+    expected = "ProxyJump as [user@]host[:port], hops separated by ','"
+    hops: list[JumpHop] = []
+    for hop in value.split(","):
+        match = _JUMP_HOP.fullmatch(hop)
+        if match is None or not match["host"]:
+            raise BadValue(f"expected {expected}, got {value!r}")
+        host = match["host"][1:-1] if match["host"].startswith("[") else match["host"]
+        try:
+            user = check_user_name(match["user"]) if match["user"] is not None else None
+            port = parse_port(match["port"]) if match["port"] is not None else 22
+            hops.append(JumpHop(check_address(host), port, user))
+        except BadValue as exc:
+            raise BadValue(f"expected {expected}, got {value!r}: {exc}") from None
+    return tuple(hops)
