@@ -197,9 +197,10 @@ class HostCert:
         return "UNREACHABLE" if self.lifetime is None else self.lifetime.state.value
 
     def line(self, widths: tuple[int, int, int]) -> str:
-        detail = self.note if self.lifetime is None else self.lifetime.describe()
-        if self.lifetime is not None and self.note:
-            detail += f" ({self.note})"
+        """`host  name  path  state  expires ..., 5h 2m left (21%) (note)`, padded to widths."""
+        timed = self.lifetime is not None and self.lifetime.not_after is not None
+        detail = " ".join(filter(None, [self.lifetime.describe() if self.lifetime and timed else "",
+                                        f"({self.note})" if timed and self.note else self.note]))
         return (f"{self.host:<{widths[0]}}  {self.name:<{widths[1]}}  {self.path:<{widths[2]}}  "
                 f"{self.state:<14}  {detail}").rstrip()
 

@@ -1,5 +1,6 @@
-"""`mesh ca init` and `mesh ca show` through the CLI: where the CA goes (inventory or options), created once,
-the table of root, intermediate and leaves with their state, and the exit codes of bad usage."""
+"""`mesh ca init`, `mesh ca show` and `mesh ca check` through the CLI: where the CA goes (inventory or options),
+created once, the table of root, intermediate and leaves with their state, the warning for a root key git would
+track, every certificate of a fake fleet judged with its exit code, and the exit codes of bad usage."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.ca_commands import remaining_text
+from mesh.ca_commands import check_fleet, remaining_text
 from mesh.cli import run
+from mesh.config.paths import CA_PATH, cert_path
+from mesh.deploy.hostcerts import CHECKER_CA_PATH, CHECKER_CERT_PATH
 from mesh.pki import CertificateAuthority
+from mesh.testing.fake_connector import FakeFleet
 
 INVENTORY = """\
 all:
@@ -149,3 +153,120 @@ def test_remaining_text() -> None:
     assert remaining_text(timedelta(hours=4, minutes=5)) == "4h 5m"
     assert remaining_text(timedelta(minutes=5, seconds=9)) == "5m"
     assert remaining_text(timedelta(seconds=-1)) == "-"
+
+
+# ---- the root key and git ----------------------------------------------------------------------------------
+
+def _git_repo(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    return folder
+
+
+def test_show_warns_when_the_root_key_is_in_a_git_work_tree_and_not_ignored(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = _git_repo(tmp_path / "repo")
+    assert run(["ca", "init", "--state-dir", str(repo / "state")]) == 0
+    capsys.readouterr()
+    assert run(["ca", "show", "--state-dir", str(repo / "state")]) == 0
+    assert "WARNING" not in capsys.readouterr().err  # the .gitignore made with the CA covers the keys
+    (repo / "state" / ".gitignore").unlink()
+    assert run(["ca", "show", "--state-dir", str(repo / "state")]) == 0
+    err = capsys.readouterr().err
+    assert "[WARNING]: the root key" in err and str(repo / "state" / "ca" / "root.key") in err
+    assert "/ca/*.key" in err
+
+
+def test_show_does_not_warn_outside_git(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["ca", "init", "--state-dir", str(tmp_path / "state")]) == 0
+    assert run(["ca", "show", "--state-dir", str(tmp_path / "state")]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+# ---- mesh ca check -----------------------------------------------------------------------------------------
+
+CHECK_INVENTORY = INVENTORY + """\
+    containers:
+      vars: {mesh_host_kind: container_host}
+      hosts:
+        dock1:
+          ansible_host: 10.77.0.20
+          mesh_workloads:
+            - {service: api, port: 9090, container: api-1}
+"""
+
+
+def _fleet(authority: CertificateAuthority, now: datetime, api_issued: timedelta,
+           checker: bool = True) -> FakeFleet:
+    """vm1's web-0 fresh, dock1's api-0 issued api_issued ago (24 h), ctl1's checker fresh (or missing)."""
+    fleet = FakeFleet()
+    ttl = timedelta(hours=24)
+    web = authority.sign(csr(), "spiffe://lab.mesh/svc/web", ttl, "vm1", "web-0", now=now)
+    api = authority.sign(csr(), "spiffe://lab.mesh/svc/api", ttl, "dock1", "api-0", now=now - api_issued)
+    fleet.host("vm1").write(cert_path("web-0"), web.chain_pem)
+    fleet.host("dock1").write(cert_path("api-0"), api.chain_pem)
+    for host in ("vm1", "dock1"):
+        fleet.host(host).write(CA_PATH, authority.root_pem)
+    fleet.host("ctl1").write(CHECKER_CA_PATH, authority.root_pem)
+    if checker:
+        health = authority.sign(csr(), "spiffe://lab.mesh/mesh/health", ttl, "ctl1", "health-checker", now=now)
+        fleet.host("ctl1").write(CHECKER_CERT_PATH, health.chain_pem)
+    return fleet
+
+
+def test_ca_check_reads_every_certificate_of_every_managed_host(tmp_path: Path) -> None:
+    inventory = write_inventory(tmp_path, CHECK_INVENTORY)
+    authority, _ = CertificateAuthority.ensure(str(tmp_path / "state"), "lab.mesh")
+    now = datetime.now(UTC)
+    certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(hours=1)).connect, now)
+    assert code == 0
+    assert [(c.host, c.name, c.path) for c in certs] == [
+        ("ctl1", "trust bundle (health-checker)", CHECKER_CA_PATH),
+        ("ctl1", "health-checker", CHECKER_CERT_PATH),
+        ("vm1", "trust bundle (proxies)", CA_PATH),
+        ("vm1", "web-0", cert_path("web-0")),
+        ("dock1", "trust bundle (proxies)", CA_PATH),
+        ("dock1", "api-0", cert_path("api-0")),
+    ]
+    line = certs[3].line((5, 6, 40))
+    assert re.search(rf"^vm1\s+web-0\s+{re.escape(cert_path('web-0'))}\s+ok\s+expires .* 2[34]h \d+m left "
+                     r"\(\d+%\)$", line), line
+
+
+def test_ca_check_exits_2_under_a_third_left_or_missing(tmp_path: Path) -> None:
+    inventory = write_inventory(tmp_path, CHECK_INVENTORY)
+    authority, _ = CertificateAuthority.ensure(str(tmp_path / "state"), "lab.mesh")
+    now = datetime.now(UTC)
+    # 24 h leaves are backdated 5 minutes: 15 h after issuance about 37% is left, 17 h after about 29%
+    certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(hours=15)).connect, now)
+    assert code == 0 and all(c.state == "ok" for c in certs)
+    certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(hours=17)).connect, now)
+    assert code == 2 and [c.name for c in certs if c.state != "ok"] == ["api-0"]
+    assert certs[-1].state == "under 1/3 left"
+    certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(hours=25)).connect, now)
+    assert code == 2 and certs[-1].state == "EXPIRED"
+    certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(0), checker=False).connect, now)
+    assert code == 2 and [(c.name, c.state) for c in certs if c.state != "ok"] == [("health-checker", "missing")]
+
+
+def test_ca_check_exits_3_when_a_host_is_unreachable(tmp_path: Path) -> None:
+    inventory = write_inventory(tmp_path, CHECK_INVENTORY)
+    authority, _ = CertificateAuthority.ensure(str(tmp_path / "state"), "lab.mesh")
+    now = datetime.now(UTC)
+    fleet = _fleet(authority, now, timedelta(hours=20))
+    fleet.host("ctl1").unreachable = "timed out"
+    certs, code = check_fleet(str(inventory), fleet.connect, now)
+    assert code == 3
+    assert certs[0].state == "UNREACHABLE" and "timed out" in certs[0].line((4, 4, 4))
+
+
+def test_ca_check_takes_the_inventory_as_argument_option_or_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MESH_INVENTORY", raising=False)
+    assert run(["ca", "check"]) == 5
+    assert "no inventory" in capsys.readouterr().err
+    assert run(["ca", "check", "a.yml", "-i", "b.yml"]) == 5
+    broken = write_inventory(tmp_path, INVENTORY.replace("mesh_state_dir", "mesh_state_dri"))
+    monkeypatch.setenv("MESH_INVENTORY", str(broken))
+    assert run(["ca", "check"]) == 4  # read from the environment, refused before any host is reached
+    assert run(["ca", "check", "-i", str(broken)]) == 4

@@ -31,6 +31,9 @@ from mesh.pki import (
     leaf_needs_renewal,
     leaf_remaining_fraction,
 )
+from mesh.pki.expiry import WARN_REMAINING, Expiry, judge, judge_pem
+from mesh.pki.expiry import remaining_text as expiry_remaining_text
+from mesh.pki.vcs import HEADER, git_work_tree, key_in_git, protect_keys
 
 TD = "lab.mesh"
 WEB = spiffe_id(TD, "web")
@@ -404,3 +407,70 @@ def test_concurrent_signing_loses_no_record(authority: CertificateAuthority) -> 
 def test_ttl_must_be_positive(authority: CertificateAuthority) -> None:
     with pytest.raises(MeshError, match="positive"):
         issue(authority, ttl=timedelta(0))
+
+
+# --- keys kept out of git
+
+def _ignored(repo: Path, path: Path) -> bool:
+    return subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", str(path)], check=False).returncode == 0
+
+
+def test_a_ca_made_inside_a_git_work_tree_gets_a_gitignore_for_its_keys(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    state = repo / "deploy" / "state"
+    CertificateAuthority.ensure(str(state), TD)
+    assert (state / ".gitignore").read_text().splitlines()[1:] == ["/ca/*.key", "/.ca-*/"]
+    assert _ignored(repo, state / "ca" / "root.key") and _ignored(repo, state / "ca" / "intermediate.key")
+    assert not _ignored(repo, state / "ca" / "root.pem")  # certificates are public: only keys are ignored
+    assert not key_in_git(str(state / "ca" / "root.key"))
+
+
+def test_an_existing_gitignore_is_extended_not_replaced(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / ".gitignore").write_text("wheels/\n/ca/*.key")
+    CertificateAuthority.ensure(str(state), TD)
+    assert (state / ".gitignore").read_text() == f"wheels/\n/ca/*.key\n{HEADER}\n/.ca-*/\n"
+    assert not protect_keys(str(state))  # nothing left to add
+
+
+def test_no_gitignore_outside_git(tmp_path: Path) -> None:
+    CertificateAuthority.ensure(str(tmp_path / "state"), TD)
+    assert not (tmp_path / "state" / ".gitignore").exists()
+    assert git_work_tree(str(tmp_path / "state")) is None
+    assert not key_in_git(str(tmp_path / "state" / "ca" / "root.key"))
+
+
+def test_a_committed_key_counts_as_in_git_even_when_ignored_later(tmp_path: Path) -> None:
+    repo = tmp_path
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "root.key").write_text("not a real key\n")
+    subprocess.run(["git", "-C", str(repo), "add", "root.key"], check=True)
+    (repo / ".gitignore").write_text("*.key\n")
+    assert key_in_git(str(repo / "root.key"))
+
+
+# --- remaining lifetime (mesh ca check, mesh status)
+
+def test_expiry_states_at_a_third(authority: CertificateAuthority) -> None:
+    _, issued = issue(authority, ttl=timedelta(hours=24))
+    cert = x509.load_pem_x509_certificates(issued.cert_pem)[0]
+    lifetime = issued.not_after - issued.not_before  # 24 h plus the 5 minutes of clock skew
+    just_above = issued.not_after - lifetime / 3 - timedelta(seconds=10)
+    just_below = issued.not_after - lifetime / 3 + timedelta(seconds=10)
+    assert judge(cert, just_above).state is Expiry.OK
+    seen = judge(cert, just_below)
+    assert seen.state is Expiry.LOW and seen.fraction < WARN_REMAINING
+    assert seen.describe() == f"expires {issued.not_after:%Y-%m-%d %H:%M} UTC, 8h 1m left (33%)"
+    assert judge(cert, issued.not_after).state is Expiry.EXPIRED
+    assert judge_pem(None).state is Expiry.MISSING and judge_pem(b"garbage").state is Expiry.UNREADABLE
+    assert judge_pem(issued.chain_pem, just_below).state is Expiry.LOW  # the leaf of a chain is judged
+
+
+def test_expiry_remaining_text() -> None:
+    assert expiry_remaining_text(timedelta(days=2, hours=3)) == "2d 3h"
+    assert expiry_remaining_text(timedelta(minutes=4, seconds=10)) == "4m 10s"
+    assert expiry_remaining_text(timedelta(seconds=59)) == "59s"
+    assert expiry_remaining_text(timedelta(seconds=-5)) == "0s"
