@@ -27,6 +27,8 @@ Status = Literal["passing", "warning", "critical"]
 
 MANAGED_BY = "managed-by"
 MESH = "mesh"
+MESH_ID = "mesh-id"
+DEFAULT_MESH_ID = "mesh.local"  # the default trust domain, as MeshSettings has it
 CHECK_PREFIX = "mesh-health:"
 CHECK_NAME = "mesh health (through Envoy)"
 NOT_CHECKED_YET = "not checked yet by mesh's health checker"
@@ -39,6 +41,56 @@ _SEVERITY = {"passing": 0, "warning": 1, "critical": 2}
 
 class CatalogError(MeshError):
     """Consul could not be reached or refused a request (exit 1); the message names the URL."""
+
+
+class TokenRefused(CatalogError):
+    """Consul refused mesh's ACL token (or wants one and none was given); the message never holds the token."""
+
+
+@dataclass(frozen=True)
+class ConsulAccess:
+    """How mesh reaches Consul: the URL, the ACL token (never shown, not even in repr) and the CA bundle that
+    verifies an https:// URL (None: the system's CAs).
+
+    >>> access = ConsulAccess("https://consul:8501", token=read_token("/etc/mesh/checker/consul-token"),
+    ...                       ca_file="/etc/mesh/checker/consul-ca.pem")
+    """
+
+    url: str
+    token: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+
+
+Consul = str | ConsulAccess  # a bare URL is a ConsulAccess with no token and the system's CAs
+
+
+def as_access(consul_: Consul) -> ConsulAccess:
+    return consul_ if isinstance(consul_, ConsulAccess) else ConsulAccess(consul_)
+
+
+def read_token(path: str) -> str:
+    """The ACL token held in a file (surrounding whitespace dropped); the error names the file, never its
+    content."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except OSError as exc:
+        raise CatalogError(f"cannot read the Consul token file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"the Consul token file {path} is not text") from exc
+    if not token or any(char.isspace() or not char.isprintable() for char in token):
+        raise CatalogError(f"the Consul token file {path} must hold one token on one line")
+    return token
+
+
+def access_for(mesh: Mesh) -> ConsulAccess:
+    """The mesh's Consul access: mesh_consul_url, the token read from mesh_consul_token_file (on this
+    machine), mesh_consul_ca_file."""
+    settings = mesh.settings
+    if not settings.consul_url:
+        raise CatalogError("mesh_consul_url is not set")
+    token = read_token(settings.consul_token_file) if settings.consul_token_file else None
+    return ConsulAccess(settings.consul_url, token, settings.consul_ca_file)
 
 
 @dataclass(frozen=True)
@@ -93,12 +145,14 @@ class InstanceHealth:
 
 @dataclass(frozen=True)
 class SyncResult:
-    """Service IDs registered (new or changed), unchanged and deregistered; external nodes removed."""
+    """Service IDs registered (new or changed), unchanged and deregistered; external nodes removed; and what
+    was left alone because another mesh id owns it (each a sentence naming the node or service)."""
 
     registered: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
     deregistered: tuple[str, ...] = ()
     removed_nodes: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -118,33 +172,52 @@ class ObservedInstance:
 
 @dataclass(frozen=True)
 class CatalogState:
-    """The part of the catalog a sync compares with: every service instance, and the nodes mesh created."""
+    """The part of the catalog a sync compares with: every service instance, the nodes mesh created, and which
+    mesh id owns each of those nodes (NodeMeta mesh-id; empty for nodes mesh made before mesh ids)."""
 
     instances: tuple[ObservedInstance, ...] = ()
     mesh_nodes: tuple[str, ...] = ()
+    node_owners: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
 class SyncPlan:
-    """What a sync must do: register bodies (by service ID), deregister refs, remove nodes."""
+    """What a sync must do: register bodies (by service ID), deregister refs, remove nodes; and the wanted
+    instances it must not register because another mesh id owns their node or service ID."""
 
     register: tuple[tuple[str, Mapping[str, Any]], ...]
     unchanged: tuple[str, ...]
     deregister: tuple[InstanceRef, ...]
     remove_nodes: tuple[str, ...]
+    conflicts: tuple[str, ...] = ()
 
 
 def registrations(mesh: Mesh) -> list[Registration]:
     """Every workload instance of every managed host, in inventory order. Pure."""
     result = []
+    mesh_id = mesh.settings.id
     for host in mesh.hosts:
         for workload in host.workloads:
             meta = {"version": workload.version, "host": host.name, "kind": host.consul_kind,
-                    MANAGED_BY: MESH}
+                    MANAGED_BY: MESH, MESH_ID: mesh_id}
             result.append(Registration(
                 node=host.name, address=host.connection.address, service_id=workload.consul_id,
                 service=workload.service, port=workload.proxy_port, meta=MappingProxyType(meta)))
     return result
+
+
+def node_meta(mesh_id: str) -> dict[str, str]:
+    """The NodeMeta of an external node mesh registers for one mesh."""
+    return {**NODE_META, MESH_ID: mesh_id}
+
+
+def owner(meta: Mapping[str, Any] | None) -> str | None:
+    """The mesh id owning a node or service by its Meta: None when mesh did not register it; a registration of
+    mesh before mesh ids (managed-by=mesh, no mesh-id) belongs to any mesh that still lists it."""
+    meta = meta or {}
+    if meta.get(MANAGED_BY) != MESH:
+        return None
+    return str(meta.get(MESH_ID) or "")
 
 
 def check_body(ref: InstanceRef, status: Status, output: str) -> dict[str, Any]:
@@ -155,45 +228,69 @@ def check_body(ref: InstanceRef, status: Status, output: str) -> dict[str, Any]:
 
 def register_body(registration: Registration, check: Mapping[str, Any] | None) -> dict[str, Any]:
     """A full /v1/catalog/register body: the external node, its service and (when given) the check."""
+    mesh_id = registration.meta.get(MESH_ID, DEFAULT_MESH_ID)
     body: dict[str, Any] = {"Node": registration.node, "Address": registration.address,
-                            "NodeMeta": dict(NODE_META), "Service": registration.service_body()}
+                            "NodeMeta": node_meta(mesh_id), "Service": registration.service_body()}
     if check is not None:
         body["Check"] = dict(check)
     return body
 
 
-def plan_sync(wanted: Sequence[Registration], state: CatalogState) -> SyncPlan:
+def plan_sync(wanted: Sequence[Registration], state: CatalogState, mesh_id: str = DEFAULT_MESH_ID) -> SyncPlan:
     """Compare the wanted registrations with the catalog. Pure.
 
     A changed or new instance is re-registered; an existing check keeps its status and output, so a re-deploy
     never flaps an instance the checker found healthy (the checker corrects a stale status within one round).
-    Only services with Meta managed-by=mesh are ever deregistered, and only nodes mesh created are removed.
+    Only services with Meta managed-by=mesh and this mesh id are ever deregistered, and only nodes this mesh
+    id created are removed. A wanted instance whose node or service ID another mesh id owns is not
+    registered: it is a conflict, reported.
     """
     observed = {(item.node, str(item.service.get("ID"))): item for item in state.instances}
     wanted_keys = {(reg.node, reg.service_id) for reg in wanted}
     register: list[tuple[str, Mapping[str, Any]]] = []
     unchanged: list[str] = []
+    conflicts: list[str] = []
     for reg in wanted:
-        body = _needed_registration(reg, observed.get((reg.node, reg.service_id)))
+        seen = observed.get((reg.node, reg.service_id))
+        conflict = _foreign(reg, seen, state, mesh_id)
+        if conflict:
+            conflicts.append(conflict)
+            continue
+        body = _needed_registration(reg, seen)
         if body is None:
             unchanged.append(reg.service_id)
         else:
             register.append((reg.service_id, body))
     deregister = tuple(
         InstanceRef(node, service_id) for (node, service_id), item in observed.items()
-        if (node, service_id) not in wanted_keys and (item.service.get("Meta") or {}).get(MANAGED_BY) == MESH)
+        if (node, service_id) not in wanted_keys and owner(item.service.get("Meta")) == mesh_id)
     dropped = {(ref.node, ref.service_id) for ref in deregister}
     nodes_in_use = {node for node, service_id in observed if (node, service_id) not in dropped}
     nodes_in_use |= {reg.node for reg in wanted}
-    remove_nodes = tuple(node for node in state.mesh_nodes if node not in nodes_in_use)
-    return SyncPlan(tuple(register), tuple(unchanged), deregister, remove_nodes)
+    remove_nodes = tuple(node for node in state.mesh_nodes
+                         if node not in nodes_in_use and state.node_owners.get(node) == mesh_id)
+    return SyncPlan(tuple(register), tuple(unchanged), deregister, remove_nodes, tuple(conflicts))
+
+
+def _foreign(reg: Registration, seen: ObservedInstance | None, state: CatalogState, mesh_id: str) -> str | None:
+    """Why another mesh id owns what this registration would write, or None."""
+    node_owner = state.node_owners.get(reg.node)
+    if node_owner and node_owner != mesh_id:
+        return (f"{reg.service_id}: not registered, its node {reg.node} belongs to the mesh id {node_owner!r} "
+                f"(this is {mesh_id!r}): rename the host or use another Consul")
+    service_owner = owner(seen.service.get("Meta")) if seen is not None else None
+    if service_owner and service_owner != mesh_id:
+        return (f"{reg.service_id}: not registered, the service ID on node {reg.node} belongs to the mesh id "
+                f"{service_owner!r} (this is {mesh_id!r})")
+    return None
 
 
 def _needed_registration(reg: Registration, seen: ObservedInstance | None) -> dict[str, Any] | None:
     if seen is None:
         return register_body(reg, check_body(reg.ref, "critical", NOT_CHECKED_YET))
     same_node = seen.node_address == reg.address and all(
-        seen.node_meta.get(key) == value for key, value in NODE_META.items())
+        seen.node_meta.get(key) == value
+        for key, value in node_meta(reg.meta.get(MESH_ID, DEFAULT_MESH_ID)).items())
     service = seen.service
     same_service = (service.get("Service") == reg.service and service.get("Address") == reg.address
                     and service.get("Port") == reg.port and dict(service.get("Meta") or {}) == dict(reg.meta))
@@ -209,35 +306,44 @@ def _needed_registration(reg: Registration, seen: ObservedInstance | None) -> di
     return register_body(reg, kept)
 
 
-def sync(consul_url: str, mesh: Mesh) -> SyncResult:
-    """Make the catalog hold exactly mesh's registrations; a second sync of the same mesh changes nothing."""
+def sync(consul_: Consul, mesh: Mesh) -> SyncResult:
+    """Make the catalog hold exactly mesh's registrations; a second sync of the same mesh changes nothing.
+    Checks the token first (TokenRefused); never touches what another mesh id owns."""
     log = structlog.get_logger()
-    with _client(consul_url) as client:
-        plan = plan_sync(registrations(mesh), read_state(client))
+    with _client(consul_) as client:
+        plan = plan_sync(registrations(mesh), read_state(client), mesh.settings.id)
         for service_id, body in plan.register:
             _register(client, body)
             log.info("catalog_registered", service_id=service_id)
         for ref in plan.deregister:
-            client.catalog.deregister(ref.node, service_id=ref.service_id)
+            _deregister(client, {"Node": ref.node, "ServiceID": ref.service_id})
             log.info("catalog_deregistered", service_id=ref.service_id, node=ref.node)
         for node in plan.remove_nodes:
-            client.catalog.deregister(node)
+            _deregister(client, {"Node": node})
             log.info("catalog_node_removed", node=node)
     return SyncResult(registered=tuple(service_id for service_id, _ in plan.register),
                       unchanged=plan.unchanged,
                       deregistered=tuple(ref.service_id for ref in plan.deregister),
-                      removed_nodes=plan.remove_nodes)
+                      removed_nodes=plan.remove_nodes, conflicts=plan.conflicts)
+
+
+def plan(consul_: Consul, mesh: Mesh) -> SyncPlan:
+    """What sync would do, changing nothing (deploy's check mode). Checks the token first."""
+    with _client(consul_) as client:
+        return plan_sync(registrations(mesh), read_state(client), mesh.settings.id)
 
 
 def read_state(client: consul.Consul) -> CatalogState:
-    """Every service instance with its node and mesh's check, and the nodes with NodeMeta managed-by=mesh."""
+    """Every service instance with its node and mesh's check, and the nodes with NodeMeta managed-by=mesh
+    with their mesh ids."""
     _, names = client.catalog.services()
     instances: list[ObservedInstance] = []
     for name in sorted(names or {}):
         _, entries = client.health.service(name)
         instances.extend(_observed(entry) for entry in entries or [])
     _, nodes = client.catalog.nodes(node_meta={MANAGED_BY: MESH})
-    return CatalogState(tuple(instances), tuple(str(node["Node"]) for node in nodes or []))
+    owners = {str(node["Node"]): owner(node.get("Meta")) or "" for node in nodes or []}
+    return CatalogState(tuple(instances), tuple(owners), MappingProxyType(owners))
 
 
 def _observed(entry: Mapping[str, Any]) -> ObservedInstance:
@@ -249,7 +355,7 @@ def _observed(entry: Mapping[str, Any]) -> ObservedInstance:
                             service=MappingProxyType(dict(service)), check=check)
 
 
-def set_health(consul_url: str, target: Registration | InstanceRef, status: Status, output: str) -> None:
+def set_health(consul_: Consul, target: Registration | InstanceRef, status: Status, output: str) -> None:
     """Write an instance's check status by re-registering the check, as consul-esm does for external nodes.
 
     The node is not touched (SkipNodeUpdate); Consul refuses the write when the service is no longer
@@ -257,15 +363,27 @@ def set_health(consul_url: str, target: Registration | InstanceRef, status: Stat
     """
     ref = target.ref if isinstance(target, Registration) else target
     body = {"Node": ref.node, "SkipNodeUpdate": True, "Check": check_body(ref, status, output)}
-    with _client(consul_url) as client:
+    with _client(consul_, check=False) as client:  # the checker checks its token when it takes the lock
         _register(client, body)
 
 
-def service_health(consul_url: str, service: str) -> list[InstanceHealth]:
-    """Every registered instance of a service with the worst status of its checks, sorted by service ID."""
-    with _client(consul_url) as client:
-        _, entries = client.health.service(service)
-    return sorted((_instance_health(entry) for entry in entries or []), key=lambda item: item.service_id)
+def service_health(consul_: Consul, service: str, mesh_id: str | None = None) -> list[InstanceHealth]:
+    """Every registered instance of a service with the worst status of its checks, sorted by service ID;
+    with a mesh_id, only the instances that mesh id owns. Checks the token first."""
+    return services_health(consul_, [service], mesh_id)[service]
+
+
+def services_health(consul_: Consul, services: Sequence[str],
+                    mesh_id: str | None = None) -> dict[str, list[InstanceHealth]]:
+    """service_health of several services over one connection (one token check)."""
+    found: dict[str, list[InstanceHealth]] = {}
+    with _client(consul_) as client:
+        for service in services:
+            _, entries = client.health.service(service)
+            healths = (_instance_health(entry) for entry in entries or [])
+            found[service] = sorted((item for item in healths if mesh_id is None or owner(item.meta) == mesh_id),
+                                    key=lambda item: item.service_id)
+    return found
 
 
 def _instance_health(entry: Mapping[str, Any]) -> InstanceHealth:
@@ -280,39 +398,79 @@ def _instance_health(entry: Mapping[str, Any]) -> InstanceHealth:
 
 
 def _register(client: consul.Consul, body: Mapping[str, Any]) -> None:
-    # py-consul's catalog.register sends NodeMeta as a query parameter, which /v1/catalog/register ignores;
-    # the body carries it here, through py-consul's own HTTP client and error mapping.
-    client.http.put(CB.boolean(), "/v1/catalog/register", data=json.dumps(body))
+    # py-consul's catalog.register sends NodeMeta (and the token) as query parameters, and /v1/catalog/register
+    # ignores NodeMeta there; the body carries it here, the token a header, through py-consul's own HTTP client.
+    client.http.put(CB.boolean(), "/v1/catalog/register", data=json.dumps(body),
+                    headers=client.prepare_headers())
 
 
-def connect(consul_url: str, timeout: float = REQUEST_TIMEOUT) -> consul.Consul:
-    """A py-consul client for `http(s)://host:port`; refuses any other shape of URL."""
-    parts = urlsplit(consul_url)
+def _deregister(client: consul.Consul, body: Mapping[str, Any]) -> None:
+    # py-consul's catalog.deregister adds a body field Consul 1.8 refuses ("WriteRequest") once a token is set.
+    client.http.put(CB.boolean(), "/v1/catalog/deregister", data=json.dumps(body),
+                    headers=client.prepare_headers())
+
+
+def connect(consul_: Consul, timeout: float = REQUEST_TIMEOUT) -> consul.Consul:
+    """A py-consul client for `http(s)://host:port` sending the token (X-Consul-Token) and verifying https
+    against the access's CA file; refuses any other shape of URL."""
+    access = as_access(consul_)
+    parts = urlsplit(access.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CatalogError(f"mesh_consul_url {consul_url!r} is not http(s)://HOST:PORT")
+        raise CatalogError(f"mesh_consul_url {access.url!r} is not http(s)://HOST:PORT")
     port = parts.port or (443 if parts.scheme == "https" else 8500)
-    return consul.Consul(host=parts.hostname, port=port, scheme=parts.scheme, connections_timeout=timeout)
+    verify: bool | str = access.ca_file or True
+    client = consul.Consul(host=parts.hostname, port=port, scheme=parts.scheme, verify=verify,
+                           connections_timeout=timeout)
+    client.token = access.token  # py-consul would let CONSUL_HTTP_TOKEN win over the inventory's token
+    return client
+
+
+def check_token(client: consul.Consul, consul_: Consul) -> None:
+    """Ask Consul whom the token belongs to (`GET /v1/acl/token/self`), since with a default-deny policy a
+    refused token only filters reads silently. ACLs disabled is fine; a refusal raises TokenRefused."""
+    access = as_access(consul_)
+    try:
+        client.acl.token.read_self()
+    except consul.ACLDisabled:
+        return
+    except consul.ACLPermissionDenied as exc:
+        given = ("the token of mesh_consul_token_file" if access.token
+                 else "no token (mesh_consul_token_file is not set) and Consul enforces ACLs")
+        raise TokenRefused(f"Consul refused the token at {access.url}: {_first_line(exc) or 'permission denied'} "
+                           f"({given})",
+                           hint="check that mesh_consul_token_file holds a token Consul knows, with the policy "
+                                "the README gives") from exc
 
 
 @contextmanager
-def consul_errors(consul_url: str) -> Iterator[None]:
+def consul_errors(consul_: Consul) -> Iterator[None]:
     """Turn connection failures and Consul's refusals into a CatalogError naming the URL."""
+    url = as_access(consul_).url
     try:
         yield
+    except consul.ACLPermissionDenied as exc:
+        raise CatalogError(f"Consul at {url} denied the request (the token's policy does not allow it): "
+                           f"{_first_line(exc)}") from exc
     except consul.ConsulException as exc:
-        raise CatalogError(f"Consul at {consul_url} refused the request: {exc}") from exc
+        raise CatalogError(f"Consul at {url} refused the request: {exc}") from exc
     except OSError as exc:  # requests' exceptions are OSErrors
-        raise CatalogError(f"Consul is unreachable at {consul_url}: {_reason(exc)}") from exc
+        raise CatalogError(f"Consul is unreachable at {url}: {_reason(exc)}") from exc
 
 
 @contextmanager
-def _client(consul_url: str) -> Iterator[consul.Consul]:
-    client = connect(consul_url)
+def _client(consul_: Consul, check: bool = True) -> Iterator[consul.Consul]:
+    client = connect(consul_)
     try:
-        with consul_errors(consul_url):
+        with consul_errors(consul_):
+            if check:
+                check_token(client, consul_)
             yield client
     finally:
         client.http.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
 
 
 def _reason(exc: OSError) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import jinja2
 
 from mesh.errors import MeshError
+from mesh.healthcheck.config import CHECKER_USER
 
 MESH_ROOT = "/opt/mesh"
 VENV = f"{MESH_ROOT}/venv"
@@ -44,7 +45,7 @@ class CheckerUnitContext:
     python: str = f"{VENV}/bin/python3"
     config_dir: str = "/etc/mesh/checker"
     config_path: str = "/etc/mesh/checker/checker.json"
-    user: str = "root"
+    user: str = CHECKER_USER  # a system user of its own, not root
     description: str = "mesh health checker (one active per mesh, through a Consul lock)"
 
 

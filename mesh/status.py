@@ -68,11 +68,14 @@ def status(inventory_path: str, console: Console | None = None,
 
 
 def _consul_health(mesh: Mesh) -> dict[str, list[catalog.InstanceHealth]] | str:
-    """Every service's instances with their status, or the reason Consul could not be read."""
+    """Every service's instances of this mesh id with their status, or the reason Consul could not be read.
+    A refused token is no reading at all: it raises TokenRefused (exit 1), since Consul would answer empty."""
     if not mesh.settings.consul_url:
         return "mesh_consul_url is not set"
     try:
-        return {service: catalog.service_health(mesh.settings.consul_url, service) for service in mesh.services}
+        return catalog.services_health(catalog.access_for(mesh), list(mesh.services), mesh.settings.id)
+    except catalog.TokenRefused:
+        raise
     except MeshError as exc:
         return str(exc)
 

@@ -50,9 +50,11 @@ def test_sync_registers_every_instance_as_the_contract_says(url: str) -> None:
     assert result.registered == ("web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0")
     [api] = [e for e in get(url, "/v1/health/service/api") if e["Service"]["ID"] == "api-vm2-0"]
     assert api["Node"]["Node"] == "vm2" and api["Node"]["Address"] == "10.77.0.12"
-    assert api["Node"]["Meta"] == {"external-node": "true", "external-probe": "false", "managed-by": "mesh"}
+    assert api["Node"]["Meta"] == {"external-node": "true", "external-probe": "false", "managed-by": "mesh",
+                                 "mesh-id": "lab.mesh"}
     assert (api["Service"]["Address"], api["Service"]["Port"]) == ("10.77.0.12", 21000)
-    assert api["Service"]["Meta"] == {"version": "v1", "host": "vm2", "kind": "vm", "managed-by": "mesh"}
+    assert api["Service"]["Meta"] == {"version": "v1", "host": "vm2", "kind": "vm", "managed-by": "mesh",
+                                    "mesh-id": "lab.mesh"}
     [check] = api["Checks"]
     assert (check["CheckID"], check["ServiceID"], check["Status"]) == ("mesh-health:api-vm2-0", "api-vm2-0",
                                                                        "critical")

@@ -146,23 +146,27 @@ def _wheels(mesh: Mesh, targets: Sequence[ManagedHost]) -> ControllerWheels | No
 
 
 def _sync_catalog(mesh: Mesh, check: bool, out: Display) -> int:
-    """Register every instance and deregister what left (only the plan in check mode); 1 when Consul fails."""
+    """Register every instance and deregister what left (only the plan in check mode); 1 when Consul fails,
+    refuses the token, or another mesh id owns an instance's node or service ID."""
     url = mesh.settings.consul_url
     if not url:
         out.warning("mesh_consul_url is not set: Consul not updated")
         return EXIT_ERROR
     try:
+        access = catalog.access_for(mesh)
         if check:
-            client = catalog.connect(url)
-            with catalog.consul_errors(url):
-                plan = catalog.plan_sync(catalog.registrations(mesh), catalog.read_state(client))
+            plan = catalog.plan(access, mesh)
             out.line(f"Consul {url} (check mode): would register {len(plan.register)}, leave "
                      f"{len(plan.unchanged)} unchanged, deregister {len(plan.deregister)}")
-            return EXIT_OK
-        synced = catalog.sync(url, mesh)
+            conflicts = plan.conflicts
+        else:
+            synced = catalog.sync(access, mesh)
+            out.line(f"Consul {url}: registered {len(synced.registered)}, unchanged {len(synced.unchanged)}, "
+                     f"deregistered {len(synced.deregistered)}")
+            conflicts = synced.conflicts
     except MeshError as exc:
         out.line(f"ERROR: Consul not updated: {exc}", "failed")
         return EXIT_ERROR
-    out.line(f"Consul {url}: registered {len(synced.registered)}, unchanged {len(synced.unchanged)}, "
-             f"deregistered {len(synced.deregistered)}")
-    return EXIT_OK
+    for conflict in conflicts:
+        out.line(f"ERROR: Consul: {conflict}", "failed")
+    return EXIT_ERROR if conflicts else EXIT_OK

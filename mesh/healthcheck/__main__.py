@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import structlog
 
+from mesh.catalog import ConsulAccess, read_token
 from mesh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, MeshError, UsageError
 from mesh.healthcheck.checker import HealthChecker, consul_writer
 from mesh.healthcheck.config import DEFAULT_CONFIG, CheckerConfig, CheckerConfigError, load_config
@@ -60,9 +61,17 @@ def build_checker(config: CheckerConfig) -> HealthChecker:
     except (OSError, ssl.SSLError) as exc:  # the message names files, never their content
         raise CheckerConfigError(f"cannot load the checker's certificate, key or CA "
                                  f"({config.cert}, {config.key}, {config.ca}): {exc}") from exc
-    lock = Leadership(config.consul_url, config.lock_key, config.session_ttl)
+    access = consul_access(config)
+    lock = Leadership(access, config.lock_key, config.session_ttl)
     prober = partial(probe, context, config=config)
-    return HealthChecker(config, lock, prober, consul_writer(config.consul_url))
+    return HealthChecker(config, lock, prober, consul_writer(access))
+
+
+def consul_access(config: CheckerConfig) -> ConsulAccess:
+    """Consul's URL, the token read from its 0600 file (an unreadable file is refused, naming only the file)
+    and the CA bundle for https."""
+    token = read_token(config.consul_token_file) if config.consul_token_file else None
+    return ConsulAccess(config.consul_url, token, config.consul_ca)
 
 
 def _request_stop(stop: threading.Event, signum: int, frame: FrameType | None) -> None:

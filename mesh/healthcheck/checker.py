@@ -37,11 +37,11 @@ class Written:
     at: float
 
 
-def consul_writer(consul_url: str) -> Writer:
+def consul_writer(consul_: catalog.Consul) -> Writer:
     """Write a probe result as the instance's mesh-health check status, through catalog.set_health."""
     def write(instance: Instance, result: ProbeResult) -> None:
         ref = catalog.InstanceRef(node=instance.host, service_id=instance.id)
-        catalog.set_health(consul_url, ref, result.status, result.output)
+        catalog.set_health(consul_, ref, result.status, result.output)
     return write
 
 

@@ -18,7 +18,17 @@ if TYPE_CHECKING:  # controllers run the checker without the inventory code's de
 
 CONFIG_DIR = "/etc/mesh/checker"
 DEFAULT_CONFIG = f"{CONFIG_DIR}/checker.json"
-LOCK_KEY = "mesh/health-checker/leader"
+TOKEN_FILE = f"{CONFIG_DIR}/consul-token"  # 0600, owned by the checker's user
+CONSUL_CA_FILE = f"{CONFIG_DIR}/consul-ca.pem"
+CHECKER_USER = "mesh-checker"  # the checker's own unprivileged system user
+
+
+def lock_key(mesh_id: str) -> str:
+    """The checker's Consul lock, under the mesh's own KV prefix `mesh/<mesh_id>/`."""
+    return f"mesh/{mesh_id}/health-checker/leader"
+
+
+LOCK_KEY = lock_key("mesh.local")  # the default mesh id's (the default trust domain)
 INSTANCE_KEYS = ("id", "service", "host", "address", "proxy_port")
 
 
@@ -52,6 +62,8 @@ class CheckerConfig:
     refresh: float = 60.0  # rewrite an unchanged status this often, so Consul's copy never goes stale
     session_ttl: int = 10  # Consul invalidates a dead leader's session after up to twice this
     lock_key: str = LOCK_KEY
+    consul_token_file: str | None = None  # the file holding Consul's ACL token (never the token itself)
+    consul_ca: str | None = None  # verifies an https:// consul_url (None: the system's CAs)
 
     @property
     def sni(self) -> str:
@@ -78,7 +90,7 @@ def parse_config(data: object, origin: str = "checker.json") -> CheckerConfig:
     """Validate the decoded JSON of a checker.json; every refusal names the key."""
     top = _mapping(data, origin, "(top level)")
     known = {"consul_url", "trust_domain", "cert", "key", "ca", "instances", "interval", "timeout",
-             "refresh", "session_ttl", "lock_key"}
+             "refresh", "session_ttl", "lock_key", "consul_token_file", "consul_ca"}
     unknown = sorted(set(top) - known)
     if unknown:
         raise CheckerConfigError(f"{origin}: {unknown[0]}: unknown key (expected one of {sorted(known)})")
@@ -95,7 +107,9 @@ def parse_config(data: object, origin: str = "checker.json") -> CheckerConfig:
         instances=tuple(_instance(item, origin, n) for n, item in enumerate(instances)),
         interval=_number(top, "interval", origin, 5.0), timeout=_number(top, "timeout", origin, 2.0),
         refresh=_number(top, "refresh", origin, 60.0), session_ttl=int(ttl),
-        lock_key=_text(top, "lock_key", origin, LOCK_KEY))
+        lock_key=_text(top, "lock_key", origin, LOCK_KEY),
+        consul_token_file=_optional_text(top, "consul_token_file", origin),
+        consul_ca=_optional_text(top, "consul_ca", origin))
 
 
 def _instance(item: object, origin: str, n: int) -> Instance:
@@ -131,6 +145,10 @@ def _text(data: Mapping[str, Any], key: str, origin: str, default: str | None = 
     return value
 
 
+def _optional_text(data: Mapping[str, Any], key: str, origin: str) -> str | None:
+    return None if data.get(key) is None else _text(data, key, origin)
+
+
 def _number(data: Mapping[str, Any], key: str, origin: str, default: float) -> float:
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -140,12 +158,15 @@ def _number(data: Mapping[str, Any], key: str, origin: str, default: float) -> f
 
 def checker_config(mesh: Mesh, config_dir: str = CONFIG_DIR) -> CheckerConfig:
     """The checker.json a deploy writes on every controller: every workload instance of the mesh."""
-    if not mesh.settings.consul_url:
+    settings = mesh.settings
+    if not settings.consul_url:
         raise CheckerConfigError("mesh_consul_url is required for the health checker")
     instances = tuple(
         Instance(id=workload.consul_id, service=workload.service, host=host.name,
                  address=host.connection.address, proxy_port=workload.proxy_port)
         for host in mesh.hosts for workload in host.workloads)
-    return CheckerConfig(consul_url=mesh.settings.consul_url, trust_domain=mesh.settings.trust_domain,
+    return CheckerConfig(consul_url=settings.consul_url, trust_domain=settings.trust_domain,
                          cert=f"{config_dir}/cert.pem", key=f"{config_dir}/key.pem",
-                         ca=f"{config_dir}/ca.pem", instances=instances)
+                         ca=f"{config_dir}/ca.pem", instances=instances, lock_key=lock_key(settings.id),
+                         consul_token_file=f"{config_dir}/consul-token" if settings.consul_token_file else None,
+                         consul_ca=f"{config_dir}/consul-ca.pem" if settings.consul_ca_file else None)

@@ -1,4 +1,4 @@
-"""Leadership among health checkers: a Consul session with a TTL and the KV lock `mesh/health-checker/leader`.
+"""Leadership among health checkers: a Consul session with a TTL and the KV lock `mesh/<mesh_id>/health-checker/leader`.
 
 It owns acquiring, renewing, fencing and releasing the lock; it must not probe or write health.
 """
@@ -14,9 +14,10 @@ from collections.abc import Callable
 import consul
 import structlog
 
-from mesh.catalog import connect
+from mesh.catalog import Consul, TokenRefused, check_token, connect
 
 SESSION_NAME = "mesh-health-checker"
+REFUSAL_LOG_EVERY = 30.0  # seconds between two log lines about the same refused token
 
 
 def holder_id() -> str:
@@ -32,9 +33,11 @@ class Leadership:
     TTL.
     """
 
-    def __init__(self, consul_url: str, key: str, ttl: int, holder: str | None = None,
+    def __init__(self, consul_: Consul, key: str, ttl: int, holder: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = connect(consul_url, timeout=max(2.0, ttl / 4))
+        self.consul = consul_
+        self.client = connect(consul_, timeout=max(2.0, ttl / 4))
+        self.refusal_logged_at = float("-inf")
         self.key = key
         self.ttl = ttl
         self.holder = holder or holder_id()
@@ -53,6 +56,10 @@ class Leadership:
                 self.leading = bool(self.client.kv.put(self.key, value, acquire=self.session))
                 if self.leading:
                     self.log.info("leadership_acquired", key=self.key, session=self.session)
+        except TokenRefused as exc:  # keep trying: the token may be created in Consul later
+            if self.clock() - self.refusal_logged_at >= REFUSAL_LOG_EVERY:
+                self.log.error("consul_token_refused", error=str(exc))
+                self.refusal_logged_at = self.clock()
         except (consul.ConsulException, OSError) as exc:
             self.log.warning("leadership_consul_error", error=_first_line(exc))
         return self.holds()
@@ -66,6 +73,10 @@ class Leadership:
             except consul.NotFound:
                 self.log.warning("leadership_session_lost", session=self.session, was_leading=self.leading)
                 self.session, self.leading = None, False
+        check_token(self.client, self.consul)  # a refused token would only be told as "permission denied"
+        if self.refusal_logged_at > float("-inf"):
+            self.log.info("consul_token_accepted")
+            self.refusal_logged_at = float("-inf")
         self.session = self.client.session.create(name=SESSION_NAME, ttl=self.ttl, lock_delay=0,
                                                   behavior="release")
         self.renewed_at = self.clock()

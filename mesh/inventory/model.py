@@ -39,6 +39,14 @@ class MeshSettings:
     state_dir: str = ".mesh"  # absolute: resolved against the inventory's folder
     cert_ttl: timedelta = timedelta(hours=24)
     known_hosts: str = "~/.ssh/known_hosts"
+    mesh_id: str | None = None  # None: the trust domain
+    consul_token_file: str | None = None  # absolute, like state_dir; read only when Consul is called
+    consul_ca_file: str | None = None  # absolute; verifies an https:// consul_url
+
+    @property
+    def id(self) -> str:
+        """`mesh_id`, or the trust domain when it is not set: the mesh's name in a shared Consul."""
+        return self.mesh_id or self.trust_domain
 
     @property
     def cert_ttl_seconds(self) -> int:

@@ -5,6 +5,7 @@ of INVENTORY.md, collecting all errors. It must not read files (the loader does)
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -16,11 +17,20 @@ from mesh.inventory.data import InventoryData, Var
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh, MeshSettings, Workload
 from mesh.inventory.templating import Templating, host_groups
-from mesh.inventory.values import check_string, check_trust_domain, check_url, parse_duration
+from mesh.inventory.values import (
+    BadValue,
+    check_local_path,
+    check_string,
+    check_trust_domain,
+    check_url,
+    describe,
+    parse_duration,
+)
 from mesh.inventory.workloads import ParsedWorkload, check_ports, read_workloads
 from mesh.suggest import did_you_mean
 
-MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_known_hosts")
+MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_known_hosts",
+             "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file")
 PER_HOST = ("mesh_host_kind", "mesh_workloads")
 MESH_VARIABLES = MESH_WIDE + PER_HOST
 HOST_KINDS = ("vm", "container_host")
@@ -142,13 +152,31 @@ def _settings(readings: list[_HostReading], inventory_path: str, dynamic: bool, 
     state_dir = _wide(chosen, "mesh_state_dir", lambda v: check_string(v, "a folder path"), problems)
     ttl = _wide(chosen, "mesh_cert_ttl", parse_duration, problems) or defaults.cert_ttl
     known_hosts = _wide(chosen, "mesh_known_hosts", lambda v: check_string(v, "a file path"), problems)
+    mesh_id = _wide(chosen, "mesh_id", check_mesh_id, problems)
+    token_file = _wide(chosen, "mesh_consul_token_file", lambda v: check_local_path(v, "a file path"), problems)
+    consul_ca_file = _wide(chosen, "mesh_consul_ca_file", lambda v: check_local_path(v, "a file path"), problems)
     return MeshSettings(
         trust_domain=trust_domain,
         consul_url=consul_url,
         state_dir=resolve_state_dir(state_dir or defaults.state_dir, inventory_path, dynamic),
         cert_ttl=ttl,
         known_hosts=known_hosts or defaults.known_hosts,
+        mesh_id=mesh_id,
+        consul_token_file=token_file and resolve_state_dir(token_file, inventory_path, dynamic),
+        consul_ca_file=consul_ca_file and resolve_state_dir(consul_ca_file, inventory_path, dynamic),
     )
+
+
+_MESH_ID = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
+
+
+def check_mesh_id(value: Any) -> str:
+    """`mesh_id`: lower-case letters, digits, '.', '-' and '_', at most 64, a letter or digit at both ends (it
+    goes into Consul Meta and KV keys)."""
+    if not isinstance(value, str) or not _MESH_ID.fullmatch(value):
+        raise BadValue(f"expected a mesh id such as 'lab.mesh' (a-z, 0-9, '.', '-', '_', at most 64, a letter or "
+                       f"digit at both ends), got {describe(value)}")
+    return value
 
 
 def _mesh_wide_values(readings: list[_HostReading], problems: Problems) -> dict[str, Located]:

@@ -10,13 +10,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.lab import demo_units
+from mesh.lab import consul_acl, demo_units
 from mesh.lab.errors import run
 from mesh.lab.topology import Node, Workload
 
 DEMO_DIR = "opt/mesh-demo"
 IMAGES_IN_NODE = "/opt/mesh-lab-images"
 CONSUL_IN_NODE = "/usr/local/bin/consul"
+CONSUL_ACL_IN_NODE = "/etc/consul.d/acl.hcl"  # 0600: holds the lab's master token
 DOCKER_UNITS = ("docker.service", "docker.socket", "containerd.service")
 # Units that only make sense on a real machine, or would try to reach the network
 QUIET_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "e2scrub_reap.service",
@@ -44,7 +45,7 @@ After=network.target
 
 [Service]
 ExecStart={binary} agent -server -bootstrap-expect=1 -ui -client 0.0.0.0 -bind {address} -node {name} \\
-    -data-dir /var/lib/consul
+    -data-dir /var/lib/consul -config-file {acl}
 Restart=on-failure
 
 [Install]
@@ -133,16 +134,21 @@ def demo_instance(node: Node, workload: Workload) -> demo_units.DemoInstance:
                                    upstreams=upstreams)
 
 
-def write_services(root: Path, node: Node, images: Images) -> None:
-    """Units per role, enabled offline so they start with the node's first boot."""
+def write_services(root: Path, node: Node, images: Images, consul_master_token: str | None = None) -> None:
+    """Units per role, enabled offline so they start with the node's first boot. Consul runs with ACLs on
+    (deny by default) and the lab's master token, which lifecycle.py keeps in the lab's state."""
     for unit in QUIET_UNITS:
         _mask(root, unit)
     if node.role != "container_host":
         for unit in DOCKER_UNITS:
             _mask(root, unit)
     if node.role == "consul":
+        if not consul_master_token:
+            raise ValueError("the lab's Consul needs its master token")
+        _write(root / CONSUL_ACL_IN_NODE.lstrip("/"), consul_acl.agent_acl_config(consul_master_token), 0o600)
         _write(root / "etc/systemd/system/consul.service",
-               CONSUL_UNIT.format(binary=CONSUL_IN_NODE, address=node.address, name=node.name))
+               CONSUL_UNIT.format(binary=CONSUL_IN_NODE, address=node.address, name=node.name,
+                                  acl=CONSUL_ACL_IN_NODE))
         _enable(root, "consul.service")
     if node.role == "vm":
         _copy_demoapp(root, images)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from mesh.lab import cleanup, network, nodes
+from mesh.lab import cleanup, consul_acl, network, nodes
 from mesh.lab.errors import LabError, require_tools
 from mesh.lab.layers import Images, write_identity, write_services
 from mesh.lab.ssh import LabSsh, make_key_pair, write_known_hosts
@@ -30,6 +30,7 @@ from mesh.lab.topology import (
     Node,
     Topology,
     build_topology,
+    consul_url,
     render_inventory,
 )
 
@@ -39,6 +40,8 @@ BOOT_TIMEOUT = 60.0
 SERVICES_TIMEOUT = 90.0
 MIN_FREE_BYTES = 1 << 30
 PREFIX = int(SUBNET.split("/")[1])
+CONSUL_MASTER_TOKEN = "consul-master-token"  # in the lab's state dir, 0600: Consul's bootstrap token
+CONSUL_MESH_TOKEN = "consul-mesh-token"  # in the lab's state dir, 0600: the inventory's mesh_consul_token_file
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class Lab:
     def topology(self, record: LabRecord) -> Topology:
         return build_topology(LabSize(record.vms, record.containers, record.controllers))
 
+    @property
+    def consul_master_token_file(self) -> Path:
+        return self.paths.root / CONSUL_MASTER_TOKEN
+
+    @property
+    def consul_mesh_token_file(self) -> Path:
+        return self.paths.root / CONSUL_MESH_TOKEN
+
     # ---- up -------------------------------------------------------------------------------------------
 
     def up(self, size: LabSize, inventory: Path) -> UpResult:
@@ -113,6 +124,10 @@ class Lab:
             if not self.paths.private_key.exists():
                 make_key_pair(self.paths.private_key)
                 changes.append("lab SSH key pair")
+            for token_file in (self.consul_master_token_file, self.consul_mesh_token_file):
+                if not token_file.exists():
+                    consul_acl.ensure_secret(token_file)
+                    changes.append(f"Consul token {token_file.name}")
             if network.ensure_bridge(BRIDGE, HOST_ADDRESS, PREFIX):
                 changes.append(f"bridge {BRIDGE}")
             self.progress(f"starting {len(topology.nodes)} nodes")
@@ -172,7 +187,7 @@ class Lab:
             changes.append(f"{node.name}: layer mounted")
         if not files.prepared.exists():
             host_key = write_identity(files.root, node, self.paths.public_key.read_text())
-            write_services(files.root, node, images)
+            write_services(files.root, node, images, self._master_token())
             files.prepared.write_text(host_key + "\n")
             changes.append(f"{node.name}: layer prepared")
         if not nodes.running(entry, files):
@@ -203,9 +218,24 @@ class Lab:
                     raise LabError(f"{node.name}: {what} did not come up within {SERVICES_TIMEOUT:.0f} s",
                                    hint=f"mesh lab exec {node.name} -- journalctl -b")
                 time.sleep(0.3)
+        self._ensure_mesh_token(deadline)
+
+    def _master_token(self) -> str:
+        return consul_acl.ensure_secret(self.consul_master_token_file)
+
+    def _ensure_mesh_token(self, deadline: float) -> None:
+        """Consul's ACLs take the master token shortly after the leader is elected; then the policy `mesh` and
+        the inventory's token (both idempotent, from this machine, tokens in headers only)."""
+        try:
+            consul_acl.ensure_mesh_token(consul_url(), self._master_token(),
+                                         consul_acl.ensure_secret(self.consul_mesh_token_file),
+                                         timeout=max(5.0, deadline - time.monotonic()))
+        except consul_acl.AclNotReady as exc:
+            raise LabError(f"consul1: {exc}", hint="mesh lab exec consul1 -- journalctl -u consul") from None
 
     def _write_inventory(self, topology: Topology, inventory: Path) -> bool:
-        text = render_inventory(topology, self.paths.private_key, self.paths.known_hosts)
+        text = render_inventory(topology, self.paths.private_key, self.paths.known_hosts,
+                                self.consul_mesh_token_file)
         if inventory.exists() and inventory.read_text() == text:
             return False
         inventory.parent.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,11 @@ def _address(last: int) -> str:
     return str(ipaddress.ip_network(SUBNET)[last])
 
 
+def consul_url() -> str:
+    """The lab's Consul HTTP API, as this machine and the nodes reach it."""
+    return f"http://{_address(2)}:{CONSUL_PORT}"
+
+
 def build_topology(size: LabSize) -> Topology:
     size.check()
     web = Workload("web", "v1", 8080, health_path="/healthz", upstreams=(Upstream("api", API_LOCAL_PORT),))
@@ -132,8 +137,10 @@ def _host_vars(node: Node) -> dict[str, object]:
     return host
 
 
-def render_inventory(topology: Topology, private_key: Path, known_hosts: Path) -> str:
-    """The lab inventory in INVENTORY.md's contract, readable by mesh and by Ansible alike."""
+def render_inventory(topology: Topology, private_key: Path, known_hosts: Path,
+                     consul_token_file: Path | None = None) -> str:
+    """The lab inventory in INVENTORY.md's contract, readable by mesh and by Ansible alike; with the file
+    holding mesh's Consul token (the lab's Consul denies by default)."""
     groups: dict[str, dict[str, object]] = {}
     by_role = {"consul": "consul", "controller": "mesh_controllers", "vm": "vms", "container_host": "containers"}
     for node in topology.nodes:
@@ -145,7 +152,8 @@ def render_inventory(topology: Topology, private_key: Path, known_hosts: Path) -
     document = {"all": {
         "vars": {
             "mesh_trust_domain": TRUST_DOMAIN,
-            "mesh_consul_url": f"http://{_address(2)}:{CONSUL_PORT}",
+            "mesh_consul_url": consul_url(),
+            **({"mesh_consul_token_file": str(consul_token_file)} if consul_token_file else {}),
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(private_key),
             "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes",

@@ -278,8 +278,14 @@ def tls_from(lab: LabUp, source: str, address: str, port: int, mode: str, server
 
 # ---- Consul ------------------------------------------------------------------------------------------------
 
-def consul(url: str, path: str) -> Any:
-    with urllib.request.urlopen(f"{url.rstrip('/')}{path}", timeout=10) as answer:
+CONSUL_TOKEN_FILE = LAB_STATE / "consul-mesh-token"  # the lab inventory's mesh_consul_token_file
+
+
+def consul(url: str, path: str, token_file: Path | None = CONSUL_TOKEN_FILE) -> Any:
+    """GET Consul's API with the lab's mesh token (its Consul denies anonymous reads, silently: empty lists)."""
+    headers = {"X-Consul-Token": token_file.read_text().strip()} if token_file and token_file.exists() else {}
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as answer:
         return json.load(answer)
 
 

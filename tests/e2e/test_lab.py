@@ -59,7 +59,13 @@ def test_docker_ps_lists_the_app_container(lab: LabUp) -> None:
 
 
 def test_consul_catalog_answers(lab: LabUp) -> None:
-    with urllib.request.urlopen(f"http://{lab.hosts['consul1']}:8500/v1/catalog/nodes", timeout=5) as answer:
+    url = f"http://{lab.hosts['consul1']}:8500/v1/catalog/nodes"
+    with urllib.request.urlopen(url, timeout=5) as answer:  # ACLs deny by default: anonymous sees nothing
+        assert json.load(answer) == []
+    token = (lab.state_dir / "consul-mesh-token").read_text().strip()  # the inventory's mesh_consul_token_file
+    assert oct((lab.state_dir / "consul-mesh-token").stat().st_mode & 0o777) == "0o600"
+    request = urllib.request.Request(url, headers={"X-Consul-Token": token})
+    with urllib.request.urlopen(request, timeout=5) as answer:
         nodes = json.load(answer)
     assert [node["Node"] for node in nodes] == ["consul1"]
 

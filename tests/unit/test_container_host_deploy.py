@@ -151,3 +151,19 @@ def test_a_config_the_sidecar_image_refuses_keeps_the_running_sidecar(setup: tup
     assert host.files[paths.envoy_config_path("api-0")].data == b"# an older config" != old
     assert docker.containers["mesh-envoy-api-0"]["id"] == running
     assert paths.proxy_dir("api-0") + "/.envoy.new.yaml" not in host.files
+
+
+def test_an_app_container_that_publishes_ports_fails_only_its_workload(setup: tuple[
+        Mesh, DeployContext, FakeFleet, FakeDocker, Path]) -> None:
+    docker = setup[3]
+    docker.add("worker-1", pid=600, bindings={"8000/tcp": [{"HostIp": "", "HostPort": "8000"}]},
+               ports={"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8000"}]})
+    worker = docker.containers["worker-1"]
+    result, output = deploy(setup)
+    assert exit_code(result) == 2, output
+    assert re.search(r"failed: \[dock1\] \(item=worker-1\) => .*the app container 'worker-1' on dock1 publishes "
+                     r"port\(s\) 8000/tcp -> 0\.0\.0\.0:8000", output), output
+    assert "mesh-envoy-api-0" in docker.containers and "mesh-envoy-worker-1" not in docker.containers
+    assert docker.containers["worker-1"] == worker  # the app container itself is left as it is
+    assert re.search(r"ok: \[dock1\] => \(item=api-0\)|changed: \[dock1\] => \(item=api-0\)", output)
+    assert result.stats["dock1"].failed == 1

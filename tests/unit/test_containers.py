@@ -7,8 +7,11 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shlex
+import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ import yaml
 
 from mesh.config import compute_proxy_config, paths
 from mesh.containers import image as image_mod
+from mesh.containers.docker import published_ports
 from mesh.containers.image import ImageFile, build_sidecar_image_tar, shared_libraries, write_image_tar
 from mesh.containers.modules import (
     STAGING_DIR,
@@ -31,6 +35,11 @@ from mesh.containers.modules import (
 from mesh.containers.reachability import (
     RULES_PATH,
     WATCHER_UNIT,
+    AppGuard,
+    SidecarEntry,
+    UnsafeScript,
+    app_guards,
+    checked_script,
     render_rules,
     render_sidecar_list,
     render_watcher,
@@ -506,3 +515,251 @@ def test_sidecar_host_removes_only_mesh_sidecars_whose_workload_left() -> None:
     assert outcome.data["removed"] == ["mesh-envoy-old-3"]
     assert set(docker.containers) == {"api-v2-1", "mesh-envoy-api-0"}
     assert [c.description for c in changes][-1] == "remove mesh-envoy-old-3"
+
+
+# ---- published ports ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bindings", "publish_all", "ports", "expected"), [
+    ({}, False, {}, ()),
+    (None, False, None, ()),
+    ({}, False, {"9090/tcp": None}, ()),  # exposed (EXPOSE, --expose) but not published
+    ({"9090/tcp": [{"HostIp": "", "HostPort": "8080"}]}, False,
+     {"9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}, {"HostIp": "::", "HostPort": "8080"}]},
+     ("9090/tcp -> 0.0.0.0:8080, :::8080",)),
+    ({"9090/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]}, False, {},  # stopped: as configured
+     ("9090/tcp -> 127.0.0.1:8080",)),
+    ({"53/udp": [{"HostIp": "", "HostPort": ""}]}, False, {}, ("53/udp -> :random",)),
+    ({}, True, {"9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "49153"}]}, ("9090/tcp -> 0.0.0.0:49153",)),
+    ({}, True, {}, ("all exposed ports (-P) -> :random",)),
+])
+def test_published_ports_from_docker_inspect(bindings: Any, publish_all: Any, ports: Any,
+                                             expected: tuple[str, ...]) -> None:
+    assert published_ports(bindings, publish_all, ports) == expected
+
+
+def test_an_app_container_that_publishes_ports_fails_its_workload_and_nothing_is_touched() -> None:
+    host, managed = FakeHost("dock1"), dock1()
+    docker = FakeDocker(host)
+    docker.images.add(IMAGE)
+    docker.add("api-v2-1", pid=500, bindings={"9090/tcp": [{"HostIp": "", "HostPort": "8080"}]},
+               ports={"9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]})
+    proxy_files(host)
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert outcome.failed and changes == []
+    assert "'api-v2-1' on dock1 publishes port(s) 9090/tcp -> 0.0.0.0:8080" in outcome.msg, outcome.msg
+    assert "never recreates or changes app containers" in outcome.msg
+    assert outcome.data["published"] == ["9090/tcp -> 0.0.0.0:8080"]
+    assert not any(cmd.startswith(("docker run", "docker rm", "docker restart", "docker stop", "chown"))
+                   for cmd in host.commands)
+
+
+# ---- what goes into the scripts ----------------------------------------------------------------------------
+
+
+def _with_workload(host: ManagedHost, **changes: Any) -> ManagedHost:
+    from dataclasses import replace
+    return replace(host, workloads=(replace(host.workloads[0], **changes), *host.workloads[1:]))
+
+
+@pytest.mark.parametrize("name", ["api\ntouch /root/x", "api'; touch /root/x; '", "api v2", "-api", "api$(id)",
+                                  "api\n", "api\u2028x"])
+def test_a_container_name_that_is_not_docker_s_is_refused_before_rendering(name: str) -> None:
+    host = _with_workload(dock1(), container=name)
+    for render in (render_rules, render_sidecar_list, sidecar_entries):
+        with pytest.raises(UnsafeScript, match="container name"):
+            render(host)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1, True, "9090"])
+def test_a_port_out_of_range_is_refused_before_rendering(port: Any) -> None:
+    with pytest.raises(UnsafeScript, match="expected 1-65535"):
+        render_rules(_with_workload(dock1(), port=port))
+
+
+def test_the_host_name_never_reaches_a_rendered_file() -> None:
+    from dataclasses import replace
+    hostile = replace(dock1(), name="dock1\ntouch /root/x\n#")
+    texts = [render_rules(hostile), render_watcher(hostile), render_sidecar_list(hostile), render_watcher_unit()]
+    assert not any("touch /root/x" in text or "dock1" in text for text in texts)
+
+
+def test_sidecar_host_fails_with_the_reason_and_changes_nothing_on_an_unsafe_name() -> None:
+    host = FakeHost("dock1")
+    FakeDocker(host)
+    outcome, changes = drive(sidecar_host, host, _with_workload(dock1(), container="api'$(reboot)'"), {})
+    assert outcome.failed and changes == [] and not host.puts
+    assert "container name \"api'$(reboot)'\"" in outcome.msg and "nothing was changed" in outcome.msg
+
+
+def test_checked_script_runs_sh_n_and_names_the_script() -> None:
+    assert checked_script("ok.sh", "#!/bin/sh\necho fine\n") == "#!/bin/sh\necho fine\n"
+    with pytest.raises(UnsafeScript, match=r"the rendered broken.sh is not valid shell \(`sh -n`: .+\)"):
+        checked_script("broken.sh", "#!/bin/sh\nif true; then echo\n")
+    with pytest.raises(UnsafeScript, match="does not start with #!/bin/sh"):
+        checked_script("bash.sh", "#!/bin/bash\necho\n")
+    with pytest.raises(UnsafeScript, match="NUL or carriage return"):
+        checked_script("cr.sh", "#!/bin/sh\necho a\recho b\n")
+
+
+def test_a_template_that_renders_broken_shell_never_leaves(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(GOLDEN.parents[2] / "templates", templates)
+    watcher = templates / "containers" / "mesh-sidecars.sh.j2"
+    watcher.write_text(watcher.read_text().replace("done\n", "", 1))  # a loop left open
+    with pytest.raises(UnsafeScript, match="the rendered mesh-sidecars is not valid shell"):
+        render_watcher(dock1(), templates)
+
+
+def test_rules_close_each_app_port_in_its_namespace() -> None:
+    text = render_rules(dock1())
+    assert "APP_PORTS='api-v2-1 9090\napi-v2-2 9090\n'" in text
+    assert "APP_CHAIN=MESH-APP" in text
+    guards = app_guards((SidecarEntry("a", "mesh-envoy-x-0", 21000, 9090), SidecarEntry("b", "mesh-envoy-y-1", 21001, 80),
+                         SidecarEntry("a", "mesh-envoy-z-2", 21002, 8080)))
+    assert guards == (AppGuard("a", (8080, 9090)), AppGuard("b", (80,)))
+
+
+# ---- the rules script in the app containers' namespaces, with fake docker, nsenter and iptables ---------------
+
+_FAKE_IPTABLES = '''#!PYTHON
+"""iptables, ip6tables and their -restore: a rule list per (namespace, family, table, chain) in a JSON file."""
+import json, os, sys
+tool = os.path.basename(sys.argv[0])
+family = tool.replace("-restore", "")
+ns = os.environ.get("FAKE_NS", "host")
+state_path = os.path.join(os.environ["FAKE_DIR"], f"{ns}.{family}.json")
+state = json.load(open(state_path)) if os.path.exists(state_path) else {}
+with open(os.path.join(os.environ["FAKE_DIR"], "log"), "a") as log:
+    log.write(f"{ns} {tool} {' '.join(sys.argv[1:])}\\n")
+args = [a for a in sys.argv[1:] if a not in ("-w", "--noflush")]
+table = "filter"
+if args[:1] == ["-t"]:
+    table, args = args[1], args[2:]
+builtin = {"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"}
+code = 0
+if tool.endswith("-restore"):
+    for line in sys.stdin.read().splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":"):
+            state[f"{table}/{line[1:].split()[0]}"] = []
+        elif line.startswith("-A "):
+            state.setdefault(f"{table}/{line.split()[1]}", []).append(line.strip())
+else:
+    op, chain, rest = args[0], args[1], args[2:]
+    key = f"{table}/{chain}"
+    if rest[:1] and rest[0].isdigit():
+        rest = rest[1:]
+    rule = " ".join(["-A", chain, *rest])
+    rules = state.get(key)
+    if op == "-C":
+        code = 0 if rules and rule in rules else 1
+    elif op == "-I":
+        state.setdefault(key, []).insert(0, rule)
+    elif op == "-D":
+        code = 1 if not rules or rule not in rules else rules.remove(rule) or 0
+    elif op == "-N":
+        code = 1 if key in state else state.setdefault(key, []) and 0
+    elif op == "-S":
+        if rules is None and chain not in builtin:
+            code = 1
+        else:
+            print(f"-P {chain} ACCEPT" if chain in builtin else f"-N {chain}")
+            print("\\n".join(rules or []))
+    elif op == "-F":
+        code = 0 if key in state else 1
+        state[key] = [] if key in state else None
+        state = {k: v for k, v in state.items() if v is not None}
+    elif op == "-X":
+        code = 0 if state.pop(key, None) is not None else 1
+json.dump(state, open(state_path, "w"))
+sys.exit(code)
+'''
+_FAKE_DOCKER = '''#!PYTHON
+"""docker container inspect -f FORMAT NAME: running containers and their pids from FAKE_DIR/running.json."""
+import json, os, sys
+running = json.load(open(os.path.join(os.environ["FAKE_DIR"], "running.json")))
+pid = running.get(sys.argv[-1])
+if sys.argv[1:3] != ["container", "inspect"] or pid is None:
+    sys.exit(1)
+print(pid if "Pid" in sys.argv[4] else f"172.18.0.{pid % 250} ")
+'''
+_FAKE_NSENTER = '#!/bin/sh\n[ "$1" = -t ] && [ "$3" = -n ] || exit 2\nFAKE_NS=$2 export FAKE_NS\nshift 3\nexec "$@"\n'
+_FAKE_READLINK = '#!/bin/sh\necho "net:[$(echo "$1" | cut -d/ -f3)]"\n'
+
+
+class FakeRulesHost:
+    """The rendered rules script run by /bin/sh against fake docker, nsenter, iptables (ip6tables too)."""
+
+    def __init__(self, folder: Path, running: dict[str, int]) -> None:
+        self.folder = folder
+        bin_dir = folder / "bin"
+        bin_dir.mkdir()
+        python = f"{sys.executable}"
+        for name, text in (("iptables", _FAKE_IPTABLES), ("docker", _FAKE_DOCKER), ("nsenter", _FAKE_NSENTER),
+                           ("readlink", _FAKE_READLINK)):
+            (bin_dir / name).write_text(text.replace("PYTHON", python))
+            (bin_dir / name).chmod(0o755)
+        for alias in ("iptables-restore", "ip6tables", "ip6tables-restore"):
+            (bin_dir / alias).symlink_to(bin_dir / "iptables")
+        script = render_rules(dock1()).replace("PATH=/usr/local/sbin", f"PATH={bin_dir}:/usr/local/sbin")
+        self.script = folder / "sidecar-rules.sh"
+        self.script.write_text(script.replace("/run/mesh/", f"{folder}/run/"))
+        self.set_running(running)
+
+    def set_running(self, running: dict[str, int]) -> None:
+        (self.folder / "running.json").write_text(json.dumps(running))
+
+    def run(self, verb: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["/bin/sh", str(self.script), verb], capture_output=True, text=True, check=False,
+                              env={**os.environ, "FAKE_DIR": str(self.folder)}, timeout=60)
+
+    def rules(self, ns: int, family: str = "iptables") -> dict[str, list[str]]:
+        path = self.folder / f"{ns}.{family}.json"
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
+def test_rules_script_closes_app_ports_in_each_namespace_idempotently(tmp_path: Path) -> None:
+    fake = FakeRulesHost(tmp_path, {"api-v2-1": 501})  # api-v2-2 is not running
+    applied = fake.run("apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "container api-v2-2 is not running: its port(s) 9090 are closed when it starts" in applied.stderr
+    for family in ("iptables", "ip6tables"):
+        rules = fake.rules(501, family)
+        assert rules["filter/MESH-APP"] == ["-A MESH-APP -i lo -j RETURN",
+                                            "-A MESH-APP -p tcp -m tcp --dport 9090 -j DROP"], rules
+        assert rules["filter/INPUT"] == ["-A INPUT -j MESH-APP"], rules
+    assert fake.run("check").returncode == 0
+    again = fake.run("apply")
+    assert again.returncode == 0, again.stderr
+    assert fake.rules(501)["filter/INPUT"] == ["-A INPUT -j MESH-APP"]  # no second jump
+    assert len(fake.rules(501)["filter/MESH-APP"]) == 2  # refilled, not appended to
+    # The app restarted: a new namespace without the chain; check says so until apply runs again.
+    fake.set_running({"api-v2-1": 777})
+    assert fake.run("check").returncode == 1
+    assert fake.run("apply").returncode == 0
+    assert fake.rules(777)["filter/INPUT"] == ["-A INPUT -j MESH-APP"] and fake.run("check").returncode == 0
+    # Someone flushed the chain by hand: check notices.
+    state = fake.rules(777)
+    state["filter/MESH-APP"] = []
+    (tmp_path / "777.iptables.json").write_text(json.dumps(state))
+    assert fake.run("check").returncode == 1
+    # The second app starts: check notices it has no chain yet.
+    assert fake.run("apply").returncode == 0
+    fake.set_running({"api-v2-1": 777, "api-v2-2": 900})
+    assert fake.run("check").returncode == 1
+    assert fake.run("apply").returncode == 0 and fake.run("check").returncode == 0
+    assert fake.rules(900)["filter/MESH-APP"][1] == "-A MESH-APP -p tcp -m tcp --dport 9090 -j DROP"
+
+
+def test_rules_script_remove_takes_the_chain_out_of_every_namespace(tmp_path: Path) -> None:
+    fake = FakeRulesHost(tmp_path, {"api-v2-1": 501, "api-v2-2": 502})
+    assert fake.run("apply").returncode == 0
+    removed = fake.run("remove")
+    assert removed.returncode == 0, removed.stderr
+    for ns in (501, 502):
+        for family in ("iptables", "ip6tables"):
+            rules = fake.rules(ns, family)
+            assert "filter/MESH-APP" not in rules and not rules.get("filter/INPUT"), rules
+    assert not (tmp_path / "run" / "sidecar-app-rules.applied").exists()

@@ -49,7 +49,8 @@ def test_config_parses_with_defaults() -> None:
     config = parse_config(config_data())
     assert config.instances == (Instance("api-vm2-0", "api", "vm2", "10.77.0.12", 21000),)
     assert (config.interval, config.timeout, config.session_ttl) == (2.0, 2.0, 10)
-    assert config.lock_key == "mesh/health-checker/leader" and config.sni == "health.lab.mesh"
+    assert config.lock_key == "mesh/mesh.local/health-checker/leader" and config.sni == "health.lab.mesh"
+    assert config.consul_token_file is None and config.consul_ca is None
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -95,8 +96,32 @@ def test_checker_config_from_the_mesh_round_trips(tmp_path: Path) -> None:
     config = checker_config(make_mesh())
     assert [i.id for i in config.instances] == ["web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"]
     assert config.key == "/etc/mesh/checker/key.pem" and config.instances[2].proxy_port == 21001
+    assert config.lock_key == "mesh/lab.mesh/health-checker/leader"  # the mesh id defaults to the trust domain
     (tmp_path / "checker.json").write_text(config.to_json())
     assert load_config(tmp_path / "checker.json") == config
+
+
+def test_checker_config_names_the_token_file_never_the_token(tmp_path: Path) -> None:
+    mesh = make_mesh()
+    settings = dataclasses.replace(mesh.settings, mesh_id="team-b", consul_token_file=str(tmp_path / "token"),
+                                   consul_ca_file=str(tmp_path / "ca.pem"), consul_url="https://consul:8501")
+    (tmp_path / "token").write_text("s3cret-token\n")
+    config = checker_config(dataclasses.replace(mesh, settings=settings))
+    assert config.lock_key == "mesh/team-b/health-checker/leader"
+    assert (config.consul_token_file, config.consul_ca) == ("/etc/mesh/checker/consul-token",
+                                                            "/etc/mesh/checker/consul-ca.pem")
+    assert "s3cret" not in config.to_json()
+    assert parse_config(json.loads(config.to_json())) == config
+
+
+def test_the_checker_reads_its_token_from_the_file(tmp_path: Path) -> None:
+    from mesh.healthcheck.__main__ import consul_access
+
+    (tmp_path / "token").write_text("s3cret-token\n")
+    config = parse_config(config_data(consul_token_file=str(tmp_path / "token"), consul_ca="/ca.pem"))
+    access = consul_access(config)
+    assert (access.token, access.ca_file, access.url) == ("s3cret-token", "/ca.pem", "http://127.0.0.1:8500")
+    assert consul_access(parse_config(config_data())).token is None
 
 
 # --- the write rules ----------------------------------------------------------------------------------------

@@ -25,5 +25,6 @@ def register_mesh_modules(modules: ModuleRegistry) -> None:
     modules.register("mesh.restart_proxies", proxy.restart_proxies, ("all",))
     modules.register("mesh.checker_env", controller.checker_env, ())
     modules.register("mesh.checker_config", controller.checker_config_file, ())
+    modules.register("mesh.checker_consul_files", controller.checker_consul_files, ())
     modules.register("mesh.checker_unit", controller.checker_unit, ())
     register_container_modules(modules)  # mesh.sidecar_image, mesh.sidecar, mesh.sidecar_host

@@ -1,18 +1,22 @@
-"""Controller steps: the health checker's Python environment from pushed wheels, its checker.json and its
-systemd unit. They yield only what differs; building wheels and rendering happen on the machine running mesh.
+"""Controller steps: the health checker's Python environment from pushed wheels, its checker.json, its Consul
+token and CA (files readable by the checker's user only) and its systemd unit. They yield only what differs;
+building wheels, reading the local token file and rendering happen on the machine running mesh.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shlex
 from typing import Any
 
-from mesh import controller_env
+from mesh import catalog, controller_env
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
-from mesh.healthcheck.config import DEFAULT_CONFIG, checker_config
+from mesh.deploy.steps.ownership import Owned, ownership_changes
+from mesh.errors import MeshError
+from mesh.healthcheck.config import CHECKER_USER, CONSUL_CA_FILE, DEFAULT_CONFIG, TOKEN_FILE, checker_config
 
 CHECKER_UNIT_PATH = f"/etc/systemd/system/{controller_env.CHECKER_UNIT}"
 
@@ -40,6 +44,44 @@ def checker_config_file(ctx: TaskContext[DeployContext], args: dict[str, Any]) -
     if file_sha256(ctx.connector, DEFAULT_CONFIG) != hashlib.sha256(data).hexdigest():
         yield PutFile(DEFAULT_CONFIG, data, 0o644, "root", "root", f"write {DEFAULT_CONFIG}")
     return Outcome(data={"dest": DEFAULT_CONFIG, "instances": len(ctx.shared.mesh.workloads)})
+
+
+def checker_consul_files(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """Consul's ACL token (read from mesh_consul_token_file here, 0600 and owned by the checker's user there)
+    and the CA bundle of an https Consul; each removed when the inventory no longer names it. The token goes
+    over the connection's stdin, never into a command line or the output."""
+    settings = ctx.shared.mesh.settings
+    token: bytes | None = None
+    if settings.consul_token_file:
+        try:
+            token = catalog.read_token(settings.consul_token_file).encode() + b"\n"
+        except MeshError as exc:
+            raise ModuleFailure(str(exc)) from None
+    bundle: bytes | None = None
+    if settings.consul_ca_file:
+        try:
+            with open(settings.consul_ca_file, "rb") as handle:
+                bundle = handle.read()
+        except OSError as exc:
+            raise ModuleFailure(f"cannot read mesh_consul_ca_file {settings.consul_ca_file}: "
+                                f"{exc.strerror or exc}") from None
+    yield from _secret_file(ctx, TOKEN_FILE, token, Owned(CHECKER_USER, CHECKER_USER, 0o600), "the Consul token")
+    yield from _secret_file(ctx, CONSUL_CA_FILE, bundle, Owned("root", "root", 0o644), "Consul's CA bundle")
+    return Outcome(data={"token": token is not None, "consul_ca": bundle is not None})
+
+
+def _secret_file(ctx: TaskContext[DeployContext], path: str, data: bytes | None, wanted: Owned,
+                 what: str) -> ModuleRun:
+    found = file_sha256(ctx.connector, path)
+    if data is None:
+        if found is not None:
+            yield RunCommand(f"rm -f {shlex.quote(path)}", f"remove {what} ({path})")
+        return None
+    if found != hashlib.sha256(data).hexdigest():
+        yield PutFile(path, data, wanted.mode, wanted.owner, wanted.group, f"write {what} ({path})")
+    else:
+        yield from ownership_changes(ctx.connector, path, wanted)
+    return None
 
 
 def checker_unit(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
