@@ -25,7 +25,14 @@ from lab_helpers import mesh
 from mesh.config import compute_proxy_config, paths
 from mesh.containers.image import SidecarImage, build_sidecar_image_tar
 from mesh.containers.modules import register_container_modules
-from mesh.containers.reachability import LIST_PATH, RULES_PATH, WATCHER_PATH, WATCHER_UNIT, WATCHER_UNIT_PATH
+from mesh.containers.reachability import (
+    APP_STATE_PATH,
+    LIST_PATH,
+    RULES_PATH,
+    WATCHER_PATH,
+    WATCHER_UNIT,
+    WATCHER_UNIT_PATH,
+)
 from mesh.deploy.connection import Connector, connect
 from mesh.deploy.modules import registry
 from mesh.deploy.playbook import load_playbook
@@ -130,7 +137,7 @@ def _clean(lab: Lab) -> None:
                    f"systemctl disable --now {WATCHER_UNIT} 2>/dev/null; "
                    f"[ -x {RULES_PATH} ] && {RULES_PATH} remove; "
                    f"rm -rf {paths.proxy_dir(PROXY)} {paths.CA_PATH} {LIST_PATH} {RULES_PATH} {WATCHER_PATH} "
-                   f"{WATCHER_UNIT_PATH} /run/mesh/sidecar-rules.applied; systemctl daemon-reload; "
+                   f"{WATCHER_UNIT_PATH} /run/mesh/sidecar-rules.applied {APP_STATE_PATH}; systemctl daemon-reload; "
                    f"rmdir {paths.MESH_ROOT}/proxies {paths.MESH_ROOT} /usr/local/lib/mesh 2>/dev/null; "
                    f"docker image rm {lab.image.tag} >/dev/null 2>&1; true")
     _on(lab.vm1, f"rm -rf {CLIENT_DIR}")
