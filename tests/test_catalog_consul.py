@@ -1,14 +1,19 @@
 """mesh.catalog against a real Consul 1.8.7 (`consul agent -dev` on 127.0.0.1, free ports, one per module).
 
 Sync registers, a second sync changes nothing, a removed workload is deregistered alone, others' services are
-never touched, and a critical status drops the instance from /v1/health/service/NAME?passing.
+never touched, and a critical status drops the instance from /v1/health/service/NAME?passing. With ACLs on
+(deny by default): the token is sent, a wrong one is refused by name (the CLI exits 1), https verifies with
+mesh_consul_ca_file, and two mesh ids share one Consul without touching each other's instances.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,12 @@ import pytest
 from catalog_samples import make_mesh
 
 from mesh import catalog
-from mesh.testing.consul_server import ConsulDevServer
+from mesh.healthcheck.config import lock_key
+from mesh.healthcheck.leader import Leadership
+from mesh.inventory.model import Mesh
+from mesh.testing.consul_server import ConsulDevServer, make_server_tls
+
+MESH = str(Path(sys.executable).with_name("mesh"))
 
 
 def consul_binary() -> Path:
@@ -40,8 +50,8 @@ def url(consul: ConsulDevServer) -> Iterator[str]:
             client.catalog.deregister(node["Node"])
 
 
-def get(url: str, path: str) -> Any:
-    with urllib.request.urlopen(url + path, timeout=5) as answer:
+def get(url: str, path: str, headers: dict[str, str] | None = None) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers or {}), timeout=5) as answer:
         return json.loads(answer.read())
 
 
@@ -111,3 +121,132 @@ def test_set_health_never_resurrects_a_deregistered_instance(url: str) -> None:
     with pytest.raises(catalog.CatalogError, match="Missing service registration"):
         catalog.set_health(url, catalog.InstanceRef("vm2", "api-vm2-0"), "passing", "late")
     assert "api-vm2-0" not in {h.service_id for h in catalog.service_health(url, "api")}
+
+
+# ---- Consul with ACLs (deny by default) and HTTPS, and two meshes sharing it ------------------------------
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulDevServer]:
+    """A Consul that denies by default (mesh's token has the README's policy) and also serves https."""
+    tls = make_server_tls(tmp_path_factory.mktemp("consul-tls"))
+    with ConsulDevServer(consul_binary(), acl=True, tls=tls) as server:
+        yield server
+
+
+@pytest.fixture
+def access(secure: ConsulDevServer) -> Iterator[catalog.ConsulAccess]:
+    yield catalog.ConsulAccess(secure.url, secure.mesh_token())
+    assert secure.master_token is not None
+    headers = {"X-Consul-Token": secure.master_token}
+    for node in get(secure.url, "/v1/catalog/nodes", headers):  # leave an empty catalog for the next test
+        if node["Node"] != secure.node:
+            request = urllib.request.Request(f"{secure.url}/v1/catalog/deregister", method="PUT", headers=headers,
+                                             data=json.dumps({"Node": node["Node"]}).encode())
+            urllib.request.urlopen(request, timeout=5).close()
+
+
+def renamed(mesh: Mesh, mesh_id: str, prefix: str) -> Mesh:
+    """The same fleet as another inventory would describe it: its own mesh id and host names."""
+    hosts = tuple(replace(host, name=prefix + host.name,
+                          workloads=tuple(replace(w, host=prefix + host.name) for w in host.workloads))
+                  for host in mesh.hosts)
+    return replace(mesh, settings=replace(mesh.settings, mesh_id=mesh_id), hosts=hosts)
+
+
+def test_with_acls_the_token_is_sent_and_anonymous_reads_see_nothing(
+        secure: ConsulDevServer, access: catalog.ConsulAccess) -> None:
+    assert catalog.sync(access, make_mesh()).registered == ("web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0")
+    assert {h.service_id for h in catalog.service_health(access, "api")} == {"api-vm2-0", "api-dock1-0"}
+    assert get(secure.url, "/v1/health/service/api") == []  # what a missing token would silently get
+    lock = Leadership(access, lock_key("lab.mesh"), 10)
+    try:
+        assert lock.step(), "the policy lets mesh's token take the checker's session and lock"
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("token", ["3b7ce0a4-0000-4000-8000-00000000dead", None])
+def test_a_wrong_or_missing_token_is_refused_before_anything_is_read(
+        secure: ConsulDevServer, access: catalog.ConsulAccess, token: str | None) -> None:
+    wrong = catalog.ConsulAccess(secure.url, token)
+    for call in (lambda: catalog.sync(wrong, make_mesh()), lambda: catalog.service_health(wrong, "api"),
+                 lambda: catalog.plan(wrong, make_mesh())):
+        with pytest.raises(catalog.TokenRefused, match="Consul refused the token") as caught:
+            call()
+        assert caught.value.exit_code == 1 and (token is None or token not in str(caught.value))
+    assert catalog.service_health(access, "api") == []  # nothing was registered
+
+
+def test_https_with_the_inventorys_ca_file(secure: ConsulDevServer, access: catalog.ConsulAccess) -> None:
+    assert secure.tls is not None
+    https = catalog.ConsulAccess(secure.https_url, access.token, str(secure.tls.ca))
+    assert len(catalog.sync(https, make_mesh()).registered) == 4
+    assert len(catalog.service_health(https, "api")) == 2
+    with pytest.raises(catalog.CatalogError, match="CERTIFICATE_VERIFY_FAILED"):  # the system CAs: refused
+        catalog.service_health(catalog.ConsulAccess(secure.https_url, access.token), "api")
+
+
+def test_two_mesh_ids_sharing_one_consul_never_deregister_each_other(access: catalog.ConsulAccess) -> None:
+    ours, theirs = make_mesh(), renamed(make_mesh(), "team-b", "b-")
+    catalog.sync(access, ours)
+    assert len(catalog.sync(access, theirs).registered) == 4
+    again = catalog.sync(access, ours)  # before mesh ids, this deregistered all of team-b's instances
+    assert not again.changed and not again.conflicts
+    gone = catalog.sync(access, replace(ours, hosts=()))  # our inventory emptied: only ours go
+    assert set(gone.deregistered) == {"web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"}
+    assert set(gone.removed_nodes) == {"vm1", "vm2", "dock1"}
+    left = catalog.service_health(access, "api")
+    assert {h.service_id for h in left} == {"api-b-vm2-0", "api-b-dock1-0"}
+    assert {h.meta["mesh-id"] for h in left} == {"team-b"}
+    assert catalog.service_health(access, "api", mesh_id="lab.mesh") == []
+
+
+def test_an_instance_on_a_node_of_another_mesh_id_is_refused_not_taken(access: catalog.ConsulAccess) -> None:
+    catalog.sync(access, make_mesh())
+    clash = renamed(make_mesh(), "team-b", "")  # the same host names under another mesh id
+    result = catalog.sync(access, clash)
+    assert not result.registered and not result.deregistered and len(result.conflicts) == 4
+    assert "belongs to the mesh id 'lab.mesh'" in result.conflicts[0]
+    assert {h.meta["mesh-id"] for h in catalog.service_health(access, "api")} == {"lab.mesh"}
+
+
+def write_inventory(folder: Path, url: str, token: str | None, **extra: str) -> Path:
+    """An inventory with Consul settings and no managed host: deploy and status only talk to Consul."""
+    variables = {"mesh_trust_domain": "lab.mesh", "mesh_consul_url": url, **extra}
+    if token is not None:
+        (folder / "consul-token").write_text(token + "\n")
+        (folder / "consul-token").chmod(0o600)
+        variables["mesh_consul_token_file"] = "consul-token"  # relative: from the inventory's folder
+    path = folder / "hosts.yaml"
+    path.write_text(json.dumps({"all": {"vars": variables, "hosts": {"consul1": {"ansible_host": "127.0.0.1"}}}}))
+    return path
+
+
+@pytest.mark.parametrize("command", ["deploy", "status"])
+def test_the_cli_says_consul_refused_the_token_and_exits_1(
+        secure: ConsulDevServer, access: catalog.ConsulAccess, tmp_path: Path, command: str) -> None:
+    assert access.token is not None
+    good = subprocess.run([MESH, command, str(write_inventory(tmp_path, secure.url, access.token))],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert good.returncode == 0, good.stdout + good.stderr
+    inventory = write_inventory(tmp_path, secure.url, "3b7ce0a4-0000-4000-8000-00000000dead")
+    bad = subprocess.run([MESH, command, str(inventory)], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "Consul refused the token" in bad.stdout + bad.stderr
+    assert "3b7ce0a4" not in bad.stdout + bad.stderr
+
+
+def test_the_cli_reaches_an_https_consul_with_mesh_consul_ca_file(
+        secure: ConsulDevServer, access: catalog.ConsulAccess, tmp_path: Path) -> None:
+    assert access.token is not None and secure.tls is not None
+    inventory = write_inventory(tmp_path, secure.https_url, access.token, mesh_consul_ca_file=str(secure.tls.ca))
+    done = subprocess.run([MESH, "status", str(inventory)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([MESH, "deploy", str(inventory)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    inventory = write_inventory(tmp_path, secure.https_url, access.token)  # no CA file: the system's CAs
+    done = subprocess.run([MESH, "deploy", str(inventory)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in done.stdout + done.stderr

@@ -1,5 +1,6 @@
 """The health checker as controllers run it (`python -m mesh.healthcheck`, real processes) against a real
-Consul 1.8.7 and local TLS stand-ins for Envoy's health chain: status changes, one leader, takeover.
+Consul 1.8.7 and local TLS stand-ins for Envoy's health chain: status changes, one leader, takeover; with ACLs
+on, the token from its file, a refused token said by name (and retried), the lock scoped by the mesh id.
 
 Tests wait with generous deadlines and assert the outcome, not the time.
 """
@@ -22,8 +23,9 @@ from typing import Any
 import pytest
 
 from mesh import catalog, controller_env
-from mesh.healthcheck.config import LOCK_KEY, checker_config
+from mesh.healthcheck.config import LOCK_KEY, CheckerConfig, checker_config, lock_key
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Workload
+from mesh.lab import consul_acl
 from mesh.testing.consul_server import ConsulDevServer
 from mesh.testing.health_endpoint import HealthEndpoint, LeafFiles, TestCA
 
@@ -113,7 +115,7 @@ def start_checker(consul: ConsulDevServer, pki: dict[str, LeafFiles], tmp_path: 
         client.catalog.deregister(node)
 
 
-def status_of(url: str, service_id: str) -> tuple[str, str]:
+def status_of(url: catalog.Consul, service_id: str) -> tuple[str, str]:
     [health] = [h for h in catalog.service_health(url, "api") if h.service_id == service_id]
     return health.status, health.output
 
@@ -127,7 +129,7 @@ def wait_for(condition: Callable[[], bool], what: str, deadline: float = DEADLIN
     raise AssertionError(f"not within {deadline:g}s: {what}")
 
 
-def leader_pid(url: str, key: str) -> int | None:
+def leader_pid(url: catalog.Consul, key: str) -> int | None:
     entry = catalog.connect(url).kv.get(key)[1]
     if not entry or not entry.get("Session"):
         return None
@@ -214,3 +216,86 @@ def test_the_controller_venv_built_from_the_wheels_runs_the_checker(
     wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing", "the venv's checker writes passing")
     checker.stop()
     assert checker.process.returncode == 0
+
+
+# ---- with ACLs on: the token from its file, refusals said by name, the lock scoped by the mesh id ----------
+
+@pytest.fixture(scope="module")
+def secure() -> Iterator[ConsulDevServer]:
+    from mesh.lab.images import ensure_consul_binary
+
+    with ConsulDevServer(ensure_consul_binary(), acl=True) as server:
+        yield server
+
+
+def launch(config: CheckerConfig, folder: Path, name: str) -> Checker:
+    """`python -m mesh.healthcheck` with this config, logging JSON to folder/NAME.log."""
+    config_path = folder / f"{name}.json"
+    config_path.write_text(config.to_json())
+    log_path = folder / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "mesh.healthcheck", "--config", str(config_path)],
+                                   stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=folder,
+                                   env={**os.environ, "MESH_LOG_FORMAT": "json"})
+    return Checker(process, log_path)
+
+
+@pytest.fixture
+def secure_checkers(secure: ConsulDevServer, pki: dict[str, LeafFiles], tmp_path: Path,
+                    endpoints: list[HealthEndpoint]) -> Iterator[Callable[..., Checker]]:
+    """Starts checkers of the endpoints' mesh (h1, h2) against the ACL Consul, with a token file of its own."""
+    access = catalog.ConsulAccess(secure.url, secure.mesh_token())
+    mesh = local_mesh(secure.url, endpoints)
+    catalog.sync(access, mesh)
+    started: list[Checker] = []
+
+    def start(mesh_id: str = TD, token: str | None = None) -> Checker:
+        token_file = tmp_path / f"token-{len(started)}"
+        consul_acl.write_secret(token_file, (token or secure.mesh_token()) + "\n")
+        files = pki["checker"]
+        config = replace(checker_config(mesh), cert=str(files.cert), key=str(files.key), ca=str(files.ca),
+                         interval=0.5, timeout=1.0, lock_key=lock_key(mesh_id),
+                         consul_token_file=str(token_file))
+        started.append(launch(config, tmp_path, f"checker-{len(started)}"))
+        return started[-1]
+
+    yield start
+    for checker in started:
+        checker.stop(signal.SIGKILL)
+    catalog.sync(access, replace(mesh, hosts=()))
+
+
+def test_with_acls_the_checker_uses_its_token_file_and_writes(
+        secure: ConsulDevServer, secure_checkers: Callable[..., Checker]) -> None:
+    checker = secure_checkers()
+    access = catalog.ConsulAccess(secure.url, secure.mesh_token())
+    wait_for(lambda: status_of(access, "api-h1-0")[0] == "passing"
+             and status_of(access, "api-h2-0")[0] == "passing", "both instances passing")
+    assert leader_pid(access, lock_key(TD)) == checker.process.pid
+    checker.stop()
+    assert checker.process.returncode == 0
+    assert secure.mesh_token() not in checker.log_path.read_text()
+
+
+def test_a_refused_token_is_logged_by_name_and_the_checker_keeps_trying(
+        secure: ConsulDevServer, secure_checkers: Callable[..., Checker]) -> None:
+    wrong = "3b7ce0a4-0000-4000-8000-00000000dead"
+    checker = secure_checkers(token=wrong)
+    wait_for(lambda: any(e.get("event") == "consul_token_refused" for e in checker.events()),
+             "the checker says Consul refused the token")
+    time.sleep(3)  # several more attempts: it retries, it does not exit
+    assert checker.process.poll() is None, "the checker must keep running (no silent crash loop)"
+    [refused, *_] = [e for e in checker.events() if e.get("event") == "consul_token_refused"]
+    assert "Consul refused the token" in refused["error"] and wrong not in checker.log_path.read_text()
+    assert not checker.wrote()
+
+
+def test_the_lock_is_scoped_by_the_mesh_id(secure: ConsulDevServer,
+                                           secure_checkers: Callable[..., Checker]) -> None:
+    access = catalog.ConsulAccess(secure.url, secure.mesh_token())
+    ours, same, other = secure_checkers(TD), secure_checkers(TD), secure_checkers("team-b")
+    wait_for(lambda: leader_pid(access, lock_key("team-b")) == other.process.pid, "team-b's checker leads its lock")
+    wait_for(lambda: leader_pid(access, lock_key(TD)) in (ours.process.pid, same.process.pid),
+             "one of lab.mesh's checkers leads lab.mesh's lock, beside team-b's")
+    assert lock_key(TD) == "mesh/lab.mesh/health-checker/leader"
+    assert lock_key("team-b") == "mesh/team-b/health-checker/leader"
