@@ -20,6 +20,7 @@ from fabric import Connection as FabricConnection
 
 from mesh.deploy.connection import CommandResult, become_prefix, get_via, put_via, wrap_become
 from mesh.deploy.errors import HostUnreachable
+from mesh.deploy.known_hosts import KnownHosts, read_known_hosts
 from mesh.inventory.model import Connection
 from mesh.inventory.values import parse_proxy_jump
 
@@ -40,13 +41,31 @@ class UnknownHostKey(paramiko.SSHException):
         self.key = key
 
 
+class RevokedHostKey(paramiko.SSHException):
+    def __init__(self, hostname: str, key: paramiko.PKey, line: int) -> None:
+        super().__init__(f"revoked host key for {hostname}")
+        self.hostname = hostname
+        self.key = key
+        self.line = line
+
+
 class _RejectUnknown(paramiko.MissingHostKeyPolicy):
-    """paramiko's RejectPolicy, keeping the key seen so the message can show its fingerprint."""
+    """paramiko's RejectPolicy, keeping the key seen so the message can show its fingerprint, and telling a
+    key known_hosts revokes (left out of the trusted keys, so it always lands here) from an unknown one."""
+
+    def __init__(self, known: KnownHosts, strict: bool = True) -> None:
+        self._known = known
+        self._strict = strict
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        revoked = self._known.revoked_line(key)
+        if revoked is None and not self._strict:
+            return
         transport = client.get_transport()
         if transport is not None:
             transport.close()
+        if revoked is not None:
+            raise RevokedHostKey(hostname, key, revoked)
         raise UnknownHostKey(hostname, key)
 
 
@@ -75,10 +94,29 @@ class SSHConnector:
             connect_kwargs["key_filename"] = os.path.expanduser(key_file)
         made = FabricConnection(address, user=user, port=port, config=config, gateway=gateway,
                                 connect_timeout=int(CONNECT_TIMEOUT), connect_kwargs=connect_kwargs)
-        made.client.load_host_keys(self._known_hosts)
-        strict = self._connection.strict_host_key_checking
-        made.client.set_missing_host_key_policy(_RejectUnknown() if strict else paramiko.WarningPolicy())
+        known = self._read_known_hosts(address, port)
+        trusted = made.client.get_host_keys()
+        for name, keys in known.host_keys().items():
+            for key_type, key in keys.items():
+                trusted.add(name, key_type, key)
+        made.client.set_missing_host_key_policy(_RejectUnknown(known, self._connection.strict_host_key_checking))
         return made
+
+    def _read_known_hosts(self, address: str, port: int) -> KnownHosts:
+        """The known_hosts file, refusing a host that a `@cert-authority` line covers: mesh checks host keys,
+        not host certificates, and must not silently ignore a line that says how the host is trusted."""
+        try:
+            known = read_known_hosts(self._known_hosts)
+        except OSError as exc:
+            raise HostUnreachable(self._name, f"cannot read the known_hosts file {self._known_hosts}: "
+                                  f"{exc.strerror}") from None
+        for marked in known.refused_lines(address, port):
+            what = ("a @cert-authority line: mesh does not support SSH host certificates"
+                    if marked.marker == "@cert-authority" else f"an unknown marker {marked.marker!r}")
+            raise HostUnreachable(
+                self._name, f"{self._known_hosts}:{marked.line} has {what} for {address}",
+                hint="list the host's own key in known_hosts (check it, e.g. with ssh-keyscan) instead")
+        return known
 
     def _gateway(self) -> FabricConnection | None:
         jump = self._connection.proxy_jump
@@ -100,6 +138,12 @@ class SSHConnector:
         try:
             fabric_conn = self._client(conn.address, conn.port, self._user, self._gateway())
             fabric_conn.open()
+        except RevokedHostKey as exc:
+            raise HostUnreachable(
+                self._name,
+                f"host key of {exc.hostname} is REVOKED at {self._known_hosts}:{exc.line} (the host offered "
+                f"{exc.key.get_name()} {fingerprint(exc.key)}); mesh does not connect to it",
+                hint="if the host was re-keyed, check its new key and list it in that file") from None
         except UnknownHostKey as exc:
             raise HostUnreachable(
                 self._name,
@@ -107,10 +151,17 @@ class SSHConnector:
                 f"{exc.key.get_name()} {fingerprint(exc.key)}); mesh connects only to known hosts",
                 hint="add the host's key to that file after checking it") from None
         except paramiko.BadHostKeyException as exc:
+            revoked = self._revoked_line(exc.key)
+            if revoked is not None:  # the host offered a revoked key of a type known_hosts lists another of
+                raise HostUnreachable(
+                    self._name, f"host key of {exc.hostname} is REVOKED at {self._known_hosts}:{revoked} (the "
+                    f"host offered {exc.key.get_name()} {fingerprint(exc.key)}); mesh does not connect to it") from None
+            expected = exc.expected_key
+            listed = f"{expected.get_name()} {fingerprint(expected)}" if expected is not None else "another key type"
             raise HostUnreachable(
                 self._name,
-                f"host key of {exc.hostname} CHANGED: {self._known_hosts} has {exc.expected_key.get_name()} "
-                f"{fingerprint(exc.expected_key)}, the host offered {exc.key.get_name()} {fingerprint(exc.key)}",
+                f"host key of {exc.hostname} CHANGED: {self._known_hosts} has {listed}, "
+                f"the host offered {exc.key.get_name()} {fingerprint(exc.key)}",
                 hint=f"if the host was rebuilt, check the new key and replace its line in {self._known_hosts}",
             ) from None
         except paramiko.AuthenticationException as exc:
@@ -120,6 +171,12 @@ class SSHConnector:
             raise HostUnreachable(self._name, f"cannot connect to {where}: {exc or type(exc).__name__}") from None
         self._fabric = fabric_conn
         return fabric_conn
+
+    def _revoked_line(self, key: paramiko.PKey) -> int | None:
+        try:
+            return read_known_hosts(self._known_hosts).revoked_line(key)
+        except OSError:
+            return None
 
     # ---- the connector interface ------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.errors import InventoryError, InventoryErrors
+from mesh.errors import InventoryError, InventoryErrors, Origin
 from mesh.inventory.data import InventoryData
 from mesh.inventory.model import Mesh
 from mesh.inventory.validate import VarsOf, build_mesh
@@ -43,7 +43,7 @@ def check_inventory(data: InventoryData, inventory_path: str | None = None,
     path = inventory_path if inventory_path is not None else (data.sources[0] if data.sources else ".")
     errors: list[InventoryError] = [warning.as_error() for warning in data.warnings]
     try:
-        mesh = build_mesh(data, path, vars_of=vars_of)
+        mesh = _build(data, path, vars_of)
     except InventoryErrors as exc:
         # The reader already warned about some of these (ansible_port, ansible_host): say it once.
         warned = {(error.origin, error.key) for error in errors}
@@ -51,3 +51,15 @@ def check_inventory(data: InventoryData, inventory_path: str | None = None,
     if errors:
         raise InventoryErrors(errors)
     return CheckReport(mesh, path)
+
+
+def _build(data: InventoryData, path: str, vars_of: VarsOf | None) -> Mesh:
+    # Templates are bounded (sandbox.py); this is the last guard: exit 4 with the inventory named, never 250.
+    try:
+        return build_mesh(data, path, vars_of=vars_of)
+    except MemoryError:
+        raise InventoryErrors([InventoryError(Origin(path), "the inventory needs more memory than mesh has to "
+                                              "check it")]) from None
+    except RecursionError:
+        raise InventoryErrors([InventoryError(Origin(path), "the inventory's values refer to each other too "
+                                              "deeply to check")]) from None

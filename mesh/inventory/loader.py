@@ -36,6 +36,10 @@ def load_inventory(path: str) -> InventoryData:
     gc.disable()
     try:
         return _load_inventory(path)
+    except MemoryError:
+        raise InventoryError(Origin(path), "the inventory needs more memory than mesh has to read it") from None
+    except RecursionError:
+        raise InventoryError(Origin(path), "the inventory is nested too deeply to read") from None
     finally:
         if was_enabled:
             gc.enable()

@@ -36,6 +36,7 @@ ANSIBLE_GLOBALS = ("omit", "now", "undef", "ansible_facts")
 _UNDEFINED_NAME = re.compile(r"^'([^']+)' is undefined")
 
 VarsOf = Callable[[str], Mapping[str, Var]]
+MAGIC_NAMES = frozenset({"inventory_hostname", "inventory_hostname_short", "groups", "group_names", "hostvars"})
 
 
 def is_template(value: Any) -> bool:
@@ -238,11 +239,10 @@ class _HostScope(Mapping[str, Any]):
         }
 
     def __getitem__(self, key: str) -> Any:
+        if key in MAGIC_NAMES:  # as in Ansible, the inventory cannot override them
+            return self._magic()[key]()
         if key in self._templating.raw_vars(self._host):
             return self._templating.render(self._host, key)
-        magic = self._magic()
-        if key in magic:
-            return magic[key]()
         return self._templating._env.globals[key]
 
     def __contains__(self, key: object) -> bool:

@@ -19,12 +19,12 @@ from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh,
 from mesh.inventory.templating import Templating, host_groups
 from mesh.inventory.values import (
     BadValue,
+    check_host_name,
     check_local_path,
-    check_string,
     check_trust_domain,
     check_url,
     describe,
-    parse_duration,
+    parse_cert_ttl,
 )
 from mesh.inventory.workloads import ParsedWorkload, check_ports, read_workloads
 from mesh.suggest import did_you_mean
@@ -120,6 +120,7 @@ def _read_host(data: InventoryData, templating: Templating, name: str, is_contro
 def _managed_host(templating: Templating, reading: _HostReading, settings: MeshSettings,
                   problems: Problems) -> ManagedHost | None:
     lookup = _lookup(templating, reading.name, problems)
+    _check_host_name(templating, reading.name, problems)
     written = {name: var.origin for name, var in templating.raw_vars(reading.name).items()}
     connection = read_connection(reading.name, written, lookup, settings.known_hosts, problems)
     check_ports(reading.name, reading.kind, ssh_port(lookup), reading.workloads, problems)
@@ -127,6 +128,15 @@ def _managed_host(templating: Templating, reading: _HostReading, settings: MeshS
         return None
     workloads = tuple(replace(item.workload, trust_domain=settings.trust_domain) for item in reading.workloads)
     return ManagedHost(reading.name, reading.kind, connection, workloads, reading.is_controller)
+
+
+def _check_host_name(templating: Templating, name: str, problems: Problems) -> None:
+    """A managed host's name goes into files run as root on it: hostname characters only. Hosts mesh leaves
+    alone keep any name Ansible accepts."""
+    try:
+        check_host_name(name)
+    except BadValue as exc:
+        problems.add(InventoryError(templating.inventory.hosts[name].origin, str(exc), key=f"host {name!r}"))
 
 
 def _check_variable_names(data: InventoryData, problems: Problems) -> None:
@@ -149,9 +159,9 @@ def _settings(readings: list[_HostReading], inventory_path: str, dynamic: bool, 
     defaults = MeshSettings()
     trust_domain = _wide(chosen, "mesh_trust_domain", check_trust_domain, problems) or defaults.trust_domain
     consul_url = _wide(chosen, "mesh_consul_url", check_url, problems)
-    state_dir = _wide(chosen, "mesh_state_dir", lambda v: check_string(v, "a folder path"), problems)
-    ttl = _wide(chosen, "mesh_cert_ttl", parse_duration, problems) or defaults.cert_ttl
-    known_hosts = _wide(chosen, "mesh_known_hosts", lambda v: check_string(v, "a file path"), problems)
+    state_dir = _wide(chosen, "mesh_state_dir", lambda v: check_local_path(v, "a folder path"), problems)
+    ttl = _wide(chosen, "mesh_cert_ttl", parse_cert_ttl, problems) or defaults.cert_ttl
+    known_hosts = _wide(chosen, "mesh_known_hosts", lambda v: check_local_path(v, "a file path"), problems)
     mesh_id = _wide(chosen, "mesh_id", check_mesh_id, problems)
     token_file = _wide(chosen, "mesh_consul_token_file", lambda v: check_local_path(v, "a file path"), problems)
     consul_ca_file = _wide(chosen, "mesh_consul_ca_file", lambda v: check_local_path(v, "a file path"), problems)

@@ -12,6 +12,7 @@ from mesh.inventory.model import ADMIN_PORT_BASE, PROXY_PORT_BASE, Health, HostK
 from mesh.inventory.values import (
     check_container_name,
     check_dns_label,
+    check_health_path,
     check_version,
     parse_duration,
     parse_port,
@@ -174,10 +175,9 @@ def _health(where: Located, problems: Problems) -> Health | None:
     check = spot.child(kind)
     path = None
     if kind == "http":
-        if not isinstance(check.value, str) or not check.value.startswith("/") or " " in check.value:
-            problems.at(check, f"expected an HTTP path starting with '/', such as /healthz, got {check.value!r}")
+        path = problems.read(check, check_health_path)
+        if path is None:
             return None
-        path = check.value
     elif check.value is not True:
         problems.at(check, f"expected `{kind}: true`, got {check.value!r}")
         return None

@@ -6,6 +6,7 @@ It owns reading bytes into data; it must not know what an inventory or a variabl
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -194,6 +195,8 @@ class _Builder:
         # Only YAML aliases make one node appear twice; without anchors no memo is needed.
         self.shares_nodes = True
         self._constructor = yaml.SafeLoader("")
+        # Inside a value tagged !unsafe every string is UnsafeText, as Ansible marks them (never templated).
+        self._unsafe_depth = 0
 
     def check_size(self, root: Node) -> None:
         sizes: dict[int, int] = {}
@@ -221,7 +224,7 @@ class _Builder:
             sizes[key] = total
 
     def build(self, node: Node, depth: int) -> tuple[Any, Marks]:
-        if not self.shares_nodes:
+        if not self.shares_nodes or self._unsafe_depth:
             return self._build_new(node, depth)
         key = id(node)
         if key in self._built:
@@ -231,14 +234,35 @@ class _Builder:
         return result
 
     def _build_new(self, node: Node, depth: int) -> tuple[Any, Marks]:
+        if node.tag == "!unsafe":
+            return self._build_unsafe(node, depth)
         if isinstance(node, ScalarNode):
             if node.tag == "tag:yaml.org,2002:str":
-                return node.value, Marks(_origin(self.path, node))
+                return self._text(node.value), Marks(_origin(self.path, node))
             return self._build_scalar(node)
         if isinstance(node, MappingNode):
             return self._build_mapping(node, depth)
         assert isinstance(node, SequenceNode)  # the composer makes only these three kinds
         return self._build_sequence(node, depth)
+
+    def _text(self, value: str) -> str:
+        return UnsafeText(value) if self._unsafe_depth else value
+
+    def _build_unsafe(self, node: Node, depth: int) -> tuple[Any, Marks]:
+        """`!unsafe` as Ansible's constructor reads it: the value its implicit tag gives (`!unsafe 12` is the
+        number 12), with every string in it, however deep, marked unsafe."""
+        copied = copy.copy(node)
+        if isinstance(node, ScalarNode):
+            copied.tag = self._constructor.resolve(ScalarNode, node.value, (True, False))
+        elif isinstance(node, SequenceNode):
+            copied.tag = "tag:yaml.org,2002:seq"
+        else:
+            copied.tag = "tag:yaml.org,2002:map"
+        self._unsafe_depth += 1
+        try:
+            return self._build_new(copied, depth)
+        finally:
+            self._unsafe_depth -= 1
 
     def _build_scalar(self, node: Node) -> tuple[Any, Marks]:
         origin = _origin(self.path, node)
@@ -249,14 +273,12 @@ class _Builder:
                 "an Ansible Vault encrypted value; mesh does not decrypt vaults yet",
                 hint="decrypt it with `ansible-vault decrypt_string` or keep secrets out of the inventory",
             )
-        if tag == "!unsafe":
-            return UnsafeText(node.value), Marks(origin)
         if not tag.startswith("tag:yaml.org,2002:"):
             raise InventoryError(origin, f"unknown YAML tag {tag}")
         if tag == "tag:yaml.org,2002:binary":
             raise InventoryError(origin, "a !!binary value; Ansible cannot print or use it (ansible-inventory fails)")
         if tag == "tag:yaml.org,2002:str":
-            return node.value, Marks(origin)
+            return self._text(node.value), Marks(origin)
         try:
             construct = self._constructor.yaml_constructors.get(tag)
             if construct is None:
