@@ -39,15 +39,17 @@ sync_app() {
 
 apply_rules() { "$RULES" apply || log "applying the reachability rules failed"; }
 
+# The rules first: a restarted app listens in a new namespace where its port is open until they are applied
+# (restarting a sidecar takes seconds).
 since=$(date +%s)
-for app in $(apps); do sync_app "$app"; done
 apply_rules
+for app in $(apps); do sync_app "$app"; done
 # --since replays starts that happened while the loop above ran.
 docker events --since "$since" --filter type=container --filter event=start --format '{{.Actor.Attributes.name}}' |
     while read -r name; do
         [ -n "$(sidecars_of "$name")" ] || continue
-        sync_app "$name"
         apply_rules
+        sync_app "$name"
     done
 log "docker events ended: exiting (systemd starts the watcher again)"
 exit 1
