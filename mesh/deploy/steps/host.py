@@ -20,7 +20,7 @@ from mesh.render import render_firewall, render_firewall_unit
 # Non-interactive SSH sessions of non-root users often lack the sbin folders where sshd and nft live.
 SBIN_PATH = "PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 TOOLS = ("openssl", "sha256sum", "useradd", "systemctl", "sshd")
-CONTAINER_HOST_TOOLS = ("docker", "iptables", "iptables-restore")
+CONTAINER_HOST_TOOLS = ("docker", "iptables", "iptables-restore", "nsenter")
 MIN_CONTROLLER_PYTHON = (3, 10)  # the checker's wheels (structlog, py-consul) need 3.10+
 FIREWALL_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{paths.FIREWALL_UNIT}"
 FIREWALL_CHECK = f"{paths.NFT_BINARY} -c -f %s"  # nft's own check of a staged ruleset (%s: its path)
@@ -30,7 +30,7 @@ def prerequisites_script(controller: bool, container_host: bool = False) -> str:
     """A read-only script printing one name per missing prerequisite (nothing when all are there)."""
     lines = [SBIN_PATH, "[ -d /run/systemd/system ] || echo 'systemd (running as init)'"]
     lines += [f"command -v {tool} >/dev/null 2>&1 || echo {tool}" for tool in TOOLS]
-    if container_host:  # sidecars run by Docker; proxy ports forwarded by mesh's iptables chains
+    if container_host:  # sidecars run by Docker; mesh's iptables chains on the host and (nsenter) in app namespaces
         lines += [f"command -v {tool} >/dev/null 2>&1 || echo {tool}" for tool in CONTAINER_HOST_TOOLS]
         lines.append("docker info >/dev/null 2>&1 || echo 'a running Docker engine (docker info failed)'")
     else:
