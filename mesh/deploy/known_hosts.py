@@ -13,7 +13,7 @@ import hmac
 from dataclasses import dataclass
 
 import paramiko
-from paramiko.hostkeys import HostKeyEntry
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 REVOKED = "@revoked"
 CERT_AUTHORITY = "@cert-authority"
@@ -85,7 +85,7 @@ def read_known_hosts(path: str) -> KnownHosts:
 def _entry(line: str, number: int) -> HostKeyEntry | None:
     try:
         return HostKeyEntry.from_line(line, number)
-    except (paramiko.SSHException, binascii.Error, ValueError):
+    except (paramiko.SSHException, InvalidHostKey, binascii.Error, ValueError, TypeError):
         return None
 
 

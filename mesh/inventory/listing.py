@@ -29,8 +29,9 @@ def list_inventory(data: InventoryData) -> dict[str, Any]:
 
 
 def host_variables(data: InventoryData, name: str) -> dict[str, Any]:
-    """One host's variables as `ansible-inventory --host NAME` prints them; UnknownHostError otherwise."""
-    return to_json_data(host_vars(data, name))
+    """One host's variables as `ansible-inventory --host NAME` prints them (`!unsafe` text as plain text, unlike
+    `--list`); UnknownHostError otherwise."""
+    return to_json_data(host_vars(data, name), wrap_unsafe=False)
 
 
 def _format_group(data: InventoryData, name: str, result: dict[str, Any], seen: set[str]) -> None:
@@ -48,17 +49,17 @@ def _format_group(data: InventoryData, name: str, result: dict[str, Any], seen: 
             _format_group(data, child, result, seen)
 
 
-def to_json_data(value: Any) -> Any:
+def to_json_data(value: Any, wrap_unsafe: bool = True) -> Any:
     """A value as Ansible's `inventory_legacy` JSON profile prints it: dates in ISO form, sets and tuples as
-    lists, `!unsafe` text wrapped in {"__ansible_unsafe": ...}."""
+    lists, `!unsafe` text wrapped in {"__ansible_unsafe": ...} (unless wrap_unsafe is False)."""
     if isinstance(value, UnsafeText):
-        return {"__ansible_unsafe": str(value)}
+        return {"__ansible_unsafe": str(value)} if wrap_unsafe else str(value)
     if isinstance(value, str) or value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, dict):
-        return {key: to_json_data(item) for key, item in value.items()}
+        return {key: to_json_data(item, wrap_unsafe) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_json_data(item) for item in value]
+        return [to_json_data(item, wrap_unsafe) for item in value]
     if isinstance(value, (datetime.date, datetime.datetime)):
         return value.isoformat()
     return value

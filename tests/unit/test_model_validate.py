@@ -7,7 +7,7 @@ import os
 from datetime import timedelta
 
 import pytest
-from meshvars_helpers import Fleet, find
+from meshvars_helpers import INVENTORY, Fleet, find
 
 from mesh.errors import Origin
 from mesh.inventory.data import InventoryData, Var
@@ -447,3 +447,17 @@ def test_build_mesh_uses_the_given_vars_of() -> None:
 
     mesh = build_mesh(fleet.data, "/srv/fleet/inventory.yml", vars_of=vars_of)
     assert mesh.workloads[0].spiffe_id == "spiffe://given.mesh/svc/web"
+
+
+def test_only_managed_host_names_are_judged() -> None:
+    fleet = Fleet().controller().host("vm1", "mesh_workloads: [{service: web, port: 8080}]\n", group="vms")
+    fleet.host("consul server\n(left alone)", "x: 1\n")
+    assert [host.name for host in fleet.build().hosts] == ["ctl1", "vm1"]
+    fleet.host("vm2\nflush ruleset\n#", "mesh_workloads: [{service: api, port: 9090}]\n", group="vms")
+    find(fleet.errors(), INVENTORY, 1, "host 'vm2\\nflush ruleset\\n#'", "letters, digits")
+
+
+def test_both_address_variables_are_checked() -> None:
+    fleet = Fleet().controller().host("vm1", "ansible_host: \"10.0.0.1\\n\"\nansible_ssh_host: 10.0.0.1\n"
+                                             "mesh_workloads: [{service: web, port: 8080}]\n", group="vms")
+    find(fleet.errors(), "host_vars/vm1.yml", 1, "ansible_host", "host name or IP address")

@@ -111,3 +111,21 @@ def test_unused_variables_are_not_rendered() -> None:
 def test_helpers() -> None:
     assert is_template("{{ x }}") and is_template("{% if x %}y{% endif %}") and not is_template("x { y }")
     assert ansible_concat([]) == "" and ansible_concat([5]) == 5 and ansible_concat(["a", 5]) == "a5"
+
+
+def test_unsafe_values_are_never_rendered() -> None:
+    text = ("a: !unsafe \"{{ 7 * 7 }}\"\nb: '{{ a }}'\nc: !unsafe ['{{ x }}', {k: '{{ y }}'}]\nd: !unsafe 12\n"
+            "e: !unsafe \"{{ 'a' * 3000000000 }}\"\n")
+    assert render(text, "a") == "{{ 7 * 7 }}"
+    assert render(text, "b") == "{{ 7 * 7 }}"  # a template's result is not templated again
+    assert render(text, "c") == ["{{ x }}", {"k": "{{ y }}"}]
+    assert render(text, "d") == 12
+    assert render(text, "e") == "{{ 'a' * 3000000000 }}"
+    assert not is_template(render(text, "a"))
+
+
+@pytest.mark.parametrize(("expression", "words"), [("7**999999999", "`**`"), ("'a' * 3000000000", "`*`")])
+def test_unbounded_templates_name_file_line_and_key(expression: str, words: str) -> None:
+    error = refusal(f"a: 1\nansible_host: \"{{{{ {expression} }}}}\"\n", "ansible_host")
+    assert (error.origin.line, error.key) == (2, "ansible_host")
+    assert "sandbox" in str(error) and words in str(error)
