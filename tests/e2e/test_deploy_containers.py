@@ -33,6 +33,7 @@ from deploy_helpers import (
 )
 from lab_helpers import LabUp
 
+from mesh.config import paths
 from mesh.containers.reachability import FORWARD_CHAIN, NAT_CHAIN, WATCHER_UNIT
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.validate import build_mesh
@@ -110,10 +111,10 @@ def _app_ip(lab: LabUp) -> str:
 
 
 def _sidecar_stat(lab: LabUp, name: str) -> int:
-    """An Envoy stat of the sidecar, read from its admin inside the app's network namespace."""
-    pid = _docker(lab, f"container inspect -f '{{{{.State.Pid}}}}' {SIDECAR}")
-    text = out(lab, "dock1", f"nsenter -t {pid} -n curl -sS -m 5 "
-                             f"'http://127.0.0.1:{ADMIN_PORT}/stats?filter=^{re.escape(name)}$'")
+    """An Envoy stat of the sidecar, read from its admin socket in the host folder mounted into the sidecar."""
+    socket = paths.admin_socket_path(SIDECAR.removeprefix("mesh-envoy-"))
+    text = out(lab, "dock1", f"curl -sS -m 5 --unix-socket {socket} "
+                             f"'http://localhost/stats?filter=^{re.escape(name)}$'")
     values = [int(v) for v in re.findall(r":\s*(\d+)\s*$", text, re.MULTILINE)]
     assert values, f"the sidecar has no stat {name}: {text!r}"
     return sum(values)

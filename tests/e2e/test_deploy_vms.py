@@ -42,6 +42,7 @@ from deploy_helpers import (
 )
 from lab_helpers import LabUp
 
+from mesh.config import paths
 from mesh.config.compute import upstream_cluster_name
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.validate import build_mesh
@@ -125,18 +126,23 @@ def _wait_chain(lab: LabUp, what: str) -> list[dict[str, Any]]:
     return seen
 
 
-def _envoy_stat(lab: LabUp, host: str, admin_port: int, name: str) -> int:
-    url = f"http://127.0.0.1:{admin_port}/stats?filter=^{re.escape(name)}$"
-    text = out(lab, host, f"curl -sS --max-time 5 '{url}'")
+def _admin(lab: LabUp, host: str, proxy: str, path: str) -> str:
+    """GET an Envoy admin path as root over the proxy's admin socket (there is no admin port)."""
+    return out(lab, host, f"curl -sS --max-time 5 --unix-socket {paths.admin_socket_path(proxy)} "
+                          f"'http://localhost{path}'")
+
+
+def _envoy_stat(lab: LabUp, host: str, proxy: str, name: str) -> int:
+    text = _admin(lab, host, proxy, f"/stats?filter=^{re.escape(name)}$")
     values = [int(v) for v in re.findall(r":\s*(\d+)\s*$", text, re.MULTILINE)]
-    assert values, f"{host}: Envoy (admin {admin_port}) has no stat {name}: {text!r}"
+    assert values, f"{host}: Envoy of {proxy} has no stat {name}: {text!r}"
     return sum(values)
 
 
 def _api_endpoint_flags(lab: LabUp) -> str:
     """How web's Envoy on vm1 sees api's instance on vm2: its health_flags in /clusters."""
     address = f"{lab.hosts['vm2']}:21000"
-    text = out(lab, "vm1", "curl -sS --max-time 5 http://127.0.0.1:19000/clusters")
+    text = _admin(lab, "vm1", "web-0", "/clusters")
     prefix = f"{upstream_cluster_name('api')}::{address}::health_flags::"
     flags = [line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)]
     return flags[0] if flags else f"no endpoint {address} in {upstream_cluster_name('api')}"
@@ -214,8 +220,8 @@ def test_web_reaches_api_on_a_vm_and_db_over_tcp_through_mtls(fleet: LabUp) -> N
                              "timeout=5); s.sendall(b'hop\\n'); print(s.makefile().readline(), end='')\"")
     assert json.loads(line) == chain[2]
     # Both hops between Envoys are TLS (the refusals below show the inbound side demands a mesh certificate).
-    assert _envoy_stat(fleet, "vm1", 19000, f"cluster.{upstream_cluster_name('api')}.ssl.handshake") > 0
-    assert _envoy_stat(fleet, "vm2", 19000, f"cluster.{upstream_cluster_name('db')}.ssl.handshake") > 0
+    assert _envoy_stat(fleet, "vm1", "web-0", f"cluster.{upstream_cluster_name('api')}.ssl.handshake") > 0
+    assert _envoy_stat(fleet, "vm2", "api-0", f"cluster.{upstream_cluster_name('db')}.ssl.handshake") > 0
 
 
 def test_consul_has_every_vm_instance_and_marks_them_passing(fleet: LabUp) -> None:
@@ -294,13 +300,15 @@ def test_app_ports_are_closed_to_other_hosts_and_ssh_still_works(fleet: LabUp) -
 def test_workload_keys_are_private_files_on_their_own_host_and_nowhere_else(fleet: LabUp,
                                                                              state_dir: str) -> None:
     # Where each key must be, with its mode and owner: Envoy's user reads the proxies', root the checker's.
-    keys = {"vm1:/etc/mesh/proxies/web-0/key.pem": "600 mesh-envoy", "vm2:/etc/mesh/proxies/api-0/key.pem":
-            "600 mesh-envoy", "vm2:/etc/mesh/proxies/db-1/key.pem": "600 mesh-envoy",
-            "ctl1:/etc/mesh/checker/key.pem": "600 root"}
+    # A proxy's key is behind its `tls` link (paths.key_path): where it is found, the folder the link names.
+    keys = {f"vm1:{paths.key_path('web-0')}": "600 mesh-envoy", f"vm2:{paths.key_path('api-0')}": "600 mesh-envoy",
+            f"vm2:{paths.key_path('db-1')}": "600 mesh-envoy", "ctl1:/etc/mesh/checker/key.pem": "600 mesh-checker"}
     fingerprints: dict[str, str] = {}
+    found_at: dict[str, str] = {}
     for where, mode_owner in keys.items():
         host, path = where.split(":", 1)
         assert out(fleet, host, f"stat -c '%a %U' {path}").strip() == mode_owner, where
+        found_at[where] = f"{host}:{out(fleet, host, f'readlink -f {path}').strip()}"
         key_fp = public_fingerprint(out(fleet, host, f"cat {path}").encode())
         assert len(key_fp) == 1 and key_fp[0], f"{where} holds no readable private key"
         cert = out(fleet, host, f"cat {Path(path).with_name('cert.pem')}").encode()
@@ -312,7 +320,7 @@ def test_workload_keys_are_private_files_on_their_own_host_and_nowhere_else(flee
                                   Path("/dev/shm")]))  # the state dir may be inside the repo: a set
     places = {where: sorted(f"{key.place}:{key.path}" for key in found if key.public == fp)
               for fp, where in fingerprints.items()}
-    assert places == {where: [where] for where in keys}, "a workload key is somewhere else than its file"
+    assert places == {where: [found_at[where]] for where in keys}, "a workload key is somewhere else than its file"
 
     in_state = sorted(str(Path(key.path).relative_to(state_dir)) for key in found
                       if key.place == "local" and Path(key.path).is_relative_to(state_dir))
