@@ -71,6 +71,8 @@ def ensure_mesh_token(url: str, master_token: str, mesh_token: str, timeout: flo
             _ensure(url, master_token, mesh_token, ca_file)
             return
         except (OSError, urllib.error.URLError, ValueError) as exc:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code == 401:  # "ACL support disabled"
+                raise AclNotReady(f"Consul at {url} runs without ACLs (a lab made before they were on?)") from exc
             if time.monotonic() > deadline:
                 raise AclNotReady(f"Consul at {url} did not take the mesh policy and token within {timeout:.0f} s: "
                                   f"{_reason(exc)}") from exc

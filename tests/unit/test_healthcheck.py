@@ -305,3 +305,49 @@ def test_checker_unit_golden(update_goldens: bool) -> None:
 def test_config_json_is_what_the_checker_reads(tmp_path: Path) -> None:
     text = checker_config(make_mesh()).to_json()
     assert json.loads(text)["consul_url"] == "http://127.0.0.1:8500"
+
+
+# --- the controller's Consul files (deploy step) ----------------------------------------------------------------
+
+def _run_step(mesh: object, host: object) -> list[str]:
+    """mesh.checker_consul_files on a fake controller; returns the descriptions of the changes applied."""
+    from mesh.deploy.execute import apply_change
+    from mesh.deploy.modules.api import PutFile, TaskContext
+    from mesh.deploy.steps.controller import checker_consul_files
+    from mesh.testing.fake_connector import FakeConnector
+
+    connector = FakeConnector(host)  # type: ignore[arg-type]
+    shared = type("Shared", (), {"mesh": mesh})()
+    ctx: TaskContext[object] = TaskContext(make_mesh().hosts[0], connector, {}, False, shared, Path("."),
+                                           Path("."))
+    steps, done = checker_consul_files(ctx, {}), []  # type: ignore[arg-type]
+    try:
+        change = next(steps)
+        while True:
+            done.append(change.description or (change.path if isinstance(change, PutFile) else change.cmd))
+            change = steps.send(apply_change(change, connector))
+    except StopIteration:
+        return done
+
+
+def test_the_token_goes_to_the_controller_0600_for_the_checker_never_in_a_command(tmp_path: Path) -> None:
+    from mesh.testing.fake_connector import FakeHost
+
+    (tmp_path / "token").write_text("s3cret-token\n")
+    (tmp_path / "ca.pem").write_text("CA BUNDLE\n")
+    mesh = make_mesh()
+    settings = dataclasses.replace(mesh.settings, consul_token_file=str(tmp_path / "token"),
+                                   consul_ca_file=str(tmp_path / "ca.pem"))
+    host = FakeHost("ctl1")
+    assert len(_run_step(dataclasses.replace(mesh, settings=settings), host)) == 2
+    token = host.files["/etc/mesh/checker/consul-token"]
+    assert (token.data, token.mode, token.owner, token.group) == (b"s3cret-token\n", 0o600, "mesh-checker",
+                                                                  "mesh-checker")
+    assert host.files["/etc/mesh/checker/consul-ca.pem"].data == b"CA BUNDLE\n"
+    assert not any("s3cret" in command for command in host.commands)
+    assert _run_step(dataclasses.replace(mesh, settings=settings), host) == []  # a second run changes nothing
+    host.files["/etc/mesh/checker/consul-token"].mode = 0o644
+    assert _run_step(dataclasses.replace(mesh, settings=settings), host) != []  # the mode is put back
+    assert host.files["/etc/mesh/checker/consul-token"].mode == 0o600
+    removed = _run_step(mesh, host)  # the inventory no longer names them: removed
+    assert len(removed) == 2 and "/etc/mesh/checker/consul-token" not in host.files
