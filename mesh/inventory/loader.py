@@ -323,7 +323,7 @@ def check_connection_vars(data: InventoryData) -> None:
             data.warn(InventoryWarning(port.origin, f"{port.value!r} is not a port (an integer 1-65535)",
                                        key="ansible_port"))
         address = layer.get("ansible_host")
-        if address is not None and isinstance(address.value, str) and _PORT_IN_HOST.match(address.value):
+        if address is not None and isinstance(address.value, str) and _PORT_IN_HOST.fullmatch(address.value):
             data.warn(InventoryWarning(address.origin, f"{address.value!r} has a port in it; Ansible uses the whole "
                                        "text as the address (set ansible_port instead)", key="ansible_host"))
 

@@ -144,7 +144,7 @@ def yaml_var(name: Any, value: Any, mapping: Marks, data: InventoryData) -> Var:
     marks = mapping.at(name)
     if name == "ansible_port" and isinstance(value, int) and marks.raw is not None:
         raw = marks.raw.strip()
-        if not _DECIMAL.match(raw):
+        if not _DECIMAL.fullmatch(raw):
             data.warn(InventoryWarning(
                 key_origin, f"YAML 1.1 reads {raw} as the number {value}, not as written (quote it, or write "
                 "it in decimal digits without a leading zero)", key=name))

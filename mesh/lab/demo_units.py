@@ -52,7 +52,7 @@ def app_flags(instance: DemoInstance) -> list[str]:
     for name, host, port in instance.upstreams:
         flags += ["--upstream", f"{name}={host}:{port}"]
     for word in flags:
-        if not _PLAIN_WORD.match(word):
+        if not _PLAIN_WORD.fullmatch(word):
             raise ValueError(f"demo app flag {word!r} needs quoting; names and hosts are plain words")
     return flags
 
