@@ -129,3 +129,37 @@ def test_unbounded_templates_name_file_line_and_key(expression: str, words: str)
     error = refusal(f"a: 1\nansible_host: \"{{{{ {expression} }}}}\"\n", "ansible_host")
     assert (error.origin.line, error.key) == (2, "ansible_host")
     assert "sandbox" in str(error) and words in str(error)
+
+
+@pytest.mark.parametrize("failure", [MemoryError, RecursionError])
+def test_memory_and_recursion_errors_become_inventory_errors(monkeypatch: pytest.MonkeyPatch,
+                                                             failure: type[BaseException]) -> None:
+    from mesh.inventory import templating
+
+    def fail(*_: Any) -> Any:
+        raise failure()
+
+    monkeypatch.setattr(templating, "bounded_concat", fail)
+    error = refusal("a: 1\nansible_host: '{{ a }}'\n", "ansible_host")
+    assert (error.origin.line, error.key) == (2, "ansible_host") and error.exit_code == 4
+
+
+@pytest.mark.parametrize("failure", [MemoryError, RecursionError])
+def test_loading_and_checking_never_end_in_an_unexpected_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+                                                               failure: type[BaseException]) -> None:
+    from mesh.errors import InventoryErrors
+    from mesh.inventory import check, loader
+
+    def fail(*_: Any, **__: Any) -> Any:
+        raise failure()
+
+    path = tmp_path / "hosts.yaml"
+    path.write_text("all:\n  hosts:\n    h1:\n")
+    monkeypatch.setattr(check, "build_mesh", fail)
+    with pytest.raises(InventoryErrors) as caught:
+        check.check_inventory(loader.load_inventory(str(path)), str(path))
+    assert caught.value.exit_code == 4 and str(path) in str(caught.value)
+    monkeypatch.setattr(loader, "_load_inventory", fail)
+    with pytest.raises(InventoryError) as refused:
+        loader.load_inventory(str(path))
+    assert refused.value.exit_code == 4 and str(path) in str(refused.value)
