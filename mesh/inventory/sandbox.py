@@ -27,10 +27,11 @@ MAX_STEPS = 2_000_000  # loop iterations, calls, operators and items of values c
 MAX_LIPSUM_WORDS = 10_000
 _STEP_FILTER = "mesh_counted_loop"  # wraps the iterable of every `for`, so nested loops are counted
 # Filters whose arguments say how large the result is (a width, a count).
-_SIZED_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "batch", "slice", "format"})
+_SIZED_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "batch", "slice"})
 # A width or precision in a format string ('%9999999s', '{:>9999999}') or `*` (taken from the arguments).
 _FORMAT_NUMBER = re.compile(r"\d{7,}")
 _PERCENT_STAR = re.compile(r"%[-#0 +]*(?:\d*\.)?\*")
+_NESTED_FIELD = re.compile(r":[^{}]*\{")  # '{0:{1}}': a width taken from the arguments
 
 
 class BoundExceeded(SecurityError):
@@ -104,13 +105,13 @@ def _sized(value: Any) -> int | None:
     return len(value) if isinstance(value, (str, bytes, list, tuple)) else None
 
 
-def _check_format(template: Any, args: Iterable[Any] = ()) -> None:
-    """A format string may not ask for a width or precision beyond MAX_ITEMS, nor take one from its arguments."""
+def _check_format(template: Any) -> None:
+    """A format string may not ask for a width or precision beyond MAX_ITEMS, nor take one from its arguments
+    with `*` (str.format's nested `{:{}}` is checked where its arguments are known, wrap_str_format)."""
     if not isinstance(template, str):
         return
     if _FORMAT_NUMBER.search(template) or _PERCENT_STAR.search(template):
         raise BoundExceeded(f"the format string asks for a width or precision over {MAX_ITEMS} (or a `*` width)")
-    _check_numbers(args)
 
 
 def _check_numbers(args: Iterable[Any]) -> None:
@@ -131,7 +132,7 @@ def check_binop(operator: str, left: Any, right: Any) -> None:
         if sizes[0] is not None and sizes[1] is not None and sizes[0] + sizes[1] > MAX_ITEMS:
             raise BoundExceeded(f"`+` would make a value of more than {MAX_ITEMS} characters or items")
     elif operator == "%" and isinstance(left, str):
-        _check_format(left, right if isinstance(right, (tuple, list)) else (right,))
+        _check_format(left)
 
 
 def _is_int(value: Any) -> bool:
@@ -175,7 +176,7 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
         if name in _SIZED_FILTERS:
             _check_numbers([*extra, *kwargs.values()])
         if name == "format" and len(args) > value_at:
-            _check_format(args[value_at], [*extra, *kwargs.values()])
+            _check_format(args[value_at])
         if name == "replace" and len(args) > value_at + 2:
             _check_replace(args[value_at], args[value_at + 1], args[value_at + 2])
         return check_size(function(*args, **kwargs))
@@ -240,8 +241,19 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return str(check_size("".join(str(part) for part in parts)))
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
-        _check_format(getattr(value, "__self__", None))
-        return super().wrap_str_format(value)
+        template = getattr(value, "__self__", None)
+        _check_format(template)
+        formatter = super().wrap_str_format(value)
+        if formatter is None or not (isinstance(template, str) and _NESTED_FIELD.search(template)):
+            return formatter
+
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            # format_map takes them from a mapping
+            mapped = [item for arg in args if isinstance(arg, dict) for item in arg.values()]
+            _check_numbers([*args, *kwargs.values(), *mapped])
+            return formatter(*args, **kwargs)
+
+        return bounded
 
 
 class BoundedCodeGenerator(CodeGenerator):

@@ -37,6 +37,8 @@ def render(source: str, **scope: Any) -> Any:
         ("{{ '%999999999s' % 'a' }}", "format"),
         ("{{ '%*s' % (999999999, 'a') }}", "format"),
         ("{{ '{:>999999999}'.format(1) }}", "format"),
+        ("{{ '{0:{1}}'.format('a', 3000000000) }}", "width or count"),
+        ("{{ '{x:{w}}'.format_map({'x': 'a', 'w': 3000000000}) }}", "width or count"),
         ("{{ '%999999999s' | format('a') }}", "format"),
         ("{{ 'a'.ljust(3000000000) }}", "width or count"),
         ("{{ 'a' | center(3000000000) }}", "width or count"),
@@ -63,6 +65,8 @@ def test_unbounded_templates_are_refused_quickly(source: str, words: str) -> Non
         ("{{ x | default(5000000) }}", 5000000), ("{{ range(3) | list }}", [0, 1, 2]),
         ("{% for i in range(1000) %}{% endfor %}done", "done"), ("{{ 'x' | center(5) }}", "  x  "),
         ("{{ dict(timeout=3600000) }}", {"timeout": 3600000}), ("{{ lipsum(2) | length > 10 }}", True),
+        ("{{ '%ss' % 3600000 }}", "3600000s"), ("{{ '{}s'.format(3600000) }}", "3600000s"),
+        ("{{ '%s-%s' | format(1, 3600000) }}", "1-3600000"), ("{{ '{0:{1}}'.format('a', 3) }}", "a  "),
     ],
 )
 def test_ordinary_templates_render(source: str, expected: Any) -> None:
