@@ -299,3 +299,17 @@ def test_the_lock_is_scoped_by_the_mesh_id(secure: ConsulDevServer,
              "one of lab.mesh's checkers leads lab.mesh's lock, beside team-b's")
     assert lock_key(TD) == "mesh/lab.mesh/health-checker/leader"
     assert lock_key("team-b") == "mesh/team-b/health-checker/leader"
+
+
+def test_a_token_deleted_while_the_checker_leads_is_said_by_name(
+        secure: ConsulDevServer, secure_checkers: Callable[..., Checker]) -> None:
+    token = consul_acl.new_token()
+    assert secure.master_token is not None
+    consul_acl.ensure_mesh_token(secure.url, secure.master_token, token)
+    checker = secure_checkers(token=token)
+    wait_for(lambda: any(e.get("event") == "checker_leading" for e in checker.events()), "the checker leads")
+    master = catalog.connect(catalog.ConsulAccess(secure.url, secure.master_token))
+    master.acl.token.delete(consul_acl.accessor_for(token))
+    wait_for(lambda: any(e.get("event") == "consul_token_refused" for e in checker.events()),
+             "the checker says Consul refused the token once it is gone")
+    assert checker.process.poll() is None

@@ -60,6 +60,9 @@ class Leadership:
             if self.clock() - self.refusal_logged_at >= REFUSAL_LOG_EVERY:
                 self.log.error("consul_token_refused", error=str(exc))
                 self.refusal_logged_at = self.clock()
+        except consul.ACLPermissionDenied as exc:  # e.g. the token was deleted: start over, checking it first
+            self.log.warning("leadership_consul_denied", error=_first_line(exc))
+            self.session, self.leading = None, False
         except (consul.ConsulException, OSError) as exc:
             self.log.warning("leadership_consul_error", error=_first_line(exc))
         return self.holds()

@@ -57,6 +57,11 @@ def ensure_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
+def accessor_for(secret: str) -> str:
+    """The AccessorID ensure_mesh_token gives the token with this secret: stable, so a second run finds it."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-token:{secret}"))
+
+
 class AclNotReady(RuntimeError):
     """Consul did not accept the master token or the policy in time."""
 
@@ -88,7 +93,7 @@ def _ensure(url: str, master: str, secret: str, ca_file: str | None) -> None:
         _call(url, master, "PUT", "/v1/acl/policy", body, ca_file)
     elif policy.get("Rules") != MESH_POLICY_RULES:
         _call(url, master, "PUT", f"/v1/acl/policy/{policy['ID']}", body, ca_file)
-    accessor = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mesh-token:{secret}"))  # stable per secret
+    accessor = accessor_for(secret)
     token = {"AccessorID": accessor, "SecretID": secret, "Description": "mesh (deploy, status, checker)",
              "Policies": [{"Name": MESH_POLICY_NAME}]}
     found = _call(url, master, "GET", f"/v1/acl/token/{accessor}", ca_file=ca_file, missing_ok=True)
