@@ -234,7 +234,8 @@ def test_consul_has_every_vm_instance_and_marks_them_passing(fleet: LabUp) -> No
         entry = registered[service_id]
         assert (entry["ServiceName"], entry["Node"], entry["ServiceAddress"], entry["ServicePort"]) == \
             (service, host, fleet.hosts[host], proxy_port)
-        assert entry["ServiceMeta"] == {"managed-by": "mesh", "kind": "vm", "version": "v1", "host": host}
+        assert entry["ServiceMeta"] == {"managed-by": "mesh", "kind": "vm", "version": "v1", "host": host,
+                                        "mesh-id": TRUST_DOMAIN}  # the mesh id defaults to the trust domain
     # dock1's api is in the inventory too (a container instance: test_deploy_containers.py); nothing else is there.
     assert set(registered) <= {*INSTANCES, "api-dock1-0"}, sorted(registered)
 
