@@ -2,7 +2,7 @@
 can open, on VMs and in sidecars; no admin port answers anywhere, from another host, from an unprivileged local
 user or from the app container sharing a sidecar's namespace; `mesh status` still reads it as root. The Envoy
 unit carries the hardening and still serves; a broken nft ruleset or unit is refused by the host's own tool
-before it replaces anything.
+before it replaces anything; a new key is swapped in together with its certificate.
 
 The lab is shared: the module holds /tmp/mesh-lab-dev.lock throughout (shared_lab), deploys, and leaves the lab
 deployed. The refusal tests stage their broken files through mesh's own install step and leave the host's files
@@ -22,8 +22,10 @@ import pytest
 from deploy_helpers import (
     INVENTORY,
     Run,
+    cert_public_fingerprint,
     hops,
     out,
+    public_fingerprint,
     run_mesh,
     sh,
     shared_lab,
@@ -104,6 +106,15 @@ def test_vm_admin_refuses_an_unprivileged_user_and_no_admin_port_answers(deploye
                 run_as = f"runuser -u {user} -- " if user else ""
                 port = sh(deployed, host, f"{run_as}curl -sS -m 3 http://127.0.0.1:{admin_port}/ready")
                 assert port.returncode != 0 and "LIVE" not in port.stdout, (host, admin_port, user, port)
+
+
+def test_vm_envoys_leave_no_hot_restart_socket_for_local_users(deployed: LabUp) -> None:
+    """Hot restart is off (systemd restarts Envoy): no abstract `envoy_domain_socket_*` that any local user could
+    send hot-restart requests to."""
+    for host in VM_PROXIES:
+        sockets = out(deployed, host, "ss -xlpH")
+        assert "envoy_domain_socket" not in sockets, (host, sockets)
+        assert '"envoy"' in sockets  # the admin sockets themselves are there
 
 
 def test_no_admin_port_from_another_host_on_any_envoy_port(deployed: LabUp) -> None:
@@ -255,3 +266,33 @@ def test_a_broken_unit_is_refused_by_systemd_analyze_and_the_old_one_stays(deplo
     assert _drive(vm1, install_checked(path, current, 0o644, "root", "root", unit_check(name))) is None
     assert _digest(deployed, path) == before
     assert out(deployed, "vm1", f"systemctl show -p MainPID --value {name}").strip() == pid
+
+
+# ---- a new key and its certificate, swapped in together ------------------------------------------------------
+
+def test_a_new_key_is_swapped_in_with_its_certificate_behind_one_link(deployed: LabUp) -> None:
+    host, proxy = "vm2", "db-1"
+    link, folder = paths.tls_link(proxy), paths.proxy_dir(proxy)
+    old = out(deployed, host, f"readlink {link}").strip()
+    out(deployed, host, f"rm {paths.key_path(proxy)}")  # a lost key: the deploy makes a new one
+    run = run_mesh("deploy", str(INVENTORY), "--limit", host, timeout=DEPLOY_TIMEOUT)
+    assert run.code == 0, str(run)
+    new = out(deployed, host, f"readlink {link}").strip()
+    assert new != old and new.startswith(paths.TLS_VERSION_PREFIX) and "/" not in new  # relative: same in a sidecar
+    assert out(deployed, host, f"ls -d {folder}/{paths.TLS_VERSION_PREFIX}*").split() == [f"{folder}/{new}"]
+    assert out(deployed, host, f"stat -c '%a %U' {paths.key_path(proxy)}").strip() == "600 mesh-envoy"
+    key = public_fingerprint(out(deployed, host, f"cat {paths.key_path(proxy)}").encode())
+    cert = out(deployed, host, f"cat {paths.cert_path(proxy)}")
+    assert key == [cert_public_fingerprint(cert.encode())]
+    serial = out(deployed, host, f"openssl x509 -noout -serial -in {paths.cert_path(proxy)}").split("=")[1].strip()
+    served = wait_for(lambda: _admin_certs(deployed, host, proxy), lambda text: serial.lower() in text.lower(),
+                      f"{proxy}'s Envoy serving the new certificate")
+    assert serial.lower() in served.lower()
+    chain = wait_for(lambda: hops(deployed, "vm1", 8080),
+                     lambda seen: not isinstance(seen, str) and [hop.get("service") for hop in seen] ==
+                     ["web", "api", "db"] and not any("error" in hop for hop in seen), "web -> api -> db")
+    assert not isinstance(chain, str)
+
+
+def _admin_certs(lab: LabUp, host: str, proxy: str) -> str:
+    return out(lab, host, _curl_socket(paths.admin_socket_path(proxy), "/certs"))
