@@ -166,9 +166,9 @@ def test_a_wrong_token_makes_deploy_status_and_the_checker_say_consul_refused_it
         assert before == after and after[0] == "active", \
             f"the checker keeps running and retrying, no crash loop: {before} then {after}"
     finally:
+        since = now_on(deployed, "ctl1")
         restored = run_mesh("deploy", str(INVENTORY), "--limit", "ctl1", timeout=DEPLOY_TIMEOUT)
-        assert restored.code == 0, restored
-    since = now_on(deployed, "ctl1")
+    assert restored.code == 0, restored
     wait_for(lambda: journal_since(deployed, since), lambda text: "checker_leading" in text,
              "the checker leads again with the lab's token")
 
