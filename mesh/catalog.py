@@ -1,7 +1,7 @@
 """Consul's catalog as mesh sees it: the registrations an inventory implies, syncing them, health in and out.
 
-It owns the Consul shapes (external nodes, service IDs, Meta, checks); it must not probe, render or read
-files.
+It owns the Consul shapes (external nodes, service IDs, Meta with the mesh id, checks) and how mesh reaches
+Consul (token, CA, the token check first); it must not probe or render, and reads no file but the token's.
 """
 
 from __future__ import annotations
