@@ -21,7 +21,8 @@ from cryptography import x509
 from deploy_helpers import INVENTORY, Run, host_files, inventory_copy, out, run_mesh, shared_lab
 from lab_helpers import LabUp
 
-from mesh.deploy.hostcerts import leaves
+from mesh.config import paths
+from mesh.deploy.hostcerts import CHECKER_CA_PATH, leaves
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.validate import build_mesh
 from mesh.pki import CertificateAuthority
@@ -52,7 +53,15 @@ true
 
 def fleet_state(lab: LabUp) -> dict[str, str]:
     """Per managed host: every file mesh writes (path, mode, owner, SHA-256) and what runs from them."""
-    return {host: host_files(lab, host) + out(lab, host, _MORE_STATE, timeout=180) for host in MANAGED}
+    state = {host: host_files(lab, host) + out(lab, host, _MORE_STATE, timeout=180) for host in MANAGED}
+    # the snapshot sees what a deploy would change: the trust bundles, the units' processes, the sidecars
+    for host in MANAGED:
+        bundle = CHECKER_CA_PATH if host == "ctl1" else paths.CA_PATH
+        assert any(line.startswith(f"{bundle} ") for line in state[host].splitlines()), \
+            f"{host}: no trust bundle in the snapshot:\n{state[host]}"
+        assert "MainPID=" in state[host], f"{host}: no mesh unit in the snapshot"
+    assert " /mesh-envoy-api-0 " in state["dock1"], f"dock1: no sidecar in the snapshot:\n{state['dock1']}"
+    return state
 
 
 def assert_unchanged(before: dict[str, str], after: dict[str, str]) -> None:
