@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from mesh.cli import run
 from mesh.config import paths
 from mesh.deploy.command import DeployOptions, deploy
 from mesh.deploy.hostcerts import CHECKER_CA_PATH, HostFiles
@@ -227,3 +228,23 @@ def test_an_inventory_without_mesh_hosts_makes_no_ca(tmp_path: Path) -> None:
     deploy(str(path), output=output, connector_factory=fleet.connect)
     assert "no CA made" in output.getvalue()
     assert not (tmp_path / "state").exists() and fleet.hosts == {}
+
+
+def test_the_cli_exits_3_for_a_host_it_cannot_reach_before_any_change(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the real SSH connector: a closed port on this machine."""
+    (tmp_path / "known_hosts").write_text("")
+    path = tmp_path / "inventory.yml"
+    path.write_text(textwrap.dedent(f"""\
+        all:
+          vars: {{mesh_consul_url: "http://127.0.0.1:1", mesh_state_dir: state,
+                  mesh_known_hosts: "{tmp_path / 'known_hosts'}"}}
+          children:
+            mesh_controllers:
+              hosts:
+                ctl1: {{ansible_host: 127.0.0.1, ansible_port: 1}}
+        """))
+    assert run(["deploy", str(path)]) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert "cannot read the trust bundle of ctl1 before deploying; nothing was changed" in err
+    assert not (tmp_path / "state").exists()
