@@ -1,5 +1,6 @@
 """The `mesh ca` commands: find the state folder and trust domain (inventory or options), call the CA once,
-print. No PKI here (mesh/pki/ does it), and never a key: only certificates, serials and fingerprints.
+print; `check` reads the hosts' certificates through deploy/hostcerts.py and judges them with pki/expiry.py.
+No PKI here (mesh/pki/ does it), and never a key: only certificates, serials and fingerprints.
 """
 
 from __future__ import annotations
@@ -198,9 +199,9 @@ class HostCert:
 
     def line(self, widths: tuple[int, int, int]) -> str:
         """`host  name  path  state  expires ..., 5h 2m left (21%) (note)`, padded to widths."""
-        timed = self.lifetime is not None and self.lifetime.not_after is not None
-        detail = " ".join(filter(None, [self.lifetime.describe() if self.lifetime and timed else "",
-                                        f"({self.note})" if timed and self.note else self.note]))
+        detail = self.note
+        if self.lifetime is not None and self.lifetime.not_after is not None:
+            detail = self.lifetime.describe() + (f" ({self.note})" if self.note else "")
         return (f"{self.host:<{widths[0]}}  {self.name:<{widths[1]}}  {self.path:<{widths[2]}}  "
                 f"{self.state:<14}  {detail}").rstrip()
 
