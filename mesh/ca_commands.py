@@ -24,11 +24,10 @@ from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError, 
 from mesh.inventory.model import ManagedHost, MeshSettings
 from mesh.pki import CertificateAuthority, IssuedRecord, fingerprint
 from mesh.pki.authority import ROOT_KEY
-from mesh.pki.expiry import Expiry, Lifetime, judge, judge_pem
+from mesh.pki.expiry import WARN_REMAINING, Expiry, Lifetime, judge, judge_pem
 from mesh.pki.leaf import load_chain, serial_hex
 from mesh.pki.vcs import GITIGNORE, git_work_tree, key_in_git
 
-QUARTER = 0.25
 PIPE_WIDTH = 160  # rich wraps at 80 columns when stdout is not a terminal; rows of this table are wider
 
 
@@ -141,14 +140,15 @@ def _leaf_row(record: IssuedRecord, records: list[IssuedRecord]) -> Row:
 
 
 def row_state(row: Row, now: datetime) -> str:
-    """`EXPIRED`, `UNDER 1/4 LEFT`, `superseded` (a newer leaf went to the same proxy) or `ok`."""
+    """`EXPIRED`, `UNDER 1/3 LEFT` (the threshold of `mesh ca check` and `mesh status`), `superseded` (a newer
+    leaf went to the same proxy) or `ok`."""
     if row.not_after <= now:
         return "EXPIRED"
     if row.superseded:
         return "superseded"
     lifetime = (row.not_after - row.not_before).total_seconds()
-    if lifetime > 0 and (row.not_after - now).total_seconds() / lifetime < QUARTER:
-        return "UNDER 1/4 LEFT"
+    if lifetime > 0 and (row.not_after - now).total_seconds() / lifetime < WARN_REMAINING:
+        return "UNDER 1/3 LEFT"
     return "ok"
 
 
@@ -167,7 +167,7 @@ def remaining_text(delta: timedelta) -> str:
     return f"{minutes}m"
 
 
-_STYLES = {"EXPIRED": "bold red", "UNDER 1/4 LEFT": "yellow", "superseded": "dim", "ok": "green"}
+_STYLES = {"EXPIRED": "bold red", "UNDER 1/3 LEFT": "yellow", "superseded": "dim", "ok": "green"}
 
 
 def ca_table(authority: CertificateAuthority, now: datetime) -> Table:

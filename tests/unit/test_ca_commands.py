@@ -140,7 +140,7 @@ def test_show_lists_root_intermediate_and_leaves(tmp_path: Path, capsys: pytest.
     assert re.search(r"root\s.*mesh root CA lab\.mesh.*\s3649d 2\dh\s.*ok", _row(out, "mesh root CA"))
     assert re.search(r"intermediate.*\s182[56]d \d+h\s.*ok", _row(out, "mesh intermediate CA"))
     assert "EXPIRED" in _row(out, "expired-0") and " - " in _row(out, "expired-0")
-    assert "UNDER 1/4 LEFT" in _row(out, "late-0")
+    assert "UNDER 1/3 LEFT" in _row(out, "late-0")
     assert "superseded" in _row(out, old.serial)
     fresh_row = _row(out, fresh.serial)
     assert re.search(r"spiffe://lab\.mesh/svc/web .*2[34]h \d+m .*ok", fresh_row)
