@@ -21,6 +21,7 @@ import pytest
 from catalog_samples import make_mesh
 
 from mesh import catalog
+from mesh.errors import MeshError
 from mesh.healthcheck.config import lock_key
 from mesh.healthcheck.leader import Leadership
 from mesh.inventory.model import Mesh
@@ -250,3 +251,46 @@ def test_the_cli_reaches_an_https_consul_with_mesh_consul_ca_file(
     done = subprocess.run([MESH, "deploy", str(inventory)], capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in done.stdout + done.stderr
+
+
+def write_fleet_inventory(folder: Path, url: str, token: str, mesh_id: str = "lab.mesh",
+                          host: str = "vm1") -> Path:
+    """A fleet with one VM workload and a controller, at addresses nothing listens on."""
+    (folder / "consul-token").write_text(token + "\n")
+    (folder / "consul-token").chmod(0o600)
+    inventory = {"all": {
+        "vars": {"mesh_trust_domain": "lab.mesh", "mesh_consul_url": url, "mesh_id": mesh_id,
+                 "mesh_consul_token_file": "consul-token", "mesh_state_dir": str(folder / "state")},
+        "children": {
+            "mesh_controllers": {"hosts": {"ctl1": {"ansible_host": "192.0.2.3"}}},
+            "vms": {"hosts": {host: {"ansible_host": "192.0.2.11", "mesh_workloads": [
+                {"service": "web", "port": 8080}]}}}}}}
+    path = folder / "hosts.yaml"
+    path.write_text(json.dumps(inventory))
+    return path
+
+
+def no_host_may_be_reached(host: object) -> object:
+    raise AssertionError(f"the deploy tried to reach {host} although Consul refused it")
+
+
+def test_a_refused_token_stops_the_deploy_before_any_host_is_touched(
+        secure: ConsulDevServer, tmp_path: Path) -> None:
+    from mesh.deploy.command import deploy
+
+    inventory = write_fleet_inventory(tmp_path, secure.url, "3b7ce0a4-0000-4000-8000-00000000dead")
+    with pytest.raises(catalog.TokenRefused, match="Consul refused the token"):
+        deploy(str(inventory), connector_factory=no_host_may_be_reached)  # type: ignore[arg-type]
+    assert not (tmp_path / "state").exists(), "no CA is made for a deploy Consul refused"
+
+
+def test_an_instance_another_mesh_id_owns_stops_the_deploy_before_any_host_is_touched(
+        secure: ConsulDevServer, access: catalog.ConsulAccess, tmp_path: Path) -> None:
+    from mesh.deploy.command import deploy
+
+    assert access.token is not None
+    catalog.sync(access, make_mesh())  # mesh id lab.mesh owns the node vm1
+    inventory = write_fleet_inventory(tmp_path, secure.url, access.token, mesh_id="team-b")
+    with pytest.raises(MeshError, match="belongs to the mesh id 'lab.mesh'"):
+        deploy(str(inventory), connector_factory=no_host_may_be_reached)  # type: ignore[arg-type]
+    assert {h.meta["mesh-id"] for h in catalog.service_health(access, "web")} == {"lab.mesh"}

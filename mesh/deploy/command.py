@@ -67,6 +67,7 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
     register_mesh_modules(modules)
     playbook = load_playbook(options.playbook, modules)
     targets = _targets(mesh, options.limit, out)
+    _consul_preflight(mesh, out)
     if not mesh.hosts:
         out.line("no managed host (no workloads, no mesh_controllers): no CA made, no host touched")
         synced = _sync_catalog(mesh, options.check, out)
@@ -143,6 +144,23 @@ def _wheels(mesh: Mesh, targets: Sequence[ManagedHost]) -> ControllerWheels | No
         return None
     wheels = controller_env.build_wheels(Path(mesh.settings.state_dir) / WHEELS_CACHE)
     return ControllerWheels(tuple(wheels), controller_env.wheel_set_marker(wheels))
+
+
+def _consul_preflight(mesh: Mesh, out: Display) -> None:
+    """Before any host is touched: a token Consul refuses, or an instance another mesh id owns, stops the
+    deploy (exit 1). Consul merely unreachable does not: hosts are deployed, and the sync after them says so."""
+    if not mesh.settings.consul_url:
+        return
+    try:
+        conflicts = catalog.plan(catalog.access_for(mesh), mesh).conflicts
+    except catalog.TokenRefused:
+        raise
+    except MeshError as exc:
+        out.warning(f"Consul cannot be read before the deploy ({exc}); the hosts are deployed first")
+        return
+    if conflicts:
+        raise MeshError("Consul: " + "; ".join(conflicts),
+                        hint="another inventory (another mesh_id) owns these; no host was touched")
 
 
 def _sync_catalog(mesh: Mesh, check: bool, out: Display) -> int:
