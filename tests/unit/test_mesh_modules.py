@@ -168,6 +168,12 @@ def test_certificates_are_renewed_when_foreign_or_past_half_life(setup: tuple[Me
     fresh = vm1.files[paths.cert_path("web-0")].data
     assert fresh is not None and leaf_info(fresh).not_after > aged.not_after
     assert restarts(vm1) == ["systemctl restart mesh-envoy-web-0.service"]
+    # Valid for longer than mesh_cert_ttl now allows (the ttl was shortened): renewed at once.
+    long_lived = context.ca.sign(request, f"spiffe://{TD}/svc/web", timedelta(days=30), "vm1", "web-0")
+    vm1.write(paths.cert_path("web-0"), long_lived.chain_pem)
+    deploy(mesh, context, fleet)
+    shortened = vm1.files[paths.cert_path("web-0")].data
+    assert shortened is not None and leaf_info(shortened).not_after < long_lived.not_after - timedelta(days=28)
 
 
 def test_a_config_envoy_refuses_fails_that_host_and_keeps_the_old_one(setup: tuple[Mesh, DeployContext,

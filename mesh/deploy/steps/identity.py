@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -20,6 +21,7 @@ from mesh.inventory.model import health_checker_spiffe_id
 from mesh.pki import CertificateAuthority, leaf_info
 
 CHECKER_LEDGER_NAME = "health-checker"
+TTL_SLACK = timedelta(minutes=5)  # a leaf issued a moment ago with this ttl is not renewed again
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,10 @@ def checker_identity(trust_domain: str) -> Identity:
                     CHECKER_USER, "health", CHECKER_LEDGER_NAME)
 
 
-def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuthority) -> str | None:
+def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuthority,
+                   ttl: timedelta | None = None) -> str | None:
     """Why the host's certificate must be replaced (missing, unreadable, another SPIFFE ID, another CA, past
-    half its lifetime, not matching the key), or None when it is good."""
+    half its lifetime, valid for longer than `ttl` allows, not matching the key), or None when it is good."""
     try:
         cert = connector.get(identity.cert)
     except RemoteError:
@@ -90,6 +93,8 @@ def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuth
         return f"issued for {info.spiffe_id}, not {identity.spiffe_id}"
     if ca.needs_renewal(cert):
         return "past half its lifetime or not from this CA"
+    if ttl is not None and info.not_after - datetime.now(UTC) > ttl + TTL_SLACK:
+        return f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC, longer than mesh_cert_ttl allows"
     public = connector.run(f"openssl pkey -in {shlex.quote(identity.key)} -pubout")
     if not public.ok or _public_key(cert) != public.stdout.strip():
         return "does not match the key on the host"

@@ -77,7 +77,8 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
             return Outcome(msg="would create a key and request a certificate")
     else:
         yield from ownership_changes(ctx.connector, identity.key, Owned(identity.owner, identity.owner, 0o600))
-    reason = "new key" if fresh else renewal_reason(ctx.connector, identity, shared.ca)
+    reason = "new key" if fresh else renewal_reason(ctx.connector, identity, shared.ca,
+                                                             shared.mesh.settings.cert_ttl)
     if reason is None:
         return Outcome(msg="certificate valid", data={"spiffe_id": identity.spiffe_id})
     if ctx.check_mode:
