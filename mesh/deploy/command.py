@@ -6,10 +6,12 @@ It wires the parts and prints what it did; it must not compute config or talk to
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,9 +23,9 @@ from mesh.deploy import trust
 from mesh.deploy.connection import connect
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import inventory_vars
-from mesh.deploy.modules import registry
+from mesh.deploy.modules import ModuleRegistry, registry
 from mesh.deploy.patterns import match_hosts
-from mesh.deploy.playbook import load_playbook
+from mesh.deploy.playbook import Playbook, load_playbook
 from mesh.deploy.recap import exit_code
 from mesh.deploy.runner import ConnectorFactory, run_playbook
 from mesh.deploy.steps import register_mesh_modules
@@ -32,6 +34,7 @@ from mesh.errors import EXIT_ERROR, EXIT_OK, InventoryError, InventoryErrors, Me
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh
+from mesh.pki import CertificateAuthority
 
 PLAYBOOK = Path(__file__).resolve().parents[2] / "playbooks" / "deploy.yml"
 VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
@@ -73,10 +76,28 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
         synced = _sync_catalog(mesh, options.check, out)
         out.line(f"deploy finished in {time.monotonic() - started:.1f} s")
         return synced
-    # every managed host's trust bundle is read first: the CA is made only when no host trusts another root
-    ca, created = trust.trusted_ca(mesh, connector_factory, replace=options.replace_ca, forks=options.forks,
-                                   warn=out.warning)
-    out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} (root {ca.root_fingerprint[:23]}...)")
+    with ExitStack() as stack:
+        ca_mesh = mesh
+        if options.check and trust.state_root(mesh.settings.state_dir) is None:
+            # check mode changes nothing, the state dir included: a throwaway CA stands in for the one a
+            # deploy would make
+            throwaway = stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-check-ca-"))
+            ca_mesh = replace(mesh, settings=replace(mesh.settings, state_dir=throwaway))
+            out.line(f"check mode: no CA in {mesh.settings.state_dir}; a deploy would make one")
+        # every managed host's trust bundle is read first: the CA is made only when no host trusts another root
+        ca, created = trust.trusted_ca(ca_mesh, connector_factory, replace=options.replace_ca,
+                                       forks=options.forks, warn=out.warning)
+        if ca_mesh is mesh:
+            out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} "
+                     f"(root {ca.root_fingerprint[:23]}...)")
+        return _deploy_hosts(inventory_path, mesh, ca, targets, playbook, modules, options, output,
+                             connector_factory, out, started)
+
+
+def _deploy_hosts(inventory_path: str, mesh: Mesh, ca: CertificateAuthority, targets: list[ManagedHost],
+                  playbook: Playbook, modules: ModuleRegistry, options: DeployOptions, output: TextIO | None,
+                  connector_factory: ConnectorFactory, out: Display, started: float) -> int:
+    """The playbook on the targets, then Consul; the exit code."""
     context = DeployContext(mesh, ca, LocalFile(Path(envoy_binary())), _wheels(mesh, targets))
     extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.root_pem.decode()}
     image = _sidecar_image(mesh, targets, out)

@@ -248,3 +248,13 @@ def test_the_cli_exits_3_for_a_host_it_cannot_reach_before_any_change(tmp_path: 
     err = capsys.readouterr().err
     assert "cannot read the trust bundle of ctl1 before deploying; nothing was changed" in err
     assert not (tmp_path / "state").exists()
+
+
+def test_check_mode_makes_no_ca_and_says_a_deploy_would(tmp_path: Path) -> None:
+    _, inventory = _mesh(tmp_path)
+    fleet = FakeFleet()
+    output = io.StringIO()
+    deploy(inventory, DeployOptions(check=True, limit="vm1"), output=output, connector_factory=fleet.connect)
+    assert "a deploy would make one" in output.getvalue() and "PLAY RECAP" in output.getvalue()
+    assert not (tmp_path / "state" / "ca").exists(), "check mode made a CA"
+    assert all(host.puts == [] for host in fleet.hosts.values())
