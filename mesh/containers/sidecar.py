@@ -140,7 +140,9 @@ def _run_args(spec: SidecarSpec, label: str | None) -> list[str]:
           for word in ("--label", f"{key}={value}")],
         *_mount_args(spec),
         spec.image,
-        "-c", spec.config_path, "--base-id", str(spec.base_id), "--log-level", spec.log_level,
+        # no hot restart: its abstract unix sockets would be open to the app sharing the network namespace
+        "-c", spec.config_path, "--base-id", str(spec.base_id), "--disable-hot-restart",
+        "--log-level", spec.log_level,
     ]  # fmt: skip
 
 

@@ -114,7 +114,7 @@ def test_sidecar_joins_the_app_namespace_read_only_and_unprivileged() -> None:
             ("--label", f"mesh.config-hash={spec.revision}")} <= pairs
     assert "-p" not in args and "--publish" not in args  # Docker refuses it with --network container:
     assert args[args.index(IMAGE) + 1:] == ["-c", "/etc/mesh/proxies/api-0/envoy.yaml", "--base-id", "1",
-                                            "--log-level", "warn"]
+                                            "--disable-hot-restart", "--log-level", "warn"]
     assert spec.labels["mesh.config-hash"] == spec.revision
 
 
