@@ -151,6 +151,11 @@ def test_sidecar_admin_is_a_socket_in_a_host_folder_out_of_the_apps_reach(deploy
              "    print('closed', type(e).__name__)\n")
     seen = out(deployed, SIDECAR_HOST, f"docker exec -i {APP_CONTAINER} python3 -", input=probe).split("\n")
     assert seen[0] == "False" and seen[1].startswith("closed"), seen
+    # Abstract unix sockets belong to the network namespace: the sidecar's Envoy runs without hot restart, so
+    # the app sees no `envoy_domain_socket_*` it could send hot-restart requests to.
+    abstract = out(deployed, SIDECAR_HOST, f"docker exec -i {APP_CONTAINER} python3 -",
+                   input="print(open('/proc/net/unix').read())")
+    assert "envoy_domain_socket" not in abstract, abstract
     # Only the admin folder is writable in the sidecar; the rest of the proxy's folder stays read-only.
     mounts = out(deployed, SIDECAR_HOST, f"docker container inspect -f "
                                          f"'{{{{range .Mounts}}}}{{{{.Destination}}}}={{{{.RW}}}} {{{{end}}}}' {SIDECAR}")
