@@ -5,7 +5,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+# The tools of mesh's own environment (mesh, ansible-inventory, envoy) come first on PATH, as if it were
+# activated: `.venv/bin/pytest` works as well as `./test`.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

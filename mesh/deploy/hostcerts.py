@@ -13,11 +13,10 @@ from typing import Literal
 from mesh.config import paths
 from mesh.deploy.connection import Connector, RemoteError
 from mesh.deploy.errors import HostUnreachable
-from mesh.healthcheck.config import CONFIG_DIR as CHECKER_DIR
+from mesh.healthcheck.config import CA_FILE as CHECKER_CA_PATH
+from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT_PATH
 from mesh.inventory.model import ManagedHost
 
-CHECKER_CA_PATH = f"{CHECKER_DIR}/ca.pem"
-CHECKER_CERT_PATH = f"{CHECKER_DIR}/cert.pem"
 CHECKER_NAME = "health-checker"
 DEFAULT_FORKS = 20
 

@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # controllers run the checker without the inventory code's de
 
 CONFIG_DIR = "/etc/mesh/checker"
 DEFAULT_CONFIG = f"{CONFIG_DIR}/checker.json"
+CERT_FILE = f"{CONFIG_DIR}/cert.pem"  # the checker's leaf, its key beside it
+KEY_FILE = f"{CONFIG_DIR}/key.pem"  # 0600, owned by the checker's user
+CA_FILE = f"{CONFIG_DIR}/ca.pem"  # the mesh CA's root: the checker's trust bundle
 TOKEN_FILE = f"{CONFIG_DIR}/consul-token"  # 0600, owned by the checker's user
 CONSUL_CA_FILE = f"{CONFIG_DIR}/consul-ca.pem"
 CHECKER_USER = "mesh-checker"  # the checker's own unprivileged system user

@@ -15,8 +15,9 @@ from mesh.config import paths
 from mesh.deploy.connection import Connector, RemoteError
 from mesh.deploy.steps.ownership import Owned
 from mesh.errors import MeshError
+from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT
 from mesh.healthcheck.config import CHECKER_USER
-from mesh.healthcheck.config import CONFIG_DIR as CHECKER_DIR
+from mesh.healthcheck.config import KEY_FILE as CHECKER_KEY
 from mesh.inventory.model import health_checker_spiffe_id
 from mesh.pki import CertificateAuthority, leaf_info
 
@@ -71,7 +72,7 @@ def swap_command(identity: Identity, version: str) -> str:
 
 
 def checker_identity(trust_domain: str) -> Identity:
-    return Identity(health_checker_spiffe_id(trust_domain), f"{CHECKER_DIR}/key.pem", f"{CHECKER_DIR}/cert.pem",
+    return Identity(health_checker_spiffe_id(trust_domain), CHECKER_KEY, CHECKER_CERT,
                     CHECKER_USER, "health", CHECKER_LEDGER_NAME)
 
 
