@@ -37,6 +37,7 @@ from mesh.containers.sidecar import (
 from mesh.deploy.connection import Connector
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
+from mesh.deploy.modules.builtin import install_checked, unit_check
 from mesh.deploy.modules.facts import file_sha256
 from mesh.inventory.model import ManagedHost, Workload
 
@@ -199,7 +200,13 @@ def sidecar_host(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
         data = text.encode()
         if file_sha256(ctx.connector, path) != hashlib.sha256(data).hexdigest():
             changed.add(path)
-            yield PutFile(path, data, mode, None, None, f"write {path}")
+            if path == WATCHER_UNIT_PATH:  # a unit: checked by systemd-analyze on the host before it replaces
+                refused = yield from install_checked(path, data, mode, "root", "root", unit_check(WATCHER_UNIT))
+                if refused is not None:
+                    return Outcome(msg=f"{host.name}: systemd-analyze refused the new {WATCHER_UNIT} (the old one "
+                                       f"is kept): {refused}", failed=True)
+            else:
+                yield PutFile(path, data, mode, None, None, f"write {path}")
     yield from _watcher_changes(ctx, restart=bool(changed & {WATCHER_PATH, WATCHER_UNIT_PATH}))
     if RULES_PATH in changed or not ctx.connector.run(f"{RULES_PATH} check").ok:
         yield RunCommand(f"{RULES_PATH} apply", "apply the reachability rules")

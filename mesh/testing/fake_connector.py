@@ -151,6 +151,13 @@ class _Shell:
             del self.host.files[name]
         return _OK
 
+    def _mv(self, args: list[str]) -> CommandResult:
+        source, dest = args[-2:]
+        if source not in self.host.files:
+            return CommandResult(1, b"", f"mv: cannot stat '{source}'".encode())
+        self.host.files[dest] = self.host.files.pop(source)
+        return _OK
+
     def _touch(self, args: list[str]) -> CommandResult:
         self.host.files.setdefault(args[-1], FakeFile(b""))
         return _OK

@@ -17,8 +17,8 @@ _OK = CommandResult(0, b"", b"")
 
 
 def stub_openssl(host: FakeHost) -> None:
-    """Answer the steps' `openssl genpkey` (with its chown and mv), `openssl req -new`, `openssl pkey`,
-    `mv -f` and the swap of a proxy's `tls` link on host, keeping each generated key so CSRs and public keys
+    """Answer the steps' `openssl genpkey` (with its chown and mv), `openssl req -new`, `openssl pkey`
+    and the swap of a proxy's `tls` link on host, keeping each generated key so CSRs and public keys
     match it."""
     keys: dict[str, ec.EllipticCurvePrivateKey] = {}
 
@@ -56,15 +56,9 @@ def stub_openssl(host: FakeHost) -> None:
                 keys[link + path[len(version):]] = keys[path]
         return _OK
 
-    def move(cmd: str, stdin: bytes | None) -> CommandResult:
-        source, dest = (word.strip("'") for word in cmd.split()[-2:])
-        host.files[dest] = host.files.pop(source)
-        return _OK
-
     host.stub(r"openssl genpkey", genpkey)
     host.stub(r"^openssl req -new", csr)
     host.stub(r"^openssl pkey", pubkey)
-    host.stub(r"^mv -f ", move)
     host.stub(r"^ln -sfn ", swap_link)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from mesh import catalog, controller_env
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
+from mesh.deploy.modules.builtin import install_checked, unit_check
 from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.steps.ownership import Owned, ownership_changes
@@ -85,9 +86,14 @@ def _secret_file(ctx: TaskContext[DeployContext], path: str, data: bytes | None,
 
 
 def checker_unit(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """mesh-health-checker.service; systemd re-reads units when it changed."""
+    """mesh-health-checker.service, checked by `systemd-analyze verify` on the host before it replaces the old
+    one; systemd re-reads units when it changed."""
     data = controller_env.render_checker_unit().encode()
     if file_sha256(ctx.connector, CHECKER_UNIT_PATH) != hashlib.sha256(data).hexdigest():
-        yield PutFile(CHECKER_UNIT_PATH, data, 0o644, "root", "root", f"write {CHECKER_UNIT_PATH}")
+        refused = yield from install_checked(CHECKER_UNIT_PATH, data, 0o644, "root", "root",
+                                             unit_check(controller_env.CHECKER_UNIT))
+        if refused is not None:
+            return Outcome(msg=f"systemd-analyze on {ctx.host.name} refused the new {controller_env.CHECKER_UNIT} "
+                               f"(the old one is kept): {refused}", failed=True)
         yield RunCommand("systemctl daemon-reload", "daemon-reload", changes=False)
     return Outcome(data={"unit": controller_env.CHECKER_UNIT})
