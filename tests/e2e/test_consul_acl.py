@@ -33,6 +33,7 @@ from deploy_helpers import (
 from lab_helpers import LabUp
 
 from mesh import catalog
+from mesh.healthcheck.config import TOKEN_FILE
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.validate import build_mesh
 from mesh.lab import consul_acl
@@ -42,6 +43,7 @@ DEPLOY_TIMEOUT = 600.0
 CHECKER_UNIT = "mesh-health-checker.service"
 WRONG_TOKEN = "3b7ce0a4-0000-4000-8000-00000000dead"
 REFUSED = "Consul refused the token"
+TOKEN_ON_CONTROLLER = TOKEN_FILE
 OTHER_ID = "lab-b"
 # Consul ID -> service of the lab's instances (inventory/lab.yaml at --vms 2 --containers 1)
 INSTANCES = {"web-vm1-0": "web", "api-vm2-0": "api", "db-vm2-1": "db", "api-dock1-0": "api"}
@@ -149,13 +151,20 @@ def test_a_wrong_token_makes_deploy_status_and_the_checker_say_consul_refused_it
     inventory = wrong_token_inventory(tmp_path / "wrong", state_dir)
     status = run_mesh("status", str(inventory), timeout=300)
     assert status.code == 1 and REFUSED in status.text, status
+    token_hash = f"sha256sum {TOKEN_ON_CONTROLLER}"
+    before_deploy = out(deployed, "ctl1", token_hash)
+    # deploy checks the token before any host: nothing reaches the controller, the wrong token above all
+    deploy = run_mesh("deploy", str(inventory), "--limit", "ctl1", timeout=DEPLOY_TIMEOUT)
+    assert deploy.code == 1 and REFUSED in deploy.text, deploy
+    assert "PLAY RECAP" not in deploy.stdout, deploy
+    assert WRONG_TOKEN not in deploy.text and WRONG_TOKEN not in status.text
+    assert out(deployed, "ctl1", token_hash) == before_deploy, "a refused deploy changed the controller's token"
     since = now_on(deployed, "ctl1")
     time.sleep(1)
     try:
-        # --limit ctl1: only the controller gets the wrong token; Consul is synced (and refused) as always
-        deploy = run_mesh("deploy", str(inventory), "--limit", "ctl1", timeout=DEPLOY_TIMEOUT)
-        assert deploy.code == 1 and REFUSED in deploy.text, deploy
-        assert WRONG_TOKEN not in deploy.text and WRONG_TOKEN not in status.text
+        # a token revoked or replaced behind mesh's back: the checker says so in its journal and keeps retrying
+        out(deployed, "ctl1", f"printf '%s\\n' {WRONG_TOKEN} > {TOKEN_ON_CONTROLLER} && "
+                              f"systemctl restart {CHECKER_UNIT}")
         journal = wait_for(lambda: journal_since(deployed, since), lambda text: REFUSED in text,
                            "the checker's journal says Consul refused the token")
         assert WRONG_TOKEN not in journal
@@ -169,6 +178,7 @@ def test_a_wrong_token_makes_deploy_status_and_the_checker_say_consul_refused_it
         since = now_on(deployed, "ctl1")
         restored = run_mesh("deploy", str(INVENTORY), "--limit", "ctl1", timeout=DEPLOY_TIMEOUT)
     assert restored.code == 0, restored
+    assert out(deployed, "ctl1", token_hash) == before_deploy
     wait_for(lambda: journal_since(deployed, since), lambda text: "checker_leading" in text,
              "the checker leads again with the lab's token")
 

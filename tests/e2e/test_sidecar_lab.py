@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from lab_helpers import mesh
 
 from mesh.config import compute_proxy_config, paths
-from mesh.containers.image import SidecarImage, build_sidecar_image_tar
+from mesh.containers.image import SIDECAR_UID, SidecarImage, build_sidecar_image_tar
 from mesh.containers.modules import register_container_modules
 from mesh.containers.reachability import (
     APP_STATE_PATH,
@@ -110,8 +110,11 @@ def _proxy_files(lab: Lab, ca: CertificateAuthority) -> None:
     workload = next(w for w in lab.dock1.workloads if w.container == APP)
     conn: Connector = connect(lab.dock1)
     try:
-        key = paths.key_path(PROXY)
-        made = conn.run(f"set -e; mkdir -p {paths.proxy_dir(PROXY)}; umask 077; "
+        key, version = paths.key_path(PROXY), paths.tls_version_dir(PROXY, "e2e")
+        # as the deploy lays them out: key and certificate in a versioned folder behind the `tls` link, and
+        # Envoy's admin socket folder owned by the sidecar's uid alone
+        made = conn.run(f"set -e; mkdir -p {version}; ln -sfn {version.rsplit('/', 1)[1]} {paths.tls_link(PROXY)}; "
+                        f"install -d -m 0700 -o {SIDECAR_UID} -g {SIDECAR_UID} {paths.admin_dir(PROXY)}; umask 077; "
                         f"openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {key} 2>/dev/null; "
                         f"openssl req -new -sha256 -key {key} -subj /CN={PROXY}")
         assert made.ok, made.error_text()
