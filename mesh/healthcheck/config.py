@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # controllers run the checker without the inventory code's de
 
 CONFIG_DIR = "/etc/mesh/checker"
 DEFAULT_CONFIG = f"{CONFIG_DIR}/checker.json"
-CERT_FILE = f"{CONFIG_DIR}/cert.pem"  # the checker's leaf, its key beside it
-KEY_FILE = f"{CONFIG_DIR}/key.pem"  # 0600, owned by the checker's user
+# the checker's leaf and key (0600, the checker's user's), behind a `tls` link swapped when the key changes
+CERT_FILE = f"{CONFIG_DIR}/tls/cert.pem"
+KEY_FILE = f"{CONFIG_DIR}/tls/key.pem"
 CA_FILE = f"{CONFIG_DIR}/ca.pem"  # the mesh CA's root: the checker's trust bundle
 TOKEN_FILE = f"{CONFIG_DIR}/consul-token"  # 0600, owned by the checker's user
 CONSUL_CA_FILE = f"{CONFIG_DIR}/consul-ca.pem"
@@ -169,7 +170,7 @@ def checker_config(mesh: Mesh, config_dir: str = CONFIG_DIR) -> CheckerConfig:
                  address=host.connection.address, proxy_port=workload.proxy_port)
         for host in mesh.hosts for workload in host.workloads)
     return CheckerConfig(consul_url=settings.consul_url, trust_domain=settings.trust_domain,
-                         cert=f"{config_dir}/cert.pem", key=f"{config_dir}/key.pem",
+                         cert=f"{config_dir}/tls/cert.pem", key=f"{config_dir}/tls/key.pem",
                          ca=f"{config_dir}/ca.pem", instances=instances, lock_key=lock_key(settings.id),
                          consul_token_file=f"{config_dir}/consul-token" if settings.consul_token_file else None,
                          consul_ca=f"{config_dir}/consul-ca.pem" if settings.consul_ca_file else None)

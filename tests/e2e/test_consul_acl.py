@@ -138,7 +138,7 @@ def test_the_checker_runs_as_its_own_user_and_its_token_is_private(deployed: Lab
     assert out(deployed, "ctl1", "stat -c '%a %U' /etc/mesh/checker/consul-token").strip() == "600 mesh-checker"
     assert out(deployed, "ctl1", "cat /etc/mesh/checker/consul-token").strip() == token
     assert out(deployed, "ctl1", "stat -c '%a %U %G' /etc/mesh/checker").strip() == "750 root mesh-checker"
-    assert out(deployed, "ctl1", "stat -c '%U' /etc/mesh/checker/key.pem").strip() == "mesh-checker"
+    assert out(deployed, "ctl1", "stat -c '%U' /etc/mesh/checker/tls/key.pem").strip() == "mesh-checker"
     seen = out(deployed, "ctl1", f"cat /proc/{pid}/cmdline /proc/{pid}/environ /etc/mesh/checker/checker.json "
                                  f"/etc/systemd/system/{CHECKER_UNIT}; journalctl -u {CHECKER_UNIT} --no-pager")
     assert token not in seen, "the token is only in its 0600 file"

@@ -303,7 +303,7 @@ def test_workload_keys_are_private_files_on_their_own_host_and_nowhere_else(flee
     # Where each key must be, with its mode and owner: Envoy's user reads the proxies', root the checker's.
     # A proxy's key is behind its `tls` link (paths.key_path): where it is found, the folder the link names.
     keys = {f"vm1:{paths.key_path('web-0')}": "600 mesh-envoy", f"vm2:{paths.key_path('api-0')}": "600 mesh-envoy",
-            f"vm2:{paths.key_path('db-1')}": "600 mesh-envoy", "ctl1:/etc/mesh/checker/key.pem": "600 mesh-checker"}
+            f"vm2:{paths.key_path('db-1')}": "600 mesh-envoy", "ctl1:/etc/mesh/checker/tls/key.pem": "600 mesh-checker"}
     fingerprints: dict[str, str] = {}
     found_at: dict[str, str] = {}
     for where, mode_owner in keys.items():

@@ -95,7 +95,7 @@ def test_the_command_exits_5_on_usage_and_1_on_a_bad_config(tmp_path: Path) -> N
 def test_checker_config_from_the_mesh_round_trips(tmp_path: Path) -> None:
     config = checker_config(make_mesh())
     assert [i.id for i in config.instances] == ["web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"]
-    assert config.key == "/etc/mesh/checker/key.pem" and config.instances[2].proxy_port == 21001
+    assert config.key == "/etc/mesh/checker/tls/key.pem" and config.instances[2].proxy_port == 21001
     assert config.lock_key == "mesh/lab.mesh/health-checker/leader"  # the mesh id defaults to the trust domain
     (tmp_path / "checker.json").write_text(config.to_json())
     assert load_config(tmp_path / "checker.json") == config
@@ -351,3 +351,41 @@ def test_the_token_goes_to_the_controller_0600_for_the_checker_never_in_a_comman
     assert host.files["/etc/mesh/checker/consul-token"].mode == 0o600
     removed = _run_step(mesh, host)  # the inventory no longer names them: removed
     assert len(removed) == 2 and "/etc/mesh/checker/consul-token" not in host.files
+
+
+def test_the_checkers_new_key_is_swapped_in_with_its_certificate(tmp_path: Path) -> None:
+    """As a proxy's: a new key and its certificate are written into a new folder, then one rename of the
+    `tls` link makes both current, so a checker (re)started in between still reads a matching pair."""
+    from mesh.deploy.execute import apply_change
+    from mesh.deploy.modules.api import PutFile, RunCommand, TaskContext
+    from mesh.deploy.steps.proxy import certificate
+    from mesh.healthcheck.config import CERT_FILE, KEY_FILE
+    from mesh.pki import CertificateAuthority, leaf_info
+    from mesh.testing.fake_connector import FakeConnector, FakeHost
+    from mesh.testing.fake_openssl import stub_openssl
+
+    mesh = make_mesh()
+    ca, _ = CertificateAuthority.ensure(str(tmp_path / "state"), mesh.settings.trust_domain)
+    host = FakeHost("ctl1")
+    stub_openssl(host)
+    host.write("/etc/mesh/checker/key.pem", b"the key of mesh before the tls link", 0o600)
+    shared = type("Shared", (), {"mesh": mesh, "ca": ca})()
+    ctx: TaskContext[object] = TaskContext(mesh.hosts[0], FakeConnector(host), {}, False, shared, Path("."),
+                                           Path("."))
+    steps, done = certificate(ctx, {"checker": True}), []  # type: ignore[arg-type]
+    try:
+        change = next(steps)
+        while True:
+            done.append(change)
+            change = steps.send(apply_change(change, ctx.connector))
+    except StopIteration:
+        pass
+    commands = [change.cmd for change in done if isinstance(change, RunCommand)]
+    keygen = next(i for i, cmd in enumerate(commands) if "openssl genpkey" in cmd)
+    swap = next(i for i, cmd in enumerate(commands) if cmd.startswith("ln -sfn "))
+    puts = [change.path for change in done if isinstance(change, PutFile)]
+    assert keygen < swap and puts and all("/etc/mesh/checker/tls." in path for path in puts)
+    key, cert = host.files[KEY_FILE], host.files[CERT_FILE]
+    assert (key.mode, key.owner) == (0o600, "mesh-checker")
+    assert cert.data is not None and leaf_info(cert.data).spiffe_id == "spiffe://lab.mesh/mesh/health"
+    assert "/etc/mesh/checker/key.pem" not in host.files, "the key of the layout before the link is removed"

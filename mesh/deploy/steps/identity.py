@@ -17,6 +17,7 @@ from mesh.deploy.steps.ownership import Owned
 from mesh.errors import MeshError
 from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT
 from mesh.healthcheck.config import CHECKER_USER
+from mesh.healthcheck.config import CONFIG_DIR as CHECKER_DIR
 from mesh.healthcheck.config import KEY_FILE as CHECKER_KEY
 from mesh.inventory.model import health_checker_spiffe_id
 from mesh.pki import CertificateAuthority, leaf_info
@@ -36,9 +37,10 @@ class Identity:
     common_name: str
     ledger_name: str  # the `proxy` column of the CA's ledger
     proxy: str | None = None  # set for a proxy: a new certificate restarts it
-    # A proxy's key and certificate live in a versioned folder of this ownership behind the `tls` link: a new
-    # key and its certificate are written into a new folder, then the link is swapped (paths.tls_link).
+    # The key and certificate live in a versioned folder of this ownership behind the `tls` link in `home`: a
+    # new key and its certificate are written into a new folder, then the link is swapped in one rename.
     folder: Owned | None = None
+    home: str | None = None
 
 
 def proxy_identity(proxy: str, spiffe_id: str, owner: str = paths.ENVOY_USER,
@@ -47,33 +49,35 @@ def proxy_identity(proxy: str, spiffe_id: str, owner: str = paths.ENVOY_USER,
     the ownership of its key-and-certificate folders (the proxy folder's)."""
     return Identity(spiffe_id, paths.key_path(proxy), paths.cert_path(proxy), owner,
                     spiffe_id.rsplit("/", 1)[-1], proxy, proxy,
-                    folder or Owned("root", paths.ENVOY_USER, 0o750))
+                    folder or Owned("root", paths.ENVOY_USER, 0o750), paths.proxy_dir(proxy))
 
 
 def in_new_folder(identity: Identity, version: str) -> Identity:
     """The identity with its key and certificate in a new versioned folder (not yet behind the link)."""
-    if identity.proxy is None or identity.folder is None:
-        return identity  # the checker's: one key file, replaced in place
-    folder = paths.tls_version_dir(identity.proxy, version)
+    if identity.home is None or identity.folder is None:
+        return identity
+    folder = f"{identity.home}/{paths.TLS_VERSION_PREFIX}{version}"
     return replace(identity, key=f"{folder}/key.pem", cert=f"{folder}/cert.pem")
 
 
 def swap_command(identity: Identity, version: str) -> str:
-    """Point the proxy's `tls` link at the new folder in one rename, then remove the folders (and the files of
-    mesh before versioned folders) that held the old key."""
-    assert identity.proxy is not None
-    proxy_dir, link = paths.proxy_dir(identity.proxy), paths.tls_link(identity.proxy)
+    """Point the identity's `tls` link at the new folder in one rename, then remove the folders (and the files
+    of mesh before versioned folders) that held the old key."""
+    assert identity.home is not None
+    home, link = identity.home, f"{identity.home}/tls"
     name = f"{paths.TLS_VERSION_PREFIX}{version}"
-    temp = shlex.quote(f"{proxy_dir}/.tls.new")
+    temp = shlex.quote(f"{home}/.tls.new")
     return (f"ln -sfn {shlex.quote(name)} {temp} && mv -fT {temp} {shlex.quote(link)} && "
-            f"for old in {shlex.quote(proxy_dir)}/{paths.TLS_VERSION_PREFIX}*; do "
-            f"[ \"$old\" = {shlex.quote(f'{proxy_dir}/{name}')} ] || rm -rf -- \"$old\"; done; "
-            f"rm -f -- {shlex.quote(f'{proxy_dir}/key.pem')} {shlex.quote(f'{proxy_dir}/cert.pem')}")
+            f"for old in {shlex.quote(home)}/{paths.TLS_VERSION_PREFIX}*; do "
+            f"[ \"$old\" = {shlex.quote(f'{home}/{name}')} ] || rm -rf -- \"$old\"; done; "
+            f"rm -f -- {shlex.quote(f'{home}/key.pem')} {shlex.quote(f'{home}/cert.pem')}")
 
 
 def checker_identity(trust_domain: str) -> Identity:
-    return Identity(health_checker_spiffe_id(trust_domain), CHECKER_KEY, CHECKER_CERT,
-                    CHECKER_USER, "health", CHECKER_LEDGER_NAME)
+    """The health checker's identity: its key and certificate behind the `tls` link of its folder, like a
+    proxy's, readable by the checker's user alone."""
+    return Identity(health_checker_spiffe_id(trust_domain), CHECKER_KEY, CHECKER_CERT, CHECKER_USER, "health",
+                    CHECKER_LEDGER_NAME, folder=Owned("root", CHECKER_USER, 0o750), home=CHECKER_DIR)
 
 
 def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuthority,

@@ -70,7 +70,7 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
     version = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     target = in_new_folder(identity, version) if fresh else identity
     if fresh:
-        if target is not identity and identity.folder is not None:
+        if target is not identity and identity.folder is not None:  # the new versioned folder
             yield from folder_changes(ctx.connector, target.key.rsplit("/", 1)[0], identity.folder)
         made = yield RunCommand(_keygen(target), f"create the private key {target.key} on the host")
         if made is None:  # check mode: no key, so no CSR either
@@ -91,8 +91,8 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
                             identity.ledger_name)
     yield PutFile(target.cert, issued.chain_pem, 0o644, "root", "root", f"write {target.cert}")
     if target is not identity:
-        yield RunCommand(swap_command(identity, version), f"switch {paths.tls_link(identity.proxy or '')} to "
-                                                          "the new key and certificate")
+        yield RunCommand(swap_command(identity, version), f"switch {identity.home}/tls to the new key and "
+                                                          "certificate")
     if identity.proxy is not None:
         shared.mark_restart(ctx.host.name, identity.proxy)
     return Outcome(msg=f"certificate issued ({reason}), valid until {issued.not_after.isoformat()}",
