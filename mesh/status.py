@@ -62,9 +62,12 @@ def status(inventory_path: str, console: Console | None = None,
     for row in rows:
         for problem in row.problems:
             out.print(f"[red]{row.host} {row.proxy}: {problem}[/red]")
+    if isinstance(consul, str):  # said once, also when no row would carry it
+        out.print(f"[red]Consul: {consul}[/red]")
     if any(row.unreachable for row in rows):
         return EXIT_UNREACHABLE
-    return EXIT_HOST_FAILED if any(row.problems for row in rows) else EXIT_OK
+    unhealthy = isinstance(consul, str) or any(row.problems for row in rows)
+    return EXIT_HOST_FAILED if unhealthy else EXIT_OK
 
 
 def _consul_health(mesh: Mesh) -> dict[str, list[catalog.InstanceHealth]] | str:
