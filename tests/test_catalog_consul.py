@@ -26,6 +26,7 @@ from mesh.healthcheck.config import lock_key
 from mesh.healthcheck.leader import Leadership
 from mesh.inventory.model import Mesh
 from mesh.testing.consul_server import ConsulDevServer, make_server_tls
+from mesh.testing.fake_connector import NoHostMayBeReached
 
 MESH = str(Path(sys.executable).with_name("mesh"))
 
@@ -270,17 +271,15 @@ def write_fleet_inventory(folder: Path, url: str, token: str, mesh_id: str = "la
     return path
 
 
-def no_host_may_be_reached(host: object) -> object:
-    raise AssertionError(f"the deploy tried to reach {host} although Consul refused it")
-
-
 def test_a_refused_token_stops_the_deploy_before_any_host_is_touched(
         secure: ConsulDevServer, tmp_path: Path) -> None:
     from mesh.deploy.command import deploy
 
     inventory = write_fleet_inventory(tmp_path, secure.url, "3b7ce0a4-0000-4000-8000-00000000dead")
+    factory = NoHostMayBeReached()
     with pytest.raises(catalog.TokenRefused, match="Consul refused the token"):
-        deploy(str(inventory), connector_factory=no_host_may_be_reached)  # type: ignore[arg-type]
+        deploy(str(inventory), connector_factory=factory)
+    assert factory.calls == []
     assert not (tmp_path / "state").exists(), "no CA is made for a deploy Consul refused"
 
 
@@ -291,6 +290,8 @@ def test_an_instance_another_mesh_id_owns_stops_the_deploy_before_any_host_is_to
     assert access.token is not None
     catalog.sync(access, make_mesh())  # mesh id lab.mesh owns the node vm1
     inventory = write_fleet_inventory(tmp_path, secure.url, access.token, mesh_id="team-b")
+    factory = NoHostMayBeReached()
     with pytest.raises(MeshError, match="belongs to the mesh id 'lab.mesh'"):
-        deploy(str(inventory), connector_factory=no_host_may_be_reached)  # type: ignore[arg-type]
+        deploy(str(inventory), connector_factory=factory)
+    assert factory.calls == []
     assert {h.meta["mesh-id"] for h in catalog.service_health(access, "web")} == {"lab.mesh"}

@@ -28,7 +28,7 @@ import yaml
 from mesh import cli
 from mesh.deploy.command import DeployOptions, deploy
 from mesh.errors import EXIT_PARSE_ERROR, MeshError
-from mesh.inventory.model import ManagedHost
+from mesh.testing.fake_connector import NoHostMayBeReached
 
 HOSTILE = Path(__file__).resolve().parent / "inventories" / "hostile"
 MESH = Path(sys.executable).parent / "mesh"
@@ -134,22 +134,11 @@ def test_check_refuses(name: str, workdir: Path, capsys: pytest.CaptureFixture[s
     assert located(captured.err, case.expect), _describe(case, captured.err)
 
 
-class _NoHostsMayBeReached:
-    """A connector factory that records every host something tried to reach, and fails that attempt."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, host: ManagedHost) -> Any:
-        self.calls.append(host.name)
-        raise AssertionError(f"deploy tried to reach {host.name!r} with a hostile inventory")
-
-
 @pytest.mark.parametrize("name", list(BY_NAME))
 def test_deploy_refuses_before_any_host(name: str, workdir: Path) -> None:
     case = BY_NAME[name]
     path = case.write(workdir)
-    factory = _NoHostsMayBeReached()
+    factory = NoHostMayBeReached()
     out = io.StringIO()
     with pytest.raises(MeshError) as caught:
         deploy(str(path), DeployOptions(), output=out, connector_factory=factory)

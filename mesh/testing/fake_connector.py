@@ -105,6 +105,18 @@ class FakeFleet:
         return FakeConnector(self.host(managed.name))
 
 
+class NoHostMayBeReached:
+    """A connector factory for tests of what must be refused before any host is touched: it records every
+    host something tried to reach, and fails that attempt."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, host: ManagedHost) -> FakeConnector:
+        self.calls.append(host.name)
+        raise AssertionError(f"something tried to reach {host.name!r} before the run was refused")
+
+
 class _Shell:
     """The commands of mesh's facts and builtin modules, on the fake state."""
 

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fleet_samples import FLEET_INVENTORY
 
 from mesh.ca_commands import check_fleet, remaining_text
 from mesh.cli import run
@@ -185,15 +186,7 @@ def test_show_does_not_warn_outside_git(tmp_path: Path, capsys: pytest.CaptureFi
 
 # ---- mesh ca check -----------------------------------------------------------------------------------------
 
-CHECK_INVENTORY = INVENTORY + """\
-    containers:
-      vars: {mesh_host_kind: container_host}
-      hosts:
-        dock1:
-          ansible_host: 10.77.0.20
-          mesh_workloads:
-            - {service: api, port: 9090, container: api-1}
-"""
+CHECK_INVENTORY = FLEET_INVENTORY  # every kind of managed host
 
 
 def _fleet(authority: CertificateAuthority, now: datetime, api_issued: timedelta,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from fleet_samples import FLEET_INVENTORY as INVENTORY
 
 from mesh.cli import run
 from mesh.config import paths
@@ -33,33 +34,6 @@ from mesh.pki import CertificateAuthority
 from mesh.testing.fake_connector import FakeFleet
 
 TD = "lab.mesh"
-INVENTORY = """\
-all:
-  vars:
-    mesh_trust_domain: lab.mesh
-    mesh_consul_url: http://127.0.0.1:1
-    mesh_state_dir: state
-  children:
-    consul:
-      hosts:
-        consul1: {ansible_host: 10.77.0.2}
-    mesh_controllers:
-      hosts:
-        ctl1: {ansible_host: 10.77.0.3}
-    vms:
-      hosts:
-        vm1:
-          ansible_host: 10.77.0.11
-          mesh_workloads:
-            - {service: web, port: 8080}
-    containers:
-      vars: {mesh_host_kind: container_host}
-      hosts:
-        dock1:
-          ansible_host: 10.77.0.20
-          mesh_workloads:
-            - {service: api, port: 9090, container: api-1}
-"""
 
 
 @pytest.fixture(autouse=True)
