@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jinja2
 
+from mesh import package_data
 from mesh.errors import MeshError
 from mesh.healthcheck.config import CHECKER_USER
 
@@ -30,7 +31,7 @@ CHECKER_UNIT = "mesh-health-checker.service"
 # What `python -m mesh.healthcheck` imports beyond the standard library (their own dependencies follow).
 CHECKER_RUNTIME = ("py-consul", "structlog")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES_DIR = REPO_ROOT / "templates"
+TEMPLATES_DIR = package_data.templates_dir()
 _NAME = re.compile(r"^[A-Za-z0-9._-]+")
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import jinja2
 import yaml
 
+from mesh import package_data
 from mesh.config import paths
 from mesh.config.consistent import consistent
 from mesh.config.errors import ConfigError
@@ -29,7 +30,7 @@ from mesh.inventory.model import ManagedHost
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = package_data.templates_dir()
 
 __all__ = ["EnvoyConfigContext", "EnvoyUnitContext", "FirewallContext", "FirewallUnitContext",
            "render_envoy_config", "render_envoy_unit", "render_firewall", "render_firewall_unit",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from mesh import catalog, controller_env
+from mesh import catalog, controller_env, package_data
 from mesh.config import paths
 from mesh.config.validate import envoy_binary
 from mesh.containers.image import SidecarImage, build_sidecar_image_tar
@@ -36,7 +36,7 @@ from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh
 from mesh.pki import CertificateAuthority
 
-PLAYBOOK = Path(__file__).resolve().parents[2] / "playbooks" / "deploy.yml"
+PLAYBOOK = package_data.playbook_path("deploy.yml")
 VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
 CONTAINER_HOSTS_GROUP = "mesh_container_hosts"  # container hosts with workloads
 WHEELS_CACHE = "wheels"  # under mesh_state_dir

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from mesh import package_data
 from mesh.deploy.connection import Connector, connect
 from mesh.deploy.display import Display
 from mesh.deploy.errors import HostUnreachable
@@ -29,7 +30,7 @@ from mesh.inventory.model import ManagedHost
 log = structlog.get_logger()
 
 ConnectorFactory = Callable[[ManagedHost], Connector]
-REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+REPO_TEMPLATES = package_data.templates_dir()
 
 
 @dataclass
