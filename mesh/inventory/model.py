@@ -111,9 +111,16 @@ class Workload:
         return spiffe_id(self.trust_domain, self.service)
 
     @property
+    def key(self) -> str:
+        """What identifies this workload on its host, whatever its position in `mesh_workloads`: the app
+        container on a container host (one sidecar per service and container), the app port on a VM (one
+        process listens on a port). Proxy names, users and Consul IDs are built from it."""
+        return self.container if self.container else str(self.port)
+
+    @property
     def consul_id(self) -> str:
-        """The Consul service ID: `<service>-<host>-<index>`."""
-        return f"{self.service}-{self.host}-{self.index}"
+        """The Consul service ID: `<service>-<host>-<key>` (stable when the host's workloads are reordered)."""
+        return f"{self.service}-{self.host}-{self.key}"
 
 
 @dataclass(frozen=True)

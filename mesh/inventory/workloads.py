@@ -218,7 +218,9 @@ def check_ports(host: str, kind: HostKind, ssh_port: int | None, parsed: list[Pa
     """Every port distinct within its network namespace, proxy ports distinct on the host, none the SSH port."""
     seen: dict[tuple[str, int], PortUse] = {}
     proxies: dict[int, PortUse] = {}
+    proxy_keys: dict[str, ParsedWorkload] = {}
     for item in parsed:
+        _distinct_proxy(host, item, proxy_keys, problems)
         for use in item.ports:
             _distinct(seen, (use.namespace, use.port), use, _namespace_text(host, use.namespace), problems)
             if ssh_port is not None and use.port == ssh_port:
@@ -228,6 +230,17 @@ def check_ports(host: str, kind: HostKind, ssh_port: int | None, parsed: list[Pa
             proxy = next(use for use in item.ports if use.where.key.endswith(".proxy_port"))
             _distinct(proxies, proxy.port, proxy, f"on container host {host} (proxy ports are on the host)",
                       problems)
+
+
+def _distinct_proxy(host: str, item: ParsedWorkload, seen: dict[str, ParsedWorkload], problems: Problems) -> None:
+    """One proxy per service and key (Workload.key: its container, or on a VM its app port): the proxy's name."""
+    workload = item.workload
+    first = seen.setdefault(f"{workload.service}-{workload.key}", item)
+    if first is not item:
+        what = f"container {workload.container}" if workload.container else f"port {workload.port}"
+        problems.at(item.where, f"service {workload.service} with {what} is already a workload of {host} at "
+                                f"{first.where.origin}; a service runs once per "
+                                f"{'container' if workload.container else 'app port'} of a host")
 
 
 def _distinct(seen: dict[Any, PortUse], slot: Any, use: PortUse, scope: str, problems: Problems) -> None:
