@@ -5,6 +5,9 @@ It owns these strings so that config, render, deploy and status agree; it must n
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from mesh.inventory.model import Workload
 
 MESH_ROOT = "/etc/mesh"
@@ -18,8 +21,27 @@ SYSTEMD_DIR = "/etc/systemd/system"
 
 
 def proxy_name(workload: Workload) -> str:
-    """`<service>-<index>`: unique among the proxies of one host."""
-    return f"{workload.service}-{workload.index}"
+    """`<service>-<key>`, unique among the proxies of one host and stable when the host's `mesh_workloads` are
+    reordered: the key is what identifies the workload on its host (Workload.key: the app port on a VM, the
+    app container on a container host), never its position in the list."""
+    return f"{workload.service}-{workload.key}"
+
+
+ENVOY_USER_PREFIX = "mesh-"
+MAX_USER_NAME = 32  # useradd's limit
+
+
+def envoy_user(proxy: str) -> str:
+    """The system user one proxy's Envoy runs as on a VM (each proxy its own, so no Envoy reads another's key):
+    `mesh-<proxy>` when that is a valid user name of at most 32 characters, else `mesh-<start>-<hash>` built from
+    the proxy name (lower-cased, other characters replaced), the hash keeping distinct proxies distinct."""
+    plain = ENVOY_USER_PREFIX + proxy
+    if len(plain) <= MAX_USER_NAME and re.fullmatch(r"[a-z][-a-z0-9_]*", plain):
+        return plain
+    digest = hashlib.sha256(proxy.encode()).hexdigest()[:10]
+    start = re.sub(r"[^a-z0-9]+", "-", proxy.lower()).strip("-")
+    start = start[: MAX_USER_NAME - len(ENVOY_USER_PREFIX) - len(digest) - 1].rstrip("-")
+    return f"{ENVOY_USER_PREFIX}{start}-{digest}" if start else f"{ENVOY_USER_PREFIX}{digest}"
 
 
 def proxy_dir(proxy: str) -> str:
@@ -78,5 +100,33 @@ def envoy_unit_path(proxy: str) -> str:
 
 
 def base_id(workload: Workload) -> int:
-    """Envoy's --base-id: distinct per proxy on a host (its shared memory and domain socket names)."""
-    return workload.index + 1
+    """Envoy's --base-id: distinct per proxy on a host (its shared memory and domain socket names) and stable
+    when workloads are reordered: the proxy's inbound port, unique on its host (INVENTORY.md)."""
+    return workload.proxy_port
+
+
+# --- a proxy's files as Envoy reads and reloads them (mesh.render.render_proxy_files) ---
+# Everything a proxy reads lives in its folder, so that a sidecar needs that folder only (mounted whole, so
+# renames are seen). Envoy watches xds/ (resources) and the proxy folder (the `tls` link and ca.pem): a change
+# is a new file moved into place there, never a file written in place.
+XDS_DIR_NAME = "xds"
+PROXY_CA_NAME = "ca.pem"
+STAGING_DIR_NAME = ".staging"
+
+
+def xds_dir(proxy: str) -> str:
+    """The folder of the proxy's resource files (listeners, routes, clusters, endpoints, secrets): Envoy
+    re-reads them when a file is moved into it."""
+    return f"{proxy_dir(proxy)}/{XDS_DIR_NAME}"
+
+
+def proxy_ca_path(proxy: str) -> str:
+    """The proxy's copy of the trust bundle (the mesh CA): replaced by a rename in the proxy folder, which
+    Envoy watches."""
+    return f"{proxy_dir(proxy)}/{PROXY_CA_NAME}"
+
+
+def proxy_staging_dir(proxy: str) -> str:
+    """Where new files of a proxy wait to be validated on the host before they are moved into place: inside
+    the proxy folder (the same filesystem, so each move is one atomic rename; inside a sidecar's mount)."""
+    return f"{proxy_dir(proxy)}/{STAGING_DIR_NAME}"
