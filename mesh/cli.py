@@ -122,12 +122,15 @@ def deploy_command(ctx: click.Context, inventory_path: str | None, inventory_opt
 @cli.command("status")
 @inventory_argument
 @inventory_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (keys: README, mesh status).")
 @click.pass_context
-def status_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None) -> None:
-    """Per proxy: reachable, Envoy running and its version, config applied, certificate, upstream health."""
+def status_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None,
+                   as_json: bool) -> None:
+    """Per proxy: reachable, Envoy running and its version, config applied and running, certificate, upstream
+    health; the sidecar watcher, the checker, Consul. Exit 0 healthy, 2 unhealthy, 3 a host unreachable."""
     from mesh.status import status
 
-    ctx.exit(status(fleet_inventory(inventory_path, inventory_option)))
+    ctx.exit(status(fleet_inventory(inventory_path, inventory_option), as_json=as_json))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""`mesh status`'s certificate cell (mesh/status.py `_certificate`) on a fake host: expiry and time left, and a
-problem (exit 2) under a third of the lifetime, expired, or missing; the same threshold as `mesh ca check`."""
+"""`mesh status`'s certificate of a host (here the checker's, mesh/status/judge.py) on a fake reading: expiry, time
+left and serial, and a problem (exit 2) under a third of the lifetime, expired, or missing; the same threshold as
+`mesh ca check`."""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ from pathlib import Path
 import pytest
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from status_fleet import leaf_pem
 
-from mesh.deploy.hostcerts import CHECKER_CERT_PATH
-from mesh.pki import CertificateAuthority
-from mesh.status import Row, _certificate
-from mesh.testing.fake_connector import FakeConnector, FakeHost
+from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT_PATH
+from mesh.hosts.connection import CommandResult
+from mesh.status import reads
+from mesh.status.judge import judge_checker
+from mesh.status.report import CheckerStatus
 
 
 @pytest.fixture(autouse=True)
@@ -27,39 +27,33 @@ def _unbound_logs() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-def _csr() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+def _checker(tmp_path: Path, issued_ago: timedelta | None) -> tuple[CheckerStatus, bytes]:
+    pem = leaf_pem(tmp_path, issued_ago) if issued_ago is not None else b""
+    readings = {reads.CHECKER: CommandResult(0, b"active\n", b""),
+                reads.CHECKER_CERT: CommandResult(0, pem, b"") if pem else CommandResult(1, b"", b"No such file")}
+    return judge_checker(readings, datetime.now(UTC)), pem
 
 
-def _cell(tmp_path: Path, issued_ago: timedelta | None) -> tuple[str, Row]:
-    host = FakeHost("ctl1")
-    if issued_ago is not None:
-        ca, _ = CertificateAuthority.ensure(str(tmp_path / "state"), "lab.mesh")
-        leaf = ca.sign(_csr(), "spiffe://lab.mesh/mesh/health", timedelta(hours=24), "ctl1", "health-checker",
-                       now=datetime.now(UTC) - issued_ago)
-        host.write(CHECKER_CERT_PATH, leaf.chain_pem)
-    row = Row("ctl1", "health-checker")
-    return _certificate(FakeConnector(host), CHECKER_CERT_PATH, row), row
-
-
-def test_a_fresh_certificate_shows_its_expiry_and_time_left(tmp_path: Path) -> None:
-    cell, row = _cell(tmp_path, timedelta(hours=1))
-    assert "UTC, 22h" in cell and "left (9" in cell and not row.problems
+def test_a_fresh_certificate_shows_its_expiry_time_left_and_serial(tmp_path: Path) -> None:
+    checker, pem = _checker(tmp_path, timedelta(hours=1))
+    certificate = checker.certificate
+    assert "UTC, 22h" in certificate.described and "left (9" in certificate.described and not checker.problems
+    assert certificate.serial == format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+    assert certificate.state == "ok" and certificate.remaining_seconds is not None
+    assert 22 * 3600 < certificate.remaining_seconds <= 23 * 3600
 
 
 def test_under_a_third_left_is_a_problem(tmp_path: Path) -> None:
-    cell, row = _cell(tmp_path, timedelta(hours=17))
-    assert cell.startswith("[red]") and "6h" in cell
-    assert len(row.problems) == 1 and row.problems[0].startswith("certificate has under 33% of its lifetime left "
-                                                                 "(expires ")
-    assert row.problems[0].endswith("): run mesh deploy to renew it")
+    checker, _ = _checker(tmp_path, timedelta(hours=17))
+    assert checker.certificate.state == "under 1/3 left" and "6h" in checker.certificate.described
+    assert len(checker.problems) == 1
+    assert checker.problems[0].startswith("certificate has under 33% of its lifetime left (expires ")
+    assert checker.problems[0].endswith("): run mesh deploy to renew it")
 
 
 def test_expired_or_missing_is_a_problem(tmp_path: Path) -> None:
-    _, expired = _cell(tmp_path, timedelta(hours=25))
+    expired, _ = _checker(tmp_path, timedelta(hours=25))
     assert expired.problems[0].startswith("certificate expired")
-    cell, missing = _cell(tmp_path, None)
-    assert "missing" in cell and missing.problems == [f"certificate {CHECKER_CERT_PATH} is missing (run mesh deploy)"]
+    missing, _ = _checker(tmp_path, None)
+    assert missing.certificate.state == "missing" and missing.certificate.serial is None
+    assert missing.problems == (f"certificate {CHECKER_CERT_PATH} is missing (run mesh deploy)",)

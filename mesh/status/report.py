@@ -1,0 +1,199 @@
+"""The typed report `mesh status` gathers: per host reachable or why not; per proxy (a systemd Envoy on a VM or a
+sidecar container) Envoy, its config (files and what runs), certificate and upstreams; the sidecar watcher;
+the checker; Consul. Frozen data, its exit code and its JSON form; it must not read hosts or print.
+
+The JSON keys are the field names below (README, "mesh status --json"); a new key may be added, none renamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE
+
+ConfigState = Literal["applied", "differs", "files newer than running"]
+Owed = Literal["restart", "reload"]
+
+
+@dataclass(frozen=True)
+class EnvoyState:
+    """The Envoy of one proxy: its unit (VM) or container (sidecar), and what its admin API said."""
+
+    state: str  # the unit's ActiveState (active, failed...) or the container's status (running, exited, missing)
+    running: bool
+    version: str | None  # Envoy's version from /server_info ("1.40.0"); None when admin did not answer
+    pid: int | None  # the unit's MainPID (VM)
+    container_id: str | None  # the sidecar container's id (12 digits)
+    admin_answers: bool
+
+
+@dataclass(frozen=True)
+class FileDifference:
+    """A file mesh renders whose content on the host is not the inventory's."""
+
+    path: str
+    reason: Literal["missing", "content differs"]
+
+
+@dataclass(frozen=True)
+class RunningDrift:
+    """Something the files on the host say that the running Envoy does not: a restart or a reload is owed (or
+    Envoy refused the file). running/on_disk are the two values compared (a hash, a version, a serial)."""
+
+    what: str  # "bootstrap", a resource file relative to the proxy folder ("xds/cds.yaml"), or "certificate"
+    running: str | None  # None: Envoy has nothing of it loaded
+    on_disk: str | None
+    owed: Owed
+
+    def describe(self) -> str:
+        running = _short(self.running) if self.running is not None else "nothing"
+        if self.what == "bootstrap":
+            return f"bootstrap {_short(self.on_disk)} on disk, {running} running (a restart is owed)"
+        if self.what == "certificate":
+            return f"certificate serial {_short(self.on_disk)} on disk, Envoy serves {running}"
+        return f"{self.what} version {_short(self.on_disk)} on disk, {running} loaded (not reloaded, or refused)"
+
+
+@dataclass(frozen=True)
+class ConfigStatus:
+    """The proxy's files on the host against the inventory's, and the running Envoy against those files."""
+
+    differing_files: tuple[FileDifference, ...]
+    newer_than_running: tuple[RunningDrift, ...]
+    running_compared: bool  # False: Envoy's admin did not answer, nothing running was compared
+    container_current: bool | None = None  # a sidecar: runs the current spec (its label); None on a VM
+
+    @property
+    def state(self) -> ConfigState:
+        if self.differing_files or self.container_current is False:
+            return "differs"
+        if self.newer_than_running:
+            return "files newer than running"
+        return "applied"
+
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """One leaf certificate on a host: its expiry and serial (hex) on disk, and the serials Envoy serves."""
+
+    path: str
+    state: str  # mesh.pki.expiry.Expiry values: ok, under 1/3 left, EXPIRED, missing, unreadable
+    serial: str | None
+    not_after: datetime | None
+    remaining_seconds: int | None
+    lifetime_left: float | None  # the part of the lifetime still ahead, 1.0 to 0.0
+    described: str  # "2026-12-07 05:00 UTC, 23h 59m left (99%)", or the state
+    served_serials: tuple[str, ...] | None = None  # None: not asked (the checker) or Envoy's admin did not answer
+
+
+@dataclass(frozen=True)
+class UpstreamStatus:
+    """One upstream service of a proxy: instances passing in Consul (of this mesh, on inventory hosts) and hosts
+    healthy in Envoy's cluster."""
+
+    service: str
+    consul_passing: int | None  # None: Consul could not be read
+    consul_instances: int | None
+    envoy_healthy: int | None  # None: Envoy's admin did not answer
+    envoy_hosts: int | None
+
+
+@dataclass(frozen=True)
+class ProxyStatus:
+    proxy: str
+    service: str
+    runs_as: Literal["systemd", "sidecar"]
+    envoy: EnvoyState
+    config: ConfigStatus
+    certificate: CertificateStatus
+    upstreams: tuple[UpstreamStatus, ...]
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WatcherStatus:
+    """mesh-sidecars.service and the reachability rules of a container host."""
+
+    state: str
+    rules_applied: bool
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckerStatus:
+    """The health checker of a controller."""
+
+    state: str
+    certificate: CertificateStatus
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    host: str
+    kind: str  # vm, container_host (mesh_host_kind)
+    reachable: bool
+    unreachable_reason: str | None
+    proxies: tuple[ProxyStatus, ...]
+    sidecar_watcher: WatcherStatus | None
+    checker: CheckerStatus | None
+    problems: tuple[str, ...]  # the host's own (reading failed); its parts' problems are theirs
+
+    def all_problems(self) -> list[tuple[str, str]]:
+        """(what, problem) for the host and each of its parts."""
+        found = [(self.host, problem) for problem in self.problems]
+        found += [(f"{self.host} {proxy.proxy}", problem) for proxy in self.proxies for problem in proxy.problems]
+        for name, part in (("sidecar watcher", self.sidecar_watcher), ("health-checker", self.checker)):
+            if part is not None:
+                found += [(f"{self.host} {name}", problem) for problem in part.problems]
+        return found
+
+
+@dataclass(frozen=True)
+class ConsulStatus:
+    readable: bool
+    reason: str | None  # why it could not be read
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    consul: ConsulStatus
+    hosts: tuple[HostStatus, ...]
+
+    @property
+    def exit_code(self) -> int:
+        """3 when a host is unreachable, else 2 when anything is unhealthy, else 0."""
+        if any(not host.reachable for host in self.hosts):
+            return EXIT_UNREACHABLE
+        unhealthy = not self.consul.readable or any(host.all_problems() for host in self.hosts)
+        return EXIT_HOST_FAILED if unhealthy else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON data: every field by its name, plus `exit_code`, `healthy` and each config's
+        `state`; datetimes in ISO 8601 (UTC)."""
+        data = _plain(self)
+        data["exit_code"] = self.exit_code
+        data["healthy"] = self.exit_code == EXIT_OK
+        return data
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        data = {item.name: _plain(getattr(value, item.name)) for item in fields(value)}
+        if isinstance(value, ConfigStatus):
+            data["state"] = value.state
+        return data
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+def _short(value: str | None) -> str:
+    """A hash or serial short enough to read in a line (the JSON has it whole)."""
+    if value is None:
+        return "?"
+    return value[:12] if len(value) > 16 else value
