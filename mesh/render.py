@@ -1,20 +1,50 @@
-"""Jinja2 rendering of a proxy's files (Envoy bootstrap, systemd units) and a host's nftables table.
+"""Jinja2 rendering of a proxy's files (Envoy's resources and their files, systemd units) and a host's nftables
+table.
 
 One Environment (StrictUndefined) over the repository's `templates/`, a frozen context per template, and every
 output parsed back before it is returned; it must not compute config (mesh.config) or touch a host.
 
+A proxy's Envoy config is rendered in two layers, so that a live controller can serve the same resources over
+another transport later:
+
+- **resources** (`render_resources`): the xDS resources of one ProxyConfig as data: listeners, routes, clusters,
+  endpoints and secrets, each a mapping with its "@type". Where one resource names another (a listener its route
+  configuration or secrets, a cluster its endpoints) it asks a `ConfigSources` how Envoy reaches it.
+- **delivery from files** (`render_proxy_files`): the `FileSources` of the proxy's folder, every resource file
+  (a DiscoveryResponse whose version_info is the sha256 of its resources) and the bootstrap that holds only
+  node, admin and where to read the rest. Envoy reloads a resource file moved into xds/ and the certificate and
+  trust bundle moved into the proxy folder; only a new bootstrap needs a restart.
+
+On the host (and, mounted whole and read-only, in a sidecar):
+
+    <proxy folder>/envoy.yaml               bootstrap (node.metadata.mesh_bootstrap_sha256)
+    <proxy folder>/xds/sds.<secret>.yaml     a Secret: the certificate (tls/cert.pem, tls/key.pem), the trust bundle
+    <proxy folder>/xds/eds.<cluster>.yaml    a ClusterLoadAssignment per cluster of IP addresses
+    <proxy folder>/xds/cds.yaml              every Cluster
+    <proxy folder>/xds/rds.<route>.yaml      a RouteConfiguration per HTTP connection manager
+    <proxy folder>/xds/lds.yaml              every Listener
+    <proxy folder>/ca.pem                    the trust bundle (written by the caller: a ProxyConfig holds no PEM)
+    <proxy folder>/tls -> tls.<version>/     key.pem and cert.pem, swapped together by one rename
+    <proxy folder>/admin/admin.sock          Envoy's admin API
+
 The templates live at the repository root (`templates/`, beside `mesh/`): an editable install or a checkout
-finds them; a wheel does not ship them (controller hosts install mesh from a wheel only to run the health
-checker, which renders nothing). Pass `templates_dir` to render from elsewhere.
+finds them. Pass `templates_dir` to render from elsewhere.
 """
 
 from __future__ import annotations
 
 import configparser
-from dataclasses import dataclass, fields
+import hashlib
+import json
+import posixpath
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import jinja2
 import yaml
@@ -22,9 +52,15 @@ import yaml
 from mesh import package_data
 from mesh.config import paths
 from mesh.config.consistent import consistent
-from mesh.config.errors import ConfigError
+from mesh.config.errors import ConfigError, EnvoyRejectedConfig
 from mesh.config.model import ProxyConfig
-from mesh.config.validate import validate_envoy_config
+from mesh.config.validate import (
+    VALIDATE_TIMEOUT_S,
+    envoy_binary,
+    rewrite_file_paths,
+    throwaway_tls_files,
+    validate_envoy_config,
+)
 from mesh.inventory.model import ManagedHost
 
 if TYPE_CHECKING:
@@ -32,16 +68,540 @@ if TYPE_CHECKING:
 
 TEMPLATES_DIR = package_data.templates_dir()
 
-__all__ = ["EnvoyConfigContext", "EnvoyUnitContext", "FirewallContext", "FirewallUnitContext",
+__all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
+           "FirewallUnitContext", "HostValidation", "ProxyFiles", "RenderedFile", "host_validation",
            "render_envoy_config", "render_envoy_unit", "render_firewall", "render_firewall_unit",
-           "template_environment", "validate_envoy_config"]
+           "render_proxy_files", "render_resources", "stale_paths", "static_bootstrap", "template_environment", "transition",
+           "validate_envoy_config", "validate_proxy_files"]
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+BOOTSTRAP_METADATA_KEY = "mesh_bootstrap_sha256"
+VALIDATE_CONFIG_NAME = "validate.yaml"
+INSTALL_WAIT_S = 15  # for a running Envoy to take each moved file
+
+Resource = Mapping[str, Any]  # one xDS resource as Envoy's JSON/YAML form: "@type", then its fields
+FileKind = Literal["bootstrap", "resource", "secret", "trust"]
+
+
+# --- (a) resources ---
+
+class ConfigSources(Protocol):
+    """How Envoy reaches a resource another one names: an Envoy ConfigSource per resource (files now, ADS later)."""
+
+    def lds(self) -> dict[str, Any]: ...
+
+    def cds(self) -> dict[str, Any]: ...
+
+    def rds(self, name: str) -> dict[str, Any]: ...
+
+    def eds(self, name: str) -> dict[str, Any]: ...
+
+    def sds(self, name: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
-class EnvoyConfigContext:
-    """templates/envoy/envoy.yaml.j2: the whole proxy config."""
+class EnvoyResources:
+    """One proxy's xDS resources (read-only mappings by convention), in the order Envoy's dumps list them."""
+
+    listeners: tuple[Resource, ...]
+    routes: tuple[Resource, ...]
+    clusters: tuple[Resource, ...]
+    endpoints: tuple[Resource, ...]
+    secrets: tuple[Resource, ...]
+
+
+@dataclass(frozen=True)
+class ResourcesContext:
+    """templates/envoy/{listeners,routes,clusters,endpoints,secrets}.yaml.j2: a proxy's resources."""
 
     cfg: ProxyConfig
+    sources: ConfigSources
+    certificate_watch_dir: str  # the folder holding the `tls` link: one rename there swaps key and certificate
+    trust_watch_dir: str  # the folder holding the trust bundle
+
+
+def render_resources(cfg: ProxyConfig, sources: ConfigSources, templates_dir: Path = TEMPLATES_DIR) -> EnvoyResources:
+    """The xDS resources of one proxy; refuses an inconsistent config first. Pure."""
+    consistent(cfg)
+    certificate = cfg.secrets.certificate
+    link = posixpath.dirname(certificate.certificate_chain)
+    if posixpath.dirname(certificate.private_key) != link:
+        raise ConfigError(cfg.proxy, f"the key {certificate.private_key} and the certificate "
+                                     f"{certificate.certificate_chain} are not in one folder: they could not be "
+                                     "swapped together")
+    context = ResourcesContext(cfg, sources, certificate_watch_dir=posixpath.dirname(link),
+                               trust_watch_dir=posixpath.dirname(cfg.secrets.trust_bundle.trusted_ca))
+
+    def listed(name: str, type_url: str) -> tuple[Resource, ...]:
+        return _resource_list(cfg.proxy, _render(templates_dir, f"envoy/{name}.yaml.j2", context), name, type_url)
+
+    return EnvoyResources(listeners=listed("listeners", LISTENER_TYPE), routes=listed("routes", ROUTE_TYPE),
+                          clusters=listed("clusters", CLUSTER_TYPE), endpoints=listed("endpoints", ENDPOINT_TYPE),
+                          secrets=listed("secrets", SECRET_TYPE))
+
+
+def resource_name(resource: Resource) -> str:
+    """A resource's name (a ClusterLoadAssignment's is its cluster_name)."""
+    return str(resource["cluster_name"] if resource.get("@type") == ENDPOINT_TYPE else resource["name"])
+
+
+def resources_version(resources: tuple[Resource, ...] | list[Resource]) -> str:
+    """The version_info of a set of resources: the sha256 of their canonical JSON."""
+    canonical = json.dumps(list(resources), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _resource_list(proxy: str, text: str, what: str, type_url: str) -> tuple[Resource, ...]:
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as error:  # a template bug, but name the proxy
+        raise ConfigError(proxy, f"rendered {what} are not YAML: {error}") from error
+    parsed = [] if parsed is None else parsed
+    if not isinstance(parsed, list) or any(not isinstance(item, dict) or item.get("@type") != type_url
+                                           for item in parsed):
+        raise ConfigError(proxy, f"rendered {what} are not a list of {type_url.rsplit('.', 1)[-1]}")
+    names = [resource_name(item) for item in parsed]
+    if len(set(names)) != len(names):
+        raise ConfigError(proxy, f"rendered {what} repeat a name: {names}")
+    return tuple(parsed)
+
+
+# --- (b) delivery from files ---
+
+@dataclass(frozen=True)
+class FileSources:
+    """Resources as files in one watched folder (`xds_dir`): Envoy re-reads a file when one is moved in there."""
+
+    xds_dir: str
+
+    def path(self, kind: Literal["lds", "cds", "rds", "eds", "sds"], name: str | None = None) -> str:
+        """xds/lds.yaml, xds/cds.yaml, xds/<rds|eds|sds>.<name>.yaml (Envoy takes one named resource a file)."""
+        if kind in ("lds", "cds"):
+            return f"{self.xds_dir}/{kind}.yaml"
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"{kind} resource name {name!r} cannot name a file")
+        return f"{self.xds_dir}/{kind}.{name}.yaml"
+
+    def lds(self) -> dict[str, Any]:
+        return self._source(self.path("lds"))
+
+    def cds(self) -> dict[str, Any]:
+        return self._source(self.path("cds"))
+
+    def rds(self, name: str) -> dict[str, Any]:
+        return self._source(self.path("rds", name))
+
+    def eds(self, name: str) -> dict[str, Any]:
+        return self._source(self.path("eds", name))
+
+    def sds(self, name: str) -> dict[str, Any]:
+        return self._source(self.path("sds", name))
+
+    def _source(self, path: str) -> dict[str, Any]:
+        return {"resource_api_version": "V3",
+                "path_config_source": {"path": path, "watched_directory": {"path": self.xds_dir}}}
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    """One file of a proxy: its absolute path on the host and its content."""
+
+    path: str
+    content: str
+    kind: FileKind
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ProxyFiles:
+    """Every file mesh renders for one proxy, in the order they are moved into place when they change:
+    secrets, endpoints, clusters, routes, listeners (what is named before what names it), the bootstrap last.
+    ca.pem (the trust bundle, kind "trust") is not here: the caller writes it, before these, at
+    paths.proxy_ca_path; so is the `tls` link (mesh.deploy.steps.identity)."""
+
+    proxy: str
+    proxy_dir: str
+    files: tuple[RenderedFile, ...]
+    bootstrap_sha256: str  # node.metadata.mesh_bootstrap_sha256 of the bootstrap: Envoy's /server_info shows it
+
+    @property
+    def bootstrap(self) -> RenderedFile:
+        return next(file for file in self.files if file.kind == "bootstrap")
+
+    def file(self, path: str) -> RenderedFile:
+        for file in self.files:
+            if file.path == path:
+                return file
+        raise KeyError(path)
+
+
+@dataclass(frozen=True)
+class BootstrapContext:
+    """templates/envoy/bootstrap.yaml.j2: node, admin, overload manager and where the resources are."""
+
+    proxy: str
+    node_id: str
+    cluster: str
+    bootstrap_sha256: str | None  # None: the text whose sha256 this is
+    admin: Any  # mesh.config.model.Admin
+    max_downstream_connections: int
+    lds_config: dict[str, Any]
+    cds_config: dict[str, Any]
+
+
+def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> ProxyFiles:
+    """Every file of one proxy (bootstrap, resources, secrets) at its path on the host. Pure.
+
+    The proxy folder is the folder of cfg.config_path: a ProxyConfig whose paths point elsewhere (a test's temp
+    folder) renders files there."""
+    proxy_dir = posixpath.dirname(cfg.config_path)
+    sources = FileSources(f"{proxy_dir}/{paths.XDS_DIR_NAME}")
+    resources = render_resources(cfg, sources, templates_dir)
+    files = [_resource_file(cfg.proxy, sources.path("sds", resource_name(secret)), "secret", (secret,))
+             for secret in resources.secrets]
+    files += [_resource_file(cfg.proxy, sources.path("eds", resource_name(assignment)), "resource", (assignment,))
+              for assignment in resources.endpoints]
+    files.append(_resource_file(cfg.proxy, sources.path("cds"), "resource", resources.clusters))
+    files += [_resource_file(cfg.proxy, sources.path("rds", resource_name(route)), "resource", (route,))
+              for route in resources.routes]
+    files.append(_resource_file(cfg.proxy, sources.path("lds"), "resource", resources.listeners))
+    context = BootstrapContext(cfg.proxy, cfg.node_id, cfg.service, None, cfg.admin, cfg.max_downstream_connections,
+                               sources.lds(), sources.cds())
+    unmarked = _render(templates_dir, "envoy/bootstrap.yaml.j2", context)
+    digest = hashlib.sha256(unmarked.encode()).hexdigest()
+    bootstrap = _render(templates_dir, "envoy/bootstrap.yaml.j2", replace(context, bootstrap_sha256=digest))
+    parsed = _parsed_yaml(cfg.proxy, bootstrap, "bootstrap")
+    if set(parsed) != {"node", "admin", "overload_manager", "dynamic_resources"}:
+        raise ConfigError(cfg.proxy, f"rendered Envoy bootstrap has the sections {sorted(parsed)}")
+    files.append(RenderedFile(cfg.config_path, bootstrap, "bootstrap"))
+    return ProxyFiles(cfg.proxy, proxy_dir, tuple(files), digest)
+
+
+def _resource_file(proxy: str, path: str, kind: FileKind, resources: tuple[Resource, ...]) -> RenderedFile:
+    """A DiscoveryResponse file: version_info (the sha256 of its resources, shown again by /config_dump) and them."""
+    body = {"version_info": resources_version(resources), "resources": [dict(item) for item in resources]}
+    header = (f"# {posixpath.basename(path)} of proxy {proxy}, rendered by mesh: `mesh deploy` moves a new one into "
+              "place and Envoy reloads it.\n")
+    return RenderedFile(path, header + _dump(body), kind)
+
+
+def _dump(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1_000_000, allow_unicode=True)
+
+
+def _parsed_yaml(proxy: str, text: str, what: str) -> dict[str, Any]:
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(proxy, f"rendered {what} is not YAML: {error}") from error
+    if not isinstance(parsed, dict):
+        raise ConfigError(proxy, f"rendered {what} is not a YAML mapping")
+    return parsed
+
+def transition(files: ProxyFiles, on_host: Mapping[str, str], host_cds: str | None = None) -> tuple[RenderedFile, ...]:
+    """The files to move into place, in this order, to go from what the host has to `files` with no request failing.
+
+    `on_host` maps each file of the proxy that exists on the host to its sha256 (hex); a file whose sha256 is
+    the same is left out. The order is files.files' (what is named before what names it), so an added cluster
+    exists before a route names it. A cluster that leaves must outlive the routes and listeners that named it:
+    when the host's cds.yaml (`host_cds`, its content) holds clusters the new one has not, cds.yaml is moved in
+    twice: first with those clusters kept after the new ones, then, after the listeners, as rendered (the
+    go-control-plane rule: clusters first, stale clusters removed last). Files of the xds folder that are no
+    longer rendered (`stale_paths`) are removed after the last move."""
+    changed = [file for file in files.files if on_host.get(file.path) != file.sha256]
+    cds = next((file for file in changed if file.path.endswith(f"/{paths.XDS_DIR_NAME}/cds.yaml")), None)
+    gone = _clusters_gone(cds, host_cds) if cds is not None else []
+    if cds is None or not gone:
+        return tuple(changed)
+    new = list(yaml.safe_load(cds.content)["resources"])
+    kept = _resource_file(files.proxy, cds.path, "resource", tuple(new + gone))
+    steps = [kept if file is cds else file for file in changed]
+    last_resource = max(index for index, file in enumerate(steps) if file.kind != "bootstrap")
+    steps.insert(last_resource + 1, cds)
+    return tuple(steps)
+
+
+def stale_paths(files: ProxyFiles, on_host: Mapping[str, str]) -> tuple[str, ...]:
+    """Files of the proxy's xds folder on the host (keys of on_host) that `files` no longer has: removed after
+    the last move of `transition`."""
+    xds = f"{files.proxy_dir}/{paths.XDS_DIR_NAME}/"
+    rendered = {file.path for file in files.files}
+    return tuple(sorted(path for path in on_host if path.startswith(xds) and path not in rendered))
+
+
+def _clusters_gone(cds: RenderedFile, host_cds: str | None) -> list[dict[str, Any]]:
+    """The clusters of the host's cds.yaml that the new one has not (none when the host's cannot be read)."""
+    try:
+        running = yaml.safe_load(host_cds or "") or {}
+        new = yaml.safe_load(cds.content)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(running, dict) or not isinstance(running.get("resources"), list):
+        return []
+    names = {resource_name(resource) for resource in new["resources"]}
+    return [resource for resource in running["resources"]
+            if isinstance(resource, dict) and resource.get("name") not in names]
+
+
+# --- checking the files with Envoy (`--mode validate` reads no resource file: it checks a static equivalent) ---
+
+@dataclass(frozen=True)
+class HostValidation:
+    """How new files of a proxy are checked on its host, then moved into place (`host_validation`)."""
+
+    staging_dir: str
+    staged: tuple[RenderedFile, ...]  # to write first: each step of the transition at its path in staging_dir
+    moves: tuple[tuple[str, str], ...]  # (staged path, final path), in the order `install` moves them
+    config_path: str  # the static equivalent of the new files, in staging_dir (not moved anywhere)
+    config: str
+    command: str  # VM: the host's Envoy as the proxy's user checks config_path; exit 0 when it accepts
+    install: str  # sh: the moves, each waiting for a running Envoy to take it; then staging and stale files removed
+
+
+def static_bootstrap(files: ProxyFiles, dynamic: bool = True) -> dict[str, Any]:
+    """The static equivalent of `files`: their bootstrap with every resource inline under static_resources.
+
+    `envoy --mode validate` reads no resource file (it checks that lds/cds paths exist, nothing more), so this is
+    what it can check: each route configuration in the listener naming it, each ClusterLoadAssignment in its
+    cluster (then STATIC), each secret a static one named by the listeners and clusters. Every reference is
+    followed by the path Envoy would read (`path_config_source`), and each file must hold what Envoy would take
+    from it there (a DiscoveryResponse of one named resource of the right type; every listener in lds.yaml,
+    every cluster in cds.yaml), with the folder of that path as its watched folder. dynamic=False drops
+    dynamic_resources (whose files need not exist where the result is checked). Raises EnvoyRejectedConfig."""
+    proxy = files.proxy
+    responses = {file.path: _discovery_response(proxy, file) for file in files.files if file.kind != "bootstrap"}
+    bootstrap = _parsed_yaml(proxy, files.bootstrap.content, "bootstrap")
+    dynamic_resources = bootstrap.get("dynamic_resources") or {}
+
+    def read(source: Any, type_url: str, name: str | None, who: str) -> list[dict[str, Any]]:
+        found = source.get("path_config_source") if isinstance(source, dict) else None
+        if not isinstance(found, dict) or not isinstance(found.get("path"), str):
+            raise EnvoyRejectedConfig(proxy, f"{who}: its config source is not a file (path_config_source)")
+        path = found["path"]
+        watched = (found.get("watched_directory") or {}).get("path")
+        if watched != posixpath.dirname(path):
+            raise EnvoyRejectedConfig(proxy, f"{who}: {path} is not watched in its folder (watched_directory "
+                                             f"{watched!r}): a new file moved there would not be read")
+        if path not in responses:
+            raise EnvoyRejectedConfig(proxy, f"{who}: reads {path}, which is not one of the proxy's files")
+        resources = responses[path]
+        if any(resource.get("@type") != type_url for resource in resources):
+            raise EnvoyRejectedConfig(proxy, f"{path}: holds resources other than {type_url}")
+        if name is not None and [resource_name(resource) for resource in resources] != [name]:
+            raise EnvoyRejectedConfig(proxy, f"{path}: must hold exactly the resource {name!r} ({who} names it)")
+        return [{key: value for key, value in resource.items() if key != "@type"} for resource in resources]
+
+    secrets: dict[str, dict[str, Any]] = {}
+
+    def inline(node: Any, who: str) -> Any:
+        if isinstance(node, list):
+            return [inline(item, who) for item in node]
+        if not isinstance(node, dict):
+            return node
+        node = dict(node)
+        if "rds" in node:
+            rds = node.pop("rds")
+            name = str(rds.get("route_config_name"))
+            node["route_config"] = read(rds.get("config_source"), ROUTE_TYPE, name, f"{who}, route {name!r}")[0]
+        if "sds_config" in node and "name" in node:
+            name = str(node["name"])
+            secrets[name] = read(node.pop("sds_config"), SECRET_TYPE, name, f"{who}, secret {name!r}")[0]
+        return {key: inline(value, who) for key, value in node.items()}
+
+    listeners = [inline(listener, f"listener {listener.get('name')!r}")
+                 for listener in read(dynamic_resources.get("lds_config"), LISTENER_TYPE, None, "lds_config")]
+    clusters = []
+    for cluster in read(dynamic_resources.get("cds_config"), CLUSTER_TYPE, None, "cds_config"):
+        who = f"cluster {cluster.get('name')!r}"
+        if cluster.get("type") == "EDS":
+            eds = cluster.pop("eds_cluster_config", None) or {}
+            name = str(eds.get("service_name") or cluster.get("name"))
+            cluster = {**cluster, "type": "STATIC",
+                       "load_assignment": read(eds.get("eds_config"), ENDPOINT_TYPE, name, f"{who}, endpoints")[0]}
+        clusters.append(inline(cluster, who))
+    config = {key: value for key, value in bootstrap.items() if key != "dynamic_resources" or dynamic}
+    config["static_resources"] = {"secrets": [{"name": name, **{k: v for k, v in secret.items() if k != "name"}}
+                                              for name, secret in secrets.items()],
+                                  "listeners": listeners, "clusters": clusters}
+    return config
+
+
+def _discovery_response(proxy: str, file: RenderedFile) -> list[dict[str, Any]]:
+    """The resources of a resource file, which must read as a DiscoveryResponse (what Envoy's file source reads)."""
+    try:
+        parsed = yaml.safe_load(file.content)
+    except yaml.YAMLError as error:
+        raise EnvoyRejectedConfig(proxy, f"{file.path} is not YAML: {error}") from error
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("resources"), list) \
+            or set(parsed) - {"version_info", "resources"} \
+            or not all(isinstance(resource, dict) for resource in parsed["resources"]):
+        raise EnvoyRejectedConfig(proxy, f"{file.path} is not a DiscoveryResponse (version_info, resources)")
+    return list(parsed["resources"])
+
+
+def validate_proxy_files(files: ProxyFiles, ca_pem: bytes, envoy: str | None = None) -> None:
+    """Check with the real Envoy (`envoy`, by default mesh's own) everything Envoy would load from `files`.
+
+    The files are copied into a temp folder with every path in them moved there (the bootstrap as it is, its
+    lds/cds files beside it), the certificate and key are throwaway stand-ins and the trust bundle is `ca_pem`;
+    `envoy --mode validate` then checks the bootstrap together with the static equivalent of the resources
+    (static_bootstrap). Raises EnvoyRejectedConfig with Envoy's own reason (or mesh's, for a file Envoy's file
+    source would refuse before parsing a resource)."""
+    with tempfile.TemporaryDirectory(prefix="mesh-validate-") as temp:
+        root = f"{temp}/proxy"
+        moved = _relocated(files, root)
+        for file in moved.files:
+            Path(file.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(file.path).write_text(file.content)
+        Path(root, "admin").mkdir(parents=True, exist_ok=True)
+        config = static_bootstrap(moved, dynamic=True)
+        stand_ins = throwaway_tls_files()
+        rewrite_file_paths(config, Path(temp, "tls"),
+                           lambda _path, role: ca_pem if role == "trusted_ca" else stand_ins[role])
+        config_path = Path(temp, VALIDATE_CONFIG_NAME)
+        config_path.write_text(_dump(config))
+        command = [envoy or envoy_binary(), "--mode", "validate", "-c", str(config_path), "--disable-hot-restart",
+                   "--log-level", "error"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        message = result.stderr.strip() or result.stdout.strip() or f"exit code {result.returncode}"
+        raise EnvoyRejectedConfig(files.proxy, f"envoy --mode validate refused the files: {_reason(message)}")
+
+
+def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = None, stale: tuple[str, ...] = (),
+                    staging_dir: str | None = None, user: str | None = paths.ENVOY_USER,
+                    envoy: str = paths.ENVOY_BINARY, wait_s: int = INSTALL_WAIT_S) -> HostValidation:
+    """How to check `files` on their host with the host's Envoy, then move them into place with no request lost.
+
+    `steps` are the files to move (`transition(files, on_host, host_cds)`; every file when None), `stale` the
+    files to remove after them (`stale_paths(files, on_host)`). The deploy step:
+    1. writes `staged` (each step below `staging_dir`, by default paths.proxy_staging_dir: inside the proxy
+       folder, so each move is one atomic rename on one filesystem, and a sidecar's mount shows it) and `config`
+       at `config_path`: the static equivalent of all of `files` (static_bootstrap without dynamic_resources),
+       naming the live key, certificate and trust bundle (ca.pem and the `tls` link are moved into place first,
+       by their own steps, so they are checked too);
+    2. runs `command` (a VM: the host's Envoy as the proxy's `user`, so a key it cannot read is refused too; a
+       container host runs instead mesh.containers.sidecar.validate_args(spec, config_path): the sidecar's
+       image, user and mounts); a non-zero exit refuses the files, with Envoy's reason in its output (its
+       `[critical]` lines): remove staging_dir and keep the running files;
+    3. runs `install` as root (`sh -c`): `mv -f` of each staged file into place, in order; while Envoy answers on
+       its admin socket, after each cds.yaml, rds.<route>.yaml and lds.yaml it waits (up to wait_s seconds) for
+       Envoy to run that file's version_info (its `*.version_text` stats) with no cluster or listener still
+       warming, so a route never names a cluster Envoy does not have yet; then it removes staging_dir and the
+       stale files. Exit 1 with a message when Envoy did not take a file in time (the moves after it are not
+       made: Envoy keeps what it took). A missing xds/ is created (0755: its files name paths, no secret).
+       It needs `curl` on the host (as `mesh status` does).
+    Restart the proxy only when the bootstrap (envoy.yaml) was one of the moves: Envoy reloads the rest.
+    `user=None` runs Envoy as whoever runs the command."""
+    staging = staging_dir or f"{files.proxy_dir}/{paths.STAGING_DIR_NAME}"
+    staged, moves, used = [], [], set()
+    for file in files.files if steps is None else steps:
+        if not file.path.startswith(files.proxy_dir + "/"):
+            raise ConfigError(files.proxy, f"{file.path} is not in the proxy folder {files.proxy_dir}")
+        path = staging + file.path[len(files.proxy_dir):]
+        while path in used:  # cds.yaml twice (a transition keeping clusters that leave): a second staged name
+            path += ".next"
+        used.add(path)
+        staged.append(RenderedFile(path, file.content, file.kind))
+        moves.append((path, file.path))
+    config_path = f"{staging}/{VALIDATE_CONFIG_NAME}"
+    config = (f"# The static equivalent of proxy {files.proxy}'s new files, checked by `envoy --mode validate` "
+              "before they are moved into place.\n" + _dump(static_bootstrap(files, dynamic=False)))
+    command = [envoy, "--mode", "validate", "-c", config_path, "--disable-hot-restart", "--log-level", "error"]
+    prefix = ["runuser", "-u", user, "--"] if user else []
+    admin = _parsed_yaml(files.proxy, files.bootstrap.content, "bootstrap")["admin"]["address"]["pipe"]["path"]
+    install = _install_script(files.proxy, tuple(zip(staged, moves, strict=True)), stale, staging, str(admin), wait_s)
+    return HostValidation(staging, tuple(staged), tuple(moves), config_path, config,
+                          shlex.join([*prefix, *command]), install)
+
+
+def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]], ...], stale: tuple[str, ...],
+                    staging: str, admin_socket: str, wait_s: int) -> str:
+    """The sh of host_validation's `install`: moves, waits for a live Envoy to take each, cleanup."""
+    q = shlex.quote
+    lines = [
+        "set -u",
+        f"admin={q(admin_socket)}",
+        "stats() { curl -sf --max-time 2 --unix-socket \"$admin\" \"http://envoy/stats?filter=$1\" 2>/dev/null; }",
+        # took FILTER LINE [ABSENT_OK]: the stat line is there (or, with ABSENT_OK, no stat matches: nobody
+        # reads that route yet) and nothing warms
+        "took() {",
+        "  found=$(stats \"$1\") || return 1",
+        ("  if [ -n \"$3\" ] && [ -z \"$found\" ]; then :; "
+         "elif ! printf '%s\\n' \"$found\" | grep -qF -- \"$2\"; then return 1; fi"),
+        "  stats warming | grep -qE ': [1-9]' && return 1",
+        "  return 0",
+        "}",
+        "wait_for() {",
+        "  [ \"$live\" = 1 ] || return 0",
+        f"  i=0; until took \"$@\"; do i=$((i + 1)); if [ \"$i\" -ge {wait_s * 10} ]; then",
+        (f"    echo \"proxy {proxy}: Envoy did not take $4 within {wait_s} s (it runs the files it took before; "
+         "see its log)\" >&2; exit 1; fi; sleep 0.1; done"),
+        "}",
+        "live=0; curl -sf --max-time 2 --unix-socket \"$admin\" http://envoy/ready >/dev/null 2>&1 && live=1",
+    ]
+    for folder in sorted({posixpath.dirname(final) for _file, (_staged, final) in moves}):
+        lines.append(f"[ -d {q(folder)} ] || mkdir -p -m 0755 {q(folder)} || exit 1")  # xds/ on a first deploy
+    for file, (staged, final) in moves:
+        lines.append(f"mv -f {q(staged)} {q(final)} || exit 1")
+        name = posixpath.basename(final)
+        if file.kind != "resource" or name.startswith("eds."):  # nothing names them before they are read
+            continue
+        version = '"' + str(yaml.safe_load(file.content)["version_info"]) + '"'
+        if name in ("cds.yaml", "lds.yaml"):
+            stat = {"cds.yaml": "cluster_manager.cds", "lds.yaml": "listener_manager.lds"}[name] + ".version_text"
+            lines.append(" ".join(["wait_for", q(stat), q(f"{stat}: {version}"), "''", q(name)]))
+        elif name.startswith("rds."):
+            stat = f"rds.{name[len('rds.'):-len('.yaml')]}.version_text"
+            lines.append(" ".join(["wait_for", q(stat), q(f".{stat}: {version}"), "absent-ok", q(name)]))
+    lines.append(f"rm -rf -- {q(staging)}")
+    if stale:
+        lines.append("rm -f -- " + " ".join(q(path) for path in stale))
+    return "\n".join(lines) + "\n"
+
+
+def render_envoy_config(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> str:
+    """TRANSITION ONLY (until mesh/deploy/steps/proxy.py and mesh/status.py use render_proxy_files): one static
+    bootstrap, the static equivalent of the proxy's files with the shared trust bundle (paths.CA_PATH) the deploy
+    steps still write. Envoy does not reload it: every change restarts the proxy."""
+    trust = replace(cfg.secrets.trust_bundle, trusted_ca=paths.CA_PATH)
+    files = render_proxy_files(replace(cfg, secrets=replace(cfg.secrets, trust_bundle=trust)), templates_dir)
+    return (f"# Envoy config of proxy {cfg.proxy} ({cfg.node_id}), rendered by mesh: `mesh deploy` rewrites it.\n"
+            + _dump(static_bootstrap(files, dynamic=False)))
+
+
+def _relocated(files: ProxyFiles, root: str) -> ProxyFiles:
+    """`files` with every path in and of them below files.proxy_dir moved below root (content re-serialized)."""
+    old = files.proxy_dir
+
+    def move(node: Any) -> Any:
+        if isinstance(node, str):
+            return root + node[len(old):] if node == old or node.startswith(old + "/") else node
+        if isinstance(node, list):
+            return [move(item) for item in node]
+        if isinstance(node, dict):
+            return {key: move(value) for key, value in node.items()}
+        return node
+
+    moved = []
+    for file in files.files:
+        try:
+            content = _dump(move(yaml.safe_load(file.content)))
+        except yaml.YAMLError:
+            content = file.content  # static_bootstrap reports it
+        moved.append(RenderedFile(move(file.path), content, file.kind))
+    return replace(files, proxy_dir=root, files=tuple(moved))
+
+
+def _reason(message: str, count: int = 8) -> str:
+    return " | ".join(line.strip() for line in message.splitlines()[-count:] if line.strip())
 
 
 @dataclass(frozen=True)
@@ -73,19 +633,6 @@ class FirewallUnitContext:
 
     nft: str
     ruleset_path: str
-
-
-def render_envoy_config(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> str:
-    """The Envoy bootstrap (YAML) of one proxy; refuses an inconsistent config first."""
-    consistent(cfg)
-    text = _render(templates_dir, "envoy/envoy.yaml.j2", EnvoyConfigContext(cfg))
-    try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError as error:  # a template bug, but name the proxy
-        raise ConfigError(cfg.proxy, f"rendered Envoy config is not YAML: {error}") from error
-    if not isinstance(parsed, dict) or "static_resources" not in parsed:
-        raise ConfigError(cfg.proxy, "rendered Envoy config has no static_resources")
-    return text
 
 
 def render_envoy_unit(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> str:

@@ -79,7 +79,7 @@ def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
         admin=_admin(proxy),
         secrets=Secrets(
             CertificateSecret(CERTIFICATE_SECRET, paths.cert_path(proxy), paths.key_path(proxy)),
-            TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.CA_PATH),
+            TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.proxy_ca_path(proxy)),
         ),
         inbound=_inbound(workload, trust_domain),
         outbound=tuple(_outbound(upstream, cluster.protocol)

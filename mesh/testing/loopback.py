@@ -1,7 +1,8 @@
 """Real Envoys on loopback, no lab: a two-service mesh (`web` calls `api`) on 127.0.0.2 and 127.0.0.3 rendered by
-mesh's own `compute_proxy_config` + `render_envoy_config`, certificates from mesh's own CA in a throwaway state
-dir, Envoys started under this process (they get SIGTERM when it exits: PR_SET_PDEATHSIG) and stopped by PID,
-and a fast fixed-answer HTTP app. Benchmarks and tests only; never imported by mesh itself.
+mesh's own `compute_proxy_config` + `render_proxy_files` into proxy folders under a temp folder (laid out as a
+deploy lays out /etc/mesh/proxies/<proxy>: bootstrap, xds/, ca.pem, the `tls` link), certificates from mesh's own
+CA in a throwaway state dir, Envoys started under this process (they get SIGTERM when it exits: PR_SET_PDEATHSIG)
+and stopped by PID, and a fast fixed-answer HTTP app. Benchmarks and tests only; never imported by mesh itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -29,11 +30,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.config import compute_proxy_config
+from mesh.config import compute_proxy_config, paths
+from mesh.config.model import Admin, CertificateSecret, ProxyConfig, Secrets, TrustBundleSecret
 from mesh.config.validate import envoy_binary, rewrite_file_paths
 from mesh.inventory.model import Connection, Health, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority
-from mesh.render import render_envoy_config
+from mesh.render import (
+    ProxyFiles,
+    host_validation,
+    render_proxy_files,
+    stale_paths,
+    static_bootstrap,
+    transition,
+)
 
 T = TypeVar("T")
 CLIENT_ADDRESS = "127.0.0.2"  # web's host
@@ -125,19 +134,87 @@ def issue_identities(state_dir: Path, trust_domain: str, workloads: tuple[Worklo
     return identities
 
 
+def proxy_config_in(cfg: ProxyConfig, folder: Path, inbound_address: str | None = None) -> ProxyConfig:
+    """cfg with its proxy folder at `folder` instead of /etc/mesh/proxies/<proxy> (envoy.yaml, xds/, the `tls`
+    link, ca.pem, admin/admin.sock there), and its inbound listener on inbound_address when given."""
+    root = str(folder)
+    secrets = Secrets(CertificateSecret(cfg.secrets.certificate.name, f"{root}/tls/cert.pem", f"{root}/tls/key.pem"),
+                      TrustBundleSecret(cfg.secrets.trust_bundle.name, f"{root}/{paths.PROXY_CA_NAME}"))
+    inbound = replace(cfg.inbound, address=inbound_address) if inbound_address else cfg.inbound
+    return replace(cfg, config_path=f"{root}/envoy.yaml", admin=Admin(f"{root}/admin/admin.sock", cfg.admin.mode),
+                   secrets=secrets, inbound=inbound)
+
+
+def mesh_proxy_files(loop: TwoServiceMesh, workload: Workload, folder: Path) -> ProxyFiles:
+    """The files mesh renders for `workload`, its proxy folder at `folder`, its inbound listener on its host's
+    127.0.0.x."""
+    return render_proxy_files(proxy_config_in(compute_proxy_config(loop.mesh, workload), folder,
+                                              loop.address(workload)))
+
+
 def mesh_envoy_config(loop: TwoServiceMesh, workload: Workload, identity: Identity, folder: Path) -> dict[str, Any]:
-    """The config mesh renders for `workload`, with its inbound listener on its host's 127.0.0.x and its cert
-    paths (/etc/mesh/...) rewritten to files under folder."""
-    cfg = compute_proxy_config(loop.mesh, workload)
-    config = yaml.safe_load(render_envoy_config(cfg))
-    for listener in config["static_resources"]["listeners"]:
-        if listener["name"] == "inbound":
-            listener["address"]["socket_address"]["address"] = loop.address(workload)
-    files = {cfg.secrets.certificate.certificate_chain: identity.chain,
-             cfg.secrets.certificate.private_key: identity.key,
-             cfg.secrets.trust_bundle.trusted_ca: identity.root}
-    rewrite_file_paths(config, folder / "files", lambda path, _role: files[path])
+    """One static config of what mesh renders for `workload` (the static equivalent of its files: every resource
+    inline), with its inbound listener on its host's 127.0.0.x and its certificate files under folder."""
+    config = static_bootstrap(mesh_proxy_files(loop, workload, folder / "proxy"), dynamic=False)
+    by_role = {"certificate_chain": identity.chain, "private_key": identity.key, "trusted_ca": identity.root}
+    rewrite_file_paths(config, folder / "files", lambda _path, role: by_role[role])
     return dict(config)
+
+
+def lay_out_proxy(files: ProxyFiles, identity: Identity, tls_version: str = "1") -> None:
+    """A proxy folder as a deploy leaves it: ca.pem, `tls` -> tls.<version>/ (key and chain), admin/ (0700), then
+    every file of `files` moved into place."""
+    folder = Path(files.proxy_dir)
+    (folder / "admin").mkdir(parents=True, exist_ok=True, mode=0o700)
+    _replace_file(folder / paths.PROXY_CA_NAME, identity.root)
+    swap_tls(folder, identity, tls_version)
+    move_into_place(files)
+
+
+def move_into_place(files: ProxyFiles, previous: ProxyFiles | None = None, validate: bool = True) -> list[str]:
+    """Move `files` into place as the deploy does on a host (render.host_validation): the steps of
+    render.transition (the files that differ from `previous`, every file when None; cds.yaml twice when
+    clusters leave) written into the staging folder, checked by this machine's Envoy (its `command`, unless
+    validate=False), then its `install` script run by sh: each file renamed into place, waiting for a running
+    Envoy to take it; stale xds files removed. The paths moved, in order; RuntimeError when a script fails."""
+    on_host = {file.path: file.sha256 for file in previous.files} if previous else {}
+    host_cds = next((file.content for file in previous.files if file.path.endswith("/xds/cds.yaml")), None) \
+        if previous else None
+    steps = transition(files, on_host, host_cds)
+    plan = host_validation(files, steps, stale_paths(files, on_host), user=None, envoy=envoy_binary())
+    for file in plan.staged:
+        Path(file.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(file.path).write_text(file.content)
+    Path(plan.config_path).write_text(plan.config)
+    for script in ([plan.command] if validate else []) + [plan.install]:
+        done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{script[:200]}... failed ({done.returncode}): {done.stderr[-2000:]}")
+    return [final for _staged, final in plan.moves]
+
+
+def swap_tls(folder: Path, identity: Identity, version: str) -> None:
+    """Write the key and chain into folder/tls.<version>/ and point the `tls` link at it in one rename (the old
+    folder is left: the deploy removes it after the swap)."""
+    target = folder / f"{paths.TLS_VERSION_PREFIX}{version}"
+    target.mkdir(parents=True)
+    (target / "key.pem").touch(mode=0o600)
+    (target / "key.pem").write_bytes(identity.key)
+    (target / "cert.pem").write_bytes(identity.chain)
+    temp = folder / ".tls.new"
+    temp.unlink(missing_ok=True)
+    temp.symlink_to(target.name)
+    os.replace(temp, folder / "tls")
+
+
+def _replace_file(path: Path, data: bytes | str, staging: Path | None = None) -> None:
+    """Write data beside (or in staging) and rename it over path: a watcher sees one whole new file arrive."""
+    staging = staging or path.parent
+    staging.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = staging / f".{path.name}.new"
+    temp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(temp, path)
 
 
 def write_identity(identity: Identity, folder: Path) -> dict[str, Path]:
@@ -209,7 +286,21 @@ def start_envoy(name: str, config: Mapping[str, Any], folder: Path, base_id: int
     admin_socket = folder / "admin.sock"
     config = {**config, "admin": {"address": {"pipe": {"path": str(admin_socket), "mode": 0o600}}}}
     config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    log = folder / "envoy.log"
+    return _run_envoy(name, config_path, admin_socket, base_id, folder / "envoy.log", extra_args, timeout)
+
+
+def start_proxy(name: str, files: ProxyFiles, base_id: int, extra_args: tuple[str, ...] = (),
+                timeout: float = 15.0) -> RunningEnvoy:
+    """Run Envoy on the bootstrap of a laid-out proxy folder (lay_out_proxy), as its unit does, until /ready says
+    LIVE; its log is <proxy folder>/envoy.log."""
+    bootstrap = yaml.safe_load(files.bootstrap.content)
+    admin_socket = Path(bootstrap["admin"]["address"]["pipe"]["path"])
+    return _run_envoy(name, Path(files.bootstrap.path), admin_socket, base_id, Path(files.proxy_dir, "envoy.log"),
+                      extra_args, timeout)
+
+
+def _run_envoy(name: str, config_path: Path, admin_socket: Path, base_id: int, log: Path,
+               extra_args: tuple[str, ...], timeout: float) -> RunningEnvoy:
     with log.open("wb") as sink:
         process = subprocess.Popen([envoy_binary(), "-c", str(config_path), "--base-id", str(base_id),
                                     "--log-level", "warn", *extra_args],

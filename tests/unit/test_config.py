@@ -26,7 +26,7 @@ def test_names_paths_and_admin() -> None:
     # Behind the `tls` link, swapped to a new folder with a new key (paths.tls_link).
     assert cfg.secrets.certificate.private_key == "/etc/mesh/proxies/db-1/tls/key.pem"
     assert cfg.secrets.certificate.certificate_chain == "/etc/mesh/proxies/db-1/tls/cert.pem"
-    assert cfg.secrets.trust_bundle.trusted_ca == "/etc/mesh/ca.pem"
+    assert cfg.secrets.trust_bundle.trusted_ca == "/etc/mesh/proxies/db-1/ca.pem"  # a copy per proxy
     # admin_port (19001) opens nothing: admin is a socket in the proxy's folder, 0600.
     assert (cfg.admin.socket_path, cfg.admin.mode) == ("/etc/mesh/proxies/db-1/admin/admin.sock", 0o600)
 
