@@ -12,13 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mesh.config import paths
-from mesh.deploy.connection import Connector, RemoteError
 from mesh.deploy.steps.ownership import Owned
 from mesh.errors import MeshError
 from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT
 from mesh.healthcheck.config import CHECKER_USER
 from mesh.healthcheck.config import CONFIG_DIR as CHECKER_DIR
 from mesh.healthcheck.config import KEY_FILE as CHECKER_KEY
+from mesh.hosts.connection import Connector, RemoteError
 from mesh.inventory.model import health_checker_spiffe_id
 from mesh.pki import CertificateAuthority, leaf_info
 
@@ -82,26 +82,35 @@ def checker_identity(trust_domain: str) -> Identity:
 
 def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuthority,
                    ttl: timedelta | None = None) -> str | None:
-    """Why the host's certificate must be replaced (missing, unreadable, another SPIFFE ID, another CA, past
-    half its lifetime, valid for longer than `ttl` allows, not matching the key), or None when it is good."""
+    """Why the host's certificate must be replaced (see certificate_reason), read from the host, or None."""
     try:
         cert = connector.get(identity.cert)
     except RemoteError:
         return "unreadable"
     if cert is None:
         return "missing"
+    public = connector.run(f"openssl pkey -in {shlex.quote(identity.key)} -pubout")
+    return certificate_reason(cert, public.stdout if public.ok else None, identity.spiffe_id, ca, ttl)
+
+
+def certificate_reason(cert: bytes | None, public_key: bytes | None, spiffe_id: str, ca: CertificateAuthority,
+                       ttl: timedelta | None = None) -> str | None:
+    """Why a certificate must be replaced (missing, unreadable, another SPIFFE ID, another CA, past half its
+    lifetime, valid for longer than `ttl` allows, not matching the key beside it), or None when it is good.
+    Pure: the certificate and the key's public half are given (the private key is never read)."""
+    if cert is None:
+        return "missing"
     try:
         info = leaf_info(cert)
     except MeshError:
         return "unreadable"
-    if info.spiffe_id != identity.spiffe_id:
-        return f"issued for {info.spiffe_id}, not {identity.spiffe_id}"
+    if info.spiffe_id != spiffe_id:
+        return f"issued for {info.spiffe_id}, not {spiffe_id}"
     if ca.needs_renewal(cert):
         return "past half its lifetime or not from this CA"
     if ttl is not None and info.not_after - datetime.now(UTC) > ttl + TTL_SLACK:
         return f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC, longer than mesh_cert_ttl allows"
-    public = connector.run(f"openssl pkey -in {shlex.quote(identity.key)} -pubout")
-    if not public.ok or _public_key(cert) != public.stdout.strip():
+    if public_key is None or _public_key(cert) != public_key.strip():
         return "does not match the key on the host"
     return None
 

@@ -1,0 +1,144 @@
+"""build_plan: the whole fleet's plan from the validated mesh and what was decided before it (the CA's root,
+Envoy's binary, the sidecar image, the Consul files for the checker). Pure: it reads no file and reaches no
+host, so an error here stops the run before anything changed. It owns which files, folders, users and units
+each kind of host gets; the render functions own their contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mesh.config import paths
+from mesh.config.compute import compute_proxy_config
+from mesh.containers.image import SIDECAR_UID
+from mesh.containers.reachability import (
+    LIST_PATH,
+    RULES_PATH,
+    WATCHER_PATH,
+    WATCHER_UNIT,
+    WATCHER_UNIT_PATH,
+    render_rules,
+    render_sidecar_list,
+    render_watcher,
+    render_watcher_unit,
+)
+from mesh.containers.sidecar import files_hash, sidecar_spec
+from mesh.controller_env import CHECKER_UNIT, render_checker_unit
+from mesh.deploy.modules.builtin import unit_check
+from mesh.healthcheck.config import (
+    CA_FILE,
+    CHECKER_USER,
+    CONFIG_DIR,
+    CONSUL_CA_FILE,
+    DEFAULT_CONFIG,
+    TOKEN_FILE,
+    checker_config,
+)
+from mesh.inventory.model import ManagedHost, Mesh, Workload, health_checker_spiffe_id
+from mesh.plan.model import Effect, HostPlan, Plan, PlannedFile, PlannedFolder, ProxyPlan
+from mesh.render import render_envoy_unit, render_firewall, render_firewall_unit, render_proxy_files
+
+FIREWALL_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{paths.FIREWALL_UNIT}"
+FIREWALL_CHECK = f"{paths.NFT_BINARY} -c -f %s"  # nft's own check of a staged ruleset (%s: its path)
+CHECKER_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{CHECKER_UNIT}"
+HOST_FOLDERS = (paths.MESH_ROOT, f"{paths.MESH_ROOT}/proxies", "/usr/local/lib/mesh")
+FILE_EFFECT: dict[str, Effect] = {"bootstrap": "restart", "resource": "reload", "secret": "reload",
+                                  "trust": "reload"}
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the plan needs beyond the mesh, decided (and read from disk) before it by the caller."""
+
+    ca_root_pem: bytes
+    ca_fingerprint: str
+    envoy_sha256: str | None = None  # None when no VM is planned
+    sidecar_image: str | None = None  # None when no container host is planned
+    consul_token: bytes | None = None  # the checker's token file content (mesh_consul_token_file)
+    consul_ca: bytes | None = None  # Consul's CA bundle (mesh_consul_ca_file)
+
+
+def build_plan(mesh: Mesh, inputs: PlanInputs, hosts: Sequence[ManagedHost] | None = None) -> Plan:
+    """The plan of `hosts` (by default every managed host of the mesh). Raises ConfigError (exit 1) or
+    UnsafeScript on what cannot be rendered; never touches anything."""
+    chosen = mesh.hosts if hosts is None else tuple(hosts)
+    return Plan(mesh.settings.id, inputs.ca_fingerprint, tuple(_host_plan(mesh, host, inputs) for host in chosen))
+
+
+def _host_plan(mesh: Mesh, host: ManagedHost, inputs: PlanInputs) -> HostPlan:
+    proxies = tuple(_proxy_plan(mesh, host, workload, inputs) for workload in host.workloads)
+    folders: list[PlannedFolder] = []
+    files: list[PlannedFile] = []
+    users: list[str] = []
+    units: list[str] = []
+    if host.workloads:
+        folders += [PlannedFolder(path, 0o755, "root", "root") for path in HOST_FOLDERS]
+        files.append(PlannedFile(paths.CA_PATH, inputs.ca_root_pem, 0o644, "root", "root"))
+    if host.workloads and host.kind == "vm":
+        files.append(PlannedFile(paths.FIREWALL_PATH, render_firewall(host).encode(), 0o644, "root", "root",
+                                 check=FIREWALL_CHECK))
+        files.append(PlannedFile(FIREWALL_UNIT_PATH, render_firewall_unit().encode(), 0o644, "root", "root",
+                                 check=unit_check(paths.FIREWALL_UNIT)))
+        users += [proxy.user for proxy in proxies]
+        units += [paths.envoy_unit_name(proxy.name) for proxy in proxies] + [paths.FIREWALL_UNIT]
+    if host.workloads and host.kind == "container_host":
+        files += [PlannedFile(LIST_PATH, render_sidecar_list(host).encode(), 0o644, "root", "root"),
+                  PlannedFile(RULES_PATH, render_rules(host).encode(), 0o755, "root", "root"),
+                  PlannedFile(WATCHER_PATH, render_watcher(host).encode(), 0o755, "root", "root"),
+                  PlannedFile(WATCHER_UNIT_PATH, render_watcher_unit().encode(), 0o644, "root", "root",
+                              check=unit_check(WATCHER_UNIT))]
+        units.append(WATCHER_UNIT)
+    if host.is_controller:
+        folders += [PlannedFolder(paths.MESH_ROOT, 0o755, "root", "root"),
+                    PlannedFolder(CONFIG_DIR, 0o750, "root", CHECKER_USER)]
+        files += [PlannedFile(CA_FILE, inputs.ca_root_pem, 0o644, "root", "root"),
+                  PlannedFile(DEFAULT_CONFIG, checker_config(mesh).to_json().encode(), 0o644, "root", "root"),
+                  PlannedFile(CHECKER_UNIT_PATH, render_checker_unit().encode(), 0o644, "root", "root",
+                              check=unit_check(CHECKER_UNIT))]
+        if inputs.consul_token is not None:
+            files.append(PlannedFile(TOKEN_FILE, inputs.consul_token, 0o600, CHECKER_USER, CHECKER_USER,
+                                     secret=True))
+        if inputs.consul_ca is not None:
+            files.append(PlannedFile(CONSUL_CA_FILE, inputs.consul_ca, 0o644, "root", "root"))
+        users.append(CHECKER_USER)
+        units.append(CHECKER_UNIT)
+    return HostPlan(host, proxies, tuple(_unique_folders(folders)), tuple(files), tuple(users), tuple(units),
+                    envoy_sha256=inputs.envoy_sha256 if host.kind == "vm" and host.workloads else None,
+                    sidecar_image=inputs.sidecar_image if host.kind == "container_host" and host.workloads else None,
+                    checker_identity=health_checker_spiffe_id(mesh.settings.trust_domain)
+                    if host.is_controller else None)
+
+
+def _proxy_plan(mesh: Mesh, host: ManagedHost, workload: Workload, inputs: PlanInputs) -> ProxyPlan:
+    config = compute_proxy_config(mesh, workload)
+    proxy = config.proxy
+    rendered = render_proxy_files(config)
+    container = host.kind == "container_host"
+    user = str(SIDECAR_UID) if container else paths.envoy_user(proxy)
+    group = user
+    reader = "0" if container else "root"
+    folders = (PlannedFolder(paths.proxy_dir(proxy), 0o750, reader, group),
+               PlannedFolder(paths.xds_dir(proxy), 0o750, reader, group),
+               PlannedFolder(paths.admin_dir(proxy), 0o700, user, group))
+    files = [PlannedFile(paths.proxy_ca_path(proxy), inputs.ca_root_pem, 0o640, reader, group, "reload")]
+    files += [PlannedFile(item.path, item.content.encode(), 0o640, reader, group, FILE_EFFECT[item.kind])
+              for item in rendered.files]
+    unit = None
+    sidecar = None
+    if container:
+        image = inputs.sidecar_image or ""
+        bootstrap = rendered.bootstrap
+        sidecar = sidecar_spec(host, workload, image, files_hash({bootstrap.path: bootstrap.sha256}, image))
+    else:
+        unit = PlannedFile(paths.envoy_unit_path(proxy), render_envoy_unit(config).encode(), 0o644, "root", "root",
+                           "restart", check=unit_check(paths.envoy_unit_name(proxy)))
+    return ProxyPlan(proxy, workload, config, user, folders, tuple(files), unit, rendered.bootstrap_sha256,
+                     sidecar)
+
+
+def _unique_folders(folders: list[PlannedFolder]) -> list[PlannedFolder]:
+    seen: dict[str, PlannedFolder] = {}
+    for folder in folders:
+        seen.setdefault(folder.path, folder)
+    return list(seen.values())
