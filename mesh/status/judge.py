@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mesh import catalog
-from mesh.containers.sidecar import files_hash, hashed_files, sidecar_spec
+from mesh.containers.sidecar import files_hash, sidecar_spec
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import ManagedHost
 from mesh.pki.expiry import WARN_REMAINING, Expiry, judge_pem
@@ -147,14 +147,15 @@ def _config(host: ManagedHost, expected: ExpectedProxy, readings: Readings, read
     elif not host_ca.ok or proxy_ca.text().split()[:1] != host_ca.text().split()[:1]:
         differing.append(FileDifference(expected.ca_path, "content differs"))
     if differing:
-        listed = ", ".join(f"{item.path} ({item.reason})" for item in differing)
-        problems.append(f"files on the host differ from the inventory's: {listed} (run mesh deploy)")
+        folder = expected.files.proxy_dir.rstrip("/") + "/"
+        listed = ", ".join(f"{item.path.removeprefix(folder)} ({item.reason})" for item in differing)
+        problems.append(f"files in {folder} differ from the inventory's: {listed} (run mesh deploy)")
     drifts: list[RunningDrift] = []
     if server_info is not None:
         drifts = _running_drifts(expected, on_host, server_info, read, certificate)
         if drifts:
             problems.append("files newer than running: " + "; ".join(drift.describe() for drift in drifts))
-    current = _container_current(host, expected, read, seen, problems) if expected.runs_as_sidecar else None
+    current = _container_current(host, expected, on_host, seen, problems) if expected.runs_as_sidecar else None
     return ConfigStatus(tuple(differing), tuple(drifts), server_info is not None, current)
 
 
@@ -176,17 +177,18 @@ def _running_drifts(expected: ExpectedProxy, on_host: Mapping[str, str], server_
     return drifts
 
 
-def _container_current(host: ManagedHost, expected: ExpectedProxy, read: _Read, seen: dict[str, ContainerSeen] | str,
-                       problems: list[str]) -> bool | None:
-    """The sidecar runs the spec the files on the host ask for (its mesh.config-hash label)."""
+def _container_current(host: ManagedHost, expected: ExpectedProxy, on_host: Mapping[str, str],
+                       seen: dict[str, ContainerSeen] | str, problems: list[str]) -> bool | None:
+    """The sidecar runs the spec the bootstrap on the host asks for: its mesh.config-hash label is the revision
+    mesh.plan.build gives it (the bootstrap's sha256 and the image; resources and certificates are reloaded)."""
     sidecar = seen.get(str(expected.sidecar)) if isinstance(seen, dict) else None
-    if sidecar is None:
+    bootstrap = on_host.get(expected.files.bootstrap.path)
+    if sidecar is None or bootstrap is None:
         return None
-    digests = {path: read(f"sha256 {path}").text().split(" ")[0] if read(f"sha256 {path}").ok else ""
-               for path in hashed_files(expected.proxy)}
-    revision = sidecar_spec(host, expected.workload, sidecar.image, files_hash(digests, sidecar.image)).revision
-    if sidecar.label != revision:
-        problems.append(f"{expected.sidecar} does not run the current files (run mesh deploy)")
+    digest = hashlib.sha256(bootstrap.encode()).hexdigest()
+    config_hash = files_hash({expected.files.bootstrap.path: digest}, sidecar.image)
+    if sidecar.label != sidecar_spec(host, expected.workload, sidecar.image, config_hash).revision:
+        problems.append(f"{expected.sidecar} does not run the current bootstrap and spec (run mesh deploy)")
         return False
     return True
 

@@ -41,9 +41,9 @@ def print_table(report: StatusReport, console: Console) -> None:
             table.add_row(*cells, style="red" if bad else None)
     console.print(table)
     for what, problem in (item for host in report.hosts for item in host.all_problems()):
-        console.print(Text(f"{what}: {problem}", style="red"))
+        console.print(Text(f"{what}: {problem}", style="red"), soft_wrap=True)
     if not report.consul.readable:
-        console.print(Text(f"Consul: {report.consul.reason}", style="red"))
+        console.print(Text(f"Consul: {report.consul.reason}", style="red"), soft_wrap=True)
 
 
 Row = tuple[tuple[str | Text, ...], bool]  # the cells, and whether the row has a problem

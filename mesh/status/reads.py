@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from mesh import controller_env
 from mesh.config import paths
 from mesh.containers.reachability import RULES_PATH, WATCHER_UNIT
-from mesh.containers.sidecar import LABEL_CONFIG_HASH, hashed_files
+from mesh.containers.sidecar import LABEL_CONFIG_HASH
 from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT_PATH
 from mesh.status.expected import ExpectedProxy
 
@@ -64,9 +64,6 @@ def proxy_commands(proxy: ExpectedProxy) -> dict[str, str]:
         commands[key(proxy, f"admin {name}")] = (f"curl -s -m {ADMIN_TIMEOUT_S} --unix-socket "
                                                  f"{shlex.quote(proxy.admin_socket)} "
                                                  f"{shlex.quote('http://localhost/' + path)}")
-    if proxy.runs_as_sidecar:
-        for path in hashed_files(proxy.proxy):
-            commands[key(proxy, f"sha256 {path}")] = sha256(path)
     return commands
 
 

@@ -4,7 +4,6 @@ a `RunningEnvoy` a test may change). Nothing here is a test."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mesh.config import paths
-from mesh.containers.sidecar import files_hash, hashed_files, sidecar_spec
+from mesh.containers.sidecar import files_hash, sidecar_spec
 from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT_PATH
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.check import check_inventory
@@ -94,6 +93,7 @@ class Fleet:
     ca_pem: bytes
     serials: dict[str, int] = field(default_factory=dict)  # proxy -> the serial of its leaf on disk
     envoys: dict[str, RunningEnvoy] = field(default_factory=dict)  # proxy -> its admin answers
+    docker_inspect: dict[str, str] = field(default_factory=dict)  # host -> what status's docker inspect prints
 
     def host(self, name: str) -> ManagedHost:
         return next(host for host in self.mesh.hosts if host.name == name)
@@ -152,17 +152,19 @@ def _lay_out(fleet: Fleet, ca: CertificateAuthority, managed: ManagedHost, host:
         host.units[expected.unit] = FakeUnit("active", True)
         host.stub(r"systemctl show -p MainPID --value " + re.escape(expected.unit), CommandResult(0, b"4242\n", b""))
     else:
-        _sidecar(managed, host, expected)
+        _sidecar(fleet, managed, host, expected)
 
 
-def _sidecar(managed: ManagedHost, host: FakeHost, expected: ExpectedProxy) -> None:
+def _sidecar(fleet: Fleet, managed: ManagedHost, host: FakeHost, expected: ExpectedProxy) -> None:
     """The sidecar and its app container, as `docker container inspect` with status's format shows them."""
-    digests = {path: hashlib.sha256(host.files[path].data or b"").hexdigest() for path in hashed_files(expected.proxy)
-               if path in host.files}
-    label = sidecar_spec(managed, expected.workload, SIDECAR_IMAGE, files_hash(digests, SIDECAR_IMAGE)).revision
+    bootstrap = expected.files.bootstrap  # the revision mesh.plan.build gives a sidecar
+    config_hash = files_hash({bootstrap.path: bootstrap.sha256}, SIDECAR_IMAGE)
+    label = sidecar_spec(managed, expected.workload, SIDECAR_IMAGE, config_hash).revision
     lines = (f"/{expected.sidecar}|{'c' * 64}|running|true|{label}|{SIDECAR_IMAGE}|301|{NETNS}\n"
              f"/{expected.workload.container}|{'a' * 64}|running|true|<no value>|app:1|300|{NETNS}\n")
-    host.stub(r"docker container inspect", CommandResult(0, lines.encode(), b""))
+    fleet.docker_inspect[managed.name] = lines
+    host.stub(r"docker container inspect",
+              lambda cmd, stdin: CommandResult(0, fleet.docker_inspect[managed.name].encode(), b""))
     host.units["mesh-sidecars.service"] = FakeUnit("active", True)
     host.stub(r"sidecar-rules\S* check", CommandResult(0, b"", b""))
 
