@@ -600,8 +600,13 @@ def _relocated(files: ProxyFiles, root: str) -> ProxyFiles:
     return replace(files, proxy_dir=root, files=tuple(moved))
 
 
-def _reason(message: str, count: int = 8) -> str:
-    return " | ".join(line.strip() for line in message.splitlines()[-count:] if line.strip())
+def _reason(message: str) -> str:
+    """Envoy's own reason from `--mode validate` output: its [critical] line and, when Envoy printed the offending
+    config after it, the last lines (where the reason ends)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    first = next((index for index, line in enumerate(lines) if "[critical]" in line), max(0, len(lines) - 3))
+    shown = lines[first:] if len(lines) - first <= 4 else [lines[first], "...", *lines[-2:]]
+    return " | ".join(shown)[:3000]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Every golden Envoy config passes the real `envoy --mode validate`, and real Envoys on loopback do the job.
+"""Every proxy's rendered files (the golden cases and the lab's inventory) pass validate_proxy_files (the real Envoy),
+a broken listener or cluster in a resource file is refused with Envoy's reason, and real Envoys started from
+rendered proxy folders on loopback do the job.
 
 The loopback test needs no lab: three Envoys (127.0.0.2-4) with throwaway certificates, a Python app behind each.
 """
@@ -6,6 +8,7 @@ The loopback test needs no lab: three Envoys (127.0.0.2-4) with throwaway certif
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import http.server
 import json
@@ -24,40 +27,92 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.config import EnvoyRejectedConfig, compute_proxy_config, health_server_name
-from mesh.config.validate import rewrite_file_paths, validate_envoy_config
+from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import Connection, Health, ManagedHost, Mesh, MeshSettings, Upstream, Workload
-from mesh.render import render_envoy_config
+from mesh.inventory.validate import build_mesh
+from mesh.lab.topology import LabSize, build_topology, render_inventory
+from mesh.render import ProxyFiles, RenderedFile, render_proxy_files, validate_proxy_files
 from mesh.testing import loopback
 from mesh.testing.loopback import RunningEnvoy, eventually, free_port, stop_envoys
 
-GOLDEN_ENVOY = Path(__file__).resolve().parent / "golden" / "envoy"
+GOLDEN_INVENTORY = Path(__file__).resolve().parent / "golden" / "envoy" / "input" / "inventory.yaml"
 TRUST_DOMAIN = "loop.mesh"
 WAIT_S = 30.0
 T = TypeVar("T")
 
 
-@pytest.mark.parametrize("golden", sorted(GOLDEN_ENVOY.glob("*.yaml")), ids=lambda path: path.stem)
-def test_golden_envoy_config_passes_envoy_validate(golden: Path) -> None:
-    validate_envoy_config(golden.read_text())
+def mesh_of(inventory: Path) -> Mesh:
+    return build_mesh(load_inventory(str(inventory)), str(inventory))
 
 
-def test_golden_configs_exist() -> None:
-    assert len(list(GOLDEN_ENVOY.glob("*.yaml"))) >= 6, "run pytest --update-goldens tests/unit/test_render.py"
+def lab_inventory(folder: Path) -> Path:
+    """The inventory `mesh lab up` writes (inventory/lab.yaml), rendered here for the lab's default size."""
+    path = folder / "lab.yaml"
+    path.write_text(render_inventory(build_topology(LabSize()), folder / "id_ed25519", folder / "known_hosts"))
+    return path
 
 
-def test_validate_reports_envoys_message_and_the_proxy() -> None:
-    text = (GOLDEN_ENVOY / "web-vm1-http-upstream.yaml").read_text()
-    broken = text.replace("lb_policy: ROUND_ROBIN", "lb_policy: NO_SUCH_POLICY", 1)
+def all_proxy_files(mesh: Mesh) -> list[ProxyFiles]:
+    return [render_proxy_files(compute_proxy_config(mesh, workload)) for workload in mesh.workloads]
+
+
+def test_golden_proxies_files_pass_envoy() -> None:
+    ca = make_ca("golden CA").cert_pem
+    every = all_proxy_files(mesh_of(GOLDEN_INVENTORY))
+    assert len(every) >= 6
+    for files in every:
+        validate_proxy_files(files, ca)
+
+
+def test_lab_proxies_files_pass_envoy(tmp_path: Path) -> None:
+    ca = make_ca("lab CA").cert_pem
+    every = all_proxy_files(mesh_of(lab_inventory(tmp_path)))
+    distinct = {tuple(file.content for file in files.files): files for files in every}
+    assert len(distinct) == len(every) >= 5  # web, api on VMs and in containers, db: each its own files
+    for files in distinct.values():
+        validate_proxy_files(files, ca)
+
+
+def broken(files: ProxyFiles, name: str, old: str, new: str) -> ProxyFiles:
+    """files with `old` replaced by `new` (once) in the xds file `name`."""
+    path = f"{files.proxy_dir}/xds/{name}"
+    original = files.file(path)
+    assert old in original.content, f"{old!r} not in {name}"
+    changed = RenderedFile(path, original.content.replace(old, new, 1), original.kind)
+    return dataclasses.replace(files, files=tuple(changed if file is original else file for file in files.files))
+
+
+@pytest.mark.parametrize(("name", "old", "new", "reason"), [
+    ("lds.yaml", "tcp_proxy.v3.TcpProxy", "tcp_proxy.v3.NoSuchProxy", "NoSuchProxy"),
+    ("lds.yaml", "port_value: 19102", "port_value: 99999999", "PortValue"),
+    ("cds.yaml", "lb_policy: ROUND_ROBIN", "lb_policy: NO_SUCH_POLICY", "NO_SUCH_POLICY"),
+    ("cds.yaml", "connect_timeout: 1s", "connect_timeout: 0s", "ConnectTimeout"),
+    ("rds.outbound-pricing.yaml", "num_retries: 2", "num_retries: many", "num_retries"),
+    ("eds.upstream-db.yaml", "address: 10.0.0.12", "address: not-an-ip", "not-an-ip"),
+    ("sds.proxy-cert.yaml", "certificate_chain:", "certificate_chian:", "certificate_chian"),
+], ids=["listener-filter", "listener-port", "cluster-lb-policy", "cluster-timeout", "route", "endpoint", "secret"])
+def test_a_broken_resource_file_is_refused_with_envoys_reason(name: str, old: str, new: str, reason: str) -> None:
+    mesh = mesh_of(GOLDEN_INVENTORY)
+    api = next(w for w in mesh.workloads if (w.host, w.service) == ("vm2", "api"))
+    files = render_proxy_files(compute_proxy_config(mesh, api))
+    ca = make_ca("golden CA").cert_pem
+    validate_proxy_files(files, ca)  # the control: the same files, unbroken, pass
     with pytest.raises(EnvoyRejectedConfig) as caught:
-        validate_envoy_config(broken)
-    assert "web-vm1-0" in str(caught.value) and "NO_SUCH_POLICY" in str(caught.value)
+        validate_proxy_files(broken(files, name, old, new), ca)
+    assert files.proxy in str(caught.value) and reason in str(caught.value)
+
+
+def test_a_trust_bundle_that_is_no_certificate_is_refused() -> None:
+    mesh = mesh_of(GOLDEN_INVENTORY)
+    files = all_proxy_files(mesh)[0]
+    with pytest.raises(EnvoyRejectedConfig, match="ca.pem"):
+        validate_proxy_files(files, b"not a certificate\n")
 
 
 # --- throwaway PKI (mesh/pki.py is the real one; this test must not depend on it) ---
@@ -188,15 +243,16 @@ def loopback_mesh() -> Loopback:
     return Loopback(Mesh(MeshSettings(trust_domain=TRUST_DOMAIN), hosts, (), services), web, api, db)
 
 
-def start_envoy(loop: Loopback, workload: Workload, files: dict[str, bytes], folder: Path, base_id: int) -> RunningEnvoy:
-    """Render the workload's real config, bind its inbound listener to its host's 127.0.0.x, point it at `files`."""
-    config = yaml.safe_load(render_envoy_config(compute_proxy_config(loop.mesh, workload)))
+def start_envoy(loop: Loopback, workload: Workload, identity: loopback.Identity, folder: Path,
+                base_id: int) -> RunningEnvoy:
+    """Render the workload's real files into a proxy folder (inbound listener on its host's 127.0.0.x), lay it
+    out as a deploy does (ca.pem, the `tls` link) and start Envoy on its bootstrap."""
     address = loop.mesh.host(workload.host).connection.address
-    for listener in config["static_resources"]["listeners"]:
-        if listener["name"] == "inbound":
-            listener["address"]["socket_address"]["address"] = address
-    rewrite_file_paths(config, folder / "files", lambda path, _role: files[path])
-    return loopback.start_envoy(workload.service, config, folder, base_id)
+    cfg = loopback.proxy_config_in(compute_proxy_config(loop.mesh, workload), folder, address)
+    files = render_proxy_files(cfg)
+    validate_proxy_files(files, identity.root)
+    loopback.lay_out_proxy(files, identity)
+    return loopback.start_proxy(workload.service, files, base_id)
 
 
 def tls_request(address: str, port: int, server_name: str, ca: bytes, path: str = "/",
@@ -245,12 +301,8 @@ def test_two_services_over_mtls_on_loopback(tmp_path: Path) -> None:
             threading.Thread(target=api_app.serve_forever, daemon=True).start()
             for number, workload in enumerate((loop.web, loop.api, loop.db)):
                 cert, key = make_leaf(mesh_ca, workload.spiffe_id)
-                cfg = compute_proxy_config(loop.mesh, workload)
-                files = {cfg.secrets.certificate.certificate_chain: cert, cfg.secrets.certificate.private_key: key,
-                         cfg.secrets.trust_bundle.trusted_ca: mesh_ca.cert_pem}
-                folder = tmp_path / workload.service
-                folder.mkdir()
-                envoys.append(start_envoy(loop, workload, files, folder, base + number))
+                identity = loopback.Identity(cert, key, mesh_ca.cert_pem)
+                envoys.append(start_envoy(loop, workload, identity, tmp_path / workload.service, base + number))
             web_envoy, api_envoy, _db_envoy = envoys
             check_calls_through_the_mesh(loop, web_envoy)
             check_inbound_refusals(loop, tmp_path, mesh_ca, foreign_ca, api_envoy)
