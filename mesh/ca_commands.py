@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.cli_inventory import fleet_inventory, inventory_argument, inventory_option
-from mesh.deploy.connection import Connector
 from mesh.deploy.hostcerts import CertFile, HostFiles, all_cert_files, read_hosts
 from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError, UsageError
+from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, MeshSettings
 from mesh.pki import CertificateAuthority, IssuedRecord, fingerprint
 from mesh.pki.authority import ROOT_KEY
@@ -239,7 +239,7 @@ def check_exit_code(certs: Sequence[HostCert]) -> int:
 def check_fleet(inventory_path: str, factory: Callable[[ManagedHost], Connector] | None = None,
                 now: datetime | None = None) -> tuple[list[HostCert], int]:
     """Read every certificate on every managed host of the inventory (in parallel) and judge it."""
-    from mesh.deploy.connection import connect
+    from mesh.hosts.connection import connect
     from mesh.inventory.check import check_inventory
     from mesh.inventory.loader import load_inventory
 

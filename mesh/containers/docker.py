@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.containers.sidecar import LABEL_CONFIG_HASH
-from mesh.deploy.connection import Connector
 from mesh.deploy.errors import ModuleFailure
+from mesh.hosts.connection import Connector
 
 _FORMAT = ("{{.Id}}|{{.State.Status}}|{{.State.Running}}|{{.State.Pid}}|{{.RestartCount}}|"
            f'{{{{index .Config.Labels "{LABEL_CONFIG_HASH}"}}}}'

@@ -34,11 +34,11 @@ from mesh.containers.sidecar import (
     sidecar_spec,
     validate_args,
 )
-from mesh.deploy.connection import Connector
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.builtin import install_checked, unit_check
-from mesh.deploy.modules.facts import file_sha256
+from mesh.hosts.connection import Connector
+from mesh.hosts.facts import file_sha256
 from mesh.inventory.model import ManagedHost, Workload
 
 if TYPE_CHECKING:

@@ -20,7 +20,6 @@ from mesh.config import paths
 from mesh.config.validate import envoy_binary
 from mesh.containers.image import SidecarImage, build_sidecar_image_tar
 from mesh.deploy import trust
-from mesh.deploy.connection import connect
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import inventory_vars
 from mesh.deploy.modules import ModuleRegistry, registry
@@ -31,6 +30,7 @@ from mesh.deploy.runner import ConnectorFactory, run_playbook
 from mesh.deploy.steps import register_mesh_modules
 from mesh.deploy.steps.context import ControllerWheels, DeployContext, LocalFile
 from mesh.errors import EXIT_ERROR, EXIT_OK, InventoryError, InventoryErrors, MeshError, Origin, UsageError
+from mesh.hosts.connection import connect
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh

@@ -12,13 +12,14 @@ from typing import Any
 
 import structlog
 
-from mesh.deploy.connection import CommandResult, Connector, RemoteError
-from mesh.deploy.errors import HostUnreachable, ModuleFailure
+from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules import ModuleRegistry
 from mesh.deploy.modules.api import Change, Outcome, PutFile, TaskContext
 from mesh.deploy.playbook import Task
 from mesh.deploy.results import TaskResult
 from mesh.deploy.variables import ExpressionError, Templar
+from mesh.hosts.connection import CommandResult, Connector, RemoteError
+from mesh.hosts.errors import FactError, HostUnreachable
 from mesh.inventory.model import ManagedHost
 
 log = structlog.get_logger()
@@ -71,6 +72,8 @@ def run_module(run: HostRun, task: Task, args: dict[str, Any], scope: Mapping[st
         outcome: Outcome = stop.value or Outcome()
     except ModuleFailure as exc:
         return TaskResult("failed", exc.message, dict(exc.data), changed_anyway=changed)
+    except FactError as exc:
+        return TaskResult("failed", str(exc), changed_anyway=changed)
     if outcome.failed:
         return TaskResult("failed", outcome.msg, dict(outcome.data), changed_anyway=changed)
     return TaskResult("changed" if changed else "ok", outcome.msg, dict(outcome.data))

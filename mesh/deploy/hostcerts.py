@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh.config import paths
-from mesh.deploy.connection import Connector, RemoteError
-from mesh.deploy.errors import HostUnreachable
 from mesh.healthcheck.config import CA_FILE as CHECKER_CA_PATH
 from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT_PATH
+from mesh.hosts.connection import Connector, RemoteError
+from mesh.hosts.errors import HostUnreachable
 from mesh.inventory.model import ManagedHost
 
 CHECKER_NAME = "health-checker"

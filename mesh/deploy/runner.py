@@ -15,9 +15,7 @@ from typing import Any, TextIO
 import structlog
 
 from mesh import package_data
-from mesh.deploy.connection import Connector, connect
 from mesh.deploy.display import Display
-from mesh.deploy.errors import HostUnreachable
 from mesh.deploy.execute import HostRun, run_task
 from mesh.deploy.modules import ModuleRegistry, registry
 from mesh.deploy.patterns import match_hosts
@@ -25,6 +23,8 @@ from mesh.deploy.playbook import Play, Playbook, Task
 from mesh.deploy.recap import format_recap
 from mesh.deploy.results import PlayResult, TaskResult
 from mesh.deploy.variables import Templar, task_scope
+from mesh.hosts.connection import Connector, connect
+from mesh.hosts.errors import HostUnreachable
 from mesh.inventory.model import ManagedHost
 
 log = structlog.get_logger()

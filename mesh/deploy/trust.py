@@ -9,9 +9,9 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mesh.deploy.connection import Connector
 from mesh.deploy.hostcerts import HostFiles, read_hosts, trust_bundles
 from mesh.errors import EXIT_ERROR, EXIT_UNREACHABLE, MeshError
+from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.pki import CertificateAuthority, fingerprint
 from mesh.pki.authority import CA_FOLDER

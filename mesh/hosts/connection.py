@@ -10,7 +10,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Protocol
 
+from mesh.hosts.errors import RemoteError
 from mesh.inventory.model import Connection, ManagedHost
+
+__all__ = ["CommandResult", "Connector", "LocalConnector", "RemoteError", "connect"]
 
 # get() exits with this when the file is absent, to tell "no file" from "cannot read it".
 _ABSENT = 66
@@ -33,10 +36,6 @@ class CommandResult:
 
     def error_text(self) -> str:
         return (self.stderr or self.stdout).decode(errors="replace").strip()
-
-
-class RemoteError(Exception):
-    """A connector operation that reached the host but failed there (a put into a missing folder...)."""
 
 
 class Connector(Protocol):
@@ -127,6 +126,6 @@ def connect(host: ManagedHost) -> Connector:
     """The connector for a host: local or SSH, as its connection says. Connects lazily (on first use)."""
     if host.connection.local:
         return LocalConnector(host.connection)
-    from mesh.deploy.ssh import SSHConnector
+    from mesh.hosts.ssh import SSHConnector
 
     return SSHConnector(host.connection, name=host.name)

@@ -1,5 +1,6 @@
-"""Facts modules read from a host through the connector: a file's checksum and attributes, a unit's state.
-It owns reading; it must not change anything on the host (facts are read in check mode too).
+"""Facts read from a host through the connector: a file's checksum and attributes, a unit's state. It owns
+reading (a fact that cannot be read raises FactError); it must not change anything on the host (facts are
+read in check mode too).
 """
 
 from __future__ import annotations
@@ -7,8 +8,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from mesh.deploy.connection import Connector
-from mesh.deploy.errors import ModuleFailure
+from mesh.hosts.connection import Connector
+from mesh.hosts.errors import FactError
 
 _ABSENT = 66
 
@@ -31,7 +32,7 @@ def file_stat(connector: Connector, path: str) -> FileStat | None:
     if result.code == _ABSENT:
         return None
     if not result.ok:
-        raise ModuleFailure(f"cannot stat {path}: {result.error_text()}")
+        raise FactError(f"cannot stat {path}: {result.error_text()}")
     kind, mode, owner, group = result.text().split("|")
     kinds = {"regular file": "file", "regular empty file": "file", "directory": "directory",
              "symbolic link": "link"}
@@ -45,7 +46,7 @@ def file_sha256(connector: Connector, path: str) -> str | None:
     if result.code == _ABSENT:
         return None
     if not result.ok:
-        raise ModuleFailure(f"cannot checksum {path}: {result.error_text()}")
+        raise FactError(f"cannot checksum {path}: {result.error_text()}")
     return result.text().split()[0]
 
 

@@ -18,9 +18,9 @@ import paramiko
 from fabric import Config
 from fabric import Connection as FabricConnection
 
-from mesh.deploy.connection import CommandResult, become_prefix, get_via, put_via, wrap_become
-from mesh.deploy.errors import HostUnreachable
-from mesh.deploy.known_hosts import KnownHosts, read_known_hosts
+from mesh.hosts.connection import CommandResult, become_prefix, get_via, put_via, wrap_become
+from mesh.hosts.errors import HostUnreachable
+from mesh.hosts.known_hosts import KnownHosts, read_known_hosts
 from mesh.inventory.model import Connection
 from mesh.inventory.values import parse_proxy_jump
 

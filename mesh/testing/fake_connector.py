@@ -10,8 +10,8 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mesh.deploy.connection import CommandResult
-from mesh.deploy.errors import HostUnreachable
+from mesh.hosts.connection import CommandResult
+from mesh.hosts.errors import HostUnreachable
 from mesh.inventory.model import ManagedHost
 
 Stub = CommandResult | Callable[[str, bytes | None], CommandResult]

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.deploy.connection import CommandResult
+from mesh.hosts.connection import CommandResult
 from mesh.testing.fake_connector import FakeHost
 
 _OK = CommandResult(0, b"", b"")

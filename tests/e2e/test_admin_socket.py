@@ -35,11 +35,11 @@ from deploy_helpers import (
 from lab_helpers import MESH, LabUp
 
 from mesh.config import paths
-from mesh.deploy.connection import CommandResult, Connector, connect
 from mesh.deploy.execute import apply_change
 from mesh.deploy.modules.api import Change
 from mesh.deploy.modules.builtin import install_checked, staged_path, unit_check
 from mesh.deploy.steps.host import FIREWALL_CHECK
+from mesh.hosts.connection import CommandResult, Connector, connect
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.validate import build_mesh
 

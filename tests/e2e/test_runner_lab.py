@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from lab_helpers import mesh
 
-from mesh.deploy.connection import connect
 from mesh.deploy.hostvars import inventory_vars
 from mesh.deploy.playbook import load_playbook
 from mesh.deploy.recap import exit_code
 from mesh.deploy.results import PlayResult
 from mesh.deploy.runner import run_playbook
+from mesh.hosts.connection import connect
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost
 from mesh.inventory.validate import build_mesh

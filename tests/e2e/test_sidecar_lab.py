@@ -33,12 +33,12 @@ from mesh.containers.reachability import (
     WATCHER_UNIT,
     WATCHER_UNIT_PATH,
 )
-from mesh.deploy.connection import Connector, connect
 from mesh.deploy.modules import registry
 from mesh.deploy.playbook import load_playbook
 from mesh.deploy.recap import exit_code
 from mesh.deploy.results import PlayResult
 from mesh.deploy.runner import run_playbook
+from mesh.hosts.connection import Connector, connect
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.inventory.validate import build_mesh

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from runner_helpers import managed, run
 
-from mesh.deploy.connection import CommandResult
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.builtin import parse_mode, staged_path
+from mesh.hosts.connection import CommandResult
 from mesh.testing.fake_connector import FakeFleet, FakeUnit
 
 

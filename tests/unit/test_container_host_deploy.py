@@ -16,7 +16,6 @@ from mesh.config.validate import envoy_binary
 from mesh.containers.image import SIDECAR_UID
 from mesh.containers.reachability import RULES_PATH, WATCHER_UNIT
 from mesh.deploy.command import PLAYBOOK, _groups
-from mesh.deploy.connection import CommandResult
 from mesh.deploy.modules import registry
 from mesh.deploy.playbook import load_playbook
 from mesh.deploy.recap import exit_code
@@ -24,6 +23,7 @@ from mesh.deploy.results import PlayResult
 from mesh.deploy.runner import run_playbook
 from mesh.deploy.steps import register_mesh_modules
 from mesh.deploy.steps.context import DeployContext, LocalFile
+from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority
 from mesh.testing.fake_connector import FakeFleet, FakeHost, FakeUnit

@@ -54,11 +54,11 @@ from mesh.containers.sidecar import (
     sidecar_spec,
     validate_args,
 )
-from mesh.deploy.connection import CommandResult
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.execute import apply_change
 from mesh.deploy.modules import registry
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
+from mesh.hosts.connection import CommandResult
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.inventory.validate import build_mesh

@@ -13,10 +13,10 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from mesh.deploy.errors import HostUnreachable
-from mesh.deploy.known_hosts import host_matches, read_known_hosts
-from mesh.deploy.ssh import SSHConnector
 from mesh.errors import EXIT_UNREACHABLE
+from mesh.hosts.errors import HostUnreachable
+from mesh.hosts.known_hosts import host_matches, read_known_hosts
+from mesh.hosts.ssh import SSHConnector
 from mesh.inventory.model import Connection
 
 

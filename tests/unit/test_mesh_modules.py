@@ -14,7 +14,6 @@ import pytest
 from mesh.config import paths
 from mesh.config.validate import envoy_binary
 from mesh.deploy.command import PLAYBOOK, _groups
-from mesh.deploy.connection import CommandResult
 from mesh.deploy.modules import registry
 from mesh.deploy.modules.builtin import staged_path
 from mesh.deploy.playbook import load_playbook
@@ -23,6 +22,7 @@ from mesh.deploy.results import PlayResult
 from mesh.deploy.runner import run_playbook
 from mesh.deploy.steps import register_mesh_modules
 from mesh.deploy.steps.context import DeployContext, LocalFile
+from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority, leaf_info
 from mesh.testing.fake_connector import FakeFleet, FakeHost, FakeUnit

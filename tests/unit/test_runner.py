@@ -9,11 +9,11 @@ from typing import Any
 
 from runner_helpers import managed, run
 
-from mesh.deploy.connection import CommandResult
 from mesh.deploy.modules import registry
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.recap import exit_code, format_recap
 from mesh.deploy.results import HostStats, PlayResult
+from mesh.hosts.connection import CommandResult
 from mesh.testing.fake_connector import FakeFleet, FakeUnit
 
 FILES = """

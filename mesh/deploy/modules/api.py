@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from mesh.deploy.connection import CommandResult, Connector
+from mesh.hosts.connection import CommandResult, Connector
 from mesh.inventory.model import ManagedHost
 
 SharedT = TypeVar("SharedT")

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
 
-from mesh.deploy.connection import CommandResult
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
-from mesh.deploy.modules.facts import FileStat, UnitState, file_sha256, file_stat, path_exists, unit_state
 from mesh.deploy.variables import WithGlobals, to_bool
+from mesh.hosts.connection import CommandResult
+from mesh.hosts.facts import FileStat, UnitState, file_sha256, file_stat, path_exists, unit_state
 
 if TYPE_CHECKING:
     from mesh.deploy.modules import ModuleRegistry

@@ -13,11 +13,11 @@ from mesh import catalog, controller_env
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.builtin import install_checked, unit_check
-from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.steps.ownership import Owned, ownership_changes
 from mesh.errors import MeshError
 from mesh.healthcheck.config import CHECKER_USER, CONSUL_CA_FILE, DEFAULT_CONFIG, TOKEN_FILE, checker_config
+from mesh.hosts.facts import file_sha256
 
 CHECKER_UNIT_PATH = f"/etc/systemd/system/{controller_env.CHECKER_UNIT}"
 

@@ -12,9 +12,9 @@ from mesh.config import paths
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.builtin import install_checked, parse_mode, unit_check
-from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.variables import to_bool
+from mesh.hosts.facts import file_sha256
 from mesh.render import render_firewall, render_firewall_unit
 
 # Non-interactive SSH sessions of non-root users often lack the sbin folders where sshd and nft live.

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from mesh.config import paths
 from mesh.containers.sidecar import file_modes
-from mesh.deploy.connection import Connector
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, RunCommand
 from mesh.deploy.modules.builtin import attribute_changes
-from mesh.deploy.modules.facts import FileStat, file_stat
+from mesh.hosts.connection import Connector
+from mesh.hosts.facts import FileStat, file_stat
 from mesh.inventory.model import ManagedHost
 
 

@@ -17,7 +17,6 @@ from mesh.containers.sidecar import sidecar_spec, validate_args
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.builtin import install_checked, unit_check
-from mesh.deploy.modules.facts import file_sha256
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.steps.identity import (
     Identity,
@@ -29,6 +28,7 @@ from mesh.deploy.steps.identity import (
 )
 from mesh.deploy.steps.ownership import Owned, folder_changes, ownership_changes, proxy_ownership
 from mesh.deploy.variables import to_bool
+from mesh.hosts.facts import file_sha256
 from mesh.render import render_envoy_config, render_envoy_unit, validate_envoy_config
 
 VALIDATE_TIMEOUT_S = 120
