@@ -46,7 +46,7 @@ class SidecarSpec:
     image: str
     config_path: str
     base_id: int
-    config_hash: str  # of the files the sidecar reads (config, certificate, CA) and the image
+    config_hash: str  # of the bootstrap (envoy.yaml) and the image: what only a new container takes
     mounts: tuple[Mount, ...]
     user: str = f"{SIDECAR_UID}:{SIDECAR_UID}"
     memory: str = MEMORY_LIMIT
@@ -71,9 +71,11 @@ def sidecar_name(workload: Workload) -> str:
 
 
 def sidecar_mounts(proxy: str) -> tuple[Mount, ...]:
-    """The proxy's folder (key, certificate chain, envoy.yaml) and the mesh CA, read-only; the folder of Envoy's
-    admin socket writable (a file socket there is the host's root's to read, out of the app container's reach)."""
-    return (Mount(paths.proxy_dir(proxy)), Mount(paths.admin_dir(proxy), writable=True), Mount(paths.CA_PATH))
+    """The proxy's folder, whole and read-only: everything Envoy reads is in it (envoy.yaml, xds/, ca.pem, the
+    `tls` link), and a folder mount shows the renames that replace them (a single-file mount would keep the old
+    inode); the folder of Envoy's admin socket writable (a file socket there is the host's root's to read, out
+    of the app container's reach)."""
+    return (Mount(paths.proxy_dir(proxy)), Mount(paths.admin_dir(proxy), writable=True))
 
 
 def files_hash(file_digests: Mapping[str, str], image: str) -> str:
@@ -93,8 +95,9 @@ def file_modes(proxy: str) -> tuple[tuple[str, int, int, int], ...]:
 
 
 def hashed_files(proxy: str) -> tuple[str, ...]:
-    """The files whose content goes into config_hash (the key only changes together with the certificate)."""
-    return (paths.envoy_config_path(proxy), paths.cert_path(proxy), paths.CA_PATH)
+    """The files whose content goes into config_hash: the bootstrap only. Envoy reloads the resource files
+    (xds/), the certificate and the trust bundle in place, so a change of those must not replace the container."""
+    return (paths.envoy_config_path(proxy),)
 
 
 def sidecar_spec(host: ManagedHost, workload: Workload, image_tag: str, config_hash: str) -> SidecarSpec:
