@@ -5,20 +5,22 @@ file, line and key (exit 4). It owns the syntax; it must not render templates or
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from mesh.deploy.errors import PlaybookError
 from mesh.deploy.modules import ModuleRegistry, registry
+from mesh.deploy.pacing import PacingError, Serial, parse_max_fail_percentage, parse_serial
 from mesh.errors import InventoryErrors, Origin
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.yamlfile import load_yaml_file
 from mesh.suggest import did_you_mean
 
-PLAY_KEYS = ("name", "hosts", "vars", "tasks", "handlers", "gather_facts", "become", "become_user")
+PLAY_KEYS = ("name", "hosts", "vars", "tasks", "handlers", "gather_facts", "become", "become_user", "serial",
+             "max_fail_percentage")
 TASK_KEYS = ("name", "when", "notify", "loop", "loop_control", "tags", "register", "become", "become_user",
              "changed_when", "failed_when", "ignore_errors", "args", "vars", "check_mode", "no_log")
 HANDLER_KEYS = (*TASK_KEYS, "listen")
@@ -33,6 +35,7 @@ UNSUPPORTED = {
 }
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class Play:
     vars: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     tasks: tuple[Task, ...] = ()
     handlers: tuple[Task, ...] = ()
+    serial: Serial | None = None  # None: every host of the play at once
+    max_fail_percentage: float | None = None  # None: go on while a host is left (a batch: while one did not fail)
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,24 @@ class _Reader:
         name = where.value.get("name") or hosts
         return Play(
             name=str(name), hosts=hosts, origin=where.origin, vars=self.mapping(where, "vars"),
-            tasks=self.tasks(where, "tasks", TASK_KEYS), handlers=self.tasks(where, "handlers", HANDLER_KEYS))
+            tasks=self.tasks(where, "tasks", TASK_KEYS), handlers=self.tasks(where, "handlers", HANDLER_KEYS),
+            serial=self.pacing(where, "serial", parse_serial),
+            max_fail_percentage=self.pacing(where, "max_fail_percentage", parse_max_fail_percentage))
+
+    def pacing(self, where: Located, key: str, parse: Callable[[Any], T]) -> T | None:
+        """serial or max_fail_percentage, read when the playbook is (mesh does not template them)."""
+        if where.value.get(key) is None:
+            return None
+        value = where.value[key]
+        if isinstance(value, str) and "{{" in value:
+            self.key_error(where, key, "mesh reads this keyword before any variable: write the value itself",
+                           hint=f"or give it on the command line: --{key.replace('_', '-')}")
+            return None
+        try:
+            return parse(value)
+        except PacingError as exc:
+            self.key_error(where, key, str(exc))
+            return None
 
     def mapping(self, where: Located, key: str) -> Mapping[str, Any]:
         value = where.value.get(key)

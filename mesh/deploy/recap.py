@@ -22,9 +22,12 @@ def recap_line(host: str, stats: HostStats) -> str:
 
 
 def format_recap(result: PlayResult) -> str:
-    """The recap block: a blank line, the banner, one line per host sorted by name, a blank line."""
+    """The recap block: a blank line, the banner, one line per host sorted by name, a blank line; when a
+    rollout stopped, a last line says where and which hosts it left untouched."""
     lines = ["", banner("PLAY RECAP")]
     lines += [recap_line(host, result.stats[host]) for host in sorted(result.stats)]
+    if result.stopped is not None:
+        lines += ["", f"STOPPED: {result.stopped.describe()}"]
     return "\n".join(lines) + "\n\n"
 
 

@@ -67,6 +67,30 @@ class HostStats:
             self.changed += result.status == "changed"
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """Why a run stopped before every host had every play (a rollout's batch failed too much)."""
+
+    play: str
+    batch: int  # counting from 1
+    batches: int
+    failed: tuple[str, ...]  # failed or unreachable hosts of that batch
+    batch_size: int
+    max_fail_percentage: float | None  # None: stopped because every host of the batch failed
+    stopped: tuple[str, ...] = ()  # hosts of the batch cut off mid-play (the rest of their tasks not run)
+    not_reached: tuple[str, ...] = ()  # hosts later batches and plays would have deployed: untouched
+
+    def describe(self) -> str:
+        why = (f"over max_fail_percentage {self.max_fail_percentage:g}" if self.max_fail_percentage is not None
+               else "every host of the batch")
+        where = f"play [{self.play}]" + (f" batch {self.batch}/{self.batches}" if self.batches > 1 else "")
+        text = (f"the rollout stopped in {where}: {len(self.failed)} of {self.batch_size} hosts failed ({why}: "
+                f"{', '.join(self.failed)})")
+        if self.stopped:
+            text += f"; stopped mid-play: {', '.join(self.stopped)}"
+        return text + f"; not deployed: {', '.join(self.not_reached) or 'none'}"
+
+
 @dataclass
 class PlayResult:
     """The result of running a playbook: counters per host (in the order hosts were first seen)."""
@@ -74,6 +98,7 @@ class PlayResult:
     stats: dict[str, HostStats] = field(default_factory=dict)
     results: list[tuple[str, str, TaskResult]] = field(default_factory=list)  # (host, task name, result)
     check_mode: bool = False
+    stopped: Stopped | None = None
 
     def record(self, host: str, task: str, result: TaskResult) -> None:
         self.stats.setdefault(host, HostStats()).count(result)
@@ -89,3 +114,15 @@ class PlayResult:
     @property
     def unreachable_hosts(self) -> list[str]:
         return [host for host, stats in self.stats.items() if stats.unreachable]
+
+    @property
+    def retry_hosts(self) -> list[str]:
+        """Hosts that still need this deploy: failed, unreachable, or left out because the rollout stopped."""
+        left = (*self.stopped.stopped, *self.stopped.not_reached) if self.stopped else ()
+        return list(dict.fromkeys([*self.failed_hosts, *self.unreachable_hosts, *left]))
+
+    @property
+    def converged_hosts(self) -> list[str]:
+        """Hosts that ran every play meant for them without failing."""
+        retry = set(self.retry_hosts)
+        return [host for host in self.stats if host not in retry]
