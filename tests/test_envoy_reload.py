@@ -233,16 +233,17 @@ class Setup:
     folder: Path
 
 
-def web_files_routed_to_v2(setup: Setup, web_files: ProxyFiles) -> ProxyFiles:
-    """web's files after a route and cluster change: a new cluster `upstream-api-v2` (the second api instance)
-    and web's api route pointing at it."""
+def web_files_routed_to_v2(setup: Setup, web_files: ProxyFiles, v2_port: int) -> ProxyFiles:
+    """web's files after a route, cluster and listener change: a new cluster `upstream-api-v2` (the second api
+    instance), web's api route pointing at it, and a new listener on v2_port that reaches it too."""
     loop = setup.loop
     cfg = proxy_config_in(compute_proxy_config(loop.mesh, loop.web), Path(web_files.proxy_dir),
                           loop.address(loop.web))
     old = cfg.cluster("upstream-api")
     v2 = replace(old, name="upstream-api-v2", endpoints=(Endpoint(API_V2_ADDRESS, setup.api_v2_port),))
     outbound = replace(cfg.outbound[0], cluster=v2.name)
-    return render_proxy_files(replace(cfg, clusters=(*cfg.clusters, v2), outbound=(outbound,)))
+    extra = replace(cfg.outbound[0], name="outbound-api-v2", service="api-v2", port=v2_port, cluster=v2.name)
+    return render_proxy_files(replace(cfg, clusters=(*cfg.clusters, v2), outbound=(outbound, extra)))
 
 
 def test_route_cluster_and_certificate_changes_reload_without_restart_or_failure(tmp_path: Path) -> None:
@@ -279,13 +280,16 @@ def test_route_cluster_and_certificate_changes_reload_without_restart_or_failure
             with request_loop(loop.outbound_port) as requests:
                 eventually(lambda: requests.answers.get("api-v1", 0) >= 20, WAIT_S, "the loop runs", web.log)
 
-                # (1) a route and cluster change: moved into place in ProxyFiles order, never a restart
-                routed = web_files_routed_to_v2(setup, files["web"])
+                # (1) a route, cluster and listener change: moved into place in ProxyFiles order, never a restart
+                v2_port = free_port()
+                routed = web_files_routed_to_v2(setup, files["web"], v2_port)
                 validate_proxy_files(routed, identities["web"].root)
                 moved = move_into_place(routed, files["web"])
                 xds = f"{files['web'].proxy_dir}/xds"
-                assert moved == [f"{xds}/eds.upstream-api-v2.yaml", f"{xds}/cds.yaml", f"{xds}/rds.outbound-api.yaml"]
+                assert moved == [f"{xds}/eds.upstream-api-v2.yaml", f"{xds}/cds.yaml", f"{xds}/rds.outbound-api.yaml",
+                                 f"{xds}/rds.outbound-api-v2.yaml", f"{xds}/lds.yaml"]
                 eventually(lambda: requests.last == "api-v2", WAIT_S, "web's route now reaches api-v2", web.log)
+                assert _answers(v2_port) == "api-v2"  # the new listener
                 seen = requests.answers.get("api-v2", 0)
                 time.sleep(QUIET_S)
                 assert requests.answers.get("api-v2", 0) > seen and requests.last == "api-v2"
@@ -306,10 +310,13 @@ def test_route_cluster_and_certificate_changes_reload_without_restart_or_failure
                 # web's route back to api-v1, so requests cross api's Envoy, now with its new certificate
                 back = render_proxy_files(proxy_config_in(compute_proxy_config(loop.mesh, loop.web), tmp_path / "web",
                                                           loop.address(loop.web)))
-                # upstream-api-v2 leaves: kept in a first cds.yaml until the route stops naming it, then removed
+                # upstream-api-v2 leaves: kept in a first cds.yaml until no route or listener names it, then removed
                 assert move_into_place(back, files["web"]) == [f"{xds}/cds.yaml", f"{xds}/rds.outbound-api.yaml",
-                                                               f"{xds}/cds.yaml"]
+                                                               f"{xds}/lds.yaml", f"{xds}/cds.yaml"]
                 assert not Path(xds, "eds.upstream-api-v2.yaml").exists()
+                assert not Path(xds, "rds.outbound-api-v2.yaml").exists()
+                with pytest.raises(OSError):
+                    _answers(v2_port)  # the listener is gone
                 files["web"] = back
                 eventually(lambda: requests.last == "api-v1", WAIT_S, "web's route reaches api-v1 again", web.log)
                 time.sleep(QUIET_S)
@@ -318,8 +325,9 @@ def test_route_cluster_and_certificate_changes_reload_without_restart_or_failure
                 # (3) a broken cluster file: refused by validate_proxy_files, then by Envoy, which keeps serving
                 cds = next(file for file in files["web"].files if file.path.endswith("/cds.yaml"))
                 # (an unknown field or enum value would not do: Envoy only warns of those in a resource file)
-                broken_cds = RenderedFile(cds.path, cds.content.replace("connect_timeout: 1s",
-                                                                        "connect_timeout: 0s", 1), cds.kind)
+                version = yaml.safe_load(cds.content)["version_info"]
+                broken_cds = RenderedFile(cds.path, cds.content.replace("connect_timeout: 1s", "connect_timeout: 0s", 1)
+                                          .replace(f"version_info: {version}", "version_info: broken"), cds.kind)
                 broken = replace(files["web"], files=tuple(broken_cds if file is cds else file
                                                            for file in files["web"].files))
                 with pytest.raises(EnvoyRejectedConfig, match="ConnectTimeout"):
@@ -327,12 +335,16 @@ def test_route_cluster_and_certificate_changes_reload_without_restart_or_failure
                 rejected = stat(web, "cluster_manager.cds.update_rejected")
                 with pytest.raises(RuntimeError, match="ConnectTimeout"):  # the host's check refuses it too
                     move_into_place(broken, files["web"])
-                assert move_into_place(broken, files["web"], validate=False) == [cds.path]
-                eventually(lambda: stat(web, "cluster_manager.cds.update_rejected") > rejected, WAIT_S,
-                           "web's Envoy refuses the broken cds.yaml", web.log)
+                # moved in all the same: Envoy refuses it, and the install script says so once it waited wait_s
+                started = time.monotonic()
+                with pytest.raises(RuntimeError, match="Envoy did not take cds.yaml within 2 s"):
+                    move_into_place(broken, files["web"], validate=False, wait_s=2)
+                assert 2 <= time.monotonic() - started < 10
+                assert stat(web, "cluster_manager.cds.update_rejected") > rejected
                 time.sleep(QUIET_S)
                 assert requests.last == "api-v1"
-                assert running_versions(web) == file_versions(files["web"])  # still the previous files
+                # still the previous files (a listener that left drains with its route config for a while)
+                assert file_versions(files["web"]).items() <= running_versions(web).items()
                 answered_before_stop = sum(requests.answers.values())
 
             assert requests.failures == [], f"{len(requests.failures)} of {requests.total}: {requests.failures[:5]}"

@@ -36,6 +36,7 @@ from mesh.config.validate import envoy_binary, rewrite_file_paths
 from mesh.inventory.model import Connection, Health, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority
 from mesh.render import (
+    INSTALL_WAIT_S,
     ProxyFiles,
     host_validation,
     render_proxy_files,
@@ -171,7 +172,8 @@ def lay_out_proxy(files: ProxyFiles, identity: Identity, tls_version: str = "1")
     move_into_place(files)
 
 
-def move_into_place(files: ProxyFiles, previous: ProxyFiles | None = None, validate: bool = True) -> list[str]:
+def move_into_place(files: ProxyFiles, previous: ProxyFiles | None = None, validate: bool = True,
+                    wait_s: int = INSTALL_WAIT_S) -> list[str]:
     """Move `files` into place as the deploy does on a host (render.host_validation): the steps of
     render.transition (the files that differ from `previous`, every file when None; cds.yaml twice when
     clusters leave) written into the staging folder, checked by this machine's Envoy (its `command`, unless
@@ -181,7 +183,7 @@ def move_into_place(files: ProxyFiles, previous: ProxyFiles | None = None, valid
     host_cds = next((file.content for file in previous.files if file.path.endswith("/xds/cds.yaml")), None) \
         if previous else None
     steps = transition(files, on_host, host_cds)
-    plan = host_validation(files, steps, stale_paths(files, on_host), user=None, envoy=envoy_binary())
+    plan = host_validation(files, steps, stale_paths(files, on_host), user=None, envoy=envoy_binary(), wait_s=wait_s)
     for file in plan.staged:
         Path(file.path).parent.mkdir(parents=True, exist_ok=True)
         Path(file.path).write_text(file.content)
