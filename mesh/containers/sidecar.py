@@ -143,9 +143,10 @@ def _run_args(spec: SidecarSpec, label: str | None) -> list[str]:
           for word in ("--label", f"{key}={value}")],
         *_mount_args(spec),
         spec.image,
-        # no hot restart: its abstract unix sockets would be open to the app sharing the network namespace
+        # no hot restart: its abstract unix sockets would be open to the app sharing the network namespace;
+        # a resource file with a field Envoy does not know is refused whole (as the unit on a VM does)
         "-c", spec.config_path, "--base-id", str(spec.base_id), "--disable-hot-restart",
-        "--log-level", spec.log_level,
+        "--reject-unknown-dynamic-fields", "--log-level", spec.log_level,
     ]  # fmt: skip
 
 

@@ -293,12 +293,12 @@ def start_envoy(name: str, config: Mapping[str, Any], folder: Path, base_id: int
 
 def start_proxy(name: str, files: ProxyFiles, base_id: int, extra_args: tuple[str, ...] = (),
                 timeout: float = 15.0) -> RunningEnvoy:
-    """Run Envoy on the bootstrap of a laid-out proxy folder (lay_out_proxy), as its unit does, until /ready says
-    LIVE; its log is <proxy folder>/envoy.log."""
+    """Run Envoy on the bootstrap of a laid-out proxy folder (lay_out_proxy), as its unit does (refusing resource
+    files with unknown fields), until /ready says LIVE; its log is <proxy folder>/envoy.log."""
     bootstrap = yaml.safe_load(files.bootstrap.content)
     admin_socket = Path(bootstrap["admin"]["address"]["pipe"]["path"])
     return _run_envoy(name, Path(files.bootstrap.path), admin_socket, base_id, Path(files.proxy_dir, "envoy.log"),
-                      extra_args, timeout)
+                      ("--reject-unknown-dynamic-fields", *extra_args), timeout)
 
 
 def _run_envoy(name: str, config_path: Path, admin_socket: Path, base_id: int, log: Path,
