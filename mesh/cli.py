@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -108,15 +109,40 @@ _add_ca_commands()
               help="Hosts deployed in parallel.")
 @click.option("--replace-ca", is_flag=True, help="Re-trust hosts that trust another mesh CA with mesh_state_dir's "
               "(made on purpose by `mesh ca init`); every proxy gets a new certificate.")
+@click.option("-D", "--diff", is_flag=True, help="Show each host's changes with unified diffs before acting.")
+@click.option("--json", "as_json", is_flag=True, help="Print the change set and the recap as JSON on stdout.")
+@click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Apply exactly this plan (saved by `mesh plan -o FILE`); refused when it is stale.")
 @click.pass_context
 def deploy_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None, check: bool,
-                   limit: str | None, tags: str | None, forks: int, replace_ca: bool) -> None:
+                   limit: str | None, tags: str | None, forks: int, replace_ca: bool, diff: bool, as_json: bool,
+                   plan_file: Path | None) -> None:
     """Deploy the mesh: CA, Envoy beside every VM workload, the health checker, Consul registrations."""
     from mesh.deploy.command import DeployOptions, deploy
 
     tag_list = [tag.strip() for tag in tags.split(",") if tag.strip()] if tags else None
-    options = DeployOptions(check=check, limit=limit, tags=tag_list, forks=forks, replace_ca=replace_ca)
+    options = DeployOptions(check=check, limit=limit, tags=tag_list, forks=forks, replace_ca=replace_ca,
+                            diff=diff, json=as_json, plan_file=plan_file)
     ctx.exit(deploy(fleet_inventory(inventory_path, inventory_option), options))
+
+
+@cli.command("plan")
+@inventory_argument
+@inventory_option
+@click.option("-l", "--limit", default=None, help="Only these hosts (an Ansible host pattern).")
+@click.option("--json", "as_json", is_flag=True, help="Print the change set as JSON.")
+@click.option("-o", "--out", "save_to", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the plan for `mesh deploy --plan FILE`.")
+@click.option("-f", "--forks", default=20, show_default=True, type=click.IntRange(1, 500),
+              help="Hosts read in parallel.")
+@click.pass_context
+def plan_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None, limit: str | None,
+                 as_json: bool, save_to: Path | None, forks: int) -> None:
+    """What `mesh deploy` would change, per host with diffs (files, units, sidecars, firewall, users, Consul);
+    `no changes` on a converged fleet. Changes nothing."""
+    from mesh.deploy.plan_command import plan
+
+    ctx.exit(plan(fleet_inventory(inventory_path, inventory_option), limit, as_json, save_to, forks))
 
 
 @cli.command("status")

@@ -115,7 +115,9 @@ def sidecar(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
                        data={"proxy": proxy, "app_container": app, "published": list(app_state.published)},
                        failed=True)
     yield from _ownership(ctx, proxy)
-    spec = sidecar_spec(ctx.host, workload, image, files_hash(_digests(ctx, proxy), image))
+    planned = ctx.shared.proxy(ctx.host.name, proxy).sidecar  # the plan's: bootstrap hash and image
+    spec = planned if planned is not None and planned.image == image else sidecar_spec(
+        ctx.host, workload, image, files_hash(_digests(ctx, proxy), image))
     data = {"proxy": proxy, "name": spec.name, "config_hash": spec.revision, "app_container": app}
     current = container_state(ctx.connector, spec.name)
     if current is not None and current.config_hash == spec.revision and current.running:

@@ -11,30 +11,31 @@ import time
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from mesh import catalog, controller_env, package_data
-from mesh.config import paths
-from mesh.config.validate import envoy_binary
-from mesh.containers.image import SidecarImage, build_sidecar_image_tar
+from mesh import catalog, package_data
 from mesh.deploy import trust
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import inventory_vars
 from mesh.deploy.modules import ModuleRegistry, registry
 from mesh.deploy.patterns import match_hosts
 from mesh.deploy.playbook import Playbook, load_playbook
+from mesh.deploy.prepare import Prepared, prepare
 from mesh.deploy.recap import exit_code
 from mesh.deploy.runner import ConnectorFactory, run_playbook
+from mesh.deploy.saved_plan import read_saved_plan, refuse_stale_plan
 from mesh.deploy.steps import register_mesh_modules
-from mesh.deploy.steps.context import ControllerWheels, DeployContext, LocalFile
+from mesh.deploy.steps.context import DeployContext
 from mesh.errors import EXIT_ERROR, EXIT_OK, InventoryError, InventoryErrors, MeshError, Origin, UsageError
 from mesh.hosts.connection import connect
+from mesh.hosts.pool import ConnectionPool
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh
 from mesh.pki import CertificateAuthority
+from mesh.plan.report import json_report, text_report
 
 PLAYBOOK = package_data.playbook_path("deploy.yml")
 VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
@@ -53,14 +54,20 @@ class DeployOptions:
     forks: int = 20
     playbook: Path = PLAYBOOK
     replace_ca: bool = False  # hosts trusting another root get the state dir's CA (which must exist)
+    diff: bool = False  # print each host's changes with unified diffs before acting
+    json: bool = False  # the change set and the recap as JSON on stdout (the transcript goes to stderr)
+    plan_file: Path | None = None  # apply exactly this saved plan (`mesh plan -o FILE`), refusing if it is stale
 
 
 def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output: TextIO | None = None,
            connector_factory: ConnectorFactory = connect) -> int:
     """Deploy the inventory's mesh; the exit code of INVENTORY.md. Raises InventoryErrors (exit 4) before
-    touching anything when the inventory or the playbook is refused."""
+    touching anything when the inventory or the playbook is refused, and PlanRefused (exit 1) when Envoy here
+    refuses a planned config (no host is reached)."""
     started = time.monotonic()
-    out = Display(output or sys.stdout)
+    stdout = output or sys.stdout
+    transcript = sys.stderr if options.json and output is None else stdout
+    out = Display(transcript)
     if options.replace_ca and options.limit:
         raise UsageError("--replace-ca re-trusts every managed host at once; it cannot be used with --limit",
                          "a fleet split between two roots cannot talk to itself")
@@ -69,6 +76,7 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
     modules = registry.copy()
     register_mesh_modules(modules)
     playbook = load_playbook(options.playbook, modules)
+    saved = read_saved_plan(options.plan_file) if options.plan_file else None
     targets = _targets(mesh, options.limit, out)
     _consul_preflight(mesh, out)
     if not mesh.hosts:
@@ -77,6 +85,7 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
         out.line(f"deploy finished in {time.monotonic() - started:.1f} s")
         return synced
     with ExitStack() as stack:
+        pool = stack.enter_context(ConnectionPool(connector_factory))
         ca_mesh = mesh
         if options.check and trust.state_root(mesh.settings.state_dir) is None:
             # check mode changes nothing, the state dir included: a throwaway CA stands in for the one a
@@ -85,33 +94,46 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
             ca_mesh = replace(mesh, settings=replace(mesh.settings, state_dir=throwaway))
             out.line(f"check mode: no CA in {mesh.settings.state_dir}; a deploy would make one")
         # every managed host's trust bundle is read first: the CA is made only when no host trusts another root
-        ca, created = trust.trusted_ca(ca_mesh, connector_factory, replace=options.replace_ca,
+        ca, created = trust.trusted_ca(ca_mesh, pool.connect, replace=options.replace_ca,
                                        forks=options.forks, warn=out.warning)
         if ca_mesh is mesh:
             out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} "
                      f"(root {ca.root_fingerprint[:23]}...)")
-        return _deploy_hosts(inventory_path, mesh, ca, targets, playbook, modules, options, output,
-                             connector_factory, out, started)
+        prepared = prepare(ca_mesh, ca, targets, pool.connect, out, options.forks,
+                           diffs=options.diff, consul=options.json)
+        if saved is not None:
+            refuse_stale_plan(saved, prepared, options.plan_file)
+        if options.diff or options.check:
+            out.line(text_report(prepared.fleet, diffs=options.diff).rstrip("\n"))
+        code, recap = _deploy_hosts(inventory_path, mesh, ca, targets, prepared, playbook, modules, options,
+                                    transcript, pool.connect, out, started)
+    if options.json:
+        stdout.write(json_report(prepared.fleet, {"exit_code": code, "recap": recap}))
+    return code
 
 
-def _deploy_hosts(inventory_path: str, mesh: Mesh, ca: CertificateAuthority, targets: list[ManagedHost],
-                  playbook: Playbook, modules: ModuleRegistry, options: DeployOptions, output: TextIO | None,
-                  connector_factory: ConnectorFactory, out: Display, started: float) -> int:
-    """The playbook on the targets, then Consul; the exit code."""
-    context = DeployContext(mesh, ca, LocalFile(Path(envoy_binary())), _wheels(mesh, targets))
+def _deploy_hosts(inventory_path: str, mesh: Mesh, ca: CertificateAuthority, targets: list[ManagedHost], prepared: Prepared,
+                  playbook: Playbook, modules: ModuleRegistry, options: DeployOptions, output: TextIO,
+                  connector_factory: ConnectorFactory, out: Display, started: float) -> tuple[int, dict[str, Any]]:
+    """The playbook on the targets with changes (the others are converged: not touched), then Consul; the exit
+    code and the recap's counters per host."""
+    fleet = prepared.fleet
+    context = DeployContext(mesh, ca, prepared.envoy, prepared.plan, prepared.wheels,
+                            {observed.host: observed.changes for observed in fleet.hosts}, connector_factory)
     extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.root_pem.decode()}
-    image = _sidecar_image(mesh, targets, out)
-    if image is not None:
-        extra_vars["mesh_sidecar_image"] = {"src": str(image.path), "tag": image.tag}
+    if prepared.image is not None:
+        extra_vars["mesh_sidecar_image"] = {"src": str(prepared.image.path), "tag": prepared.image.tag}
+    converged = set(fleet.converged_hosts())
+    acting = [host for host in targets if host.name not in converged]
     result = run_playbook(
-        playbook, targets, connector_factory, extra_vars=extra_vars, shared=context,
+        playbook, acting, connector_factory, extra_vars=extra_vars, shared=context,
         check=options.check, forks=options.forks, tags=options.tags,
-        host_vars=_host_vars(inventory_path, targets), groups=_groups(targets), modules=modules,
-        output=output or sys.stdout)
+        host_vars=_host_vars(inventory_path, prepared, acting), groups=_groups(acting), modules=modules,
+        output=output, converged=[host.name for host in targets if host.name in converged])
     synced = _sync_catalog(mesh, options.check, out)  # also after a host failed: its old config still runs
     code = exit_code(result) or synced
     out.line(f"deploy finished in {time.monotonic() - started:.1f} s" + (" (check mode)" if options.check else ""))
-    return code
+    return code, {name: asdict(stats) for name, stats in result.stats.items()}
 
 
 def _require_controller(mesh: Mesh, inventory_path: str) -> None:
@@ -138,33 +160,17 @@ def _groups(targets: Sequence[ManagedHost]) -> dict[str, list[str]]:
             CONTROLLERS_GROUP: [host.name for host in targets if host.is_controller]}
 
 
-def _host_vars(inventory_path: str, targets: Sequence[ManagedHost]) -> dict[str, Mapping[str, Any]]:
-    """Each host's inventory variables, plus `mesh_proxies`: its proxies' names."""
+def _host_vars(inventory_path: str, prepared: Prepared, targets: Sequence[ManagedHost]) -> dict[str, Mapping[str, Any]]:
+    """Each host's inventory variables, plus from the plan `mesh_proxies` (its proxies' names) and
+    `mesh_proxy_users` (the system users they run as on a VM)."""
     variables = inventory_vars(load_inventory(inventory_path)).host_vars
     made: dict[str, Mapping[str, Any]] = {}
     for host in targets:
-        proxies = [paths.proxy_name(workload) for workload in host.workloads]
-        made[host.name] = ChainMap({"mesh_proxies": proxies}, variables.get(host.name, {}))  # type: ignore[arg-type]
+        planned = prepared.plan.host(host.name)
+        mine = {"mesh_proxies": [proxy.name for proxy in planned.proxies],
+                "mesh_proxy_users": [proxy.user for proxy in planned.proxies if proxy.unit is not None]}
+        made[host.name] = ChainMap(mine, variables.get(host.name, {}))  # type: ignore[arg-type]
     return made
-
-
-def _sidecar_image(mesh: Mesh, targets: Sequence[ManagedHost], out: Display) -> SidecarImage | None:
-    """The sidecar image tarball (built once per Envoy binary, cached in mesh_state_dir) when container hosts
-    are deployed."""
-    if not any(host.kind == "container_host" and host.workloads for host in targets):
-        return None
-    started = time.monotonic()
-    image = build_sidecar_image_tar(Path(mesh.settings.state_dir) / IMAGES_CACHE)
-    out.line(f"sidecar image {image.tag} ({image.path.stat().st_size >> 20} MiB, "
-             f"{time.monotonic() - started:.1f} s)")
-    return image
-
-
-def _wheels(mesh: Mesh, targets: Sequence[ManagedHost]) -> ControllerWheels | None:
-    if not any(host.is_controller for host in targets):
-        return None
-    wheels = controller_env.build_wheels(Path(mesh.settings.state_dir) / WHEELS_CACHE)
-    return ControllerWheels(tuple(wheels), controller_env.wheel_set_marker(wheels))
 
 
 def _consul_preflight(mesh: Mesh, out: Display) -> None:

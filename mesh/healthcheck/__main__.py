@@ -19,7 +19,7 @@ import structlog
 from mesh.catalog import ConsulAccess, read_token
 from mesh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, MeshError, UsageError
 from mesh.healthcheck.checker import HealthChecker, consul_writer
-from mesh.healthcheck.config import DEFAULT_CONFIG, CheckerConfig, CheckerConfigError, load_config
+from mesh.healthcheck.config import DEFAULT_CONFIG, CheckerConfig, CheckerConfigError, Instance, load_config
 from mesh.healthcheck.leader import Leadership
 from mesh.healthcheck.probe import client_context, probe
 from mesh.log import configure_logging
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m mesh.healthcheck", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="checker.json (default: %(default)s)")
     parser.add_argument("--log-format", choices=("console", "json"), default=None)
+    parser.add_argument("--probe", metavar="SERVICE@ADDRESS:PORT", default=None,
+                        help="probe one instance once with the checker's identity, print the result and exit "
+                             "(0 passing, 1 critical): the deploy's health gate")
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     configure_logging(args.log_format)
     log = structlog.get_logger()
+    if args.probe:
+        return probe_once(args.config, args.probe)
     try:
         config = load_config(args.config)
         checker = build_checker(config)
@@ -52,6 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, partial(_request_stop, stop))
     checker.run(stop)
     return EXIT_OK
+
+
+def probe_once(config_path: str, target: str) -> int:
+    """One probe of SERVICE@ADDRESS:PORT with the checker's certificate; prints `passing|critical: output`."""
+    service, _, where = target.partition("@")
+    address, _, port = where.rpartition(":")
+    if not service or not address or not port.isdigit():
+        print(f"mesh health checker: --probe expects SERVICE@ADDRESS:PORT, got {target!r}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_config(config_path)
+        context = client_context(config.cert, config.key, config.ca)
+    except (MeshError, OSError) as exc:
+        print(f"critical: the checker cannot probe: {exc}")
+        return 1
+    result = probe(context, Instance(id="gate", service=service, host="", address=address.strip("[]"),
+                                     proxy_port=int(port)), config)
+    print(f"{result.status}: {result.output}")
+    return 0 if result.status == "passing" else 1
 
 
 def build_checker(config: CheckerConfig) -> HealthChecker:

@@ -77,6 +77,7 @@ class ObserveRequest:
     certificates to read (name -> (certificate path, key path)), and which host-kind extras apply."""
 
     paths: tuple[str, ...] = ()
+    listed: tuple[str, ...] = ()  # folders whose every file is read like a planned path (a proxy's xds/)
     units: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
     admin_sockets: tuple[tuple[str, str], ...] = ()  # (proxy, socket path)
@@ -128,6 +129,7 @@ def observe_script(request: ObserveRequest, proxies_root: str = "/etc/mesh/proxi
         f"getent passwd | awk -F: '$5 ~ /^{USER_COMMENT}/ {{print \"W\\t\" $1}}'",
     ]
     lines += [f"f {q(path)}" for path in request.paths]
+    lines += [f"for p in {q(folder)}/*; do [ -f \"$p\" ] && f \"$p\"; done" for folder in request.listed]
     lines += [f"printf 'US\\t%s\\t%s\\t%s\\n' {q(unit)} \"$(systemctl is-enabled {q(unit)} 2>/dev/null)\" "
               f"\"$(systemctl is-active {q(unit)} 2>/dev/null)\"" for unit in request.units]
     lines += [f"id -u {q(user)} >/dev/null 2>&1 && printf 'WU\\t%s\\n' {q(user)}" for user in request.users]

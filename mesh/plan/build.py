@@ -134,7 +134,7 @@ def _proxy_plan(mesh: Mesh, host: ManagedHost, workload: Workload, inputs: PlanI
         unit = PlannedFile(paths.envoy_unit_path(proxy), render_envoy_unit(config).encode(), 0o644, "root", "root",
                            "restart", check=unit_check(paths.envoy_unit_name(proxy)))
     return ProxyPlan(proxy, workload, config, user, folders, tuple(files), unit, rendered.bootstrap_sha256,
-                     sidecar)
+                     rendered, sidecar)
 
 
 def _unique_folders(folders: list[PlannedFolder]) -> list[PlannedFolder]:

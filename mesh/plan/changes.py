@@ -15,15 +15,16 @@ from typing import Any
 from mesh.config import paths
 from mesh.containers.reachability import LIST_PATH, RULES_PATH, WATCHER_PATH, WATCHER_UNIT, WATCHER_UNIT_PATH
 from mesh.controller_env import CHECKER_UNIT, MARKER_FILE
-from mesh.healthcheck.config import CERT_FILE, CONFIG_DIR, KEY_FILE
+from mesh.healthcheck.config import CERT_FILE, CONFIG_DIR, CONSUL_CA_FILE, KEY_FILE, TOKEN_FILE
 from mesh.hosts.observe import ENVOY_SHA_CACHE_SUFFIX, HostFacts, ObserveRequest
 from mesh.plan.build import CHECKER_UNIT_PATH, FIREWALL_UNIT_PATH
 from mesh.plan.model import HostPlan, PlannedFile
+from mesh.render import stale_paths
 
 CHECKER_CERT_NAME = "checker"
 # What mesh may have put on a host for a role the host no longer has: observed always, removed when unplanned.
 ROLE_PATHS = (paths.FIREWALL_PATH, FIREWALL_UNIT_PATH, paths.ENVOY_BINARY, LIST_PATH, RULES_PATH, WATCHER_PATH,
-              WATCHER_UNIT_PATH, CHECKER_UNIT_PATH, CONFIG_DIR, paths.CA_PATH)
+              WATCHER_UNIT_PATH, CHECKER_UNIT_PATH, TOKEN_FILE, CONSUL_CA_FILE, CONFIG_DIR, paths.CA_PATH)
 ROLE_UNITS = (paths.FIREWALL_UNIT, WATCHER_UNIT, CHECKER_UNIT)
 
 CertificateReason = Callable[[bytes | None, bytes | None, str], "str | None"]
@@ -60,6 +61,7 @@ def observe_request(plan: HostPlan) -> ObserveRequest:
         certificates.append((CHECKER_CERT_NAME, CERT_FILE, KEY_FILE))
     return ObserveRequest(
         paths=tuple(dict.fromkeys(planned + list(ROLE_PATHS))),
+        listed=tuple(paths.xds_dir(proxy.name) for proxy in plan.proxies),
         units=tuple(dict.fromkeys(list(plan.units) + list(ROLE_UNITS))),
         users=plan.users,
         admin_sockets=tuple((proxy.name, paths.admin_socket_path(proxy.name)) for proxy in plan.proxies),
@@ -146,6 +148,9 @@ def removals(plan: HostPlan, facts: HostFacts) -> list[Change]:
     planned_paths = {planned.path for planned in plan.every_file()} | {f.path for f in plan.every_folder()}
     changes = [Change(name, "proxy", proxy, "remove", "it left the inventory", proxy)
                for proxy in facts.proxies if proxy not in planned_proxies]
+    for proxy in plan.proxies:  # resource files Envoy no longer needs (render.stale_paths)
+        changes += [Change(name, "file", stale, "remove", "Envoy reloads", proxy.name)
+                    for stale in stale_paths(proxy.rendered, on_host(facts, proxy.name))]
     planned_units = {paths.envoy_unit_name(proxy) for proxy in planned_proxies} | set(plan.units)
     changes += [Change(name, "unit", unit, "remove") for unit in facts.unit_files if unit not in planned_units]
     changes += [Change(name, "unit", unit, "remove") for unit in ROLE_UNITS
@@ -161,6 +166,13 @@ def removals(plan: HostPlan, facts: HostFacts) -> list[Change]:
         if path not in planned_paths and facts.path(path).exists:
             changes.append(Change(name, "file" if facts.path(path).kind != "directory" else "folder", path, "remove"))
     return changes
+
+
+def on_host(facts: HostFacts, proxy: str) -> dict[str, str]:
+    """The sha256 of every file of the proxy's folder the facts hold (what render.transition compares)."""
+    prefix = paths.proxy_dir(proxy) + "/"
+    return {path: fact.sha256 for path, fact in facts.paths.items()
+            if path.startswith(prefix) and fact.sha256 is not None}
 
 
 def _file_change(host: str, planned: PlannedFile, facts: HostFacts, proxy: str | None,

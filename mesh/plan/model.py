@@ -13,6 +13,7 @@ from typing import Any, Literal
 from mesh.config.model import ProxyConfig
 from mesh.containers.sidecar import SidecarSpec
 from mesh.inventory.model import ManagedHost, Workload
+from mesh.render import ProxyFiles
 
 Effect = Literal["restart", "reload", "none"]
 """What a changed file asks of its proxy: a restart (bootstrap, unit), nothing but the move (Envoy watches the
@@ -75,6 +76,7 @@ class ProxyPlan:
     files: tuple[PlannedFile, ...]  # the trust bundle, secrets, resources, the bootstrap last
     unit: PlannedFile | None
     bootstrap_sha256: str  # node.metadata of the bootstrap: what /server_info shows when Envoy runs these files
+    rendered: ProxyFiles = field(repr=False)  # Envoy's files as rendered: how they are staged, checked, moved
     sidecar: SidecarSpec | None = None
 
     @property

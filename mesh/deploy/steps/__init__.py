@@ -9,20 +9,22 @@ from __future__ import annotations
 
 from mesh.containers.modules import register_container_modules
 from mesh.deploy.modules import ModuleRegistry
-from mesh.deploy.steps import controller, host, proxy
+from mesh.deploy.steps import cleanup, controller, gate, host, proxy
 
 
 def register_mesh_modules(modules: ModuleRegistry) -> None:
     """Add the deploy's modules to `modules`; their `shared` must be a DeployContext."""
-    modules.register("user", host.user, ("name", "system", "create_home", "shell", "state"))
+    modules.register("user", host.user, ("name", "system", "create_home", "shell", "state", "comment"))
     modules.register("mesh.prerequisites", host.prerequisites, ("controller",))
     modules.register("mesh.envoy_binary", host.envoy_binary, ("dest", "mode"))
     modules.register("mesh.firewall", host.firewall, ())
     modules.register("mesh.proxy_folder", proxy.proxy_folder, ("proxy",))
     modules.register("mesh.certificate", proxy.certificate, ("proxy", "checker"))
-    modules.register("mesh.envoy_config", proxy.envoy_config, ("proxy", "image"))
+    modules.register("mesh.proxy_files", proxy.proxy_files, ("proxy", "image"))
     modules.register("mesh.envoy_unit", proxy.envoy_unit, ("proxy",))
-    modules.register("mesh.restart_proxies", proxy.restart_proxies, ("all",))
+    modules.register("mesh.proxies_current", proxy.proxies_current, ("all",))
+    modules.register("mesh.cleanup", cleanup.cleanup, ())
+    modules.register("mesh.health_gate", gate.health_gate, ("wait",))
     modules.register("mesh.checker_env", controller.checker_env, ())
     modules.register("mesh.checker_config", controller.checker_config_file, ())
     modules.register("mesh.checker_consul_files", controller.checker_consul_files, ())

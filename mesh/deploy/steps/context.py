@@ -1,21 +1,27 @@
-"""What the mesh.* modules share during one deploy: the mesh, the CA, Envoy's binary, the controller wheels,
-and which proxies changed on each host. It owns that per-run state; it must not reach hosts.
+"""What the mesh.* modules share during one deploy: the mesh, its plan, the CA, Envoy's binary, the controller
+wheels, and which proxies owe a restart on each host. It owns that per-run state; it must not reach hosts.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from mesh.config import paths
-from mesh.config.compute import compute_proxy_config
-from mesh.config.model import ProxyConfig
 from mesh.deploy.errors import ModuleFailure
-from mesh.inventory.model import Mesh, Workload
+from mesh.hosts.connection import Connector
+from mesh.inventory.model import ManagedHost, Mesh, Workload
 from mesh.pki import CertificateAuthority
+from mesh.plan.changes import Change
+from mesh.plan.model import HostPlan, Plan, ProxyPlan
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,19 @@ class LocalFile:
     """A file on the machine running mesh that a deploy pushes when the host's copy differs."""
 
     path: Path
+    cache_dir: Path | None = None  # where its gzip copy is kept (by sha256); None: a temp folder per process
+
+    def gzipped(self) -> bytes:
+        """The file gzip-compressed (level 6), made once per content and kept in cache_dir."""
+        folder = self.cache_dir or Path(tempfile.gettempdir())
+        packed = folder / f"{self.path.name}-{self.sha256}.gz"
+        if not packed.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = packed.with_suffix(f".{os.getpid()}.tmp")
+            with self.path.open("rb") as source, gzip.open(partial, "wb", compresslevel=6) as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+            os.replace(partial, packed)
+        return packed.read_bytes()
 
     @cached_property
     def sha256(self) -> str:
@@ -43,37 +62,69 @@ class ControllerWheels:
 
 @dataclass
 class DeployContext:
-    """The `shared` object of a deploy's playbook run (one per run: nothing global)."""
+    """The `shared` object of a deploy's playbook run (one per run: nothing global): the plan the steps take
+    their entries from, the changes observed before the run, the CA, and which proxies owe a restart."""
 
     mesh: Mesh
     ca: CertificateAuthority
     envoy: LocalFile  # the binary pushed to hosts
+    plan: Plan
     wheels: ControllerWheels | None = None
-    local_envoy: str | None = None  # the Envoy that validates configs here first (default: the pushed one)
+    changes: Mapping[str, tuple[Change, ...]] = field(default_factory=dict)  # per host, observed before the run
+    connect: Callable[[ManagedHost], Connector] | None = None  # reaches a controller for the health gate's probe
+    checker_lock: threading.Lock = field(default_factory=threading.Lock)  # one probe at a time on that connection
     _restarts: dict[str, set[str]] = field(default_factory=dict)
-    _configs: dict[tuple[str, str], ProxyConfig] = field(default_factory=dict)
+    _changed: dict[str, set[str]] = field(default_factory=dict)
+    _baselines: dict[tuple[str, str], Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def workload(self, host: str, proxy: str) -> Workload:
-        """The workload behind proxy `<service>-<index>` on host; a failure of the task when unknown."""
-        for workload in self.mesh.host(host).workloads:
-            if paths.proxy_name(workload) == proxy:
-                return workload
-        raise ModuleFailure(f"{host} runs no proxy named {proxy!r} in the inventory")
+    def host_plan(self, host: str) -> HostPlan:
+        try:
+            return self.plan.host(host)
+        except KeyError:
+            raise ModuleFailure(f"{host} is not in this deploy's plan") from None
 
-    def proxy_config(self, host: str, proxy: str) -> ProxyConfig:
-        """compute_proxy_config of that proxy, computed once per run."""
-        with self._lock:
-            key = (host, proxy)
-            if key not in self._configs:
-                self._configs[key] = compute_proxy_config(self.mesh, self.workload(host, proxy))
-            return self._configs[key]
+    def proxy(self, host: str, proxy: str) -> ProxyPlan:
+        """The plan of proxy on host; a failure of the task when the plan has no such proxy."""
+        try:
+            return self.host_plan(host).proxy(proxy)
+        except KeyError:
+            raise ModuleFailure(f"{host} runs no proxy named {proxy!r} in the plan") from None
+
+    def workload(self, host: str, proxy: str) -> Workload:
+        return self.proxy(host, proxy).workload
 
     def mark_restart(self, host: str, proxy: str) -> None:
-        """Remember that a file of this proxy changed: the restart handler restarts it."""
+        """Remember that a file of this proxy that Envoy does not reload (bootstrap, unit) changed."""
         with self._lock:
             self._restarts.setdefault(host, set()).add(proxy)
 
     def restarts(self, host: str) -> list[str]:
         with self._lock:
             return sorted(self._restarts.get(host, set()))
+
+    def mark_changed(self, host: str, proxy: str, baseline: Any = None) -> None:
+        """Remember that this run changed what the proxy serves (the health gate checks it) and, the first time,
+        how healthy it was before (mesh.deploy.steps.gate.Health)."""
+        with self._lock:
+            self._changed.setdefault(host, set()).add(proxy)
+            if baseline is not None:
+                self._baselines.setdefault((host, proxy), baseline)
+
+    def changed(self, host: str) -> list[str]:
+        with self._lock:
+            return sorted(self._changed.get(host, set()))
+
+    def has_baseline(self, host: str, proxy: str) -> bool:
+        with self._lock:
+            return (host, proxy) in self._baselines
+
+    def baseline(self, host: str, proxy: str) -> Any:
+        with self._lock:
+            return self._baselines.get((host, proxy))
+
+    def checker_connector(self) -> Connector | None:
+        """A connection to the first controller of the mesh (for the gate's probe), or None."""
+        if self.connect is None or not self.mesh.controllers:
+            return None
+        return self.connect(self.mesh.controllers[0])

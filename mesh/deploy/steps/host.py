@@ -15,15 +15,15 @@ from mesh.deploy.modules.builtin import install_checked, parse_mode, unit_check
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.variables import to_bool
 from mesh.hosts.facts import file_sha256
-from mesh.render import render_firewall, render_firewall_unit
+from mesh.hosts.observe import ENVOY_SHA_CACHE_SUFFIX, FIREWALL_LOADED
+from mesh.plan.build import FIREWALL_CHECK, FIREWALL_UNIT_PATH
+from mesh.plan.changes import keep_envoy_sha_cache
 
 # Non-interactive SSH sessions of non-root users often lack the sbin folders where sshd and nft live.
 SBIN_PATH = "PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 TOOLS = ("openssl", "sha256sum", "useradd", "systemctl", "sshd")
 CONTAINER_HOST_TOOLS = ("docker", "iptables", "iptables-restore", "nsenter")
 MIN_CONTROLLER_PYTHON = (3, 10)  # the checker's wheels (structlog, py-consul) need 3.10+
-FIREWALL_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{paths.FIREWALL_UNIT}"
-FIREWALL_CHECK = f"{paths.NFT_BINARY} -c -f %s"  # nft's own check of a staged ruleset (%s: its path)
 
 
 def prerequisites_script(controller: bool, container_host: bool = False) -> str:
@@ -60,11 +60,19 @@ def user(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     name = str(args.get("name") or "")
     if not name:
         raise ModuleFailure("missing required argument: name")
-    if str(args.get("state", "present")) != "present":
-        raise ModuleFailure("only state=present is supported by mesh")
-    if ctx.connector.run(f"getent passwd {shlex.quote(name)}").ok:
+    state = str(args.get("state", "present"))
+    if state not in ("present", "absent"):
+        raise ModuleFailure(f"state must be present or absent, got {state!r}")
+    exists = ctx.connector.run(f"getent passwd {shlex.quote(name)}").ok
+    if state == "absent":
+        if exists:
+            yield RunCommand(f"{SBIN_PATH}; userdel {shlex.quote(name)}", f"remove user {name}")
+        return Outcome(data={"name": name, "state": "absent"})
+    if exists:
         return Outcome(data={"name": name, "state": "present"})
     words = ["useradd", "--user-group"]
+    if args.get("comment"):
+        words += ["--comment", str(args["comment"])]
     if to_bool(args.get("system", False)):
         words.append("--system")
     words.append("--create-home" if to_bool(args.get("create_home", True)) else "--no-create-home")
@@ -75,47 +83,69 @@ def user(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
 
 
 def envoy_binary(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """Envoy's binary at dest, sent (atomically) only when the host's sha256 differs from the local one."""
+    """Envoy's binary at dest, sent only when the host's sha256 differs from the local one: gzip-compressed on
+    the wire (a third of its size), unpacked beside dest and renamed into place; its sha256, size and mtime are
+    recorded beside it, so the next run reads them instead of hashing 100 MB again."""
     dest = str(args.get("dest") or paths.ENVOY_BINARY)
     local = ctx.shared.envoy
-    found = file_sha256(ctx.connector, dest)
+    found = ctx.connector.run(binary_sha_command(dest)).text() or None
     if found != local.sha256:
-        yield PutFile(dest, local.path.read_bytes(), parse_mode(args.get("mode")) or 0o755, "root", "root",
-                      f"send Envoy ({local.sha256[:12]})")
+        packed = f"{dest}.mesh-gz"
+        mode = parse_mode(args.get("mode")) or 0o755
+        yield PutFile(packed, local.gzipped(), 0o600, "root", "root", f"send Envoy ({local.sha256[:12]}, gzip)")
+        q = shlex.quote
+        yield RunCommand(f"set -e; gunzip -c {q(packed)} > {q(dest)}.mesh-tmp; rm -f {q(packed)}; "
+                         f"chmod {mode:04o} {q(dest)}.mesh-tmp; mv -f {q(dest)}.mesh-tmp {q(dest)}; "
+                         + keep_envoy_sha_cache(dest), f"unpack Envoy into {dest}")
     return Outcome(data={"dest": dest, "checksum": local.sha256, "sent": found != local.sha256})
 
 
-def firewall(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
-    """mesh's `inet mesh` table in /etc/mesh/firewall.nft and its boot unit; applied when changed or missing."""
+def binary_sha_command(path: str) -> str:
+    """Prints the file's sha256: from the record beside it when its size and mtime still match, else hashed."""
+    q = shlex.quote
+    cache = q(path + ENVOY_SHA_CACHE_SUFFIX)
+    return (f"if [ -f {q(path)} ]; then now=$(stat -c '%s %Y' {q(path)}); set -- $(cat {cache} 2>/dev/null); "
+            f"if [ \"$2 $3\" = \"$now\" ]; then echo \"$1\"; else sha256sum < {q(path)} | cut -c1-64; fi; fi")
+
+
+def firewall(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """mesh's `inet mesh` table (the plan's /etc/mesh/firewall.nft) and its boot unit; loaded when the file
+    changed or the loaded table is not the one mesh loaded last (a flushed chain, a deleted table)."""
     if not ctx.connector.run(f"test -x {paths.NFT_BINARY}").ok:
         if ctx.connector.run(f"{SBIN_PATH}; command -v iptables").ok:
             raise ModuleFailure(f"{ctx.host.name} has iptables but not nft ({paths.NFT_BINARY}): mesh closes app "
                                 "ports with an nftables table of its own; install nftables (the app ports are "
                                 "still open to other hosts)")
         raise ModuleFailure(f"{paths.NFT_BINARY} not found: install nftables")
-    ruleset = render_firewall(ctx.host).encode()
-    unit = render_firewall_unit().encode()
+    plan = ctx.shared.host_plan(ctx.host.name)
+    ruleset, unit = plan.file(paths.FIREWALL_PATH), plan.file(FIREWALL_UNIT_PATH)
     # Each file is checked on the host by the tool that reads it (`nft -c`, `systemd-analyze verify`) before it
     # replaces the old one: a refused file fails the host and leaves the old one (and the loaded table) alone.
-    changed_rules = _differs(ctx, paths.FIREWALL_PATH, ruleset)
+    changed_rules = _differs(ctx, ruleset.path, ruleset.content)
     if changed_rules:
-        refused = yield from install_checked(paths.FIREWALL_PATH, ruleset, 0o644, "root", "root",
-                                             FIREWALL_CHECK)
+        refused = yield from install_checked(ruleset.path, ruleset.content, ruleset.mode, ruleset.owner,
+                                             ruleset.group, ruleset.check or FIREWALL_CHECK)
         if refused is not None:
-            return Outcome(msg=f"nft on {ctx.host.name} refused the new {paths.FIREWALL_PATH} (the old one is "
+            return Outcome(msg=f"nft on {ctx.host.name} refused the new {ruleset.path} (the old one is "
                                f"kept): {refused}", failed=True)
-    if _differs(ctx, FIREWALL_UNIT_PATH, unit):
-        refused = yield from install_checked(FIREWALL_UNIT_PATH, unit, 0o644, "root", "root",
-                                             unit_check(paths.FIREWALL_UNIT))
+    if _differs(ctx, unit.path, unit.content):
+        refused = yield from install_checked(unit.path, unit.content, unit.mode, unit.owner, unit.group, unit.check or unit_check(paths.FIREWALL_UNIT))
         if refused is not None:
-            return Outcome(msg=f"systemd-analyze on {ctx.host.name} refused the new {FIREWALL_UNIT_PATH} (the "
+            return Outcome(msg=f"systemd-analyze on {ctx.host.name} refused the new {unit.path} (the "
                                f"old one is kept): {refused}", failed=True)
         yield RunCommand("systemctl daemon-reload", "daemon-reload", changes=False)
-    loaded = ctx.connector.run(f"{paths.NFT_BINARY} list table inet mesh >/dev/null 2>&1").ok
+    loaded = ctx.connector.run(_LOADED_CHECK).ok
     if changed_rules or not loaded:
-        yield RunCommand(f"{paths.NFT_BINARY} -f {paths.FIREWALL_PATH}", "apply mesh's nftables table")
+        yield RunCommand(f"{paths.NFT_BINARY} -f {paths.FIREWALL_PATH} && {_RECORD_LOADED}",
+                         "apply mesh's nftables table")
     ports = sorted({workload.port for workload in ctx.host.workloads})
     return Outcome(msg=f"app ports closed to other hosts: {ports}", data={"ports": ports})
+
+
+_LISTED = f"{paths.NFT_BINARY} list table inet mesh 2>/dev/null | sha256sum | cut -c1-64"
+_LOADED_CHECK = (f"[ -n \"$({paths.NFT_BINARY} list table inet mesh 2>/dev/null)\" ] && "
+                 f"[ \"$({_LISTED})\" = \"$(cat {FIREWALL_LOADED} 2>/dev/null)\" ]")
+_RECORD_LOADED = f"mkdir -p /var/lib/mesh && {_LISTED} > {FIREWALL_LOADED}"
 
 
 def _differs(ctx: TaskContext[Any], path: str, data: bytes) -> bool:

@@ -45,7 +45,7 @@ def proxy_ownership(host: ManagedHost, proxy: str) -> ProxyOwnership:
     if host.kind == "container_host":
         folder, key, config = (Owned(str(uid), str(gid), mode) for _, uid, gid, mode in file_modes(proxy))
         return ProxyOwnership(folder, key, config)
-    user = paths.ENVOY_USER
+    user = paths.envoy_user(proxy)
     return ProxyOwnership(Owned("root", user, 0o750), Owned(user, user, 0o600), Owned("root", user, 0o640))
 
 

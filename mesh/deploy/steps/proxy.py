@@ -5,19 +5,22 @@ systemd unit and the handler restarting exactly the proxies whose files changed.
 
 from __future__ import annotations
 
-import hashlib
+import re
 import secrets
 import shlex
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from mesh.config import paths
-from mesh.config.errors import ConfigError, EnvoyRejectedConfig
-from mesh.containers.sidecar import sidecar_spec, validate_args
+from mesh.config.errors import EnvoyRejectedConfig
+from mesh.containers.sidecar import validate_args
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.builtin import install_checked, unit_check
+from mesh.deploy.steps import rollback
 from mesh.deploy.steps.context import DeployContext
+from mesh.deploy.steps.gate import read_health
 from mesh.deploy.steps.identity import (
     Identity,
     checker_identity,
@@ -26,10 +29,18 @@ from mesh.deploy.steps.identity import (
     renewal_reason,
     swap_command,
 )
-from mesh.deploy.steps.ownership import Owned, folder_changes, ownership_changes, proxy_ownership
+from mesh.deploy.steps.ownership import Owned, folder_changes, ownership_changes
 from mesh.deploy.variables import to_bool
 from mesh.hosts.facts import file_sha256
-from mesh.render import render_envoy_config, render_envoy_unit, validate_envoy_config
+from mesh.plan.model import ProxyPlan
+from mesh.render import (
+    ProxyFiles,
+    RenderedFile,
+    host_validation,
+    stale_paths,
+    transition,
+    validate_proxy_files,
+)
 
 VALIDATE_TIMEOUT_S = 120
 
@@ -42,15 +53,13 @@ def _proxy(args: dict[str, Any]) -> str:
 
 
 def proxy_folder(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """/etc/mesh/proxies/<proxy>, owned as the host's kind wants it (see ownership.py), and in it the folder of
-    Envoy's admin socket: Envoy's user's alone (0700), so no other user of the host can connect to admin."""
-    proxy = _proxy(args)
-    path = paths.proxy_dir(proxy)
-    ownership = proxy_ownership(ctx.host, proxy)
-    yield from folder_changes(ctx.connector, path, ownership.folder)
-    envoy_user = ownership.key.owner
-    yield from folder_changes(ctx.connector, paths.admin_dir(proxy), Owned(envoy_user, envoy_user, 0o700))
-    return Outcome(data={"path": path, "admin_socket": paths.admin_socket_path(proxy)})
+    """The proxy's folders from the plan: /etc/mesh/proxies/<proxy> (readable by the proxy's user alone), its
+    xds/ folder, and the folder of Envoy's admin socket (the proxy's user's alone, 0700: no other user of the
+    host can connect to admin)."""
+    planned = ctx.shared.proxy(ctx.host.name, _proxy(args))
+    for folder in planned.folders:
+        yield from folder_changes(ctx.connector, folder.path, Owned(folder.owner, folder.group, folder.mode))
+    return Outcome(data={"path": paths.proxy_dir(planned.name), "admin_socket": paths.admin_socket_path(planned.name)})
 
 
 def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
@@ -60,10 +69,10 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
     if to_bool(args.get("checker", False)):
         identity = checker_identity(trust_domain)
     else:
-        proxy = _proxy(args)
-        ownership = proxy_ownership(ctx.host, proxy)
-        identity = proxy_identity(proxy, shared.workload(ctx.host.name, proxy).spiffe_id, ownership.key.owner,
-                                  ownership.folder)
+        planned = shared.proxy(ctx.host.name, _proxy(args))
+        home = planned.folders[0]
+        identity = proxy_identity(planned.name, planned.spiffe_id, planned.user,
+                                  Owned(home.owner, home.group, home.mode))
     fresh = not ctx.connector.run(f"test -s {shlex.quote(identity.key)}").ok
     # A new key goes into a new folder with its certificate, swapped in by one rename once both are there: a
     # restart in between still finds the old, matching pair.
@@ -90,11 +99,11 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
     issued = shared.ca.sign(csr.stdout, identity.spiffe_id, shared.mesh.settings.cert_ttl, ctx.host.name,
                             identity.ledger_name)
     yield PutFile(target.cert, issued.chain_pem, 0o644, "root", "root", f"write {target.cert}")
+    if identity.proxy is not None:
+        _before_change(ctx, identity.proxy)
     if target is not identity:
         yield RunCommand(swap_command(identity, version), f"switch {identity.home}/tls to the new key and "
                                                           "certificate")
-    if identity.proxy is not None:
-        shared.mark_restart(ctx.host.name, identity.proxy)
     return Outcome(msg=f"certificate issued ({reason}), valid until {issued.not_after.isoformat()}",
                    data={"spiffe_id": identity.spiffe_id, "serial": issued.serial})
 
@@ -107,55 +116,92 @@ def _keygen(identity: Identity) -> str:
             f"chown {owner} \"$t\"; chmod 0600 \"$t\"; mv -f \"$t\" {key}")
 
 
-def envoy_config(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """Envoy's rendered config: when it differs, sent beside the old one, validated there (on a VM by the host's
-    Envoy as the proxy's user; on a container host in a throwaway container of the sidecar image `image`), then
-    renamed into place; a refused config fails the host and leaves the old one."""
-    proxy = _proxy(args)
-    try:
-        cfg = ctx.shared.proxy_config(ctx.host.name, proxy)
-        data = render_envoy_config(cfg).encode()
-    except ConfigError as exc:
-        raise ModuleFailure(str(exc)) from None
-    path, wanted = cfg.config_path, proxy_ownership(ctx.host, proxy).config
-    if file_sha256(ctx.connector, path) == hashlib.sha256(data).hexdigest():
-        yield from ownership_changes(ctx.connector, path, wanted)
-        return Outcome(data={"dest": path})
-    validate = _validate_command(ctx, proxy, args)
+def proxy_files(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """The proxy's files from the plan: its trust bundle, then Envoy's resource files and bootstrap. Only what
+    differs is sent, into a staging folder beside them; there the host's Envoy checks them all (on a VM as the
+    proxy's user; on a container host in a throwaway container of the sidecar image `image`); then they are
+    moved into place one by one, each waiting until a running Envoy took it (mesh.render.host_validation). A
+    refused file fails the host and leaves every running file. A changed bootstrap marks a restart; the
+    rest Envoy reloads by itself."""
+    planned = ctx.shared.proxy(ctx.host.name, _proxy(args))
+    trust = planned.files[0]  # the proxy's copy of the trust bundle, moved into place first
+    found = _file_sums(ctx, [planned_file.path for planned_file in planned.files], paths.xds_dir(planned.name))
+    if found.get(trust.path) != trust.sha256:
+        yield PutFile(trust.path, trust.content, trust.mode, trust.owner, trust.group, f"write {trust.path}")
+    rendered = planned.rendered
+    steps = transition(rendered, found, _host_cds(ctx, rendered, found))
+    stale = stale_paths(rendered, found)
+    for planned_file in planned.files:
+        if found.get(planned_file.path) == planned_file.sha256:  # right content: only its mode and owner
+            yield from ownership_changes(ctx.connector, planned_file.path,
+                                         Owned(planned_file.owner, planned_file.group, planned_file.mode))
+    if not steps and not stale:
+        return Outcome(data={"proxy": planned.name, "moved": []})
+    container = ctx.host.kind == "container_host"
+    check = host_validation(rendered, steps, stale, user=None if container else planned.user)
     try:  # the same Envoy locally first, so a bad render never reaches a host
-        validate_envoy_config(data.decode(), {paths.CA_PATH: ctx.shared.ca.root_pem},
-                              ctx.shared.local_envoy or str(ctx.shared.envoy.path))
+        validate_proxy_files(rendered, ctx.shared.ca.root_pem, str(ctx.shared.envoy.path))
     except EnvoyRejectedConfig as exc:
-        raise ModuleFailure(f"proxy {proxy}: {exc}; nothing was sent") from None
-    temp = new_config_path(proxy)
-    yield PutFile(temp, data, wanted.mode, wanted.owner, wanted.group, f"send {path} (to validate)")
+        raise ModuleFailure(f"proxy {planned.name}: {exc}; nothing was sent") from None
+    owner, group = planned.files[-1].owner, planned.files[-1].group
+    yield RunCommand(f"rm -rf {shlex.quote(check.staging_dir)} && mkdir -p -m 0750 {shlex.quote(check.staging_dir)}"
+                     f"/{paths.XDS_DIR_NAME} && chown -R {shlex.quote(owner)}:{shlex.quote(group)} "
+                     f"{shlex.quote(check.staging_dir)}", "create the staging folder", changes=False)
+    for staged in (*check.staged, RenderedFile(check.config_path, check.config, "bootstrap")):
+        yield PutFile(staged.path, staged.content.encode(), 0o640, owner, group, f"stage {staged.path}")
+    validate = check.command if not container else _sidecar_validate(planned, args, check.config_path)
     checked = yield RunCommand(validate, "validate on the host", check_exit=False, changes=False)
     if checked is not None and not checked.ok:
-        yield RunCommand(f"rm -f {shlex.quote(temp)}", "remove the refused config", changes=False)
-        message = envoy_error(checked.error_text())
-        return Outcome(msg=f"proxy {proxy}: Envoy on {ctx.host.name} refused the new config (the running config "
-                           f"is kept): {message}", failed=True)
-    yield RunCommand(f"mv -f {shlex.quote(temp)} {shlex.quote(path)}", f"install {path}")
-    ctx.shared.mark_restart(ctx.host.name, proxy)
-    return Outcome(data={"dest": path, "checksum": hashlib.sha256(data).hexdigest()})
+        yield RunCommand(f"rm -rf {shlex.quote(check.staging_dir)}", "remove the refused files", changes=False)
+        return Outcome(msg=f"proxy {planned.name}: Envoy on {ctx.host.name} refused the new files (the running "
+                           f"ones are kept): {envoy_error(checked.error_text())}", failed=True)
+    _before_change(ctx, planned.name)
+    yield RunCommand(rollback.backup_command(planned), "keep the running files for a rollback", changes=False)
+    installed = yield RunCommand(check.install, f"move {len(check.moves)} file(s) into place", check_exit=False)
+    if installed is not None and not installed.ok:
+        return Outcome(msg=f"proxy {planned.name}: {installed.error_text()}", failed=True)
+    moved = [final for _, final in check.moves]
+    if rendered.bootstrap.path in moved:
+        ctx.shared.mark_restart(ctx.host.name, planned.name)
+    return Outcome(data={"proxy": planned.name, "moved": moved, "removed": list(stale)})
 
 
-def new_config_path(proxy: str) -> str:
-    """Where a new config waits for validation: beside the old one (Envoy picks the format by extension)."""
-    return f"{paths.proxy_dir(proxy)}/.envoy.new.yaml"
+def _before_change(ctx: TaskContext[DeployContext], proxy: str) -> None:
+    """The proxy is about to change: the gate will check it against how healthy it is now."""
+    if ctx.check_mode:
+        return
+    before = None if ctx.shared.has_baseline(ctx.host.name, proxy) else read_health(ctx.connector, proxy)
+    ctx.shared.mark_changed(ctx.host.name, proxy, before)
 
 
-def _validate_command(ctx: TaskContext[DeployContext], proxy: str, args: dict[str, Any]) -> str:
-    temp = new_config_path(proxy)
-    if ctx.host.kind != "container_host":  # Envoy as the proxy's user: it must be able to read the key
-        return (f"runuser -u {paths.ENVOY_USER} -- {paths.ENVOY_BINARY} --mode validate -c {shlex.quote(temp)} "
-                f"--disable-hot-restart --log-level error")
+def _file_sums(ctx: TaskContext[DeployContext], wanted: list[str], listed: str) -> dict[str, str]:
+    """sha256 of each wanted path that is a file, and of every file in the folder `listed`, in one command."""
+    script = ("for p in " + " ".join(shlex.quote(path) for path in wanted) + f" {shlex.quote(listed)}/*; do "
+              "[ -f \"$p\" ] && printf '%s\\t%s\\n' \"$p\" \"$(sha256sum < \"$p\" | cut -c1-64)\"; done; true")
+    result = ctx.connector.run(script)
+    sums: dict[str, str] = {}
+    for line in result.text().splitlines():
+        path, _, digest = line.partition("\t")
+        if len(digest) == 64:
+            sums[path] = digest
+    return sums
+
+
+def _host_cds(ctx: TaskContext[DeployContext], rendered: ProxyFiles, found: dict[str, str]) -> str | None:
+    """The host's cds.yaml when it differs (to keep clusters that leave until no route names them)."""
+    cds = next((item for item in rendered.files if item.path.endswith(f"/{paths.XDS_DIR_NAME}/cds.yaml")), None)
+    if cds is None or cds.path not in found or found[cds.path] == cds.sha256:
+        return None
+    data = ctx.connector.get(cds.path)
+    return data.decode(errors="replace") if data is not None else None
+
+
+def _sidecar_validate(planned: ProxyPlan, args: dict[str, Any], config_path: str) -> str:
     image = args.get("image")
-    if not image:
+    if not image or planned.sidecar is None:
         raise ModuleFailure("missing required argument on a container host: image (the sidecar image's tag)")
     # The sidecar's own image, user and read-only mounts: what the sidecar will see, with no host Envoy.
-    spec = sidecar_spec(ctx.host, ctx.shared.workload(ctx.host.name, proxy), str(image), "")
-    return shlex.join(["docker", *validate_args(spec, temp)])
+    return shlex.join(["docker", *validate_args(replace(planned.sidecar, image=str(image)), config_path)])
 
 
 def envoy_error(output: str) -> str:
@@ -166,25 +212,47 @@ def envoy_error(output: str) -> str:
 
 
 def envoy_unit(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """The proxy's systemd unit, checked by `systemd-analyze verify` on the host before it replaces the old one
-    (a refused unit fails the host and leaves the old one); systemd re-reads units when it changed."""
-    proxy = _proxy(args)
-    data = render_envoy_unit(ctx.shared.proxy_config(ctx.host.name, proxy)).encode()
-    path, name = paths.envoy_unit_path(proxy), paths.envoy_unit_name(proxy)
-    if file_sha256(ctx.connector, path) != hashlib.sha256(data).hexdigest():
-        refused = yield from install_checked(path, data, 0o644, "root", "root", unit_check(name))
+    """The proxy's systemd unit from the plan, checked by `systemd-analyze verify` on the host before it
+    replaces the old one (a refused unit fails the host and leaves the old one); systemd re-reads units when it
+    changed, and the proxy owes a restart."""
+    planned = ctx.shared.proxy(ctx.host.name, _proxy(args))
+    unit = planned.unit
+    if unit is None:
+        raise ModuleFailure(f"proxy {planned.name} has no unit on {ctx.host.name} (a container host's sidecar)")
+    name = paths.envoy_unit_name(planned.name)
+    if file_sha256(ctx.connector, unit.path) != unit.sha256:
+        refused = yield from install_checked(unit.path, unit.content, unit.mode, unit.owner, unit.group,
+                                             unit_check(name))
         if refused is not None:
-            return Outcome(msg=f"proxy {proxy}: systemd-analyze on {ctx.host.name} refused the new unit (the old "
-                               f"one is kept): {refused}", data={"unit": name, "dest": path}, failed=True)
+            return Outcome(msg=f"proxy {planned.name}: systemd-analyze on {ctx.host.name} refused the new unit (the "
+                               f"old one is kept): {refused}", data={"unit": name, "dest": unit.path}, failed=True)
         yield RunCommand("systemctl daemon-reload", "daemon-reload", changes=False)
-        ctx.shared.mark_restart(ctx.host.name, proxy)
-    return Outcome(data={"unit": paths.envoy_unit_name(proxy), "dest": path})
+        _before_change(ctx, planned.name)
+        ctx.shared.mark_restart(ctx.host.name, planned.name)
+    return Outcome(data={"unit": name, "dest": unit.path})
 
 
-def restart_proxies(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
-    """Handler: restart the proxies whose files changed in this run (every proxy with all=true)."""
-    names = [paths.proxy_name(workload) for workload in ctx.host.workloads]
-    chosen = names if to_bool(args.get("all", False)) else ctx.shared.restarts(ctx.host.name)
-    for proxy in chosen:
-        yield RunCommand(f"systemctl restart {paths.envoy_unit_name(proxy)}", f"restart {proxy}")
-    return Outcome(msg=f"restarted: {', '.join(chosen) or 'none'}", data={"restarted": chosen})
+def proxies_current(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun:
+    """Every proxy of the host runs its files: restarted when its bootstrap, unit or Envoy's binary changed in
+    this run (`all`), or when the bootstrap Envoy runs (node.metadata in /server_info) is not the planned one,
+    so a restart a failed run still owed is never lost."""
+    plan = ctx.shared.host_plan(ctx.host.name)
+    marked = set(ctx.shared.restarts(ctx.host.name))
+    restarted = []
+    for planned in plan.proxies:
+        if planned.unit is None:
+            continue
+        running = running_bootstrap(ctx, planned.name)
+        if to_bool(args.get("all", False)) or planned.name in marked or running != planned.bootstrap_sha256:
+            _before_change(ctx, planned.name)
+            yield RunCommand(f"systemctl restart {paths.envoy_unit_name(planned.name)}", f"restart {planned.name}")
+            restarted.append(planned.name)
+    return Outcome(msg=f"restarted: {', '.join(restarted) or 'none'}", data={"restarted": restarted})
+
+
+def running_bootstrap(ctx: TaskContext[DeployContext], proxy: str) -> str:
+    """The bootstrap sha256 the proxy's Envoy runs (its node.metadata), or "" when admin does not answer."""
+    socket = shlex.quote(paths.admin_socket_path(proxy))
+    found = ctx.connector.run(f"curl -s --max-time 3 --unix-socket {socket} http://admin/server_info")
+    match = re.search(r'"mesh_bootstrap_sha256":\s*"([0-9a-f]{64})"', found.stdout.decode(errors="replace"))
+    return match.group(1) if match else ""

@@ -1,0 +1,115 @@
+"""The phases of a deploy before anything changes, shared by `mesh deploy` and `mesh plan`: what the plan needs
+(Envoy's binary, the sidecar image, the checker's wheels and Consul files), the plan itself, its check by the
+local Envoy, and the observation of every target host. It wires those parts; it computes nothing itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh import catalog, controller_env
+from mesh.config.validate import envoy_binary
+from mesh.containers.image import SidecarImage, build_sidecar_image_tar
+from mesh.deploy.display import Display
+from mesh.deploy.steps.context import ControllerWheels, LocalFile
+from mesh.errors import MeshError
+from mesh.hosts.connection import Connector
+from mesh.inventory.model import ManagedHost, Mesh
+from mesh.pki import CertificateAuthority
+from mesh.plan.build import PlanInputs, build_plan
+from mesh.plan.changes import Change, certificate_reason_for
+from mesh.plan.fleet import observe_fleet, validate_plan
+from mesh.plan.model import Plan
+from mesh.plan.report import FleetChanges, consul_changes
+
+WHEELS_CACHE = "wheels"  # under mesh_state_dir
+IMAGES_CACHE = "images"  # under mesh_state_dir: the sidecar image tarball
+ENVOY_CACHE = "envoy"  # under mesh_state_dir: Envoy's binary gzip-compressed for the wire
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything decided before the act phase."""
+
+    plan: Plan
+    envoy: LocalFile
+    image: SidecarImage | None
+    wheels: ControllerWheels | None
+    fleet: FleetChanges
+
+
+def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost],
+            connect: Callable[[ManagedHost], Connector], out: Display, forks: int = 20, diffs: bool = False,
+            consul: bool = False, envoy: str | None = None) -> Prepared:
+    """Plan every managed host, check each distinct proxy config with the local Envoy (PlanRefused: nothing
+    touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
+    (MESH_ENVOY, else mesh's own) that checks configs."""
+    local_envoy = envoy or envoy_binary()
+    binary = LocalFile(Path(local_envoy), Path(mesh.settings.state_dir) / ENVOY_CACHE)
+    image = _sidecar_image(mesh, targets, out)
+    wheels = _wheels(mesh, targets)
+    inputs = PlanInputs(ca.root_pem, ca.root_fingerprint,
+                        envoy_sha256=binary.sha256 if any(h.kind == "vm" and h.workloads for h in mesh.hosts) else None,
+                        sidecar_image=image.tag if image is not None else None,
+                        consul_token=_token(mesh), consul_ca=_consul_ca(mesh))
+    started = time.monotonic()
+    plan = build_plan(mesh, inputs)
+    checked = validate_plan(plan, ca.root_pem, local_envoy)
+    out.line(f"plan {plan.digest[:12]}: {sum(len(h.proxies) for h in plan.hosts)} proxies on {len(plan.hosts)} "
+             f"hosts, {checked} distinct config(s) checked by Envoy ({time.monotonic() - started:.1f} s)")
+    observed = observe_fleet(plan, targets, connect, certificate_reason_for(ca, mesh.settings.cert_ttl),
+                             wheels.marker if wheels else None, diffs=diffs, forks=forks)
+    pending = _consul_changes(mesh) if consul else ()
+    fleet = FleetChanges(tuple(observed[host.name] for host in targets), tuple(pending))
+    return Prepared(plan, binary, image, wheels, fleet)
+
+
+def _sidecar_image(mesh: Mesh, targets: Sequence[ManagedHost], out: Display) -> SidecarImage | None:
+    """The sidecar image tarball (built once per Envoy binary, cached in mesh_state_dir) when container hosts
+    are planned."""
+    if not any(host.kind == "container_host" and host.workloads for host in mesh.hosts):
+        return None
+    started = time.monotonic()
+    image = build_sidecar_image_tar(Path(mesh.settings.state_dir) / IMAGES_CACHE)
+    out.line(f"sidecar image {image.tag} ({image.path.stat().st_size >> 20} MiB, "
+             f"{time.monotonic() - started:.1f} s)")
+    return image
+
+
+def _wheels(mesh: Mesh, targets: Sequence[ManagedHost]) -> ControllerWheels | None:
+    if not any(host.is_controller for host in targets):
+        return None
+    wheels = controller_env.build_wheels(Path(mesh.settings.state_dir) / WHEELS_CACHE)
+    return ControllerWheels(tuple(wheels), controller_env.wheel_set_marker(wheels))
+
+
+def _token(mesh: Mesh) -> bytes | None:
+    if not mesh.settings.consul_token_file or not mesh.controllers:
+        return None
+    return catalog.read_token(mesh.settings.consul_token_file).encode() + b"\n"
+
+
+def _consul_ca(mesh: Mesh) -> bytes | None:
+    path = mesh.settings.consul_ca_file
+    if not path or not mesh.controllers:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise MeshError(f"cannot read mesh_consul_ca_file {path}: {exc.strerror or exc}") from None
+
+
+def _consul_changes(mesh: Mesh) -> list[Change]:
+    if not mesh.settings.consul_url:
+        return []
+    try:
+        pending = catalog.plan(catalog.access_for(mesh), mesh)
+    except catalog.TokenRefused:
+        raise
+    except MeshError:
+        return []
+    return consul_changes(pending.register, pending.deregister)
