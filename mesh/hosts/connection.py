@@ -4,16 +4,19 @@ It owns shell-level file transfer (atomic put, get); it must not know about task
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.hosts.errors import RemoteError
+from mesh.hosts.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from mesh.inventory.model import Connection, ManagedHost
 
-__all__ = ["CommandResult", "Connector", "LocalConnector", "RemoteError", "connect"]
+__all__ = ["CommandResult", "Connector", "LocalConnector", "RemoteError", "connect", "connector_factory"]
 
 # get() exits with this when the file is absent, to tell "no file" from "cannot read it".
 _ABSENT = 66
@@ -103,13 +106,18 @@ def wrap_become(cmd: str, prefix: str) -> str:
 class LocalConnector:
     """Runs on the machine running mesh (`ansible_connection: local`), through /bin/sh."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         user = "root" if os.geteuid() == 0 else os.environ.get("USER")
         self._prefix = become_prefix(connection, user)
+        self._timeouts = timeouts
 
     def run(self, cmd: str, stdin: bytes | None = None, timeout: float | None = None) -> CommandResult:
-        done = subprocess.run(["/bin/sh", "-c", wrap_become(cmd, self._prefix)], input=stdin or b"",
-                              capture_output=True, timeout=timeout, check=False)
+        limit = timeout or self._timeouts.command
+        try:
+            done = subprocess.run(["/bin/sh", "-c", wrap_become(cmd, self._prefix)], input=stdin or b"",
+                                  capture_output=True, timeout=limit, check=False)
+        except subprocess.TimeoutExpired as exc:
+            return CommandResult(124, exc.stdout or b"", f"timed out after {limit:g} s".encode())
         return CommandResult(done.returncode, done.stdout, done.stderr)
 
     def put(self, data: bytes, path: str, mode: int, owner: str | None = None, group: str | None = None) -> None:
@@ -122,10 +130,17 @@ class LocalConnector:
         pass
 
 
-def connect(host: ManagedHost) -> Connector:
+def connect(host: ManagedHost, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Connector:
     """The connector for a host: local or SSH, as its connection says. Connects lazily (on first use)."""
     if host.connection.local:
-        return LocalConnector(host.connection)
+        return LocalConnector(host.connection, timeouts)
     from mesh.hosts.ssh import SSHConnector
 
-    return SSHConnector(host.connection, name=host.name)
+    return SSHConnector(host.connection, name=host.name, timeouts=timeouts)
+
+
+def connector_factory(timeouts: Timeouts) -> Callable[[ManagedHost], Connector]:
+    """connect, with these timeouts (what a deploy's -T/--timeout and --command-timeout give)."""
+    if timeouts == DEFAULT_TIMEOUTS:
+        return connect
+    return functools.partial(connect, timeouts=timeouts)

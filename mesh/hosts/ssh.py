@@ -11,7 +11,9 @@ import base64
 import getpass
 import hashlib
 import os
+import socket
 import threading
+import time
 from typing import Any
 
 import paramiko
@@ -21,11 +23,13 @@ from fabric import Connection as FabricConnection
 from mesh.hosts.connection import CommandResult, become_prefix, get_via, put_via, wrap_become
 from mesh.hosts.errors import HostUnreachable
 from mesh.hosts.known_hosts import KnownHosts, read_known_hosts
+from mesh.hosts.timeouts import DEFAULT_TIMEOUTS, Keepalive, Timeouts
 from mesh.inventory.model import Connection
 from mesh.inventory.values import parse_proxy_jump
 
-CONNECT_TIMEOUT = 10.0
 SEND_SLICE = 256 * 1024
+INITIAL_WINDOW = 4 * 1024 * 1024  # more than sshd's first channel window (2 MiB)
+POLL = 0.5  # seconds a read or a send waits before looking at the deadline and the keepalive again
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -75,8 +79,11 @@ class SSHConnector:
     >>> conn = SSHConnector(host.connection, name="vm1"); conn.run("uname -r").text()
     """
 
-    def __init__(self, connection: Connection, name: str | None = None) -> None:
+    def __init__(self, connection: Connection, name: str | None = None,
+                 timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         self._connection = connection
+        self._timeouts = timeouts
+        self._keepalive: Keepalive | None = None
         self._name = name or connection.address
         self._known_hosts = os.path.expanduser(connection.known_hosts)
         self._user = connection.user or getpass.getuser()
@@ -89,11 +96,13 @@ class SSHConnector:
     def _client(self, address: str, port: int, user: str, gateway: FabricConnection | None) -> FabricConnection:
         config = Config(overrides={"load_ssh_configs": False})
         key_file = self._connection.private_key_file
-        connect_kwargs: dict[str, Any] = {"look_for_keys": key_file is None, "allow_agent": key_file is None}
+        wait = self._timeouts.connect
+        connect_kwargs: dict[str, Any] = {"look_for_keys": key_file is None, "allow_agent": key_file is None,
+                                          "banner_timeout": wait, "auth_timeout": wait, "channel_timeout": wait}
         if key_file:
             connect_kwargs["key_filename"] = os.path.expanduser(key_file)
         made = FabricConnection(address, user=user, port=port, config=config, gateway=gateway,
-                                connect_timeout=int(CONNECT_TIMEOUT), connect_kwargs=connect_kwargs)
+                                connect_timeout=wait, connect_kwargs=connect_kwargs)
         known = self._read_known_hosts(address, port)
         trusted = made.client.get_host_keys()
         for name, keys in known.host_keys().items():
@@ -168,8 +177,13 @@ class SSHConnector:
             raise HostUnreachable(self._name, f"SSH authentication failed at {where} as {self._user}: {exc}",
                                   hint="check ansible_user and ansible_ssh_private_key_file") from None
         except (TimeoutError, OSError, paramiko.SSHException, EOFError) as exc:
-            raise HostUnreachable(self._name, f"cannot connect to {where}: {exc or type(exc).__name__}") from None
+            why = "timed out" if isinstance(exc, TimeoutError | socket.timeout) else (str(exc) or type(exc).__name__)
+            raise HostUnreachable(self._name, f"cannot connect to {where}: {why} (connect timeout "
+                                  f"{self._timeouts.connect:g} s)") from None
         self._fabric = fabric_conn
+        transport = fabric_conn.client.get_transport()
+        if transport is not None:
+            self._keepalive = Keepalive(transport, self._timeouts)
         return fabric_conn
 
     def _revoked_line(self, key: paramiko.PKey) -> int | None:
@@ -181,15 +195,45 @@ class SSHConnector:
     # ---- the connector interface ------------------------------------------------------------------------
 
     def run(self, cmd: str, stdin: bytes | None = None, timeout: float | None = None) -> CommandResult:
+        """Run cmd; it fails with exit 124 after timeout seconds (default: Timeouts.command). A host that goes
+        silent meanwhile (keepalives unanswered) raises HostUnreachable."""
         with self._lock:
             transport = self._open().client.get_transport()
             try:
                 assert transport is not None
-                channel = transport.open_session()
+                channel = transport.open_session(timeout=self._timeouts.connect)
             except (paramiko.SSHException, OSError, AssertionError) as exc:
-                self._fabric = None
-                raise HostUnreachable(self._name, f"the SSH connection broke: {exc}") from None
-            return _exec(channel, wrap_become(cmd, self._prefix), stdin, timeout)
+                self._gone()
+                raise HostUnreachable(self._name, self._broken(f"the SSH connection broke: {exc}")) from None
+            keepalive = self._keepalive
+            heard = keepalive.heard if keepalive is not None else _nothing
+            try:
+                result = _exec(channel, wrap_become(cmd, self._prefix), stdin, timeout or self._timeouts.command,
+                               heard)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                if not transport.is_active():
+                    result = None
+                else:  # the host refused this channel: a failed command, as ssh's own exit 255
+                    result = CommandResult(255, b"", f"ssh: {exc}".encode())
+            if result is None:  # the connection died under the command
+                self._gone()
+                raise HostUnreachable(self._name, self._broken("the SSH connection broke during a command"))
+            return result
+
+    def _broken(self, fallback: str) -> str:
+        keepalive = self._keepalive
+        if keepalive is not None and keepalive.silent_for is not None:
+            every = self._timeouts.keepalive_interval
+            return (f"no answer from the host for {keepalive.silent_for:.0f} s (SSH keepalives every {every:g} s "
+                    f"unanswered): given up as unreachable")
+        return fallback
+
+    def _gone(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.stop()
+        if self._fabric is not None:
+            self._fabric.close()
+        self._fabric = None
 
     def put(self, data: bytes, path: str, mode: int, owner: str | None = None, group: str | None = None) -> None:
         put_via(self, data, path, mode, owner, group)
@@ -199,39 +243,80 @@ class SSHConnector:
 
     def close(self) -> None:
         with self._lock:
-            if self._fabric is not None:
-                self._fabric.close()
-                self._fabric = None
+            self._gone()
 
 
-def _exec(channel: paramiko.Channel, cmd: str, stdin: bytes | None, timeout: float | None) -> CommandResult:
-    """Run cmd on a fresh channel: stdin sent and stderr read on threads so no pipe fills up and blocks."""
-    channel.settimeout(timeout)
+def _nothing() -> None:
+    pass
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self._end
+
+    def left(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+
+def _exec(channel: paramiko.Channel, cmd: str, stdin: bytes | None, timeout: float,
+          heard: Any) -> CommandResult | None:
+    """Run cmd on a fresh channel: stdin sent and stderr read on threads so no pipe fills up and blocks; every
+    wait is short, so a deadline or a dead connection is noticed within POLL. None: the connection died."""
+    deadline = _Deadline(timeout)
+    channel.settimeout(POLL)
     channel.exec_command(cmd)
     stderr: list[bytes] = []
-
-    def feed() -> None:
-        try:
-            # In slices: paramiko's sendall re-slices what is left after every packet, quadratic on a
-            # 100 MB binary (minutes of copying); a bounded slice keeps that cost small.
-            for start in range(0, len(stdin or b""), SEND_SLICE):
-                channel.sendall((stdin or b"")[start:start + SEND_SLICE])
-        finally:
-            channel.shutdown_write()
-
-    def drain() -> None:
-        stderr.append(channel.makefile_stderr("rb").read())
-
-    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    threads = [threading.Thread(target=_feed, args=(channel, stdin or b"", deadline, heard), daemon=True),
+               threading.Thread(target=_read_all, args=(channel.recv_stderr, stderr, deadline, heard), daemon=True)]
     for thread in threads:
         thread.start()
-    try:
-        stdout = channel.makefile("rb").read()
-        code = channel.recv_exit_status()
-    except TimeoutError:
+    stdout: list[bytes] = []
+    _read_all(channel.recv, stdout, deadline, heard)
+    while not channel.status_event.wait(min(POLL, deadline.left())) and not deadline.passed():
+        pass
+    finished = channel.status_event.is_set()
+    threads[1].join(deadline.left() + POLL)  # stderr's end comes with the command's
+    transport = channel.get_transport()
+    if not (finished and channel.exit_status != -1) and (transport is None or not transport.is_active()):
         channel.close()
-        return CommandResult(124, b"", f"timed out after {timeout} s".encode())
-    for thread in threads:
-        thread.join()
-    channel.close()
-    return CommandResult(code, stdout, b"".join(stderr))
+        return None  # the transport died under the command (or the keepalive gave the host up)
+    channel.close()  # also ends a feed still waiting for window space
+    if not finished:
+        return CommandResult(124, b"".join(stdout), f"timed out after {timeout:g} s".encode())
+    return CommandResult(channel.exit_status, b"".join(stdout), b"".join(stderr))
+
+
+def _read_all(recv: Any, into: list[bytes], deadline: _Deadline, heard: Any) -> None:
+    """recv until end of stream or the deadline (an empty read is the end, also of a closed channel)."""
+    while not deadline.passed():
+        try:
+            data = recv(65536)
+        except TimeoutError:
+            continue
+        except (OSError, EOFError):
+            return
+        if not data:
+            return
+        heard()
+        into.append(data)
+
+
+def _feed(channel: paramiko.Channel, data: bytes, deadline: _Deadline, heard: Any) -> None:
+    """Send data, then end the command's stdin. In slices: paramiko's sendall re-slices what is left after
+    every packet, quadratic on a 100 MB binary; a send that finds no window waits at most POLL."""
+    position = 0
+    try:
+        while position < len(data) and not deadline.passed() and not channel.exit_status_ready():
+            try:
+                position += channel.send(data[position:position + SEND_SLICE])
+            except TimeoutError:
+                continue
+            if position > INITIAL_WINDOW:
+                heard()  # past sshd's first window, sending goes on only as the host takes the data
+        channel.shutdown_write()
+    except (OSError, EOFError):
+        return
