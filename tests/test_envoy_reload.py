@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import os
 import socket
 import ssl
 import threading
@@ -368,3 +369,34 @@ def _answers(port: int) -> str | None:
         return str(json.loads(body)["app"]) if response.status == 200 else None
     finally:
         connection.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts in a mount namespace of its own need root")
+def test_a_read_only_folder_mount_sees_files_moved_into_place(tmp_path: Path) -> None:
+    """As in a sidecar: the proxy folder is a read-only bind mount (admin/ a writable one) in Envoy's own mount
+    namespace, and files moved into place on the host side reach it: an endpoint change and a new certificate."""
+    loop = two_service_mesh(free_port())
+    identities = issue_identities(tmp_path / "state", loop.mesh.settings.trust_domain, (loop.web,))
+    cfg = proxy_config_in(compute_proxy_config(loop.mesh, loop.web), tmp_path / "web", loop.address(loop.web))
+    files = render_proxy_files(cfg)
+    lay_out_proxy(files, identities["web"])
+    envoy = start_proxy("web", files, free_base_ids(1)[0], sidecar_mounts=True)
+    try:
+        assert Path(f"/proc/{envoy.process.pid}/ns/mnt").resolve() != Path("/proc/self/ns/mnt").resolve()
+        mounts = Path(f"/proc/{envoy.process.pid}/mountinfo").read_text()
+        assert any(line.split()[4] == files.proxy_dir and " ro" in f" {line.split()[5]}" for line in
+                   mounts.splitlines()), "the proxy folder is not a read-only mount in Envoy's namespace"
+        moved_endpoint = Endpoint("127.0.0.9", loop.api.proxy_port)
+        upstream = replace(cfg.cluster("upstream-api"), endpoints=(moved_endpoint,))
+        changed = render_proxy_files(replace(cfg, clusters=tuple(upstream if c.name == upstream.name else c
+                                                                 for c in cfg.clusters)))
+        assert move_into_place(changed, files) == [f"{files.proxy_dir}/xds/eds.upstream-api.yaml"]
+        eventually(lambda: running_endpoints(envoy) == file_endpoints(changed), WAIT_S,
+                   "Envoy runs the moved endpoints", envoy.log)
+        renewed = issue_identities(tmp_path / "state", loop.mesh.settings.trust_domain, (loop.web,))["web"]
+        serial = x509.load_pem_x509_certificate(renewed.chain).serial_number
+        swap_tls(Path(files.proxy_dir), renewed, "2")
+        eventually(lambda: serial in certs_serials(envoy), WAIT_S, "Envoy holds the new certificate", envoy.log)
+        assert envoy.process.poll() is None
+    finally:
+        stop_envoys([envoy])

@@ -292,19 +292,30 @@ def start_envoy(name: str, config: Mapping[str, Any], folder: Path, base_id: int
 
 
 def start_proxy(name: str, files: ProxyFiles, base_id: int, extra_args: tuple[str, ...] = (),
-                timeout: float = 15.0) -> RunningEnvoy:
+                timeout: float = 15.0, sidecar_mounts: bool = False) -> RunningEnvoy:
     """Run Envoy on the bootstrap of a laid-out proxy folder (lay_out_proxy), as its unit does (refusing resource
-    files with unknown fields), until /ready says LIVE; its log is <proxy folder>/envoy.log."""
+    files with unknown fields), until /ready says LIVE; its log is <proxy folder>/envoy.log.
+
+    sidecar_mounts=True (root only) runs it in a mount namespace of its own where the proxy folder is a read-only
+    bind mount of itself and its admin/ folder a writable one: what the sidecar's `--volume DIR:DIR:ro` and
+    `--volume DIR/admin:DIR/admin:rw` give it."""
     bootstrap = yaml.safe_load(files.bootstrap.content)
     admin_socket = Path(bootstrap["admin"]["address"]["pipe"]["path"])
+    wrapper: tuple[str, ...] = ()
+    if sidecar_mounts:
+        script = ('folder=$1; admin=$2; shift 2; mount --bind "$folder" "$folder" && '
+                  'mount -o remount,bind,ro "$folder" && mount --bind "$admin" "$admin" && '
+                  'mount -o remount,bind,rw "$admin" && exec "$@"')
+        wrapper = ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", files.proxy_dir,
+                   str(admin_socket.parent))
     return _run_envoy(name, Path(files.bootstrap.path), admin_socket, base_id, Path(files.proxy_dir, "envoy.log"),
-                      ("--reject-unknown-dynamic-fields", *extra_args), timeout)
+                      ("--reject-unknown-dynamic-fields", *extra_args), timeout, wrapper)
 
 
 def _run_envoy(name: str, config_path: Path, admin_socket: Path, base_id: int, log: Path,
-               extra_args: tuple[str, ...], timeout: float) -> RunningEnvoy:
-    with log.open("wb") as sink:
-        process = subprocess.Popen([envoy_binary(), "-c", str(config_path), "--base-id", str(base_id),
+               extra_args: tuple[str, ...], timeout: float, wrapper: tuple[str, ...] = ()) -> RunningEnvoy:
+    with log.open("wb") as sink:  # the wrapper execs Envoy: the same PID
+        process = subprocess.Popen([*wrapper, envoy_binary(), "-c", str(config_path), "--base-id", str(base_id),
                                     "--log-level", "warn", *extra_args],
                                    stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
     envoy = RunningEnvoy(name, process, admin_socket, base_id, log)
