@@ -186,6 +186,15 @@ def report(total: float, code: int) -> None:
         mine = [c for c in commands if c[0] == host]
         print(f"  {host:10} {connections.get(host, 0):3d} {len(mine):5d} {sum(c[3] for c in mine):8.2f} "
               f"{sum(c[4] for c in mine):10d}")
+    playbook = sum(seconds for _, seconds, name in phases if name.endswith("run_playbook"))
+    lockstep = sum(max((s for (t, _), s in tasks.items() if t == name), default=0.0) for name in task_order)
+    busiest = max(hosts, key=lambda h: sum(c[3] for c in commands if c[0] == h), default=None)
+    if busiest is not None:
+        mine = [c for c in commands if c[0] == busiest]
+        busy = sum(c[3] for c in mine)
+        print(f"playbook {playbook:.2f} s; sum over tasks of the slowest host {lockstep:.2f} s (tasks wait for "
+              f"every host); busiest host {busiest}: {len(mine)} remote calls, {busy:.2f} s, "
+              f"{1000 * busy / max(1, len(mine)):.0f} ms per call")
     outside = [c for c in commands if c[1] == "(outside a task)"]
     if outside:
         print(f"remote calls outside playbook tasks (preflight, facts): {len(outside)} "
