@@ -4,7 +4,9 @@
 /etc/mesh/proxies/<proxy> (bootstrap, xds/, ca.pem, the `tls` link), while a request loop runs. Then, with the
 same Envoy processes: a route and cluster change moved into place (web's route now goes to a second api
 instance), a new key and certificate for api swapped in by one rename of its `tls` link, and a broken cluster file
-moved in (refused by validate_proxy_files first, then by Envoy, which keeps serving the previous files).
+moved in (refused by validate_proxy_files first, then by Envoy, which keeps serving the previous files). And as in a
+sidecar (the proxy folder a read-only bind mount in Envoy's own mount namespace): an endpoint file, a new
+certificate and a new trust bundle moved into place reach Envoy.
 """
 
 from __future__ import annotations
@@ -216,6 +218,12 @@ def certs_serials(envoy: RunningEnvoy) -> set[int]:
     return serials
 
 
+def ca_serials(envoy: RunningEnvoy) -> set[int]:
+    """The serials of the CA certificates Envoy trusts (/certs ca_cert), as integers."""
+    return {int(ca["serial_number"], 16) for entry in json.loads(envoy.admin("/certs"))["certificates"]
+            for ca in entry.get("ca_cert", [])}
+
+
 def stat(envoy: RunningEnvoy, name: str) -> int:
     for line in envoy.admin(f"/stats?filter=^{name}$").splitlines():
         key, _, value = line.partition(": ")
@@ -397,6 +405,13 @@ def test_a_read_only_folder_mount_sees_files_moved_into_place(tmp_path: Path) ->
         serial = x509.load_pem_x509_certificate(renewed.chain).serial_number
         swap_tls(Path(files.proxy_dir), renewed, "2")
         eventually(lambda: serial in certs_serials(envoy), WAIT_S, "Envoy holds the new certificate", envoy.log)
+        # a trust bundle with a second root (a CA rotation's first step), moved over ca.pem
+        other = issue_identities(tmp_path / "other-state", loop.mesh.settings.trust_domain, (loop.web,))["web"]
+        other_root = x509.load_pem_x509_certificate(other.root).serial_number
+        staged = Path(files.proxy_dir, ".ca.pem.new")
+        staged.write_bytes(identities["web"].root + other.root)
+        os.replace(staged, Path(files.proxy_dir, "ca.pem"))
+        eventually(lambda: other_root in ca_serials(envoy), WAIT_S, "Envoy trusts the new bundle", envoy.log)
         assert envoy.process.poll() is None
     finally:
         stop_envoys([envoy])
