@@ -53,6 +53,8 @@ class RunningDrift:
             return f"bootstrap {_short(self.on_disk)} on disk, {running} running (a restart is owed)"
         if self.what == "certificate":
             return f"certificate serial {_short(self.on_disk)} on disk, Envoy serves {running}"
+        if self.what.startswith("xds/eds."):
+            return f"{self.what} endpoints {self.on_disk} on disk, {running} loaded (not reloaded, or refused)"
         return f"{self.what} version {_short(self.on_disk)} on disk, {running} loaded (not reloaded, or refused)"
 
 

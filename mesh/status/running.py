@@ -59,7 +59,9 @@ def file_bootstrap_hash(text: str) -> str | None:
 
 
 def file_versions(text: str) -> dict[ResourceKey, str]:
-    """The version_info a resource file (a DiscoveryResponse) gives each resource in it; {} when unreadable."""
+    """The version a resource file (a DiscoveryResponse) gives each resource in it, as loaded_versions shows it
+    once Envoy took the file: its version_info, but the endpoints' addresses for a ClusterLoadAssignment (Envoy's
+    dump shows no version of endpoints read from a file); {} when unreadable."""
     data = _yaml(text)
     if not isinstance(data, dict) or not isinstance(data.get("resources"), list):
         return {}
@@ -67,12 +69,13 @@ def file_versions(text: str) -> dict[ResourceKey, str]:
     found: dict[ResourceKey, str] = {}
     for resource in data["resources"]:
         if isinstance(resource, dict):
-            found[_key(str(resource.get("@type", "")), resource)] = version
+            type_url = str(resource.get("@type", ""))
+            found[_key(type_url, resource)] = endpoint_addresses(resource) if type_url == ENDPOINT_TYPE else version
     return found
 
 
 def loaded_versions(config_dump: Mapping[str, Any]) -> dict[ResourceKey, str]:
-    """The version_info Envoy holds per resource, from /config_dump?include_eds."""
+    """The version Envoy holds per resource, from /config_dump?include_eds (for endpoints: their addresses)."""
     found: dict[ResourceKey, str] = {}
     for dump in config_dump.get("configs") or []:
         kind = str(dump.get("@type", "")).rsplit(".", 1)[-1]
@@ -85,12 +88,22 @@ def loaded_versions(config_dump: Mapping[str, Any]) -> dict[ResourceKey, str]:
                 found[(ROUTE_TYPE, str((item.get("route_config") or {}).get("name")))] = str(item.get("version_info"))
         elif kind == "EndpointsConfigDump":
             for item in dump.get("dynamic_endpoint_configs") or []:
-                name = str((item.get("endpoint_config") or {}).get("cluster_name"))
-                found[(ENDPOINT_TYPE, name)] = str(item.get("version_info"))
+                assignment = item.get("endpoint_config") or {}
+                found[(ENDPOINT_TYPE, str(assignment.get("cluster_name")))] = endpoint_addresses(assignment)
         elif kind == "SecretsConfigDump":
             for item in dump.get("dynamic_active_secrets") or []:
                 found[(SECRET_TYPE, str(item.get("name")))] = str(item.get("version_info"))
     return found
+
+
+def endpoint_addresses(assignment: Mapping[str, Any]) -> str:
+    """A ClusterLoadAssignment's endpoints as `address:port` sorted and joined by commas."""
+    found = []
+    for locality in assignment.get("endpoints") or []:
+        for item in locality.get("lb_endpoints") or []:
+            address = ((item.get("endpoint") or {}).get("address") or {}).get("socket_address") or {}
+            found.append(f"{address.get('address')}:{address.get('port_value')}")
+    return ",".join(sorted(found))
 
 
 def served_serials(certs: Mapping[str, Any]) -> tuple[str, ...]:

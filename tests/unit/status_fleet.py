@@ -190,7 +190,7 @@ def config_dump_of(expected: ExpectedProxy) -> dict[str, Any]:
             elif kind == "RouteConfiguration":
                 routes["dynamic_route_configs"].append({"version_info": version, "route_config": resource})
             elif kind == "ClusterLoadAssignment":
-                endpoints["dynamic_endpoint_configs"].append({"version_info": version, "endpoint_config": resource})
+                endpoints["dynamic_endpoint_configs"].append({"endpoint_config": resource})  # no version, as Envoy
             elif kind == "Secret":
                 secrets["dynamic_active_secrets"].append({"name": resource["name"], "version_info": version})
     return {"configs": [listeners, clusters, routes, endpoints, secrets]}
