@@ -71,8 +71,8 @@ TEMPLATES_DIR = package_data.templates_dir()
 __all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
            "FirewallUnitContext", "HostValidation", "ProxyFiles", "RenderedFile", "host_validation",
            "render_envoy_config", "render_envoy_unit", "render_firewall", "render_firewall_unit",
-           "render_proxy_files", "render_resources", "stale_paths", "static_bootstrap", "template_environment", "transition",
-           "validate_envoy_config", "validate_proxy_files"]
+           "render_proxy_files", "render_resources", "stale_paths", "static_bootstrap", "template_environment",
+           "transition", "validate_envoy_config", "validate_proxy_files"]
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -278,8 +278,10 @@ def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) ->
     digest = hashlib.sha256(unmarked.encode()).hexdigest()
     bootstrap = _render(templates_dir, "envoy/bootstrap.yaml.j2", replace(context, bootstrap_sha256=digest))
     parsed = _parsed_yaml(cfg.proxy, bootstrap, "bootstrap")
-    if set(parsed) != {"node", "admin", "overload_manager", "dynamic_resources"}:
-        raise ConfigError(cfg.proxy, f"rendered Envoy bootstrap has the sections {sorted(parsed)}")
+    if set(parsed) != {"node", "admin", "overload_manager", "dynamic_resources"} \
+            or parsed["node"].get("metadata") != {BOOTSTRAP_METADATA_KEY: digest}:
+        raise ConfigError(cfg.proxy, f"rendered Envoy bootstrap has the sections {sorted(parsed)} and the node "
+                                     f"metadata {parsed['node'].get('metadata')}")
     files.append(RenderedFile(cfg.config_path, bootstrap, "bootstrap"))
     return ProxyFiles(cfg.proxy, proxy_dir, tuple(files), digest)
 
@@ -517,13 +519,14 @@ def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = 
     command = [envoy, "--mode", "validate", "-c", config_path, "--disable-hot-restart", "--log-level", "error"]
     prefix = ["runuser", "-u", user, "--"] if user else []
     admin = _parsed_yaml(files.proxy, files.bootstrap.content, "bootstrap")["admin"]["address"]["pipe"]["path"]
-    install = _install_script(files.proxy, tuple(zip(staged, moves, strict=True)), stale, staging, str(admin), wait_s)
+    install = _install_script(files.proxy, tuple(zip(staged, moves, strict=True)), stale, staging, str(admin), wait_s,
+                              files.bootstrap_sha256)
     return HostValidation(staging, tuple(staged), tuple(moves), config_path, config,
                           shlex.join([*prefix, *command]), install)
 
 
 def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]], ...], stale: tuple[str, ...],
-                    staging: str, admin_socket: str, wait_s: int) -> str:
+                    staging: str, admin_socket: str, wait_s: int, bootstrap_sha256: str) -> str:
     """The sh of host_validation's `install`: moves, waits for a live Envoy to take each, cleanup."""
     q = shlex.quote
     lines = [
@@ -545,7 +548,10 @@ def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]
         (f"    echo \"proxy {proxy}: Envoy did not take $4 within {wait_s} s (it runs the files it took before; "
          "see its log)\" >&2; exit 1; fi; sleep 0.1; done"),
         "}",
-        "live=0; curl -sf --max-time 2 --unix-socket \"$admin\" http://envoy/ready >/dev/null 2>&1 && live=1",
+        # Waits only for an Envoy that runs this bootstrap: one running another (an old one, or none) is
+        # restarted after the moves and reads every file then.
+        (f"live=0; curl -sf --max-time 2 --unix-socket \"$admin\" http://envoy/server_info 2>/dev/null "
+         f"| grep -q {q(bootstrap_sha256)} && live=1"),
     ]
     for folder in sorted({posixpath.dirname(final) for _file, (_staged, final) in moves}):
         lines.append(f"[ -d {q(folder)} ] || mkdir -p -m 0755 {q(folder)} || exit 1")  # xds/ on a first deploy
