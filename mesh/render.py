@@ -70,7 +70,7 @@ TEMPLATES_DIR = package_data.templates_dir()
 
 __all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
            "FirewallUnitContext", "HostValidation", "ProxyFiles", "RenderedFile", "host_validation",
-           "render_envoy_config", "render_envoy_unit", "render_firewall", "render_firewall_unit",
+           "render_envoy_unit", "render_firewall", "render_firewall_unit",
            "render_proxy_files", "render_resources", "stale_paths", "static_bootstrap", "template_environment",
            "transition", "validate_envoy_config", "validate_proxy_files"]
 
@@ -573,16 +573,6 @@ def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]
     return "\n".join(lines) + "\n"
 
 
-def render_envoy_config(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> str:
-    """TRANSITION ONLY (until mesh/deploy/steps/proxy.py and mesh/status.py use render_proxy_files): one static
-    bootstrap, the static equivalent of the proxy's files with the shared trust bundle (paths.CA_PATH) the deploy
-    steps still write. Envoy does not reload it: every change restarts the proxy."""
-    trust = replace(cfg.secrets.trust_bundle, trusted_ca=paths.CA_PATH)
-    files = render_proxy_files(replace(cfg, secrets=replace(cfg.secrets, trust_bundle=trust)), templates_dir)
-    return (f"# Envoy config of proxy {cfg.proxy} ({cfg.node_id}), rendered by mesh: `mesh deploy` rewrites it.\n"
-            + _dump(static_bootstrap(files, dynamic=False)))
-
-
 def _relocated(files: ProxyFiles, root: str) -> ProxyFiles:
     """`files` with every path in and of them below files.proxy_dir moved below root (content re-serialized)."""
     old = files.proxy_dir
@@ -648,7 +638,8 @@ class FirewallUnitContext:
 
 def render_envoy_unit(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> str:
     """The hardened systemd unit running this proxy's Envoy (installed at paths.envoy_unit_path)."""
-    context = EnvoyUnitContext(proxy=cfg.proxy, node_id=cfg.node_id, host=cfg.host, user=paths.ENVOY_USER,
+    context = EnvoyUnitContext(proxy=cfg.proxy, node_id=cfg.node_id, host=cfg.host,
+                               user=paths.envoy_user(cfg.proxy),
                                binary=paths.ENVOY_BINARY, config_path=cfg.config_path, base_id=cfg.base_id,
                                admin_dir=paths.admin_dir(cfg.proxy))
     return _parsed_unit(_render(templates_dir, "systemd/mesh-envoy.service.j2", context))
