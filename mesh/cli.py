@@ -9,12 +9,14 @@ import json
 import os
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from mesh import errors
 from mesh.cli_inventory import fleet_inventory, inventory_argument, inventory_option
+from mesh.hosts.timeouts import DEFAULT_TIMEOUTS
 from mesh.log import configure_logging
 
 
@@ -103,7 +105,8 @@ _add_ca_commands()
 @inventory_argument
 @inventory_option
 @click.option("-C", "--check", is_flag=True, help="Show what would change; change nothing on the hosts.")
-@click.option("-l", "--limit", default=None, help="Only these hosts (an Ansible host pattern).")
+@click.option("-l", "--limit", default=None,
+              help="Only these hosts: an Ansible host pattern over every inventory group; @FILE reads a retry file.")
 @click.option("-t", "--tags", default=None, help="Only tasks with these tags (comma-separated).")
 @click.option("-f", "--forks", default=20, show_default=True, type=click.IntRange(1, 500),
               help="Hosts deployed in parallel.")
@@ -113,17 +116,40 @@ _add_ca_commands()
 @click.option("--json", "as_json", is_flag=True, help="Print the change set and the recap as JSON on stdout.")
 @click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Apply exactly this plan (saved by `mesh plan -o FILE`); refused when it is stale.")
+@click.option("--serial", default=None, metavar="N|N%|LIST",
+              help="Roll out in batches: a count, a percentage of each play's hosts, or a list (1,5,25%); each "
+                   "batch runs a whole play before the next. Overrides the playbook's `serial:`.")
+@click.option("--max-fail-percentage", default=None, type=click.FloatRange(0, 100), metavar="PERCENT",
+              help="Stop the rollout when more than this share of a batch failed (0: at the first failed host); "
+                   "the rest is left untouched. Overrides the playbook's `max_fail_percentage:`.")
+@click.option("-T", "--timeout", "connect_timeout", default=DEFAULT_TIMEOUTS.connect, show_default=True,
+              type=click.FloatRange(min=1), metavar="SECONDS", help="SSH connect timeout (as Ansible's -T).")
+@click.option("--command-timeout", default=DEFAULT_TIMEOUTS.command, show_default=True,
+              type=click.FloatRange(min=1), metavar="SECONDS", help="Longest one remote command may run.")
 @click.pass_context
 def deploy_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None, check: bool,
                    limit: str | None, tags: str | None, forks: int, replace_ca: bool, diff: bool, as_json: bool,
-                   plan_file: Path | None) -> None:
-    """Deploy the mesh: CA, Envoy beside every VM workload, the health checker, Consul registrations."""
+                   plan_file: Path | None, serial: str | None, max_fail_percentage: float | None,
+                   connect_timeout: float, command_timeout: float) -> None:
+    """Deploy the mesh: CA, Envoy beside every VM workload, the health checker, Consul registrations.
+
+    A host silent for 20 s (SSH keepalives unanswered) is reported unreachable while the others go on; after a
+    run with failed or unreachable hosts, `--limit @<mesh_state_dir>/deploy.retry` deploys just those."""
     from mesh.deploy.command import DeployOptions, deploy
+    from mesh.deploy.pacing import PacingError, parse_serial
+    from mesh.hosts.connection import connector_factory
 
     tag_list = [tag.strip() for tag in tags.split(",") if tag.strip()] if tags else None
+    try:
+        batches = parse_serial(serial) if serial is not None else None
+    except PacingError as exc:
+        raise click.BadParameter(str(exc), param_hint="--serial") from None
     options = DeployOptions(check=check, limit=limit, tags=tag_list, forks=forks, replace_ca=replace_ca,
-                            diff=diff, json=as_json, plan_file=plan_file)
-    ctx.exit(deploy(fleet_inventory(inventory_path, inventory_option), options))
+                            diff=diff, json=as_json, plan_file=plan_file, serial=batches,
+                            max_fail_percentage=max_fail_percentage)
+    timeouts = replace(DEFAULT_TIMEOUTS, connect=connect_timeout, command=command_timeout)
+    ctx.exit(deploy(fleet_inventory(inventory_path, inventory_option), options,
+                    connector_factory=connector_factory(timeouts)))
 
 
 @cli.command("plan")

@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,12 +18,15 @@ from typing import Any, TextIO
 from mesh import catalog, package_data
 from mesh.deploy import trust
 from mesh.deploy.display import Display
-from mesh.deploy.hostvars import inventory_vars
+from mesh.deploy.hostvars import InventoryVars, inventory_vars
+from mesh.deploy.lock import deploy_lock
 from mesh.deploy.modules import ModuleRegistry, registry
-from mesh.deploy.patterns import match_hosts
+from mesh.deploy.pacing import Serial
+from mesh.deploy.patterns import limit_hosts
 from mesh.deploy.playbook import Playbook, load_playbook
 from mesh.deploy.prepare import Prepared, prepare
 from mesh.deploy.recap import exit_code
+from mesh.deploy.retry import retry_path
 from mesh.deploy.runner import ConnectorFactory, run_playbook
 from mesh.deploy.saved_plan import read_saved_plan, refuse_stale_plan
 from mesh.deploy.steps import register_mesh_modules
@@ -57,6 +60,8 @@ class DeployOptions:
     diff: bool = False  # print each host's changes with unified diffs before acting
     json: bool = False  # the change set and the recap as JSON on stdout (the transcript goes to stderr)
     plan_file: Path | None = None  # apply exactly this saved plan (`mesh plan -o FILE`), refusing if it is stale
+    serial: Serial | None = None  # every play's batch sizes (overrides the playbook's `serial:`)
+    max_fail_percentage: float | None = None  # likewise for `max_fail_percentage:`
 
 
 def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output: TextIO | None = None,
@@ -71,13 +76,25 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
     if options.replace_ca and options.limit:
         raise UsageError("--replace-ca re-trusts every managed host at once; it cannot be used with --limit",
                          "a fleet split between two roots cannot talk to itself")
-    mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
+    data = load_inventory(inventory_path)  # read once: the model, and the runner's variables and groups
+    mesh = check_inventory(data, inventory_path).mesh
+    variables = inventory_vars(data)
     _require_controller(mesh, inventory_path)
     modules = registry.copy()
     register_mesh_modules(modules)
     playbook = load_playbook(options.playbook, modules)
     saved = read_saved_plan(options.plan_file) if options.plan_file else None
-    targets = _targets(mesh, options.limit, out)
+    targets = _targets(mesh, options.limit, out, variables.groups)
+    with nullcontext() if options.check else deploy_lock(mesh, out.warning):  # check mode takes no lock
+        return _locked_deploy(mesh, variables, targets, playbook, modules, saved, options, stdout, transcript,
+                              connector_factory, out, started)
+
+
+def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHost], playbook: Playbook,
+                   modules: ModuleRegistry, saved: dict[str, Any] | None, options: DeployOptions,
+                   stdout: TextIO, transcript: TextIO, connector_factory: ConnectorFactory, out: Display,
+                   started: float) -> int:
+    """From the Consul preflight to the end, under the deploy lock."""
     _consul_preflight(mesh, out)
     if not mesh.hosts:
         out.line("no managed host (no workloads, no mesh_controllers): no CA made, no host touched")
@@ -105,14 +122,14 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
             refuse_stale_plan(saved, prepared, options.plan_file)
         if options.diff or options.check:
             out.line(text_report(prepared.fleet, diffs=options.diff).rstrip("\n"))
-        code, recap = _deploy_hosts(inventory_path, mesh, ca, targets, prepared, playbook, modules, options,
+        code, recap = _deploy_hosts(variables, mesh, ca, targets, prepared, playbook, modules, options,
                                     transcript, pool.connect, out, started)
     if options.json:
         stdout.write(json_report(prepared.fleet, {"exit_code": code, "recap": recap}))
     return code
 
 
-def _deploy_hosts(inventory_path: str, mesh: Mesh, ca: CertificateAuthority, targets: list[ManagedHost], prepared: Prepared,
+def _deploy_hosts(variables: InventoryVars, mesh: Mesh, ca: CertificateAuthority, targets: list[ManagedHost], prepared: Prepared,
                   playbook: Playbook, modules: ModuleRegistry, options: DeployOptions, output: TextIO,
                   connector_factory: ConnectorFactory, out: Display, started: float) -> tuple[int, dict[str, Any]]:
     """The playbook on the targets with changes (the others are converged: not touched), then Consul; the exit
@@ -128,8 +145,10 @@ def _deploy_hosts(inventory_path: str, mesh: Mesh, ca: CertificateAuthority, tar
     result = run_playbook(
         playbook, acting, connector_factory, extra_vars=extra_vars, shared=context,
         check=options.check, forks=options.forks, tags=options.tags,
-        host_vars=_host_vars(inventory_path, prepared, acting), groups=_groups(acting), modules=modules,
-        output=output, converged=[host.name for host in targets if host.name in converged])
+        host_vars=_host_vars(variables, prepared, acting), groups={**variables.groups, **_groups(acting)},
+        modules=modules, output=output, converged=[host.name for host in targets if host.name in converged],
+        serial=options.serial, max_fail_percentage=options.max_fail_percentage,
+        retry_file=retry_path(mesh.settings.state_dir))
     synced = _sync_catalog(mesh, options.check, out)  # also after a host failed: its old config still runs
     code = exit_code(result) or synced
     out.line(f"deploy finished in {time.monotonic() - started:.1f} s" + (" (check mode)" if options.check else ""))
@@ -143,11 +162,14 @@ def _require_controller(mesh: Mesh, inventory_path: str) -> None:
             key=CONTROLLERS_GROUP, hint="add a host to mesh_controllers: it runs mesh's health checker")])
 
 
-def _targets(mesh: Mesh, limit: str | None, out: Display) -> list[ManagedHost]:
-    """The hosts this deploy may touch (the plays pick VMs and container hosts with workloads, and controllers)."""
+def _targets(mesh: Mesh, limit: str | None, out: Display,
+             groups: Mapping[str, Sequence[str]] | None = None) -> list[ManagedHost]:
+    """The hosts this deploy may touch (the plays pick VMs and container hosts with workloads, and controllers);
+    --limit knows every inventory group (groups) and the playbook's, and `@FILE` (a retry file)."""
     targets = list(mesh.hosts)
     if limit:
-        names, unknown = match_hosts(limit, [host.name for host in targets], _groups(targets))
+        known = {**(groups or {}), **_groups(targets)}
+        names, unknown = limit_hosts(limit, [host.name for host in targets], known)
         for term in unknown:
             out.warning(f"--limit: {term!r} matches no host this deploy touches")
         targets = [host for host in targets if host.name in names]
@@ -160,16 +182,16 @@ def _groups(targets: Sequence[ManagedHost]) -> dict[str, list[str]]:
             CONTROLLERS_GROUP: [host.name for host in targets if host.is_controller]}
 
 
-def _host_vars(inventory_path: str, prepared: Prepared, targets: Sequence[ManagedHost]) -> dict[str, Mapping[str, Any]]:
+def _host_vars(variables: InventoryVars, prepared: Prepared,
+               targets: Sequence[ManagedHost]) -> dict[str, Mapping[str, Any]]:
     """Each host's inventory variables, plus from the plan `mesh_proxies` (its proxies' names) and
     `mesh_proxy_users` (the system users they run as on a VM)."""
-    variables = inventory_vars(load_inventory(inventory_path)).host_vars
     made: dict[str, Mapping[str, Any]] = {}
     for host in targets:
         planned = prepared.plan.host(host.name)
         mine = {"mesh_proxies": [proxy.name for proxy in planned.proxies],
                 "mesh_proxy_users": [proxy.user for proxy in planned.proxies if proxy.unit is not None]}
-        made[host.name] = ChainMap(mine, variables.get(host.name, {}))  # type: ignore[arg-type]
+        made[host.name] = ChainMap(mine, variables.host_vars.get(host.name, {}))  # type: ignore[arg-type]
     return made
 
 
