@@ -31,6 +31,11 @@ class Serial:
     def __str__(self) -> str:
         return ",".join(self.steps)
 
+    @property
+    def all_at_once(self) -> bool:
+        """0 or 100%: one batch of every host (a play is then paced as if it had no serial)."""
+        return all(step in ("0", "100%") for step in self.steps)
+
     def sizes(self, total: int) -> list[int]:
         """The batch sizes for a play of total hosts (they add up to total)."""
         sizes: list[int] = []

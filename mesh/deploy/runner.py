@@ -120,7 +120,8 @@ class PlaybookRun:
             if not batch:
                 self.display.line("skipping: no hosts matched", "skipped")
                 return None
-            stopped = self._batch(play, batch, pool, max_fail, every_failed_stops=serial is not None)
+            rolling = serial is not None and not serial.all_at_once
+            stopped = self._batch(play, batch, pool, max_fail, every_failed_stops=rolling)
             if stopped is not None:
                 left = tuple(state.host.name for later in batches[number:] for state in later)
                 return Stopped(play.name, number, len(batches), *stopped, not_reached=left)
@@ -130,7 +131,9 @@ class PlaybookRun:
                every_failed_stops: bool) -> tuple[tuple[str, ...], int, float | None, tuple[str, ...]] | None:
         """The play's tasks and handlers on one batch; (failed, size, max_fail, cut off) when it stops the run:
         its failed hosts go over max_fail_percentage (checked after every task, as Ansible does), or every host
-        of a batch of a `serial` play failed."""
+        of a batch of a rolling play (serial other than 0 or 100%) failed. Unlike Ansible, a play run all at once
+        whose hosts all failed does not stop the later plays: mesh's plays are cut by host kind, and a failed
+        container host must not keep the controllers from being deployed."""
         for state in batch:
             self.result.touch(state.host.name)
             state.notified.clear()

@@ -209,3 +209,25 @@ def test_check_mode_writes_no_retry_file(tmp_path: Path) -> None:
     retry = tmp_path / "deploy.retry"
     run(tmp_path, rollout(), fleet("vm2"), managed(*HOSTS), retry_file=retry, check=True)
     assert not retry.exists()
+
+
+def test_converged_hosts_get_a_recap_line_and_leave_the_retry_file(tmp_path: Path) -> None:
+    retry = tmp_path / "deploy.retry"
+    retry.write_text("vm3\nvm2\n")
+    result = run(tmp_path, rollout(), fleet("vm2"), managed("vm1", "vm2"), retry_file=retry, converged=["vm3"])
+    assert result.counts("vm3") == {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0, "skipped": 0,
+                                    "ignored": 0}
+    assert "vm3                        : ok=0" in result.output and retry.read_text() == "vm2\n"
+
+
+def test_a_play_all_at_once_whose_hosts_all_failed_does_not_stop_later_plays(tmp_path: Path) -> None:
+    text = rollout(serial='"100%"') + """
+- name: later
+  hosts: vm4:vm5
+  tasks:
+    - command: deploy-change
+"""
+    fleet_ = fleet("vm1", "vm2")
+    result = run(tmp_path, text, fleet_, managed("vm1", "vm2", "vm4", "vm5"))
+    assert result.result.stopped is None and "PLAY [later]" in result.output
+    assert fleet_.host("vm5").commands.count("deploy-change") == 2  # in both plays
