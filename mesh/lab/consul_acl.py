@@ -18,8 +18,9 @@ from typing import Any
 
 MESH_POLICY_NAME = "mesh"
 # The least mesh needs (tried against Consul 1.8.7): register and deregister external nodes, their services and
-# checks (node and service write); the checker's session (session write, on the agent's node) and its lock and
-# every KV key under mesh/. Reading /v1/acl/token/self needs no rule.
+# checks (node and service write); the checker's session and a deploy's (session write, on the agent's node), the
+# checker's lock, the deploy lock (mesh/<mesh_id>/deploy/lock) and every KV key under mesh/ (key write). Reading
+# /v1/acl/token/self needs no rule. `mesh lab up` applies it to a new lab and corrects it on a running one.
 MESH_POLICY_RULES = """node_prefix "" { policy = "write" }
 service_prefix "" { policy = "write" }
 session_prefix "" { policy = "write" }
