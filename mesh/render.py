@@ -494,10 +494,11 @@ def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = 
        image, user and mounts); a non-zero exit refuses the files, with Envoy's reason in its output (its
        `[critical]` lines): remove staging_dir and keep the running files;
     3. runs `install` as root (`sh -c`): `mv -f` of each staged file into place, in order; while Envoy answers on
-       its admin socket, after each cds.yaml, rds.<route>.yaml and lds.yaml it waits (up to wait_s seconds) for
-       Envoy to run that file's version_info (its `*.version_text` stats) with no cluster or listener still
-       warming, so a route never names a cluster Envoy does not have yet; then it removes staging_dir and the
-       stale files. Exit 1 with a message when Envoy did not take a file in time (the moves after it are not
+       its admin socket, after each cds.yaml, rds.<route>.yaml and lds.yaml that it reads it waits (up to wait_s
+       seconds) for Envoy to run that file's version_info (its `*.version_text` stats) with no cluster or
+       listener still warming, so a route never names a cluster Envoy does not have yet (an Envoy that does not
+       read the file, e.g. one started from an older, static bootstrap, is not waited for); then it removes
+       staging_dir and the stale files. Exit 1 with a message when Envoy did not take a file in time (the moves after it are not
        made: Envoy keeps what it took). A missing xds/ is created (0755: its files name paths, no secret).
        It needs `curl` on the host (as `mesh status` does).
     Restart the proxy only when the bootstrap (envoy.yaml) was one of the moves: Envoy reloads the rest.
@@ -533,8 +534,9 @@ def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]
         "set -u",
         f"admin={q(admin_socket)}",
         "stats() { curl -sf --max-time 2 --unix-socket \"$admin\" \"http://envoy/stats?filter=$1\" 2>/dev/null; }",
-        # took FILTER LINE [ABSENT_OK]: the stat line is there (or, with ABSENT_OK, no stat matches: nobody
-        # reads that route yet) and nothing warms
+        # took FILTER LINE ABSENT_OK NAME: the stat line is there (or, with ABSENT_OK, no stat matches: the
+        # running Envoy does not read that file: a new route, or an Envoy started from another bootstrap, which
+        # the restart after this script replaces) and nothing warms
         "took() {",
         "  found=$(stats \"$1\") || return 1",
         ("  if [ -n \"$3\" ] && [ -z \"$found\" ]; then :; "
@@ -563,7 +565,7 @@ def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]
         version = '"' + str(yaml.safe_load(file.content)["version_info"]) + '"'
         if name in ("cds.yaml", "lds.yaml"):
             stat = {"cds.yaml": "cluster_manager.cds", "lds.yaml": "listener_manager.lds"}[name] + ".version_text"
-            lines.append(" ".join(["wait_for", q(stat), q(f"{stat}: {version}"), "''", q(name)]))
+            lines.append(" ".join(["wait_for", q(stat), q(f"{stat}: {version}"), "absent-ok", q(name)]))
         elif name.startswith("rds."):
             stat = f"rds.{name[len('rds.'):-len('.yaml')]}.version_text"
             lines.append(" ".join(["wait_for", q(stat), q(f".{stat}: {version}"), "absent-ok", q(name)]))

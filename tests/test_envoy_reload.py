@@ -31,7 +31,7 @@ from cryptography import x509
 
 from mesh.config import EnvoyRejectedConfig, compute_proxy_config
 from mesh.config.model import Endpoint
-from mesh.render import ProxyFiles, RenderedFile, render_proxy_files, validate_proxy_files
+from mesh.render import ProxyFiles, RenderedFile, render_proxy_files, static_bootstrap, validate_proxy_files
 from mesh.testing.loopback import (
     Identity,
     RunningEnvoy,
@@ -43,6 +43,7 @@ from mesh.testing.loopback import (
     lay_out_proxy,
     move_into_place,
     proxy_config_in,
+    start_envoy,
     start_proxy,
     stop_envoys,
     swap_tls,
@@ -413,5 +414,31 @@ def test_a_read_only_folder_mount_sees_files_moved_into_place(tmp_path: Path) ->
         os.replace(staged, Path(files.proxy_dir, "ca.pem"))
         eventually(lambda: other_root in ca_serials(envoy), WAIT_S, "Envoy trusts the new bundle", envoy.log)
         assert envoy.process.poll() is None
+    finally:
+        stop_envoys([envoy])
+
+
+def test_moving_files_under_an_envoy_that_does_not_read_them_does_not_wait(tmp_path: Path) -> None:
+    """An Envoy started from an older, static bootstrap (mesh before files) reads no xds file: the install script
+    moves the new files without waiting for it (the restart for the new bootstrap follows)."""
+    loop = two_service_mesh(free_port())
+    identities = issue_identities(tmp_path / "state", loop.mesh.settings.trust_domain, (loop.web,))
+    cfg = proxy_config_in(compute_proxy_config(loop.mesh, loop.web), tmp_path / "web", loop.address(loop.web))
+    files = render_proxy_files(cfg)
+    lay_out_proxy(files, identities["web"])
+    # its admin socket where the files' bootstrap says (admin/admin.sock), its config static: every resource inline
+    envoy = start_envoy("web-static", static_bootstrap(files, dynamic=False), Path(files.proxy_dir, "admin"),
+                        free_base_ids(1)[0])
+    try:
+        upstream = replace(cfg.cluster("upstream-api"), endpoints=(Endpoint("127.0.0.9", loop.api.proxy_port),),
+                           connect_timeout_ms=2_000)
+        route = replace(cfg.outbound[0], cluster="local-app")
+        changed = render_proxy_files(replace(cfg, outbound=(route,), clusters=tuple(
+            upstream if c.name == upstream.name else c for c in cfg.clusters)))
+        started = time.monotonic()
+        assert move_into_place(changed, files) == [f"{files.proxy_dir}/xds/{name}" for name in
+                                                   ("eds.upstream-api.yaml", "cds.yaml", "rds.outbound-api.yaml")]
+        assert time.monotonic() - started < 5
+        assert envoy.process.poll() is None and stat(envoy, "cluster_manager.cds.update_attempt") == 0
     finally:
         stop_envoys([envoy])
