@@ -478,7 +478,7 @@ def validate_proxy_files(files: ProxyFiles, ca_pem: bytes, envoy: str | None = N
 
 
 def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = None, stale: tuple[str, ...] = (),
-                    staging_dir: str | None = None, user: str | None = paths.ENVOY_USER,
+                    staging_dir: str | None = None, user: str | None = "",
                     envoy: str = paths.ENVOY_BINARY, wait_s: int = INSTALL_WAIT_S) -> HostValidation:
     """How to check `files` on their host with the host's Envoy, then move them into place with no request lost.
 
@@ -502,7 +502,8 @@ def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = 
        made: Envoy keeps what it took). A missing xds/ is created (0755: its files name paths, no secret).
        It needs `curl` on the host (as `mesh status` does).
     Restart the proxy only when the bootstrap (envoy.yaml) was one of the moves: Envoy reloads the rest.
-    `user=None` runs Envoy as whoever runs the command."""
+    `user` "" (the default) is the proxy's own user (paths.envoy_user); None runs Envoy as whoever runs the
+    command."""
     staging = staging_dir or f"{files.proxy_dir}/{paths.STAGING_DIR_NAME}"
     staged, moves, used = [], [], set()
     for file in files.files if steps is None else steps:
@@ -518,6 +519,7 @@ def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = 
     config = (f"# The static equivalent of proxy {files.proxy}'s new files, checked by `envoy --mode validate` "
               "before they are moved into place.\n" + _dump(static_bootstrap(files, dynamic=False)))
     command = [envoy, "--mode", "validate", "-c", config_path, "--disable-hot-restart", "--log-level", "error"]
+    user = paths.envoy_user(files.proxy) if user == "" else user
     prefix = ["runuser", "-u", user, "--"] if user else []
     admin = _parsed_yaml(files.proxy, files.bootstrap.content, "bootstrap")["admin"]["address"]["pipe"]["path"]
     install = _install_script(files.proxy, tuple(zip(staged, moves, strict=True)), stale, staging, str(admin), wait_s,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.config import EnvoyRejectedConfig, InconsistentConfig, compute_proxy_config
+from mesh.config import EnvoyRejectedConfig, InconsistentConfig, compute_proxy_config, paths
 from mesh.config.model import Endpoint, ProxyConfig
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import Mesh, Workload
@@ -137,7 +137,7 @@ def test_envoy_units_are_hardened_and_distinct_per_host() -> None:
     units = {case: _unit(render_envoy_unit(cfg)) for case, cfg in configs.items()}
     api, db = units[("vm2", "api")]["Service"], units[("vm2", "db")]["Service"]
     api_cfg, db_cfg = configs[("vm2", "api")], configs[("vm2", "db")]
-    assert api["User"] and "DynamicUser" not in api
+    assert api["User"] == paths.envoy_user(api_cfg.proxy) != db["User"] and "DynamicUser" not in api
     assert f"--base-id {api_cfg.base_id} " in api["ExecStart"] and f"--base-id {db_cfg.base_id} " in db["ExecStart"]
     assert api_cfg.base_id != db_cfg.base_id
     # Envoy starts from the bootstrap in the proxy's folder (it reads the rest from xds/ there)
@@ -271,6 +271,8 @@ def test_host_validation_stages_checks_then_installs(tmp_path: Path) -> None:
     assert [file.path for file in plan.staged] == [staged for staged, _ in plan.moves]
     assert plan.command == (f"runuser -u mesh-web-8080 -- /usr/local/lib/mesh/envoy --mode validate -c "
                             f"{staging}/validate.yaml --disable-hot-restart --log-level error")
+    assert host_validation(after).command.startswith(f"runuser -u {paths.envoy_user(after.proxy)} -- ")
+    assert host_validation(after, user=None).command.startswith("/usr/local/lib/mesh/envoy --mode validate")
     checked = yaml.safe_load(plan.config)
     assert "dynamic_resources" not in checked  # the staged xds files need not exist for the check
     assert [s["name"] for s in checked["static_resources"]["secrets"]] == ["proxy-cert", "mesh-ca"]
