@@ -6,7 +6,6 @@ It only reads.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from rich.console import Console
@@ -33,7 +32,8 @@ def status(inventory_path: str, console: Console | None = None, connector_factor
 
 
 def _stdout_console() -> Console:
-    """A console on stdout: a terminal's width there, else wide enough that rows stay on one line."""
+    """A console on stdout: a terminal's width there; piped, wide enough that each row stays on one line (a
+    COLUMNS exported for a terminal would cut a pipe's lines)."""
     if sys.stdout.isatty():
         return Console()
-    return Console(width=int(os.environ.get("COLUMNS") or PIPED_WIDTH))
+    return Console(width=PIPED_WIDTH)

@@ -35,7 +35,7 @@ def print_table(report: StatusReport, console: Console) -> None:
     """The table, then each problem (`host proxy: problem`), then Consul when it could not be read."""
     table = Table(title="mesh status", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     for column in COLUMNS:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # never "…": a narrow console folds a long cell
     for host in report.hosts:
         for cells, bad in _host_rows(host):
             table.add_row(*cells, style="red" if bad else None)

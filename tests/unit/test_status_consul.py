@@ -35,9 +35,10 @@ def test_the_cli_piped_prints_plain_text_and_json(tmp_path: Path) -> None:
     inventory = tmp_path / "hosts.yaml"
     inventory.write_text("all:\n  vars: {mesh_consul_url: 'http://127.0.0.1:1'}\n"
                          "  hosts:\n    consul1: {ansible_host: 127.0.0.1}\n")
-    table = _mesh("status", "-i", str(inventory))
+    table = _mesh("status", "-i", str(inventory), env={"COLUMNS": "40"})  # exported for a terminal, not the pipe
     assert table.returncode == EXIT_HOST_FAILED, table.stderr
     assert "\x1b" not in table.stdout and table.stdout.isascii() and "| host " in table.stdout
+    assert max(len(line) for line in table.stdout.splitlines()) > 40
     as_json = _mesh("status", "--json", env={"MESH_INVENTORY": str(inventory)})
     assert as_json.returncode == EXIT_HOST_FAILED, as_json.stderr
     data = json.loads(as_json.stdout)

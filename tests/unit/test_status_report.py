@@ -184,6 +184,9 @@ def test_the_table_when_piped_has_no_escape_codes_nor_box_drawing(fleet: Fleet) 
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[:3] == ["vm2", "api-9090", "yes"] and cells[3].startswith("failed ")
     assert "vm2 api-9090: Envoy unit is failed" in text.splitlines()
+    narrow = io.StringIO()
+    output.print_table(report, Console(file=narrow, width=60))
+    assert narrow.getvalue().isascii()  # long cells folded, never cut with an ellipsis
 
 
 def test_the_report_of_an_unreachable_host_prints_one_row() -> None:
