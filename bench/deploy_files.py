@@ -213,21 +213,19 @@ def with_changes(base: HostFiles, changed: HostFiles, paths: Iterable[str]) -> H
     return attach_units(HostFiles(base.host, entries))
 
 
-def removal_script(files: HostFiles) -> str:
-    """Stop and disable mesh's units, remove every file mesh placed (folders whole) and mesh's nft tables:
-    the host as before a first deploy (system users and /opt/mesh stay)."""
-    units = " ".join(shlex.quote(u) for u in files.units)
-    tables = sorted({m for e in files.entries if e.kind == "file" and e.path.endswith(".nft")
-                     for m in re.findall(r"^table\s+(\w+\s+[\w-]+)\s*\{", Path(e.src).read_text(), re.MULTILINE)})
-    steps = ["set -e"]
-    if units:
-        steps.append(f"systemctl disable --now {units} >/dev/null 2>&1 || true")
-        steps.append(f"systemctl reset-failed {units} >/dev/null 2>&1 || true")
-    unit_files = " ".join(shlex.quote(f"{UNIT_DIR}/{u}") for u in files.units)
-    steps.append(f"rm -rf /etc/mesh /usr/local/lib/mesh {unit_files}")
-    steps.append("systemctl daemon-reload")
-    steps += [f"nft delete table {t} 2>/dev/null || true" for t in tables]
-    return "\n".join(steps)
+# Stop and disable mesh's units, drop mesh's nft tables, remove every file mesh placed (folders whole): the host
+# as before a first deploy. By globs on the host, like COLLECT_SCRIPT (system users and /opt/mesh stay).
+REMOVAL_SCRIPT = r"""set -e
+units=$(cd /etc/systemd/system && ls mesh-*.service 2>/dev/null | grep -v '^mesh-demo-' || true)
+if [ -n "$units" ]; then
+  systemctl disable --now $units >/dev/null 2>&1 || true
+  systemctl reset-failed $units >/dev/null 2>&1 || true
+fi
+tables=$(cat /etc/mesh/*.nft 2>/dev/null | sed -n 's/^table \([a-z0-9]* [A-Za-z0-9_-]*\) *{.*/\1/p' | sort -u)
+rm -rf /etc/mesh /usr/local/lib/mesh $(for u in $units; do echo /etc/systemd/system/$u; done)
+systemctl daemon-reload
+for t in $tables; do nft delete table $t 2>/dev/null || true; done
+"""
 
 
 def write_manifests(hosts: Sequence[HostFiles], folder: Path) -> dict[str, Path]:
