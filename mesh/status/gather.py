@@ -47,15 +47,17 @@ def gather_host(host: ManagedHost, proxies: tuple[ExpectedProxy, ...], consul: C
     """One host: connect once, run every read in one batch, judge the answers."""
     sidecar_host = host.kind == "container_host" and bool(proxies)
     commands = reads.host_commands(proxies, sidecar_host, host.is_controller)
-    connector = connector_factory(host)
+    connector: Connector | None = None
     try:
+        connector = connector_factory(host)
         readings = run_batch(connector, commands, READ_TIMEOUT_S)
     except HostUnreachable as exc:
         return HostStatus(host.name, host.kind, False, exc.detail, (), None, None, (f"unreachable: {exc.detail}",))
     except RemoteError as exc:
         return HostStatus(host.name, host.kind, True, None, (), None, None, (f"cannot read the host: {exc}",))
     finally:
-        connector.close()
+        if connector is not None:
+            connector.close()
     when = now or datetime.now(UTC)
     seen = containers(readings[reads.CONTAINERS]) if sidecar_host else {}
     statuses = tuple(judge_proxy(host, proxy, readings, consul, inventory_hosts, seen, when) for proxy in proxies)
