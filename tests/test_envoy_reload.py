@@ -332,6 +332,19 @@ def test_route_cluster_and_certificate_changes_reload_without_restart_or_failure
                 time.sleep(QUIET_S)
                 assert requests.last == "api-v1"
 
+                # (2b) api's inbound listener changes (its health chain's threshold): Envoy drains the old listener
+                # while web's requests keep arriving through it
+                api_cfg = proxy_config_in(compute_proxy_config(loop.mesh, loop.api), tmp_path / "api",
+                                          loop.address(loop.api))
+                health = replace(api_cfg.inbound.health, min_healthy_percent=50)
+                relistened = render_proxy_files(replace(api_cfg, inbound=replace(api_cfg.inbound, health=health)))
+                drained = stat(api, "listener_manager.listener_modified")
+                assert move_into_place(relistened, files["api"]) == [f"{files['api'].proxy_dir}/xds/lds.yaml"]
+                assert stat(api, "listener_manager.listener_modified") == drained + 1
+                files["api"] = relistened
+                time.sleep(QUIET_S)
+                assert requests.last == "api-v1"
+
                 # (3) a broken cluster file: refused by validate_proxy_files, then by Envoy, which keeps serving
                 cds = next(file for file in files["web"].files if file.path.endswith("/cds.yaml"))
                 # (an unknown enum value: by default Envoy would only warn and apply the rest; as the unit and the
