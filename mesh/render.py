@@ -59,7 +59,6 @@ from mesh.config.validate import (
     envoy_binary,
     rewrite_file_paths,
     throwaway_tls_files,
-    validate_envoy_config,
 )
 from mesh.inventory.model import ManagedHost
 
@@ -72,7 +71,7 @@ __all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources",
            "FirewallUnitContext", "HostValidation", "ProxyFiles", "RenderedFile", "host_validation",
            "render_envoy_unit", "render_firewall", "render_firewall_unit",
            "render_proxy_files", "render_resources", "stale_paths", "static_bootstrap", "template_environment",
-           "transition", "validate_envoy_config", "validate_proxy_files"]
+           "transition", "validate_proxy_files"]
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
