@@ -285,6 +285,20 @@ def test_host_validation_stages_checks_then_installs(tmp_path: Path) -> None:
     assert any(line.startswith("wait_for cluster_manager.cds.version_text") for line in lines)
 
 
+def test_host_validation_golden(update_goldens: bool) -> None:
+    """The check and install of web's files on vm1 when its `report` upstream leaves (cds.yaml moved twice)."""
+    mesh = golden_mesh()
+    cfg = compute_proxy_config(mesh, workload(mesh, ("vm1", "web")))
+    before, after = render_proxy_files(cfg), render_proxy_files(dataclasses.replace(
+        cfg, outbound=cfg.outbound[:1], clusters=cfg.clusters[:2]))
+    on_host = {file.path: file.sha256 for file in before.files}
+    steps = transition(after, on_host, before.file(f"{before.proxy_dir}/xds/cds.yaml").content)
+    plan = host_validation(after, steps, stale_paths(after, on_host))
+    folder = GOLDEN / "envoy" / "host-validation"
+    check_golden(folder / "install.sh", f"# {plan.command}\n" + plan.install, update_goldens)
+    check_golden(folder / "validate.yaml", plan.config, update_goldens)
+
+
 def test_static_bootstrap_refuses_a_file_envoy_would_not_read() -> None:
     files = proxy_files(("vm1", "web"))
     rds = files.file(f"{files.proxy_dir}/xds/rds.outbound-api.yaml")
