@@ -270,9 +270,8 @@ def deploy_lock(mesh: Mesh, warn: Warn, command: str | None = None) -> Iterator[
 def _consul_lock(mesh: Mesh, holder: Holder, warn: Warn) -> ConsulLock | None:
     if not mesh.settings.consul_url:
         return None
-    access = catalog.access_for(mesh)
-    lock = ConsulLock(access, mesh.settings.id)
     try:
+        lock = ConsulLock(catalog.access_for(mesh), mesh.settings.id)
         lock.acquire(holder, warn)
     except catalog.TokenRefused:
         raise
