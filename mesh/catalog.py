@@ -477,3 +477,10 @@ def _reason(exc: OSError) -> str:
     inner = exc.args[0] if exc.args else exc
     reason = getattr(inner, "reason", inner)
     return str(reason).splitlines()[0] if str(reason) else type(exc).__name__
+
+
+@contextmanager
+def client_for(consul_: Consul) -> Iterator[consul.Consul]:
+    """A client for mesh's own keys (`mesh/<mesh_id>/...`); errors come as CatalogError naming the URL."""
+    with _client(consul_, check=False) as client:
+        yield client

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mesh import catalog, package_data
-from mesh.deploy import trust
+from mesh.deploy import record, trust
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import InventoryVars, inventory_vars
 from mesh.deploy.lock import deploy_lock
@@ -43,6 +43,7 @@ from mesh.plan.report import json_report, text_report
 PLAYBOOK = package_data.playbook_path("deploy.yml")
 VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
 CONTAINER_HOSTS_GROUP = "mesh_container_hosts"  # container hosts with workloads
+RETIRED_GROUP = "mesh_retired"  # hosts deployed before that left the inventory: only cleaned
 WHEELS_CACHE = "wheels"  # under mesh_state_dir
 IMAGES_CACHE = "images"  # under mesh_state_dir: the sidecar image tarball
 
@@ -96,7 +97,9 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
                    started: float) -> int:
     """From the Consul preflight to the end, under the deploy lock."""
     _consul_preflight(mesh, out)
-    if not mesh.hosts:
+    retired = retired_targets(mesh, options.limit, out)
+    targets = targets + retired
+    if not mesh.hosts and not retired:
         out.line("no managed host (no workloads, no mesh_controllers): no CA made, no host touched")
         synced = _sync_catalog(mesh, options.check, out)
         out.line(f"deploy finished in {time.monotonic() - started:.1f} s")
@@ -117,7 +120,7 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
             out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} "
                      f"(root {ca.root_fingerprint[:23]}...)")
         prepared = prepare(ca_mesh, ca, targets, pool.connect, out, options.forks,
-                           diffs=options.diff, consul=options.json)
+                           diffs=options.diff, consul=options.json, retired=retired)
         if saved is not None:
             refuse_stale_plan(saved, prepared, options.plan_file)
         if options.diff or options.check:
@@ -149,6 +152,12 @@ def _deploy_hosts(variables: InventoryVars, mesh: Mesh, ca: CertificateAuthority
         modules=modules, output=output, converged=[host.name for host in targets if host.name in converged],
         serial=options.serial, max_fail_percentage=options.max_fail_percentage,
         retry_file=retry_path(mesh.settings.state_dir))
+    if not options.check:
+        unfinished = set(result.retry_hosts)
+        managed = {host.name for host in mesh.hosts}
+        record.update(mesh, [host for host in targets if host.name in managed and host.name not in unfinished],
+                      [host.name for host in targets if host.name not in managed and host.name not in unfinished],
+                      out.warning)
     synced = _sync_catalog(mesh, options.check, out)  # also after a host failed: its old config still runs
     code = exit_code(result) or synced
     out.line(f"deploy finished in {time.monotonic() - started:.1f} s" + (" (check mode)" if options.check else ""))
@@ -174,6 +183,18 @@ def _targets(mesh: Mesh, limit: str | None, out: Display,
             out.warning(f"--limit: {term!r} matches no host this deploy touches")
         targets = [host for host in targets if host.name in names]
     return targets
+
+
+def retired_targets(mesh: Mesh, limit: str | None, out: Display) -> list[ManagedHost]:
+    """Hosts mesh deployed to that left the inventory entirely (deployed.json, Consul): cleaned by this run
+    (the group `mesh_retired` for --limit)."""
+    retired = record.retired_hosts(mesh, out.warning)
+    if limit and retired:
+        names, _ = limit_hosts(limit, [host.name for host in retired], {RETIRED_GROUP: [h.name for h in retired]})
+        retired = [host for host in retired if host.name in names]
+    if retired:
+        out.line(f"left the inventory, cleaned by this run: {', '.join(host.name for host in retired)}")
+    return retired
 
 
 def _groups(targets: Sequence[ManagedHost]) -> dict[str, list[str]]:

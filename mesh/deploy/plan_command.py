@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TextIO
 
 from mesh.deploy import trust
-from mesh.deploy.command import _consul_preflight, _require_controller, _targets
+from mesh.deploy.command import _consul_preflight, _require_controller, _targets, retired_targets
 from mesh.deploy.display import Display
+from mesh.deploy.hostvars import inventory_vars
 from mesh.deploy.prepare import prepare
 from mesh.deploy.runner import ConnectorFactory
 from mesh.errors import EXIT_OK, EXIT_UNREACHABLE
@@ -31,10 +32,13 @@ def plan(inventory_path: str, limit: str | None = None, as_json: bool = False, s
     """Print the plan; 0, or 3 when a host could not be read."""
     stdout = output or sys.stdout
     out = Display(sys.stderr if output is None else stdout)
-    mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
+    data = load_inventory(inventory_path)
+    mesh = check_inventory(data, inventory_path).mesh
     _require_controller(mesh, inventory_path)
-    targets = _targets(mesh, limit, out)
+    targets = _targets(mesh, limit, out, inventory_vars(data).groups)
     _consul_preflight(mesh, out)
+    retired = retired_targets(mesh, limit, out)
+    targets = targets + retired
     with ExitStack() as stack:
         pool = stack.enter_context(ConnectionPool(connector_factory))
         ca_mesh = mesh
@@ -43,7 +47,7 @@ def plan(inventory_path: str, limit: str | None = None, as_json: bool = False, s
             ca_mesh = replace(mesh, settings=replace(mesh.settings, state_dir=throwaway))
             out.line(f"no CA in {mesh.settings.state_dir}: a deploy would make one (every certificate is new)")
         ca, _ = trust.trusted_ca(ca_mesh, pool.connect, forks=forks, warn=out.warning)
-        prepared = prepare(ca_mesh, ca, targets, pool.connect, out, forks, diffs=True, consul=True)
+        prepared = prepare(ca_mesh, ca, targets, pool.connect, out, forks, diffs=True, consul=True, retired=retired)
     fleet = prepared.fleet
     if save_to is not None:
         save_to.write_text(saved_plan(fleet, str(Path(inventory_path).resolve()), prepared.plan.digest))

@@ -43,10 +43,11 @@ class Prepared:
 
 def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost],
             connect: Callable[[ManagedHost], Connector], out: Display, forks: int = 20, diffs: bool = False,
-            consul: bool = False, envoy: str | None = None) -> Prepared:
+            consul: bool = False, envoy: str | None = None, retired: Sequence[ManagedHost] = ()) -> Prepared:
     """Plan every managed host, check each distinct proxy config with the local Envoy (PlanRefused: nothing
     touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
-    (MESH_ENVOY, else mesh's own) that checks configs."""
+    (MESH_ENVOY, else mesh's own) that checks configs; `retired` hosts (they left the inventory) are planned
+    with nothing on them."""
     local_envoy = envoy or envoy_binary()
     binary = LocalFile(Path(local_envoy), Path(mesh.settings.state_dir) / ENVOY_CACHE)
     image = _sidecar_image(mesh, targets, out)
@@ -56,7 +57,7 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
                         sidecar_image=image.tag if image is not None else None,
                         consul_token=_token(mesh), consul_ca=_consul_ca(mesh))
     started = time.monotonic()
-    plan = build_plan(mesh, inputs)
+    plan = build_plan(mesh, inputs, [*mesh.hosts, *retired])
     checked = validate_plan(plan, ca.root_pem, local_envoy)
     out.line(f"plan {plan.digest[:12]}: {sum(len(h.proxies) for h in plan.hosts)} proxies on {len(plan.hosts)} "
              f"hosts, {checked} distinct config(s) checked by Envoy ({time.monotonic() - started:.1f} s)")

@@ -27,7 +27,7 @@ from mesh.plan.model import ProxyPlan
 
 GATE_WAIT_S = 30.0  # how long a changed proxy may take to be ready and healthy
 POLL_S = 1.0
-_HEALTHY = re.compile(r"^([^:]+)::[^:]+:\d+::health_flags::(.*)$", re.MULTILINE)
+_HEALTHY = re.compile(r"^([^:\n]+)::[^:\n]+:\d+::health_flags::(.*)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,14 @@ class Identity:
     home: str | None = None
 
 
-def proxy_identity(proxy: str, spiffe_id: str, owner: str = paths.ENVOY_USER,
+def proxy_identity(proxy: str, spiffe_id: str, owner: str | None = None,
                    folder: Owned | None = None) -> Identity:
     """A proxy's identity; owner owns its key (a name on VMs, the sidecar's uid on container hosts); folder is
     the ownership of its key-and-certificate folders (the proxy folder's)."""
+    owner = owner or paths.envoy_user(proxy)
     return Identity(spiffe_id, paths.key_path(proxy), paths.cert_path(proxy), owner,
                     spiffe_id.rsplit("/", 1)[-1], proxy, proxy,
-                    folder or Owned("root", paths.ENVOY_USER, 0o750), paths.proxy_dir(proxy))
+                    folder or Owned("root", owner, 0o750), paths.proxy_dir(proxy))
 
 
 def in_new_folder(identity: Identity, version: str) -> Identity:

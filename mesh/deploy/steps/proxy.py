@@ -85,6 +85,8 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
         if made is None:  # check mode: no key, so no CSR either
             return Outcome(msg="would create a key and request a certificate")
     else:
+        if identity.home is not None and identity.folder is not None:  # the folder the `tls` link names
+            yield from ownership_changes(ctx.connector, f"{identity.home}/tls/", identity.folder)
         yield from ownership_changes(ctx.connector, identity.key, Owned(identity.owner, identity.owner, 0o600))
     reason = "new key" if fresh else renewal_reason(ctx.connector, identity, shared.ca,
                                                              shared.mesh.settings.cert_ttl)
