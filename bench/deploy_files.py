@@ -214,7 +214,8 @@ def with_changes(base: HostFiles, changed: HostFiles, paths: Iterable[str]) -> H
 
 
 # Stop and disable mesh's units, drop mesh's nft tables, remove every file mesh placed (folders whole): the host
-# as before a first deploy. By globs on the host, like COLLECT_SCRIPT (system users and /opt/mesh stay).
+# as before a first deploy, /var/lib/mesh (mesh's rollback copies) included. By globs on the host, like
+# COLLECT_SCRIPT (system users and /opt/mesh stay).
 REMOVAL_SCRIPT = r"""set -e
 units=$(cd /etc/systemd/system && ls mesh-*.service 2>/dev/null | grep -v '^mesh-demo-' || true)
 if [ -n "$units" ]; then
@@ -222,7 +223,7 @@ if [ -n "$units" ]; then
   systemctl reset-failed $units >/dev/null 2>&1 || true
 fi
 tables=$(cat /etc/mesh/*.nft 2>/dev/null | sed -n 's/^table \([a-z0-9]* [A-Za-z0-9_-]*\) *{.*/\1/p' | sort -u)
-rm -rf /etc/mesh /usr/local/lib/mesh $(for u in $units; do echo /etc/systemd/system/$u; done)
+rm -rf /etc/mesh /usr/local/lib/mesh /var/lib/mesh $(for u in $units; do echo /etc/systemd/system/$u; done)
 systemctl daemon-reload
 for t in $tables; do nft delete table $t 2>/dev/null || true; done
 """
