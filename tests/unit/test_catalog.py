@@ -41,13 +41,13 @@ def other_mesh(regs: list[Registration], mesh_id: str = "other") -> list[Registr
 
 def test_registrations_follow_the_inventory_contract() -> None:
     regs = catalog.registrations(make_mesh())
-    assert [r.service_id for r in regs] == ["web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"]
+    assert [r.service_id for r in regs] == ["web-vm1-8080", "api-vm2-9090", "db-vm2-5432", "api-dock1-api-v2-1"]
     api = regs[1]
     assert (api.node, api.address, api.service, api.port) == ("vm2", "10.77.0.12", "api", 21000)
     assert dict(api.meta) == {"version": "v1", "host": "vm2", "kind": "vm", "managed-by": "mesh",
                               "mesh-id": MESH_ID}
     assert dict(regs[3].meta)["kind"] == "container" and dict(regs[3].meta)["version"] == "v2"
-    assert api.check_id == "mesh-health:api-vm2-0"
+    assert api.check_id == "mesh-health:api-vm2-9090"
 
 
 def test_register_body_is_an_external_node_with_a_critical_check_first() -> None:
@@ -55,14 +55,14 @@ def test_register_body_is_an_external_node_with_a_critical_check_first() -> None
     body = catalog.register_body(reg, catalog.check_body(reg.ref, "critical", catalog.NOT_CHECKED_YET))
     assert body["NodeMeta"] == {"external-node": "true", "external-probe": "false", "managed-by": "mesh",
                                 "mesh-id": MESH_ID}
-    assert body["Service"]["ID"] == "web-vm1-0" and body["Service"]["Port"] == 21000
-    assert body["Check"]["CheckID"] == "mesh-health:web-vm1-0"
-    assert body["Check"]["ServiceID"] == "web-vm1-0" and body["Check"]["Status"] == "critical"
+    assert body["Service"]["ID"] == "web-vm1-8080" and body["Service"]["Port"] == 21000
+    assert body["Check"]["CheckID"] == "mesh-health:web-vm1-8080"
+    assert body["Check"]["ServiceID"] == "web-vm1-8080" and body["Check"]["Status"] == "critical"
 
 
 def test_plan_on_an_empty_catalog_registers_everything() -> None:
     plan = catalog.plan_sync(catalog.registrations(make_mesh()), CatalogState())
-    assert [sid for sid, _ in plan.register] == ["web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"]
+    assert [sid for sid, _ in plan.register] == ["web-vm1-8080", "api-vm2-9090", "db-vm2-5432", "api-dock1-api-v2-1"]
     assert not plan.unchanged and not plan.deregister and not plan.remove_nodes
 
 
@@ -75,9 +75,9 @@ def test_plan_on_the_same_catalog_changes_nothing() -> None:
 
 def test_a_changed_service_is_reregistered_and_its_check_left_alone() -> None:
     regs = catalog.registrations(make_mesh())
-    seen = state(tuple(observed(r, Port=29999) if r.service_id == "api-vm2-0" else observed(r) for r in regs))
+    seen = state(tuple(observed(r, Port=29999) if r.service_id == "api-vm2-9090" else observed(r) for r in regs))
     plan = catalog.plan_sync(regs, seen, MESH_ID)
-    assert [sid for sid, _ in plan.register] == ["api-vm2-0"]
+    assert [sid for sid, _ in plan.register] == ["api-vm2-9090"]
     body = plan.register[0][1]
     assert body["Service"]["Port"] == 21000 and "Check" not in body  # the checker's status stays
 
@@ -97,8 +97,8 @@ def test_only_mesh_managed_instances_are_deregistered() -> None:
     foreign = ObservedInstance("vm2", "10.77.0.12", MappingProxyType({}),
                                MappingProxyType({"ID": "redis-1", "Service": "redis", "Meta": {}}), None)
     seen = state(tuple(observed(r) for r in regs) + (foreign,), ("vm1", "vm2", "dock1"))
-    plan = catalog.plan_sync(catalog.registrations(make_mesh(drop="api-vm2-0")), seen, MESH_ID)
-    assert plan.deregister == (InstanceRef("vm2", "api-vm2-0"),)
+    plan = catalog.plan_sync(catalog.registrations(make_mesh(drop="api-vm2-9090")), seen, MESH_ID)
+    assert plan.deregister == (InstanceRef("vm2", "api-vm2-9090"),)
     assert not plan.remove_nodes
 
 
@@ -109,7 +109,7 @@ def test_a_mesh_node_left_without_services_is_removed_but_not_one_with_foreign_s
     seen = state(tuple(observed(r) for r in regs) + (foreign,), ("vm1", "vm2", "dock1", "gone"))
     wanted = [r for r in regs if r.node not in ("vm1", "vm2")]
     plan = catalog.plan_sync(wanted, seen, MESH_ID)
-    assert {ref.service_id for ref in plan.deregister} == {"web-vm1-0", "api-vm2-0", "db-vm2-1"}
+    assert {ref.service_id for ref in plan.deregister} == {"web-vm1-8080", "api-vm2-9090", "db-vm2-5432"}
     assert plan.remove_nodes == ("vm1", "gone")
 
 
@@ -129,9 +129,9 @@ def test_an_instance_on_another_mesh_ids_node_is_a_conflict_and_not_registered()
     regs = catalog.registrations(make_mesh())
     seen = state((), {"vm1": "other", "vm2": MESH_ID})
     plan = catalog.plan_sync(regs, seen, MESH_ID)
-    assert "web-vm1-0" not in [sid for sid, _ in plan.register]
+    assert "web-vm1-8080" not in [sid for sid, _ in plan.register]
     [conflict] = plan.conflicts
-    assert "web-vm1-0" in conflict and "node vm1" in conflict and "'other'" in conflict
+    assert "web-vm1-8080" in conflict and "node vm1" in conflict and "'other'" in conflict
 
 
 def test_an_instance_registered_before_mesh_ids_is_claimed_but_never_deregistered() -> None:
@@ -139,7 +139,7 @@ def test_an_instance_registered_before_mesh_ids_is_claimed_but_never_deregistere
     legacy_meta = {k: v for k, v in regs[0].meta.items() if k != catalog.MESH_ID}
     legacy = observed(regs[0], Meta=legacy_meta)
     plan = catalog.plan_sync(regs[:1], state((legacy,), {"vm1": ""}), MESH_ID)
-    assert [sid for sid, _ in plan.register] == ["web-vm1-0"] and not plan.conflicts
+    assert [sid for sid, _ in plan.register] == ["web-vm1-8080"] and not plan.conflicts
     plan = catalog.plan_sync([], state((legacy,), {"vm1": ""}), MESH_ID)
     assert not plan.deregister and not plan.remove_nodes
 

@@ -14,32 +14,32 @@ from mesh.config import ConfigError, InconsistentConfig, compute_proxy_config, c
 from mesh.config.model import Endpoint, ProxyConfig
 
 
-def config(node_id: str) -> ProxyConfig:
+def config(host: str, service: str) -> ProxyConfig:
     mesh = golden_mesh()
-    return compute_proxy_config(mesh, workload(mesh, node_id))
+    return compute_proxy_config(mesh, workload(mesh, (host, service)))
 
 
 def test_names_paths_and_admin() -> None:
-    cfg = config("db-vm2-1")
-    assert (cfg.proxy, cfg.node_id, cfg.base_id) == ("db-1", "db-vm2-1", 2)
-    assert cfg.config_path == "/etc/mesh/proxies/db-1/envoy.yaml"
+    cfg = config("vm2", "db")
+    assert (cfg.proxy, cfg.node_id, cfg.base_id) == ("db-5432", "db-vm2-5432", 21001)
+    assert cfg.config_path == "/etc/mesh/proxies/db-5432/envoy.yaml"
     # Behind the `tls` link, swapped to a new folder with a new key (paths.tls_link).
-    assert cfg.secrets.certificate.private_key == "/etc/mesh/proxies/db-1/tls/key.pem"
-    assert cfg.secrets.certificate.certificate_chain == "/etc/mesh/proxies/db-1/tls/cert.pem"
-    assert cfg.secrets.trust_bundle.trusted_ca == "/etc/mesh/proxies/db-1/ca.pem"  # a copy per proxy
+    assert cfg.secrets.certificate.private_key == "/etc/mesh/proxies/db-5432/tls/key.pem"
+    assert cfg.secrets.certificate.certificate_chain == "/etc/mesh/proxies/db-5432/tls/cert.pem"
+    assert cfg.secrets.trust_bundle.trusted_ca == "/etc/mesh/proxies/db-5432/ca.pem"  # a copy per proxy
     # admin_port (19001) opens nothing: admin is a socket in the proxy's folder, 0600.
-    assert (cfg.admin.socket_path, cfg.admin.mode) == ("/etc/mesh/proxies/db-1/admin/admin.sock", 0o600)
+    assert (cfg.admin.socket_path, cfg.admin.mode) == ("/etc/mesh/proxies/db-5432/admin/admin.sock", 0o600)
 
 
 def test_an_admin_socket_path_too_long_for_a_unix_socket_is_refused() -> None:
     mesh = golden_mesh()
-    long = dataclasses.replace(workload(mesh, "db-vm2-1"), service="d" * 90)
+    long = dataclasses.replace(workload(mesh, ("vm2", "db")), service="d" * 90)
     with pytest.raises(ConfigError, match="admin socket path .* is longer than a unix socket allows"):
         compute_proxy_config(mesh, long)
 
 
 def test_inbound_requires_the_trust_domain_and_has_a_health_chain() -> None:
-    inbound = config("web-vm1-0").inbound
+    inbound = config("vm1", "web").inbound
     assert (inbound.address, inbound.port, inbound.cluster) == ("0.0.0.0", 21000, "local-app")
     assert inbound.tls.spiffe_id_prefix == "spiffe://golden.mesh/"
     assert (inbound.health.server_name, inbound.health.path) == ("health.golden.mesh", "/mesh/health")
@@ -47,17 +47,17 @@ def test_inbound_requires_the_trust_domain_and_has_a_health_chain() -> None:
 
 
 def test_local_app_is_checked_as_the_inventory_says() -> None:
-    web = config("web-vm1-0").cluster("local-app")
+    web = config("vm1", "web").cluster("local-app")
     assert web.endpoints == (Endpoint("127.0.0.1", 8080),)
     assert (web.health_check.kind, web.health_check.http_path, web.health_check.interval_ms) == ("http", "/healthz", 5000)
-    db = config("db-vm2-1").cluster("local-app").health_check
+    db = config("vm2", "db").cluster("local-app").health_check
     assert (db.kind, db.interval_ms, db.timeout_ms) == ("tcp", 3000, 5000)
-    pricing = config("pricing-vm3-1").cluster("local-app")
+    pricing = config("vm3", "pricing").cluster("local-app")
     assert pricing.health_check.kind == "grpc" and pricing.http2
 
 
 def test_upstream_cluster_lists_every_instance_with_mtls_to_its_identity() -> None:
-    cfg = config("web-vm1-0")
+    cfg = config("vm1", "web")
     api = cfg.cluster("upstream-api")
     assert api.endpoints == (Endpoint("10.0.0.12", 21000), Endpoint("10.0.0.13", 21000))
     assert api.discovery == "STATIC" and cfg.cluster("upstream-report").discovery == "STRICT_DNS"
@@ -70,7 +70,7 @@ def test_upstream_cluster_lists_every_instance_with_mtls_to_its_identity() -> No
 
 
 def test_outbound_listeners_follow_the_upstream_protocol() -> None:
-    cfg = config("api-vm2-0")
+    cfg = config("vm2", "api")
     db, pricing = cfg.outbound
     assert (db.address, db.port, db.protocol, db.cluster, db.retry_policy) == (
         "127.0.0.1", 19102, "tcp", "upstream-db", None)
@@ -81,12 +81,12 @@ def test_outbound_listeners_follow_the_upstream_protocol() -> None:
 
 
 def test_no_upstreams_means_only_the_inbound_side() -> None:
-    cfg = config("report-vm4-0")
+    cfg = config("vm4", "report")
     assert cfg.outbound == () and [c.name for c in cfg.clusters] == ["local-app"]
 
 
 def test_computation_is_pure_and_repeatable() -> None:
-    assert config("web-vm1-0") == config("web-vm1-0")
+    assert config("vm1", "web") == config("vm1", "web")
 
 
 def test_consistent_accepts_computed_configs() -> None:
@@ -96,7 +96,7 @@ def test_consistent_accepts_computed_configs() -> None:
 
 
 def test_consistent_refuses_a_dangling_cluster_or_secret() -> None:
-    cfg = config("web-vm1-0")
+    cfg = config("vm1", "web")
     with pytest.raises(InconsistentConfig, match="'upstream-api'"):
         consistent(dataclasses.replace(cfg, clusters=tuple(c for c in cfg.clusters if c.name != "upstream-api")))
     renamed = dataclasses.replace(cfg.secrets, trust_bundle=dataclasses.replace(cfg.secrets.trust_bundle, name="x"))
@@ -105,7 +105,7 @@ def test_consistent_refuses_a_dangling_cluster_or_secret() -> None:
 
 
 def test_consistent_refuses_two_listeners_on_one_port() -> None:
-    cfg = config("web-vm1-0")
+    cfg = config("vm1", "web")
     clash = dataclasses.replace(cfg.outbound[0], port=cfg.inbound.port)
     with pytest.raises(InconsistentConfig, match=f"port {cfg.inbound.port} appears 2 times"):
         consistent(dataclasses.replace(cfg, outbound=(clash, *cfg.outbound[1:])))
@@ -113,9 +113,9 @@ def test_consistent_refuses_two_listeners_on_one_port() -> None:
 
 def test_grpc_health_needs_an_http2_app() -> None:
     mesh = golden_mesh()
-    report = workload(mesh, "report-vm4-0")
+    report = workload(mesh, ("vm4", "report"))
     grpc_checked = dataclasses.replace(report, health=dataclasses.replace(report.health, kind="grpc"))
-    with pytest.raises(ConfigError, match="report-0: health {grpc: true} needs protocol grpc or http2"):
+    with pytest.raises(ConfigError, match="report-8000: health {grpc: true} needs protocol grpc or http2"):
         compute_proxy_config(mesh, grpc_checked)
 
 
@@ -127,4 +127,4 @@ def test_instances_must_agree_on_the_protocol() -> None:
                   for h in mesh.hosts)
     odd = dataclasses.replace(mesh, hosts=hosts)
     with pytest.raises(ConfigError, match="upstream 'api': its instances disagree on the protocol"):
-        compute_proxy_config(odd, workload(odd, "web-vm1-0"))
+        compute_proxy_config(odd, workload(odd, ("vm1", "web")))

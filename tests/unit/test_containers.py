@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from mesh.config import compute_proxy_config, paths
+from mesh.config.validate import throwaway_tls_files
 from mesh.containers import image as image_mod
 from mesh.containers.docker import published_ports
 from mesh.containers.image import ImageFile, build_sidecar_image_tar, shared_libraries, write_image_tar
@@ -62,7 +64,9 @@ from mesh.hosts.connection import CommandResult
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.inventory.validate import build_mesh
-from mesh.render import render_envoy_config, validate_envoy_config
+from mesh.plan.build import PlanInputs, build_plan
+from mesh.plan.model import Plan, ProxyPlan
+from mesh.render import render_proxy_files, validate_proxy_files
 from mesh.testing.fake_connector import FakeConnector, FakeFile, FakeHost
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "containers"
@@ -104,27 +108,29 @@ def test_sidecar_joins_the_app_namespace_read_only_and_unprivileged() -> None:
     spec = sidecar_spec(host, host.workloads[0], IMAGE, "abc")
     args = docker_run_args(spec)
     pairs = set(itertools.pairwise(args))
-    assert spec.name == "mesh-envoy-api-0"
+    assert spec.name == "mesh-envoy-api-api-v2-1"
     assert ("--network", "container:api-v2-1") in pairs and ("--restart", "always") in pairs
     assert {("--cap-drop", "ALL"), ("--security-opt", "no-new-privileges"), ("--user", "64101:64101")} <= pairs
     assert "--read-only" in args and ("--memory", "256m") in pairs
-    assert ("--volume", "/etc/mesh/proxies/api-0:/etc/mesh/proxies/api-0:ro") in pairs
-    assert ("--volume", "/etc/mesh/ca.pem:/etc/mesh/ca.pem:ro") in pairs
-    assert {("--label", "mesh.managed-by=mesh"), ("--label", "mesh.proxy=api-0"),
+    assert ("--volume", "/etc/mesh/proxies/api-api-v2-1:/etc/mesh/proxies/api-api-v2-1:ro") in pairs
+    assert len([word for word in args if word == "--volume"]) == 2  # the folder (its own ca.pem in it) and admin/
+    assert {("--label", "mesh.managed-by=mesh"), ("--label", "mesh.proxy=api-api-v2-1"),
             ("--label", f"mesh.config-hash={spec.revision}")} <= pairs
     assert "-p" not in args and "--publish" not in args  # Docker refuses it with --network container:
-    assert args[args.index(IMAGE) + 1:] == ["-c", "/etc/mesh/proxies/api-0/envoy.yaml", "--base-id", "1",
-                                            "--disable-hot-restart", "--log-level", "warn"]
+    assert args[args.index(IMAGE) + 1:] == ["-c", "/etc/mesh/proxies/api-api-v2-1/envoy.yaml",
+                                            "--base-id", "21000",  # its proxy port: unique on the host
+                                            "--disable-hot-restart", "--reject-unknown-dynamic-fields",
+                                            "--log-level", "warn"]
     assert spec.labels["mesh.config-hash"] == spec.revision
 
 
 def test_revision_follows_files_image_and_arguments_only() -> None:
     host = dock1()
     workload = host.workloads[0]
-    digests = {path: "0" * 64 for path in hashed_files("api-0")}
+    digests = {path: "0" * 64 for path in hashed_files("api-api-v2-1")}
     base = sidecar_spec(host, workload, IMAGE, files_hash(digests, IMAGE))
     assert base.revision == sidecar_spec(host, workload, IMAGE, files_hash(dict(digests), IMAGE)).revision
-    changed_cert = {**digests, paths.cert_path("api-0"): "1" * 64}
+    changed_cert = {**digests, paths.cert_path("api-api-v2-1"): "1" * 64}
     assert sidecar_spec(host, workload, IMAGE, files_hash(changed_cert, IMAGE)).revision != base.revision
     other_image = "mesh-envoy:ba9876543210"
     assert sidecar_spec(host, workload, other_image, files_hash(digests, other_image)).revision != base.revision
@@ -149,7 +155,7 @@ def test_container_workload_config_is_valid_with_the_sidecar_paths() -> None:
     for path in (cfg.secrets.certificate.certificate_chain, cfg.secrets.certificate.private_key,
                  cfg.secrets.trust_bundle.trusted_ca, cfg.config_path):
         assert any(path == folder or path.startswith(folder + "/") for folder in mounted), path
-    validate_envoy_config(render_envoy_config(cfg))
+    validate_proxy_files(render_proxy_files(cfg), throwaway_tls_files()["trusted_ca"])
 
 
 # ---- reachability and the watcher ------------------------------------------------------------------------
@@ -273,7 +279,7 @@ class FakeDocker:
         host.stub(r"^stat -c '%F\|%u:%g\|%a'", lambda cmd, _: folder_stat(host, cmd))
         host.stub(r"^sleep ", CommandResult(0, b"", b""))
         host.stub(r"systemd-analyze verify", CommandResult(0, b"", b""))  # the watcher's unit passes the check
-        self.modes: dict[str, str] = {path: f"{uid}:{gid}:{mode:o}" for path, uid, gid, mode in file_modes("api-0")}
+        self.modes: dict[str, str] = {path: f"{uid}:{gid}:{mode:o}" for path, uid, gid, mode in file_modes("api-api-v2-1")}
 
     def add(self, name: str, pid: int, label: str | None = None, bindings: dict[str, Any] | None = None,
             publish_all: bool = False, ports: dict[str, Any] | None = None) -> None:
@@ -332,10 +338,27 @@ def folder_stat(host: FakeHost, cmd: str) -> CommandResult:
     return CommandResult(0, f"{kind}|{owner}:{group}|{found.mode:o}\n".encode(), b"")
 
 
+@dataclass(frozen=True)
+class PlanEntries:
+    """What the container modules read of the deploy's shared object (DeployContext.proxy): the plan's entries."""
+
+    plan: Plan
+
+    def proxy(self, host: str, name: str) -> ProxyPlan:
+        return self.plan.host(host).proxy(name)
+
+
+def planned(image: str = IMAGE) -> PlanEntries:
+    """dock1's plan with the sidecar image `image` (what the deploy computes before it reaches the host)."""
+    inputs = PlanInputs(b"the root certificate", "00:11", sidecar_image=image)
+    return PlanEntries(build_plan(golden_mesh(), inputs, [dock1()]))
+
+
 def drive(module: Callable[[TaskContext[Any], dict[str, Any]], ModuleRun], host: FakeHost,
-          managed: ManagedHost, args: dict[str, Any]) -> tuple[Outcome, list[Change]]:
+          managed: ManagedHost, args: dict[str, Any], shared: PlanEntries | None = None) -> tuple[Outcome, list[Change]]:
     connector = FakeConnector(host)
-    ctx: TaskContext[Any] = TaskContext(managed, connector, {}, False, None, Path("."), Path("."))
+    ctx: TaskContext[Any] = TaskContext(managed, connector, {}, False, shared or planned(args.get("image", IMAGE)),
+                                        Path("."), Path("."))
     steps, changes = module(ctx, args), []
     try:
         change = next(steps)
@@ -347,27 +370,33 @@ def drive(module: Callable[[TaskContext[Any], dict[str, Any]], ModuleRun], host:
 
 
 def proxy_files(host: FakeHost) -> None:
-    for path in (*hashed_files("api-0"), paths.key_path("api-0")):
+    for path in (*hashed_files("api-api-v2-1"), paths.key_path("api-api-v2-1")):
         host.write(path, f"content of {path}")
 
 
-def test_sidecar_created_then_left_alone_then_replaced_when_the_config_changes() -> None:
+def test_sidecar_created_then_left_alone_then_replaced_when_its_plan_changes() -> None:
     host, managed = FakeHost("dock1"), dock1()
     docker = FakeDocker(host)
     docker.images.add(IMAGE)
     docker.add("api-v2-1", pid=500)
     proxy_files(host)
-    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
     assert not outcome.failed, outcome.msg
-    assert [c.description for c in changes] == ["validate /etc/mesh/proxies/api-0/envoy.yaml", "run mesh-envoy-api-0"]
-    first_id = docker.containers["mesh-envoy-api-0"]["id"]
-    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    assert [c.description for c in changes] == ["validate /etc/mesh/proxies/api-api-v2-1/envoy.yaml",
+                                                "run mesh-envoy-api-api-v2-1"]
+    first_id = docker.containers["mesh-envoy-api-api-v2-1"]["id"]
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
     assert changes == [] and outcome.data["id"] == first_id and "up to date" in outcome.msg
-    host.write(paths.envoy_config_path("api-0"), "a new config")
-    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
-    assert [c.description for c in changes] == ["validate /etc/mesh/proxies/api-0/envoy.yaml",
-                                                "remove the old mesh-envoy-api-0", "run mesh-envoy-api-0"]
-    assert docker.containers["mesh-envoy-api-0"]["id"] != first_id
+    spec = planned().proxy("dock1", "api-api-v2-1").sidecar
+    assert spec is not None and docker.containers["mesh-envoy-api-api-v2-1"]["label"] == spec.revision
+    # A new image (as a new bootstrap would) gives the plan another revision: the sidecar is replaced.
+    other = "mesh-envoy:ba9876543210"
+    docker.images.add(other)
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": other})
+    assert [c.description for c in changes] == ["validate /etc/mesh/proxies/api-api-v2-1/envoy.yaml",
+                                                "remove the old mesh-envoy-api-api-v2-1",
+                                                "run mesh-envoy-api-api-v2-1"]
+    assert docker.containers["mesh-envoy-api-api-v2-1"]["id"] != first_id
 
 
 def test_sidecar_in_a_stale_namespace_is_restarted_not_recreated() -> None:
@@ -376,11 +405,12 @@ def test_sidecar_in_a_stale_namespace_is_restarted_not_recreated() -> None:
     docker.images.add(IMAGE)
     docker.add("api-v2-1", pid=500)
     proxy_files(host)
-    drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
     docker.containers["api-v2-1"]["pid"] = 600  # the app restarted: a new namespace
-    docker.containers["mesh-envoy-api-0"]["app_pid"] = 600
-    _outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
-    assert [c.description for c in changes] == ["restart mesh-envoy-api-0 into the network namespace of api-v2-1"]
+    docker.containers["mesh-envoy-api-api-v2-1"]["app_pid"] = 600
+    _outcome, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
+    assert [c.description for c in changes] == [
+        "restart mesh-envoy-api-api-v2-1 into the network namespace of api-v2-1"]
 
 
 def test_sidecar_refused_config_keeps_the_running_sidecar() -> None:
@@ -388,13 +418,13 @@ def test_sidecar_refused_config_keeps_the_running_sidecar() -> None:
     docker = FakeDocker(host)
     docker.images.add(IMAGE)
     docker.add("api-v2-1", pid=500)
-    docker.add("mesh-envoy-api-0", pid=500, label="old")
+    docker.add("mesh-envoy-api-api-v2-1", pid=500, label="old")
     proxy_files(host)
     docker.validate_ok = False
-    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
     assert outcome.failed and "keeps running its previous config" in outcome.msg and "bad config" in outcome.msg
     assert all("docker rm" not in c.cmd and "--detach" not in c.cmd for c in changes if isinstance(c, RunCommand))
-    assert docker.containers["mesh-envoy-api-0"]["label"] == "old"
+    assert docker.containers["mesh-envoy-api-api-v2-1"]["label"] == "old"
 
 
 def test_sidecar_with_a_missing_app_container_fails_clearly_and_touches_nothing() -> None:
@@ -402,7 +432,7 @@ def test_sidecar_with_a_missing_app_container_fails_clearly_and_touches_nothing(
     docker = FakeDocker(host)
     docker.images.add(IMAGE)
     proxy_files(host)
-    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
     assert outcome.failed and changes == []
     assert "'api-v2-1' does not exist on dock1" in outcome.msg and "never creates" in outcome.msg
     assert not any(cmd.startswith("docker run") for cmd in host.commands)
@@ -414,10 +444,10 @@ def test_sidecar_fixes_ownership_for_the_sidecar_user() -> None:
     docker.images.add(IMAGE)
     docker.add("api-v2-1", pid=500)
     proxy_files(host)
-    docker.modes[paths.key_path("api-0")] = "0:0:600"
-    _, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    docker.modes[paths.key_path("api-api-v2-1")] = "0:0:600"
+    _, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
     assert isinstance(changes[0], RunCommand)
-    key = paths.key_path("api-0")
+    key = paths.key_path("api-api-v2-1")
     assert changes[0].cmd == f"chown 64101:64101 {key} && chmod 0600 {key}"
 
 
@@ -507,14 +537,14 @@ def test_sidecar_host_removes_only_mesh_sidecars_whose_workload_left() -> None:
     host, managed = FakeHost("dock1"), dock1()
     docker = FakeDocker(host)
     docker.add("api-v2-1", pid=500)  # the user's app: no mesh label, never touched
-    docker.add("mesh-envoy-api-0", pid=500, label="current")
+    docker.add("mesh-envoy-api-api-v2-1", pid=500, label="current")
     docker.add("mesh-envoy-old-3", pid=700, label="gone")
     host.stub(rf"^{RULES_PATH} ", CommandResult(0, b"", b""))
     from mesh.testing.fake_connector import FakeUnit
     host.units[WATCHER_UNIT] = FakeUnit(active="active", enabled=True)
     outcome, changes = drive(sidecar_host, host, managed, {})
     assert outcome.data["removed"] == ["mesh-envoy-old-3"]
-    assert set(docker.containers) == {"api-v2-1", "mesh-envoy-api-0"}
+    assert set(docker.containers) == {"api-v2-1", "mesh-envoy-api-api-v2-1"}
     assert [c.description for c in changes][-1] == "remove mesh-envoy-old-3"
 
 
@@ -546,7 +576,7 @@ def test_an_app_container_that_publishes_ports_fails_its_workload_and_nothing_is
     docker.add("api-v2-1", pid=500, bindings={"9090/tcp": [{"HostIp": "", "HostPort": "8080"}]},
                ports={"9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]})
     proxy_files(host)
-    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-0", "image": IMAGE})
+    outcome, changes = drive(sidecar, host, managed, {"proxy": "api-api-v2-1", "image": IMAGE})
     assert outcome.failed and changes == []
     assert "'api-v2-1' on dock1 publishes port(s) 9090/tcp -> 0.0.0.0:8080" in outcome.msg, outcome.msg
     assert "never recreates or changes app containers" in outcome.msg

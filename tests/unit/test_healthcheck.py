@@ -94,7 +94,7 @@ def test_the_command_exits_5_on_usage_and_1_on_a_bad_config(tmp_path: Path) -> N
 
 def test_checker_config_from_the_mesh_round_trips(tmp_path: Path) -> None:
     config = checker_config(make_mesh())
-    assert [i.id for i in config.instances] == ["web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"]
+    assert [i.id for i in config.instances] == ["web-vm1-8080", "api-vm2-9090", "db-vm2-5432", "api-dock1-api-v2-1"]
     assert config.key == "/etc/mesh/checker/tls/key.pem" and config.instances[2].proxy_port == 21001
     assert config.lock_key == "mesh/lab.mesh/health-checker/leader"  # the mesh id defaults to the trust domain
     (tmp_path / "checker.json").write_text(config.to_json())

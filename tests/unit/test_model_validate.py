@@ -64,7 +64,7 @@ def test_example_builds_the_mesh_of_the_contract() -> None:
     assert {name: len(items) for name, items in mesh.services.items()} == {"api": 2, "db": 1, "web": 1}
     db = mesh.services["db"][0]
     assert (db.index, db.proxy_port, db.admin_port, db.protocol) == (1, 21001, 19001, "tcp")
-    assert db.consul_id == "db-vm2-1"
+    assert db.consul_id == "db-vm2-5432"  # keyed by its app port, not its place in the list
     assert db.spiffe_id == "spiffe://lab.mesh/svc/db"
     web = mesh.host("vm1").workloads[0]
     assert web.health.kind == "http" and web.health.http_path == "/healthz"
