@@ -59,8 +59,8 @@ def get(url: str, path: str, headers: dict[str, str] | None = None) -> Any:
 
 def test_sync_registers_every_instance_as_the_contract_says(url: str) -> None:
     result = catalog.sync(url, make_mesh())
-    assert result.registered == ("web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0")
-    [api] = [e for e in get(url, "/v1/health/service/api") if e["Service"]["ID"] == "api-vm2-0"]
+    assert result.registered == ("web-vm1-8080", "api-vm2-9090", "db-vm2-5432", "api-dock1-api-v2-1")
+    [api] = [e for e in get(url, "/v1/health/service/api") if e["Service"]["ID"] == "api-vm2-9090"]
     assert api["Node"]["Node"] == "vm2" and api["Node"]["Address"] == "10.77.0.12"
     assert api["Node"]["Meta"] == {"external-node": "true", "external-probe": "false", "managed-by": "mesh",
                                  "mesh-id": "lab.mesh"}
@@ -68,19 +68,19 @@ def test_sync_registers_every_instance_as_the_contract_says(url: str) -> None:
     assert api["Service"]["Meta"] == {"version": "v1", "host": "vm2", "kind": "vm", "managed-by": "mesh",
                                     "mesh-id": "lab.mesh"}
     [check] = api["Checks"]
-    assert (check["CheckID"], check["ServiceID"], check["Status"]) == ("mesh-health:api-vm2-0", "api-vm2-0",
+    assert (check["CheckID"], check["ServiceID"], check["Status"]) == ("mesh-health:api-vm2-9090", "api-vm2-9090",
                                                                        "critical")
     assert get(url, "/v1/health/service/api?passing") == []
 
 
 def test_a_second_sync_changes_nothing_and_keeps_the_status(url: str) -> None:
     catalog.sync(url, make_mesh())
-    catalog.set_health(url, catalog.InstanceRef("vm2", "api-vm2-0"), "passing", "200 OK")
+    catalog.set_health(url, catalog.InstanceRef("vm2", "api-vm2-9090"), "passing", "200 OK")
     before = get(url, "/v1/catalog/service/api")
     result = catalog.sync(url, make_mesh())
     assert not result.changed and len(result.unchanged) == 4
     assert get(url, "/v1/catalog/service/api") == before  # same ModifyIndex: nothing was written
-    statuses = [h.status for h in catalog.service_health(url, "api") if h.service_id == "api-vm2-0"]
+    statuses = [h.status for h in catalog.service_health(url, "api") if h.service_id == "api-vm2-9090"]
     assert statuses == ["passing"]
 
 
@@ -90,39 +90,39 @@ def test_removing_a_workload_deregisters_only_it_and_never_others_services(url: 
     client.catalog.register("vm2", "10.77.0.12", service={"ID": "redis-1", "Service": "redis", "Port": 6379},
                             skip_node_update=True)
     client.catalog.register("ext1", "10.77.0.99", service={"ID": "api-ext1-0", "Service": "api", "Port": 1})
-    result = catalog.sync(url, make_mesh(drop="api-vm2-0"))
-    assert result.deregistered == ("api-vm2-0",) and not result.registered
-    assert {h.service_id for h in catalog.service_health(url, "api")} == {"api-dock1-0", "api-ext1-0"}
+    result = catalog.sync(url, make_mesh(drop="api-vm2-9090"))
+    assert result.deregistered == ("api-vm2-9090",) and not result.registered
+    assert {h.service_id for h in catalog.service_health(url, "api")} == {"api-dock1-api-v2-1", "api-ext1-0"}
     assert [h.service_id for h in catalog.service_health(url, "redis")] == ["redis-1"]
-    assert [h.service_id for h in catalog.service_health(url, "db")] == ["db-vm2-1"]
+    assert [h.service_id for h in catalog.service_health(url, "db")] == ["db-vm2-5432"]
 
 
 def test_a_host_that_loses_all_its_workloads_loses_its_external_node(url: str) -> None:
     catalog.sync(url, make_mesh())
-    result = catalog.sync(url, make_mesh(drop="web-vm1-0"))
-    assert result.deregistered == ("web-vm1-0",) and result.removed_nodes == ("vm1",)
+    result = catalog.sync(url, make_mesh(drop="web-vm1-8080"))
+    assert result.deregistered == ("web-vm1-8080",) and result.removed_nodes == ("vm1",)
     nodes = {n["Node"] for n in get(url, "/v1/catalog/nodes")}
     assert "vm1" not in nodes and {"vm2", "dock1"} <= nodes
 
 
 def test_critical_drops_the_instance_from_passing(url: str) -> None:
     catalog.sync(url, make_mesh())
-    for service_id, node in (("api-vm2-0", "vm2"), ("api-dock1-0", "dock1")):
+    for service_id, node in (("api-vm2-9090", "vm2"), ("api-dock1-api-v2-1", "dock1")):
         catalog.set_health(url, catalog.InstanceRef(node, service_id), "passing", "200 OK")
     assert len(get(url, "/v1/health/service/api?passing")) == 2
-    catalog.set_health(url, catalog.InstanceRef("vm2", "api-vm2-0"), "critical", "GET /mesh/health: 503")
+    catalog.set_health(url, catalog.InstanceRef("vm2", "api-vm2-9090"), "critical", "GET /mesh/health: 503")
     passing = get(url, "/v1/health/service/api?passing")
-    assert [e["Service"]["ID"] for e in passing] == ["api-dock1-0"]
+    assert [e["Service"]["ID"] for e in passing] == ["api-dock1-api-v2-1"]
     [vm2] = [h for h in catalog.service_health(url, "api") if h.node == "vm2"]
     assert (vm2.status, vm2.output) == ("critical", "GET /mesh/health: 503")
 
 
 def test_set_health_never_resurrects_a_deregistered_instance(url: str) -> None:
     catalog.sync(url, make_mesh())
-    catalog.sync(url, make_mesh(drop="api-vm2-0"))
+    catalog.sync(url, make_mesh(drop="api-vm2-9090"))
     with pytest.raises(catalog.CatalogError, match="Missing service registration"):
-        catalog.set_health(url, catalog.InstanceRef("vm2", "api-vm2-0"), "passing", "late")
-    assert "api-vm2-0" not in {h.service_id for h in catalog.service_health(url, "api")}
+        catalog.set_health(url, catalog.InstanceRef("vm2", "api-vm2-9090"), "passing", "late")
+    assert "api-vm2-9090" not in {h.service_id for h in catalog.service_health(url, "api")}
 
 
 # ---- Consul with ACLs (deny by default) and HTTPS, and two meshes sharing it ------------------------------
@@ -157,8 +157,8 @@ def renamed(mesh: Mesh, mesh_id: str, prefix: str) -> Mesh:
 
 def test_with_acls_the_token_is_sent_and_anonymous_reads_see_nothing(
         secure: ConsulDevServer, access: catalog.ConsulAccess) -> None:
-    assert catalog.sync(access, make_mesh()).registered == ("web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0")
-    assert {h.service_id for h in catalog.service_health(access, "api")} == {"api-vm2-0", "api-dock1-0"}
+    assert catalog.sync(access, make_mesh()).registered == ("web-vm1-8080", "api-vm2-9090", "db-vm2-5432", "api-dock1-api-v2-1")
+    assert {h.service_id for h in catalog.service_health(access, "api")} == {"api-vm2-9090", "api-dock1-api-v2-1"}
     assert get(secure.url, "/v1/health/service/api") == []  # what a missing token would silently get
     lock = Leadership(access, lock_key("lab.mesh"), 10)
     try:
@@ -195,10 +195,10 @@ def test_two_mesh_ids_sharing_one_consul_never_deregister_each_other(access: cat
     again = catalog.sync(access, ours)  # before mesh ids, this deregistered all of team-b's instances
     assert not again.changed and not again.conflicts
     gone = catalog.sync(access, replace(ours, hosts=()))  # our inventory emptied: only ours go
-    assert set(gone.deregistered) == {"web-vm1-0", "api-vm2-0", "db-vm2-1", "api-dock1-0"}
+    assert set(gone.deregistered) == {"web-vm1-8080", "api-vm2-9090", "db-vm2-5432", "api-dock1-api-v2-1"}
     assert set(gone.removed_nodes) == {"vm1", "vm2", "dock1"}
     left = catalog.service_health(access, "api")
-    assert {h.service_id for h in left} == {"api-b-vm2-0", "api-b-dock1-0"}
+    assert {h.service_id for h in left} == {"api-b-vm2-9090", "api-b-dock1-api-v2-1"}
     assert {h.meta["mesh-id"] for h in left} == {"team-b"}
     assert catalog.service_health(access, "api", mesh_id="lab.mesh") == []
 

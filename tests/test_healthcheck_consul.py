@@ -141,19 +141,19 @@ def test_passing_then_critical_on_503_and_on_a_stopped_envoy(
         consul: ConsulDevServer, endpoints: list[HealthEndpoint],
         start_checker: Callable[..., Checker]) -> None:
     checker = start_checker()
-    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing"
-             and status_of(consul.url, "api-h2-0")[0] == "passing", "both instances passing")
+    wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "passing"
+             and status_of(consul.url, "api-h2-9090")[0] == "passing", "both instances passing")
     endpoints[0].healthy = False
-    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "critical", "503 makes api-h1-0 critical")
-    assert "GET /mesh/health: 503" in status_of(consul.url, "api-h1-0")[1]
+    wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "critical", "503 makes api-h1-9090 critical")
+    assert "GET /mesh/health: 503" in status_of(consul.url, "api-h1-9090")[1]
     endpoints[1].stop()
-    wait_for(lambda: status_of(consul.url, "api-h2-0")[0] == "critical", "a stopped endpoint is critical")
-    assert "refused" in status_of(consul.url, "api-h2-0")[1]
+    wait_for(lambda: status_of(consul.url, "api-h2-9090")[0] == "critical", "a stopped endpoint is critical")
+    assert "refused" in status_of(consul.url, "api-h2-9090")[1]
     endpoints[0].healthy = True
-    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing", "recovery makes it passing again")
+    wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "passing", "recovery makes it passing again")
     writes = [(event["instance"], event["status"]) for event in checker.wrote()]
-    assert writes == [("api-h1-0", "passing"), ("api-h2-0", "passing"), ("api-h1-0", "critical"),
-                      ("api-h2-0", "critical"), ("api-h1-0", "passing")], "only changes are written"
+    assert writes == [("api-h1-9090", "passing"), ("api-h2-9090", "passing"), ("api-h1-9090", "critical"),
+                      ("api-h2-9090", "critical"), ("api-h1-9090", "passing")], "only changes are written"
     checker.stop()
     assert checker.process.returncode == 0
     assert any(event.get("event") == "leadership_released" for event in checker.events())
@@ -165,7 +165,7 @@ def test_one_leader_and_a_standby_that_takes_over_after_a_crash(
     key = f"{LOCK_KEY}-{tmp_path.name}"
     first, second = start_checker(), start_checker()
     wait_for(lambda: leader_pid(consul.url, key) is not None, "someone leads")
-    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing", "the leader writes")
+    wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "passing", "the leader writes")
     time.sleep(2)  # several rounds of both
     by_pid = {first.process.pid: first, second.process.pid: second}
     pid = leader_pid(consul.url, key)
@@ -175,7 +175,7 @@ def test_one_leader_and_a_standby_that_takes_over_after_a_crash(
 
     leader.stop(signal.SIGKILL)  # no release: the session has to expire
     endpoints[0].healthy = False
-    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "critical", "the standby took over and writes",
+    wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "critical", "the standby took over and writes",
              deadline=DEADLINE + 5)
     assert leader_pid(consul.url, key) == standby.process.pid
     assert standby.wrote()
@@ -213,7 +213,7 @@ def test_the_controller_venv_built_from_the_wheels_runs_the_checker(
                 "PATH": f"{Path(sys.base_exec_prefix) / 'bin'}:{os.environ['PATH']}"})
     assert (root / "venv" / "mesh-wheels.marker").read_text().strip() == marker
     checker = start_checker(python=str(root / "venv" / "bin" / "python3"))
-    wait_for(lambda: status_of(consul.url, "api-h1-0")[0] == "passing", "the venv's checker writes passing")
+    wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "passing", "the venv's checker writes passing")
     checker.stop()
     assert checker.process.returncode == 0
 
@@ -269,8 +269,8 @@ def test_with_acls_the_checker_uses_its_token_file_and_writes(
         secure: ConsulDevServer, secure_checkers: Callable[..., Checker]) -> None:
     checker = secure_checkers()
     access = catalog.ConsulAccess(secure.url, secure.mesh_token())
-    wait_for(lambda: status_of(access, "api-h1-0")[0] == "passing"
-             and status_of(access, "api-h2-0")[0] == "passing", "both instances passing")
+    wait_for(lambda: status_of(access, "api-h1-9090")[0] == "passing"
+             and status_of(access, "api-h2-9090")[0] == "passing", "both instances passing")
     assert leader_pid(access, lock_key(TD)) == checker.process.pid
     checker.stop()
     assert checker.process.returncode == 0
