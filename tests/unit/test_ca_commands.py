@@ -191,13 +191,13 @@ CHECK_INVENTORY = FLEET_INVENTORY  # every kind of managed host
 
 def _fleet(authority: CertificateAuthority, now: datetime, api_issued: timedelta,
            checker: bool = True) -> FakeFleet:
-    """vm1's web-0 fresh, dock1's api-0 issued api_issued ago (24 h), ctl1's checker fresh (or missing)."""
+    """vm1's web-8080 fresh, dock1's api-api-1 issued api_issued ago (24 h), ctl1's checker fresh (or missing)."""
     fleet = FakeFleet()
     ttl = timedelta(hours=24)
-    web = authority.sign(csr(), "spiffe://lab.mesh/svc/web", ttl, "vm1", "web-0", now=now)
-    api = authority.sign(csr(), "spiffe://lab.mesh/svc/api", ttl, "dock1", "api-0", now=now - api_issued)
-    fleet.host("vm1").write(cert_path("web-0"), web.chain_pem)
-    fleet.host("dock1").write(cert_path("api-0"), api.chain_pem)
+    web = authority.sign(csr(), "spiffe://lab.mesh/svc/web", ttl, "vm1", "web-8080", now=now)
+    api = authority.sign(csr(), "spiffe://lab.mesh/svc/api", ttl, "dock1", "api-api-1", now=now - api_issued)
+    fleet.host("vm1").write(cert_path("web-8080"), web.chain_pem)
+    fleet.host("dock1").write(cert_path("api-api-1"), api.chain_pem)
     for host in ("vm1", "dock1"):
         fleet.host(host).write(CA_PATH, authority.root_pem)
     fleet.host("ctl1").write(CHECKER_CA_PATH, authority.root_pem)
@@ -217,12 +217,12 @@ def test_ca_check_reads_every_certificate_of_every_managed_host(tmp_path: Path) 
         ("ctl1", "trust bundle (health-checker)", CHECKER_CA_PATH),
         ("ctl1", "health-checker", CHECKER_CERT_PATH),
         ("vm1", "trust bundle (proxies)", CA_PATH),
-        ("vm1", "web-0", cert_path("web-0")),
+        ("vm1", "web-8080", cert_path("web-8080")),
         ("dock1", "trust bundle (proxies)", CA_PATH),
-        ("dock1", "api-0", cert_path("api-0")),
+        ("dock1", "api-api-1", cert_path("api-api-1")),
     ]
     line = certs[3].line((5, 6, 40))
-    assert re.search(rf"^vm1\s+web-0\s+{re.escape(cert_path('web-0'))}\s+ok\s+expires .* 2[34]h \d+m left "
+    assert re.search(rf"^vm1\s+web-8080\s+{re.escape(cert_path('web-8080'))}\s+ok\s+expires .* 2[34]h \d+m left "
                      r"\(\d+%\)$", line), line
 
 
@@ -234,7 +234,7 @@ def test_ca_check_exits_2_under_a_third_left_or_missing(tmp_path: Path) -> None:
     certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(hours=15)).connect, now)
     assert code == 0 and all(c.state == "ok" for c in certs)
     certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(hours=17)).connect, now)
-    assert code == 2 and [c.name for c in certs if c.state != "ok"] == ["api-0"]
+    assert code == 2 and [c.name for c in certs if c.state != "ok"] == ["api-api-1"]
     assert certs[-1].state == "under 1/3 left"
     certs, code = check_fleet(str(inventory), _fleet(authority, now, timedelta(hours=25)).connect, now)
     assert code == 2 and certs[-1].state == "EXPIRED"
