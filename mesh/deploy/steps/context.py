@@ -24,6 +24,9 @@ from mesh.plan.changes import Change
 from mesh.plan.model import HostPlan, Plan, ProxyPlan
 
 
+_GZIP_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class LocalFile:
     """A file on the machine running mesh that a deploy pushes when the host's copy differs."""
@@ -35,12 +38,13 @@ class LocalFile:
         """The file gzip-compressed (level 6), made once per content and kept in cache_dir."""
         folder = self.cache_dir or Path(tempfile.gettempdir())
         packed = folder / f"{self.path.name}-{self.sha256}.gz"
-        if not packed.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = packed.with_suffix(f".{os.getpid()}.tmp")
-            with self.path.open("rb") as source, gzip.open(partial, "wb", compresslevel=6) as target:
-                shutil.copyfileobj(source, target, 1 << 20)
-            os.replace(partial, packed)
+        with _GZIP_LOCK:  # hosts deployed in parallel threads: one compresses, the others wait and read it
+            if not packed.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = packed.with_suffix(f".{os.getpid()}.tmp")
+                with self.path.open("rb") as source, gzip.open(partial, "wb", compresslevel=6) as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+                os.replace(partial, packed)
         return packed.read_bytes()
 
     @cached_property
