@@ -47,9 +47,11 @@ def stub_openssl(host: FakeHost) -> None:
         folder = temp.rsplit("/", 1)[0]
         version, link = f"{folder}/{target}/", f"{folder}/tls/"
         for path in [p for p in host.files if p.startswith((link, f"{folder}/tls.")) and
-                     not p.startswith(version)] + [f"{folder}/key.pem", f"{folder}/cert.pem"]:
+                     not (p + "/").startswith(version)] + [f"{folder}/key.pem", f"{folder}/cert.pem"]:
             host.files.pop(path, None)
             keys.pop(path, None)
+        if version.rstrip("/") in host.files:  # the link itself: stat follows it to the version's folder
+            host.files[link.rstrip("/")] = host.files[version.rstrip("/")]
         for path in [p for p in host.files if p.startswith(version)]:
             host.files[link + path[len(version):]] = host.files[path]
             if path in keys:

@@ -4,8 +4,10 @@ run changing nothing, and a missing prerequisite or a refused config failing onl
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +27,10 @@ from mesh.deploy.steps.context import DeployContext, LocalFile
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority, leaf_info
-from mesh.testing.fake_connector import FakeFleet, FakeHost, FakeUnit
+from mesh.plan.build import PlanInputs, build_plan
+from mesh.plan.changes import certificate_reason_for
+from mesh.plan.fleet import observe_fleet
+from mesh.testing.fake_connector import FakeFleet, FakeHost
 from mesh.testing.fake_openssl import stub_openssl
 
 OK = CommandResult(0, b"", b"")
@@ -45,49 +50,57 @@ def _mesh(tmp_path: Path) -> Mesh:
 
 
 def _fake_vm(host: FakeHost, missing: str = "") -> None:
-    """Stubs for the commands mesh's steps send, acting on the fake host's files."""
+    """Stubs for the commands the fake host does not model itself (mesh.testing.fake_connector): openssl, the
+    prerequisites, Envoy's and systemd's checks of staged files."""
     stub_openssl(host)
-
     host.stub(r"command -v openssl", CommandResult(0, missing.encode(), b""))
-    host.stub(r"^getent passwd", lambda cmd, _: OK if "/etc/passwd:mesh-envoy" in host.files
-              else CommandResult(2, b"", b""))
-    def useradd(cmd: str, stdin: bytes | None) -> CommandResult:
-        host.write("/etc/passwd:mesh-envoy", "")
-        return OK
-
-    host.stub(r"useradd", useradd)
-    host.stub(r"^runuser -u mesh-envoy -- /usr/local/lib/mesh/envoy --mode validate", OK)
-    host.stub(r"^/usr/sbin/nft ", OK)
+    host.stub(r"^runuser -u mesh-\S+ -- /usr/local/lib/mesh/envoy --mode validate", OK)
     host.stub(r"systemd-analyze verify", OK)
     host.write(paths.NFT_BINARY, b"", 0o755)
-    for unit in ("mesh-envoy-web-0.service", "mesh-envoy-api-0.service", "mesh-envoy-db-1.service",
-                 "mesh-firewall.service"):
-        host.units[unit] = FakeUnit()
+
+
+@dataclass(frozen=True)
+class Setup:
+    mesh: Mesh
+    ca: CertificateAuthority
+    envoy: LocalFile  # the Envoy sent to hosts and checking configs here (the real one)
+    fleet: FakeFleet
+
+
+@pytest.fixture(scope="module")
+def envoy(tmp_path_factory: pytest.TempPathFactory) -> LocalFile:
+    return LocalFile(Path(envoy_binary()), tmp_path_factory.mktemp("envoy-gzip"))  # gzip'd once for the module
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Mesh, DeployContext, FakeFleet]:
+def setup(tmp_path: Path, envoy: LocalFile) -> Setup:
     mesh = _mesh(tmp_path)
     ca, _ = CertificateAuthority.ensure(mesh.settings.state_dir, TD)
-    binary = tmp_path / "envoy"
-    binary.write_bytes(b"not really envoy")
-    context = DeployContext(mesh, ca, LocalFile(binary), local_envoy=envoy_binary())
     fleet = FakeFleet()
     for name in ("vm1", "vm2"):
         _fake_vm(fleet.host(name))
-    return mesh, context, fleet
+    return Setup(mesh, ca, envoy, fleet)
 
 
-def deploy(mesh: Mesh, context: DeployContext, fleet: FakeFleet) -> tuple[PlayResult, str]:
+def deploy(setup: Setup) -> tuple[PlayResult, str]:
+    """As `mesh deploy` after its preflight: the plan, every host observed, the playbook on the hosts whose
+    observation differs from the plan (the others are converged: not touched)."""
+    mesh, ca, fleet = setup.mesh, setup.ca, setup.fleet
     modules = registry.copy()
     register_mesh_modules(modules)
     out = io.StringIO()
-    host_vars = {host.name: {"mesh_proxies": [paths.proxy_name(w) for w in host.workloads]} for host in mesh.hosts}
-    context = DeployContext(context.mesh, context.ca, context.envoy, local_envoy=context.local_envoy)
-    result = run_playbook(load_playbook(PLAYBOOK, modules), list(mesh.hosts), fleet.connect,
-                          extra_vars={"mesh_ca_pem": context.ca.root_pem.decode()}, shared=context,
-                          host_vars=host_vars, groups=_groups(list(mesh.hosts)), modules=modules, output=out,
-                          color=False)
+    plan = build_plan(mesh, PlanInputs(ca.root_pem, ca.root_fingerprint, envoy_sha256=setup.envoy.sha256))
+    observed = observe_fleet(plan, list(mesh.hosts), fleet.connect, certificate_reason_for(ca, mesh.settings.cert_ttl))
+    converged = [name for name, seen in observed.items() if not seen.changes]
+    acting = [host for host in mesh.hosts if host.name not in converged]
+    context = DeployContext(mesh, ca, setup.envoy, plan, changes={name: seen.changes for name, seen in observed.items()})
+    host_vars = {host.name: {"mesh_proxies": [proxy.name for proxy in plan.host(host.name).proxies],
+                             "mesh_proxy_users": [proxy.user for proxy in plan.host(host.name).proxies]}
+                 for host in mesh.hosts}
+    result = run_playbook(load_playbook(PLAYBOOK, modules), acting, fleet.connect,
+                          extra_vars={"mesh_ca_pem": ca.root_pem.decode()}, shared=context,
+                          host_vars=host_vars, groups=_groups(acting), modules=modules, output=out,
+                          color=False, converged=converged)
     return result, out.getvalue()
 
 
@@ -95,27 +108,28 @@ def restarts(host: FakeHost) -> list[str]:
     return [cmd for cmd in host.commands if cmd.startswith("systemctl restart")]
 
 
-def test_first_deploy_makes_keys_on_the_host_and_a_second_changes_nothing(setup: tuple[Mesh, DeployContext,
-                                                                                        FakeFleet]) -> None:
-    mesh, context, fleet = setup
-    result, out = deploy(mesh, context, fleet)
+def test_first_deploy_makes_keys_on_the_host_and_a_second_changes_nothing(setup: Setup) -> None:
+    fleet = setup.fleet
+    result, out = deploy(setup)
     assert exit_code(result) == 0, out
     vm2 = fleet.host("vm2")
-    key = vm2.files[paths.key_path("api-0")]
-    assert (key.mode, key.owner) == (0o600, "mesh-envoy")
-    assert paths.key_path("api-0") not in vm2.puts  # made on the host, never sent
-    chain = vm2.files[paths.cert_path("api-0")].data
+    key = vm2.files[paths.key_path("api-9090")]
+    assert (key.mode, key.owner) == (0o600, paths.envoy_user("api-9090"))
+    assert paths.key_path("api-9090") not in vm2.puts  # made on the host, never sent
+    chain = vm2.files[paths.cert_path("api-9090")].data
     assert chain is not None and leaf_info(chain).spiffe_id == f"spiffe://{TD}/svc/api"
     assert chain.count(b"BEGIN CERTIFICATE") == 2  # leaf + intermediate
-    config = vm2.files[paths.envoy_config_path("db-1")]
-    assert (config.mode, config.group) == (0o640, "mesh-envoy")
-    assert vm2.files[paths.ENVOY_BINARY].data == b"not really envoy"
-    assert vm2.units["mesh-envoy-db-1.service"].active == "active" and vm2.units["mesh-envoy-db-1.service"].enabled
+    config = vm2.files[paths.envoy_config_path("db-5432")]
+    assert (config.mode, config.group) == (0o640, "mesh-db-5432")
+    binary = vm2.files[paths.ENVOY_BINARY].data
+    assert binary is not None and hashlib.sha256(binary).hexdigest() == setup.envoy.sha256  # sent gzip'd, unpacked
+    unit = vm2.units["mesh-envoy-db-5432.service"]
+    assert unit.active == "active" and unit.enabled
     assert b"tcp dport { 5432, 9090 } drop" in (vm2.files[paths.FIREWALL_PATH].data or b"")
-    admin = vm2.files[paths.admin_dir("api-0")]
-    assert (admin.data, admin.mode, admin.owner, admin.group) == (None, 0o700, "mesh-envoy", "mesh-envoy")
+    admin = vm2.files[paths.admin_dir("api-9090")]
+    assert (admin.data, admin.mode, admin.owner, admin.group) == (None, 0o700, "mesh-api-9090", "mesh-api-9090")
     # Each unit and the ruleset were checked by its own tool, staged, before the rename that installed it.
-    for dest, check in ((paths.envoy_unit_path("db-1"), "systemd-analyze verify --man=no "),
+    for dest, check in ((paths.envoy_unit_path("db-5432"), "systemd-analyze verify --man=no "),
                         ("/etc/systemd/system/mesh-firewall.service", "systemd-analyze verify --man=no "),
                         (paths.FIREWALL_PATH, "/usr/sbin/nft -c -f ")):
         staged = staged_path(dest)
@@ -126,122 +140,121 @@ def test_first_deploy_makes_keys_on_the_host_and_a_second_changes_nothing(setup:
     for host in fleet.hosts.values():
         host.commands.clear()
         host.puts.clear()
-    result, out = deploy(mesh, context, fleet)
+    result, out = deploy(setup)
     assert exit_code(result) == 0 and all(stats.changed == 0 for stats in result.stats.values()), out
     assert all(not host.puts and not restarts(host) for host in fleet.hosts.values())
+    assert all(len(host.commands) == 1 for host in fleet.hosts.values()), "a converged host is only observed"
 
 
-def test_only_the_proxies_whose_files_changed_restart(setup: tuple[Mesh, DeployContext, FakeFleet]) -> None:
-    mesh, context, fleet = setup
-    deploy(mesh, context, fleet)
+def test_only_the_proxies_whose_files_changed_restart(setup: Setup) -> None:
+    fleet = setup.fleet
+    deploy(setup)
     vm2 = fleet.host("vm2")
     for host in fleet.hosts.values():
         host.commands.clear()
-    vm2.write(paths.envoy_config_path("db-1"), "edited by hand", 0o640, "root", "mesh-envoy")
-    result, out = deploy(mesh, context, fleet)
+    vm2.write(paths.envoy_config_path("db-5432"), "edited by hand", 0o640, "root", "mesh-db-5432")
+    result, out = deploy(setup)
     assert exit_code(result) == 0, out
-    assert restarts(vm2) == ["systemctl restart mesh-envoy-db-1.service"]
+    assert restarts(vm2) == ["systemctl restart mesh-envoy-db-5432.service"]
     assert not restarts(fleet.host("vm1"))
 
 
-def test_certificates_are_renewed_when_foreign_or_past_half_life(setup: tuple[Mesh, DeployContext,
-                                                                               FakeFleet]) -> None:
-    mesh, context, fleet = setup
-    deploy(mesh, context, fleet)
+def test_certificates_are_renewed_when_foreign_or_past_half_life(setup: Setup) -> None:
+    fleet = setup.fleet
+    deploy(setup)
     vm1 = fleet.host("vm1")
-    old = vm1.files[paths.cert_path("web-0")].data
+    old = vm1.files[paths.cert_path("web-8080")].data
     assert old is not None
     # Another SPIFFE id for the same key: renewed.
     csr = vm1.stubs[[p.pattern for p, _ in vm1.stubs].index("^openssl req -new")][1]
-    request = csr(f"openssl req -new -key {paths.key_path('web-0')}", None).stdout  # type: ignore[operator]
-    other = context.ca.sign(request, f"spiffe://{TD}/svc/other", timedelta(hours=24), "vm1", "web-0")
-    vm1.write(paths.cert_path("web-0"), other.chain_pem)
-    deploy(mesh, context, fleet)
-    renewed = vm1.files[paths.cert_path("web-0")].data
+    request = csr(f"openssl req -new -key {paths.key_path('web-8080')}", None).stdout  # type: ignore[operator]
+    other = setup.ca.sign(request, f"spiffe://{TD}/svc/other", timedelta(hours=24), "vm1", "web-8080")
+    vm1.write(paths.cert_path("web-8080"), other.chain_pem)
+    deploy(setup)
+    renewed = vm1.files[paths.cert_path("web-8080")].data
     assert renewed is not None and leaf_info(renewed).spiffe_id == f"spiffe://{TD}/svc/web"
     # Past half its lifetime: renewed.
-    aged = context.ca.sign(request, f"spiffe://{TD}/svc/web", timedelta(hours=24), "vm1", "web-0",
-                           now=datetime.now(UTC) - timedelta(hours=13))
-    vm1.write(paths.cert_path("web-0"), aged.chain_pem)
+    aged = setup.ca.sign(request, f"spiffe://{TD}/svc/web", timedelta(hours=24), "vm1", "web-8080",
+                         now=datetime.now(UTC) - timedelta(hours=13))
+    vm1.write(paths.cert_path("web-8080"), aged.chain_pem)
     vm1.commands.clear()
-    deploy(mesh, context, fleet)
-    fresh = vm1.files[paths.cert_path("web-0")].data
+    deploy(setup)
+    fresh = vm1.files[paths.cert_path("web-8080")].data
     assert fresh is not None and leaf_info(fresh).not_after > aged.not_after
-    assert restarts(vm1) == ["systemctl restart mesh-envoy-web-0.service"]
+    assert not restarts(vm1)  # Envoy reloads its certificate (SDS from files): no restart
     # Valid for longer than mesh_cert_ttl now allows (the ttl was shortened): renewed at once.
-    long_lived = context.ca.sign(request, f"spiffe://{TD}/svc/web", timedelta(days=30), "vm1", "web-0")
-    vm1.write(paths.cert_path("web-0"), long_lived.chain_pem)
-    deploy(mesh, context, fleet)
-    shortened = vm1.files[paths.cert_path("web-0")].data
+    long_lived = setup.ca.sign(request, f"spiffe://{TD}/svc/web", timedelta(days=30), "vm1", "web-8080")
+    vm1.write(paths.cert_path("web-8080"), long_lived.chain_pem)
+    deploy(setup)
+    shortened = vm1.files[paths.cert_path("web-8080")].data
     assert shortened is not None and leaf_info(shortened).not_after < long_lived.not_after - timedelta(days=28)
 
 
-def test_a_config_envoy_refuses_fails_that_host_and_keeps_the_old_one(setup: tuple[Mesh, DeployContext,
-                                                                                   FakeFleet]) -> None:
-    mesh, context, fleet = setup
-    deploy(mesh, context, fleet)
+def test_a_config_envoy_refuses_fails_that_host_and_keeps_the_old_one(setup: Setup) -> None:
+    fleet = setup.fleet
+    deploy(setup)
     vm2 = fleet.host("vm2")
-    vm2.write(paths.envoy_config_path("api-0"), "the old config", 0o640, "root", "mesh-envoy")
+    vm2.write(paths.envoy_config_path("api-9090"), "the old config", 0o640, "root", "mesh-api-9090")
     vm2.stubs.insert(0, (re.compile(r"--mode validate"), CommandResult(
         1, b"", b"[critical][main] error initializing configuration: Invalid path: /nope")))
     vm2.commands.clear()
-    result, out = deploy(mesh, context, fleet)
+    result, out = deploy(setup)
     assert exit_code(result) == 2 and result.failed_hosts == ["vm2"]
-    assert "refused the new config (the running config is kept)" in out and "Invalid path: /nope" in out
-    assert vm2.files[paths.envoy_config_path("api-0")].data == b"the old config"
-    assert not any(path.endswith(".envoy.new.yaml") for path in vm2.files)
+    assert "proxy api-9090: Envoy on vm2 refused the new files (the running ones are kept)" in out
+    assert "Invalid path: /nope" in out
+    assert vm2.files[paths.envoy_config_path("api-9090")].data == b"the old config"
+    assert not any(f"/{paths.STAGING_DIR_NAME}" in path for path in vm2.files)  # the refused files removed
     assert not restarts(vm2)
 
 
-def test_missing_prerequisites_fail_the_host_before_any_change(setup: tuple[Mesh, DeployContext,
-                                                                             FakeFleet]) -> None:
-    mesh, context, fleet = setup
+def test_missing_prerequisites_fail_the_host_before_any_change(setup: Setup) -> None:
+    fleet = setup.fleet
     vm1 = FakeHost("vm1")
     _fake_vm(vm1, missing="openssl\nnft or iptables\n")
     fleet.hosts["vm1"] = vm1
-    result, out = deploy(mesh, context, fleet)
+    result, out = deploy(setup)
     assert exit_code(result) == 2 and result.failed_hosts == ["vm1"]
     assert "missing prerequisites on vm1: openssl, nft or iptables" in out
-    assert vm1.puts == [] and vm1.commands == [vm1.commands[0]]  # only the (read-only) check ran
-    assert fleet.host("vm2").files[paths.envoy_config_path("api-0")].data  # the other host is deployed
+    # Only reads ran: the observation of the host (before any host is acted on), then the prerequisites' check.
+    assert vm1.puts == [] and len(vm1.commands) == 2 and vm1.commands[0].startswith("PATH=")
+    assert "command -v openssl" in vm1.commands[1]
+    assert fleet.host("vm2").files[paths.envoy_config_path("api-9090")].data  # the other host is deployed
 
 
-def test_a_new_key_and_its_certificate_are_swapped_in_together(setup: tuple[Mesh, DeployContext,
-                                                                             FakeFleet]) -> None:
+def test_a_new_key_and_its_certificate_are_swapped_in_together(setup: Setup) -> None:
     """The new key and certificate go into a new folder and one rename of the `tls` link makes them current:
     nothing Envoy reads changes between the key and its certificate."""
-    mesh, context, fleet = setup
-    deploy(mesh, context, fleet)
+    fleet = setup.fleet
+    deploy(setup)
     vm1 = fleet.host("vm1")
-    first = vm1.files[paths.cert_path("web-0")].data
-    del vm1.files[paths.key_path("web-0")]  # a lost key: a new one is made
+    first = vm1.files[paths.cert_path("web-8080")].data
+    del vm1.files[paths.key_path("web-8080")]  # a lost key: a new one is made
     vm1.commands.clear()
     vm1.puts.clear()
-    result, out = deploy(mesh, context, fleet)
+    result, out = deploy(setup)
     assert exit_code(result) == 0, out
     keygen = next(i for i, cmd in enumerate(vm1.commands) if "openssl genpkey" in cmd)
     version = re.search(r'mv -f "\$t" (\S+)/key\.pem$', vm1.commands[keygen])
-    assert version is not None and version.group(1).startswith(f"{paths.proxy_dir('web-0')}/tls.")
+    assert version is not None and version.group(1).startswith(f"{paths.proxy_dir('web-8080')}/tls.")
     assert vm1.puts == [f"{version.group(1)}/cert.pem"]  # the certificate beside its key, not behind the link
     swap = next(i for i, cmd in enumerate(vm1.commands) if cmd.startswith("ln -sfn "))
     assert keygen < swap and "mv -fT" in vm1.commands[swap]
     assert vm1.commands[swap].split()[2] == version.group(1).rsplit("/", 1)[1]  # a relative link (sidecars)
     assert not any("systemctl restart" in cmd for cmd in vm1.commands[:swap])
-    key, cert = vm1.files[paths.key_path("web-0")], vm1.files[paths.cert_path("web-0")]
-    assert (key.mode, key.owner) == (0o600, "mesh-envoy") and cert.data != first
-    assert restarts(vm1) == ["systemctl restart mesh-envoy-web-0.service"]
+    key, cert = vm1.files[paths.key_path("web-8080")], vm1.files[paths.cert_path("web-8080")]
+    assert (key.mode, key.owner) == (0o600, paths.envoy_user("web-8080")) and cert.data != first
+    assert not restarts(vm1)  # Envoy reads the new pair through the link (SDS from files): no restart
 
 
-def test_a_ruleset_nft_refuses_fails_the_host_and_keeps_the_old_one(setup: tuple[Mesh, DeployContext,
-                                                                                  FakeFleet]) -> None:
-    mesh, context, fleet = setup
-    deploy(mesh, context, fleet)
+def test_a_ruleset_nft_refuses_fails_the_host_and_keeps_the_old_one(setup: Setup) -> None:
+    fleet = setup.fleet
+    deploy(setup)
     vm2 = fleet.host("vm2")
     vm2.write(paths.FIREWALL_PATH, "the old ruleset", 0o644)
     vm2.stubs.insert(0, (re.compile(r"^/usr/sbin/nft -c -f "), CommandResult(
         1, b"", b"/etc/mesh/.mesh-staged/firewall.nft:9:3-6: Error: syntax error, unexpected junk")))
     vm2.commands.clear()
-    result, out = deploy(mesh, context, fleet)
+    result, out = deploy(setup)
     assert exit_code(result) == 2 and result.failed_hosts == ["vm2"]
     assert "nft on vm2 refused the new /etc/mesh/firewall.nft (the old one is kept)" in out
     assert "syntax error, unexpected junk" in out
@@ -250,17 +263,16 @@ def test_a_ruleset_nft_refuses_fails_the_host_and_keeps_the_old_one(setup: tuple
     assert not any(cmd == f"/usr/sbin/nft -f {paths.FIREWALL_PATH}" for cmd in vm2.commands)
 
 
-def test_a_unit_systemd_refuses_fails_the_host_and_keeps_the_old_one(setup: tuple[Mesh, DeployContext,
-                                                                                   FakeFleet]) -> None:
-    mesh, context, fleet = setup
-    deploy(mesh, context, fleet)
+def test_a_unit_systemd_refuses_fails_the_host_and_keeps_the_old_one(setup: Setup) -> None:
+    fleet = setup.fleet
+    deploy(setup)
     vm1 = fleet.host("vm1")
-    unit = paths.envoy_unit_path("web-0")
+    unit = paths.envoy_unit_path("web-8080")
     vm1.write(unit, "the old unit", 0o644)
     vm1.stubs.insert(0, (re.compile(r"systemd-analyze verify"), CommandResult(
-        1, b"", b"mesh-envoy-web-0.service: Command /usr/local/lib/mesh/envoy is not executable")))
+        1, b"", b"mesh-envoy-web-8080.service: Command /usr/local/lib/mesh/envoy is not executable")))
     vm1.commands.clear()
-    result, out = deploy(mesh, context, fleet)
+    result, out = deploy(setup)
     assert exit_code(result) == 2 and result.failed_hosts == ["vm1"]
     assert "systemd-analyze on vm1 refused the new unit (the old one is kept)" in out
     assert "is not executable" in out
