@@ -2,7 +2,7 @@
 the phases (top-level calls of the deploy command), the tasks (slowest host, round trips per host), and per
 host the SSH connections, remote commands and file transfers. Used by bench/deploy on a no-op deploy.
 
-    python bench/deploy_profile.py INVENTORY
+    python bench/deploy_profile.py INVENTORY [REPORT_FILE]
 
 Generic on purpose (mesh is changing): it wraps `connect` wherever a mesh module imported it, `run_task` when the
 runner has one, and whichever of the listed phase functions exist; `mesh deploy INVENTORY` runs through the CLI.
@@ -213,9 +213,16 @@ def main() -> int:
     captured = io.StringIO()
     with redirect_stdout(captured):
         code = run(["deploy", sys.argv[1]])
-    report(time.perf_counter() - STARTED, code)
-    if code != 0:
-        print(captured.getvalue()[-3000:])
+    total = time.perf_counter() - STARTED
+    text = io.StringIO()
+    with redirect_stdout(text):
+        report(total, code)
+        if code != 0:
+            print(captured.getvalue()[-3000:])
+    print(text.getvalue(), end="")
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as handle:
+            handle.write(text.getvalue())
     return 0
 
 
