@@ -155,7 +155,11 @@ class _Shell:
         self.host = host
 
     def run(self, cmd: str) -> CommandResult:
-        """The last `; ` part of cmd (what comes before sets PATH), its `&&` parts in turn."""
+        """`if A; then B; fi`, or the last `; ` part of cmd (what comes before sets PATH), its `&&` parts in
+        turn."""
+        condition = re.fullmatch(r"(?:PATH=\S+; )?if (.+?); then (.+?); fi", cmd)
+        if condition is not None:
+            return self.run(condition.group(2)) if self.run(condition.group(1)).ok else _OK
         last = cmd.rsplit("; ", 1)[-1]
         result = _OK
         for part in last.split(" && "):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -278,3 +278,34 @@ def test_a_unit_systemd_refuses_fails_the_host_and_keeps_the_old_one(setup: Setu
     assert "is not executable" in out
     assert vm1.files[unit].data == b"the old unit" and staged_path(unit) not in vm1.files
     assert not restarts(vm1) and "systemctl daemon-reload" not in vm1.commands
+
+
+def test_a_restart_envoy_still_owes_is_found_from_what_it_runs(setup: Setup) -> None:
+    """A failed run may leave new files under an Envoy that runs the old bootstrap: the next deploy sees it in
+    /server_info (node.metadata) and restarts exactly that proxy."""
+    deploy(setup)
+    vm1, vm2 = setup.fleet.host("vm1"), setup.fleet.host("vm2")
+    planned = vm1.running["web-8080"]
+    vm1.running["web-8080"] = "0" * 64  # Envoy still runs an older bootstrap
+    for host in (vm1, vm2):
+        host.commands.clear()
+    result, out = deploy(setup)
+    assert exit_code(result) == 0, out
+    assert restarts(vm1) == ["systemctl restart mesh-envoy-web-8080.service"] and vm1.running["web-8080"] == planned
+    assert vm2.commands == vm2.commands[:1]  # vm2 was converged: only observed
+
+
+def test_a_workload_that_left_the_inventory_leaves_nothing_behind(setup: Setup) -> None:
+    deploy(setup)
+    vm2 = setup.fleet.host("vm2")
+    assert paths.envoy_user("db-5432") in vm2.users
+    api = setup.mesh.host("vm2").workloads[0]
+    hosts = tuple(replace(host, workloads=(api,)) if host.name == "vm2" else host for host in setup.mesh.hosts)
+    services = {name: tuple(w for w in found if w.service != "db") for name, found in setup.mesh.services.items()}
+    result, out = deploy(replace(setup, mesh=replace(setup.mesh, hosts=hosts, services=services)))
+    assert exit_code(result) == 0, out
+    assert not [path for path in vm2.files if "db-5432" in path]  # folder, files, unit
+    assert vm2.units["mesh-envoy-db-5432.service"].active == "inactive"  # stopped before its files went
+    assert paths.envoy_user("db-5432") not in vm2.users and paths.envoy_user("api-9090") in vm2.users
+    assert "db-5432" not in vm2.running
+    assert vm2.files[paths.envoy_config_path("api-9090")].data
