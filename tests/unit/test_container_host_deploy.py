@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ from mesh.deploy.steps.context import DeployContext, LocalFile
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.pki import CertificateAuthority
+from mesh.plan.build import PlanInputs, build_plan
+from mesh.plan.changes import certificate_reason_for
+from mesh.plan.fleet import observe_fleet
 from mesh.testing.fake_connector import FakeFleet, FakeHost, FakeUnit
 from mesh.testing.fake_openssl import stub_openssl
 
@@ -54,7 +58,7 @@ def _fake_dock1(host: FakeHost) -> FakeDocker:
     stub_openssl(host)
 
     def stat(cmd: str, stdin: bytes | None) -> CommandResult:  # by number, from the fake files
-        found = host.files.get(cmd.split()[-1].strip("'"))
+        found = host.files.get(cmd.split()[-1].strip("'").rstrip("/"))  # `DIR/tls/`: the folder the link names
         if found is None:
             return CommandResult(1, b"", b"stat: cannot stat")
         return CommandResult(0, f"{_numeric(found.owner)}:{_numeric(found.group)}:{found.mode:o}\n".encode(), b"")
@@ -69,53 +73,66 @@ def _fake_dock1(host: FakeHost) -> FakeDocker:
     return docker
 
 
+@dataclass(frozen=True)
+class Setup:
+    mesh: Mesh
+    ca: CertificateAuthority
+    envoy: LocalFile  # checks configs here (the real one)
+    fleet: FakeFleet
+    docker: FakeDocker
+    tarball: Path  # the sidecar image (a stand-in: FakeDocker imports it by its tag)
+
+
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Mesh, DeployContext, FakeFleet, FakeDocker, Path]:
+def setup(tmp_path: Path) -> Setup:
     mesh = _mesh(tmp_path)
     ca, _ = CertificateAuthority.ensure(mesh.settings.state_dir, TD)
-    binary = tmp_path / "envoy"
-    binary.write_bytes(b"not really envoy")
-    context = DeployContext(mesh, ca, LocalFile(binary), local_envoy=envoy_binary())
     fleet = FakeFleet()
     docker = _fake_dock1(fleet.host("dock1"))
     tarball = tmp_path / "image.tar.gz"
     tarball.write_bytes(b"tarball")
-    return mesh, context, fleet, docker, tarball
+    return Setup(mesh, ca, LocalFile(Path(envoy_binary())), fleet, docker, tarball)
 
 
-def deploy(setup: tuple[Mesh, DeployContext, FakeFleet, FakeDocker, Path]) -> tuple[PlayResult, str]:
-    mesh, context, fleet, _docker, tarball = setup
+def deploy(setup: Setup) -> tuple[PlayResult, str]:
+    """As `mesh deploy --limit dock1` after its preflight: the plan, dock1 observed, the playbook when it differs."""
+    mesh, ca, fleet = setup.mesh, setup.ca, setup.fleet
     modules = registry.copy()
     register_mesh_modules(modules)
     dock1 = [mesh.host("dock1")]
     out = io.StringIO()
-    context = DeployContext(context.mesh, context.ca, context.envoy, local_envoy=context.local_envoy)
-    result = run_playbook(load_playbook(PLAYBOOK, modules), dock1, fleet.connect,
-                          extra_vars={"mesh_ca_pem": context.ca.root_pem.decode(),
-                                      "mesh_sidecar_image": {"src": str(tarball), "tag": IMAGE}},
-                          shared=context, host_vars={"dock1": {"mesh_proxies": ["api-0", "worker-1"]}},
-                          groups=_groups(dock1), modules=modules, output=out, color=False)
+    plan = build_plan(mesh, PlanInputs(ca.root_pem, ca.root_fingerprint, envoy_sha256="0" * 64, sidecar_image=IMAGE))
+    observed = observe_fleet(plan, dock1, fleet.connect, certificate_reason_for(ca, mesh.settings.cert_ttl))
+    converged = [name for name, seen in observed.items() if not seen.changes]
+    acting = [host for host in dock1 if host.name not in converged]
+    context = DeployContext(mesh, ca, setup.envoy, plan, changes={name: seen.changes for name, seen in observed.items()})
+    result = run_playbook(load_playbook(PLAYBOOK, modules), acting, fleet.connect,
+                          extra_vars={"mesh_ca_pem": ca.root_pem.decode(),
+                                      "mesh_sidecar_image": {"src": str(setup.tarball), "tag": IMAGE}},
+                          shared=context,
+                          host_vars={"dock1": {"mesh_proxies": [proxy.name for proxy in plan.host("dock1").proxies]}},
+                          groups=_groups(acting), modules=modules, output=out, color=False, converged=converged)
     return result, out.getvalue()
 
 
-def test_first_deploy_owns_files_by_the_sidecar_uid_and_a_second_changes_nothing(setup: tuple[
-        Mesh, DeployContext, FakeFleet, FakeDocker, Path]) -> None:
-    _, _, fleet, docker, _ = setup
+def test_first_deploy_owns_files_by_the_sidecar_uid_and_a_second_changes_nothing(setup: Setup) -> None:
+    fleet, docker = setup.fleet, setup.docker
     result, output = deploy(setup)
     assert exit_code(result) == 0, output
     host = fleet.host("dock1")
-    for proxy in ("api-0", "worker-1"):
+    for proxy in ("api-api-v2-1", "worker-worker-1"):
         folder = host.files[paths.proxy_dir(proxy)]
         key = host.files[paths.key_path(proxy)]
         config = host.files[paths.envoy_config_path(proxy)]
         assert (_numeric(folder.owner), folder.group, folder.mode) == ("0", UID, 0o750)
         assert (key.owner, key.group, key.mode) == (UID, UID, 0o600)
         assert (_numeric(config.owner), config.group, config.mode) == ("0", UID, 0o640)
-    validations = [cmd for cmd in host.commands if cmd.startswith("docker run --rm") and ".envoy.new.yaml" in cmd]
+    validations = [cmd for cmd in host.commands
+                   if cmd.startswith("docker run --rm") and f"/{paths.STAGING_DIR_NAME}/validate.yaml" in cmd]
     assert len(validations) == 2 and all(f"--user {UID}:{UID}" in cmd and "--network none" in cmd
                                          for cmd in validations)
-    assert not any("runuser" in cmd or "/usr/local/lib/mesh/envoy" in cmd for cmd in host.commands)
-    assert {"mesh-envoy-api-0", "mesh-envoy-worker-1"} <= set(docker.containers)
+    assert not any("runuser" in cmd or f"{paths.ENVOY_BINARY} --mode" in cmd for cmd in host.commands)  # no host Envoy
+    assert {"mesh-envoy-api-api-v2-1", "mesh-envoy-worker-worker-1"} <= set(docker.containers)
     ids = {name: found["id"] for name, found in docker.containers.items()}
     host.commands.clear()
     result, output = deploy(setup)
@@ -123,47 +140,46 @@ def test_first_deploy_owns_files_by_the_sidecar_uid_and_a_second_changes_nothing
     assert {name: found["id"] for name, found in docker.containers.items()} == ids
     assert not any(cmd.startswith(("docker run", "docker rm", "docker restart", "chown", "chmod"))
                    for cmd in host.commands)
+    assert len(host.commands) == 1, "a converged container host is only observed"
 
 
-def test_a_missing_app_container_fails_only_its_workload(setup: tuple[
-        Mesh, DeployContext, FakeFleet, FakeDocker, Path]) -> None:
-    docker = setup[3]
+def test_a_missing_app_container_fails_only_its_workload(setup: Setup) -> None:
+    docker = setup.docker
     del docker.containers["worker-1"]
     result, output = deploy(setup)
     assert exit_code(result) == 2, output
     assert "the app container 'worker-1' does not exist on dock1" in output
-    assert "mesh-envoy-api-0" in docker.containers and "mesh-envoy-worker-1" not in docker.containers
-    assert re.search(r"ok: \[dock1\] => \(item=api-0\)|changed: \[dock1\] => \(item=api-0\)", output)
+    assert "mesh-envoy-api-api-v2-1" in docker.containers and "mesh-envoy-worker-worker-1" not in docker.containers
+    assert re.search(r"ok: \[dock1\] => \(item=api-api-v2-1\)|changed: \[dock1\] => \(item=api-api-v2-1\)", output)
 
 
-def test_a_config_the_sidecar_image_refuses_keeps_the_running_sidecar(setup: tuple[
-        Mesh, DeployContext, FakeFleet, FakeDocker, Path]) -> None:
-    _, _, fleet, docker, _ = setup
+def test_a_config_the_sidecar_image_refuses_keeps_the_running_sidecar(setup: Setup) -> None:
+    fleet, docker = setup.fleet, setup.docker
     result, output = deploy(setup)
     assert exit_code(result) == 0, output
     host = fleet.host("dock1")
-    running = docker.containers["mesh-envoy-api-0"]["id"]
-    old = host.files[paths.envoy_config_path("api-0")].data
-    host.write(paths.envoy_config_path("api-0"), b"# an older config", 0o640, "root", UID)
+    running = docker.containers["mesh-envoy-api-api-v2-1"]["id"]
+    old = host.files[paths.envoy_config_path("api-api-v2-1")].data
+    host.write(paths.envoy_config_path("api-api-v2-1"), b"# an older config", 0o640, "root", UID)
     docker.validate_ok = False
     result, output = deploy(setup)
-    assert exit_code(result) == 2 and "refused the new config (the running config is kept)" in output, output
-    assert host.files[paths.envoy_config_path("api-0")].data == b"# an older config" != old
-    assert docker.containers["mesh-envoy-api-0"]["id"] == running
-    assert paths.proxy_dir("api-0") + "/.envoy.new.yaml" not in host.files
+    assert exit_code(result) == 2, output
+    assert "proxy api-api-v2-1: Envoy on dock1 refused the new files (the running ones are kept)" in output
+    assert host.files[paths.envoy_config_path("api-api-v2-1")].data == b"# an older config" != old
+    assert docker.containers["mesh-envoy-api-api-v2-1"]["id"] == running
+    assert not any(f"/{paths.STAGING_DIR_NAME}" in path for path in host.files)  # the refused files removed
 
 
-def test_an_app_container_that_publishes_ports_fails_only_its_workload(setup: tuple[
-        Mesh, DeployContext, FakeFleet, FakeDocker, Path]) -> None:
-    docker = setup[3]
+def test_an_app_container_that_publishes_ports_fails_only_its_workload(setup: Setup) -> None:
+    docker = setup.docker
     docker.add("worker-1", pid=600, bindings={"8000/tcp": [{"HostIp": "", "HostPort": "8000"}]},
                ports={"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8000"}]})
     worker = docker.containers["worker-1"]
     result, output = deploy(setup)
     assert exit_code(result) == 2, output
-    assert re.search(r"failed: \[dock1\] \(item=worker-1\) => .*the app container 'worker-1' on dock1 publishes "
+    assert re.search(r"failed: \[dock1\] \(item=worker-worker-1\) => .*the app container 'worker-1' on dock1 publishes "
                      r"port\(s\) 8000/tcp -> 0\.0\.0\.0:8000", output), output
-    assert "mesh-envoy-api-0" in docker.containers and "mesh-envoy-worker-1" not in docker.containers
+    assert "mesh-envoy-api-api-v2-1" in docker.containers and "mesh-envoy-worker-worker-1" not in docker.containers
     assert docker.containers["worker-1"] == worker  # the app container itself is left as it is
-    assert re.search(r"ok: \[dock1\] => \(item=api-0\)|changed: \[dock1\] => \(item=api-0\)", output)
+    assert re.search(r"ok: \[dock1\] => \(item=api-api-v2-1\)|changed: \[dock1\] => \(item=api-api-v2-1\)", output)
     assert result.stats["dock1"].failed == 1

@@ -269,6 +269,7 @@ class FakeDocker:
     """Answers the docker commands of the modules on a FakeHost: containers by name, images by tag."""
 
     def __init__(self, host: FakeHost, validate_ok: bool = True) -> None:
+        self.host = host
         self.containers: dict[str, dict[str, Any]] = {}
         self.images: set[str] = set()
         self.validate_ok = validate_ok
@@ -303,7 +304,7 @@ class FakeDocker:
             line = "\t".join([line, *(json.dumps(value) for value in found["maps"])]) + "\n"
             return CommandResult(0, line.encode(), b"")
         if words[1:3] == ["image", "inspect"]:
-            return CommandResult(0 if words[3] in self.images else 1, b"", b"")
+            return CommandResult(0 if words[-1] in self.images else 1, b"", b"")
         if words[1] == "import":
             self.images.add(words[-1])
             return CommandResult(0, b"", b"")
@@ -314,15 +315,24 @@ class FakeDocker:
             label = next(w.split("=", 1)[1] for w in words if w.startswith("mesh.config-hash="))
             app = words[words.index("--network") + 1].removeprefix("container:")
             self.add(name, self.containers[app]["pid"], label)
+            self.containers[name]["proxy"] = next(w.split("=", 1)[1] for w in words if w.startswith("mesh.proxy="))
+            self.host.start_envoy(self.containers[name]["proxy"])  # its Envoy reads the bootstrap it finds
             return CommandResult(0, b"", b"")
         if words[1] == "rm":
-            self.containers.pop(words[-1], None)
+            removed = self.containers.pop(words[-1], None)
+            if removed is not None and removed.get("proxy"):
+                self.host.running.pop(removed["proxy"], None)
             return CommandResult(0, b"", b"")
-        if words[1] == "ps":
-            names = [name for name, found in self.containers.items() if found["label"] is not None]
-            return CommandResult(0, "".join(f"{name}\n" for name in names).encode(), b"")
+        if words[1] == "ps":  # mesh's containers: names, or as the observation's --format asks
+            mesh = {name: found for name, found in self.containers.items() if found["label"] is not None}
+            if "--format" in words and words[words.index("--format") + 1].startswith("S\t"):
+                return CommandResult(0, "".join(f"S\t{name}\t{found['label']}\trunning\n"
+                                                for name, found in mesh.items()).encode(), b"")
+            return CommandResult(0, "".join(f"{name}\n" for name in mesh).encode(), b"")
         if words[1] == "restart":
             self.containers[words[-1]]["pid"] = self.containers[words[-1]].get("app_pid", 1)
+            if self.containers[words[-1]].get("proxy"):
+                self.host.start_envoy(self.containers[words[-1]]["proxy"])
             return CommandResult(0, b"", b"")
         return CommandResult(127, b"", f"fake docker: {cmd}".encode())
 
