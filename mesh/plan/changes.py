@@ -129,8 +129,8 @@ def host_changes(plan: HostPlan, facts: HostFacts, certificate_reason: Certifica
                 add(Change(name, "sidecar", proxy.sidecar.name, "replace",
                            "stopped" if sidecar.state != "running" else "its bootstrap or image changed", proxy.name))
         elif proxy.name not in restarting and facts.running.get(proxy.name, "") != proxy.bootstrap_sha256:
-            running = facts.running.get(proxy.name) or "no answer from its admin socket"
-            add(Change(name, "proxy", proxy.name, "restart", f"Envoy runs {running[:12]}, files are "
+            running = facts.running.get(proxy.name, "")[:12] or "no answer from its admin socket"
+            add(Change(name, "proxy", proxy.name, "restart", f"Envoy runs {running}, files are "
                                                             f"{proxy.bootstrap_sha256[:12]}", proxy.name))
     if facts.firewall_loaded is False:
         add(Change(name, "firewall", "inet mesh", "load", "the loaded table differs from the file"))
