@@ -5,6 +5,7 @@ local Envoy, and the observation of every target host. It wires those parts; it 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
     touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
     (MESH_ENVOY, else mesh's own) that checks configs; `retired` hosts (they left the inventory) are planned
     with nothing on them."""
-    local_envoy = envoy or envoy_binary()
+    local_envoy = envoy or os.environ.get("MESH_ENVOY") or envoy_binary()
     binary = LocalFile(Path(local_envoy), Path(mesh.settings.state_dir) / ENVOY_CACHE)
     image = _sidecar_image(mesh, targets, out)
     wheels = _wheels(mesh, targets)

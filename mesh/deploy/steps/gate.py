@@ -17,7 +17,7 @@ from typing import Any
 
 from mesh.config import paths
 from mesh.config.compute import LOCAL_APP_CLUSTER
-from mesh.controller_env import VENV
+from mesh.controller_env import MARKER_FILE, VENV
 from mesh.deploy.modules.api import ModuleRun, Outcome, RunCommand, TaskContext
 from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.steps.rollback import restore_command
@@ -144,8 +144,12 @@ def _probe(ctx: TaskContext[DeployContext], planned: ProxyPlan) -> list[str]:
         return []
     target = f"{planned.workload.service}@{ctx.host.connection.address}:{planned.workload.proxy_port}"
     python = f"{VENV}/bin/python"
-    command = (f"[ -x {python} ] && [ -f {DEFAULT_CONFIG} ] || exit 0; runuser -u {CHECKER_USER} -- {python} -m "
-               f"mesh.healthcheck --config {DEFAULT_CONFIG} --probe {shlex.quote(target)}")
+    # A checker of another wheel set (an older mesh, one this run's controller play has not updated yet) may not
+    # know --probe: the probe is skipped then, as before a first install.
+    current = (f"grep -qxF {shlex.quote(ctx.shared.wheels.marker)} {MARKER_FILE} || exit 0; "
+               if ctx.shared.wheels is not None else "")
+    command = (f"[ -x {python} ] && [ -f {DEFAULT_CONFIG} ] || exit 0; {current}runuser -u {CHECKER_USER} -- "
+               f"{python} -m mesh.healthcheck --config {DEFAULT_CONFIG} --probe {shlex.quote(target)}")
     with ctx.shared.checker_lock:
         result = controller.run(command, timeout=30)
     if result.ok:
