@@ -28,7 +28,8 @@ from mesh.plan.report import FleetChanges, consul_changes
 
 WHEELS_CACHE = "wheels"  # under mesh_state_dir
 IMAGES_CACHE = "images"  # under mesh_state_dir: the sidecar image tarball
-ENVOY_CACHE = "envoy"  # under mesh_state_dir: Envoy's binary gzip-compressed for the wire
+ENVOY_CACHE = "envoy"  # under mesh_state_dir: Envoy's binary gzip-compressed for the wire, its sha256
+VALIDATED_CACHE = "validated"  # under mesh_state_dir: a marker per proxy config the local Envoy accepted
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
                         consul_token=_token(mesh), consul_ca=_consul_ca(mesh))
     started = time.monotonic()
     plan = build_plan(mesh, inputs, [*mesh.hosts, *retired])
-    checked = validate_plan(plan, ca.root_pem, local_envoy)
+    checked = validate_plan(plan, ca.root_pem, local_envoy, binary.sha256,
+                            Path(mesh.settings.state_dir) / VALIDATED_CACHE)
     out.line(f"plan {plan.digest[:12]}: {sum(len(h.proxies) for h in plan.hosts)} proxies on {len(plan.hosts)} "
              f"hosts, {checked} distinct config(s) checked by Envoy ({time.monotonic() - started:.1f} s)")
     observed = observe_fleet(plan, targets, connect, certificate_reason_for(ca, mesh.settings.cert_ttl),

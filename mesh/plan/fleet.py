@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from mesh.config.errors import EnvoyRejectedConfig
 from mesh.errors import MeshError
@@ -17,7 +18,7 @@ from mesh.hosts.connection import Connector
 from mesh.hosts.observe import HostFacts, observe, read_texts
 from mesh.inventory.model import ManagedHost
 from mesh.plan.changes import CertificateReason, Change, host_changes, observe_request
-from mesh.plan.model import HostPlan, Plan
+from mesh.plan.model import HostPlan, Plan, ProxyPlan
 from mesh.render import validate_proxy_files
 
 
@@ -48,22 +49,38 @@ class Observed:
         return hashlib.sha256(json.dumps([data, extra], default=str).encode()).hexdigest()
 
 
-def validate_plan(plan: Plan, ca_pem: bytes, envoy: str) -> int:
-    """Check each distinct proxy config with the local Envoy; raises PlanRefused naming the proxies. Returns
-    how many distinct configs were checked."""
-    seen: dict[str, str] = {}
+def validate_plan(plan: Plan, ca_pem: bytes, envoy: str, envoy_sha256: str, cache_dir: Path | None = None,
+                  workers: int = 4) -> int:
+    """Check each distinct proxy config with the local Envoy, in parallel; raises PlanRefused naming the proxy.
+    A config this Envoy accepted before (a marker per config in cache_dir) is not checked again. Returns how
+    many distinct configs the plan has."""
+    distinct: dict[str, tuple[HostPlan, ProxyPlan]] = {}
     for host in plan.hosts:
         for proxy in host.proxies:
-            key = "\0".join(f"{item.path}\0{item.sha256}" for item in proxy.rendered.files)
-            if key in seen:
-                continue
-            seen[key] = f"{host.name}/{proxy.name}"
-            try:
-                validate_proxy_files(proxy.rendered, ca_pem, envoy)
-            except EnvoyRejectedConfig as exc:
-                raise PlanRefused(f"Envoy refused the config of proxy {proxy.name} on {host.name}: {exc}",
-                                  "nothing was touched: no host was reached") from None
-    return len(seen)
+            key = hashlib.sha256("\0".join([envoy_sha256, hashlib.sha256(ca_pem).hexdigest(), *(
+                f"{item.path}\0{item.sha256}" for item in proxy.rendered.files)]).encode()).hexdigest()
+            distinct.setdefault(key, (host, proxy))
+    unchecked = {key: pair for key, pair in distinct.items() if cache_dir is None or not (cache_dir / key).exists()}
+
+    def check(item: tuple[str, tuple[HostPlan, ProxyPlan]]) -> tuple[str, str | None]:
+        key, (host, proxy) = item
+        try:
+            validate_proxy_files(proxy.rendered, ca_pem, envoy)
+        except EnvoyRejectedConfig as exc:
+            return key, f"Envoy refused the config of proxy {proxy.name} on {host.name}: {exc}"
+        return key, None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mesh-validate") as pool:
+        results = list(pool.map(check, unchecked.items()))
+    refused = [reason for _, reason in results if reason is not None]
+    if refused:
+        raise PlanRefused("; ".join(refused[:3]) + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""),
+                          "nothing was touched: no host was reached")
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for key, _ in results:
+            (cache_dir / key).touch()
+    return len(distinct)
 
 
 def observe_fleet(plan: Plan, hosts: Sequence[ManagedHost], connect: Callable[[ManagedHost], Connector],

@@ -23,7 +23,6 @@ from mesh.pki import CertificateAuthority
 from mesh.plan.changes import Change
 from mesh.plan.model import HostPlan, Plan, ProxyPlan
 
-
 _GZIP_LOCK = threading.Lock()
 
 
@@ -49,6 +48,27 @@ class LocalFile:
 
     @cached_property
     def sha256(self) -> str:
+        """The file's sha256: remembered in cache_dir with its size and mtime (Envoy is 100 MB)."""
+        stat = self.path.stat()
+        stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+        record = self.cache_dir / f"{self.path.name}.sha256" if self.cache_dir else None
+        if record is not None:
+            try:
+                digest, _, recorded = record.read_text().partition(" ")
+                if recorded.strip() == stamp and len(digest) == 64:
+                    return digest
+            except OSError:
+                pass
+        digest = self._hash()
+        if record is not None:
+            try:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(f"{digest} {stamp}\n")
+            except OSError:
+                pass  # a cache only
+        return digest
+
+    def _hash(self) -> str:
         digest = hashlib.sha256()
         with self.path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
