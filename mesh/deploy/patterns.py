@@ -39,6 +39,8 @@ def limit_hosts(limit: str, hosts: Sequence[str], groups: Mapping[str, Sequence[
             terms += [line for line in read_file(term[1:]) if line]
         else:
             terms.append(term)
+    if not terms:  # an empty retry file limits to no host (as Ansible), not to all of them
+        return [], []
     return match_terms(terms, hosts, groups)
 
 

@@ -77,3 +77,11 @@ def test_terms_that_match_nothing_are_named(inventory: Path) -> None:
     data = load_inventory(str(inventory))
     names, unknown = limit_hosts("webservers:nothing:!gone", list(data.hosts), inventory_vars(data).groups)
     assert names == ["web1", "web2", "web3"] and unknown == ["nothing", "gone"]
+
+
+def test_an_empty_retry_file_limits_to_no_host_where_ansible_takes_every_host(inventory: Path,
+                                                                             tmp_path: Path) -> None:
+    retry = tmp_path / "deploy.retry"
+    retry.write_text("\n")
+    assert mesh_limit(inventory, f"@{retry}") == []  # "only what is left to retry": nothing
+    assert len(ansible_limit(inventory, f"@{retry}")) == 6  # a deliberate difference
