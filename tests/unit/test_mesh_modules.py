@@ -22,7 +22,7 @@ from mesh.deploy.playbook import load_playbook
 from mesh.deploy.recap import exit_code
 from mesh.deploy.results import PlayResult
 from mesh.deploy.runner import run_playbook
-from mesh.deploy.steps import register_mesh_modules
+from mesh.deploy.steps import gate, register_mesh_modules
 from mesh.deploy.steps.context import DeployContext, LocalFile
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Upstream, Workload
@@ -309,3 +309,33 @@ def test_a_workload_that_left_the_inventory_leaves_nothing_behind(setup: Setup) 
     assert paths.envoy_user("db-5432") not in vm2.users and paths.envoy_user("api-9090") in vm2.users
     assert "db-5432" not in vm2.running
     assert vm2.files[paths.envoy_config_path("api-9090")].data
+
+
+def _with_web_upstreams(mesh: Mesh, *upstreams: Upstream) -> Mesh:
+    web = replace(mesh.host("vm1").workloads[0], upstreams=upstreams)
+    hosts = tuple(replace(host, workloads=(web,)) if host.name == "vm1" else host for host in mesh.hosts)
+    return replace(mesh, hosts=hosts, services={**mesh.services, "web": (web,)})
+
+
+def test_a_change_that_fails_the_health_gate_is_rolled_back_without_a_restart(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gate, "GATE_WAIT_S", 0.0)
+    deploy(setup)
+    vm1 = setup.fleet.host("vm1")
+    folder = paths.proxy_dir("web-8080") + "/"
+    before = {path: found.data for path, found in vm1.files.items() if path.startswith(folder)}
+    running = vm1.running["web-8080"]
+    # After the change Envoy answers without its listeners (one it could not bind, say).
+    vm1.stub(r'^echo "READY', CommandResult(0, f"READY LIVE\nBOOT {running}\n".encode(), b""))
+    vm1.commands.clear()
+    vm1.puts.clear()
+    changed = replace(setup, mesh=_with_web_upstreams(setup.mesh, Upstream("api", 19101), Upstream("db", 19102)))
+    result, out = deploy(changed)
+    assert exit_code(result) == 2 and result.failed_hosts == ["vm1"], out
+    assert "health gate failed on vm1 (web-8080: listeners not up: " in out
+    assert "the previous files of web-8080 were restored" in out
+    staged = f"{paths.proxy_staging_dir('web-8080')}/xds/eds.upstream-db.yaml"
+    assert staged in vm1.puts  # the change was made (a new cluster's endpoints), then undone
+    assert {path: found.data for path, found in vm1.files.items() if path.startswith(folder)} == before
+    assert not restarts(vm1) and vm1.running["web-8080"] == running  # Envoy reloaded the files it had: no restart
+    assert "PLAY RECAP" in out and result.stats["vm2"].changed == 0
