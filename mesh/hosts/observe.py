@@ -78,6 +78,7 @@ class ObserveRequest:
 
     paths: tuple[str, ...] = ()
     listed: tuple[str, ...] = ()  # folders whose every file is read like a planned path (a proxy's xds/)
+    stat_only: tuple[str, ...] = ()  # paths whose kind and owner are read, not their content (Envoy's 100 MB)
     units: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
     admin_sockets: tuple[tuple[str, str], ...] = ()  # (proxy, socket path)
@@ -116,23 +117,26 @@ class HostFacts:
 
 def observe_script(request: ObserveRequest, proxies_root: str = "/etc/mesh/proxies",
                    units_dir: str = "/etc/systemd/system") -> str:
-    """The read-only shell script printing one tab-separated fact per line (see parse_facts)."""
+    """The read-only shell script printing one tab-separated fact per line (see parse_facts). Few processes:
+    one stat and one sha256sum for every path, one systemctl for every unit (a host answers in ~0.1 s)."""
     q = shlex.quote
+    listed = " ".join(f"{q(folder)}/*" for folder in request.listed)
+    paths = " ".join(q(path) for path in request.paths) + (f" {listed}" if listed else "")
     lines = [
         "PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin",
-        ("f() { if [ -e \"$1\" ] || [ -L \"$1\" ]; then s=$(stat -L -c '%F|%a|%U|%G|%u|%g' -- \"$1\" 2>/dev/null); "
-         "h=-; [ -f \"$1\" ] && h=$(sha256sum < \"$1\" 2>/dev/null | cut -c1-64); "
-         "printf 'F\\t%s\\t%s\\t%s\\n' \"$1\" \"$s\" \"$h\"; else printf 'F\\t%s\\t-\\t-\\n' \"$1\"; fi; }"),
         f"for d in {q(proxies_root)}/*/; do [ -d \"$d\" ] && printf 'P\\t%s\\n' \"$(basename \"$d\")\"; done",
         (f"for u in {q(units_dir)}/mesh-envoy-*.service; do [ -e \"$u\" ] && printf 'UF\\t%s\\n' "
          "\"$(basename \"$u\")\"; done"),
-        f"getent passwd | awk -F: '$5 ~ /^{USER_COMMENT}/ {{print \"W\\t\" $1}}'",
+        "getent passwd | cut -d: -f1,5 | sed 's/^/W\t/'",
     ]
-    lines += [f"f {q(path)}" for path in request.paths]
-    lines += [f"for p in {q(folder)}/*; do [ -f \"$p\" ] && f \"$p\"; done" for folder in request.listed]
-    lines += [f"printf 'US\\t%s\\t%s\\t%s\\n' {q(unit)} \"$(systemctl is-enabled {q(unit)} 2>/dev/null)\" "
-              f"\"$(systemctl is-active {q(unit)} 2>/dev/null)\"" for unit in request.units]
-    lines += [f"id -u {q(user)} >/dev/null 2>&1 && printf 'WU\\t%s\\n' {q(user)}" for user in request.users]
+    stat_only = " ".join(q(path) for path in request.stat_only)
+    if paths.strip() or stat_only:
+        lines.append(f"stat -L -c 'F\t%n\t%F|%a|%U|%G|%u|%g' -- {paths} {stat_only} 2>/dev/null")
+    if paths.strip():
+        lines.append(f"sha256sum -- {paths} 2>/dev/null | sed 's/^/H\t/'")
+    if request.units:
+        lines.append("systemctl show -p Id -p UnitFileState -p ActiveState -- "
+                     + " ".join(q(unit) for unit in request.units) + " 2>/dev/null | sed 's/^/U\t/'")
     lines += [f"printf 'R\\t%s\\t%s\\n' {q(proxy)} \"$(curl -s --max-time 3 --unix-socket {q(socket)} "
               "http://admin/server_info 2>/dev/null | grep -o '\"mesh_bootstrap_sha256\": *\"[0-9a-f]*\"' "
               "| grep -o '[0-9a-f]\\{64\\}')\"" for proxy, socket in request.admin_sockets]
@@ -146,9 +150,9 @@ def observe_script(request: ObserveRequest, proxies_root: str = "/etc/mesh/proxi
                      "2>/dev/null); if [ \"$2 $3\" = \"$now\" ]; then h=$1; "
                      f"else h=$(sha256sum < {binary} | cut -c1-64); fi; printf 'B\\t%s\\n' \"$h\"; fi")
     if request.firewall:
-        lines.append(f"l=$(nft list table inet mesh 2>/dev/null | sha256sum | cut -c1-64); "
-                     f"[ -n \"$(nft list table inet mesh 2>/dev/null)\" ] && [ \"$l\" = \"$(cat {FIREWALL_LOADED} "
-                     "2>/dev/null)\" ] && echo 'N\tloaded' || echo 'N\tdrift'")
+        lines.append(f"t=$(nft list table inet mesh 2>/dev/null); l=$(printf '%s\\n' \"$t\" | sha256sum | cut -c1-64); "
+                     f"[ -n \"$t\" ] && [ \"$l\" = \"$(cat {FIREWALL_LOADED} 2>/dev/null)\" ] && echo 'N\tloaded' "
+                     "|| echo 'N\tdrift'")
     if request.container_host:
         lines.append("docker ps --all --filter label=mesh.managed-by=mesh --format "
                      "'S\t{{.Names}}\t{{.Label \"mesh.config-hash\"}}\t{{.State}}' 2>/dev/null")
@@ -163,35 +167,45 @@ def observe_script(request: ObserveRequest, proxies_root: str = "/etc/mesh/proxi
     return "\n".join(lines) + "\n"
 
 
-def parse_facts(host: str, text: str) -> HostFacts:
-    """The facts of observe_script's output; a line it cannot read raises FactError."""
-    paths: dict[str, PathFact] = {}
+def parse_facts(host: str, text: str, users: tuple[str, ...] = ()) -> HostFacts:
+    """The facts of observe_script's output (`users`: the planned users, reported when they exist); a line it
+    cannot read raises FactError."""
+    stats: dict[str, str] = {}
+    digests: dict[str, str] = {}
     proxies: list[str] = []
     unit_files: list[str] = []
-    units: dict[str, UnitFact] = {}
-    users: list[str] = []
+    unit_lines: list[str] = []
+    present: list[str] = []
     mesh_users: list[str] = []
     running: dict[str, str] = {}
     certificates: dict[str, CertificateFact] = {}
     sidecars: dict[str, SidecarFact] = {}
     extra: dict[str, str] = {}
+    wanted_users = set(users)
     for line in text.splitlines():
         if not line.strip():
             continue
-        tag, *fields = line.split("\t")
+        tag, _, rest = line.partition("\t")
+        fields = rest.split("\t")
         try:
             if tag == "F":
-                paths[fields[0]] = _path_fact(fields[0], fields[1], fields[2])
+                stats[fields[0]] = fields[1]
+            elif tag == "H":
+                digest, _, path = rest.partition("  ")
+                if _SHA.fullmatch(digest):
+                    digests[path] = digest
             elif tag == "P":
                 proxies.append(fields[0])
             elif tag == "UF":
                 unit_files.append(fields[0])
-            elif tag == "US":
-                units[fields[0]] = UnitFact(fields[0], fields[1] or "not-found", fields[2] or "unknown")
-            elif tag == "WU":
-                users.append(fields[0])
+            elif tag == "U":
+                unit_lines.append(rest)
             elif tag == "W":
-                mesh_users.append(fields[0])
+                name, _, comment = rest.partition(":")
+                if name in wanted_users:
+                    present.append(name)
+                if comment.startswith(USER_COMMENT):
+                    mesh_users.append(name)
             elif tag == "R":
                 running[fields[0]] = fields[1] if _SHA.fullmatch(fields[1]) else ""
             elif tag == "C":
@@ -204,15 +218,33 @@ def parse_facts(host: str, text: str) -> HostFacts:
                 raise FactError(f"{host}: unexpected fact line {line[:200]!r}")
         except (IndexError, ValueError) as exc:
             raise FactError(f"{host}: unreadable fact line {line[:200]!r}: {exc}") from None
-    return HostFacts(host, paths, tuple(proxies), tuple(unit_files), units, tuple(users), tuple(mesh_users), running,
-                     certificates, extra.get("B") if _SHA.fullmatch(extra.get("B", "")) else None,
+    paths = {path: _path_fact(path, stat, digests.get(path, "-")) for path, stat in stats.items()}
+    return HostFacts(host, paths, tuple(proxies), tuple(unit_files), _units(unit_lines), tuple(present),
+                     tuple(mesh_users), running, certificates,
+                     extra.get("B") if _SHA.fullmatch(extra.get("B", "")) else None,
                      None if "N" not in extra else extra["N"] == "loaded", sidecars,
                      None if "I" not in extra else extra["I"] == "present",
                      None if "K" not in extra else extra["K"] == "ok", extra.get("M"))
 
 
+def _units(lines: list[str]) -> dict[str, UnitFact]:
+    """`systemctl show -p Id -p UnitFileState -p ActiveState` blocks (blank-line separated, any order)."""
+    units: dict[str, UnitFact] = {}
+    block: dict[str, str] = {}
+    for line in [*lines, ""]:
+        if not line.strip():
+            if "Id" in block:
+                units[block["Id"]] = UnitFact(block["Id"], block.get("UnitFileState") or "not-found",
+                                              block.get("ActiveState") or "unknown")
+            block = {}
+            continue
+        key, _, value = line.partition("=")
+        block[key] = value.strip()
+    return units
+
+
 def _path_fact(path: str, stat: str, digest: str) -> PathFact:
-    if stat == "-" or not stat:
+    if stat in ("-", ""):
         return PathFact(path, None)
     kind_text, mode, owner, group, uid, gid = stat.split("|")
     kind = {"regular file": "file", "regular empty file": "file", "directory": "directory",
@@ -235,7 +267,7 @@ def observe(connector: Connector, host: str, request: ObserveRequest) -> HostFac
     result = connector.run(observe_script(request), timeout=OBSERVE_TIMEOUT_S)
     if not result.ok:
         raise FactError(f"{host}: reading mesh's state failed: {result.error_text()[:500]}")
-    return parse_facts(host, result.stdout.decode(errors="replace"))
+    return parse_facts(host, result.stdout.decode(errors="replace"), request.users)
 
 
 def read_texts(connector: Connector, paths: Iterable[str]) -> dict[str, str | None]:

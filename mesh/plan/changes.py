@@ -60,7 +60,8 @@ def observe_request(plan: HostPlan) -> ObserveRequest:
     if plan.checker_identity:
         certificates.append((CHECKER_CERT_NAME, CERT_FILE, KEY_FILE))
     return ObserveRequest(
-        paths=tuple(dict.fromkeys(planned + list(ROLE_PATHS))),
+        paths=tuple(dict.fromkeys(path for path in planned + list(ROLE_PATHS) if path != paths.ENVOY_BINARY)),
+        stat_only=(paths.ENVOY_BINARY,),
         listed=tuple(paths.xds_dir(proxy.name) for proxy in plan.proxies),
         units=tuple(dict.fromkeys(list(plan.units) + list(ROLE_UNITS))),
         users=plan.users,
