@@ -115,7 +115,7 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
             out.line(f"check mode: no CA in {mesh.settings.state_dir}; a deploy would make one")
         # every managed host's trust bundle is read first: the CA is made only when no host trusts another root
         ca, created = trust.trusted_ca(ca_mesh, pool.connect, replace=options.replace_ca,
-                                       forks=options.forks, warn=out.warning)
+                                       forks=options.forks, warn=out.warning, unreachable=[])
         if ca_mesh is mesh:
             out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} "
                      f"(root {ca.root_fingerprint[:23]}...)")

@@ -133,15 +133,25 @@ def state_root(state_dir: str) -> str | None:
 
 
 def trusted_ca(mesh: Mesh, factory: Callable[[ManagedHost], Connector], replace: bool = False,
-               forks: int = 20, warn: Callable[[str], None] | None = None) -> tuple[CertificateAuthority, bool]:
+               forks: int = 20, warn: Callable[[str], None] | None = None,
+               unreachable: list[str] | None = None) -> tuple[CertificateAuthority, bool]:
     """Read every managed host's trust bundles, judge them, and only when no host trusts another root (or
     `replace`, with a CA already in the state dir) load the CA, making it if absent. Raises TrustUnread (exit 3),
-    TrustRefused (exit 1); True with the CA when this call made it."""
+    TrustRefused (exit 1); True with the CA when this call made it.
+
+    A host that cannot be read stops everything when no CA exists yet (it might trust another root), or with
+    `replace`; when the state dir has its CA and `unreachable` is given, the host's name is added to it instead
+    (nothing can be written to it anyway: the deploy reports it unreachable and goes on with the others)."""
     settings = mesh.settings
     ours = state_root(settings.state_dir)
     verdict = judge(ours, read_hosts(list(mesh.hosts), trust_bundles, factory, forks))
-    if verdict.unreachable:
+    if verdict.unreachable and (ours is None or replace or unreachable is None):
         raise unread(verdict)
+    if verdict.unreachable and unreachable is not None:
+        unreachable += [host for host, _ in verdict.unreachable]
+        if warn is not None:
+            warn("cannot read " + "; ".join(f"{host} ({why})" for host, why in verdict.unreachable)
+                 + ": reported unreachable, the other hosts are deployed")
     if replace and ours is None:
         raise TrustRefused(f"--replace-ca uses the CA in mesh_state_dir {settings.state_dir} and never makes one, "
                            "and there is none", "run `mesh ca init INVENTORY` first, on purpose")

@@ -12,25 +12,48 @@ from typing import Self
 import structlog
 
 from mesh.hosts.connection import CommandResult, Connector
+from mesh.hosts.errors import HostUnreachable
 from mesh.inventory.model import ManagedHost
 
 log = structlog.get_logger()
 
 
 class _Shared:
-    """A pooled connector: close() is the pool's to do."""
+    """A pooled connector: close() is the pool's to do; a host found unreachable stays so for the command (the
+    next phase does not wait for its timeout again)."""
 
-    def __init__(self, inner: Connector) -> None:
+    def __init__(self, inner: Connector, name: str, failed: dict[str, HostUnreachable]) -> None:
         self.inner = inner
+        self.name = name
+        self.failed = failed
+
+    def _guard(self) -> None:
+        if self.name in self.failed:
+            raise self.failed[self.name]
 
     def run(self, cmd: str, stdin: bytes | None = None, timeout: float | None = None) -> CommandResult:
-        return self.inner.run(cmd, stdin, timeout)
+        self._guard()
+        try:
+            return self.inner.run(cmd, stdin, timeout)
+        except HostUnreachable as exc:
+            self.failed.setdefault(self.name, exc)
+            raise
 
     def put(self, data: bytes, path: str, mode: int, owner: str | None = None, group: str | None = None) -> None:
-        self.inner.put(data, path, mode, owner, group)
+        self._guard()
+        try:
+            self.inner.put(data, path, mode, owner, group)
+        except HostUnreachable as exc:
+            self.failed.setdefault(self.name, exc)
+            raise
 
     def get(self, path: str) -> bytes | None:
-        return self.inner.get(path)
+        self._guard()
+        try:
+            return self.inner.get(path)
+        except HostUnreachable as exc:
+            self.failed.setdefault(self.name, exc)
+            raise
 
     def close(self) -> None:
         """Kept open for the pool's next user."""
@@ -42,6 +65,7 @@ class ConnectionPool:
     def __init__(self, factory: Callable[[ManagedHost], Connector]) -> None:
         self.factory = factory
         self._open: dict[str, Connector] = {}
+        self._failed: dict[str, HostUnreachable] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -49,9 +73,15 @@ class ConnectionPool:
         with self._lock:
             per_host = self._locks.setdefault(host.name, threading.Lock())
         with per_host:  # two threads asking for one host make one connection
+            if host.name in self._failed:  # said once: the next phase does not wait for it again
+                raise self._failed[host.name]
             if host.name not in self._open:
-                self._open[host.name] = self.factory(host)
-            return _Shared(self._open[host.name])
+                try:
+                    self._open[host.name] = self.factory(host)
+                except HostUnreachable as exc:
+                    self._failed[host.name] = exc
+                    raise
+            return _Shared(self._open[host.name], host.name, self._failed)
 
     def __enter__(self) -> Self:
         return self
