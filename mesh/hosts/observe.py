@@ -218,7 +218,13 @@ def parse_facts(host: str, text: str, users: tuple[str, ...] = ()) -> HostFacts:
                 raise FactError(f"{host}: unexpected fact line {line[:200]!r}")
         except (IndexError, ValueError) as exc:
             raise FactError(f"{host}: unreadable fact line {line[:200]!r}: {exc}") from None
-    paths = {path: _path_fact(path, stat, digests.get(path, "-")) for path, stat in stats.items()}
+    paths: dict[str, PathFact] = {}
+    for path, stat in stats.items():
+        try:
+            paths[path] = _path_fact(path, stat, digests.get(path, "-"))
+        except ValueError as exc:  # a stat line of another shape: said like any other unreadable line
+            line = f"F\t{path}\t{stat}"
+            raise FactError(f"{host}: unreadable fact line {line[:200]!r}: {exc}") from None
     return HostFacts(host, paths, tuple(proxies), tuple(unit_files), _units(unit_lines), tuple(present),
                      tuple(mesh_users), running, certificates,
                      extra.get("B") if _SHA.fullmatch(extra.get("B", "")) else None,

@@ -21,7 +21,6 @@ import yaml
 from mesh.config import paths
 from mesh.hosts.connection import CommandResult
 from mesh.hosts.errors import HostUnreachable
-from mesh.hosts.observe import USER_COMMENT
 from mesh.inventory.model import ManagedHost
 
 Stub = CommandResult | Callable[[str, bytes | None], CommandResult]
@@ -303,7 +302,7 @@ class _Shell:
             self.host.running.pop(match.group(1), None)
 
 
-_OBSERVE_START = "PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin\nf() {"
+_OBSERVE_START = "PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin\nfor d in "  # observe_script's first lines
 _INSTALL_START = "set -u\nadmin="
 _ADMIN_GET = re.compile(r"curl -s\S* --max-time \d+ --unix-socket (\S+) \"?http://(?:admin|envoy)(/[a-z_]+)")
 
@@ -326,6 +325,8 @@ class _Scripts:
             return self._health(cmd)
         if cmd.startswith("for p in ") and "sha256sum" in cmd:
             return self._sums(cmd)
+        if cmd.startswith("printf '%s\\t' ") and "(base64 -w0 < " in cmd:  # the texts of files to diff
+            return self._texts(cmd)
         if cmd.startswith("if [ -f ") and "sha256sum <" in cmd:  # Envoy's binary, by its sha256
             found = self.host.files.get(shlex.split(cmd)[3].rstrip(";"))
             digest = hashlib.sha256(found.data).hexdigest() if found is not None and found.data is not None else ""
@@ -350,6 +351,10 @@ class _Scripts:
             found = self.host.files.get(shlex.split(cmd.split(" | ")[0])[-1])
             match = re.search(r"[0-9a-f]{64}", (found.data or b"").decode(errors="replace") if found else "")
             return CommandResult(0 if match else 1, f"{match.group(0)}\n".encode() if match else b"", b"")
+        guarded = re.fullmatch(r"\[ -x (\S+) \] && \[ -f (\S+) \] \|\| exit 0; (.+)", cmd, re.DOTALL)
+        if guarded is not None:  # run only where installed (the health gate's probe from a controller)
+            installed = all(self.host.files.get(path) is not None for path in guarded.group(1, 2))
+            return self.answer(guarded.group(3)) if installed else _OK
         admin = _ADMIN_GET.match(cmd)
         if admin is not None:
             return self._admin(admin.group(1), admin.group(2))
@@ -359,7 +364,7 @@ class _Scripts:
 
     def _observed(self, line: str) -> str:
         host = self.host
-        if line.startswith(("PATH=", "f() {", "true")):
+        if line.startswith(("PATH=", "true")):
             return ""
         if line.startswith("for d in "):
             return "".join(f"P\t{proxy}\n" for proxy in host.proxy_folders())
@@ -369,21 +374,22 @@ class _Scripts:
                      and path.endswith(".service") and path.count("/") == folder.count("/") + 1]
             return "".join(f"UF\t{name}\n" for name in sorted(names))
         if line.startswith("getent passwd"):
-            return "".join(f"W\t{name}\n" for name, comment in host.users.items() if comment.startswith(USER_COMMENT))
-        if line.startswith("f "):
-            return self._path_fact(shlex.split(line)[1])
-        if line.startswith("for p in "):
-            folder = shlex.split(line)[3].removesuffix("/*;")
-            return "".join(self._path_fact(path) for path in sorted(host.files)
-                           if path.startswith(folder + "/") and "/" not in path[len(folder) + 1:]
-                           and host.files[path].data is not None)
+            return "".join(f"W\t{name}:{comment}\n" for name, comment in {"root": "root", **host.users}.items())
+        if line.startswith("stat -L -c 'F"):
+            return "".join(self._path_fact(path) for path in self._operands(line))
+        if line.startswith("sha256sum -- "):
+            return "".join(f"H\t{hashlib.sha256(found.data).hexdigest()}  {path}\n"
+                           for path in self._operands(line)
+                           if (found := host.files.get(path.rstrip("/"))) is not None and found.data is not None)
+        if line.startswith("systemctl show "):
+            blocks = []
+            for name in self._operands(line):
+                unit = host.units.get(name)
+                enabled = ("enabled" if unit.enabled else "disabled") if unit else ""
+                blocks.append(f"U\tId={name}\nU\tUnitFileState={enabled}\n"
+                              f"U\tActiveState={unit.active if unit else 'inactive'}\nU\t\n")
+            return "".join(blocks)
         words = shlex.split(line.split("\"$(")[0])
-        if line.startswith("printf 'US"):
-            unit = host.units.get(words[2])
-            enabled = ("enabled" if unit.enabled else "disabled") if unit else ""
-            return f"US\t{words[2]}\t{enabled}\t{unit.active if unit else 'inactive'}\n"
-        if line.startswith("id -u "):
-            return f"WU\t{words[2]}\n" if words[2] in host.users else ""
         if line.startswith("printf 'R"):
             return f"R\t{words[2]}\t{host.running.get(words[2], '')}\n"
         if line.startswith("printf 'C"):
@@ -395,7 +401,7 @@ class _Scripts:
         if line.startswith("if [ -f "):  # Envoy's binary
             found = host.files.get(shlex.split(line)[3])
             return f"B\t{hashlib.sha256(found.data).hexdigest()}\n" if found and found.data is not None else ""
-        if line.startswith("l=$(nft list table inet mesh"):
+        if line.startswith(("t=$(nft list table inet mesh", "l=$(nft list table inet mesh")):
             return "N\tloaded\n" if host.firewall_loaded else "N\tdrift\n"
         if line.startswith("docker ps "):
             listed = self.answer(line.split(" 2>/dev/null")[0])
@@ -409,14 +415,27 @@ class _Scripts:
             return "K\tok\n" if self.answer(line.split(" >/dev/null")[0]).ok else "K\tdrift\n"
         raise AssertionError(f"the fake host does not know this observation line: {line!r}")
 
+    def _operands(self, line: str) -> list[str]:
+        """The operands after `--` of one command of the observation, its `DIR/*` globs expanded as sh would."""
+        words = shlex.split(line.split(" 2>/dev/null")[0])
+        found: list[str] = []
+        for word in words[words.index("--") + 1:]:
+            if word.endswith("/*"):
+                folder = word[:-2]
+                found += sorted(path for path in self.host.files
+                                if path.startswith(folder + "/") and "/" not in path[len(folder) + 1:])
+            else:
+                found.append(word)
+        return found
+
     def _path_fact(self, path: str) -> str:
-        found = self.host.files.get(path)
+        """stat's line for path (nothing when it is missing: stat's error goes to /dev/null)."""
+        found = self.host.files.get(path.rstrip("/") if path != "/" else path)
         if found is None:
-            return f"F\t{path}\t-\t-\n"
+            return ""
         kind = "directory" if found.data is None else "regular file"
-        uid, gid = (_numeric(found.owner), _numeric(found.group))
-        digest = hashlib.sha256(found.data).hexdigest() if found.data is not None else "-"
-        return f"F\t{path}\t{kind}|{found.mode:o}|{found.owner}|{found.group}|{uid}|{gid}\t{digest}\n"
+        return (f"F\t{path}\t{kind}|{found.mode:o}|{found.owner}|{found.group}|{_numeric(found.owner)}|"
+                f"{_numeric(found.group)}\n")
 
     # ---- the proxy's files: sums, the install script, the rollback ------------------------------------------
 
@@ -432,6 +451,15 @@ class _Scripts:
                 found.append(item)
         lines = [f"{path}\t{hashlib.sha256(data).hexdigest()}\n" for path in dict.fromkeys(found)
                  if (data := getattr(self.host.files.get(path), "data", None)) is not None]
+        return CommandResult(0, "".join(lines).encode(), b"")
+
+    def _texts(self, cmd: str) -> CommandResult:
+        lines = []
+        for part in cmd.split("; echo")[:-1]:
+            path = shlex.split(part.split("printf '%s\\t' ", 1)[1].split("; (base64")[0])[0]
+            found = self.host.files.get(path)
+            data = base64.b64encode(found.data).decode() if found is not None and found.data is not None else ""
+            lines.append(f"{path}\t{data}\n")
         return CommandResult(0, "".join(lines).encode(), b"")
 
     def _install(self, cmd: str) -> CommandResult:

@@ -22,13 +22,13 @@ from mesh.hosts.observe import ENVOY_SHA_CACHE_SUFFIX, ObserveRequest, observe_s
 
 BOOT = "b" * 64
 TOOLS = {
-    # units: web's enabled and running, everything else unknown to systemd (it prints nothing then)
-    "systemctl": """case "$1 $2" in
-  "is-enabled mesh-envoy-web-8080.service") echo enabled ;;
-  "is-active mesh-envoy-web-8080.service") echo active ;;
-  "is-active "*) echo inactive; exit 3 ;;
-  *) exit 1 ;;
-esac""",
+    # `systemctl show`: web's unit enabled and running, any other unknown to systemd (no unit file state)
+    "systemctl": """[ "$1" = show ] || exit 1
+shift; while [ "$1" != -- ]; do shift; done; shift
+for u in "$@"; do
+  if [ "$u" = mesh-envoy-web-8080.service ]; then s=enabled; a=active; else s=; a=inactive; fi
+  printf 'Id=%s\\nUnitFileState=%s\\nActiveState=%s\\n\\n' "$u" "$s" "$a"
+done""",
     # Envoy's admin API, as pretty-printed as Envoy's, on web's socket only
     "curl": f"""for a in "$@"; do case "$a" in */web-8080/admin/admin.sock) printf '{{\\n "node": {{\\n  "metadata": {{\\n   \
 "mesh_bootstrap_sha256": "{BOOT}"\\n  }}\\n }}\\n}}\\n'; exit 0 ;; esac; done; exit 7""",
@@ -95,7 +95,7 @@ def test_the_script_reads_files_folders_links_proxies_units_and_users(host: Path
         listed=(str(proxy / "xds"), str(host / "etc/mesh/proxies/old-3/xds")),
         units=("mesh-envoy-web-8080.service", "mesh-envoy-db-5432.service"),
         users=("root", "mesh-nobody-has-this-name"))
-    facts = parse_facts("vm1", observe_here(host, request))
+    facts = parse_facts("vm1", observe_here(host, request), request.users)
     config = facts.path(str(proxy / "envoy.yaml"))
     assert (config.kind, config.mode, config.owner, config.uid) == ("file", 0o640, "root", "0")
     assert config.sha256 == hashlib.sha256(b"node: {}\n").hexdigest()
@@ -172,19 +172,23 @@ def test_paths_with_spaces_and_quotes_come_back_whole(host: Path) -> None:
 def test_parse_facts_reads_every_line_kind() -> None:
     cert = base64.b64encode(b"CERT").decode()
     text = "\n".join([
-        f"F\t/etc/mesh/ca.pem\tregular file|644|root|root|0|0\t{'a' * 64}",
-        "F\t/etc/mesh/proxies/x/tls/\tdirectory|750|root|64101|0|64101\t-",
-        "F\t/gone\t-\t-", "P\tx", "UF\tmesh-envoy-x.service", "US\tmesh-envoy-x.service\t\t",
-        "WU\tmesh-x", "W\tmesh-y", f"R\tx\t{'b' * 64}", "R\ty\tnot a hash", f"C\tx\t{cert}\t!!not base64",
+        "F\t/etc/mesh/ca.pem\tregular file|644|root|root|0|0", f"H\t{'a' * 64}  /etc/mesh/ca.pem",
+        "F\t/etc/mesh/proxies/x/tls/\tdirectory|750|root|64101|0|64101", "P\tx", "UF\tmesh-envoy-x.service",
+        "U\tId=mesh-envoy-x.service", "U\tUnitFileState=", "U\tActiveState=inactive", "U\t",
+        "U\tActiveState=active", "U\tId=mesh-firewall.service", "U\tUnitFileState=enabled", "U\t",
+        "W\troot:root", "W\tmesh-x:mesh proxy", "W\tmesh-y:mesh proxy", "W\tmesh-z:someone else's",
+        f"R\tx\t{'b' * 64}", "R\ty\tnot a hash", f"C\tx\t{cert}\t!!not base64",
         "S\tmesh-envoy-x\t0123\texited", f"B\t{'c' * 64}", "N\tloaded", "I\tmissing", "K\tdrift", "M\t", ""])
-    facts = parse_facts("h", text)
+    facts = parse_facts("h", text, users=("mesh-x", "mesh-z", "mesh-w"))
     assert facts.path("/etc/mesh/ca.pem").sha256 == "a" * 64 and facts.path("/etc/mesh/ca.pem").mode == 0o644
     tls = facts.path("/etc/mesh/proxies/x/tls/")
     assert tls.kind == "directory" and tls.owned_by("0", "64101") and tls.owned_by("root", "64101")
-    assert not facts.path("/gone").exists
-    assert facts.units["mesh-envoy-x.service"].enabled == "not-found"  # systemd printed nothing
+    assert tls.sha256 is None and not facts.path("/gone").exists  # no stat line: absent
+    x, firewall = facts.units["mesh-envoy-x.service"], facts.units["mesh-firewall.service"]
+    assert (x.enabled, x.active) == ("not-found", "inactive")  # systemd knows no unit file
+    assert (firewall.enabled, firewall.active) == ("enabled", "active")  # the block's lines in any order
     assert (facts.proxies, facts.unit_files, facts.users, facts.mesh_users) == (
-        ("x",), ("mesh-envoy-x.service",), ("mesh-x",), ("mesh-y",))
+        ("x",), ("mesh-envoy-x.service",), ("mesh-x", "mesh-z"), ("mesh-x", "mesh-y"))
     assert facts.running == {"x": "b" * 64, "y": ""}
     assert facts.certificates["x"].cert_pem == b"CERT" and facts.certificates["x"].public_key_pem is None
     assert facts.sidecars["mesh-envoy-x"].state == "exited" and facts.envoy_sha256 == "c" * 64
@@ -192,8 +196,8 @@ def test_parse_facts_reads_every_line_kind() -> None:
         True, False, False, "")
 
 
-@pytest.mark.parametrize("line", ["X\twhat", "F\t/etc/mesh/ca.pem", "F\t/p\tregular file|644\t-",
-                                  "F\t/p\tregular file|6x4|root|root|0|0\t-"])
+@pytest.mark.parametrize("line", ["X\twhat", "F\t/etc/mesh/ca.pem", "F\t/p\tregular file|644",
+                                  "F\t/p\tregular file|6x4|root|root|0|0", "R\tx"])
 def test_parse_facts_refuses_a_line_it_cannot_read(line: str) -> None:
     with pytest.raises(FactError, match="vm1: un(expected|readable) fact line"):
         parse_facts("vm1", line + "\n")
