@@ -94,6 +94,13 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
         return Outcome(msg="certificate valid", data={"spiffe_id": identity.spiffe_id})
     if ctx.check_mode:
         return Outcome(msg=f"would renew the certificate: {reason}")
+    if not fresh and identity.home is not None and identity.folder is not None:
+        # a renewal too goes into a new folder (the key copied beside the new certificate): Envoy sees the `tls`
+        # link renamed in the folder it watches, never a file rewritten inside the folder the link names
+        target = in_new_folder(identity, version)
+        yield from folder_changes(ctx.connector, target.key.rsplit("/", 1)[0], identity.folder)
+        yield RunCommand(f"cp -p {shlex.quote(identity.key)} {shlex.quote(target.key)}",
+                         "copy the key beside its new certificate")
     csr = ctx.connector.run(f"openssl req -new -sha256 -key {shlex.quote(target.key)} -subj "
                             f"{shlex.quote('/CN=' + identity.common_name)}")
     if not csr.ok:
