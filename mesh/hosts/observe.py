@@ -21,6 +21,7 @@ ENVOY_SHA_CACHE_SUFFIX = ".sha256"  # beside Envoy's binary: "<sha256> <size> <m
 FIREWALL_LOADED = "/var/lib/mesh/firewall.loaded"  # sha256 of `nft list table inet mesh` right after loading
 OBSERVE_TIMEOUT_S = 60
 USER_COMMENT = "mesh proxy"  # the GECOS of every user mesh creates for a proxy: how removal finds them
+LEGACY_USERS = ("mesh-envoy",)  # the one user every proxy of a VM shared before each got its own
 _SHA = re.compile(r"[0-9a-f]{64}")
 
 
@@ -204,7 +205,7 @@ def parse_facts(host: str, text: str, users: tuple[str, ...] = ()) -> HostFacts:
                 name, _, comment = rest.partition(":")
                 if name in wanted_users:
                     present.append(name)
-                if comment.startswith(USER_COMMENT):
+                if comment.startswith(USER_COMMENT) or name in LEGACY_USERS:
                     mesh_users.append(name)
             elif tag == "R":
                 running[fields[0]] = fields[1] if _SHA.fullmatch(fields[1]) else ""
