@@ -17,9 +17,9 @@ _OK = CommandResult(0, b"", b"")
 
 
 def stub_openssl(host: FakeHost) -> None:
-    """Answer the steps' `openssl genpkey` (with its chown and mv), `openssl req -new`, `openssl pkey`
-    and the swap of a proxy's `tls` link on host, keeping each generated key so CSRs and public keys
-    match it."""
+    """Answer the steps' `openssl genpkey` (with its chown and mv), `openssl req -new`, `openssl pkey`,
+    the copy of a key beside a renewed certificate and the swap of a proxy's `tls` link on host, keeping each
+    generated key so CSRs and public keys match it."""
     keys: dict[str, ec.EllipticCurvePrivateKey] = {}
 
     def genpkey(cmd: str, stdin: bytes | None) -> CommandResult:
@@ -58,7 +58,19 @@ def stub_openssl(host: FakeHost) -> None:
                 keys[link + path[len(version):]] = keys[path]
         return _OK
 
+    def copy_key(cmd: str, stdin: bytes | None) -> CommandResult:
+        """`cp -p KEY NEW`: a key copied beside a renewed certificate (the same key, its file's attributes)."""
+        source, dest = (word.strip("'") for word in cmd.split()[2:4])
+        found = host.files.get(source)
+        if found is None:
+            return CommandResult(1, b"", f"cp: cannot stat '{source}'".encode())
+        host.write(dest, found.data or b"", found.mode, found.owner, found.group)
+        if source in keys:
+            keys[dest] = keys[source]
+        return _OK
+
     host.stub(r"openssl genpkey", genpkey)
+    host.stub(r"^cp -p ", copy_key)
     host.stub(r"^openssl req -new", csr)
     host.stub(r"^openssl pkey", pubkey)
     host.stub(r"^ln -sfn ", swap_link)

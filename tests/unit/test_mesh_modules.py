@@ -182,6 +182,9 @@ def test_certificates_are_renewed_when_foreign_or_past_half_life(setup: Setup) -
     fresh = vm1.files[paths.cert_path("web-8080")].data
     assert fresh is not None and leaf_info(fresh).not_after > aged.not_after
     assert not restarts(vm1)  # Envoy reloads its certificate (SDS from files): no restart
+    # in a new folder with a copy of its key, made current by renaming the `tls` link in the folder Envoy watches
+    assert any(cmd.startswith("cp -p ") for cmd in vm1.commands) and any(cmd.startswith("ln -sfn ")
+                                                                          for cmd in vm1.commands)
     # Valid for longer than mesh_cert_ttl now allows (the ttl was shortened): renewed at once.
     long_lived = setup.ca.sign(request, f"spiffe://{TD}/svc/web", timedelta(days=30), "vm1", "web-8080")
     vm1.write(paths.cert_path("web-8080"), long_lived.chain_pem)
