@@ -26,6 +26,7 @@ PHASES = {  # module: function names, whichever exist (top-level steps of a depl
                             "_wheels", "_sidecar_image", "_host_vars", "run_playbook", "_sync_catalog",
                             "build_plan", "plan"],
     "mesh.deploy.trust": ["trusted_ca"],
+    "mesh.deploy.prepare": ["prepare"],
     "mesh.controller_env": ["build_wheels"],
     "mesh.catalog": ["sync", "plan"],
 }
@@ -141,7 +142,8 @@ def install() -> None:
     for name, module in list(sys.modules.items()):
         if not name.startswith("mesh"):
             continue
-        for attr in ("run_playbook", "load_inventory", "check_inventory"):
+        for attr in ("run_playbook", "load_inventory", "check_inventory", "build_plan", "validate_plan",
+                     "observe_fleet", "prepare", "trusted_ca"):
             value = getattr(module, attr, None)
             if callable(value) and not hasattr(value, "__wrapped__"):
                 setattr(module, attr, _timed(attr, value))
