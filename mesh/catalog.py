@@ -306,12 +306,14 @@ def _needed_registration(reg: Registration, seen: ObservedInstance | None) -> di
     return register_body(reg, kept)
 
 
-def sync(consul_: Consul, mesh: Mesh) -> SyncResult:
-    """Make the catalog hold exactly mesh's registrations; a second sync of the same mesh changes nothing.
-    Checks the token first (TokenRefused); never touches what another mesh id owns."""
+def sync(consul_: Consul, mesh: Mesh, wanted: Sequence[Registration] | None = None) -> SyncResult:
+    """Make the catalog hold exactly mesh's registrations (`wanted`: the deploy plan's, by default computed
+    from mesh); a second sync of the same mesh changes nothing. Checks the token first (TokenRefused); never
+    touches what another mesh id owns."""
     log = structlog.get_logger()
     with _client(consul_) as client:
-        plan = plan_sync(registrations(mesh), read_state(client), mesh.settings.id)
+        plan = plan_sync(registrations(mesh) if wanted is None else list(wanted), read_state(client),
+                         mesh.settings.id)
         for service_id, body in plan.register:
             _register(client, body)
             log.info("catalog_registered", service_id=service_id)

@@ -158,7 +158,8 @@ def _deploy_hosts(variables: InventoryVars, mesh: Mesh, ca: CertificateAuthority
         record.update(mesh, [host for host in targets if host.name in managed and host.name not in unfinished],
                       [host.name for host in targets if host.name not in managed and host.name not in unfinished],
                       out.warning)
-    synced = _sync_catalog(mesh, options.check, out)  # also after a host failed: its old config still runs
+    # also after a host failed: its old config still runs
+    synced = _sync_catalog(mesh, options.check, out, prepared.plan.registrations)
     code = exit_code(result) or synced
     out.line(f"deploy finished in {time.monotonic() - started:.1f} s" + (" (check mode)" if options.check else ""))
     return code, {name: asdict(stats) for name, stats in result.stats.items()}
@@ -233,7 +234,8 @@ def _consul_preflight(mesh: Mesh, out: Display) -> None:
                         hint="another inventory (another mesh_id) owns these; no host was touched")
 
 
-def _sync_catalog(mesh: Mesh, check: bool, out: Display) -> int:
+def _sync_catalog(mesh: Mesh, check: bool, out: Display,
+                  wanted: Sequence[catalog.Registration] | None = None) -> int:
     """Register every instance and deregister what left (only the plan in check mode); 1 when Consul fails,
     refuses the token, or another mesh id owns an instance's node or service ID."""
     url = mesh.settings.consul_url
@@ -248,7 +250,7 @@ def _sync_catalog(mesh: Mesh, check: bool, out: Display) -> int:
                      f"{len(plan.unchanged)} unchanged, deregister {len(plan.deregister)}")
             conflicts = plan.conflicts
         else:
-            synced = catalog.sync(access, mesh)
+            synced = catalog.sync(access, mesh, wanted)
             out.line(f"Consul {url}: registered {len(synced.registered)}, unchanged {len(synced.unchanged)}, "
                      f"deregistered {len(synced.deregistered)}")
             conflicts = synced.conflicts

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mesh.catalog import registrations
 from mesh.config import paths
 from mesh.config.compute import compute_proxy_config
 from mesh.containers.image import SIDECAR_UID
@@ -63,7 +64,8 @@ def build_plan(mesh: Mesh, inputs: PlanInputs, hosts: Sequence[ManagedHost] | No
     """The plan of `hosts` (by default every managed host of the mesh). Raises ConfigError (exit 1) or
     UnsafeScript on what cannot be rendered; never touches anything."""
     chosen = mesh.hosts if hosts is None else tuple(hosts)
-    return Plan(mesh.settings.id, inputs.ca_fingerprint, tuple(_host_plan(mesh, host, inputs) for host in chosen))
+    return Plan(mesh.settings.id, inputs.ca_fingerprint, tuple(_host_plan(mesh, host, inputs) for host in chosen),
+                tuple(registrations(mesh)))
 
 
 def _host_plan(mesh: Mesh, host: ManagedHost, inputs: PlanInputs) -> HostPlan:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mesh.catalog import Registration
 from mesh.config.model import ProxyConfig
 from mesh.containers.sidecar import SidecarSpec
 from mesh.inventory.model import ManagedHost, Workload
@@ -157,6 +158,7 @@ class Plan:
     mesh_id: str
     ca_fingerprint: str
     hosts: tuple[HostPlan, ...]
+    registrations: tuple[Registration, ...] = ()  # every instance as Consul must list it (catalog.sync's input)
 
     def host(self, name: str) -> HostPlan:
         for host in self.hosts:
@@ -166,7 +168,9 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         return {"mesh_id": self.mesh_id, "ca_fingerprint": self.ca_fingerprint,
-                "hosts": [host.summary() for host in self.hosts]}
+                "hosts": [host.summary() for host in self.hosts],
+                "consul": [{"node": item.node, "address": item.address, **item.service_body()}
+                           for item in self.registrations]}
 
     @property
     def digest(self) -> str:
