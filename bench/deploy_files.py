@@ -129,10 +129,10 @@ def collect(ssh: Ssh, host: str, address: str, into: Path, big_files: dict[str, 
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         for member in tar.getmembers():
             path = "/" + member.name.lstrip("./").lstrip("/")
-            common = {"path": path, "mode": f"{member.mode & 0o7777:04o}", "owner": member.uname or str(member.uid),
-                      "group": member.gname or str(member.gid)}
+            mode = f"{member.mode & 0o7777:04o}"
+            owner, group = member.uname or str(member.uid), member.gname or str(member.gid)
             if member.isdir():
-                entries.append(Entry("dir", **common))
+                entries.append(Entry("dir", path, mode, owner, group))
             elif member.issym():
                 entries.append(Entry("link", path=path, target=member.linkname))
             elif member.isfile():
@@ -140,11 +140,13 @@ def collect(ssh: Ssh, host: str, address: str, into: Path, big_files: dict[str, 
                 local = root / path.lstrip("/")
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_bytes(data)
-                entries.append(Entry("file", **common, sha256=hashlib.sha256(data).hexdigest(), src=str(local)))
+                entries.append(Entry("file", path, mode, owner, group, hashlib.sha256(data).hexdigest(), str(local)))
     for line in big_text.splitlines():
         mode, owner, group, _size, digest, path = line.split(" ", 5)
-        local = big_files.get(digest)
-        if local is None:
+        cached = big_files.get(digest)
+        if cached is not None:
+            local = cached
+        else:
             local = into / "big" / digest
             local.parent.mkdir(parents=True, exist_ok=True)
             with open(local, "wb") as out:
