@@ -159,7 +159,7 @@ def hops(lab: LabUp, host: str, port: int) -> list[dict[str, Any]] | str:
 
 
 def unit_pids(lab: LabUp, host: str, units: Iterable[str]) -> dict[str, str]:
-    """MainPID and ActiveState of each unit on host: {'mesh-envoy-web-0.service': '1234 active'}."""
+    """MainPID and ActiveState of each unit on host: {'mesh-envoy-web-8080.service': '1234 active'}."""
     names = list(units)
     listed = " ".join(map(shlex.quote, names))
     text = out(lab, host, f"systemctl show -p Id -p MainPID -p ActiveState {listed}")

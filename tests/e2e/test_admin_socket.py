@@ -45,9 +45,9 @@ from mesh.inventory.validate import build_mesh
 
 DEPLOY_TIMEOUT = 600.0
 # host -> (proxy, its inventory proxy_port, its inventory admin_port: a former admin port)
-VM_PROXIES = {"vm1": [("web-0", 21000, 19000)], "vm2": [("api-0", 21000, 19000), ("db-1", 21001, 19001)]}
-SIDECAR_HOST, SIDECAR_PROXY, SIDECAR_PROXY_PORT, SIDECAR_ADMIN_PORT = "dock1", "api-0", 21000, 19000
-APP_CONTAINER, SIDECAR = "api-v2-1", "mesh-envoy-api-0"
+VM_PROXIES = {"vm1": [("web-8080", 21000, 19000)], "vm2": [("api-9090", 21000, 19000), ("db-5432", 21001, 19001)]}
+SIDECAR_HOST, SIDECAR_PROXY, SIDECAR_PROXY_PORT, SIDECAR_ADMIN_PORT = "dock1", "api-api-v2-1", 21000, 19000
+APP_CONTAINER, SIDECAR = "api-v2-1", "mesh-envoy-api-api-v2-1"
 HARDENING = {"ProtectProc": "invisible", "ProtectKernelLogs": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
              "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "ProtectSystem": "strict", "NoNewPrivileges": "yes"}
 
@@ -173,7 +173,8 @@ def test_status_reads_admin_over_the_socket_and_exits_0(deployed: LabUp) -> None
     version = out(deployed, "vm1", f"{paths.ENVOY_BINARY} --version")
     number = re.search(r"/(\d+\.\d+\.\d+)/", version)
     assert number is not None, version
-    rows = [line for line in seen.stdout.splitlines() if re.search(r"\b(web-0|api-0|db-1)\b", line)]
+    rows = [line for line in seen.stdout.splitlines()
+            if re.search(r"\b(web-8080|api-9090|db-5432|api-api-v2-1)\b", line)]
     assert len(rows) == 4, seen  # three VM proxies and the sidecar
     for row in rows:  # Envoy's version from server_info, upstream health from /clusters: both over the socket
         assert number.group(1) in row and "applied" in row, row
@@ -257,7 +258,7 @@ def test_a_broken_ruleset_is_refused_by_nft_and_the_old_one_stays(deployed: LabU
 def test_a_broken_unit_is_refused_by_systemd_analyze_and_the_old_one_stays(deployed: LabUp, vm1: Connector,
                                                                            what: str, edit: Any,
                                                                            message: str) -> None:
-    path, name = paths.envoy_unit_path("web-0"), paths.envoy_unit_name("web-0")
+    path, name = paths.envoy_unit_path("web-8080"), paths.envoy_unit_name("web-8080")
     before = _digest(deployed, path)
     pid = out(deployed, "vm1", f"systemctl show -p MainPID --value {name}").strip()
     current = vm1.get(path)
@@ -276,7 +277,7 @@ def test_a_broken_unit_is_refused_by_systemd_analyze_and_the_old_one_stays(deplo
 # ---- a new key and its certificate, swapped in together ------------------------------------------------------
 
 def test_a_new_key_is_swapped_in_with_its_certificate_behind_one_link(deployed: LabUp) -> None:
-    host, proxy = "vm2", "db-1"
+    host, proxy = "vm2", "db-5432"
     link, folder = paths.tls_link(proxy), paths.proxy_dir(proxy)
     old = out(deployed, host, f"readlink {link}").strip()
     out(deployed, host, f"rm {paths.key_path(proxy)}")  # a lost key: the deploy makes a new one

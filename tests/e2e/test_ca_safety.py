@@ -60,7 +60,7 @@ def fleet_state(lab: LabUp) -> dict[str, str]:
         assert any(line.startswith(f"{bundle} ") for line in state[host].splitlines()), \
             f"{host}: no trust bundle in the snapshot:\n{state[host]}"
         assert "MainPID=" in state[host], f"{host}: no mesh unit in the snapshot"
-    assert " /mesh-envoy-api-0 " in state["dock1"], f"dock1: no sidecar in the snapshot:\n{state['dock1']}"
+    assert " /mesh-envoy-api-api-v2-1 " in state["dock1"], f"dock1: no sidecar in the snapshot:\n{state['dock1']}"
     return state
 
 

@@ -46,7 +46,7 @@ REFUSED = "Consul refused the token"
 TOKEN_ON_CONTROLLER = TOKEN_FILE
 OTHER_ID = "lab-b"
 # Consul ID -> service of the lab's instances (inventory/lab.yaml at --vms 2 --containers 1)
-INSTANCES = {"web-vm1-0": "web", "api-vm2-0": "api", "db-vm2-1": "db", "api-dock1-0": "api"}
+INSTANCES = {"web-vm1-8080": "web", "api-vm2-9090": "api", "db-vm2-5432": "db", "api-dock1-api-v2-1": "api"}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_the_labs_consul_denies_anonymous_reads_and_the_token_file_is_private(de
     assert variables["mesh_consul_token_file"] == str(CONSUL_TOKEN_FILE)
     assert CONSUL_TOKEN_FILE.stat().st_mode & 0o777 == 0o600
     assert anonymous("/v1/catalog/service/api") == [], "default deny: an anonymous read sees nothing"
-    assert {e["ServiceID"] for e in consul(CONSUL, "/v1/catalog/service/api")} == {"api-vm2-0", "api-dock1-0"}
+    assert {e["ServiceID"] for e in consul(CONSUL, "/v1/catalog/service/api")} == {"api-vm2-9090", "api-dock1-api-v2-1"}
 
 
 def test_deploy_registers_with_the_mesh_id_and_the_checker_writes_passing(deployed: LabUp) -> None:
@@ -206,13 +206,13 @@ def test_two_mesh_ids_share_the_labs_consul_and_neither_deregisters_the_other(
         again = catalog.sync(access, other)
         assert not again.changed, "their second sync changes nothing, and takes nothing of ours"
         api = {e["ServiceID"] for e in consul(CONSUL, "/v1/catalog/service/api")}
-        assert {"api-vm2-0", "api-dock1-0"} <= api
+        assert {"api-vm2-9090", "api-dock1-api-v2-1"} <= api
         done = run_mesh("status", str(INVENTORY), timeout=300)
         assert "api: consul 2/2" in done.stdout, f"status counts only its own mesh id's instances:\n{done}"
     finally:
         gone = catalog.sync(access, replace(other, hosts=()))  # the other inventory emptied: only its own go
     assert set(gone.removed_nodes) == {"b-vm1", "b-vm2", "b-dock1"}
-    assert {e["ServiceID"] for e in consul(CONSUL, "/v1/catalog/service/api")} == {"api-vm2-0", "api-dock1-0"}
+    assert {e["ServiceID"] for e in consul(CONSUL, "/v1/catalog/service/api")} == {"api-vm2-9090", "api-dock1-api-v2-1"}
     assert {e["Node"] for e in consul(CONSUL, "/v1/catalog/nodes")} >= {"vm1", "vm2", "dock1"}
     for service_id, service in INSTANCES.items():
         assert check_status(CONSUL, service, service_id) != "missing"

@@ -44,7 +44,7 @@ from mesh.inventory.validate import build_mesh
 from mesh.lab.demo_units import DOCKER_NETWORK
 
 DEPLOY_TIMEOUT = 600.0
-APP, SIDECAR, APP_PORT, PROXY_PORT = "api-v2-1", "mesh-envoy-api-0", 9090, 21000
+APP, SIDECAR, APP_PORT, PROXY_PORT = "api-v2-1", "mesh-envoy-api-api-v2-1", 9090, 21000
 RUN_ID = f"{os.getpid()}"
 PROBE = f"mesh-e2e-isolation-probe-{RUN_ID}"  # a throwaway container on the app's Docker network
 PUBLISHED = f"mesh-e2e-published-{RUN_ID}"  # an app container started with -p
@@ -195,7 +195,7 @@ def test_an_app_container_that_publishes_a_port_fails_its_workload_only(deployed
         assert recap["dock1"]["failed"] == 1, recap
         assert all(counts["failed"] == 0 and counts["unreachable"] == 0
                    for host, counts in recap.items() if host != "dock1"), recap
-        assert any(line.startswith(("ok: [dock1] => (item=api-0)", "changed: [dock1] => (item=api-0)"))
+        assert any(line.startswith(("ok: [dock1] => (item=api-api-v2-1)", "changed: [dock1] => (item=api-api-v2-1)"))
                    for line in done.stdout.splitlines()), done
         # mesh changed nothing of the app container and started no sidecar for it.
         assert _inspect(deployed, PUBLISHED, "{{.Id}} {{.State.StartedAt}} {{json .HostConfig.PortBindings}}") \

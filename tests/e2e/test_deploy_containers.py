@@ -43,8 +43,8 @@ from mesh.testing.health_endpoint import TestCA
 CONSUL = "http://10.77.0.2:8500"
 TRUST_DOMAIN = "lab.mesh"
 DEPLOY_TIMEOUT = 600.0
-APP, SIDECAR = "api-v2-1", "mesh-envoy-api-0"
-CONTAINER_ID = "api-dock1-0"  # the container instance in Consul
+APP, SIDECAR = "api-v2-1", "mesh-envoy-api-api-v2-1"
+CONTAINER_ID = "api-dock1-api-v2-1"  # the container instance in Consul
 PROXY_PORT, ADMIN_PORT, APP_PORT, DB_LOCAL_PORT = 21000, 19000, 9090, 19102
 THIEF = "mesh-e2e-ip-thief"  # takes the stopped app's address, so the app comes back with a new one
 TIMINGS: dict[str, float] = {}
@@ -190,7 +190,7 @@ def test_mesh_status_covers_sidecars_and_exits_0_when_healthy(fleet: LabUp,
     done = wait_for(lambda: run_mesh("status", str(INVENTORY), timeout=120), lambda run: run.code == 0,
                     "mesh status exits 0", interval=2)
     rows = [" ".join(line.replace("│", " ").split()) for line in done.stdout.splitlines()]
-    sidecar = [row for row in rows if row.startswith("dock1 api-0 ")]
+    sidecar = [row for row in rows if row.startswith("dock1 api-api-v2-1 ")]
     assert sidecar and "sidecar running 1.40" in sidecar[0] and " applied " in sidecar[0], done
     assert "db: consul 1/1, envoy 1/1" in sidecar[0], done
     watcher = [row for row in rows if row.startswith("dock1 sidecar watcher ")]

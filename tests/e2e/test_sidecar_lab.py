@@ -43,12 +43,12 @@ from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.inventory.validate import build_mesh
 from mesh.pki import CertificateAuthority
-from mesh.render import render_envoy_config
+from mesh.render import render_proxy_files
 
 LOCK = "/tmp/mesh-lab-dev.lock"
 SIZE = ["--vms", "2", "--containers", "1"]
 INVENTORY = Path(__file__).resolve().parents[2] / "inventory" / "lab.yaml"
-APP, PROXY, SIDECAR = "api-v2-1", "api-0", "mesh-envoy-api-0"
+APP, PROXY, SIDECAR = "api-v2-1", "api-api-v2-1", "mesh-envoy-api-api-v2-1"
 CLIENT_DIR = "/tmp/mesh-sidecar-e2e"
 RESTART_TIMEOUT_S = 30
 
@@ -113,16 +113,16 @@ def _proxy_files(lab: Lab, ca: CertificateAuthority) -> None:
         key, version = paths.key_path(PROXY), paths.tls_version_dir(PROXY, "e2e")
         # as the deploy lays them out: key and certificate in a versioned folder behind the `tls` link, and
         # Envoy's admin socket folder owned by the sidecar's uid alone
-        made = conn.run(f"set -e; mkdir -p {version}; ln -sfn {version.rsplit('/', 1)[1]} {paths.tls_link(PROXY)}; "
+        made = conn.run(f"set -e; mkdir -p {version} {paths.xds_dir(PROXY)}; ln -sfn {version.rsplit('/', 1)[1]} {paths.tls_link(PROXY)}; "
                         f"install -d -m 0700 -o {SIDECAR_UID} -g {SIDECAR_UID} {paths.admin_dir(PROXY)}; umask 077; "
                         f"openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {key} 2>/dev/null; "
                         f"openssl req -new -sha256 -key {key} -subj /CN={PROXY}")
         assert made.ok, made.error_text()
         issued = ca.sign(made.stdout, workload.spiffe_id, timedelta(hours=1), "dock1", PROXY)
         conn.put(issued.chain_pem, paths.cert_path(PROXY), 0o644, "root", "root")
-        conn.put(ca.root_pem, paths.CA_PATH, 0o644, "root", "root")
-        config = render_envoy_config(compute_proxy_config(lab.mesh, workload)).encode()
-        conn.put(config, paths.envoy_config_path(PROXY), 0o640, "root", "root")
+        conn.put(ca.root_pem, paths.proxy_ca_path(PROXY), 0o644, "root", "root")
+        for file in render_proxy_files(compute_proxy_config(lab.mesh, workload)).files:  # bootstrap and xds/
+            conn.put(file.content.encode(), file.path, 0o640 if file.kind == "bootstrap" else 0o644, "root", "root")
     finally:
         conn.close()
     client_key, client_chain = _leaf(ca, None, "spiffe://lab.mesh/svc/web", "e2e-client")
