@@ -161,14 +161,15 @@ def _number(data: Mapping[str, Any], key: str, origin: str, default: float) -> f
 
 
 def checker_config(mesh: Mesh, config_dir: str = CONFIG_DIR) -> CheckerConfig:
-    """The checker.json a deploy writes on every controller: every workload instance of the mesh."""
+    """The checker.json a deploy writes on every controller: every workload instance of the mesh, hosts in
+    inventory order, each host's by Consul ID (reordering a host's workloads changes nothing)."""
     settings = mesh.settings
     if not settings.consul_url:
         raise CheckerConfigError("mesh_consul_url is required for the health checker")
     instances = tuple(
         Instance(id=workload.consul_id, service=workload.service, host=host.name,
                  address=host.connection.address, proxy_port=workload.proxy_port)
-        for host in mesh.hosts for workload in host.workloads)
+        for host in mesh.hosts for workload in sorted(host.workloads, key=lambda workload: workload.consul_id))
     return CheckerConfig(consul_url=settings.consul_url, trust_domain=settings.trust_domain,
                          cert=f"{config_dir}/tls/cert.pem", key=f"{config_dir}/tls/key.pem",
                          ca=f"{config_dir}/ca.pem", instances=instances, lock_key=lock_key(settings.id),
