@@ -166,11 +166,8 @@ def request_loop(lab: LabUp, port: int = WEB_TO_API, host: str = "vm1") -> Itera
     listener to api: api on vm2 or dock1, then db on vm2) while the body runs; a request fails on any exception,
     an HTTP error, or an error hop. The result is filled in when the block ends (at least one request ran)."""
     stop = f"/run/mesh-e2e-loop-{os.getpid()}-{time.monotonic_ns()}"
-    argv = lab.ssh_argv(host, f"python3 - {shlex.quote(stop)} http://127.0.0.1:{port}/")
-    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdin is not None
-    process.stdin.write(_LOOP.encode())
-    process.stdin.close()
+    argv = lab.ssh_argv(host, f"python3 -c {shlex.quote(_LOOP)} {shlex.quote(stop)} http://127.0.0.1:{port}/")
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     result = LoopResult()
     time.sleep(2.0)  # the loop runs before the change starts
     try:
