@@ -112,6 +112,13 @@ def sidecar_spec(host: ManagedHost, workload: Workload, image_tag: str, config_h
                        base_id=paths.base_id(workload), config_hash=config_hash, mounts=sidecar_mounts(proxy))
 
 
+def bootstrap_sidecar(host: ManagedHost, workload: Workload, image_tag: str, bootstrap_path: str,
+                      bootstrap_sha256: str) -> SidecarSpec:
+    """The sidecar as the plan wants it: its config_hash is the bootstrap's and the image's only (Envoy reloads
+    everything else in place). The one formula the plan and `mesh status` share."""
+    return sidecar_spec(host, workload, image_tag, files_hash({bootstrap_path: bootstrap_sha256}, image_tag))
+
+
 def docker_run_args(spec: SidecarSpec) -> list[str]:
     """`docker` arguments (from `run`) that start the sidecar, detached, in the app container's namespace."""
     return _run_args(spec, label=spec.revision)

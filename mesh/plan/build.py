@@ -24,7 +24,7 @@ from mesh.containers.reachability import (
     render_watcher,
     render_watcher_unit,
 )
-from mesh.containers.sidecar import files_hash, sidecar_spec
+from mesh.containers.sidecar import bootstrap_sidecar
 from mesh.controller_env import CHECKER_UNIT, render_checker_unit
 from mesh.deploy.modules.builtin import unit_check
 from mesh.healthcheck.config import (
@@ -131,7 +131,7 @@ def _proxy_plan(mesh: Mesh, host: ManagedHost, workload: Workload, inputs: PlanI
     if container:
         image = inputs.sidecar_image or ""
         bootstrap = rendered.bootstrap
-        sidecar = sidecar_spec(host, workload, image, files_hash({bootstrap.path: bootstrap.sha256}, image))
+        sidecar = bootstrap_sidecar(host, workload, image, bootstrap.path, bootstrap.sha256)
     else:
         unit = PlannedFile(paths.envoy_unit_path(proxy), render_envoy_unit(config).encode(), 0o644, "root", "root",
                            "restart", check=unit_check(paths.envoy_unit_name(proxy)))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mesh import catalog
-from mesh.containers.sidecar import files_hash, sidecar_spec
+from mesh.containers.sidecar import bootstrap_sidecar
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import ManagedHost
 from mesh.pki.expiry import WARN_REMAINING, Expiry, judge_pem
@@ -186,8 +186,8 @@ def _container_current(host: ManagedHost, expected: ExpectedProxy, on_host: Mapp
     if sidecar is None or bootstrap is None:
         return None
     digest = hashlib.sha256(bootstrap.encode()).hexdigest()
-    config_hash = files_hash({expected.files.bootstrap.path: digest}, sidecar.image)
-    if sidecar.label != sidecar_spec(host, expected.workload, sidecar.image, config_hash).revision:
+    wanted = bootstrap_sidecar(host, expected.workload, sidecar.image, expected.files.bootstrap.path, digest)
+    if sidecar.label != wanted.revision:
         problems.append(f"{expected.sidecar} does not run the current bootstrap and spec (run mesh deploy)")
         return False
     return True
