@@ -24,7 +24,7 @@ from mesh.deploy.modules import ModuleRegistry, registry
 from mesh.deploy.pacing import Serial
 from mesh.deploy.patterns import limit_hosts
 from mesh.deploy.playbook import Playbook, load_playbook
-from mesh.deploy.prepare import Prepared, prepare
+from mesh.deploy.prepare import Prepared, check_here, prepare
 from mesh.deploy.recap import exit_code
 from mesh.deploy.retry import retry_path
 from mesh.deploy.runner import ConnectorFactory, run_playbook
@@ -113,6 +113,8 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
             throwaway = stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-check-ca-"))
             ca_mesh = replace(mesh, settings=replace(mesh.settings, state_dir=throwaway))
             out.line(f"check mode: no CA in {mesh.settings.state_dir}; a deploy would make one")
+        # a config the local Envoy refuses stops the run before any host is reached
+        check_here(mesh, targets, out, retired=retired)
         # every managed host's trust bundle is read first: the CA is made only when no host trusts another root
         ca, created = trust.trusted_ca(ca_mesh, pool.connect, replace=options.replace_ca,
                                        forks=options.forks, warn=out.warning, unreachable=[])

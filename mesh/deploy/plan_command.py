@@ -17,7 +17,7 @@ from mesh.deploy import trust
 from mesh.deploy.command import _consul_preflight, _require_controller, _targets, retired_targets
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import inventory_vars
-from mesh.deploy.prepare import prepare
+from mesh.deploy.prepare import check_here, prepare
 from mesh.deploy.runner import ConnectorFactory
 from mesh.errors import EXIT_OK, EXIT_UNREACHABLE
 from mesh.hosts.connection import connect
@@ -46,6 +46,7 @@ def plan(inventory_path: str, limit: str | None = None, as_json: bool = False, s
             throwaway = stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-plan-ca-"))
             ca_mesh = replace(mesh, settings=replace(mesh.settings, state_dir=throwaway))
             out.line(f"no CA in {mesh.settings.state_dir}: a deploy would make one (every certificate is new)")
+        check_here(mesh, targets, out, retired=retired)  # before any host is reached
         ca, _ = trust.trusted_ca(ca_mesh, pool.connect, forks=forks, warn=out.warning)
         prepared = prepare(ca_mesh, ca, targets, pool.connect, out, forks, diffs=True, consul=True, retired=retired)
     fleet = prepared.fleet

@@ -6,9 +6,10 @@ local Envoy, and the observation of every target host. It wires those parts; it 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mesh import catalog, controller_env
@@ -20,6 +21,7 @@ from mesh.errors import MeshError
 from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.pki import CertificateAuthority
+from mesh.pki.authority import CA_FOLDER
 from mesh.plan.build import PlanInputs, build_plan
 from mesh.plan.changes import Change, certificate_reason_for
 from mesh.plan.fleet import observe_fleet, validate_plan
@@ -50,10 +52,39 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
     touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
     (MESH_ENVOY, else mesh's own) that checks configs; `retired` hosts (they left the inventory) are planned
     with nothing on them."""
+    plan, binary, image = _checked_plan(mesh, ca, targets, out, envoy, retired)
+    wheels = _wheels(mesh, targets)
+    observed = observe_fleet(plan, targets, connect, certificate_reason_for(ca, mesh.settings.cert_ttl),
+                             wheels.marker if wheels else None, diffs=diffs, forks=forks)
+    pending = _consul_changes(mesh) if consul else ()
+    fleet = FleetChanges(tuple(observed[host.name] for host in targets), tuple(pending))
+    return Prepared(plan, binary, image, wheels, fleet)
+
+
+def check_here(mesh: Mesh, targets: Sequence[ManagedHost], out: Display, envoy: str | None = None,
+               retired: Sequence[ManagedHost] = ()) -> None:
+    """Before any host is reached: every distinct proxy config checked by the local Envoy (PlanRefused, exit 1).
+    The plan is made with the state dir's CA, or a throwaway one when there is none yet (Envoy judges the files
+    alike whichever root they carry); `prepare`'s plan, made once the hosts' trust bundles are read, then finds
+    its configs in the validation cache. A state dir whose CA cannot be loaded is left to the trust phase."""
+    with tempfile.TemporaryDirectory(prefix="mesh-precheck-ca-") as scratch:
+        try:
+            if os.path.lexists(os.path.join(os.path.abspath(mesh.settings.state_dir), CA_FOLDER)):
+                ca = CertificateAuthority.load(mesh.settings.state_dir)
+            else:  # nothing is written to a state dir without a CA before the hosts' trust is read
+                mesh = replace(mesh, settings=replace(mesh.settings, state_dir=scratch))
+                ca, _ = CertificateAuthority.ensure(scratch, mesh.settings.trust_domain)
+        except MeshError:
+            return
+        _checked_plan(mesh, ca, targets, None, envoy, retired)
+
+
+def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost], out: Display | None,
+                  envoy: str | None, retired: Sequence[ManagedHost]) -> tuple[Plan, LocalFile, SidecarImage | None]:
+    """The plan of every managed host, each distinct proxy config checked by the local Envoy (PlanRefused)."""
     local_envoy = envoy or os.environ.get("MESH_ENVOY") or envoy_binary()
     binary = LocalFile(Path(local_envoy), Path(mesh.settings.state_dir) / ENVOY_CACHE)
     image = _sidecar_image(mesh, targets, out)
-    wheels = _wheels(mesh, targets)
     inputs = PlanInputs(ca.root_pem, ca.root_fingerprint,
                         envoy_sha256=binary.sha256 if any(h.kind == "vm" and h.workloads for h in mesh.hosts) else None,
                         sidecar_image=image.tag if image is not None else None,
@@ -62,24 +93,23 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
     plan = build_plan(mesh, inputs, [*mesh.hosts, *retired])
     checked = validate_plan(plan, ca.root_pem, local_envoy, binary.sha256,
                             Path(mesh.settings.state_dir) / VALIDATED_CACHE)
-    out.line(f"plan {plan.digest[:12]}: {sum(len(h.proxies) for h in plan.hosts)} proxies on {len(plan.hosts)} "
-             f"hosts, {checked} distinct config(s) checked by Envoy ({time.monotonic() - started:.1f} s)")
-    observed = observe_fleet(plan, targets, connect, certificate_reason_for(ca, mesh.settings.cert_ttl),
-                             wheels.marker if wheels else None, diffs=diffs, forks=forks)
-    pending = _consul_changes(mesh) if consul else ()
-    fleet = FleetChanges(tuple(observed[host.name] for host in targets), tuple(pending))
-    return Prepared(plan, binary, image, wheels, fleet)
+    if out is not None:
+        out.line(f"plan {plan.digest[:12]}: {sum(len(h.proxies) for h in plan.hosts)} proxies on "
+                 f"{len(plan.hosts)} hosts, {checked} distinct config(s) checked by Envoy "
+                 f"({time.monotonic() - started:.1f} s)")
+    return plan, binary, image
 
 
-def _sidecar_image(mesh: Mesh, targets: Sequence[ManagedHost], out: Display) -> SidecarImage | None:
+def _sidecar_image(mesh: Mesh, targets: Sequence[ManagedHost], out: Display | None) -> SidecarImage | None:
     """The sidecar image tarball (built once per Envoy binary, cached in mesh_state_dir) when container hosts
     are planned."""
     if not any(host.kind == "container_host" and host.workloads for host in mesh.hosts):
         return None
     started = time.monotonic()
     image = build_sidecar_image_tar(Path(mesh.settings.state_dir) / IMAGES_CACHE)
-    out.line(f"sidecar image {image.tag} ({image.path.stat().st_size >> 20} MiB, "
-             f"{time.monotonic() - started:.1f} s)")
+    if out is not None:
+        out.line(f"sidecar image {image.tag} ({image.path.stat().st_size >> 20} MiB, "
+                 f"{time.monotonic() - started:.1f} s)")
     return image
 
 
