@@ -21,6 +21,8 @@ from mesh.plan.changes import CertificateReason, Change, host_changes, observe_r
 from mesh.plan.model import HostPlan, Plan, ProxyPlan
 from mesh.render import validate_proxy_files
 
+MAX_REASON = 700
+
 
 class PlanRefused(MeshError):
     """The local Envoy refused a planned config: nothing was touched (exit 1)."""
@@ -67,7 +69,9 @@ def validate_plan(plan: Plan, ca_pem: bytes, envoy: str, envoy_sha256: str, cach
         try:
             validate_proxy_files(proxy.rendered, ca_pem, envoy)
         except EnvoyRejectedConfig as exc:
-            return key, f"Envoy refused the config of proxy {proxy.name} on {host.name}: {exc}"
+            reason = str(exc)  # Envoy may echo the whole config after its reason
+            reason = reason if len(reason) <= MAX_REASON else reason[:MAX_REASON] + " ..."
+            return key, f"Envoy refused the config of proxy {proxy.name} on {host.name}: {reason}"
         return key, None
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mesh-validate") as pool:

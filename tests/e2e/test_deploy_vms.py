@@ -453,7 +453,7 @@ def test_changed_host_key_exits_3_naming_the_host_and_the_others_are_deployed(fl
     vm1_before = _host_state(fleet, "vm1")
     run = run_mesh("deploy", str(inventory), timeout=DEPLOY_TIMEOUT)
     assert run.code == 3, str(run)
-    assert "vm1" in run.stderr, str(run)
+    assert "vm1" in run.text, str(run)
     assert re.search(r"host key.*changed", run.text, re.IGNORECASE | re.DOTALL), str(run)
     assert str(known_hosts) in run.text, f"the message does not say which known_hosts:\n{run}"
     assert "Traceback" not in run.text, str(run)
@@ -463,25 +463,26 @@ def test_changed_host_key_exits_3_naming_the_host_and_the_others_are_deployed(fl
     _wait_chain(fleet, "vm1's Envoy still serving after its deploy was refused")
 
 
-def test_config_envoy_refuses_exits_2_and_the_old_config_keeps_serving(fleet: LabUp, state_dir: str,
-                                                                       tmp_path: Path) -> None:
+def test_config_envoy_refuses_stops_in_the_plan_and_no_host_is_touched(fleet: LabUp, state_dir: str,
+                                                                        tmp_path: Path) -> None:
     """The trigger: a health interval of 99999999 days. mesh's inventory check accepts it (a duration longer
-    than zero); Envoy refuses a protobuf Duration past 10,000 years. If mesh's own check learns to refuse it
-    (exit 4), this test needs another such value."""
+    than zero); Envoy refuses a protobuf Duration past 10,000 years. Every config is checked by Envoy on this
+    machine in the plan phase, so the deploy stops (exit 1) before any host is touched. If mesh's own check
+    learns to refuse it (exit 4), this test needs another such value."""
     def endless_interval(variables: dict[str, Any]) -> None:
         variables["mesh_workloads"][0]["health"] = {"http": "/healthz", "interval": "99999999d"}
 
     inventory = inventory_copy(tmp_path / "inventory", state_dir, hosts={"vm1": endless_interval})
-    vm1_before = _host_state(fleet, "vm1")
     _drift(fleet)
+    states = {host: _host_state(fleet, host) for host in DEPLOYED}
     run = run_mesh("deploy", str(inventory), timeout=DEPLOY_TIMEOUT)
-    assert run.code == 2, str(run)
-    assert run.recap().get("vm1", {}).get("failed") == 1, str(run)
-    assert "fatal: [vm1]" in run.stdout and "web-8080" in run.text, str(run)
-    assert re.search("validat", run.text, re.IGNORECASE), f"no word of validation in the message:\n{run}"
-    assert "Traceback" not in run.text, str(run)
-    _assert_other_hosts_deployed(run, fleet, "vm1")
-    assert _host_state(fleet, "vm1") == vm1_before, "vm1's files or Envoy changed"
+    assert run.code == 1, str(run)
+    assert "Envoy refused the config of proxy web-8080 on vm1" in run.stderr, str(run)
+    assert "nothing was touched" in run.stderr and "Traceback" not in run.text, str(run)
+    assert len(run.stderr) < 3000, f"the refusal is not short enough to read:\n{run}"
+    assert "PLAY" not in run.stdout, f"plays ran although Envoy refused a planned config:\n{run}"
+    assert not _drift_repaired(fleet), "vm2 was deployed although the plan was refused"
+    assert {host: _host_state(fleet, host) for host in DEPLOYED} == states
     _wait_chain(fleet, "vm1's previous Envoy config still serving")
 
 
@@ -497,7 +498,7 @@ def test_unreachable_host_exits_3_and_the_others_are_deployed(fleet: LabUp, stat
     vm1_before = _host_state(fleet, "vm1")
     run = run_mesh("deploy", str(inventory), timeout=DEPLOY_TIMEOUT)
     assert run.code == 3, str(run)
-    assert "vm1" in run.stderr and unused in run.text, str(run)
+    assert "vm1" in run.text and unused in run.text, str(run)
     assert "Traceback" not in run.text, str(run)
     assert run.recap()["vm1"]["unreachable"] == 1, str(run)
     assert _host_state(fleet, "vm1") == vm1_before
