@@ -89,8 +89,9 @@ def test_vm_admin_is_a_socket_of_envoys_user_and_root_reads_it(deployed: LabUp) 
     for host, proxies in VM_PROXIES.items():
         for proxy, _proxy_port, _admin_port in proxies:
             folder, socket = paths.admin_dir(proxy), paths.admin_socket_path(proxy)
-            assert out(deployed, host, f"stat -c '%a %U %G' {folder}").strip() == "700 mesh-envoy mesh-envoy"
-            assert out(deployed, host, f"stat -c '%a %U %F' {socket}").strip() == "600 mesh-envoy socket"
+            user = paths.envoy_user(proxy)  # each proxy its own user
+            assert out(deployed, host, f"stat -c '%a %U %G' {folder}").strip() == f"700 {user} {user}"
+            assert out(deployed, host, f"stat -c '%a %U %F' {socket}").strip() == f"600 {user} socket"
             assert out(deployed, host, _curl_socket(socket)).strip() == "LIVE", f"{host} {proxy}"
 
 
@@ -160,7 +161,7 @@ def test_sidecar_admin_is_a_socket_in_a_host_folder_out_of_the_apps_reach(deploy
     mounts = out(deployed, SIDECAR_HOST, f"docker container inspect -f "
                                          f"'{{{{range .Mounts}}}}{{{{.Destination}}}}={{{{.RW}}}} {{{{end}}}}' {SIDECAR}")
     assert dict(item.split("=") for item in mounts.split()) == {
-        paths.proxy_dir(SIDECAR_PROXY): "false", folder: "true", paths.CA_PATH: "false"}
+        paths.proxy_dir(SIDECAR_PROXY): "false", folder: "true"}  # the trust bundle is in the proxy's folder
 
 
 def test_status_reads_admin_over_the_socket_and_exits_0(deployed: LabUp) -> None:
@@ -200,8 +201,9 @@ def test_envoy_units_are_hardened_and_serve_through_the_mesh(deployed: LabUp) ->
             assert shown["ReadWritePaths"] == paths.admin_dir(proxy)
             # Envoy's /proc view (ProtectProc=invisible) hides other users' processes: no init, no sshd.
             pid = out(deployed, host, f"systemctl show -p MainPID --value {unit}").strip()
-            seen = out(deployed, host, f"nsenter -t {pid} -m --setuid $(id -u mesh-envoy) "
-                                       "--setgid $(id -g mesh-envoy) ls /proc").split()
+            user = paths.envoy_user(proxy)
+            seen = out(deployed, host, f"nsenter -t {pid} -m --setuid $(id -u {user}) "
+                                       f"--setgid $(id -g {user}) ls /proc").split()
             assert "1" not in seen and pid in seen, (host, unit)
     chain = wait_for(lambda: hops(deployed, "vm1", 8080),
                      lambda seen: not isinstance(seen, str) and [hop.get("service") for hop in seen] ==
@@ -286,7 +288,7 @@ def test_a_new_key_is_swapped_in_with_its_certificate_behind_one_link(deployed: 
     new = out(deployed, host, f"readlink {link}").strip()
     assert new != old and new.startswith(paths.TLS_VERSION_PREFIX) and "/" not in new  # relative: same in a sidecar
     assert out(deployed, host, f"ls -d {folder}/{paths.TLS_VERSION_PREFIX}*").split() == [f"{folder}/{new}"]
-    assert out(deployed, host, f"stat -c '%a %U' {paths.key_path(proxy)}").strip() == "600 mesh-envoy"
+    assert out(deployed, host, f"stat -c '%a %U' {paths.key_path(proxy)}").strip() == f"600 {paths.envoy_user(proxy)}"
     key = public_fingerprint(out(deployed, host, f"cat {paths.key_path(proxy)}").encode())
     cert = out(deployed, host, f"cat {paths.cert_path(proxy)}")
     assert key == [cert_public_fingerprint(cert.encode())]
