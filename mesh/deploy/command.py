@@ -45,7 +45,6 @@ VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
 CONTAINER_HOSTS_GROUP = "mesh_container_hosts"  # container hosts with workloads
 RETIRED_GROUP = "mesh_retired"  # hosts deployed before that left the inventory: only cleaned
 WHEELS_CACHE = "wheels"  # under mesh_state_dir
-IMAGES_CACHE = "images"  # under mesh_state_dir: the sidecar image tarball
 
 
 @dataclass(frozen=True)

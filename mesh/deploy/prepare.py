@@ -20,6 +20,7 @@ from mesh.deploy.steps.context import ControllerWheels, LocalFile
 from mesh.errors import MeshError
 from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, Mesh
+from mesh.local_cache import cache_dir
 from mesh.pki import CertificateAuthority
 from mesh.pki.authority import CA_FOLDER
 from mesh.plan.build import PlanInputs, build_plan
@@ -29,9 +30,9 @@ from mesh.plan.model import Plan
 from mesh.plan.report import FleetChanges, consul_changes
 
 WHEELS_CACHE = "wheels"  # under mesh_state_dir
-IMAGES_CACHE = "images"  # under mesh_state_dir: the sidecar image tarball
-ENVOY_CACHE = "envoy"  # under mesh_state_dir: Envoy's binary gzip-compressed for the wire, its sha256
-VALIDATED_CACHE = "validated"  # under mesh_state_dir: a marker per proxy config the local Envoy accepted
+IMAGES_CACHE = "images"  # in mesh.local_cache: the sidecar image tarball
+ENVOY_CACHE = "envoy"  # in mesh.local_cache: Envoy's binary gzip-compressed for the wire, its sha256
+VALIDATED_CACHE = "validated"  # in mesh.local_cache: a marker per proxy config the local Envoy accepted
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[Manage
                   envoy: str | None, retired: Sequence[ManagedHost]) -> tuple[Plan, LocalFile, SidecarImage | None]:
     """The plan of every managed host, each distinct proxy config checked by the local Envoy (PlanRefused)."""
     local_envoy = envoy or os.environ.get("MESH_ENVOY") or envoy_binary()
-    binary = LocalFile(Path(local_envoy), Path(mesh.settings.state_dir) / ENVOY_CACHE)
+    binary = LocalFile(Path(local_envoy), cache_dir(ENVOY_CACHE))
     image = _sidecar_image(mesh, targets, out)
     inputs = PlanInputs(ca.root_pem, ca.root_fingerprint,
                         envoy_sha256=binary.sha256 if any(h.kind == "vm" and h.workloads for h in mesh.hosts) else None,
@@ -91,8 +92,7 @@ def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[Manage
                         consul_token=_token(mesh), consul_ca=_consul_ca(mesh))
     started = time.monotonic()
     plan = build_plan(mesh, inputs, [*mesh.hosts, *retired])
-    checked = validate_plan(plan, ca.root_pem, local_envoy, binary.sha256,
-                            Path(mesh.settings.state_dir) / VALIDATED_CACHE)
+    checked = validate_plan(plan, ca.root_pem, local_envoy, binary.sha256, cache_dir(VALIDATED_CACHE))
     if out is not None:
         out.line(f"plan {plan.digest[:12]}: {sum(len(h.proxies) for h in plan.hosts)} proxies on "
                  f"{len(plan.hosts)} hosts, {checked} distinct config(s) checked by Envoy "
@@ -106,7 +106,7 @@ def _sidecar_image(mesh: Mesh, targets: Sequence[ManagedHost], out: Display | No
     if not any(host.kind == "container_host" and host.workloads for host in mesh.hosts):
         return None
     started = time.monotonic()
-    image = build_sidecar_image_tar(Path(mesh.settings.state_dir) / IMAGES_CACHE)
+    image = build_sidecar_image_tar(cache_dir(IMAGES_CACHE))
     if out is not None:
         out.line(f"sidecar image {image.tag} ({image.path.stat().st_size >> 20} MiB, "
                  f"{time.monotonic() - started:.1f} s)")

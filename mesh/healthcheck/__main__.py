@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+PROBE_UNKNOWN = 3  # --probe's exit when the checker itself cannot probe (its files are missing): no verdict
+
+
 def probe_once(config_path: str, target: str) -> int:
-    """One probe of SERVICE@ADDRESS:PORT with the checker's certificate; prints `passing|critical: output`."""
+    """One probe of SERVICE@ADDRESS:PORT with the checker's certificate; prints `passing|critical: output`; exit
+    0 passing, 1 critical, 3 (PROBE_UNKNOWN) when the checker cannot probe at all."""
     service, _, where = target.partition("@")
     address, _, port = where.rpartition(":")
     if not service or not address or not port.isdigit():
@@ -69,9 +73,9 @@ def probe_once(config_path: str, target: str) -> int:
     try:
         config = load_config(config_path)
         context = client_context(config.cert, config.key, config.ca)
-    except (MeshError, OSError) as exc:
-        print(f"critical: the checker cannot probe: {exc}")
-        return 1
+    except (MeshError, OSError) as exc:  # the checker's own files: no verdict on the instance
+        print(f"unknown: the checker cannot probe: {exc}")
+        return PROBE_UNKNOWN
     result = probe(context, Instance(id="gate", service=service, host="", address=address.strip("[]"),
                                      proxy_port=int(port)), config)
     print(f"{result.status}: {result.output}")

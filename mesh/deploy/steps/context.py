@@ -51,7 +51,8 @@ class LocalFile:
         """The file's sha256: remembered in cache_dir with its size and mtime (Envoy is 100 MB)."""
         stat = self.path.stat()
         stamp = f"{stat.st_size} {stat.st_mtime_ns}"
-        record = self.cache_dir / f"{self.path.name}.sha256" if self.cache_dir else None
+        key = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]  # one record per binary's path
+        record = self.cache_dir / f"{self.path.name}-{key}.sha256" if self.cache_dir else None
         if record is not None:
             try:
                 digest, _, recorded = record.read_text().partition(" ")

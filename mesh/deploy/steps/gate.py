@@ -156,6 +156,6 @@ def _probe(ctx: TaskContext[DeployContext], planned: ProxyPlan) -> list[str]:
                f"{python} -m mesh.healthcheck --config {DEFAULT_CONFIG} --probe {shlex.quote(target)}")
     with ctx.shared.checker_lock:
         result = controller.run(command, timeout=30)
-    if result.ok:
+    if result.code != 1:  # 0 passing; anything else is the checker's own trouble, no verdict on this proxy
         return []
     return [f"probe with the checker's identity: {result.text()[:300] or result.error_text()[:300]}"]
