@@ -49,7 +49,7 @@ RUN_ID = f"{os.getpid()}"
 PROBE = f"mesh-e2e-isolation-probe-{RUN_ID}"  # a throwaway container on the app's Docker network
 PUBLISHED = f"mesh-e2e-published-{RUN_ID}"  # an app container started with -p
 PUBLISHED_HOST_PORT = 18090
-PUBLISHED_PROXY = "pubapp-1"
+PUBLISHED_PROXY = f"pubapp-{PUBLISHED}"  # <service>-<container>: a proxy name on a container host
 STAGING_TAG = f"mesh-envoy:e2estage{RUN_ID}"[:len("mesh-envoy:") + 12]
 
 _PY_CONNECT = """
