@@ -17,14 +17,15 @@ from mesh.containers.reachability import LIST_PATH, RULES_PATH, WATCHER_PATH, WA
 from mesh.controller_env import CHECKER_UNIT, MARKER_FILE
 from mesh.healthcheck.config import CERT_FILE, CONFIG_DIR, CONSUL_CA_FILE, KEY_FILE, TOKEN_FILE
 from mesh.hosts.observe import ENVOY_SHA_CACHE_SUFFIX, HostFacts, ObserveRequest
-from mesh.plan.build import CHECKER_UNIT_PATH, FIREWALL_UNIT_PATH
+from mesh.plan.build import CHECKER_UNIT_PATH, FIREWALL_UNIT_PATH, HOST_FOLDERS
 from mesh.plan.model import HostPlan, PlannedFile
 from mesh.render import stale_paths
 
 CHECKER_CERT_NAME = "checker"
 # What mesh may have put on a host for a role the host no longer has: observed always, removed when unplanned.
 ROLE_PATHS = (paths.FIREWALL_PATH, FIREWALL_UNIT_PATH, paths.ENVOY_BINARY, LIST_PATH, RULES_PATH, WATCHER_PATH,
-              WATCHER_UNIT_PATH, CHECKER_UNIT_PATH, TOKEN_FILE, CONSUL_CA_FILE, CONFIG_DIR, paths.CA_PATH)
+              WATCHER_UNIT_PATH, CHECKER_UNIT_PATH, TOKEN_FILE, CONSUL_CA_FILE, CONFIG_DIR, paths.CA_PATH,
+              *reversed(HOST_FOLDERS))  # the folders last: a host that lost its last workload keeps none of them
 ROLE_UNITS = (paths.FIREWALL_UNIT, WATCHER_UNIT, CHECKER_UNIT)
 
 CertificateReason = Callable[[bytes | None, bytes | None, str], "str | None"]
