@@ -115,7 +115,8 @@ def sidecar(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
                        data={"proxy": proxy, "app_container": app, "published": list(app_state.published)},
                        failed=True)
     yield from _ownership(ctx, proxy)
-    planned = ctx.shared.proxy(ctx.host.name, proxy).sidecar  # the plan's: bootstrap hash and image
+    # the plan's spec (bootstrap hash and image) in a deploy; run by a playbook of its own, the files on the host
+    planned = ctx.shared.proxy(ctx.host.name, proxy).sidecar if ctx.shared is not None else None
     spec = planned if planned is not None and planned.image == image else sidecar_spec(
         ctx.host, workload, image, files_hash(_digests(ctx, proxy), image))
     data = {"proxy": proxy, "name": spec.name, "config_hash": spec.revision, "app_container": app}

@@ -201,7 +201,7 @@ def test_two_mesh_ids_share_the_labs_consul_and_neither_deregisters_the_other(
         assert ours.code == 0 and "deregistered 0" in ours.stdout, ours
         theirs = {e["ServiceID"]: e for e in consul(CONSUL, "/v1/catalog/service/api")
                   if e["ServiceMeta"].get("mesh-id") == OTHER_ID}
-        assert set(theirs) == {"api-b-vm2-0", "api-b-dock1-0"}, "our deploy left the other mesh's instances"
+        assert set(theirs) == {"api-b-vm2-9090", "api-b-dock1-api-v2-1"}, "our deploy left the other mesh's instances"
 
         again = catalog.sync(access, other)
         assert not again.changed, "their second sync changes nothing, and takes nothing of ours"
