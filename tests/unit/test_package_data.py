@@ -27,7 +27,7 @@ _FROM_THE_WHEEL = textwrap.dedent("""
     assert mesh.__file__.startswith(sys.argv[1]), mesh.__file__
     assert str(package_data.templates_dir()).startswith(sys.argv[1]), package_data.templates_dir()
     print("unit sections:", [line for line in render_firewall_unit().splitlines() if line.startswith("[")])
-    print("envoy:", template_environment().get_template("envoy/envoy.yaml.j2").filename)
+    print("envoy:", template_environment().get_template("envoy/bootstrap.yaml.j2").filename)
     modules = registry.copy()
     register_mesh_modules(modules)
     playbook = load_playbook(package_data.playbook_path("deploy.yml"), modules)
@@ -62,5 +62,5 @@ def test_a_built_wheel_carries_templates_and_playbooks(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "unit sections: ['[Unit]', '[Service]', '[Install]']"
-    assert lines[1] == f"envoy: {target / 'mesh' / 'templates' / 'envoy' / 'envoy.yaml.j2'}"
+    assert lines[1] == f"envoy: {target / 'mesh' / 'templates' / 'envoy' / 'bootstrap.yaml.j2'}"
     assert lines[2].startswith("plays: ") and int(lines[2].split()[1]) >= 1
