@@ -54,11 +54,19 @@ def read_local(state_dir: str) -> dict[str, dict[str, Any]]:
 
 
 def retired_hosts(mesh: Mesh, warn: Warn) -> list[ManagedHost]:
-    """Hosts the record has and the inventory no longer manages (state dir and Consul merged)."""
-    recorded = {**_read_consul(mesh, warn), **read_local(mesh.settings.state_dir)}
+    """Hosts the state dir's record has and the inventory no longer manages. How to reach a host is taken from
+    the state dir only (the operator's own 0600 file): Consul's copy names hosts, but anyone allowed to write
+    mesh's keys there must not choose where mesh connects, with which key or host-key check. A host only Consul
+    remembers is named in a warning, not cleaned."""
+    local = read_local(mesh.settings.state_dir)
     managed = {host.name for host in mesh.hosts}
+    elsewhere = sorted(set(_read_consul(mesh, warn)) - set(local) - managed)
+    if elsewhere:
+        warn(f"Consul records hosts mesh deployed that left the inventory but this state dir does not know: "
+             f"{', '.join(elsewhere)}; they are not cleaned from here (deploy from the state dir that deployed "
+             "them)")
     found = []
-    for name, entry in sorted(recorded.items()):
+    for name, entry in sorted(local.items()):
         if name in managed:
             continue
         host = host_from_entry(name, entry)

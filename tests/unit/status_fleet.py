@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mesh.config import paths
-from mesh.containers.sidecar import files_hash, sidecar_spec
+from mesh.containers.sidecar import bootstrap_sidecar
 from mesh.healthcheck.config import CERT_FILE as CHECKER_CERT_PATH
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.check import check_inventory
@@ -158,8 +158,7 @@ def _lay_out(fleet: Fleet, ca: CertificateAuthority, managed: ManagedHost, host:
 def _sidecar(fleet: Fleet, managed: ManagedHost, host: FakeHost, expected: ExpectedProxy) -> None:
     """The sidecar and its app container, as `docker container inspect` with status's format shows them."""
     bootstrap = expected.files.bootstrap  # the revision mesh.plan.build gives a sidecar
-    config_hash = files_hash({bootstrap.path: bootstrap.sha256}, SIDECAR_IMAGE)
-    label = sidecar_spec(managed, expected.workload, SIDECAR_IMAGE, config_hash).revision
+    label = bootstrap_sidecar(managed, expected.workload, SIDECAR_IMAGE, bootstrap.path, bootstrap.sha256).revision
     lines = (f"/{expected.sidecar}|{'c' * 64}|running|true|{label}|{SIDECAR_IMAGE}|301|{NETNS}\n"
              f"/{expected.workload.container}|{'a' * 64}|running|true|<no value>|app:1|300|{NETNS}\n")
     fleet.docker_inspect[managed.name] = lines
