@@ -1,0 +1,1 @@
+"""mesh's controller: keeps every proxy's resource files and certificates current from Consul, over SSH."""

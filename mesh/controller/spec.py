@@ -1,0 +1,197 @@
+"""The controller's input: `spec.json`, what a deploy hands to every controller (the inventory is not there).
+
+It owns the file's shape, its names and paths, parsing and writing it; it must not talk to Consul or hosts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from mesh.errors import MeshError
+
+SPEC_VERSION = 1
+CONTROLLER_DIR = "/etc/mesh/controller"
+SPEC_PATH = f"{CONTROLLER_DIR}/spec.json"
+SSH_KEY = f"{CONTROLLER_DIR}/id_ed25519"  # made on the controller itself; only its .pub leaves the host
+KNOWN_HOSTS = f"{CONTROLLER_DIR}/known_hosts"
+CA_DIR = f"{CONTROLLER_DIR}/ca"
+ROOT_CERT = f"{CA_DIR}/root.pem"
+INTERMEDIATE_CERT = f"{CA_DIR}/intermediate.pem"
+INTERMEDIATE_KEY = f"{CA_DIR}/intermediate.key"  # 0600, the controller's user's: never logged, never sent on
+TOKEN_FILE = f"{CONTROLLER_DIR}/consul-token"
+CONSUL_CA_FILE = f"{CONTROLLER_DIR}/consul-ca.pem"
+CONTROLLER_USER = "mesh-controller"
+CONTROLLER_UNIT = "mesh-controller.service"
+DEFAULT_METRICS_PORT = 9190  # bound to the controller's loopback only
+
+# On every managed host: the account the controllers log in as, and what it may run (through sudo).
+CTL_USER = "mesh-ctl"
+CTL_HOME = "/var/lib/mesh-ctl"
+CTL_SCRIPT = "/usr/local/lib/mesh/mesh-ctl"
+CTL_IDENTITIES = "/etc/mesh/ctl/identities"
+CTL_SUDOERS = "/etc/sudoers.d/mesh-ctl"
+CTL_STAGING_NAME = ".ctl-staging"  # beside xds/ in the identity's home: one rename per file
+
+
+def lock_key(mesh_id: str) -> str:
+    """The controllers' Consul lock: one active controller per mesh."""
+    return f"mesh/{mesh_id}/controller/leader"
+
+
+def state_key(mesh_id: str) -> str:
+    """What the active controller publishes: plan digest, per-proxy resource versions, certificates."""
+    return f"mesh/{mesh_id}/controller/state"
+
+
+def issued_prefix(mesh_id: str) -> str:
+    """Leaves signed by controllers: `<prefix><serial>` -> JSON (host, proxy, spiffe_id, not_before, not_after)."""
+    return f"mesh/{mesh_id}/ca/issued/"
+
+
+def deploy_lock_key(mesh_id: str) -> str:
+    """Held by a running deploy (mesh.deploy.lock): the controller pushes nothing meanwhile."""
+    return f"mesh/{mesh_id}/deploy/lock"
+
+
+class SpecError(MeshError):
+    """A spec.json the controller refuses: names the file and the key, and what was expected."""
+
+
+FileKind = Literal["bootstrap", "resource", "secret"]
+IdentityKind = Literal["vm", "container", "checker"]
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    """One of a proxy's Envoy files as the plan rendered it (absolute path on the host)."""
+
+    path: str
+    kind: FileKind
+    content: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """One proxy: its files as planned, and which endpoint files the controller fills from Consul."""
+
+    name: str
+    service: str
+    proxy_dir: str
+    bootstrap_sha256: str
+    files: tuple[SpecFile, ...]  # in the plan's move order; the bootstrap last
+    endpoints: Mapping[str, str]  # eds file path -> the upstream service whose Consul instances fill it
+
+
+@dataclass(frozen=True)
+class IdentitySpec:
+    """A certificate the controller renews on this host (a line of the host's /etc/mesh/ctl/identities)."""
+
+    name: str  # the proxy's name, or `checker`
+    kind: IdentityKind
+    spiffe_id: str
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A managed host as the controller reaches it: as CTL_USER with its own key, host key checked."""
+
+    name: str
+    address: str
+    port: int
+    known_hosts: tuple[str, ...]  # known_hosts lines for this host (as the deploy checked it)
+    identities: tuple[IdentitySpec, ...]
+    proxies: tuple[ProxySpec, ...]
+    user: str = CTL_USER
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    mesh_id: str
+    trust_domain: str
+    plan_digest: str
+    consul_url: str
+    consul_token_file: str | None  # on the controller (TOKEN_FILE) when the inventory names a token
+    consul_ca_file: str | None
+    cert_ttl_s: int
+    hosts: tuple[HostSpec, ...]
+    renew_fraction: float = 0.5
+    session_ttl_s: int = 10
+    metrics_port: int = DEFAULT_METRICS_PORT
+    debounce_ms: int = 50
+    version: int = SPEC_VERSION
+
+    @property
+    def lock_key(self) -> str:
+        return lock_key(self.mesh_id)
+
+    @property
+    def state_key(self) -> str:
+        return state_key(self.mesh_id)
+
+    def host(self, name: str) -> HostSpec:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        """Deterministic text (sorted keys): equal specs make equal files, so a deploy rewrites it only on change."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1) + "\n"
+
+
+def parse_spec(text: str, origin: str = SPEC_PATH) -> ControllerSpec:
+    """The spec in `text`; SpecError naming `origin` and the key when it is not one this mesh wrote."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SpecError(f"{origin}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: expected an object")
+    if data.get("version") != SPEC_VERSION:
+        raise SpecError(f"{origin}: version: expected {SPEC_VERSION}, got {data.get('version')!r}",
+                        "deploy again with this mesh version")
+    try:
+        hosts = tuple(_host(item) for item in data["hosts"])
+        return ControllerSpec(
+            mesh_id=str(data["mesh_id"]), trust_domain=str(data["trust_domain"]),
+            plan_digest=str(data["plan_digest"]), consul_url=str(data["consul_url"]),
+            consul_token_file=_optional(data["consul_token_file"]), consul_ca_file=_optional(data["consul_ca_file"]),
+            cert_ttl_s=int(data["cert_ttl_s"]), hosts=hosts, renew_fraction=float(data["renew_fraction"]),
+            session_ttl_s=int(data["session_ttl_s"]), metrics_port=int(data["metrics_port"]),
+            debounce_ms=int(data["debounce_ms"]))
+    except KeyError as exc:
+        raise SpecError(f"{origin}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SpecError(f"{origin}: malformed: {exc}") from None
+
+
+def load_spec(path: str = SPEC_PATH) -> ControllerSpec:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return parse_spec(handle.read(), path)
+    except OSError as exc:
+        raise SpecError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _optional(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _host(data: Mapping[str, Any]) -> HostSpec:
+    return HostSpec(
+        name=str(data["name"]), address=str(data["address"]), port=int(data["port"]),
+        known_hosts=tuple(str(line) for line in data["known_hosts"]),
+        identities=tuple(IdentitySpec(str(item["name"]), item["kind"], str(item["spiffe_id"]))
+                         for item in data["identities"]),
+        proxies=tuple(_proxy(item) for item in data["proxies"]), user=str(data["user"]))
+
+
+def _proxy(data: Mapping[str, Any]) -> ProxySpec:
+    return ProxySpec(
+        name=str(data["name"]), service=str(data["service"]), proxy_dir=str(data["proxy_dir"]),
+        bootstrap_sha256=str(data["bootstrap_sha256"]),
+        files=tuple(SpecFile(str(item["path"]), item["kind"], str(item["content"])) for item in data["files"]),
+        endpoints={str(path): str(service) for path, service in dict(data["endpoints"]).items()})
