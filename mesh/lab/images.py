@@ -38,7 +38,7 @@ SAME_PHASE = {"Validating": "Retrieving"}
 NODE_SUITE = "bookworm"
 NODE_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "curl",
-    "openssl", "nftables", "iptables", "procps", "docker.io",
+    "openssl", "nftables", "iptables", "procps", "docker.io", "sudo",
 )  # fmt: skip
 # Docker's units: only the container host enables them, at its first boot. The rest would reach for a
 # package mirror (nothing in the lab does) or scrub disks a node does not own.

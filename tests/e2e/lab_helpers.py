@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 MESH = str(Path(sys.executable).with_name("mesh"))
-LAB_ARGS = ["--vms", "2", "--containers", "1", "--controllers", "1"]
+LAB_ARGS = ["--vms", "2", "--containers", "1", "--controllers", "2"]
 
 
 def mesh(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
