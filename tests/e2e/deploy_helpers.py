@@ -31,7 +31,7 @@ from mesh.testing.health_endpoint import LeafFiles
 T = TypeVar("T")
 
 LOCK = "/tmp/mesh-lab-dev.lock"
-SIZE = ["--vms", "2", "--containers", "1"]
+SIZE = ["--vms", "2", "--containers", "1", "--controllers", "2"]  # the lab of lab_helpers.LAB_ARGS
 REPO = Path(__file__).resolve().parents[2]
 INVENTORY = REPO / "inventory" / "lab.yaml"
 LAB_STATE = Path(os.environ.get("MESH_LAB_STATE") or "/var/lib/mesh-lab")
