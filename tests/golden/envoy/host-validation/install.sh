@@ -16,10 +16,10 @@ wait_for() {
 live=0; curl -sf --max-time 2 --unix-socket "$admin" http://envoy/server_info 2>/dev/null | grep -q add2e960f58f03129f8d61739ea8a58394c175774133a4a215b9473ee129a6ba && live=1
 [ -d /etc/mesh/proxies/web-8080/xds ] || mkdir -p -m 0755 /etc/mesh/proxies/web-8080/xds || exit 1
 mv -f /etc/mesh/proxies/web-8080/.staging/xds/cds.yaml /etc/mesh/proxies/web-8080/xds/cds.yaml || exit 1
-wait_for cluster_manager.cds.version_text 'cluster_manager.cds.version_text: "14c5e0f9507c4ff2617149c0f56c3ce9a844ac46867c7fde19eff7e2088dd033"' absent-ok cds.yaml
+wait_for cluster_manager.cds.version_text 'cluster_manager.cds.version_text: "7f0ab74921de283620bf77644742feb4461e12d927478bdb95419d402cc9b6a5"' absent-ok cds.yaml
 mv -f /etc/mesh/proxies/web-8080/.staging/xds/lds.yaml /etc/mesh/proxies/web-8080/xds/lds.yaml || exit 1
 wait_for listener_manager.lds.version_text 'listener_manager.lds.version_text: "6fca64c70f55651d3edafe708c81e4ed2e17af58ae73f1f4b9b448eaca410311"' absent-ok lds.yaml
 mv -f /etc/mesh/proxies/web-8080/.staging/xds/cds.yaml.next /etc/mesh/proxies/web-8080/xds/cds.yaml || exit 1
-wait_for cluster_manager.cds.version_text 'cluster_manager.cds.version_text: "44ad80fb2eb7f4dc7f630623b147832591e83d1bc2490c94e42af0eb4291dc2a"' absent-ok cds.yaml
+wait_for cluster_manager.cds.version_text 'cluster_manager.cds.version_text: "ff9767aac9a739acb4f45985fbd4a00c2db6cec572a67017ce117cc93b5ae1bf"' absent-ok cds.yaml
 rm -rf -- /etc/mesh/proxies/web-8080/.staging
 rm -f -- /etc/mesh/proxies/web-8080/xds/rds.outbound-report.yaml
