@@ -70,8 +70,8 @@ TEMPLATES_DIR = package_data.templates_dir()
 __all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
            "FirewallUnitContext", "HostValidation", "ProxyFiles", "RenderedFile", "host_validation",
            "render_envoy_unit", "render_firewall", "render_firewall_unit",
-           "render_proxy_files", "render_resources", "stale_paths", "static_bootstrap", "template_environment",
-           "transition", "validate_proxy_files"]
+           "render_proxy_files", "render_resources", "resource_file", "stale_paths", "static_bootstrap",
+           "template_environment", "transition", "validate_proxy_files"]
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -285,12 +285,15 @@ def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) ->
     return ProxyFiles(cfg.proxy, proxy_dir, tuple(files), digest)
 
 
-def _resource_file(proxy: str, path: str, kind: FileKind, resources: tuple[Resource, ...]) -> RenderedFile:
+def resource_file(proxy: str, path: str, kind: FileKind, resources: tuple[Resource, ...]) -> RenderedFile:
     """A DiscoveryResponse file: version_info (the sha256 of its resources, shown again by /config_dump) and them."""
     body = {"version_info": resources_version(resources), "resources": [dict(item) for item in resources]}
     header = (f"# {posixpath.basename(path)} of proxy {proxy}, rendered by mesh: `mesh deploy` moves a new one into "
               "place and Envoy reloads it.\n")
     return RenderedFile(path, header + _dump(body), kind)
+
+
+_resource_file = resource_file  # the name the callers above use
 
 
 # libyaml when PyYAML has it (the same documents, several times faster: a plan renders every proxy's files)
