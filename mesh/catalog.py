@@ -31,6 +31,10 @@ MESH_ID = "mesh-id"
 DEFAULT_MESH_ID = "mesh.local"  # the default trust domain, as MeshSettings has it
 CHECK_PREFIX = "mesh-health:"
 CHECK_NAME = "mesh health (through Envoy)"
+# `mesh drain`'s own check: critical while an instance is drained; nothing else in mesh writes or removes it
+# (the checker writes only CHECK_PREFIX checks, a sync never sends it), so a re-deploy keeps the drain.
+DRAIN_PREFIX = "mesh-drain:"
+DRAIN_NAME = "mesh drain (no traffic until `mesh drain --undo`)"
 NOT_CHECKED_YET = "not checked yet by mesh's health checker"
 NODE_META: Mapping[str, str] = MappingProxyType(
     {"external-node": "true", "external-probe": "false", MANAGED_BY: MESH}
@@ -103,6 +107,10 @@ class InstanceRef:
     @property
     def check_id(self) -> str:
         return CHECK_PREFIX + self.service_id
+
+    @property
+    def drain_check_id(self) -> str:
+        return DRAIN_PREFIX + self.service_id
 
 
 @dataclass(frozen=True)
@@ -367,6 +375,46 @@ def set_health(consul_: Consul, target: Registration | InstanceRef, status: Stat
     body = {"Node": ref.node, "SkipNodeUpdate": True, "Check": check_body(ref, status, output)}
     with _client(consul_, check=False) as client:  # the checker checks its token when it takes the lock
         _register(client, body)
+
+
+@dataclass(frozen=True)
+class DrainState:
+    """One registered instance of a service as `mesh drain` sees it: who owns it, and its drain check if any."""
+
+    ref: InstanceRef
+    owner: str | None  # the mesh id of its Meta (None: not registered by mesh)
+    drain: Mapping[str, Any] | None  # the instance's DRAIN_PREFIX check while it is drained
+
+
+def drain_check_body(ref: InstanceRef, output: str) -> dict[str, Any]:
+    """The critical Check that keeps an instance out of every caller's endpoints while it is drained."""
+    return {"Node": ref.node, "CheckID": ref.drain_check_id, "Name": DRAIN_NAME, "ServiceID": ref.service_id,
+            "Status": "critical", "Output": output}
+
+
+def drain_states(consul_: Consul, service: str) -> dict[str, DrainState]:
+    """Every registered instance of `service` by service ID, with its drain check. Checks the token first."""
+    with _client(consul_) as client:
+        _, entries = client.health.service(service)
+    states = {}
+    for entry in entries or []:
+        svc = entry["Service"]
+        ref = InstanceRef(str(entry["Node"]["Node"]), str(svc["ID"]))
+        check = next((c for c in entry.get("Checks") or [] if c.get("CheckID") == ref.drain_check_id), None)
+        states[ref.service_id] = DrainState(ref, owner(svc.get("Meta")), check)
+    return states
+
+
+def set_drain(consul_: Consul, ref: InstanceRef, output: str) -> None:
+    """Register (or rewrite) the instance's drain check, critical; the node and service are not touched."""
+    with _client(consul_, check=False) as client:
+        _register(client, {"Node": ref.node, "SkipNodeUpdate": True, "Check": drain_check_body(ref, output)})
+
+
+def clear_drain(consul_: Consul, ref: InstanceRef) -> None:
+    """Remove the instance's drain check, and only it (its service and mesh's health check stay)."""
+    with _client(consul_, check=False) as client:
+        _deregister(client, {"Node": ref.node, "CheckID": ref.drain_check_id})
 
 
 def service_health(consul_: Consul, service: str, mesh_id: str | None = None) -> list[InstanceHealth]:

@@ -185,6 +185,20 @@ def status_command(ctx: click.Context, inventory_path: str | None, inventory_opt
     ctx.exit(status(fleet_inventory(inventory_path, inventory_option), as_json=as_json))
 
 
+@cli.command("drain")
+@click.argument("service")
+@click.argument("host")
+@inventory_option
+@click.option("--undo", is_flag=True, help="Bring the instance(s) back (remove mesh's drain check).")
+@click.pass_context
+def drain_command(ctx: click.Context, service: str, host: str, inventory_option: str | None, undo: bool) -> None:
+    """Take SERVICE's instance(s) on HOST out of every caller's endpoints (a critical Consul check of mesh's
+    own, kept across deploys), or bring them back with --undo. Touches no host."""
+    from mesh.drain import drain
+
+    ctx.exit(drain(fleet_inventory(None, inventory_option), service, host, undo=undo))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) ansible-playbook's exit codes."""
     code = run(argv)
