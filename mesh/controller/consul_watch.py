@@ -1,0 +1,152 @@
+"""Blocking queries on Consul's health of every service the controller fills endpoints from, one thread each.
+
+It owns the index rules (reset when it goes backwards, never below 1 after an answer), the backoff after errors
+and how stale the controller's view is; it must not compute endpoints' files or reach hosts.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import consul
+import structlog
+
+from mesh.catalog import ConsulAccess, connect
+from mesh.controller.endpoints import ServiceEndpoints, service_endpoints
+
+WAIT_S = 10.0  # Consul answers at once on a change; this only bounds how long one query may hang
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 10.0
+MIN_INTERVAL_S = 0.02  # between two queries of one service: an index that does not move never spins
+
+Entries = list[Mapping[str, Any]]
+Fetch = Callable[[str, int, float], tuple[int, Entries]]  # (service, index, wait) -> (new index, entries)
+OnAnswer = Callable[[ServiceEndpoints], None]
+
+
+def next_index(previous: int, returned: int) -> int:
+    """The index of the next blocking query, as Consul asks clients to keep it: back to 0 (a fresh read) when
+    it went backwards (a snapshot restore, a new leader); at least 1 otherwise (0 would never block)."""
+    if returned < previous:
+        return 0
+    return max(1, returned)
+
+
+def backoff_s(failures: int, jitter: Callable[[], float] = random.random) -> float:
+    """How long to wait after `failures` consecutive errors: doubling from 0.5 s up to 10 s, +-20 %."""
+    base = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1))
+    return base * (0.8 + 0.4 * jitter())
+
+
+def consul_fetch(access: ConsulAccess) -> Fetch:
+    """A Fetch through py-consul's blocking health query (one client per watch: each runs in its own thread)."""
+    client = connect(access, timeout=WAIT_S + 5.0)
+
+    def fetch(service: str, index: int, wait: float) -> tuple[int, Entries]:
+        found, entries = client.health.service(service, index=index or None, wait=f"{int(wait)}s")
+        return int(found or 0), list(entries or [])
+
+    return fetch
+
+
+class ServiceWatch:
+    """One service's blocking-query loop in a daemon thread; `on_answer` gets each new ServiceEndpoints."""
+
+    def __init__(self, service: str, mesh_id: str, fetch: Fetch, on_answer: OnAnswer, wait_s: float = WAIT_S,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] | None = None) -> None:
+        self.service = service
+        self.mesh_id = mesh_id
+        self.fetch = fetch
+        self.on_answer = on_answer
+        self.wait_s = wait_s
+        self.clock = clock
+        self.stopped = threading.Event()
+        self.sleep = sleep or self.stopped.wait
+        self.index = 0
+        self.failures = 0
+        self.started_at = clock()
+        self.last_success: float | None = None
+        self.last: ServiceEndpoints | None = None
+        self.log = structlog.get_logger().bind(service=service)
+        self.thread = threading.Thread(target=self.run, name=f"watch-{service}", daemon=True)
+
+    def start(self) -> ServiceWatch:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def staleness_s(self) -> float:
+        """0 while the last query answered (Consul would answer a change at once); else seconds since the last
+        answer (since the watch started when none came yet)."""
+        if self.failures == 0 and self.last_success is not None:
+            return 0.0
+        return self.clock() - (self.last_success if self.last_success is not None else self.started_at)
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.step()
+
+    def step(self) -> None:
+        """One query: deliver a changed answer, or back off after an error."""
+        began = self.clock()
+        try:
+            returned, entries = self.fetch(self.service, self.index, self.wait_s)
+        except (consul.ConsulException, OSError, ValueError) as exc:
+            self.failures += 1
+            delay = backoff_s(self.failures)
+            if self.failures == 1 or self.failures % 10 == 0:
+                self.log.warning("consul_watch_failed", error=_first_line(exc), failures=self.failures,
+                                 retry_in_s=round(delay, 2))
+            self.sleep(delay)
+            return
+        if self.failures:
+            self.log.info("consul_watch_recovered", after_failures=self.failures)
+        self.failures = 0
+        self.last_success = self.clock()
+        self.index = next_index(self.index, returned)
+        seen = service_endpoints(self.service, entries, self.mesh_id)
+        if seen != self.last:
+            self.last = seen
+            self.on_answer(seen)
+        if self.clock() - began < MIN_INTERVAL_S:
+            self.sleep(MIN_INTERVAL_S)
+
+
+class ConsulWatch:
+    """A ServiceWatch per service; `watch(services)` starts the new ones and stops those no longer needed."""
+
+    def __init__(self, mesh_id: str, make_fetch: Callable[[], Fetch], on_answer: OnAnswer,
+                 wait_s: float = WAIT_S) -> None:
+        self.mesh_id = mesh_id
+        self.make_fetch = make_fetch
+        self.on_answer = on_answer
+        self.wait_s = wait_s
+        self.watches: dict[str, ServiceWatch] = {}
+
+    def watch(self, services: Iterable[str]) -> None:
+        wanted = set(services)
+        for service in sorted(set(self.watches) - wanted):
+            self.watches.pop(service).stop()
+        for service in sorted(wanted - set(self.watches)):
+            self.watches[service] = ServiceWatch(service, self.mesh_id, self.make_fetch(), self.on_answer,
+                                                 self.wait_s).start()
+
+    def staleness_s(self) -> float:
+        """The stalest service's staleness (0 with nothing to watch)."""
+        return max((watch.staleness_s() for watch in self.watches.values()), default=0.0)
+
+    def stop(self) -> None:
+        for watch in self.watches.values():
+            watch.stop()
+        self.watches.clear()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

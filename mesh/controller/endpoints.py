@@ -1,0 +1,100 @@
+"""Which endpoints an EDS file gets from what Consul says about a service, and the file itself. Pure.
+
+It owns the up/registered rule (mesh's own instances of this mesh id; up = no critical check), the panic rule
+and the rewrite of one ClusterLoadAssignment file; it must not talk to Consul or hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from mesh import catalog
+from mesh.render import ENDPOINT_TYPE, RenderedFile, resource_file
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """One instance as Envoy reaches it: the service Address (the node's when empty) and Port."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ServiceEndpoints:
+    """What Consul lists for one service, this mesh's instances only: every registered one, and those up."""
+
+    service: str
+    registered: tuple[Endpoint, ...]
+    up: tuple[Endpoint, ...]
+
+
+def service_endpoints(service: str, entries: Iterable[Mapping[str, Any]], mesh_id: str) -> ServiceEndpoints:
+    """The endpoints of /v1/health/service/<service>'s entries: Meta managed-by mesh with this mesh id only
+    (another mesh's instances are never ours); up when no check is critical (a `mesh drain` check is a critical
+    check like any other). Sorted, so equal sets make equal files."""
+    registered, up = set(), set()
+    for entry in entries:
+        node, svc = entry.get("Node") or {}, entry.get("Service") or {}
+        meta = svc.get("Meta") or {}
+        if meta.get(catalog.MANAGED_BY) != catalog.MESH or meta.get(catalog.MESH_ID) != mesh_id:
+            continue
+        endpoint = Endpoint(str(svc.get("Address") or node.get("Address") or ""), int(svc.get("Port") or 0))
+        if not endpoint.address or endpoint.port <= 0:
+            continue
+        registered.add(endpoint)
+        if not any(check.get("Status", "critical") == "critical" for check in entry.get("Checks") or []):
+            up.add(endpoint)
+    return ServiceEndpoints(service, tuple(sorted(registered)), tuple(sorted(up)))
+
+
+def chosen_endpoints(seen: ServiceEndpoints) -> tuple[Endpoint, ...] | None:
+    """What a caller's EDS file gets: the up instances; when none is up but some are registered, all registered
+    ones (Envoy's panic threshold then decides, as Istio does); None when Consul lists none: keep what the
+    file had (never an empty endpoint set)."""
+    if seen.up:
+        return seen.up
+    if seen.registered:
+        return seen.registered
+    return None
+
+
+def file_endpoints(file: RenderedFile) -> tuple[Endpoint, ...]:
+    """The endpoints an EDS file holds now (sorted)."""
+    assignment = _assignment(file)
+    found = set()
+    for locality in assignment.get("endpoints") or []:
+        for item in locality.get("lb_endpoints") or []:
+            socket = item["endpoint"]["address"]["socket_address"]
+            found.add(Endpoint(str(socket["address"]), int(socket["port_value"])))
+    return tuple(sorted(found))
+
+
+def with_endpoints(proxy: str, file: RenderedFile, endpoints: tuple[Endpoint, ...]) -> RenderedFile:
+    """`file` (an EDS file as the plan rendered it) holding `endpoints` instead: the same ClusterLoadAssignment
+    with one locality whose lb_endpoints are these, in sorted order. The plan's own file when it already holds
+    exactly these endpoints, so a controller never rewrites what the deploy wrote."""
+    wanted = tuple(sorted(set(endpoints)))
+    if file_endpoints(file) == wanted:
+        return file
+    assignment = dict(_assignment(file))
+    localities = list(assignment.get("endpoints") or [{}])
+    first = {key: value for key, value in dict(localities[0] or {}).items() if key != "lb_endpoints"}
+    first["lb_endpoints"] = [{"endpoint": {"address": {"socket_address": {"address": endpoint.address,
+                                                                         "port_value": endpoint.port}}}}
+                             for endpoint in wanted]
+    assignment["endpoints"] = [first]
+    return resource_file(proxy, file.path, file.kind, (assignment,))
+
+
+def _assignment(file: RenderedFile) -> Mapping[str, Any]:
+    parsed = yaml.safe_load(file.content)
+    resources = parsed.get("resources") if isinstance(parsed, dict) else None
+    if not isinstance(resources, list) or len(resources) != 1 or not isinstance(resources[0], dict) \
+            or resources[0].get("@type") != ENDPOINT_TYPE:
+        raise ValueError(f"{file.path} is not a file of one ClusterLoadAssignment")
+    return resources[0]

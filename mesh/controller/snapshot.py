@@ -1,0 +1,96 @@
+"""The controller's snapshot: per (host, proxy) the files the proxy should run, from the spec and the endpoints
+known from Consul (go-control-plane's snapshot per node). Pure.
+
+It owns which endpoints each EDS file gets (the last known ones when Consul says nothing) and each proxy's
+resource version; it must not talk to Consul or hosts, and knows nothing of the transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from mesh.controller.endpoints import Endpoint, ServiceEndpoints, chosen_endpoints, with_endpoints
+from mesh.controller.protocol import relpath_in, resource_version
+from mesh.controller.spec import ControllerSpec, ProxySpec
+from mesh.render import ProxyFiles, RenderedFile
+
+ProxyKey = tuple[str, str]  # (host name, proxy name)
+KnownEndpoints = Mapping[str, tuple[Endpoint, ...]]  # service -> the endpoints its callers get
+
+
+@dataclass(frozen=True)
+class ProxySnapshot:
+    """One proxy's desired files: the spec's, with each EDS file holding the endpoints known for its service.
+    `files` keeps the bootstrap (validation needs it); the controller moves only the xds files."""
+
+    host: str
+    files: ProxyFiles
+
+    @property
+    def proxy(self) -> str:
+        return self.files.proxy
+
+    @property
+    def xds(self) -> dict[str, RenderedFile]:
+        """Relative path (`xds/eds.api.yaml`) -> file, every file but the bootstrap."""
+        return {relpath_in(self.files.proxy_dir, file.path): file for file in self.files.files
+                if file.kind != "bootstrap"}
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """Relative path -> sha256 of every xds file: what `state` reports when the host runs them."""
+        return {path: file.sha256 for path, file in self.xds.items()}
+
+    @property
+    def version(self) -> str:
+        return resource_version(self.digests)
+
+    @property
+    def bootstrap_sha256(self) -> str:
+        """The sha256 of the bootstrap file's text (as `state` reports envoy.yaml), not its metadata digest."""
+        return self.files.bootstrap.sha256
+
+
+Snapshot = Mapping[ProxyKey, ProxySnapshot]
+
+
+def spec_files(proxy: ProxySpec) -> ProxyFiles:
+    """A proxy's files exactly as the plan rendered them."""
+    return ProxyFiles(proxy.name, proxy.proxy_dir,
+                      tuple(RenderedFile(file.path, file.content, file.kind) for file in proxy.files),
+                      proxy.bootstrap_sha256)
+
+
+def remembered(known: KnownEndpoints, seen: ServiceEndpoints) -> KnownEndpoints:
+    """`known` after Consul's answer `seen`: its chosen endpoints, or, when Consul lists none of this mesh's
+    instances, what was known before (at start: nothing, so the spec's own file stays)."""
+    chosen = chosen_endpoints(seen)
+    if chosen is None or known.get(seen.service) == chosen:
+        return known
+    return MappingProxyType({**known, seen.service: chosen})
+
+
+def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints) -> ProxySnapshot:
+    """One proxy's desired files: each EDS file of proxy.endpoints rewritten with its service's known endpoints
+    (left as the plan wrote it when none are known)."""
+    files = spec_files(proxy)
+    rewritten = []
+    for file in files.files:
+        service = proxy.endpoints.get(file.path)
+        endpoints = known.get(service) if service is not None else None
+        rewritten.append(file if endpoints is None else with_endpoints(proxy.name, file, endpoints))
+    return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256))
+
+
+def build_snapshot(spec: ControllerSpec, known: KnownEndpoints) -> dict[ProxyKey, ProxySnapshot]:
+    """Every proxy of every host of the spec, with the known endpoints."""
+    return {(host.name, proxy.name): proxy_snapshot(host.name, proxy, known)
+            for host in spec.hosts for proxy in host.proxies}
+
+
+def watched_services(spec: ControllerSpec) -> tuple[str, ...]:
+    """Every service some proxy's EDS file is filled from, sorted."""
+    return tuple(sorted({service for host in spec.hosts for proxy in host.proxies
+                         for service in proxy.endpoints.values()}))
