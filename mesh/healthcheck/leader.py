@@ -33,6 +33,8 @@ class Leadership:
     TTL.
     """
 
+    session_name = SESSION_NAME  # what Consul shows for the session (the controller's Leadership has its own)
+
     def __init__(self, consul_: Consul, key: str, ttl: int, holder: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.consul = consul_
@@ -80,7 +82,7 @@ class Leadership:
         if self.refusal_logged_at > float("-inf"):
             self.log.info("consul_token_accepted")
             self.refusal_logged_at = float("-inf")
-        self.session = self.client.session.create(name=SESSION_NAME, ttl=self.ttl, lock_delay=0,
+        self.session = self.client.session.create(name=self.session_name, ttl=self.ttl, lock_delay=0,
                                                   behavior="release")
         self.renewed_at = self.clock()
 
