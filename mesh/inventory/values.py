@@ -33,7 +33,7 @@ _URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!&+,;=%]{1,2048}", re.ASCII)
 _SCOPE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 _JUMP_HOP = re.compile(r"(?:(?P<user>[^@]*)@)?(?P<host>\[[^\]]*\]|[^:@\[\]]*)(?::(?P<port>[^:]*))?")
 MAX_PORT_DIGITS = 5
-CERT_TTL_MIN = timedelta(minutes=10)
+CERT_TTL_MIN = timedelta(minutes=1)  # controllers renew at half: 30 s, with a backdate of 6 s
 CERT_TTL_MAX = timedelta(days=90)
 # Ansible's boolean(): what `ansible_become: yes` and INI's "true" mean.
 _TRUE = {"y", "yes", "on", "1", "true", "t"}
@@ -113,7 +113,7 @@ def parse_cert_ttl(value: Any) -> timedelta:
     to CERT_TTL_MAX (a stolen key must not stay valid for long)."""
     duration = parse_duration(value)
     if not CERT_TTL_MIN <= duration <= CERT_TTL_MAX:
-        raise BadValue(f"expected a certificate lifetime from 10m to 90d, got {value!r}")
+        raise BadValue(f"expected a certificate lifetime from 1m to 90d, got {value!r}")
     return duration
 
 

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import serialization
 
 from mesh.errors import MeshError
 from mesh.pki.certs import (
-    CLOCK_SKEW,
     CAKey,
     Issuer,
     LeafRequest,
@@ -25,6 +24,7 @@ from mesh.pki.certs import (
     build_leaf,
     build_root,
     checked_csr,
+    leaf_validity,
     new_ca_key,
 )
 from mesh.pki.files import (
@@ -132,14 +132,16 @@ class CertificateAuthority:
     def sign(self, csr_pem: bytes, spiffe_id: str, ttl: timedelta, host: str, proxy: str,
              now: datetime | None = None) -> IssuedCertificate:
         """A leaf for the CSR's key with exactly one URI SAN, spiffe_id (the CSR's own names are ignored),
-        valid from 5 minutes before now (clock skew) for ttl (never past the intermediate); recorded."""
+        valid from a little before now (certs.backdate: 5 minutes, at most ttl/10) for ttl (never past the
+        intermediate); recorded."""
         segments = spiffe_path(spiffe_id, self.trust_domain)
         if ttl <= timedelta(0):
             raise MeshError(f"a certificate lifetime must be positive, got {ttl}")
         csr = checked_csr(csr_pem)
         now = now or datetime.now(UTC)
-        request = LeafRequest(csr=csr, spiffe_id=spiffe_id, common_name=segments[-1], not_before=now - CLOCK_SKEW,
-                              not_after=min(now + ttl, self.intermediate.not_valid_after_utc))
+        not_before, not_after = leaf_validity(now, ttl, self.intermediate.not_valid_after_utc)
+        request = LeafRequest(csr=csr, spiffe_id=spiffe_id, common_name=segments[-1], not_before=not_before,
+                              not_after=not_after)
         leaf = build_leaf(request, Issuer(self.intermediate, self._intermediate_key))
         issued = IssuedCertificate(cert_pem=_pem(leaf), chain_pem=_pem(leaf) + self.intermediate_pem,
                                    not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc,

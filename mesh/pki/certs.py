@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.errors import MeshError
 
-CLOCK_SKEW = timedelta(minutes=5)
+CLOCK_SKEW = timedelta(minutes=5)  # a leaf's not_before is set back this much, or a tenth of its lifetime if less
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=1826)
 MIN_RSA_BITS = 2048
@@ -28,6 +28,29 @@ class Issuer:
 
     cert: x509.Certificate
     key: CAKey
+
+
+def backdate(ttl: timedelta) -> timedelta:
+    """How far before its signing a leaf of lifetime `ttl` starts: CLOCK_SKEW, at most a tenth of the lifetime
+    (a one-minute leaf is backdated 6 s, not 5 minutes that would make most of it past already)."""
+    return min(CLOCK_SKEW, ttl / 10)
+
+
+def leaf_validity(now: datetime, ttl: timedelta, ceiling: datetime) -> tuple[datetime, datetime]:
+    """(not_before, not_after) of a leaf signed at `now` for `ttl`: backdated (backdate()), never past
+    `ceiling` (the issuer's own not_after)."""
+    return now - backdate(ttl), min(now + ttl, ceiling)
+
+
+def validity_start(not_before: datetime, not_after: datetime) -> datetime:
+    """When a leaf mesh signed really started (its signing time): not_before plus the backdate, found from its
+    validity as leaf_validity made it (lifetime = ttl + min(CLOCK_SKEW, ttl/10)). Renewal and expiry count
+    fractions of a lifetime from here, so a short-lived leaf is not judged a tenth older than it is."""
+    total = not_after - not_before
+    if total <= timedelta(0):
+        return not_before
+    skew = total / 11 if total < CLOCK_SKEW * 11 else CLOCK_SKEW
+    return not_before + skew
 
 
 def new_ca_key() -> CAKey:

@@ -12,6 +12,7 @@ from enum import Enum
 from cryptography import x509
 
 from mesh.errors import MeshError
+from mesh.pki.certs import validity_start
 from mesh.pki.leaf import load_chain
 
 WARN_REMAINING = 1 / 3  # under this part of its lifetime left, a certificate is reported (exit 2)
@@ -48,10 +49,11 @@ class Lifetime:
 
     @property
     def fraction(self) -> float:
-        """The part of the lifetime still ahead, 1.0 (new) to 0.0 (expired)."""
+        """The part of the lifetime still ahead, 1.0 (new) to 0.0 (expired); the lifetime counted from the real
+        start (not_before plus the backdate, as renewal counts it)."""
         if self.not_before is None or self.not_after is None or self.now is None:
             return 0.0
-        total = (self.not_after - self.not_before).total_seconds()
+        total = (self.not_after - validity_start(self.not_before, self.not_after)).total_seconds()
         return 0.0 if total <= 0 else min(1.0, max(0.0, self.remaining.total_seconds() / total))
 
     def describe(self) -> str:

@@ -1,5 +1,6 @@
-"""Reading a workload leaf back: its SPIFFE ID, validity and serial, whether it chains to this CA, and
-whether it needs renewal (unreadable, foreign, or past half its lifetime). It must not sign anything.
+"""Reading a workload leaf back: its SPIFFE ID, validity and serial, whether it chains to this CA (through
+the deploy's intermediate or any other the root signed, such as the controllers'), and whether it needs renewal
+(unreadable, foreign, or past half its lifetime counted from its real start). It must not sign anything.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
 from mesh.errors import MeshError
+from mesh.pki.certs import validity_start
 
 RENEW_AT_REMAINING = 0.5
 
@@ -66,10 +68,11 @@ def _spiffe_id(leaf: x509.Certificate) -> str | None:
 
 
 def leaf_remaining_fraction(cert_pem: bytes, now: datetime | None = None) -> float:
-    """The part of the leaf's lifetime still ahead at now, from 1.0 (just issued) to 0.0 (expired)."""
+    """The part of the leaf's lifetime still ahead at now, from 1.0 (just issued) to 0.0 (expired); the
+    lifetime runs from the real start (certs.validity_start: not_before plus the backdate) to not_after."""
     info = leaf_info(cert_pem)
     now = now or datetime.now(UTC)
-    lifetime = (info.not_after - info.not_before).total_seconds()
+    lifetime = (info.not_after - validity_start(info.not_before, info.not_after)).total_seconds()
     if lifetime <= 0:
         return 0.0
     return min(1.0, max(0.0, (info.not_after - now).total_seconds() / lifetime))
@@ -78,7 +81,8 @@ def leaf_remaining_fraction(cert_pem: bytes, now: datetime | None = None) -> flo
 def leaf_needs_renewal(cert_pem: bytes, now: datetime | None = None, root_pem: bytes | None = None,
                        intermediate_pem: bytes | None = None) -> bool:
     """True when the leaf is unreadable, past half its lifetime, or (root_pem given) does not chain to that
-    root through the intermediates in cert_pem (a leaf + chain bundle) or intermediate_pem."""
+    root through an intermediate of cert_pem (a leaf + chain bundle: a controller's leaf carries the controllers'
+    intermediate) or of intermediate_pem (one or more PEM certificates)."""
     try:
         if leaf_remaining_fraction(cert_pem, now) <= RENEW_AT_REMAINING:
             return True
@@ -90,8 +94,9 @@ def leaf_needs_renewal(cert_pem: bytes, now: datetime | None = None, root_pem: b
 
 
 def chains_to(cert_pem: bytes, root_pem: bytes, intermediate_pem: bytes | None = None) -> bool:
-    """Whether the first certificate of cert_pem was signed by root_pem's root, directly or through one
-    CA certificate (from cert_pem or intermediate_pem) that the root signed. Signatures only, not times."""
+    """Whether the first certificate of cert_pem was signed by root_pem's root, directly or through any one
+    CA certificate (from cert_pem's chain or the bundle intermediate_pem) that the root signed: the deploy's
+    intermediate or the controllers' own. Signatures only, not times."""
     certs = load_chain(cert_pem)
     root = load_chain(root_pem)[0]
     middles = certs[1:] + (load_chain(intermediate_pem) if intermediate_pem else [])

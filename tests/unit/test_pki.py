@@ -349,9 +349,9 @@ def test_server_refuses_a_client_without_certificate(authority: CertificateAutho
 
 def test_renewal_at_forty_and_sixty_percent(authority: CertificateAuthority) -> None:
     _, issued = issue(authority, ttl=timedelta(hours=10))
-    lifetime = issued.not_after - issued.not_before
-    at_40 = issued.not_before + lifetime * 0.4
-    at_60 = issued.not_before + lifetime * 0.6
+    lifetime = timedelta(hours=10)  # counted from the signing: not_before is 5 minutes earlier (clock skew)
+    at_40 = issued.not_before + timedelta(minutes=5) + lifetime * 0.4
+    at_60 = issued.not_before + timedelta(minutes=5) + lifetime * 0.6
     assert leaf_remaining_fraction(issued.chain_pem, at_40) == pytest.approx(0.6)
     assert not leaf_needs_renewal(issued.chain_pem, at_40)
     assert leaf_needs_renewal(issued.chain_pem, at_60)
@@ -457,13 +457,13 @@ def test_a_committed_key_counts_as_in_git_even_when_ignored_later(tmp_path: Path
 def test_expiry_states_at_a_third(authority: CertificateAuthority) -> None:
     _, issued = issue(authority, ttl=timedelta(hours=24))
     cert = x509.load_pem_x509_certificates(issued.cert_pem)[0]
-    lifetime = issued.not_after - issued.not_before  # 24 h plus the 5 minutes of clock skew
+    lifetime = timedelta(hours=24)  # from the signing (not_before is 5 minutes earlier: clock skew)
     just_above = issued.not_after - lifetime / 3 - timedelta(seconds=10)
     just_below = issued.not_after - lifetime / 3 + timedelta(seconds=10)
     assert judge(cert, just_above).state is Expiry.OK
     seen = judge(cert, just_below)
     assert seen.state is Expiry.LOW and seen.fraction < WARN_REMAINING
-    assert seen.describe() == f"expires {issued.not_after:%Y-%m-%d %H:%M} UTC, 8h 1m left (33%)"
+    assert seen.describe() == f"expires {issued.not_after:%Y-%m-%d %H:%M} UTC, 7h 59m left (33%)"
     assert judge(cert, issued.not_after).state is Expiry.EXPIRED
     assert judge_pem(None).state is Expiry.MISSING and judge_pem(b"garbage").state is Expiry.UNREADABLE
     assert judge_pem(issued.chain_pem, just_below).state is Expiry.LOW  # the leaf of a chain is judged
