@@ -190,7 +190,7 @@ def _check_xds_relpath(name: str, relpath: str) -> None:
 class CertState:
     """The certificate behind an identity's `tls` link."""
 
-    serial: str  # lower-case hex, as `openssl x509 -serial` prints it (serial_hex of the number)
+    serial: str  # lower-case hex without leading zeros (serial_hex: as mesh.pki writes serials)
     not_before: datetime
     not_after: datetime
 
@@ -316,6 +316,6 @@ def parse_installed(stdout: str, name: str | None = None) -> str:
 
 
 def serial_hex(number: int) -> str:
-    """A certificate serial number as `state` and `install` print it (openssl's hex, lower-cased)."""
-    text = format(number, "x")
-    return text if len(text) % 2 == 0 else "0" + text
+    """A certificate serial number as `state` and `install` print it: lower-case hex without leading zeros, as
+    mesh.pki writes serials (IssuedCertificate.serial, the issued records)."""
+    return format(number, "x")
