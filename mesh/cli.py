@@ -101,6 +101,15 @@ def _add_ca_commands() -> None:
 _add_ca_commands()
 
 
+def _add_controller_commands() -> None:
+    from mesh.controller.commands import controller
+
+    cli.add_command(controller)
+
+
+_add_controller_commands()
+
+
 @cli.command("deploy")
 @inventory_argument
 @inventory_option

@@ -1,0 +1,340 @@
+"""The controller's loop: leadership, the Consul watch, debounced snapshots pushed to every host, renewals, the
+published state and metrics; SIGHUP re-reads the spec, SIGTERM releases the lock.
+
+It wires the parts together and owns timing (debounce, rounds, publishing); what is pushed is pusher.py's,
+which endpoints snapshot.py's. A Controller is an object: two can run in one test.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Protocol
+
+import consul
+import structlog
+
+from mesh.catalog import ConsulAccess, connect, read_token
+from mesh.config import paths
+from mesh.controller.consul_watch import ConsulWatch, Fetch, consul_fetch
+from mesh.controller.endpoints import ServiceEndpoints
+from mesh.controller.metrics import ControllerMetrics
+from mesh.controller.published import state_document, state_text
+from mesh.controller.pusher import Pusher, Validate
+from mesh.controller.renewal import Renewer
+from mesh.controller.rotation import SignedLeaf, issued_record, load_signer, remaining_s
+from mesh.controller.snapshot import KnownEndpoints, Snapshot, build_snapshot, remembered, watched_services
+from mesh.controller.spec import (
+    INTERMEDIATE_CERT,
+    INTERMEDIATE_KEY,
+    ROOT_CERT,
+    SSH_KEY,
+    ControllerSpec,
+    IdentitySpec,
+    deploy_lock_key,
+    issued_prefix,
+)
+from mesh.controller.transport import SshTransport, Transport
+from mesh.errors import MeshError
+from mesh.healthcheck.leader import Leadership, holder_id
+
+SESSION_NAME = "mesh-controller"
+ROUND_INTERVAL_S = 1.0  # a round with nothing new costs no I/O but reconnecting hosts and due renewals
+PUBLISH_INTERVAL_S = 5.0
+DEPLOY_POLL_S = 0.5
+
+
+class ControllerLeadership(Leadership):
+    session_name = SESSION_NAME
+
+
+class Leader(Protocol):
+    def step(self) -> bool: ...
+
+    def holds(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class Store(Protocol):
+    """The Consul KV the loop reads and writes (besides the lock)."""
+
+    def deploy_locked(self) -> bool: ...
+
+    def put(self, key: str, value: str) -> None: ...
+
+
+class ConsulStore:
+    """Store over py-consul; a failed read of the deploy lock keeps the last answer (the lock fences anyway)."""
+
+    def __init__(self, access: ConsulAccess, mesh_id: str) -> None:
+        self.client = connect(access)
+        self.key = deploy_lock_key(mesh_id)
+        self.locked = False
+
+    def deploy_locked(self) -> bool:
+        try:
+            _index, item = self.client.kv.get(self.key)
+        except (consul.ConsulException, OSError):
+            return self.locked
+        self.locked = bool(item and item.get("Session"))
+        return self.locked
+
+    def put(self, key: str, value: str) -> None:
+        self.client.kv.put(key, value)
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    """Where the controller's own files are (the spec's defaults on a controller host; elsewhere in tests)."""
+
+    key_path: str = SSH_KEY
+    intermediate_cert: str = INTERMEDIATE_CERT
+    intermediate_key: str = INTERMEDIATE_KEY
+    root_cert: str = ROOT_CERT  # the trust bundle the controller's own validation uses
+    envoy: str = paths.ENVOY_BINARY
+    holder: str | None = None
+    serve_metrics: bool = True
+    round_interval_s: float = ROUND_INTERVAL_S
+    publish_interval_s: float = PUBLISH_INTERVAL_S
+
+
+def consul_access(spec: ControllerSpec) -> ConsulAccess:
+    token = read_token(spec.consul_token_file) if spec.consul_token_file else None
+    return ConsulAccess(spec.consul_url, token, spec.consul_ca_file)
+
+
+def envoy_validator(envoy: str, root_cert: str) -> Validate:
+    """validate_proxy_files with the controller's Envoy and the mesh's root as the trust bundle."""
+    from mesh.render import validate_proxy_files  # imports the config model: only when validating for real
+
+    try:
+        with open(root_cert, "rb") as handle:
+            ca_pem = handle.read()
+    except OSError as exc:
+        raise MeshError(f"cannot read the mesh root {root_cert}: {exc.strerror}") from None
+    return lambda files: validate_proxy_files(files, ca_pem, envoy)
+
+
+class Controller:
+    """One controller. `run()` blocks until `stop()`; `tick()` is one pass of the loop (tests drive it)."""
+
+    def __init__(self, load: Callable[[], ControllerSpec], options: ControllerOptions = ControllerOptions(),
+                 transport: Transport | None = None, validate: Validate | None = None,
+                 leader: Callable[[ControllerSpec, str], Leader] | None = None,
+                 store: Callable[[ControllerSpec], Store] | None = None,
+                 fetch: Callable[[ControllerSpec], Callable[[], Fetch]] | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC), watch: bool = True) -> None:
+        self.load = load
+        self.options = options
+        self.clock, self.wall, self.now = clock, wall, now
+        self.log = structlog.get_logger()
+        self.spec = load()
+        self.holder = options.holder or holder_id()
+        self.metrics = ControllerMetrics()
+        self.transport = transport or SshTransport(options.key_path)
+        self.validate = validate or envoy_validator(options.envoy, options.root_cert)
+        self.pusher = Pusher(self.transport, self.validate, self.metrics, clock=clock, wall=wall)
+        self.pusher.set_hosts(self.spec.hosts)
+        self.leader = (leader or _consul_leader)(self.spec, self.holder)
+        self.store = (store or (lambda spec: ConsulStore(consul_access(spec), spec.mesh_id)))(self.spec)
+        self.renewer = self._renewer(self.spec)
+        self.lock = threading.Condition()
+        self.known: KnownEndpoints = MappingProxyType({})
+        self.dirty, self.dirty_since = True, clock()
+        self.stopping = False
+        self.reload_requested = False
+        self.leading = False
+        self.paused = False
+        self.next_step = float("-inf")
+        self.next_round = float("-inf")
+        self.next_publish = float("-inf")
+        self.snapshot: Snapshot = {}
+        self.snapshot_of: tuple[ControllerSpec, KnownEndpoints] | None = None
+        self.pushed_digest: str | None = None  # the plan digest of the last spec a round reached every host with
+        self.behind: tuple[str, ...] = ()
+        make_fetch = (fetch or (lambda spec: lambda: consul_fetch(consul_access(spec))))(self.spec)
+        self.watch = ConsulWatch(self.spec.mesh_id, make_fetch, self.on_answer)
+        self.watching = watch
+
+    # --- inputs (other threads) ---
+
+    def on_answer(self, seen: ServiceEndpoints) -> None:
+        """A watch's new answer: remember the chosen endpoints; a change starts the debounce."""
+        with self.lock:
+            known = remembered(self.known, seen)
+            if known is self.known:
+                return
+            self.known = known
+            if not self.dirty:
+                self.dirty, self.dirty_since = True, self.clock()
+            self.lock.notify_all()
+
+    def request_reload(self) -> None:
+        with self.lock:
+            self.reload_requested = True
+            self.lock.notify_all()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+
+    # --- the loop ---
+
+    def run(self) -> None:
+        if self.options.serve_metrics:
+            self.metrics.serve(self.spec.metrics_port)
+        if self.watching:
+            self.watch.watch(watched_services(self.spec))
+        self.log.info("controller_started", holder=self.holder, mesh_id=self.spec.mesh_id,
+                      hosts=len(self.spec.hosts), plan_digest=self.spec.plan_digest[:12])
+        try:
+            while True:
+                wait = self.tick()
+                with self.lock:
+                    if self.stopping:
+                        break
+                    if not self.reload_requested:
+                        self.lock.wait(timeout=wait)
+        finally:
+            self.shutdown()
+
+    def tick(self) -> float:
+        """One pass: leadership, then (leading, no deploy running) a round when something changed or it is
+        time; returns how long to wait before the next pass."""
+        if self.reload_requested:
+            self._reload()
+        now = self.clock()
+        if now >= self.next_step:
+            self.leader.step()
+            self.next_step = now + max(0.5, self.spec.session_ttl_s / 3)
+        leading = self.leader.holds()
+        if leading != self.leading:
+            self.leading = leading
+            self.log.info("controller_leading" if leading else "controller_standby", holder=self.holder)
+            if not leading:
+                self.pusher.forget()  # another controller may push meanwhile: read every host again
+        self.metrics.leader.set(1 if leading else 0)
+        self.metrics.consul_staleness.set(self.watch.staleness_s())
+        if not leading:
+            return min(1.0, max(0.0, self.next_step - now))
+        with self.lock:
+            dirty, since = self.dirty, self.dirty_since
+        debounce = self.spec.debounce_ms / 1000
+        if dirty and now - since < debounce:
+            return since + debounce - now
+        if dirty or now >= self.next_round:
+            self._round()
+        if self.clock() >= self.next_publish:
+            self._publish()
+        now = self.clock()
+        return max(0.0, min(self.next_round, self.next_publish, self.next_step) - now)
+
+    def _round(self) -> None:
+        if self.store.deploy_locked():
+            if not self.paused:
+                self.log.info("controller_paused", reason="a deploy holds its lock")
+            self.paused = True
+            self.next_round = self.clock() + DEPLOY_POLL_S
+            return
+        if self.paused:
+            self.log.info("controller_resumed")
+            self.paused = False
+        with self.lock:
+            self.dirty = False
+            known = self.known
+        spec = self.spec
+        if self.snapshot_of is None or self.snapshot_of[0] is not spec or self.snapshot_of[1] is not known:
+            self.snapshot = build_snapshot(spec, known)
+            self.snapshot_of = (spec, known)
+        result = self.pusher.round(self.snapshot, self.leader.holds, self.renewer.renew if self.renewer else None)
+        self.behind = result.behind
+        self._certificate_metrics()
+        reached = spec.plan_digest if not result.behind else self.pushed_digest
+        if result.pushed or result.refused or reached != self.pushed_digest:
+            self.pushed_digest = reached
+            self.next_publish = self.clock()  # publish now
+        self.next_round = self.clock() + self.options.round_interval_s
+
+    def _publish(self) -> None:
+        self.next_publish = self.clock() + self.options.publish_interval_s
+        if not self.leader.holds():
+            return
+        certificates = {(name, identity): cert for name, link in self.pusher.links.items() if link.state
+                        for identity, cert in link.state.certs.items()}
+        document = state_document(self.holder, self.pushed_digest, self.wall(), self.watch.staleness_s(),
+                                  self.snapshot, self.pusher.host_versions(), self.pusher.pushed_at, certificates,
+                                  self.behind)
+        try:
+            self.store.put(self.spec.state_key, state_text(document))
+        except (consul.ConsulException, OSError) as exc:
+            self.log.warning("controller_state_not_published", error=str(exc).splitlines()[0] if str(exc) else "")
+
+    def _certificate_metrics(self) -> None:
+        now = self.now()
+        remaining = {(name, identity): seconds for name, link in self.pusher.links.items() if link.state
+                     for identity, seconds in remaining_s(link.state.certs, now).items()}
+        self.metrics.certificates(remaining)
+
+    def _reload(self) -> None:
+        self.reload_requested = False
+        try:
+            spec = self.load()
+        except MeshError as exc:
+            self.log.error("controller_spec_refused", error=str(exc))
+            return
+        if (spec.mesh_id, spec.consul_url) != (self.spec.mesh_id, self.spec.consul_url):
+            self.log.error("controller_spec_refused", error="mesh_id and consul_url change only with a restart")
+            return
+        self.spec = spec
+        self.pusher.set_hosts(spec.hosts)
+        self.renewer = self._renewer(spec)
+        if self.watching:
+            self.watch.watch(watched_services(spec))
+        with self.lock:
+            self.dirty, self.dirty_since = True, self.clock()
+        self.log.info("controller_spec_loaded", plan_digest=spec.plan_digest[:12], hosts=len(spec.hosts))
+
+    def _renewer(self, spec: ControllerSpec) -> Renewer | None:
+        try:
+            signer = load_signer(spec.trust_domain, self.options.intermediate_cert, self.options.intermediate_key)
+        except MeshError as exc:
+            self.log.error("controller_cannot_sign", error=str(exc), effect="certificates are not renewed")
+            return None
+        return Renewer(spec, signer, self._record, now=self.now, clock=self.clock)
+
+    def _record(self, host: str, identity: IdentitySpec, leaf: SignedLeaf, issued_at: datetime) -> None:
+        record = issued_record(host, identity.name, identity.spiffe_id, leaf, issued_at)
+        self.store.put(issued_prefix(self.spec.mesh_id) + leaf.serial, json.dumps(record, sort_keys=True))
+
+    def shutdown(self) -> None:
+        self.watch.stop()
+        self.leader.release()
+        self.pusher.close()
+        self.metrics.stop()
+        self.log.info("controller_stopped", holder=self.holder)
+
+
+def _consul_leader(spec: ControllerSpec, holder: str) -> Leader:
+    return ControllerLeadership(consul_access(spec), spec.lock_key, spec.session_ttl_s, holder)
+
+
+
+def serve(load: Callable[[], ControllerSpec], options: ControllerOptions = ControllerOptions()) -> int:
+    """Run a controller in this process until SIGTERM (or SIGINT): SIGHUP re-reads the spec; the lock is
+    released on the way out. Exit code 0. Call from the main thread (signal handlers)."""
+    import signal
+
+    controller = Controller(load, options)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: controller.request_reload())
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: controller.stop())
+    signal.signal(signal.SIGINT, lambda _signum, _frame: controller.stop())
+    controller.run()
+    return 0
