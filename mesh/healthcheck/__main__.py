@@ -20,8 +20,9 @@ from mesh.catalog import ConsulAccess, read_token
 from mesh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, MeshError, UsageError
 from mesh.healthcheck.checker import HealthChecker, consul_writer
 from mesh.healthcheck.config import DEFAULT_CONFIG, CheckerConfig, CheckerConfigError, Instance, load_config
+from mesh.healthcheck.identity import ClientIdentity
 from mesh.healthcheck.leader import Leadership
-from mesh.healthcheck.probe import client_context, probe
+from mesh.healthcheck.probe import ProbeResult, client_context, probe
 from mesh.log import configure_logging
 
 
@@ -83,16 +84,20 @@ def probe_once(config_path: str, target: str) -> int:
 
 
 def build_checker(config: CheckerConfig) -> HealthChecker:
-    """The checker with its real parts: the client TLS context, the Consul lock and the Consul writer."""
+    """The checker with its real parts: the client TLS identity (reloaded before a round when its `tls` link
+    changed), the Consul lock and the Consul writer."""
     try:
-        context = client_context(config.cert, config.key, config.ca)
+        identity = ClientIdentity(config.cert, config.key, config.ca)
     except (OSError, ssl.SSLError) as exc:  # the message names files, never their content
         raise CheckerConfigError(f"cannot load the checker's certificate, key or CA "
                                  f"({config.cert}, {config.key}, {config.ca}): {exc}") from exc
     access = consul_access(config)
     lock = Leadership(access, config.lock_key, config.session_ttl)
-    prober = partial(probe, context, config=config)
-    return HealthChecker(config, lock, prober, consul_writer(access))
+
+    def prober(instance: Instance) -> ProbeResult:
+        return probe(identity.context, instance, config)
+
+    return HealthChecker(config, lock, prober, consul_writer(access), before_round=identity.refresh)
 
 
 def consul_access(config: CheckerConfig) -> ConsulAccess:

@@ -46,15 +46,18 @@ def consul_writer(consul_: catalog.Consul) -> Writer:
 
 
 class HealthChecker:
-    """Probes only while it leads; writes a status when it changes, and again every `refresh` seconds."""
+    """Probes only while it leads; writes a status when it changes, and again every `refresh` seconds.
+    `before_round` runs before each round's probes (the client identity's reload check)."""
 
     def __init__(self, config: CheckerConfig, lock: Lock, prober: Prober, writer: Writer,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 before_round: Callable[[], object] | None = None) -> None:
         self.config = config
         self.lock = lock
         self.prober = prober
         self.writer = writer
         self.clock = clock
+        self.before_round = before_round
         self.written: dict[str, Written] = {}
         self.log = structlog.get_logger()
 
@@ -74,6 +77,8 @@ class HealthChecker:
                         next_round = 0.0
                     leading = now_leading
                     if leading and self.clock() >= next_round:
+                        if self.before_round is not None:
+                            self.before_round()
                         self.round(pool.map(self.prober, self.config.instances))
                         next_round = self.clock() + self.config.interval
                     stop.wait(tick)
