@@ -15,7 +15,9 @@
 # Anything else is refused (exit 2). Exit 1: a well-formed request that failed (Envoy refused the files, a
 # certificate not for the pending key or not trusted). Only identities listed in the identities file are touched:
 #   NAME KIND HOME OWNER CN TRUST IMAGE      (KIND vm|container|checker; IMAGE `-` unless container)
-# MESH_CTL_ROOT (tests, benchmarks: sudo removes it from the environment) prefixes this script's own paths.
+# MESH_CTL_ROOT (tests, benchmarks: sudo removes it from the environment) prefixes this script's own paths (the
+# identities file, Envoy, the lock and temp files in /run/mesh-ctl, the syslog socket); HOME and TRUST are used as
+# the identities file writes them.
 set -f -u
 umask 077
 LC_ALL=C
@@ -49,7 +51,12 @@ finish() {
   code=$?
   [ -n "$staging" ] && rm -rf -- "$staging"
   [ -n "$work" ] && rm -rf -- "$work"
-  logger -t mesh-ctl -- "call: $(printable "$request") exit: $code" >/dev/null 2>&1 || :
+  line="call: $(printable "$request") exit: $code"
+  if [ -z "$ROOT" ]; then
+    logger -t mesh-ctl -- "$line" > /dev/null 2>&1 || :
+  else
+    logger -u "$ROOT/dev/log" -t mesh-ctl -- "$line" > /dev/null 2>&1 || :
+  fi
   exit "$code"
 }
 trap finish EXIT
