@@ -53,8 +53,9 @@ class FakeCtlHost:
     def run(self, request: str, stdin: bytes = b"") -> CtlResult:
         self.calls.append(request)
         verb, *args = request.split(" ")
-        handler: Callable[..., CtlResult] = {"state": self._state, "apply": self._apply, "csr": self._csr,
-                                             "install": self._install}[verb]
+        handlers: dict[str, Callable[..., CtlResult]] = {"state": self._state, "apply": self._apply,
+                                                         "csr": self._csr, "install": self._install}
+        handler = handlers[verb]
         return handler(stdin, *args)
 
     def _state(self, _stdin: bytes) -> CtlResult:
@@ -77,7 +78,8 @@ class FakeCtlHost:
                 handle = archive.extractfile(member)
                 assert handle is not None
                 members.setdefault(name, []).append((relpath, handle.read().decode()))
-        out, moved = [], {}
+        out: list[str] = []
+        moved: dict[str, list[str]] = {}
         for name, items in members.items():
             if name in self.refuse:
                 self.applied.append(moved)

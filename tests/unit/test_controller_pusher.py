@@ -14,10 +14,17 @@ from mesh.config.errors import EnvoyRejectedConfig
 from mesh.controller.endpoints import Endpoint
 from mesh.controller.metrics import ControllerMetrics
 from mesh.controller.pusher import Pusher
-from mesh.controller.snapshot import build_snapshot
+from mesh.controller.snapshot import KnownEndpoints, build_snapshot
 from mesh.controller.spec import ControllerSpec
 from mesh.render import ProxyFiles
-from mesh.testing.fake_ctl import FakeCtlHost, FakeCtlTransport, controller_spec, host_spec, proxy_spec, web_files
+from mesh.testing.fake_ctl import (
+    FakeCtlHost,
+    FakeCtlTransport,
+    controller_spec,
+    host_spec,
+    proxy_spec,
+    web_files,
+)
 
 EDS = "xds/eds.upstream-api.yaml"
 
@@ -31,7 +38,7 @@ class Fleet:
     pusher: Pusher
     metrics: ControllerMetrics
 
-    def round(self, known: dict[str, tuple[Endpoint, ...]], may_push: Callable[[], bool] = lambda: True) -> None:
+    def round(self, known: KnownEndpoints, may_push: Callable[[], bool] = lambda: True) -> None:
         self.pusher.round(build_snapshot(self.spec, known), may_push)
 
     def applies(self, host: str) -> list[dict[str, list[str]]]:
