@@ -32,6 +32,9 @@ _FROM_THE_WHEEL = textwrap.dedent("""
     register_mesh_modules(modules)
     playbook = load_playbook(package_data.playbook_path("deploy.yml"), modules)
     print("plays:", len(playbook.plays))
+    from mesh.controller.protocol import script_path, script_text
+    assert str(script_path()).startswith(sys.argv[1]), script_path()
+    print("mesh-ctl:", script_text().splitlines()[0])
 """)
 
 
@@ -64,3 +67,4 @@ def test_a_built_wheel_carries_templates_and_playbooks(tmp_path: Path) -> None:
     assert lines[0] == "unit sections: ['[Unit]', '[Service]', '[Install]']"
     assert lines[1] == f"envoy: {target / 'mesh' / 'templates' / 'envoy' / 'bootstrap.yaml.j2'}"
     assert lines[2].startswith("plays: ") and int(lines[2].split()[1]) >= 1
+    assert lines[3] == "mesh-ctl: #!/bin/sh"
