@@ -1,13 +1,16 @@
 """The `mesh ca` commands: find the state folder and trust domain (inventory or options), call the CA once,
-print; `check` reads the hosts' certificates through deploy/hostcerts.py and judges them with pki/expiry.py.
+print; `check` reads the hosts' certificates through deploy/hostcerts.py and judges them with pki/expiry.py,
+then lists the newest leaf issued to each proxy: from the state dir's ledger (deploys) and from the records the
+controllers keep in Consul KV (mesh.controller.spec.issued_prefix).
 No PKI here (mesh/pki/ does it), and never a key: only certificates, serials and fingerprints.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -21,11 +24,12 @@ from mesh.cli_inventory import fleet_inventory, inventory_argument, inventory_op
 from mesh.deploy.hostcerts import CertFile, HostFiles, all_cert_files, read_hosts
 from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError, UsageError
 from mesh.hosts.connection import Connector
-from mesh.inventory.model import ManagedHost, MeshSettings
+from mesh.inventory.model import ManagedHost, Mesh, MeshSettings
 from mesh.pki import CertificateAuthority, IssuedRecord, fingerprint
-from mesh.pki.authority import ROOT_KEY
-from mesh.pki.expiry import WARN_REMAINING, Expiry, Lifetime, judge, judge_pem
+from mesh.pki.authority import CA_FOLDER, ROOT_KEY
+from mesh.pki.expiry import WARN_REMAINING, Expiry, Lifetime, judge, judge_pem, judge_times
 from mesh.pki.leaf import load_chain, serial_hex
+from mesh.pki.ledger import read_records
 from mesh.pki.vcs import GITIGNORE, git_work_tree, key_in_git
 
 PIPE_WIDTH = 160  # rich wraps at 80 columns when stdout is not a terminal; rows of this table are wider
@@ -239,11 +243,21 @@ def check_exit_code(certs: Sequence[HostCert]) -> int:
 def check_fleet(inventory_path: str, factory: Callable[[ManagedHost], Connector] | None = None,
                 now: datetime | None = None) -> tuple[list[HostCert], int]:
     """Read every certificate on every managed host of the inventory (in parallel) and judge it."""
-    from mesh.hosts.connection import connect
+    return check_mesh(_checked_mesh(inventory_path), factory, now)
+
+
+def _checked_mesh(inventory_path: str) -> Mesh:
     from mesh.inventory.check import check_inventory
     from mesh.inventory.loader import load_inventory
 
-    mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
+    return check_inventory(load_inventory(inventory_path), inventory_path).mesh
+
+
+def check_mesh(mesh: Mesh, factory: Callable[[ManagedHost], Connector] | None = None,
+               now: datetime | None = None) -> tuple[list[HostCert], int]:
+    """check_fleet of a loaded mesh."""
+    from mesh.hosts.connection import connect
+
     seen = read_hosts(list(mesh.hosts), all_cert_files, factory or connect)
     when = now or datetime.now(UTC)
     certs = [cert for host, got in zip(mesh.hosts, seen, strict=True)
@@ -259,11 +273,107 @@ def check(ctx: click.Context, inventory_path: str | None, inventory_option: str 
     """Read every certificate on every managed host (proxies, sidecars, the checker, trust bundles) and print
     its remaining lifetime. Exit 2 when one has under a third of its lifetime left (or is expired, missing or
     unreadable), 3 when a host is unreachable, 0 otherwise: meant for cron or a monitor."""
-    certs, code = check_fleet(fleet_inventory(inventory_path, inventory_option))
+    mesh = _checked_mesh(fleet_inventory(inventory_path, inventory_option))
+    certs, code = check_mesh(mesh)
     widths = (max([len(c.host) for c in certs] + [4]), max([len(c.name) for c in certs] + [4]),
               max([len(c.path) for c in certs] + [4]))
     for cert in certs:
         click.echo(cert.line(widths))
     bad = sum(cert.lifetime is None or cert.lifetime.state.bad for cert in certs)
     click.echo(f"{len(certs)} certificate(s), {bad} need attention" + (" (run mesh deploy to renew)" if bad else ""))
+    for line in issued_lines(mesh, datetime.now(UTC)):
+        click.echo(line)
     ctx.exit(code)
+
+
+# ---- the leaves issued: the state dir's ledger (deploys) and the controllers' records in Consul KV ---------
+
+CHECKER_NAMES = ("checker", "health-checker")  # the controllers' identity name and the deploy's ledger name
+
+
+@dataclass(frozen=True)
+class IssuedLeaf:
+    """The newest leaf issued to one proxy (or checker), by whom, and how many were issued to it before."""
+
+    source: str  # `deploy` (the state dir's ledger) or `controller` (Consul KV)
+    record: IssuedRecord
+    earlier: int
+
+    def line(self, now: datetime, widths: tuple[int, int]) -> str:
+        lifetime = judge_times(self.record.not_before, self.record.not_after, now)
+        earlier = f" ({self.earlier} earlier)" if self.earlier else ""
+        return (f"{self.record.host:<{widths[0]}}  {self.record.proxy:<{widths[1]}}  {self.source:<10}  "
+                f"serial {self.record.serial}  {lifetime.state.value:<14}  {lifetime.describe()}{earlier}")
+
+
+def newest_leaves(ledger: Iterable[IssuedRecord], controllers: Iterable[IssuedRecord]) -> list[IssuedLeaf]:
+    """Pure: per (host, proxy) the newest record of either source (the checker's two names are one), with the
+    count of older ones; by host, then proxy."""
+    groups: dict[tuple[str, str], list[tuple[str, IssuedRecord]]] = {}
+    for source, records in (("deploy", ledger), ("controller", controllers)):
+        for record in records:
+            proxy = CHECKER_NAMES[1] if record.proxy in CHECKER_NAMES else record.proxy
+            groups.setdefault((record.host, proxy), []).append((source, record))
+    leaves = []
+    for key in sorted(groups):
+        source, newest = max(groups[key], key=lambda item: item[1].issued_at)
+        leaves.append(IssuedLeaf(source, newest, len(groups[key]) - 1))
+    return leaves
+
+
+def parse_controller_records(entries: Iterable[tuple[str, bytes | None]], prefix: str) -> tuple[
+        list[IssuedRecord], list[str]]:
+    """Pure: the records of Consul KV entries (key, value) under `prefix` (JSON as IssuedRecord.as_json, the
+    serial from the key when the value lacks it), and one problem per entry that is not such a record."""
+    records, problems = [], []
+    for key, value in entries:
+        try:
+            data = json.loads(value or b"")
+            records.append(IssuedRecord.from_json({**data, "serial": data.get("serial") or key[len(prefix):]}))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append(f"{key}: not a record of an issued leaf ({type(exc).__name__})")
+    return records, problems
+
+
+def controller_records(mesh: Mesh) -> tuple[list[IssuedRecord], list[str]]:
+    """The leaves the controllers recorded in Consul KV for this mesh id (CatalogError when Consul fails)."""
+    from mesh import catalog
+    from mesh.controller.spec import issued_prefix
+
+    prefix = issued_prefix(mesh.settings.id)
+    with catalog.client_for(catalog.access_for(mesh)) as client:
+        _, entries = client.kv.get(prefix, recurse=True)
+    return parse_controller_records(((str(e["Key"]), e.get("Value")) for e in entries or []), prefix)
+
+
+RecordReader = Callable[[Mesh], tuple[list[IssuedRecord], list[str]]]
+
+
+def issued_lines(mesh: Mesh, now: datetime, read_controllers: RecordReader | None = None) -> list[str]:
+    """`mesh ca check`'s list of the newest leaf issued to each proxy, deploys' and controllers'; a Consul that
+    cannot be read is said in one line (the hosts' own certificates were judged above)."""
+    from mesh.catalog import CatalogError
+    from mesh.controller.spec import issued_prefix
+
+    ca_dir = os.path.join(mesh.settings.state_dir, CA_FOLDER)
+    notes: list[str] = []
+    ledger: list[IssuedRecord] = []
+    controllers: list[IssuedRecord] = []
+    try:
+        ledger = read_records(ca_dir)
+    except MeshError as exc:
+        notes.append(str(exc))
+    if mesh.settings.consul_url:
+        try:
+            controllers, problems = (read_controllers or controller_records)(mesh)
+            notes += problems
+        except CatalogError as exc:
+            notes.append(f"the controllers' records were not read: {exc}")
+    leaves = newest_leaves(ledger, controllers)
+    title = (f"leaves issued, newest per proxy ({len(ledger)} in {ca_dir}/issued.json, {len(controllers)} by "
+             f"controllers in Consul KV {issued_prefix(mesh.settings.id)}):")
+    lines = [title]
+    widths = (max([len(leaf.record.host) for leaf in leaves] + [4]),
+              max([len(leaf.record.proxy) for leaf in leaves] + [4]))
+    lines += [leaf.line(now, widths) for leaf in leaves] or ["(none)"]
+    return lines + [f"[WARNING]: {note}" for note in notes]

@@ -66,11 +66,16 @@ class Lifetime:
 
 def judge(cert: x509.Certificate, now: datetime) -> Lifetime:
     """The lifetime of cert at now: EXPIRED past not_after, LOW under WARN_REMAINING of it left, else OK."""
-    seen = Lifetime(Expiry.OK, cert.not_valid_before_utc, cert.not_valid_after_utc, now)
-    if cert.not_valid_after_utc <= now:
-        return Lifetime(Expiry.EXPIRED, seen.not_before, seen.not_after, now)
+    return judge_times(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
+
+
+def judge_times(not_before: datetime, not_after: datetime, now: datetime) -> Lifetime:
+    """judge() of a validity known only by its times (a record of an issued leaf)."""
+    seen = Lifetime(Expiry.OK, not_before, not_after, now)
+    if not_after <= now:
+        return Lifetime(Expiry.EXPIRED, not_before, not_after, now)
     if seen.fraction < WARN_REMAINING:
-        return Lifetime(Expiry.LOW, seen.not_before, seen.not_after, now)
+        return Lifetime(Expiry.LOW, not_before, not_after, now)
     return seen
 
 
