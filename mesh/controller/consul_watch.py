@@ -29,11 +29,13 @@ OnAnswer = Callable[[ServiceEndpoints], None]
 
 
 def next_index(previous: int, returned: int) -> int:
-    """The index of the next blocking query, as Consul asks clients to keep it: back to 0 (a fresh read) when
-    it went backwards (a snapshot restore, a new leader); at least 1 otherwise (0 would never block)."""
+    """The index of the next blocking query, as Consul asks clients to keep it: 1 when Consul gave none or 0
+    (0 would never block); back to 0 (a fresh read) when it went backwards (a snapshot restore, a new leader)."""
+    if returned < 1:
+        return 1
     if returned < previous:
         return 0
-    return max(1, returned)
+    return returned
 
 
 def backoff_s(failures: int, jitter: Callable[[], float] = random.random) -> float:
