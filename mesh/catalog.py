@@ -149,6 +149,7 @@ class InstanceHealth:
     status: Status
     output: str
     meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    drained: bool = False  # `mesh drain` holds it out (its DRAIN_PREFIX check), whatever its other checks say
 
 
 @dataclass(frozen=True)
@@ -442,9 +443,11 @@ def _instance_health(entry: Mapping[str, Any]) -> InstanceHealth:
     worst = max(checks, key=lambda c: _SEVERITY.get(c.get("Status", "critical"), 2), default=None)
     status: Status = "passing" if worst is None else worst.get("Status", "critical")
     output = "" if worst is None else str(worst.get("Output", ""))
+    drained = any(str(check.get("CheckID", "")).startswith(DRAIN_PREFIX) for check in checks)
     return InstanceHealth(service_id=str(svc["ID"]), service=str(svc["Service"]), node=str(node["Node"]),
                           address=str(svc.get("Address") or node.get("Address", "")), port=int(svc["Port"]),
-                          status=status, output=output, meta=MappingProxyType(dict(svc.get("Meta") or {})))
+                          status=status, output=output, meta=MappingProxyType(dict(svc.get("Meta") or {})),
+                          drained=drained)
 
 
 def _register(client: consul.Consul, body: Mapping[str, Any]) -> None:

@@ -88,7 +88,8 @@ def test_drain_and_undo_through_the_cli(consul: ConsulDevServer, mesh: Mesh, tmp
     assert done.stdout.startswith("drained api-vm2-9090 on vm2: check mesh-drain:api-vm2-9090 is critical")
     assert passing_ids(consul.url, "api") == {"api-dock1-api-v2-1"}, "the drained instance is not passing"
     drained = health(consul.url, "api-vm2-9090")
-    assert drained.status == "critical" and drained.output.startswith("drained by ")
+    assert drained.status == "critical" and drained.output.startswith("drained by ") and drained.drained
+    assert not health(consul.url, "api-dock1-api-v2-1").drained
     assert checks_of(consul.url, API_VM2) == {"mesh-health:api-vm2-9090": "passing",
                                               "mesh-drain:api-vm2-9090": "critical"}
 
@@ -96,6 +97,7 @@ def test_drain_and_undo_through_the_cli(consul: ConsulDevServer, mesh: Mesh, tmp
     assert undone.returncode == 0, undone.stdout + undone.stderr
     assert undone.stdout.startswith("undrained api-vm2-9090 on vm2")
     assert checks_of(consul.url, API_VM2) == {"mesh-health:api-vm2-9090": "passing"}
+    assert not health(consul.url, "api-vm2-9090").drained
     assert passing_ids(consul.url, "api") == {"api-vm2-9090", "api-dock1-api-v2-1"}
     again = mesh_cli("drain", "api", "vm2", "--undo", "-i", path)
     assert again.returncode == 0 and "was not drained" in again.stdout
