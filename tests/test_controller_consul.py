@@ -1,0 +1,229 @@
+"""The controller against a real Consul 1.8.7 (`consul agent -dev`) and the real mesh-ctl script under a temp root
+(the local transport runs `sh mesh-ctl.sh VERB` as sshd's forced command would, with MESH_CTL_ROOT), validating
+with mesh's real Envoy: a critical instance leaves the caller's EDS file on disk and comes back when it passes,
+nothing moves while a deploy holds its lock, the state is published in KV and the metrics served; a due
+certificate is renewed through `csr`/`install` with the controller's intermediate and recorded in KV.
+
+Tests wait with generous deadlines and assert the outcome, not the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mesh import catalog
+from mesh.config import compute_proxy_config
+from mesh.config.validate import envoy_binary
+from mesh.controller import protocol
+from mesh.controller.daemon import Controller, ControllerOptions
+from mesh.controller.spec import ControllerSpec, deploy_lock_key, issued_prefix
+from mesh.controller.transport import LocalTransport
+from mesh.pki import CertificateAuthority
+from mesh.pki.certs import Issuer, build_intermediate, new_ca_key
+from mesh.render import ProxyFiles, render_proxy_files
+from mesh.testing.consul_server import ConsulDevServer, free_ports
+from mesh.testing.fake_ctl import MESH_ID, TRUST_DOMAIN, controller_spec, host_spec, proxy_spec
+from mesh.testing.loopback import Identity, lay_out_proxy, proxy_config_in, two_service_mesh
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mesh-ctl runs as root (runuser, chown)")
+
+DEADLINE = 30.0
+EDS = "xds/eds.upstream-api.yaml"
+
+
+@pytest.fixture(scope="module")
+def consul() -> Iterator[ConsulDevServer]:
+    from mesh.lab.images import ensure_consul_binary
+
+    binary = ensure_consul_binary()  # the real Consul: a failure to get it fails these tests, never skips
+    with ConsulDevServer(binary) as server:
+        yield server
+
+
+@dataclass
+class Host:
+    """A managed host under a temp root, laid out as a deploy leaves it: mesh's Envoy, the identities file, web's
+    proxy (its api endpoints from the plan) with a leaf of mesh's CA."""
+
+    root: Path
+    files: ProxyFiles
+    ca: CertificateAuthority
+    intermediate: tuple[str, str]  # the controllers' intermediate (cert, key), signed by the CA's root
+
+    @property
+    def eds(self) -> str:
+        return Path(self.files.proxy_dir, EDS).read_text()
+
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(Path(self.files.proxy_dir, "tls", "cert.pem").read_bytes())
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    root = tmp_path / "vm1"
+    loop = two_service_mesh(9999, TRUST_DOMAIN)
+    ca, _created = CertificateAuthority.ensure(str(tmp_path / "state"), TRUST_DOMAIN)
+    home = root / "etc" / "mesh" / "proxies" / "web"
+    files = render_proxy_files(proxy_config_in(compute_proxy_config(loop.mesh, loop.web), home,
+                                               loop.address(loop.web)))
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])).sign(key, hashes.SHA256()))
+    issued = ca.sign(csr.public_bytes(serialization.Encoding.PEM), loop.web.spiffe_id, timedelta(hours=1),
+                     "vm1", files.proxy)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    lay_out_proxy(files, Identity(issued.chain_pem, key_pem, ca.root_pem))
+    (root / "usr/local/lib/mesh").mkdir(parents=True)
+    (root / "usr/local/lib/mesh/envoy").symlink_to(envoy_binary())
+    (root / "etc/mesh/ctl").mkdir(parents=True)
+    (root / "etc/mesh/ctl/identities").write_text(f"{files.proxy} vm {home} root web {home}/ca.pem -\n")
+    return Host(root, files, ca, _controller_intermediate(ca, tmp_path / "controller-ca"))
+
+
+def _controller_intermediate(ca: CertificateAuthority, folder: Path) -> tuple[str, str]:
+    root_key = serialization.load_pem_private_key(Path(ca.ca_dir, "root.key").read_bytes(), password=None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    key = new_ca_key()
+    cert = build_intermediate(Issuer(ca.root, root_key), key, TRUST_DOMAIN, datetime.now(UTC))
+    folder.mkdir()
+    (folder / "intermediate.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "intermediate.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (folder / "root.pem").write_bytes(ca.root_pem)
+    return str(folder / "intermediate.pem"), str(folder / "intermediate.key")
+
+
+def register(consul: ConsulDevServer, node: str, address: str, port: int, status: str = "passing") -> catalog.InstanceRef:
+    registration = catalog.Registration(node=node, address=address, service_id=f"api-{node}", service="api",
+                                        port=port, meta={"managed-by": "mesh", "mesh-id": MESH_ID})
+    body = catalog.register_body(registration, catalog.check_body(registration.ref, status, "test"))  # type: ignore[arg-type]
+    answer = requests.put(f"{consul.url}/v1/catalog/register", data=json.dumps(body), timeout=10)
+    assert answer.status_code == 200, answer.text
+    return registration.ref
+
+
+def eventually(probe: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Running:
+    controller: Controller
+    thread: threading.Thread
+
+
+@pytest.fixture
+def start(host: Host) -> Iterator[Callable[[ControllerSpec], Running]]:
+    started: list[Running] = []
+
+    def start_controller(spec: ControllerSpec) -> Running:
+        cert, key = host.intermediate
+        options = ControllerOptions(intermediate_cert=cert, intermediate_key=key,
+                                    root_cert=str(Path(cert).parent / "root.pem"), envoy=envoy_binary(),
+                                    holder="ctl-test")
+        transport = LocalTransport(str(protocol.script_path()), lambda _host: str(host.root),
+                                   env={"PATH": "/usr/bin:/bin"})
+        controller = Controller(lambda: spec, options, transport=transport)
+        thread = threading.Thread(target=controller.run, daemon=True)
+        thread.start()
+        started.append(Running(controller, thread))
+        return started[-1]
+
+    yield start_controller
+    for running in started:
+        running.controller.stop()
+        running.thread.join(timeout=30)
+
+
+def spec_for(consul: ConsulDevServer, host: Host, **changes: object) -> ControllerSpec:
+    spec = controller_spec((host_spec("vm1", (proxy_spec(host.files),)),), consul_url=consul.url)
+    return replace(spec, metrics_port=free_ports(1)[0], **changes)  # type: ignore[arg-type]
+
+
+def kv(consul: ConsulDevServer, key: str) -> str | None:
+    answer = requests.get(f"{consul.url}/v1/kv/{key}?raw", timeout=10)
+    return answer.text if answer.status_code == 200 else None
+
+
+def test_a_critical_instance_leaves_the_callers_endpoints_and_comes_back(consul: ConsulDevServer, host: Host,
+                                                                       start: Callable[[ControllerSpec], Running]
+                                                                       ) -> None:
+    first = register(consul, "api-a", "127.0.0.11", 21001)
+    second = register(consul, "api-b", "127.0.0.12", 21002)
+    assert "127.0.0.11" not in host.eds  # the plan's endpoints until the controller runs
+    spec = spec_for(consul, host)
+    start(spec)
+
+    eventually(lambda: "127.0.0.11" in host.eds and "127.0.0.12" in host.eds, "both instances in web's EDS file")
+    catalog.set_health(consul.url, second, "critical", "stopped")
+    eventually(lambda: "127.0.0.12" not in host.eds, "the critical instance leaves the file")
+    assert "127.0.0.11" in host.eds
+    catalog.set_health(consul.url, second, "passing", "ok")
+    eventually(lambda: "127.0.0.12" in host.eds, "the passing instance comes back")
+
+    state = json.loads(kv(consul, spec.state_key) or "{}")
+    assert state["holder"] == "ctl-test" and state["plan_digest"] == spec.plan_digest
+    proxy = state["proxies"][f"vm1/{host.files.proxy}"]
+    on_host = protocol.resource_version_of({protocol.relpath_in(host.files.proxy_dir, file.path):
+                                            Path(file.path).read_text() for file in host.files.files})
+    eventually(lambda: json.loads(kv(consul, spec.state_key) or "{}")["proxies"][f"vm1/{host.files.proxy}"]
+               ["host_version"] == on_host, "the published version is the host's")
+    assert proxy["pushed_at"] > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{spec.metrics_port}/metrics", timeout=5) as answer:
+        metrics = answer.read().decode()
+    assert "mesh_controller_leader 1.0" in metrics
+    assert 'mesh_controller_pushes_total{result="ok"}' in metrics
+
+    # a deploy holds its lock: nothing moves; released: the change flows
+    session = requests.put(f"{consul.url}/v1/session/create", json={"Name": "deploy", "TTL": "30s"},
+                           timeout=10).json()["ID"]
+    assert requests.put(f"{consul.url}/v1/kv/{deploy_lock_key(MESH_ID)}?acquire={session}", data="{}",
+                        timeout=10).json() is True
+    catalog.set_health(consul.url, first, "critical", "stopped")
+    time.sleep(2.0)
+    assert "127.0.0.11" in host.eds
+    requests.put(f"{consul.url}/v1/session/destroy/{session}", timeout=10)
+    eventually(lambda: "127.0.0.11" not in host.eds, "the change after the deploy's lock is released")
+
+
+def test_a_due_certificate_is_renewed_on_the_host_and_recorded(consul: ConsulDevServer, host: Host,
+                                                               start: Callable[[ControllerSpec], Running]) -> None:
+    before = host.leaf()
+    # a one-hour leaf is past half of a two-hour lifetime: due at once; the new one is not due for an hour
+    spec = spec_for(consul, host, cert_ttl_s=7200)
+    start(spec)
+
+    eventually(lambda: host.leaf().serial_number != before.serial_number, "a new leaf behind the tls link")
+    leaf = host.leaf()
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(hours=2, minutes=5)
+    intermediate = x509.load_pem_x509_certificate(Path(host.intermediate[0]).read_bytes())
+    assert leaf.issuer == intermediate.subject
+    serial = f"{leaf.serial_number:x}"
+    eventually(lambda: kv(consul, issued_prefix(MESH_ID) + serial) is not None, "the leaf recorded in KV")
+    record = json.loads(kv(consul, issued_prefix(MESH_ID) + serial) or "{}")
+    assert (record["host"], record["proxy"]) == ("vm1", host.files.proxy)
+    assert record["spiffe_id"] == f"spiffe://{TRUST_DOMAIN}/svc/web"
+    time.sleep(2.0)
+    assert host.leaf().serial_number == leaf.serial_number  # renewed once
+    keys = requests.get(f"{consul.url}/v1/kv/{issued_prefix(MESH_ID)}?keys", timeout=10).json()
+    assert keys == [issued_prefix(MESH_ID) + serial]
