@@ -6,6 +6,7 @@ and the rewrite of one ClusterLoadAssignment file; it must not talk to Consul or
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ class ServiceEndpoints:
 
 def service_endpoints(service: str, entries: Iterable[Mapping[str, Any]], mesh_id: str) -> ServiceEndpoints:
     """The endpoints of /v1/health/service/<service>'s entries: Meta managed-by mesh with this mesh id only
-    (another mesh's instances are never ours); up when no check is critical (a `mesh drain` check is a critical
+    (another mesh's instances are never ours), an IP address and a port; up when no check is critical (a `mesh drain` check is a critical
     check like any other). Sorted, so equal sets make equal files."""
     registered, up = set(), set()
     for entry in entries:
@@ -44,8 +45,8 @@ def service_endpoints(service: str, entries: Iterable[Mapping[str, Any]], mesh_i
         if meta.get(catalog.MANAGED_BY) != catalog.MESH or meta.get(catalog.MESH_ID) != mesh_id:
             continue
         endpoint = Endpoint(str(svc.get("Address") or node.get("Address") or ""), int(svc.get("Port") or 0))
-        if not endpoint.address or endpoint.port <= 0:
-            continue
+        if not _is_ip(endpoint.address) or not 0 < endpoint.port < 65536:
+            continue  # an EDS file holds IP addresses only (a name would be a STRICT_DNS cluster's)
         registered.add(endpoint)
         if not any(check.get("Status", "critical") == "critical" for check in entry.get("Checks") or []):
             up.add(endpoint)
@@ -98,3 +99,11 @@ def _assignment(file: RenderedFile) -> Mapping[str, Any]:
             or resources[0].get("@type") != ENDPOINT_TYPE:
         raise ValueError(f"{file.path} is not a file of one ClusterLoadAssignment")
     return resources[0]
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True

@@ -7,7 +7,6 @@ files (snapshot.py) or talk to Consul. `pending_proxies` and `bundle_of` are pur
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -88,12 +87,6 @@ def bundle_of(wanted: ProxySnapshot, on_host: Mapping[str, str]) -> BundleProxy:
     stale = [f"{wanted.files.proxy_dir}/{relpath}" for relpath in sorted(on_host)
              if relpath != BOOTSTRAP and relpath not in xds]
     return bundle_for(wanted.files, changed, stale)
-
-
-def files_digest(files: ProxyFiles) -> str:
-    """One proxy's whole file set (bootstrap included): what the controller validates once."""
-    lines = "".join(f"{file.path} {file.kind} {file.sha256}\n" for file in files.files)
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 # --- one host ---
@@ -210,7 +203,7 @@ class Pusher:
         self.pushed_at: dict[ProxyKey, float] = {}  # wall-clock time of each proxy's last push
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="push")
         self.validator = ThreadPoolExecutor(max_workers=4, thread_name_prefix="validate")
-        self.validations: dict[str, Future[str | None]] = {}  # files_digest -> None (accepted) or the refusal
+        self.validations: dict[str, Future[str | None]] = {}  # validation_key -> None (accepted) or refusal
         self.lock = threading.Lock()
         self.log = structlog.get_logger()
 
@@ -265,8 +258,9 @@ class Pusher:
         return outcome
 
     def _accepted(self, host: str, wanted: ProxySnapshot, outcome: _HostOutcome) -> bool:
-        """Validated on the controller (once per distinct file set); a refusal is logged and remembered."""
-        digest = files_digest(wanted.files)
+        """Validated on the controller (once per distinct plan file set: ProxySnapshot.validation_key); a refusal
+        is logged and remembered."""
+        digest = wanted.validation_key
         with self.lock:
             future = self.validations.get(digest)
             if future is None:
@@ -291,7 +285,7 @@ class Pusher:
         return None
 
     def _prune_validations(self, snapshot: Snapshot) -> None:
-        keep = {files_digest(wanted.files) for wanted in snapshot.values()}
+        keep = {wanted.validation_key for wanted in snapshot.values()}
         with self.lock:
             for digest in list(self.validations):
                 if digest not in keep and self.validations[digest].done():

@@ -7,6 +7,7 @@ resource version; it must not talk to Consul or hosts, and knows nothing of the 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -27,6 +28,7 @@ class ProxySnapshot:
 
     host: str
     files: ProxyFiles
+    validation_key: str  # files_digest of the plan's files: endpoint rewrites alone need no other validation
 
     @property
     def proxy(self) -> str:
@@ -56,6 +58,12 @@ class ProxySnapshot:
 Snapshot = Mapping[ProxyKey, ProxySnapshot]
 
 
+def files_digest(files: ProxyFiles) -> str:
+    """One proxy's whole file set (bootstrap included)."""
+    lines = "".join(f"{file.path} {file.kind} {file.sha256}\n" for file in files.files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def spec_files(proxy: ProxySpec) -> ProxyFiles:
     """A proxy's files exactly as the plan rendered them."""
     return ProxyFiles(proxy.name, proxy.proxy_dir,
@@ -74,14 +82,17 @@ def remembered(known: KnownEndpoints, seen: ServiceEndpoints) -> KnownEndpoints:
 
 def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints) -> ProxySnapshot:
     """One proxy's desired files: each EDS file of proxy.endpoints rewritten with its service's known endpoints
-    (left as the plan wrote it when none are known)."""
+    (left as the plan wrote it when none are known). Its validation key is the plan's file set: a rewrite only
+    replaces lb_endpoints with IP:port pairs (endpoints.py takes no other), which cannot make Envoy refuse a set
+    it accepted, so the controller runs Envoy once per plan file set, not once per endpoint change."""
     files = spec_files(proxy)
     rewritten = []
     for file in files.files:
         service = proxy.endpoints.get(file.path)
         endpoints = known.get(service) if service is not None else None
         rewritten.append(file if endpoints is None else with_endpoints(proxy.name, file, endpoints))
-    return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256))
+    return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256),
+                         files_digest(files))
 
 
 def build_snapshot(spec: ControllerSpec, known: KnownEndpoints) -> dict[ProxyKey, ProxySnapshot]:

@@ -39,10 +39,11 @@ def test_an_instance_is_up_unless_one_of_its_checks_is_critical() -> None:
                                Endpoint("10.0.0.20", 21001))
 
 
-def test_only_this_mesh_ids_own_instances_count() -> None:
+def test_only_this_mesh_ids_own_instances_with_an_ip_and_a_port_count() -> None:
     seen = service_endpoints("api", [entry("10.0.0.12", 1, "passing", mesh_id="other.mesh"),
                                      entry("10.0.0.13", 1, "passing", managed=False),
-                                     entry("", 2, "passing", node_address="10.0.0.14")], MESH_ID)
+                                     entry("", 2, "passing", node_address="10.0.0.14"),
+                                     entry("api.example", 3, "passing"), entry("10.0.0.15", 0, "passing")], MESH_ID)
     assert seen.registered == seen.up == (Endpoint("10.0.0.14", 2),)  # no service address: the node's
 
 

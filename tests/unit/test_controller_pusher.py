@@ -86,10 +86,10 @@ def test_only_the_changed_endpoint_file_goes_to_each_host_once(fleet: Fleet) -> 
     assert fleet.metrics.value("mesh_controller_pushes_total", {"result": "ok"}) == 2
 
 
-def test_each_distinct_file_set_is_validated_once(fleet: Fleet) -> None:
-    known = {"api": (Endpoint("10.0.0.12", 21001),)}
-    fleet.round(known)
-    fleet.round(known)
+def test_each_plan_file_set_is_validated_once_and_endpoint_changes_need_no_other(fleet: Fleet) -> None:
+    fleet.round({"api": (Endpoint("10.0.0.12", 21001),)})
+    fleet.round({"api": (Endpoint("10.0.0.13", 21001),)})
+    assert [len(fleet.applies(name)) for name in ("vm1", "vm2")] == [2, 2]
     assert sorted(files.proxy_dir for files in fleet.validated) == sorted(
         proxy.proxy_dir for host in fleet.spec.hosts[:2] for proxy in host.proxies)
 
