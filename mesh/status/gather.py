@@ -1,6 +1,6 @@
-"""Gathering the status report: Consul once from this machine, then every managed host in parallel, each over
-one connection with all its reads in one batch (mesh.status.reads), judged into a StatusReport. It only reads;
-it must not print.
+"""Gathering the status report: Consul once from this machine (services' health, the controllers' lock and
+published state), then every managed host in parallel, each over one connection with all its reads in one batch
+(mesh.status.reads), judged into a StatusReport. It only reads; it must not print.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from mesh.hosts.errors import HostUnreachable, RemoteError
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.status import reads
 from mesh.status.batch import run_batch
+from mesh.status.controllers import ControllerView, read_controllers
 from mesh.status.expected import ExpectedProxy, expected_proxies
 from mesh.status.judge import ConsulHealth, containers, judge_checker, judge_proxy, judge_watcher
 from mesh.status.report import ConsulStatus, HostStatus, StatusReport
@@ -31,19 +32,21 @@ def gather_report(mesh: Mesh, connector_factory: ConnectorFactory) -> StatusRepo
     deployed = [host for host in mesh.hosts if host.workloads or host.is_controller]
     expected = {host.name: expected_proxies(mesh, host) for host in deployed}  # a config error stops here
     consul, health = _consul(mesh)
+    controller = read_controllers(mesh) if consul.readable else None
     inventory_hosts = frozenset(host.name for host in mesh.hosts)
 
     def one(host: ManagedHost) -> HostStatus:
-        return gather_host(host, expected[host.name], health, inventory_hosts, connector_factory)
+        return gather_host(host, expected[host.name], health, inventory_hosts, connector_factory,
+                           controller=controller)
 
     with ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS) as pool:
         hosts = tuple(pool.map(one, deployed))
-    return StatusReport(consul, hosts)
+    return StatusReport(consul, hosts, controller.status if controller is not None else None)
 
 
 def gather_host(host: ManagedHost, proxies: tuple[ExpectedProxy, ...], consul: ConsulHealth,
                 inventory_hosts: frozenset[str], connector_factory: ConnectorFactory,
-                now: datetime | None = None) -> HostStatus:
+                now: datetime | None = None, controller: ControllerView | None = None) -> HostStatus:
     """One host: connect once, run every read in one batch, judge the answers."""
     sidecar_host = host.kind == "container_host" and bool(proxies)
     commands = reads.host_commands(proxies, sidecar_host, host.is_controller)
@@ -60,7 +63,8 @@ def gather_host(host: ManagedHost, proxies: tuple[ExpectedProxy, ...], consul: C
             connector.close()
     when = now or datetime.now(UTC)
     seen = containers(readings[reads.CONTAINERS]) if sidecar_host else {}
-    statuses = tuple(judge_proxy(host, proxy, readings, consul, inventory_hosts, seen, when) for proxy in proxies)
+    statuses = tuple(judge_proxy(host, proxy, readings, consul, inventory_hosts, seen, when, controller)
+                     for proxy in proxies)
     return HostStatus(host.name, host.kind, True, None, statuses,
                       judge_watcher(readings) if sidecar_host else None,
                       judge_checker(readings, when) if host.is_controller else None, ())

@@ -17,6 +17,7 @@ from mesh.inventory.model import ManagedHost
 from mesh.pki.expiry import WARN_REMAINING, Expiry, judge_pem
 from mesh.pki.leaf import load_chain
 from mesh.status import reads
+from mesh.status.controllers import ControllerView, resources_status
 from mesh.status.expected import ExpectedProxy
 from mesh.status.report import (
     CertificateStatus,
@@ -74,8 +75,11 @@ def containers(result: CommandResult) -> dict[str, ContainerSeen] | str:
 
 
 def judge_proxy(host: ManagedHost, expected: ExpectedProxy, readings: Readings, consul: ConsulHealth,
-                inventory_hosts: frozenset[str], seen: dict[str, ContainerSeen] | str, now: datetime) -> ProxyStatus:
-    """The status of one proxy from its host's readings."""
+                inventory_hosts: frozenset[str], seen: dict[str, ContainerSeen] | str, now: datetime,
+                controller: ControllerView | None = None) -> ProxyStatus:
+    """The status of one proxy from its host's readings. While a controller is active and pushed this proxy, its
+    endpoint files are the controller's (Consul's instances, not the inventory's): they are judged by the
+    resource version, not against the inventory's rendering."""
     problems: list[str] = []
 
     def read(what: str) -> CommandResult:
@@ -88,11 +92,22 @@ def judge_proxy(host: ManagedHost, expected: ExpectedProxy, readings: Readings, 
         problems.append(f"Envoy's admin on {expected.admin_socket} does not answer")
     served = served_serials(admin_json(read("admin certs").stdout) or {}) if server_info is not None else None
     certificate = _certificate(expected.cert_path, read("certificate"), now, problems, served)
-    config = _config(host, expected, readings, read, server_info, certificate, seen, problems)
+    pushed = controller.pushed(host.name, expected.proxy) if controller is not None else None
+    on_host = {file.path: read(f"file {file.path}").stdout for file in expected.files.files
+               if read(f"file {file.path}").ok}
+    resources = resources_status(expected.files.proxy_dir, on_host, pushed)
+    controllers_files = frozenset(_endpoint_files(expected)) if pushed is not None else frozenset()
+    config = _config(host, expected, readings, read, server_info, certificate, seen, problems, controllers_files)
     upstreams = _upstreams(expected, read("admin clusters") if server_info is not None else None, consul,
                            inventory_hosts, problems)
     return ProxyStatus(expected.proxy, expected.workload.service, "sidecar" if expected.runs_as_sidecar else "systemd",
-                       envoy, config, certificate, upstreams, tuple(problems))
+                       envoy, config, certificate, upstreams, tuple(problems), resources)
+
+
+def _endpoint_files(expected: ExpectedProxy) -> list[str]:
+    """The proxy's upstream endpoint files (EDS): what a controller rewrites from Consul."""
+    names = {f"eds.{cluster}.yaml" for _, cluster in expected.upstream_clusters}
+    return [file.path for file in expected.files.files if file.path.rsplit("/", 1)[-1] in names]
 
 
 def _unit_envoy(unit: CommandResult, pid: CommandResult, server_info: Mapping[str, object] | None,
@@ -129,8 +144,10 @@ def _sidecar_envoy(expected: ExpectedProxy, seen: dict[str, ContainerSeen] | str
 
 def _config(host: ManagedHost, expected: ExpectedProxy, readings: Readings, read: _Read,
             server_info: Mapping[str, object] | None, certificate: CertificateStatus,
-            seen: dict[str, ContainerSeen] | str, problems: list[str]) -> ConfigStatus:
-    """Files on the host against the rendered ones; then the running Envoy against the files on the host."""
+            seen: dict[str, ContainerSeen] | str, problems: list[str],
+            controllers_files: frozenset[str] = frozenset()) -> ConfigStatus:
+    """Files on the host against the rendered ones (but the controller's: their content is Consul's); then the
+    running Envoy against the files on the host."""
     differing, on_host = [], {}
     for file in expected.files.files:
         got = read(f"file {file.path}")
@@ -138,7 +155,7 @@ def _config(host: ManagedHost, expected: ExpectedProxy, readings: Readings, read
             differing.append(FileDifference(file.path, "missing"))
             continue
         on_host[file.path] = got.stdout.decode(errors="replace")
-        if hashlib.sha256(got.stdout).hexdigest() != file.sha256:
+        if file.path not in controllers_files and hashlib.sha256(got.stdout).hexdigest() != file.sha256:
             differing.append(FileDifference(file.path, "content differs"))
     host_ca = readings.get(reads.HOST_CA, _NOTHING)
     proxy_ca = read("ca")
@@ -217,19 +234,21 @@ def _upstreams(expected: ExpectedProxy, clusters: CommandResult | None, consul: 
     envoy = cluster_health(clusters.stdout) if clusters is not None else None
     found = []
     for service, cluster in expected.upstream_clusters:
-        passing = total = None
+        passing = total = drained = None
         if consul is not None:
             instances = [item for item in consul.get(service, []) if item.node in inventory_hosts]
             passing, total = sum(item.status == "passing" for item in instances), len(instances)
-            if passing < total:
-                problems.append(f"{service}: {total - passing} instance(s) critical in Consul")
+            drained = sum(item.drained for item in instances)
+            critical = sum(item.status != "passing" and not item.drained for item in instances)
+            if critical:  # a drained instance is held out on purpose (mesh drain): no problem
+                problems.append(f"{service}: {critical} instance(s) critical in Consul")
         healthy = hosts = None
         if envoy is not None:
             flags = envoy.get(cluster, [])
             healthy, hosts = sum(flag == "healthy" for flag in flags), len(flags)
             if healthy == 0:
                 problems.append(f"{service}: no healthy instance in Envoy")
-        found.append(UpstreamStatus(service, passing, total, healthy, hosts))
+        found.append(UpstreamStatus(service, passing, total, healthy, hosts, drained))
     return tuple(found)
 
 

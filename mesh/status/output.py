@@ -17,12 +17,13 @@ from mesh.status.report import (
     CheckerStatus,
     HostStatus,
     ProxyStatus,
+    ResourcesStatus,
     StatusReport,
     UpstreamStatus,
     WatcherStatus,
 )
 
-COLUMNS = ("host", "proxy", "reachable", "envoy", "config", "certificate", "upstreams")
+COLUMNS = ("host", "proxy", "reachable", "envoy", "config", "resources", "certificate", "upstreams")
 PIPED_WIDTH = 250  # a pipe has no width; wide enough that rows are not wrapped into several lines
 
 
@@ -32,7 +33,8 @@ def print_json(report: StatusReport, console: Console) -> None:
 
 
 def print_table(report: StatusReport, console: Console) -> None:
-    """The table, then each problem (`host proxy: problem`), then Consul when it could not be read."""
+    """The table, the controllers and how long the fleet survives without them, then each problem (`host proxy:
+    problem`), then Consul when it could not be read."""
     table = Table(title="mesh status", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     for column in COLUMNS:
         table.add_column(column, overflow="fold")  # never "…": a narrow console folds a long cell
@@ -40,6 +42,10 @@ def print_table(report: StatusReport, console: Console) -> None:
         for cells, bad in _host_rows(host):
             table.add_row(*cells, style="red" if bad else None)
     console.print(table)
+    if report.controller is not None:
+        console.print(Text(f"controllers: {report.controller.describe()}"), soft_wrap=True)
+    if report.survival is not None:
+        console.print(Text(report.survival.describe()), soft_wrap=True)
     for what, problem in (item for host in report.hosts for item in host.all_problems()):
         console.print(Text(f"{what}: {problem}", style="red"), soft_wrap=True)
     if not report.consul.readable:
@@ -51,14 +57,14 @@ Row = tuple[tuple[str | Text, ...], bool]  # the cells, and whether the row has 
 
 def _host_rows(host: HostStatus) -> list[Row]:
     if not host.reachable:
-        return [((host.host, "-", Text("no", style="red"), "", "", "", ""), True)]
+        return [((host.host, "-", Text("no", style="red"), "", "", "", "", ""), True)]
     rows: list[Row] = [_proxy_row(host.host, proxy) for proxy in host.proxies]
     if host.sidecar_watcher is not None:
         rows.append(_watcher_row(host.host, host.sidecar_watcher))
     if host.checker is not None:
         rows.append(_checker_row(host.host, host.checker))
     if host.problems:
-        rows.append(((host.host, "-", "yes", Text("not read", style="red"), "", "", ""), True))
+        rows.append(((host.host, "-", "yes", Text("not read", style="red"), "", "", "", ""), True))
     return rows
 
 
@@ -77,18 +83,31 @@ def _proxy_row(host: str, proxy: ProxyStatus) -> Row:
     else:
         config_text = Text(config.state, style="red" if config.newer_than_running else "")
     return ((host, proxy.proxy, "yes", Text(text, style="" if envoy.running else "red"), config_text,
-             _certificate(proxy.certificate), "; ".join(_upstream(item) for item in proxy.upstreams) or "-"),
+             _resources(proxy.resources), _certificate(proxy.certificate), "; ".join(_upstream(item) for item in proxy.upstreams) or "-"),
             bool(proxy.problems))
 
 
 def _watcher_row(host: str, watcher: WatcherStatus) -> Row:
     rules = Text("rules applied") if watcher.rules_applied else Text("rules differ", style="red")
-    return (host, "sidecar watcher", "yes", f"watcher {watcher.state}", rules, "", ""), bool(watcher.problems)
+    return (host, "sidecar watcher", "yes", f"watcher {watcher.state}", rules, "", "", ""), bool(watcher.problems)
 
 
 def _checker_row(host: str, checker: CheckerStatus) -> Row:
-    cells = (host, "health-checker", "yes", f"checker {checker.state}", "", _certificate(checker.certificate), "")
+    cells = (host, "health-checker", "yes", f"checker {checker.state}", "", "", _certificate(checker.certificate),
+             "")
     return cells, bool(checker.problems)
+
+
+def _resources(resources: ResourcesStatus | None) -> Text:
+    """`in sync 3f2a1b0c`, `behind: host 12ab..., controller 34cd...`, or `no controller`."""
+    if resources is None:
+        return Text("")
+    host = (resources.host_version or "none")[:8]
+    if resources.state == "behind":
+        return Text(f"behind: host {host}, controller {(resources.controller_version or '')[:8]}", style="red")
+    if resources.state == "in sync":
+        return Text(f"in sync {host}")
+    return Text("no controller")
 
 
 def _certificate(certificate: CertificateStatus) -> Text:

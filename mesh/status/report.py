@@ -1,6 +1,7 @@
 """The typed report `mesh status` gathers: per host reachable or why not; per proxy (a systemd Envoy on a VM or a
-sidecar container) Envoy, its config (files and what runs), certificate and upstreams; the sidecar watcher;
-the checker; Consul. Frozen data, its exit code and its JSON form; it must not read hosts or print.
+sidecar container) Envoy, its config (files and what runs), the resource version it runs against the
+controller's, certificate and upstreams; the sidecar watcher; the checker; Consul; the controllers, and how long
+the fleet survives without them. Frozen data, its exit code and its JSON form; it must not read hosts or print.
 
 The JSON keys are the field names below (README, "mesh status --json"); a new key may be added, none renamed.
 """
@@ -8,13 +9,14 @@ The JSON keys are the field names below (README, "mesh status --json"); a new ke
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE
 
 ConfigState = Literal["applied", "differs", "files newer than running"]
 Owed = Literal["restart", "reload"]
+SyncState = Literal["in sync", "behind", "no controller"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,23 @@ class UpstreamStatus:
     consul_instances: int | None
     envoy_healthy: int | None  # None: Envoy's admin did not answer
     envoy_hosts: int | None
+    consul_drained: int | None = None  # instances `mesh drain` holds out (counted in consul_instances)
+
+
+@dataclass(frozen=True)
+class ResourcesStatus:
+    """The resource version (mesh.controller.protocol.resource_version of its xds files) a proxy's host has,
+    against the one the active controller published for it."""
+
+    host_version: str | None  # None: no xds file could be read
+    controller_version: str | None  # None: no active controller, or it has no version for this proxy
+    pushed_at: datetime | None  # when the controller last pushed to this proxy
+
+    @property
+    def state(self) -> SyncState:
+        if self.controller_version is None:
+            return "no controller"
+        return "in sync" if self.host_version == self.controller_version else "behind"
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,7 @@ class ProxyStatus:
     certificate: CertificateStatus
     upstreams: tuple[UpstreamStatus, ...]
     problems: tuple[str, ...]
+    resources: ResourcesStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -160,9 +180,61 @@ class ConsulStatus:
 
 
 @dataclass(frozen=True)
+class ControllerStatus:
+    """The controllers as Consul shows them: the lock's holder and the state the active one publishes."""
+
+    active: bool  # the lock has a session and the state was published within ACTIVE_WITHIN_S
+    holder: str | None  # `host:pid` of the active controller (from its published state)
+    lock_held: bool
+    updated_at: datetime | None  # when the state was last published
+    consul_stale_s: float | None  # how long the controller's view of Consul is out of date
+    plan_digest: str | None
+    hosts_behind: tuple[str, ...]
+    reason: str | None  # why no controller is active (or why Consul could not say)
+
+    def describe(self) -> str:
+        if not self.active:
+            return f"none active ({self.reason})" if self.reason else "none active"
+        stale = f", Consul view {self.consul_stale_s:g}s stale" if self.consul_stale_s else ""
+        behind = f", hosts behind: {', '.join(self.hosts_behind)}" if self.hosts_behind else ""
+        plan = f", plan {self.plan_digest[:12]}" if self.plan_digest else ""
+        when = f", state of {self.updated_at:%H:%M:%S} UTC" if self.updated_at else ""
+        return f"active {self.holder or '?'}{when}{stale}{plan}{behind}"
+
+
+@dataclass(frozen=True)
+class Survival:
+    """How long the fleet keeps working with every controller down: until its first certificate expires."""
+
+    until: datetime
+    remaining_seconds: int
+    certificate: str  # `host proxy` (or `host health-checker`) of the leaf that expires first
+
+    def describe(self) -> str:
+        from mesh.pki.expiry import remaining_text
+
+        return (f"fleet survives without controllers until {self.until:%Y-%m-%d %H:%M:%S} UTC "
+                f"({remaining_text(timedelta(seconds=self.remaining_seconds))}; first to expire: {self.certificate})")
+
+
+@dataclass(frozen=True)
 class StatusReport:
     consul: ConsulStatus
     hosts: tuple[HostStatus, ...]
+    controller: ControllerStatus | None = None  # None: not asked (no Consul URL)
+
+    @property
+    def survival(self) -> Survival | None:
+        """The earliest not_after of the certificates read on the hosts (proxies and checkers)."""
+        found = [(proxy.certificate, f"{host.host} {proxy.proxy}") for host in self.hosts for proxy in host.proxies]
+        found += [(host.checker.certificate, f"{host.host} health-checker") for host in self.hosts
+                  if host.checker is not None]
+        dated = [(cert.not_after, cert.remaining_seconds or 0, name) for cert, name in found
+                 if cert.not_after is not None]
+        if not dated:
+            return None
+        until, remaining, name = min(dated)
+        return Survival(until, remaining, name)
 
     @property
     def exit_code(self) -> int:
@@ -176,6 +248,7 @@ class StatusReport:
         """The report as JSON data: every field by its name, plus `exit_code`, `healthy` and each config's
         `state`; datetimes in ISO 8601 (UTC)."""
         data = _plain(self)
+        data["survival"] = _plain(self.survival)
         data["exit_code"] = self.exit_code
         data["healthy"] = self.exit_code == EXIT_OK
         return data
@@ -184,7 +257,7 @@ class StatusReport:
 def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         data = {item.name: _plain(getattr(value, item.name)) for item in fields(value)}
-        if isinstance(value, ConfigStatus):
+        if isinstance(value, ConfigStatus | ResourcesStatus):
             data["state"] = value.state
         return data
     if isinstance(value, tuple | list):

@@ -148,13 +148,18 @@ def test_the_json_keys(fleet: Fleet) -> None:
     printed = io.StringIO()
     output.print_json(gather(fleet), Console(file=printed))
     data = json.loads(printed.getvalue())
-    assert set(data) == {"consul", "hosts", "exit_code", "healthy"}
+    assert set(data) == {"consul", "hosts", "controller", "survival", "exit_code", "healthy"}
+    assert data["controller"] is None  # gathered without asking Consul for the controllers
+    assert set(data["survival"]) == {"until", "remaining_seconds", "certificate"}
     assert (data["exit_code"], data["healthy"], data["consul"]) == (2, False, {"readable": True, "reason": None})
     vm1 = next(host for host in data["hosts"] if host["host"] == "vm1")
     assert set(vm1) == {"host", "kind", "reachable", "unreachable_reason", "proxies", "sidecar_watcher", "checker",
                         "problems"}
     (web,) = vm1["proxies"]
-    assert set(web) == {"proxy", "service", "runs_as", "envoy", "config", "certificate", "upstreams", "problems"}
+    assert set(web) == {"proxy", "service", "runs_as", "envoy", "config", "certificate", "upstreams", "problems",
+                        "resources"}
+    assert web["resources"] == {"host_version": web["resources"]["host_version"], "controller_version": None,
+                                "pushed_at": None, "state": "no controller"}
     assert set(web["envoy"]) == {"state", "running", "version", "pid", "container_id", "admin_answers"}
     assert web["config"]["state"] == "files newer than running"
     assert web["config"]["newer_than_running"] == [{"what": "bootstrap", "running": "0" * 64,
@@ -164,7 +169,7 @@ def test_the_json_keys(fleet: Fleet) -> None:
                                        "described", "served_serials"}
     assert web["certificate"]["not_after"].endswith("Z")
     assert web["upstreams"] == [{"service": "api", "consul_passing": 0, "consul_instances": 0, "envoy_healthy": 1,
-                                 "envoy_hosts": 1}]
+                                 "envoy_hosts": 1, "consul_drained": 0}]
     dock1 = next(host for host in data["hosts"] if host["host"] == "dock1")
     assert dock1["sidecar_watcher"] == {"state": "active", "rules_applied": True, "problems": []}
     ctl1 = next(host for host in data["hosts"] if host["host"] == "ctl1")
