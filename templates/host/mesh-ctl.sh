@@ -34,6 +34,7 @@ STAGING_NAME=.ctl-staging
 MAX_REQUEST=512
 MAX_BUNDLE=8388608
 MAX_CHAIN=65536
+MAX_MEMBERS=4096
 WAIT_S=15
 VALIDATE_TIMEOUT_S=60
 SIDECAR_MEMORY=256m
@@ -120,11 +121,12 @@ identity_lines() {  # the file's identity lines, checked; refuses the call when 
     is_path "$l_trust" || refuse "$IDENTITIES line $n: bad trust bundle"
     is_image "$l_image" || refuse "$IDENTITIES line $n: bad image"
     [ -z "$l_extra" ] || refuse "$IDENTITIES line $n: too many fields"
-    case $l_kind:$l_image:$l_owner in
-      container:-:* | container:*:*[!0-9]*) refuse "$IDENTITIES line $n: a container identity needs an image and a numeric owner" ;;
-      vm:-:* | checker:-:*) ;;
-      vm:* | checker:*) refuse "$IDENTITIES line $n: an image for a $l_kind identity" ;;
-    esac
+    if [ "$l_kind" = container ]; then
+      [ "$l_image" != - ] || refuse "$IDENTITIES line $n: a container identity needs the sidecar image"
+      case $l_owner in *[!0-9]*) refuse "$IDENTITIES line $n: a container identity needs a numeric owner" ;; esac
+    elif [ "$l_image" != - ]; then
+      refuse "$IDENTITIES line $n: an image for a $l_kind identity"
+    fi
     case $names in *" $l_name "*) refuse "$IDENTITIES line $n: $l_name listed twice" ;; esac
     names="$names$l_name "
     printf '%s %s %s %s %s %s %s\n' "$l_name" "$l_kind" "$l_home" "$l_owner" "$l_cn" "$l_trust" "$l_image"
@@ -309,7 +311,7 @@ apply_one() {  # NAME MEMBERS...: one identity's part of the bundle, extracted, 
     if [ -n "$wait_stat" ]; then
       version=$(version_of "$staging/xds/$file") || fail "$a_name: xds/$file has no version_info"
     fi
-    mv -f -- "$staging/xds/$file" "$home/xds/$file" || fail "$a_name: cannot move xds/$file into place"
+    mv -fT -- "$staging/xds/$file" "$home/xds/$file" || fail "$a_name: cannot move xds/$file into place"
     if [ -n "$wait_stat" ]; then
       wait_for "$wait_stat" "$line_prefix$wait_stat: \"$version\"" absent-ok \
         || fail "$a_name: Envoy did not take xds/$file within $WAIT_S s (it runs the files it took before; see its log)"
@@ -324,8 +326,7 @@ apply_one() {  # NAME MEMBERS...: one identity's part of the bundle, extracted, 
 }
 
 do_apply() {
-  lock
-  new_work
+  new_work  # the bundle is read and listed before the lock: a slow sender never holds up another call
   head -c $((MAX_BUNDLE + 1)) > "$work/bundle.tar" || fail "cannot read the bundle"
   size=$(wc -c < "$work/bundle.tar")
   [ "$size" -le "$MAX_BUNDLE" ] || refuse "bundle larger than $MAX_BUNDLE bytes"
@@ -334,6 +335,7 @@ do_apply() {
   tar -tPf "$work/bundle.tar" > "$work/names" 2>/dev/null || refuse "the bundle is not a tar archive"
   tar -tvPf "$work/bundle.tar" > "$work/long" 2>/dev/null || refuse "the bundle is not a tar archive"
   [ -s "$work/names" ] || refuse "empty bundle"
+  [ "$(wc -l < "$work/names")" -le "$MAX_MEMBERS" ] || refuse "more than $MAX_MEMBERS members in the bundle"
   [ "$(wc -l < "$work/names")" -eq "$(wc -l < "$work/long")" ] || refuse "bundle members with odd names"
   grep -qv '^-' "$work/long" && refuse "bundle members must be regular files"
   [ -z "$(sort "$work/names" | uniq -d)" ] || refuse "a bundle member twice"
@@ -349,6 +351,7 @@ do_apply() {
     esac
     case $order in *" $m_name "*) ;; *) order="$order$m_name " ;; esac
   done < "$work/names"
+  lock
   for a_name in $order; do  # every identity known and one with resource files, before anything is written
     lookup "$a_name"
     [ "$kind" != checker ] || refuse "$a_name has no resource files"
@@ -393,13 +396,13 @@ do_csr() {
 }
 
 do_install() {
-  lock
   lookup "$1"
+  new_work  # the chain is read before the lock: a slow sender never holds up another call
+  head -c $((MAX_CHAIN + 1)) > "$work/chain.pem" || fail "cannot read the certificate chain"
+  lock
   dir=$home/tls.$2
   real_dir "$dir" && [ -f "$dir/key.pem" ] && [ ! -L "$dir/key.pem" ] || refuse "$1: no pending key $2"
   [ "$(readlink "$home/tls" 2>/dev/null)" != "tls.$2" ] || refuse "$1: $2 is installed already"
-  new_work
-  head -c $((MAX_CHAIN + 1)) > "$work/chain.pem" || fail "cannot read the certificate chain"
   [ "$(wc -c < "$work/chain.pem")" -le "$MAX_CHAIN" ] || refuse "certificate chain larger than $MAX_CHAIN bytes"
   grep -qvE '^(-----BEGIN CERTIFICATE-----|-----END CERTIFICATE-----|[A-Za-z0-9+/=]{1,76}|)$' "$work/chain.pem" \
     && refuse "$1: stdin is not a PEM certificate chain"

@@ -16,7 +16,7 @@ import socket
 import stat
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -74,6 +74,8 @@ class Host:
         done = subprocess.run(["sh", str(protocol.script_path()), request], input=stdin, capture_output=True,
                               env={"MESH_CTL_ROOT": str(self.root), "PATH": "/usr/bin:/bin"}, timeout=60,
                               check=False)
+        run_dir = self.root / "run" / "mesh-ctl"  # its temp files gone, whatever the answer
+        assert not run_dir.exists() or {path.name for path in run_dir.iterdir()} <= {"lock"}
         return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
     def state(self) -> protocol.HostState:
@@ -117,6 +119,12 @@ def _make_host(root: Path) -> Host:
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
     return _make_host(tmp_path / "host")
+
+
+@pytest.fixture(scope="module")
+def untouched_host(tmp_path_factory: pytest.TempPathFactory) -> Host:
+    """One host for tests whose every call must be refused with nothing written."""
+    return _make_host(tmp_path_factory.mktemp("untouched") / "host")
 
 
 def _csr(key: ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
@@ -308,9 +316,10 @@ ATTACKS: dict[str, tuple[Callable[[str, str], list[tuple[tarfile.TarInfo, bytes]
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
-def test_a_malformed_bundle_is_refused_and_nothing_is_written(host: Host, attack: str) -> None:
+def test_a_malformed_bundle_is_refused_and_nothing_is_written(untouched_host: Host, attack: str) -> None:
+    host = untouched_host
     outside = host.root.parent / "outside"
-    outside.mkdir()
+    outside.mkdir(exist_ok=True)
     validate = _member(f"{host.name}/validate.yaml", b"static_resources: {}\n")
     make, reason = ATTACKS[attack]
     members = make(host.name, str(outside))
@@ -405,6 +414,31 @@ def test_install_refuses_a_version_that_is_not_pending(host: Host) -> None:
     assert _tree(host.root) == before
 
 
+def test_a_container_identity_keys_belong_to_the_sidecar_uid_and_its_files_are_checked_in_a_container(
+        host: Host) -> None:
+    """On a container host the key's owner is the sidecar's numeric uid and Envoy runs in a throwaway sidecar
+    container (`docker run ... IMAGE --mode validate`): when that cannot run (no Docker daemon here), nothing moves."""
+    identities = host.root / "etc/mesh/ctl/identities"
+    image = "registry.local:5000/mesh/envoy:1.31@sha256:" + "c" * 64
+    identities.write_text(identities.read_text()
+                          + f"api-api-v2-1 container {host.home} 1000 api {host.home}/ca.pem {image}\n")
+    assert host.state().identities["api-api-v2-1"] == "container"
+    version, _csr_pem = _csr_for(host, "api-api-v2-1")
+    key = (host.home / f"tls.{version}" / "key.pem").stat()
+    assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o600, 1000, 1000)
+    folder = (host.home / f"tls.{version}").stat()
+    assert (stat.S_IMODE(folder.st_mode), folder.st_uid, folder.st_gid) == (0o750, 0, 1000)
+
+    new = host.rendered(endpoints=(Endpoint("127.0.0.9", 4000),))
+    changed, stale = _changed(host.files, new)
+    part = replace(protocol.bundle_for(new, changed, stale), name="api-api-v2-1")
+    before = _tree(host.root)
+    done = host.run("apply", protocol.apply_bundle([part]))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "mesh-ctl: api-api-v2-1: Envoy refused the files (nothing was moved)" in done.stderr
+    assert _tree(host.root) == before
+
+
 # --- requests ---
 
 @pytest.mark.parametrize("request_text", [
@@ -413,17 +447,17 @@ def test_install_refuses_a_version_that_is_not_pending(host: Host) -> None:
     "install", "install web", "install web 2026", "install web 20261206T111406-1b4b8", "install web ../tls",
     "install web 20261206T111406-1b4b81 x", "STATE", "state\tid", "x" * 600,
 ])
-def test_anything_but_the_four_verbs_is_refused(host: Host, request_text: str) -> None:
-    before = _tree(host.root)
-    done = host.run(request_text)
+def test_anything_but_the_four_verbs_is_refused(untouched_host: Host, request_text: str) -> None:
+    before = _tree(untouched_host.root)
+    done = untouched_host.run(request_text)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith("mesh-ctl: refused: ")
-    assert _tree(host.root) == before
+    assert _tree(untouched_host.root) == before
 
 
-def test_an_unknown_identity_is_refused(host: Host) -> None:
+def test_an_unknown_identity_is_refused(untouched_host: Host) -> None:
     for request_text in ("csr ghost", "install ghost 20261206T111406-1b4b81"):
-        done = host.run(request_text)
+        done = untouched_host.run(request_text)
         assert (done.returncode, done.stderr) == (2, "mesh-ctl: refused: unknown identity ghost\n")
 
 
@@ -473,8 +507,3 @@ def test_concurrent_applies_take_turns(host: Host) -> None:
     assert _on_disk(new) == {file.path: file.content for file in new.files if file.kind != "bootstrap"}
 
 
-@pytest.fixture(autouse=True)
-def _no_leftovers(host: Host) -> Iterator[None]:
-    yield
-    run_dir = host.root / "run" / "mesh-ctl"
-    assert not run_dir.exists() or sorted(path.name for path in run_dir.iterdir()) == ["lock"]
