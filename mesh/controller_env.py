@@ -28,8 +28,12 @@ VENV = f"{MESH_ROOT}/venv"
 WHEELS_DIR = f"{MESH_ROOT}/wheels"
 MARKER_FILE = f"{VENV}/mesh-wheels.marker"
 CHECKER_UNIT = "mesh-health-checker.service"
-# What `python -m mesh.healthcheck` imports beyond the standard library (their own dependencies follow).
-CHECKER_RUNTIME = ("py-consul", "structlog")
+CONTROLLER_UNIT = "mesh-controller.service"
+# What `python -m mesh.healthcheck` and `python -m mesh.controller` import beyond the standard library (their
+# own dependencies follow).
+CHECKER_RUNTIME = ("py-consul", "structlog", "paramiko", "cryptography", "pyyaml", "jinja2", "prometheus-client")
+# Imported in the installed venv before its marker is written: a wheel set that cannot run them is not recorded.
+RUNTIME_MODULES = ("mesh.healthcheck.__main__", "mesh.controller.__main__")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = package_data.templates_dir()
 _NAME = re.compile(r"^[A-Za-z0-9._-]+")
@@ -48,6 +52,17 @@ class CheckerUnitContext:
     config_path: str = "/etc/mesh/checker/checker.json"
     user: str = CHECKER_USER  # a system user of its own, not root
     description: str = "mesh health checker (one active per mesh, through a Consul lock)"
+
+
+@dataclass(frozen=True)
+class ControllerUnitContext:
+    """templates/systemd/mesh-controller.service.j2."""
+
+    python: str = f"{VENV}/bin/python3"
+    config_dir: str = "/etc/mesh/controller"
+    config_path: str = "/etc/mesh/controller/spec.json"
+    user: str = "mesh-controller"
+    description: str = "mesh controller (one active per mesh, through a Consul lock): endpoints and certificates"
 
 
 def runtime_pins(roots: Iterable[str] = CHECKER_RUNTIME) -> list[str]:
@@ -184,21 +199,35 @@ def install_commands(wheel_names: Sequence[str], marker: str, installed: str | N
     return [
         f"test -x {python} || {venv}",
         (f"test \"$(cat {MARKER_FILE} 2>/dev/null)\" = {shlex.quote(marker)} || "
-         f"{{ {install} && {python} -c 'import mesh.healthcheck.__main__' && "
+         f"{{ {install} && {python} -c {shlex.quote(_imports())} && "
          f"echo {shlex.quote(marker)} > {MARKER_FILE}; }}"),
         f"find {WHEELS_DIR} -maxdepth 1 -name '*.whl' {keep} -delete",
     ]
 
 
+def _imports() -> str:
+    """The Python line importing every runtime module (a missing dependency fails it)."""
+    return "import " + ", ".join(RUNTIME_MODULES)
+
+
 def render_checker_unit(context: CheckerUnitContext | None = None,
                         templates_dir: Path = TEMPLATES_DIR) -> str:
     """The text of mesh-health-checker.service; refuses a template that does not render a unit."""
+    return _render_unit(CHECKER_UNIT, asdict(context or CheckerUnitContext()), templates_dir)
+
+
+def render_controller_unit(context: ControllerUnitContext | None = None,
+                           templates_dir: Path = TEMPLATES_DIR) -> str:
+    """The text of mesh-controller.service; refuses a template that does not render a unit."""
+    return _render_unit(CONTROLLER_UNIT, asdict(context or ControllerUnitContext()), templates_dir)
+
+
+def _render_unit(name: str, context: dict[str, object], templates_dir: Path) -> str:
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir)),
                                      undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                                      autoescape=False)
-    template = environment.get_template(f"systemd/{CHECKER_UNIT}.j2")
-    text = template.render(asdict(context or CheckerUnitContext()))
+    text = environment.get_template(f"systemd/{name}.j2").render(context)
     sections = re.findall(r"^\[(\w+)\]$", text, flags=re.MULTILINE)
     if sections != ["Unit", "Service", "Install"]:
-        raise ValueError(f"rendered {CHECKER_UNIT} has sections {sections}, expected Unit, Service, Install")
+        raise ValueError(f"rendered {name} has sections {sections}, expected Unit, Service, Install")
     return text

@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from mesh import catalog, package_data
 from mesh.deploy import record, trust
+from mesh.deploy.controller_inputs import read_state as read_controller_state
 from mesh.deploy.display import Display
 from mesh.deploy.hostvars import InventoryVars, inventory_vars
 from mesh.deploy.lock import deploy_lock
@@ -45,6 +46,7 @@ VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
 CONTAINER_HOSTS_GROUP = "mesh_container_hosts"  # container hosts with workloads
 RETIRED_GROUP = "mesh_retired"  # hosts deployed before that left the inventory: only cleaned
 WHEELS_CACHE = "wheels"  # under mesh_state_dir
+CONTROLLER_WAIT_S = 20.0  # after the lock is released: how long the deploy waits for a controller to take its plan
 
 
 @dataclass(frozen=True)
@@ -85,15 +87,50 @@ def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output
     playbook = load_playbook(options.playbook, modules)
     saved = read_saved_plan(options.plan_file) if options.plan_file else None
     targets = _targets(mesh, options.limit, out, variables.groups)
+    handed: list[str] = []  # the digest the controllers' spec.json carries, once planned
+    report: list[str] = []  # the --json document, written once the controller was waited for
     with nullcontext() if options.check else deploy_lock(mesh, out.warning):  # check mode takes no lock
-        return _locked_deploy(mesh, variables, targets, playbook, modules, saved, options, stdout, transcript,
-                              connector_factory, out, started)
+        code = _locked_deploy(mesh, variables, targets, playbook, modules, saved, options, stdout, transcript,
+                              connector_factory, out, started, handed, report)
+    if not options.check and handed and handed[0]:
+        wait_for_controller(mesh, handed[0], out)
+    for text in report:
+        stdout.write(text)
+    return code
+
+
+def wait_for_controller(mesh: Mesh, digest: str, out: Display, timeout: float = CONTROLLER_WAIT_S,
+                        read: Callable[[Mesh], dict[str, Any] | None] = read_controller_state) -> bool:
+    """After the deploy lock is released (the controllers push nothing while a deploy holds it): wait until the
+    active controller publishes this plan's digest; say whether it took the new plan."""
+    if not mesh.settings.consul_url:
+        return False
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] | None = None
+    while True:
+        try:
+            state = read(mesh)
+        except MeshError as exc:
+            out.warning(f"cannot read the controller's state from Consul ({exc}): whether it took plan "
+                        f"{digest[:12]} is unknown")
+            return False
+        if state is not None and state.get("plan_digest") == digest:
+            out.line(f"controller {state.get('holder', '?')} took plan {digest[:12]}")
+            return True
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    found = (state or {}).get("plan_digest")
+    out.warning(f"no controller took plan {digest[:12]} within {timeout:.0f} s "
+                + (f"(the active one runs {str(found)[:12]})" if found else "(no controller state in Consul)")
+                + ": endpoints and certificates follow Consul again once one does")
+    return False
 
 
 def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHost], playbook: Playbook,
                    modules: ModuleRegistry, saved: dict[str, Any] | None, options: DeployOptions,
                    stdout: TextIO, transcript: TextIO, connector_factory: ConnectorFactory, out: Display,
-                   started: float) -> int:
+                   started: float, handed: list[str], report: list[str]) -> int:
     """From the Consul preflight to the end, under the deploy lock."""
     _consul_preflight(mesh, out)
     retired = retired_targets(mesh, options.limit, out)
@@ -121,7 +158,9 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
             out.line(f"mesh CA {'created' if created else 'found'} in {ca.ca_dir} "
                      f"(root {ca.root_fingerprint[:23]}...)")
         prepared = prepare(ca_mesh, ca, targets, pool.connect, out, options.forks,
-                           diffs=options.diff, consul=options.json, retired=retired)
+                           diffs=options.diff, consul=options.json, retired=retired,
+                           make_controller_keys=not options.check)
+        handed[:] = [prepared.plan.controller_digest]
         if saved is not None:
             refuse_stale_plan(saved, prepared, options.plan_file)
         if options.diff or options.check:
@@ -129,7 +168,7 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
         code, recap = _deploy_hosts(variables, mesh, ca, targets, prepared, playbook, modules, options,
                                     transcript, pool.connect, out, started)
     if options.json:
-        stdout.write(json_report(prepared.fleet, {"exit_code": code, "recap": recap}))
+        report.append(json_report(prepared.fleet, {"exit_code": code, "recap": recap}))
     return code
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from mesh import catalog, controller_env
 from mesh.config.validate import envoy_binary
 from mesh.containers.image import SidecarImage, build_sidecar_image_tar
+from mesh.deploy.controller_inputs import controller_inputs
 from mesh.deploy.display import Display
 from mesh.deploy.steps.context import ControllerWheels, LocalFile
 from mesh.errors import MeshError
@@ -23,7 +24,7 @@ from mesh.inventory.model import ManagedHost, Mesh
 from mesh.local_cache import cache_dir
 from mesh.pki import CertificateAuthority
 from mesh.pki.authority import CA_FOLDER
-from mesh.plan.build import PlanInputs, build_plan
+from mesh.plan.build import ControllerInputs, PlanInputs, build_plan
 from mesh.plan.changes import Change, certificate_reason_for
 from mesh.plan.fleet import observe_fleet, validate_plan
 from mesh.plan.model import Plan
@@ -48,12 +49,17 @@ class Prepared:
 
 def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost],
             connect: Callable[[ManagedHost], Connector], out: Display, forks: int = 20, diffs: bool = False,
-            consul: bool = False, envoy: str | None = None, retired: Sequence[ManagedHost] = ()) -> Prepared:
+            consul: bool = False, envoy: str | None = None, retired: Sequence[ManagedHost] = (),
+            make_controller_keys: bool = False) -> Prepared:
     """Plan every managed host, check each distinct proxy config with the local Envoy (PlanRefused: nothing
     touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
     (MESH_ENVOY, else mesh's own) that checks configs; `retired` hosts (they left the inventory) are planned
-    with nothing on them."""
-    plan, binary, image = _checked_plan(mesh, ca, targets, out, envoy, retired)
+    with nothing on them. Before the plan, the controllers' public keys are read (mesh.deploy.controller_inputs;
+    `make_controller_keys`: a deploy makes a missing key on its controller, and the controllers' intermediate)."""
+    controller = _controller_inputs(mesh, ca, connect, out, forks,
+                                    [host.name for host in targets if host.is_controller] if make_controller_keys
+                                    else [])
+    plan, binary, image = _checked_plan(mesh, ca, targets, out, envoy, retired, controller)
     wheels = _wheels(mesh, targets)
     observed = observe_fleet(plan, targets, connect, certificate_reason_for(ca, mesh.settings.cert_ttl),
                              wheels.marker if wheels else None, diffs=diffs, forks=forks)
@@ -80,16 +86,29 @@ def check_here(mesh: Mesh, targets: Sequence[ManagedHost], out: Display, envoy: 
         _checked_plan(mesh, ca, targets, None, envoy, retired)
 
 
+def _controller_inputs(mesh: Mesh, ca: CertificateAuthority, connect: Callable[[ManagedHost], Connector],
+                       out: Display, forks: int, create_on: Sequence[str]) -> ControllerInputs | None:
+    from mesh.controller.protocol import script_text
+
+    inputs = controller_inputs(mesh, ca, connect, create_on, out.warning, script_text().encode(), forks)
+    if inputs is not None and mesh.settings.consul_url:
+        out.line("a controller answered: endpoint files on hosts are its own (written only when missing)"
+                 if inputs.endpoints_live else "no controller answered: endpoint files written by this deploy")
+    return inputs
+
+
 def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost], out: Display | None,
-                  envoy: str | None, retired: Sequence[ManagedHost]) -> tuple[Plan, LocalFile, SidecarImage | None]:
+                  envoy: str | None, retired: Sequence[ManagedHost],
+                  controller: ControllerInputs | None = None) -> tuple[Plan, LocalFile, SidecarImage | None]:
     """The plan of every managed host, each distinct proxy config checked by the local Envoy (PlanRefused)."""
     local_envoy = envoy or os.environ.get("MESH_ENVOY") or envoy_binary()
     binary = LocalFile(Path(local_envoy), cache_dir(ENVOY_CACHE))
     image = _sidecar_image(mesh, targets, out)
+    wants_envoy = any((h.kind == "vm" and h.workloads) or (h.is_controller and controller) for h in mesh.hosts)
     inputs = PlanInputs(ca.root_pem, ca.root_fingerprint,
-                        envoy_sha256=binary.sha256 if any(h.kind == "vm" and h.workloads for h in mesh.hosts) else None,
+                        envoy_sha256=binary.sha256 if wants_envoy else None,
                         sidecar_image=image.tag if image is not None else None,
-                        consul_token=_token(mesh), consul_ca=_consul_ca(mesh))
+                        consul_token=_token(mesh), consul_ca=_consul_ca(mesh), controller=controller)
     started = time.monotonic()
     plan = build_plan(mesh, inputs, [*mesh.hosts, *retired])
     checked = validate_plan(plan, ca.root_pem, local_envoy, binary.sha256, cache_dir(VALIDATED_CACHE))

@@ -47,6 +47,17 @@ ROOT_KEY = "root.key"
 INTERMEDIATE_CERT = "intermediate.pem"
 INTERMEDIATE_KEY = "intermediate.key"
 META_FILE = "ca.json"
+CONTROLLER_CERT = "controller-intermediate.pem"
+CONTROLLER_KEY = "controller-intermediate.key"
+
+
+@dataclass(frozen=True)
+class ControllerIssuer:
+    """The controllers' own intermediate (signed by the root, never the deploy's intermediate): what a deploy
+    pushes to every controller, which signs leaves with it. key_pem is secret: never logged or printed."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,29 @@ class CertificateAuthority:
     def needs_renewal(self, cert_pem: bytes, now: datetime | None = None) -> bool:
         """leaf_needs_renewal against this CA's root and intermediate."""
         return leaf_needs_renewal(cert_pem, now, self.root_pem, self.intermediate_pem)
+
+    def controller_issuer(self, create: bool = True) -> ControllerIssuer | None:
+        """The controllers' intermediate (`controller-intermediate.{pem,key}` beside the CA's own, key 0600),
+        made once by the root when `create`; None when it does not exist and `create` is False (check mode)."""
+        cert_path = os.path.join(self.ca_dir, CONTROLLER_CERT)
+        key_path = os.path.join(self.ca_dir, CONTROLLER_KEY)
+        if not os.path.lexists(key_path):
+            if not create:
+                return None
+            root_key = _read_key(self.ca_dir, ROOT_KEY, "the root key")
+            key = new_ca_key()
+            cert = build_intermediate(Issuer(self.root, root_key), key, self.trust_domain, datetime.now(UTC))
+            write_atomic(cert_path, _pem(cert), PUBLIC_FILE)  # the certificate first: a key alone is never read
+            write_atomic(key_path, _key_pem(key), PRIVATE_FILE)
+            structlog.get_logger().info("controller_intermediate_created", ca_dir=self.ca_dir,
+                                        serial=serial_hex(cert))
+        require_private(key_path, "the controller intermediate key")
+        cert = _read_cert(self.ca_dir, CONTROLLER_CERT, "the controller intermediate certificate")
+        key = _read_key(self.ca_dir, CONTROLLER_KEY, "the controller intermediate key")
+        if key.public_key() != cert.public_key() or not chains_to(_pem(cert), self.root_pem):
+            raise MeshError(f"the controller intermediate in {self.ca_dir} is corrupt: it does not match its key "
+                            "or the root", "move controller-intermediate.* away: the next deploy makes a new one")
+        return ControllerIssuer(_pem(cert), _key_pem(key))
 
     def issued(self) -> list[IssuedRecord]:
         """Every leaf recorded in issued.json, oldest first."""

@@ -14,19 +14,26 @@ from typing import Any
 
 from mesh.config import paths
 from mesh.containers.reachability import LIST_PATH, RULES_PATH, WATCHER_PATH, WATCHER_UNIT, WATCHER_UNIT_PATH
-from mesh.controller_env import CHECKER_UNIT, MARKER_FILE
+from mesh.controller import spec as controller_spec
+from mesh.controller_env import CHECKER_UNIT, CONTROLLER_UNIT, MARKER_FILE
 from mesh.healthcheck.config import CERT_FILE, CONFIG_DIR, CONSUL_CA_FILE, KEY_FILE, TOKEN_FILE
 from mesh.hosts.observe import ENVOY_SHA_CACHE_SUFFIX, HostFacts, ObserveRequest
-from mesh.plan.build import CHECKER_UNIT_PATH, FIREWALL_UNIT_PATH, HOST_FOLDERS
+from mesh.plan.access import CTL_IDENTITIES_DIR
+from mesh.plan.build import CHECKER_UNIT_PATH, CONTROLLER_UNIT_PATH, FIREWALL_UNIT_PATH, HOST_FOLDERS
 from mesh.plan.model import HostPlan, PlannedFile
 from mesh.render import stale_paths
 
 CHECKER_CERT_NAME = "checker"
 # What mesh may have put on a host for a role the host no longer has: observed always, removed when unplanned.
 ROLE_PATHS = (paths.FIREWALL_PATH, FIREWALL_UNIT_PATH, paths.ENVOY_BINARY, LIST_PATH, RULES_PATH, WATCHER_PATH,
-              WATCHER_UNIT_PATH, CHECKER_UNIT_PATH, TOKEN_FILE, CONSUL_CA_FILE, CONFIG_DIR, paths.CA_PATH,
+              WATCHER_UNIT_PATH, CHECKER_UNIT_PATH, TOKEN_FILE, CONSUL_CA_FILE, CONFIG_DIR, CONTROLLER_UNIT_PATH,
+              controller_spec.CONTROLLER_DIR, controller_spec.CTL_SUDOERS, controller_spec.CTL_SCRIPT,
+              CTL_IDENTITIES_DIR, controller_spec.CTL_HOME, paths.CA_PATH,
               *reversed(HOST_FOLDERS))  # the folders last: a host that lost its last workload keeps none of them
-ROLE_UNITS = (paths.FIREWALL_UNIT, WATCHER_UNIT, CHECKER_UNIT)
+ROLE_UNITS = (paths.FIREWALL_UNIT, WATCHER_UNIT, CHECKER_UNIT, CONTROLLER_UNIT)
+# Users mesh makes for a role (the controllers' account on managed hosts, the controller's own): observed always,
+# removed when the plan no longer has them.
+ROLE_USERS = (controller_spec.CTL_USER, controller_spec.CONTROLLER_USER)
 
 CertificateReason = Callable[[bytes | None, bytes | None, str], "str | None"]
 """(certificate, public key beside it, SPIFFE id) -> why it must be (re)issued, or None."""
@@ -65,7 +72,7 @@ def observe_request(plan: HostPlan) -> ObserveRequest:
         stat_only=(paths.ENVOY_BINARY,),
         listed=tuple(paths.xds_dir(proxy.name) for proxy in plan.proxies),
         units=tuple(dict.fromkeys(list(plan.units) + list(ROLE_UNITS))),
-        users=plan.users,
+        users=tuple(dict.fromkeys((*plan.users, *ROLE_USERS))),
         admin_sockets=tuple((proxy.name, paths.admin_socket_path(proxy.name)) for proxy in plan.proxies),
         certificates=tuple(certificates),
         envoy_binary=paths.ENVOY_BINARY if plan.envoy_sha256 else None,
@@ -159,6 +166,8 @@ def removals(plan: HostPlan, facts: HostFacts) -> list[Change]:
                 if unit not in planned_units and unit not in facts.unit_files
                 and facts.units.get(unit) is not None and facts.units[unit].enabled not in ("not-found", "")]
     changes += [Change(name, "user", user, "remove") for user in facts.mesh_users if user not in plan.users]
+    changes += [Change(name, "user", user, "remove") for user in ROLE_USERS
+                if user in facts.users and user not in plan.users]
     wanted_sidecars = {proxy.sidecar.name for proxy in plan.proxies if proxy.sidecar is not None}
     changes += [Change(name, "sidecar", sidecar, "remove") for sidecar in facts.sidecars
                 if sidecar not in wanted_sidecars]
@@ -183,6 +192,8 @@ def _file_change(host: str, planned: PlannedFile, facts: HostFacts, proxy: str |
     if not found.exists:
         return Change(host, "file", planned.path, "create", _effect(planned), proxy,
                       _diff(planned, None) if planned.text is not None else None)
+    if planned.controller_owned:  # the running controller keeps it current from Consul
+        return None
     if found.sha256 != planned.sha256:
         detail = "content" + (f", {_effect(planned)}" if _effect(planned) else "")
         return Change(host, "file", planned.path, "update", detail, proxy,

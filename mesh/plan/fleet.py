@@ -113,5 +113,5 @@ def observe_fleet(plan: Plan, hosts: Sequence[ManagedHost], connect: Callable[[M
 def _diffable(plan: HostPlan, facts: HostFacts) -> list[str]:
     """Planned text files whose content on the host differs (never a secret: those are not diffed)."""
     return [planned.path for planned in plan.every_file()
-            if planned.text is not None and facts.path(planned.path).exists
+            if planned.text is not None and not planned.controller_owned and facts.path(planned.path).exists
             and facts.path(planned.path).sha256 != planned.sha256]

@@ -33,6 +33,8 @@ class PlannedFile:
     effect: Effect = "none"
     secret: bool = False  # its content is never printed, diffed or saved: only its sha256
     check: str | None = None  # a command checking the staged file on the host (`%s`: its path), e.g. nft -c -f
+    # a running controller keeps it current (an endpoint file): written only when missing, never compared
+    controller_owned: bool = False
     sha256: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
@@ -49,8 +51,11 @@ class PlannedFile:
             return None
 
     def summary(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "mode": f"{self.mode:04o}", "owner": self.owner,
-                "group": self.group, "effect": self.effect, "secret": self.secret}
+        summary: dict[str, Any] = {"path": self.path, "sha256": self.sha256, "mode": f"{self.mode:04o}", "owner": self.owner,
+                                   "group": self.group, "effect": self.effect, "secret": self.secret}
+        if self.controller_owned:
+            summary["controller_owned"] = True
+        return summary
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,9 @@ class Plan:
     ca_fingerprint: str
     hosts: tuple[HostPlan, ...]
     registrations: tuple[Registration, ...] = ()  # every instance as Consul must list it (catalog.sync's input)
+    # the digest of the plan without the controllers' spec.json (which holds it): what a controller running this
+    # plan publishes in its state; "" when no controller is planned
+    controller_digest: str = ""
 
     def host(self, name: str) -> HostPlan:
         for host in self.hosts:

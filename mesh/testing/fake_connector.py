@@ -257,6 +257,12 @@ class _Shell:
         self.host.users[name] = args[args.index("--comment") + 1] if "--comment" in args else ""
         return _OK
 
+    def _visudo(self, args: list[str]) -> CommandResult:  # `visudo -cf STAGED`: the fake's sudo takes any rule
+        return _OK if self._file(args[-1]) is not None else CommandResult(1, b"", b"visudo: no such file")
+
+    def _usermod(self, args: list[str]) -> CommandResult:
+        return _OK if args[-1] in self.host.users else CommandResult(6, b"", f"usermod: user '{args[-1]}' does not exist".encode())
+
     def _userdel(self, args: list[str]) -> CommandResult:
         if self.host.users.pop(args[-1], None) is None:
             return CommandResult(6, b"", f"userdel: user '{args[-1]}' does not exist".encode())

@@ -209,7 +209,8 @@ def test_the_observation_asks_for_every_planned_thing() -> None:
     assert request.listed == (paths.xds_dir("web-8080"), paths.xds_dir("db-5432"))
     assert request.admin_sockets == (("web-8080", paths.admin_socket_path("web-8080")),
                                      ("db-5432", paths.admin_socket_path("db-5432")))
-    assert request.users == ("mesh-web-8080", "mesh-db-5432") and request.firewall
+    # the role users (the controllers' account, the controller's own) are asked for everywhere, to remove them
+    assert request.users == ("mesh-web-8080", "mesh-db-5432", "mesh-ctl", "mesh-controller") and request.firewall
     assert request.envoy_binary == paths.ENVOY_BINARY and not request.container_host
     dock1 = observe_request(_plan()["dock1"])
     assert dock1.container_host and dock1.sidecar_image == IMAGE and dock1.rules_check is not None

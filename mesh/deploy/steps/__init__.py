@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mesh.containers.modules import register_container_modules
 from mesh.deploy.modules import ModuleRegistry
-from mesh.deploy.steps import cleanup, controller, gate, host, proxy
+from mesh.deploy.steps import cleanup, controller, ctl_access, gate, host, proxy
 
 
 def register_mesh_modules(modules: ModuleRegistry) -> None:
@@ -29,4 +29,7 @@ def register_mesh_modules(modules: ModuleRegistry) -> None:
     modules.register("mesh.checker_config", controller.checker_config_file, ())
     modules.register("mesh.checker_consul_files", controller.checker_consul_files, ())
     modules.register("mesh.checker_unit", controller.checker_unit, ())
+    modules.register("mesh.role_user", ctl_access.role_user, ("name",))
+    modules.register("mesh.planned_files", ctl_access.planned_files, ("group",))
+    modules.register("mesh.controller_service", ctl_access.controller_service, ("restart", "reload"))
     register_container_modules(modules)  # mesh.sidecar_image, mesh.sidecar, mesh.sidecar_host

@@ -21,7 +21,7 @@ from mesh.plan.changes import keep_envoy_sha_cache
 
 # Non-interactive SSH sessions of non-root users often lack the sbin folders where sshd and nft live.
 SBIN_PATH = "PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-TOOLS = ("openssl", "sha256sum", "useradd", "systemctl", "sshd")
+TOOLS = ("openssl", "sha256sum", "useradd", "systemctl", "sshd", "sudo", "visudo")  # sudo: the controllers' mesh-ctl
 CONTAINER_HOST_TOOLS = ("docker", "iptables", "iptables-restore", "nsenter")
 MIN_CONTROLLER_PYTHON = (3, 10)  # the checker's wheels (structlog, py-consul) need 3.10+
 
@@ -36,7 +36,8 @@ def prerequisites_script(controller: bool, container_host: bool = False) -> str:
     else:
         lines.append("command -v nft >/dev/null 2>&1 || command -v iptables >/dev/null 2>&1 || "
                      "echo 'nft or iptables'")
-    if controller:
+    if controller:  # the controller's SSH key is made on the controller itself
+        lines.append("command -v ssh-keygen >/dev/null 2>&1 || echo ssh-keygen")
         major, minor = MIN_CONTROLLER_PYTHON
         lines.append(f"python3 -c 'import sys; sys.exit(sys.version_info < ({major}, {minor}))' 2>/dev/null || "
                      f"echo \"python3 >= {major}.{minor} (found: $(python3 -V 2>&1 || echo none))\"")
