@@ -412,7 +412,7 @@ do_install() {
   pending_key=$(openssl pkey -in "$dir/key.pem" -pubout 2>/dev/null) || fail "$1: unreadable key $dir/key.pem"
   [ "$leaf_key" = "$pending_key" ] || fail "$1: the certificate is not for the pending key $2"
   [ -f "$trust" ] || fail "$1: no trust bundle $trust"
-  if ! openssl verify -CAfile "$trust" -untrusted "$work/chain.pem" "$work/leaf.pem" > "$work/verify" 2>&1; then
+  if ! openssl verify -no-CApath -no-CAstore -CAfile "$trust" -untrusted "$work/chain.pem" "$work/leaf.pem" > "$work/verify" 2>&1; then
     fail "$1: the certificate is not trusted by $trust: $(grep -i error "$work/verify" | head -n 2 | tr '\n' ' ' | cut -c1-300)"
   fi
   serial=$(openssl x509 -noout -serial -in "$work/leaf.pem" | sed -n 's/^serial=0*\(.\)/\1/p' | tr 'A-F' 'a-f')
