@@ -306,14 +306,16 @@ class IssuedLeaf:
                 f"serial {self.record.serial}  {lifetime.state.value:<14}  {lifetime.describe()}{earlier}")
 
 
-def newest_leaves(ledger: Iterable[IssuedRecord], controllers: Iterable[IssuedRecord]) -> list[IssuedLeaf]:
+def newest_leaves(ledger: Iterable[IssuedRecord], controllers: Iterable[IssuedRecord],
+                  wanted: frozenset[tuple[str, str]] | None = None) -> list[IssuedLeaf]:
     """Pure: per (host, proxy) the newest record of either source (the checker's two names are one), with the
-    count of older ones; by host, then proxy."""
+    count of older ones; by host, then proxy; with `wanted`, only those (host, proxy) pairs."""
     groups: dict[tuple[str, str], list[tuple[str, IssuedRecord]]] = {}
     for source, records in (("deploy", ledger), ("controller", controllers)):
         for record in records:
             proxy = CHECKER_NAMES[1] if record.proxy in CHECKER_NAMES else record.proxy
-            groups.setdefault((record.host, proxy), []).append((source, record))
+            if wanted is None or (record.host, proxy) in wanted:
+                groups.setdefault((record.host, proxy), []).append((source, record))
     leaves = []
     for key in sorted(groups):
         source, newest = max(groups[key], key=lambda item: item[1].issued_at)
@@ -349,6 +351,14 @@ def controller_records(mesh: Mesh) -> tuple[list[IssuedRecord], list[str]]:
 RecordReader = Callable[[Mesh], tuple[list[IssuedRecord], list[str]]]
 
 
+def current_identities(mesh: Mesh) -> frozenset[tuple[str, str]]:
+    """(host, proxy) of every proxy the inventory has, and (controller, health-checker) of every controller."""
+    from mesh.config.paths import proxy_name
+
+    found = {(host.name, proxy_name(workload)) for host in mesh.hosts for workload in host.workloads}
+    return frozenset(found | {(host.name, CHECKER_NAMES[1]) for host in mesh.controllers})
+
+
 def issued_lines(mesh: Mesh, now: datetime, read_controllers: RecordReader | None = None) -> list[str]:
     """`mesh ca check`'s list of the newest leaf issued to each proxy, deploys' and controllers'; a Consul that
     cannot be read is said in one line (the hosts' own certificates were judged above)."""
@@ -369,9 +379,9 @@ def issued_lines(mesh: Mesh, now: datetime, read_controllers: RecordReader | Non
             notes += problems
         except CatalogError as exc:
             notes.append(f"the controllers' records were not read: {exc}")
-    leaves = newest_leaves(ledger, controllers)
-    title = (f"leaves issued, newest per proxy ({len(ledger)} in {ca_dir}/issued.json, {len(controllers)} by "
-             f"controllers in Consul KV {issued_prefix(mesh.settings.id)}):")
+    leaves = newest_leaves(ledger, controllers, current_identities(mesh))
+    title = (f"leaves issued, newest per proxy of the inventory ({len(ledger)} in {ca_dir}/issued.json, "
+             f"{len(controllers)} by controllers in Consul KV {issued_prefix(mesh.settings.id)}):")
     lines = [title]
     widths = (max([len(leaf.record.host) for leaf in leaves] + [4]),
               max([len(leaf.record.proxy) for leaf in leaves] + [4]))

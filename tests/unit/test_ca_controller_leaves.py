@@ -86,10 +86,11 @@ def test_the_newest_leaf_per_proxy_wins_whoever_issued_it() -> None:
 
 def test_check_lists_the_ledger_and_the_controllers_records(mesh: Mesh) -> None:
     fresh = record("vm1", "web-8080", "c0ffee", timedelta(seconds=10))
+    gone = record("vm1", "web-9999", "0ld", timedelta(seconds=5))  # a proxy the inventory no longer has
     lines = issued_lines(mesh, NOW, lambda _: ([fresh, record("dock1", "api-api-1", "beef", timedelta(seconds=45),
-                                                              service="api")], []))
-    assert lines[0] == (f"leaves issued, newest per proxy (2 in {mesh.settings.state_dir}/ca/issued.json, 2 by "
-                        f"controllers in Consul KV {PREFIX}):")
+                                                              service="api"), gone], []))
+    assert lines[0] == (f"leaves issued, newest per proxy of the inventory (2 in {mesh.settings.state_dir}/ca/"
+                        f"issued.json, 3 by controllers in Consul KV {PREFIX}):")
     assert lines[1].split()[:6] == ["ctl1", "health-checker", "deploy", "serial", lines[1].split()[4], "ok"]
     assert lines[2].split()[:6] == ["dock1", "api-api-1", "controller", "serial", "beef", "under"]
     assert lines[3].split()[:6] == ["vm1", "web-8080", "controller", "serial", "c0ffee", "ok"]
@@ -115,6 +116,6 @@ def test_the_cli_prints_the_leaves_after_the_hosts_certificates(
     assert run(["ca", "check", "-i", str(tmp_path / "hosts.yml")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "0 certificate(s), 0 need attention"
-    assert out[1].startswith("leaves issued, newest per proxy (2 in ")
+    assert out[1].startswith("leaves issued, newest per proxy of the inventory (2 in ")
     assert [line.split()[:3] for line in out[2:]] == [["ctl1", "health-checker", "deploy"],
                                                       ["vm1", "web-8080", "controller"]]
