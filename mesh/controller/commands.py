@@ -60,3 +60,12 @@ def run(spec_path: str | None, inventory: str | None, ssh_key: str, ca_dir: str,
                                 root_cert=os.path.join(ca_dir, "root.pem"), envoy=envoy or envoy_binary(),
                                 holder=holder)
     serve(load, options)
+
+
+def _add_rotate_keys() -> None:
+    from mesh.deploy.rotate_keys import rotate_keys_command  # a deploy: H-C's module
+
+    controller.add_command(rotate_keys_command)
+
+
+_add_rotate_keys()

@@ -64,6 +64,7 @@ class DeployOptions:
     plan_file: Path | None = None  # apply exactly this saved plan (`mesh plan -o FILE`), refusing if it is stale
     serial: Serial | None = None  # every play's batch sizes (overrides the playbook's `serial:`)
     max_fail_percentage: float | None = None  # likewise for `max_fail_percentage:`
+    rotate_controller_keys: bool = False  # `mesh controller rotate-keys`: new controller keys, every host re-keyed
 
 
 def deploy(inventory_path: str, options: DeployOptions = DeployOptions(), output: TextIO | None = None,
@@ -159,7 +160,8 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
                      f"(root {ca.root_fingerprint[:23]}...)")
         prepared = prepare(ca_mesh, ca, targets, pool.connect, out, options.forks,
                            diffs=options.diff, consul=options.json, retired=retired,
-                           make_controller_keys=not options.check)
+                           make_controller_keys=not options.check,
+                           rotate_controller_keys=options.rotate_controller_keys)
         handed[:] = [prepared.plan.controller_digest]
         if saved is not None:
             refuse_stale_plan(saved, prepared, options.plan_file)
@@ -180,7 +182,8 @@ def _deploy_hosts(variables: InventoryVars, mesh: Mesh, ca: CertificateAuthority
     fleet = prepared.fleet
     context = DeployContext(mesh, ca, prepared.envoy, prepared.plan, prepared.wheels,
                             {observed.host: observed.changes for observed in fleet.hosts}, connector_factory)
-    extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.root_pem.decode()}
+    extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.root_pem.decode(),
+                                  "mesh_controller_keys_rotated": options.rotate_controller_keys}
     if prepared.image is not None:
         extra_vars["mesh_sidecar_image"] = {"src": str(prepared.image.path), "tag": prepared.image.tag}
     converged = set(fleet.converged_hosts())

@@ -60,6 +60,28 @@ def remove_key_command() -> str:
     return f"rm -f {key} {key}.pub"
 
 
+def remove_controller_keys(controllers: Sequence[ManagedHost], connect: Callable[[ManagedHost], Connector],
+                           warn: Warn) -> list[str]:
+    """`mesh controller rotate-keys`: each controller's SSH key removed, so the deploy that follows makes a new
+    one and replaces every host's authorized_keys; the names of the controllers whose key went."""
+    removed = []
+    for host in controllers:
+        try:
+            connector = connect(host)
+        except MeshError as exc:
+            warn(f"controller {host.name} cannot be reached: its key is not rotated ({exc})")
+            continue
+        try:
+            result = connector.run(remove_key_command())
+        finally:
+            connector.close()
+        if result.ok:
+            removed.append(host.name)
+        else:
+            warn(f"controller {host.name}: its key could not be removed ({result.error_text()[:300]})")
+    return removed
+
+
 def controller_keys(controllers: Sequence[ManagedHost], connect: Callable[[ManagedHost], Connector],
                     create_on: Collection[str], warn: Warn, forks: int = 20) -> dict[str, str]:
     """Each controller's `TYPE BASE64`, made first on the controllers named in `create_on` (the deploy's targets);

@@ -15,7 +15,7 @@ from pathlib import Path
 from mesh import catalog, controller_env
 from mesh.config.validate import envoy_binary
 from mesh.containers.image import SidecarImage, build_sidecar_image_tar
-from mesh.deploy.controller_inputs import controller_inputs
+from mesh.deploy.controller_inputs import controller_inputs, remove_controller_keys
 from mesh.deploy.display import Display
 from mesh.deploy.steps.context import ControllerWheels, LocalFile
 from mesh.errors import MeshError
@@ -50,12 +50,16 @@ class Prepared:
 def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost],
             connect: Callable[[ManagedHost], Connector], out: Display, forks: int = 20, diffs: bool = False,
             consul: bool = False, envoy: str | None = None, retired: Sequence[ManagedHost] = (),
-            make_controller_keys: bool = False) -> Prepared:
+            make_controller_keys: bool = False, rotate_controller_keys: bool = False) -> Prepared:
     """Plan every managed host, check each distinct proxy config with the local Envoy (PlanRefused: nothing
     touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
     (MESH_ENVOY, else mesh's own) that checks configs; `retired` hosts (they left the inventory) are planned
     with nothing on them. Before the plan, the controllers' public keys are read (mesh.deploy.controller_inputs;
-    `make_controller_keys`: a deploy makes a missing key on its controller, and the controllers' intermediate)."""
+    `make_controller_keys`: a deploy makes a missing key on its controller, and the controllers' intermediate;
+    `rotate_controller_keys`: the targeted controllers' keys are removed first, so each gets a new one)."""
+    if rotate_controller_keys and make_controller_keys:
+        rotated = remove_controller_keys([host for host in targets if host.is_controller], connect, out.warning)
+        out.line(f"controller keys removed, new ones made now: {', '.join(rotated) or 'none'}")
     controller = _controller_inputs(mesh, ca, connect, out, forks,
                                     [host.name for host in targets if host.is_controller] if make_controller_keys
                                     else [])

@@ -138,9 +138,14 @@ def proxy_files(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
     if found.get(trust.path) != trust.sha256:
         yield PutFile(trust.path, trust.content, trust.mode, trust.owner, trust.group, f"write {trust.path}")
     rendered = planned.rendered
+    for planned_file in planned.files:  # a running controller's endpoint files: written only when missing
+        if planned_file.controller_owned and planned_file.path in found:
+            found[planned_file.path] = planned_file.sha256
     steps = transition(rendered, found, _host_cds(ctx, rendered, found))
     stale = stale_paths(rendered, found)
     for planned_file in planned.files:
+        if planned_file.controller_owned:
+            continue
         if found.get(planned_file.path) == planned_file.sha256:  # right content: only its mode and owner
             yield from ownership_changes(ctx.connector, planned_file.path,
                                          Owned(planned_file.owner, planned_file.group, planned_file.mode))
