@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol
 
 import click
@@ -131,9 +132,20 @@ def operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def no_active_controller(mesh: Mesh) -> str | None:
+    """Why no controller is active (so a drain changes no caller's endpoints yet), or None when one is."""
+    from mesh.status.controllers import read_controllers
+
+    status = read_controllers(mesh).status
+    return None if status.active else (status.reason or "none answers")
+
+
 def drain(inventory_path: str, service: str, host: str, undo: bool = False,
-          drains: DrainCatalog | None = None, echo: Callable[[str], None] = click.echo) -> int:
-    """`mesh drain`: load and check the inventory, drain or undrain, print one line per instance; exit 0."""
+          drains: DrainCatalog | None = None, echo: Callable[[str], None] = click.echo,
+          warn: Callable[[str], None] | None = None,
+          controllers: Callable[[Mesh], str | None] = no_active_controller) -> int:
+    """`mesh drain`: load and check the inventory, drain or undrain, print one line per instance (and a warning
+    when no controller is active to act on it); exit 0."""
     from mesh.inventory.check import check_inventory
     from mesh.inventory.loader import load_inventory
 
@@ -142,4 +154,8 @@ def drain(inventory_path: str, service: str, host: str, undo: bool = False,
     drains = drains or ConsulDrains(catalog.access_for(mesh))
     for change in apply_drain(mesh, service, host, undo, drains, operator(), lambda: datetime.now(UTC)):
         echo(change.line())
+    inactive = controllers(mesh)
+    if inactive is not None:
+        (warn or partial(click.echo, err=True))(f"[WARNING]: no controller is active ({inactive}): callers' endpoints follow Consul only while one "
+             "runs (mesh_controllers, deployed by mesh deploy)")
     return EXIT_OK

@@ -86,6 +86,7 @@ def test_drain_and_undo_through_the_cli(consul: ConsulDevServer, mesh: Mesh, tmp
     done = mesh_cli("drain", "api", "vm2", "-i", path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("drained api-vm2-9090 on vm2: check mesh-drain:api-vm2-9090 is critical")
+    assert "no controller is active (nobody holds the controllers' lock)" in done.stderr
     assert passing_ids(consul.url, "api") == {"api-dock1-api-v2-1"}, "the drained instance is not passing"
     drained = health(consul.url, "api-vm2-9090")
     assert drained.status == "critical" and drained.output.startswith("drained by ") and drained.drained

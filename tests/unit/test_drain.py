@@ -146,3 +146,21 @@ def test_the_cli_says_consul_is_unreachable_and_exits_1(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert f"Consul is unreachable at {url}" in err
     assert "Traceback" not in err
+
+
+def test_drain_warns_when_no_controller_would_act_on_it(tmp_path: Path) -> None:
+    from mesh.drain import drain as drain_command
+
+    path = str(inventory(tmp_path, "http://127.0.0.1:1"))
+    drains = FakeDrains()
+    printed: list[str] = []
+    warned: list[str] = []
+    assert drain_command(path, "api", "vm2", drains=drains, echo=printed.append, warn=warned.append,
+                         controllers=lambda mesh: "nobody holds the controllers' lock") == 0
+    assert printed[0].startswith("drained api-vm2-9090 on vm2")
+    assert warned == [("[WARNING]: no controller is active (nobody holds the controllers' lock): callers' endpoints "
+                      "follow Consul only while one runs (mesh_controllers, deployed by mesh deploy)")]
+    warned.clear()
+    assert drain_command(path, "api", "vm2", undo=True, drains=drains, echo=printed.append, warn=warned.append,
+                         controllers=lambda mesh: None) == 0
+    assert printed[-1].startswith("undrained api-vm2-9090 on vm2") and warned == []
