@@ -18,6 +18,7 @@
 # MESH_CTL_ROOT (tests, benchmarks: sudo removes it from the environment) prefixes this script's own paths (the
 # identities file, Envoy, the lock and temp files in /run/mesh-ctl, the syslog socket); HOME and TRUST are used as
 # the identities file writes them.
+# shellcheck disable=SC2015,SC2174,SC2329 # `a && b || fail`: any step failing fails; /run is there; finish: a trap
 set -f -u
 umask 077
 LC_ALL=C
