@@ -39,7 +39,7 @@ from mesh.render import VALIDATE_CONFIG_NAME, ProxyFiles, host_validation
 
 __all__ = ["MAX_BUNDLE_BYTES", "MAX_CHAIN_BYTES", "VERBS", "BundleProxy", "CertState", "CtlProtocolError",
            "HostState", "apply_bundle", "bundle_for", "command", "parse_applied", "parse_installed",
-           "parse_pending", "parse_state", "resource_version", "resource_version_of", "script_path",
+           "parse_pending", "parse_state", "relpath_in", "resource_version", "resource_version_of", "script_path",
            "script_text", "serial_hex"]
 
 SCRIPT_TEMPLATE = "host/mesh-ctl.sh"
