@@ -218,6 +218,40 @@ def test_the_controller_venv_built_from_the_wheels_runs_the_checker(
     assert checker.process.returncode == 0
 
 
+def _install_leaf(home: Path, version: str, leaf: LeafFiles) -> None:
+    """What a renewal does (mesh-ctl install, or a deploy): a new tls.VERSION folder, the `tls` link swapped."""
+    folder = home / f"tls.{version}"
+    folder.mkdir()
+    shutil.copy(leaf.cert, folder / "cert.pem")
+    shutil.copy(leaf.key, folder / "key.pem")
+    os.symlink(folder.name, home / "tls.next")
+    os.replace(home / "tls.next", home / "tls")
+
+
+def test_a_certificate_renewed_behind_the_tls_link_is_used_without_a_restart(
+        consul: ConsulDevServer, pki: dict[str, LeafFiles], endpoints: list[HealthEndpoint], tmp_path: Path) -> None:
+    mesh = local_mesh(consul.url, endpoints)
+    catalog.sync(consul.url, mesh)
+    home = tmp_path / "checker-home"
+    home.mkdir()
+    stranger = TestCA(tmp_path / "other", "other CA").issue(f"spiffe://{TD}/mesh/health", "stranger")
+    _install_leaf(home, "1", stranger)  # a leaf the instances refuse: critical
+    config = replace(checker_config(mesh), cert=str(home / "tls" / "cert.pem"), key=str(home / "tls" / "key.pem"),
+                     ca=str(pki["checker"].ca), interval=0.5, timeout=1.0, lock_key=f"{LOCK_KEY}-{tmp_path.name}")
+    checker = launch(config, tmp_path, "renewed")
+    try:
+        wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "critical"
+                 and "TLS" in status_of(consul.url, "api-h1-9090")[1], "the refused certificate is critical")
+        _install_leaf(home, "2", pki["checker"])
+        wait_for(lambda: status_of(consul.url, "api-h1-9090")[0] == "passing", "the renewed certificate passes")
+        assert checker.process.poll() is None, "the checker was not restarted"
+        assert [e["cert"] for e in checker.events() if e.get("event") == "checker_certificate_reloaded"] == [
+            str(home / "tls.2" / "cert.pem")]
+    finally:
+        checker.stop(signal.SIGKILL)
+        catalog.sync(consul.url, replace(mesh, hosts=()))
+
+
 # ---- with ACLs on: the token from its file, refusals said by name, the lock scoped by the mesh id ----------
 
 @pytest.fixture(scope="module")
