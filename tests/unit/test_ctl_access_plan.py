@@ -206,3 +206,49 @@ def test_the_controller_venv_is_recorded_only_once_the_checker_and_the_controlle
     install = controller_env.install_commands(["mesh-0.1.0-py3-none-any.whl"], "m")[1]
     assert "-c 'import mesh.healthcheck.__main__, mesh.controller.__main__' && echo m >" in install
     assert {"paramiko", "prometheus-client", "pyyaml", "jinja2", "cryptography"} <= set(controller_env.CHECKER_RUNTIME)
+
+
+def test_a_deploy_gives_a_host_the_account_checking_the_sudo_rule_before_moving_it_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_plan_command import INVENTORY as FLEET
+    from test_plan_command import _vm
+
+    from mesh.deploy.command import DeployOptions, deploy
+    from mesh.hosts.connection import CommandResult
+    from mesh.testing.fake_connector import FakeFleet
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inventory.yml").write_text(FLEET)
+    fleet = FakeFleet()
+    _vm(fleet.host("vm1"))
+    fleet.host("ctl1").stub(r"cat /etc/mesh/controller/id_ed25519\.pub",  # ctl1 is not a target: its key is read
+                            CommandResult(0, b"ssh-ed25519 AAAAC3ctl1 mesh-controller@ctl1\n", b""))
+    deploy("inventory.yml", DeployOptions(limit="vm1"), output=io.StringIO(), connector_factory=fleet.connect)
+    vm1 = fleet.host("vm1")
+    assert vm1.files[access.CTL_AUTHORIZED_KEYS].data.decode().splitlines()[1:] == [  # type: ignore[union-attr]
+        f"{FORCED} ssh-ed25519 AAAAC3ctl1 mesh-controller@ctl1"]
+    sudoers = vm1.files[controller_spec.CTL_SUDOERS]
+    assert (sudoers.mode, sudoers.owner) == (0o440, "root")
+    staged = "/etc/sudoers.d/.mesh-staged/mesh-ctl"
+    assert vm1.commands.index(f"visudo -cf {staged}") < vm1.commands.index(
+        f"mv -f -- {staged} {controller_spec.CTL_SUDOERS}")
+    assert "mesh-ctl" in vm1.users and "usermod -p '*' mesh-ctl" in " ".join(vm1.commands)
+    assert not any("ssh-keygen" in command for command in fleet.host("ctl1").commands)  # nothing made off-target
+    before = len(vm1.changing_commands())
+    deploy("inventory.yml", DeployOptions(limit="vm1"), output=io.StringIO(), connector_factory=fleet.connect)
+    assert len(vm1.changing_commands()) == before  # converged: not touched again
+
+
+def test_the_controllers_intermediate_is_made_once_by_the_root_and_is_not_the_deploys(tmp_path: Path) -> None:
+    import os
+
+    from mesh.pki import CertificateAuthority, chains_to
+
+    ca, _ = CertificateAuthority.ensure(str(tmp_path), "spec.mesh")
+    assert ca.controller_issuer(create=False) is None  # check mode: nothing made
+    issuer = ca.controller_issuer()
+    assert issuer is not None and issuer == ca.controller_issuer()  # made once, then read back
+    assert chains_to(issuer.cert_pem, ca.root_pem) and issuer.cert_pem != ca.intermediate_pem
+    key = tmp_path / "ca" / "controller-intermediate.key"
+    assert os.stat(key).st_mode & 0o777 == 0o600 and b"PRIVATE KEY" in key.read_bytes()
+    assert "PRIVATE" not in repr(issuer)
