@@ -98,19 +98,11 @@ def apply_drain(mesh: Mesh, service: str, host: str, undo: bool, drains: DrainCa
                 now: Callable[[], datetime]) -> list[DrainChange]:
     """Drain (or with `undo`, undrain) the instances of `service` on `host`; each must be registered in Consul
     by this mesh id (else a MeshError naming it: deploy first)."""
-    refs = instances_on(mesh, service, host)
     states = drains.states(service)
+    found = [_registered(ref, states.get(ref.service_id), mesh.settings.id)
+             for ref in instances_on(mesh, service, host)]  # every instance checked before any is changed
     changes = []
-    for ref in refs:
-        state = states.get(ref.service_id)
-        if state is None or state.ref.node != ref.node:
-            raise MeshError(f"{ref.service_id} is not registered in Consul on node {ref.node}",
-                            "run `mesh deploy` first")
-        if state.owner is None:
-            raise MeshError(f"{ref.service_id} on {ref.node} was not registered by mesh: not touched")
-        if state.owner not in (mesh.settings.id, ""):
-            raise MeshError(f"{ref.service_id} on {ref.node} belongs to the mesh id {state.owner!r} "
-                            f"(this inventory's is {mesh.settings.id!r}): not touched")
+    for ref, state in found:
         if undo:
             if state.drain is None:
                 changes.append(DrainChange(ref, "not drained"))
@@ -121,6 +113,18 @@ def apply_drain(mesh: Mesh, service: str, host: str, undo: bool, drains: DrainCa
             drains.set(ref, drain_output(who, now()))
             changes.append(DrainChange(ref, "still drained" if state.drain is not None else "drained"))
     return changes
+
+
+def _registered(ref: InstanceRef, state: DrainState | None, mesh_id: str) -> tuple[InstanceRef, DrainState]:
+    """The instance's catalog state, once it is known to be this mesh id's registration; else a MeshError."""
+    if state is None or state.ref.node != ref.node:
+        raise MeshError(f"{ref.service_id} is not registered in Consul on node {ref.node}", "run `mesh deploy` first")
+    if state.owner is None:
+        raise MeshError(f"{ref.service_id} on {ref.node} was not registered by mesh: not touched")
+    if state.owner not in (mesh_id, ""):
+        raise MeshError(f"{ref.service_id} on {ref.node} belongs to the mesh id {state.owner!r} "
+                        f"(this inventory's is {mesh_id!r}): not touched")
+    return ref, state
 
 
 def operator() -> str:

@@ -164,3 +164,21 @@ def test_drain_warns_when_no_controller_would_act_on_it(tmp_path: Path) -> None:
     assert drain_command(path, "api", "vm2", undo=True, drains=drains, echo=printed.append, warn=warned.append,
                          controllers=lambda mesh: None) == 0
     assert printed[-1].startswith("undrained api-vm2-9090 on vm2") and warned == []
+
+
+def test_every_instance_is_checked_before_any_is_drained() -> None:
+    from dataclasses import replace
+
+    from mesh.inventory.model import Workload
+
+    mesh = make_mesh()
+    vm2 = mesh.host("vm2")
+    second = Workload("vm2", 2, "api", 9091, MESH_ID, proxy_port=21002)
+    two = replace(mesh, hosts=tuple(replace(h, workloads=(*h.workloads, second)) if h.name == "vm2" else h
+                                    for h in mesh.hosts))
+    assert [ref.service_id for ref in instances_on(two, "api", "vm2")] == ["api-vm2-9090", "api-vm2-9091"]
+    drains = FakeDrains()  # Consul holds api-vm2-9090 but not api-vm2-9091 (not deployed yet)
+    with pytest.raises(MeshError, match="api-vm2-9091 is not registered in Consul"):
+        apply_drain(two, "api", "vm2", False, drains, "alice@laptop", lambda: AT)
+    assert drains.writes == [], "the first instance was not drained alone"
+    assert vm2.workloads[0].consul_id == "api-vm2-9090"
