@@ -117,5 +117,7 @@ def _certificate(certificate: CertificateStatus) -> Text:
 
 def _upstream(item: UpstreamStatus) -> str:
     consul = "?" if item.consul_instances is None else f"{item.consul_passing}/{item.consul_instances}"
+    if item.consul_drained:
+        consul += f" ({item.consul_drained} drained)"
     envoy = "?" if item.envoy_hosts is None else f"{item.envoy_healthy}/{item.envoy_hosts}"
     return f"{item.service}: consul {consul}, envoy {envoy}"

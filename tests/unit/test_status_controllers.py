@@ -132,6 +132,10 @@ def test_a_drained_instance_is_no_problem_but_a_critical_one_is(fleet: Fleet) ->
     web = proxy(gather(fleet, None, drained), "vm1")
     assert [(u.consul_passing, u.consul_instances, u.consul_drained) for u in web.upstreams] == [(1, 2, 1)]
     assert web.problems == ()
+    printed = io.StringIO()
+    output.print_table(gather(fleet, None, drained), Console(file=printed, width=output.PIPED_WIDTH))
+    row = next(line for line in printed.getvalue().splitlines() if "| vm1 " in line and "web-8080" in line)
+    assert "api: consul 1/2 (1 drained), envoy 1/1" in row
     critical = {"api": [api("api-vm2-9090", "vm2", "critical", False), api("api-dock1-api-1", "dock1", "passing", False)]}
     assert "api: 1 instance(s) critical in Consul" in proxy(gather(fleet, None, critical), "vm1").problems
 
