@@ -116,7 +116,7 @@ def wait_for_controller(mesh: Mesh, digest: str, out: Display, timeout: float = 
                         f"{digest[:12]} is unknown")
             return False
         if state is not None and state.get("plan_digest") == digest:
-            out.line(f"controller {state.get('holder', '?')} took plan {digest[:12]}")
+            out.line(f"controller {state.get('holder', '?')} took this deploy's plan (spec {digest[:12]})")
             return True
         if time.monotonic() >= deadline:
             break
@@ -162,7 +162,10 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
                            diffs=options.diff, consul=options.json, retired=retired,
                            make_controller_keys=not options.check,
                            rotate_controller_keys=options.rotate_controller_keys)
-        handed[:] = [prepared.plan.controller_digest]
+        if any(host.is_controller for host in targets):
+            handed[:] = [prepared.plan.controller_digest]
+        elif mesh.controllers:
+            out.line("no controller in this run (--limit): the controllers keep the spec of their last deploy")
         if saved is not None:
             refuse_stale_plan(saved, prepared, options.plan_file)
         if options.diff or options.check:

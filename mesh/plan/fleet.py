@@ -36,13 +36,15 @@ class Observed:
     changes: tuple[Change, ...] = ()
     facts: HostFacts | None = None
     unreachable: str | None = None
+    live: frozenset[str] = frozenset()  # a running controller's files: they change without a deploy
 
     @property
     def fingerprint(self) -> str | None:
         """What the host held when observed, to refuse applying a saved plan to a host changed since."""
         if self.facts is None:
             return None
-        data = sorted((path, fact.sha256, fact.mode, fact.uid, fact.gid) for path, fact in self.facts.paths.items())
+        data = sorted((path, fact.sha256, fact.mode, fact.uid, fact.gid) for path, fact in self.facts.paths.items()
+                      if path not in self.live)
         extra = [sorted(self.facts.running.items()), sorted((s.name, s.revision, s.state)
                                                              for s in self.facts.sidecars.values()),
                  sorted((u.name, u.enabled, u.active) for u in self.facts.units.values()), self.facts.envoy_sha256,
@@ -101,7 +103,8 @@ def observe_fleet(plan: Plan, hosts: Sequence[ManagedHost], connect: Callable[[M
             facts = observe(connector, host.name, observe_request(host_plan))
             texts = read_texts(connector, _diffable(host_plan, facts)) if diffs else None
             changes = host_changes(host_plan, facts, certificate_reason, checker_marker, texts)
-            return Observed(host.name, changes, facts)
+            live = frozenset(planned.path for planned in host_plan.every_file() if planned.controller_owned)
+            return Observed(host.name, changes, facts, live=live)
         except MeshError as exc:
             return Observed(host.name, unreachable=str(exc))
         finally:

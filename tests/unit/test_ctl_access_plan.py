@@ -180,7 +180,7 @@ def test_the_deploy_says_whether_the_controller_took_its_plan(mesh: Mesh) -> Non
     out = io.StringIO()
     states = iter([{"plan_digest": "old", "holder": "ctl1:1"}, {"plan_digest": "new", "holder": "ctl1:1"}])
     assert wait_for_controller(mesh, "new", Display(out), timeout=5, read=lambda _: next(states))
-    assert "controller ctl1:1 took plan new" in out.getvalue()
+    assert "controller ctl1:1 took this deploy's plan (spec new)" in out.getvalue()
     late = io.StringIO()
     assert not wait_for_controller(mesh, "new", Display(late), timeout=0, read=lambda _: {"plan_digest": "old"})
     assert "no controller took plan new within 0 s (the active one runs old)" in late.getvalue()
