@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -227,3 +230,35 @@ def test_a_due_certificate_is_renewed_on_the_host_and_recorded(consul: ConsulDev
     assert host.leaf().serial_number == leaf.serial_number  # renewed once
     keys = requests.get(f"{consul.url}/v1/kv/{issued_prefix(MESH_ID)}?keys", timeout=10).json()
     assert keys == [issued_prefix(MESH_ID) + serial]
+
+
+def test_the_service_takes_the_lock_rereads_its_spec_on_sighup_and_releases_the_lock_on_sigterm(
+        consul: ConsulDevServer, host: Host, tmp_path: Path) -> None:
+    spec = replace(controller_spec((), consul_url=consul.url, plan_digest="1" * 64), metrics_port=0)
+    path = tmp_path / "spec.json"
+    path.write_text(spec.to_json())
+    ca_dir = Path(host.intermediate[0]).parent
+    log = (tmp_path / "controller.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "mesh.controller", "--config", str(path), "--ca-dir",
+                                str(ca_dir), "--envoy", envoy_binary()], stdout=log, stderr=log)
+    try:
+        def published() -> str | None:
+            assert process.poll() is None, (tmp_path / "controller.log").read_text()
+            return json.loads(kv(consul, spec.state_key) or "{}").get("plan_digest")
+
+        eventually(lambda: published() == "1" * 64, "the spec's plan digest published")
+        path.write_text(replace(spec, plan_digest="2" * 64).to_json())
+        process.send_signal(signal.SIGHUP)
+        eventually(lambda: published() == "2" * 64, "the re-read spec's plan digest published")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    lock = requests.get(f"{consul.url}/v1/kv/{spec.lock_key}", timeout=10).json()[0]
+    assert "Session" not in lock  # released: a standby takes over at once
+    events = [json.loads(line) for line in (tmp_path / "controller.log").read_text().splitlines()
+              if line.startswith("{")]
+    assert [event["event"] for event in events if event["event"].startswith("controller_")] == [
+        "controller_started", "controller_leading", "controller_spec_loaded", "controller_stopped"]
