@@ -149,6 +149,8 @@ class Controller:
         self.known: KnownEndpoints = MappingProxyType({})
         self.dirty, self.dirty_since = True, clock()
         self.stopping = False
+        self.stopped = threading.Event()
+        self.leadership_thread: threading.Thread | None = None  # run() steps the lock in a thread of its own
         self.reload_requested = False
         self.leading = False
         self.paused = False
@@ -184,6 +186,7 @@ class Controller:
     def stop(self) -> None:
         with self.lock:
             self.stopping = True
+            self.stopped.set()
             self.lock.notify_all()
 
     # --- the loop ---
@@ -193,6 +196,8 @@ class Controller:
             self.metrics.serve(self.spec.metrics_port)
         if self.watching:
             self.watch.watch(watched_services(self.spec))
+        self.leadership_thread = threading.Thread(target=self._keep_leadership, name="leadership", daemon=True)
+        self.leadership_thread.start()
         self.log.info("controller_started", holder=self.holder, mesh_id=self.spec.mesh_id,
                       hosts=len(self.spec.hosts), plan_digest=self.spec.plan_digest[:12])
         try:
@@ -212,9 +217,9 @@ class Controller:
         if self.reload_requested:
             self._reload()
         now = self.clock()
-        if now >= self.next_step:
+        if self.leadership_thread is None and now >= self.next_step:
             self.leader.step()
-            self.next_step = now + max(0.5, self.spec.session_ttl_s / 3)
+            self.next_step = now + self._step_interval()
         leading = self.leader.holds()
         if leading != self.leading:
             self.leading = leading
@@ -224,7 +229,7 @@ class Controller:
         self.metrics.leader.set(1 if leading else 0)
         self.metrics.consul_staleness.set(self.watch.staleness_s())
         if not leading:
-            return min(1.0, max(0.0, self.next_step - now))
+            return min(1.0, max(0.0, self.next_step - now)) if self.leadership_thread is None else 1.0
         with self.lock:
             dirty, since = self.dirty, self.dirty_since
         debounce = self.spec.debounce_ms / 1000
@@ -236,6 +241,18 @@ class Controller:
             self._publish()
         now = self.clock()
         return max(0.0, min(self.next_round, self.next_publish, self.next_step) - now)
+
+    def _step_interval(self) -> float:
+        return max(0.5, self.spec.session_ttl_s / 3)
+
+    def _keep_leadership(self) -> None:
+        """Renew the session and try the lock every ttl/3, whatever the pushes are doing (a slow host must not
+        cost the lock); wakes the loop so a change of leadership is seen at once."""
+        while not self.stopped.is_set():
+            self.leader.step()
+            with self.lock:
+                self.lock.notify_all()
+            self.stopped.wait(self._step_interval())
 
     def _round(self) -> None:
         if self.store.deploy_locked():
@@ -254,7 +271,8 @@ class Controller:
         if self.snapshot_of is None or self.snapshot_of[0] is not spec or self.snapshot_of[1] is not known:
             self.snapshot = build_snapshot(spec, known)
             self.snapshot_of = (spec, known)
-        result = self.pusher.round(self.snapshot, self.leader.holds, self.renewer.renew if self.renewer else None)
+        result = self.pusher.round(self.snapshot, self.leader.holds, self.renewer.renew if self.renewer else None,
+                                   wait_s=self.options.round_interval_s)
         self.behind = result.behind
         self._certificate_metrics()
         reached = spec.plan_digest if not result.behind else self.pushed_digest
@@ -315,7 +333,10 @@ class Controller:
         self.store.put(issued_prefix(self.spec.mesh_id) + leaf.serial, json.dumps(record, sort_keys=True))
 
     def shutdown(self) -> None:
+        self.stopped.set()
         self.watch.stop()
+        if self.leadership_thread is not None:
+            self.leadership_thread.join(timeout=30)  # then release: Leadership is one thread's at a time
         self.leader.release()
         self.pusher.close()
         self.metrics.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import structlog
@@ -204,6 +204,8 @@ class Pusher:
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="push")
         self.validator = ThreadPoolExecutor(max_workers=4, thread_name_prefix="validate")
         self.validations: dict[str, Future[str | None]] = {}  # validation_key -> None (accepted) or refusal
+        self.inflight: dict[str, Future[_HostOutcome]] = {}  # each host's running round
+        self.behind: set[str] = set()
         self.lock = threading.Lock()
         self.log = structlog.get_logger()
 
@@ -220,18 +222,34 @@ class Pusher:
         for name, host in wanted.items():
             self.links.setdefault(name, HostLink(host, self.transport, self.clock))
 
-    def round(self, snapshot: Snapshot, may_push: MayPush,
-              renew: Callable[[HostLink, MayPush], None] | None = None) -> RoundResult:
-        futures = {name: self.executor.submit(self._host_round, link, snapshot, may_push, renew)
-                   for name, link in self.links.items()}
-        outcomes = {name: future.result() for name, future in futures.items()}
+    def round(self, snapshot: Snapshot, may_push: MayPush, renew: Callable[[HostLink, MayPush], None] | None = None,
+              wait_s: float | None = None) -> RoundResult:
+        """Push `snapshot` to every host not busy with an earlier round, in parallel; wait for them (at most
+        wait_s: a host still busy then finishes in the background and is skipped until it is done, so one slow
+        host never holds back the others or the loop). Counts only the hosts that finished in time."""
+        started = {}
+        for name, link in self.links.items():
+            busy = self.inflight.get(name)
+            if busy is None or busy.done():
+                started[name] = self.inflight[name] = self.executor.submit(self._host_round, link, snapshot,
+                                                                           may_push, renew)
+        done, _late = wait(list(started.values()), timeout=wait_s)
+        outcomes = {name: future.result() for name, future in started.items() if future in done}
+        for name in self.links:
+            if name in outcomes:
+                if outcomes[name].behind:
+                    self.behind.add(name)
+                else:
+                    self.behind.discard(name)
+            else:
+                self.behind.add(name)  # still pushing: not there yet
+        self.behind &= set(self.links)
         self._prune_validations(snapshot)
-        behind = tuple(sorted(name for name, outcome in outcomes.items() if outcome.behind))
         if self.metrics is not None:
-            self.metrics.hosts_behind.set(len(behind))
+            self.metrics.hosts_behind.set(len(self.behind))
         return RoundResult(pushed=sum(o.pushed for o in outcomes.values()),
                            refused=sum(o.refused for o in outcomes.values()),
-                           errors=sum(o.errors for o in outcomes.values()), behind=behind)
+                           errors=sum(o.errors for o in outcomes.values()), behind=tuple(sorted(self.behind)))
 
     def _host_round(self, link: HostLink, snapshot: Snapshot, may_push: MayPush,
                     renew: Callable[[HostLink, MayPush], None] | None) -> _HostOutcome:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import secrets
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ class FakeCtlHost:
     calls: list[str] = field(default_factory=list)  # every command, in order
     applied: list[dict[str, list[str]]] = field(default_factory=list)  # per apply: identity -> relpaths moved
     pending: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
+    hold: threading.Event | None = None  # when set up, each apply waits for it (a slow host)
 
     def add_proxy(self, files: ProxyFiles, cert: protocol.CertState | None = None) -> None:
         """A proxy as a deploy left it: every file of `files` (bootstrap too) in place."""
@@ -53,6 +55,8 @@ class FakeCtlHost:
     def run(self, request: str, stdin: bytes = b"") -> CtlResult:
         self.calls.append(request)
         verb, *args = request.split(" ")
+        if verb == "apply" and self.hold is not None:
+            self.hold.wait(timeout=30)
         handlers: dict[str, Callable[..., CtlResult]] = {"state": self._state, "apply": self._apply,
                                                          "csr": self._csr, "install": self._install}
         handler = handlers[verb]

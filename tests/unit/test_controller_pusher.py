@@ -4,6 +4,7 @@ without the lock, an unreachable host reconnected later, a proxy the deploy has 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,3 +165,18 @@ def test_stale_xds_files_are_removed(fleet: Fleet) -> None:
     fleet.round({})
     assert "xds/eds.gone.yaml" not in fleet.hosts["vm1"].files[proxy]
     assert fleet.applies("vm1") == [{proxy: []}]
+
+
+def test_a_slow_host_does_not_hold_back_the_others_or_the_loop(fleet: Fleet) -> None:
+    fleet.hosts["vm2"].hold = threading.Event()
+    snapshot = build_snapshot(fleet.spec, {"api": (Endpoint("10.0.0.12", 21001),)})
+    first = fleet.pusher.round(snapshot, lambda: True, wait_s=0.2)
+    assert first.pushed == 1 and "vm2" in first.behind and len(fleet.applies("vm1")) == 1
+    newer = build_snapshot(fleet.spec, {"api": (Endpoint("10.0.0.13", 21001),)})
+    fleet.pusher.round(newer, lambda: True, wait_s=0.2)  # vm2 still busy: skipped, vm1 gets the newer files
+    assert len(fleet.applies("vm1")) == 2 and fleet.hosts["vm2"].calls.count("apply") == 1
+
+    fleet.hosts["vm2"].hold.set()
+    fleet.pusher.inflight["vm2"].result(timeout=10)
+    last = fleet.pusher.round(newer, lambda: True, wait_s=5)
+    assert "vm2" not in last.behind and "10.0.0.13" in fleet.hosts["vm2"].files[fleet.spec.hosts[1].proxies[0].name][EDS]
