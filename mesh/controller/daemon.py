@@ -288,7 +288,8 @@ class Controller:
         certificates = {(name, identity): cert for name, link in self.pusher.links.items() if link.state
                         for identity, cert in link.state.certs.items()}
         document = state_document(self.holder, self.pushed_digest, self.wall(), self.watch.staleness_s(),
-                                  self.snapshot, self.pusher.host_versions(), self.pusher.pushed_at, certificates,
+                                  self.pusher.wanted_versions(self.snapshot), self.pusher.host_versions(),
+                                  self.pusher.pushed_at, certificates,
                                   self.behind)
         try:
             self.store.put(self.spec.state_key, state_text(document))

@@ -16,16 +16,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mesh.controller.protocol import CertState
-from mesh.controller.snapshot import ProxyKey, Snapshot
+from mesh.controller.snapshot import ProxyKey
 
 
 def state_document(holder: str, plan_digest: str | None, updated_at: float, consul_stale_s: float,
-                   snapshot: Snapshot, host_versions: Mapping[ProxyKey, str | None],
+                   versions: Mapping[ProxyKey, str], host_versions: Mapping[ProxyKey, str | None],
                    pushed_at: Mapping[ProxyKey, float], certificates: Mapping[tuple[str, str], CertState | None],
                    hosts_behind: Sequence[str] = ()) -> dict[str, Any]:
-    proxies = {f"{host}/{proxy}": {"version": wanted.version, "host_version": host_versions.get((host, proxy)),
+    proxies = {f"{host}/{proxy}": {"version": version, "host_version": host_versions.get((host, proxy)),
                                    "pushed_at": pushed_at.get((host, proxy))}
-               for (host, proxy), wanted in sorted(snapshot.items())}
+               for (host, proxy), version in sorted(versions.items())}
     certs = {f"{host}/{name}": {"serial": cert.serial, "not_after": int(cert.not_after.timestamp())}
              for (host, name), cert in sorted(certificates.items()) if cert is not None}
     return {"holder": holder, "plan_digest": plan_digest, "updated_at": round(updated_at, 3),

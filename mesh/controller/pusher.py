@@ -70,7 +70,7 @@ def pending_proxies(host: HostSpec, snapshot: Snapshot, state: HostState,
         if on_host.get(BOOTSTRAP) != wanted.bootstrap_sha256:
             skipped[proxy.name], behind = "its bootstrap on the host is not the spec's (the deploy's to write)", True
             continue
-        if state.resource_version(proxy.name) == wanted.version:
+        if state.resource_version(proxy.name) == wanted.version_on(on_host):
             continue
         behind = True
         if refused.get((host.name, proxy.name)) == wanted.version:
@@ -83,7 +83,8 @@ def pending_proxies(host: HostSpec, snapshot: Snapshot, state: HostState,
 def bundle_of(wanted: ProxySnapshot, on_host: Mapping[str, str]) -> BundleProxy:
     """The bundle part moving the xds files the host lacks or has otherwise, and deleting those it should not have."""
     xds = wanted.xds
-    changed = [file.path for relpath, file in xds.items() if on_host.get(relpath) != file.sha256]
+    digests = wanted.on(on_host)
+    changed = [file.path for relpath, file in xds.items() if on_host.get(relpath) != digests[relpath]]
     stale = [f"{wanted.files.proxy_dir}/{relpath}" for relpath in sorted(on_host)
              if relpath != BOOTSTRAP and relpath not in xds]
     return bundle_for(wanted.files, changed, stale)
@@ -159,7 +160,7 @@ class HostLink:
             return
         before = self.state.files.get(wanted.proxy, {})
         kept = {BOOTSTRAP: before[BOOTSTRAP]} if BOOTSTRAP in before else {}
-        self.state.files[wanted.proxy] = {**kept, **wanted.digests}
+        self.state.files[wanted.proxy] = {**kept, **wanted.on(before)}
 
     def close(self) -> None:
         if self.session is not None:
@@ -366,6 +367,16 @@ class Pusher:
             outcome.errors += 1
         if self.metrics is not None:
             self.metrics.push_done(result, self.clock() - started)
+
+    def wanted_versions(self, snapshot: Snapshot) -> dict[ProxyKey, str]:
+        """Each proxy's resource version as the controller wants it on its host (ProxySnapshot.version_on what
+        the host has, when known)."""
+        found = {}
+        for (host, proxy), wanted in snapshot.items():
+            link = self.links.get(host)
+            on_host = link.state.files.get(proxy) if link is not None and link.state is not None else None
+            found[(host, proxy)] = wanted.version if on_host is None else wanted.version_on(on_host)
+        return found
 
     def host_versions(self) -> dict[ProxyKey, str | None]:
         """The resource version each known proxy runs, as far as the controller knows (None: host unreached)."""

@@ -29,6 +29,7 @@ class ProxySnapshot:
     host: str
     files: ProxyFiles
     validation_key: str  # files_digest of the plan's files: endpoint rewrites alone need no other validation
+    unsettled: frozenset[str] = frozenset()  # EDS relpaths whose service Consul never answered for: a host's own stays
 
     @property
     def proxy(self) -> str:
@@ -48,6 +49,19 @@ class ProxySnapshot:
     @property
     def version(self) -> str:
         return resource_version(self.digests)
+
+    def on(self, on_host: Mapping[str, str]) -> dict[str, str]:
+        """The digests the host should have, given what it has (relpath -> sha256): an unsettled EDS file the
+        host already has is left as it is (a controller that just started, or cannot reach Consul, never puts
+        the plan's endpoints back over fresher ones)."""
+        digests = self.digests
+        for relpath in self.unsettled:
+            if relpath in on_host:
+                digests[relpath] = on_host[relpath]
+        return digests
+
+    def version_on(self, on_host: Mapping[str, str]) -> str:
+        return resource_version(self.on(on_host))
 
     @property
     def bootstrap_sha256(self) -> str:
@@ -82,17 +96,19 @@ def remembered(known: KnownEndpoints, seen: ServiceEndpoints) -> KnownEndpoints:
 
 def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints) -> ProxySnapshot:
     """One proxy's desired files: each EDS file of proxy.endpoints rewritten with its service's known endpoints
-    (left as the plan wrote it when none are known). Its validation key is the plan's file set: a rewrite only
+    (left as the plan wrote it when none are known: `unsettled`, and a host's own file stays). Its validation key is the plan's file set: a rewrite only
     replaces lb_endpoints with IP:port pairs (endpoints.py takes no other), which cannot make Envoy refuse a set
     it accepted, so the controller runs Envoy once per plan file set, not once per endpoint change."""
     files = spec_files(proxy)
-    rewritten = []
+    rewritten, unsettled = [], set()
     for file in files.files:
         service = proxy.endpoints.get(file.path)
         endpoints = known.get(service) if service is not None else None
+        if service is not None and endpoints is None:
+            unsettled.add(relpath_in(files.proxy_dir, file.path))
         rewritten.append(file if endpoints is None else with_endpoints(proxy.name, file, endpoints))
     return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256),
-                         files_digest(files))
+                         files_digest(files), frozenset(unsettled))
 
 
 def build_snapshot(spec: ControllerSpec, known: KnownEndpoints) -> dict[ProxyKey, ProxySnapshot]:

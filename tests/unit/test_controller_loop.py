@@ -252,3 +252,29 @@ def test_leaf_chain_is_leaf_then_intermediate(tmp_path: Path) -> None:
     assert signer is not None
     assert signer.cert.subject == x509.load_pem_x509_certificate(
         Path(tmp_path / "ca" / "intermediate.pem").read_bytes()).subject
+
+
+def test_a_restarted_controller_keeps_the_hosts_endpoints_until_consul_answers(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    fresher = loop.eds().replace("127.0.0.3", "10.9.9.9")  # what a controller before this one wrote
+    assert fresher != loop.eds()
+    loop.host.files[loop.proxy][EDS] = fresher
+    loop.at(0.06)
+    loop.at(5.0)
+    assert loop.applies() == 0 and loop.eds() == fresher
+    document = json.loads(loop.store.puts[loop.controller.spec.state_key])
+    assert document["hosts_behind"] == [] and document["plan_digest"] == "d" * 64
+    proxy = document["proxies"][f"vm1/{loop.proxy}"]
+    assert proxy["version"] == proxy["host_version"]
+
+    loop.answer(Endpoint("10.0.0.11", 1), when=6.0)
+    loop.at(6.1)
+    assert loop.applies() == 1 and "10.0.0.11" in loop.eds() and "10.9.9.9" not in loop.eds()
+
+
+def test_a_missing_endpoint_file_gets_the_plans_until_consul_answers(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    planned = loop.eds()
+    del loop.host.files[loop.proxy][EDS]
+    loop.at(0.06)
+    assert loop.applies() == 1 and loop.eds() == planned
