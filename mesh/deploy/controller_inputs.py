@@ -30,6 +30,7 @@ from mesh.plan.build import ControllerInputs
 
 Warn = Callable[[str], None]
 ACTIVE_WITHIN_S = 60.0  # a controller whose state is older than this is not answering
+KEYS_RECORD = "controller-keys.json"  # in mesh_state_dir: the public keys last read, for a controller unreachable now
 CONTROLLER_COMMENT = "mesh controller"
 PUBLIC_KEY = f"{controller_spec.SSH_KEY}.pub"
 
@@ -91,8 +92,7 @@ def controller_keys(controllers: Sequence[ManagedHost], connect: Callable[[Manag
         try:
             connector = connect(host)
         except MeshError as exc:
-            warn(f"controller {host.name} cannot be reached for its SSH key ({exc}): it is left out of every "
-                 "host's authorized_keys in this plan")
+            warn(f"controller {host.name} cannot be reached for its SSH key ({exc})")
             return host.name, None
         try:
             result = connector.run(make_key_command(host.name) if create else read_key_command())
@@ -101,10 +101,7 @@ def controller_keys(controllers: Sequence[ManagedHost], connect: Callable[[Manag
         text = result.text().strip()
         if not result.ok or not text:
             if create:
-                warn(f"controller {host.name}: its SSH key could not be made ({result.error_text()[:300]}): it is "
-                     "left out of every host's authorized_keys in this plan")
-            else:
-                warn(f"controller {host.name} has no SSH key yet: a deploy makes it (left out of this plan)")
+                warn(f"controller {host.name}: its SSH key could not be made ({result.error_text()[:300]})")
             return host.name, None
         return host.name, access.public_key(text.splitlines()[-1], host.name)
     if not controllers:
@@ -113,6 +110,43 @@ def controller_keys(controllers: Sequence[ManagedHost], connect: Callable[[Manag
                             thread_name_prefix="mesh-ctl-keys") as pool:
         found = dict(pool.map(one, controllers))
     return {name: key for name, key in found.items() if key is not None}
+
+
+def recorded_keys(state_dir: str) -> dict[str, str]:
+    """The controllers' public keys a deploy last read (`<state_dir>/controller-keys.json`), {} when none."""
+    try:
+        with open(os.path.join(state_dir, KEYS_RECORD), encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return {str(host): str(key) for host, key in data.items()} if isinstance(data, dict) else {}
+
+
+def record_keys(state_dir: str, keys: dict[str, str]) -> None:
+    os.makedirs(state_dir, exist_ok=True)
+    path = os.path.join(state_dir, KEYS_RECORD)
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(keys, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(temp, path)
+
+
+def with_recorded(read: dict[str, str], recorded: dict[str, str], controllers: Sequence[str],
+                  warn: Warn) -> dict[str, str]:
+    """The keys read now, and for a controller that gave none the key recorded by the last deploy (a controller
+    down during a deploy keeps its access); a controller with neither is left out of every authorized_keys."""
+    keys = {}
+    for name in controllers:
+        if name in read:
+            keys[name] = read[name]
+        elif name in recorded:
+            warn(f"controller {name}: its SSH key as the last deploy read it is kept in every authorized_keys")
+            keys[name] = recorded[name]
+        else:
+            warn(f"controller {name} has no known SSH key: it is left out of every host's authorized_keys "
+                 "(the next deploy that reaches it makes one)")
+    return keys
 
 
 def known_hosts_lines(host: ManagedHost) -> tuple[str, ...]:
@@ -196,7 +230,11 @@ def controller_inputs(mesh: Mesh, ca: CertificateAuthority, connect: Callable[[M
     read), and the controllers' intermediate is made when it names any."""
     if not mesh.controllers:
         return None
-    keys = controller_keys(mesh.controllers, connect, create_on, warn, forks)
+    names = [host.name for host in mesh.controllers]
+    read = controller_keys(mesh.controllers, connect, create_on, warn, forks)
+    keys = with_recorded(read, recorded_keys(mesh.settings.state_dir), names, warn)
+    if create_on:  # a deploy (never `mesh plan` or check mode) records what it read
+        record_keys(mesh.settings.state_dir, keys)
     issuer = ca.controller_issuer(create=bool(create_on))
     known = {host.name: known_hosts_lines(host) for host in mesh.hosts}
     for host in mesh.hosts:

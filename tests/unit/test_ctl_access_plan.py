@@ -252,3 +252,15 @@ def test_the_controllers_intermediate_is_made_once_by_the_root_and_is_not_the_de
     key = tmp_path / "ca" / "controller-intermediate.key"
     assert os.stat(key).st_mode & 0o777 == 0o600 and b"PRIVATE KEY" in key.read_bytes()
     assert "PRIVATE" not in repr(issuer)
+
+
+def test_a_controller_down_during_a_deploy_keeps_the_key_the_last_deploy_read(tmp_path: Path) -> None:
+    from mesh.deploy.controller_inputs import record_keys, recorded_keys, with_recorded
+
+    warnings: list[str] = []
+    record_keys(str(tmp_path), {"ctl1": "ssh-ed25519 OLD1", "ctl2": "ssh-ed25519 OLD2", "gone": "ssh-ed25519 X"})
+    keys = with_recorded({"ctl1": "ssh-ed25519 NEW1"}, recorded_keys(str(tmp_path)), ["ctl1", "ctl2", "ctl3"],
+                         warnings.append)
+    assert keys == {"ctl1": "ssh-ed25519 NEW1", "ctl2": "ssh-ed25519 OLD2"}  # a controller that left is not kept
+    assert [w.split(":")[0] for w in warnings] == ["controller ctl2", "controller ctl3 has no known SSH key"]
+    assert recorded_keys(str(tmp_path / "none")) == {}
