@@ -391,10 +391,10 @@ def baseline_files(lab: Lab, found: list[Caller], drained_address: str) -> dict[
 
 
 def write_file(lab: Lab, caller: Caller, content: str) -> float:
-    """The endpoint file written and renamed into place on the caller; the rename's time there."""
+    """The endpoint file written and renamed into place on the caller; the time there right before the rename."""
     staging = f"{caller.proxy_dir}/.bench-eds"
     script = (f"cat > {staging} && chmod 0640 {staging} && chgrp --reference={caller.eds_path} {staging} && "
-              f"mv -f {staging} {caller.eds_path} && date +%s.%N")
+              f"t=$(date +%s.%N) && mv -f {staging} {caller.eds_path} && echo $t")
     return float(lab.ssh.run(caller.address, script, input=content.encode()).strip())
 
 
@@ -426,6 +426,7 @@ def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict
     changes: list[Change] = []
     try:
         wait_clusters(lab, observers, drained_address, present=True)
+        controller_phase = time.time()
         for number in range(runs):  # the controller: a drain, then its undo, ...
             undo = number % 2 == 1
             changes.append(Change("controller", undo, consul_change(lab, service, host, undo)))
@@ -434,6 +435,7 @@ def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict
         if runs % 2:
             consul_change(lab, service, host, True)
             wait_clusters(lab, observers, drained_address, present=True)
+        pushes = pushed_durations(lab, controller_phase, time.time())
         files = baseline_files(lab, found, drained_address)
         log("baseline: stopping the controllers, writing the endpoint files directly")
         for name in lab.controllers:
@@ -454,7 +456,7 @@ def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict
             wait_clusters(lab, observers, drained_address, present=True)
     finally:
         lines = stop_observers(lab, observers)
-    results: dict[str, Any] = {"callers": [f"{c.host}/{c.proxy}" for c in found], "runs": []}
+    results: dict[str, Any] = {"callers": [f"{c.host}/{c.proxy}" for c in found], "runs": [], "pushes_s": pushes}
     for index, change in enumerate(changes):
         end = changes[index + 1].t0 if index + 1 < len(changes) else float("inf")
         cluster, traffic = latencies(change, end, lines, drained_address, host)
@@ -466,6 +468,25 @@ def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict
     results["failed_requests"] = sum(1 for events in lines.values() for kind, _at, _v in events if kind == "E")
     results["requests"] = sum(1 for events in lines.values() for kind, _at, _v in events if kind == "R")
     return results
+
+
+def pushed_durations(lab: Lab, since: float, until: float) -> list[float]:
+    """The controllers' `pushed` log lines between since and until: each push's duration (one `apply` over SSH:
+    the host's Envoy validation and the moves), in seconds."""
+    from mesh.controller.spec import CONTROLLER_UNIT
+
+    found = []
+    for name in lab.controllers:
+        text = lab.sh(name, f"journalctl -u {CONTROLLER_UNIT} --since @{int(since)} --until @{int(until) + 1} "
+                            "-o cat --no-pager", check=False)
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") == "pushed" and "duration_ms" in entry:
+                found.append(float(entry["duration_ms"]) / 1000)
+    return found
 
 
 def _stats(values: list[float | None]) -> str:
@@ -493,6 +514,9 @@ def print_lab(results: dict[str, Any]) -> None:
         if kind == "baseline":
             print(f"  {'':10}  from the rename on the host to /clusters: "
                   f"{_stats([r.get('clusters_from_file_s') for r in mine])}")
+    if results["pushes_s"]:
+        print(f"  the controller's pushes in its runs (one apply over SSH each: the host's Envoy validation, the "
+              f"moves): {len(results['pushes_s'])}, {_stats(results['pushes_s'])}")
     for metric in ("clusters_s", "traffic_s"):
         ours = [r[metric] for r in runs if r["kind"] == "controller" and r[metric] is not None]
         base = [r[metric] for r in runs if r["kind"] == "baseline" and r[metric] is not None]
