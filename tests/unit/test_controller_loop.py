@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -278,3 +279,23 @@ def test_a_missing_endpoint_file_gets_the_plans_until_consul_answers(tmp_path: P
     del loop.host.files[loop.proxy][EDS]
     loop.at(0.06)
     assert loop.applies() == 1 and loop.eds() == planned
+
+
+def test_the_running_loop_waits_between_passes(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    loop.controller.clock = loop.controller.pusher.clock = time.monotonic
+    passes = []
+    tick = loop.controller.tick
+
+    def counted() -> float:
+        passes.append(time.monotonic())
+        return tick()
+
+    loop.controller.tick = counted  # type: ignore[method-assign]
+    runner = threading.Thread(target=loop.controller.run)
+    runner.start()
+    time.sleep(2.0)
+    loop.controller.stop()
+    runner.join(timeout=10)
+    assert 2 <= len(passes) <= 10  # a pass per round (1 s) and lock renewal, no busy loop
+    assert loop.leader.steps >= 1

@@ -264,3 +264,11 @@ def test_a_controller_down_during_a_deploy_keeps_the_key_the_last_deploy_read(tm
     assert keys == {"ctl1": "ssh-ed25519 NEW1", "ctl2": "ssh-ed25519 OLD2"}  # a controller that left is not kept
     assert [w.split(":")[0] for w in warnings] == ["controller ctl2", "controller ctl3 has no known SSH key"]
     assert recorded_keys(str(tmp_path / "none")) == {}
+
+
+def test_the_controllers_account_is_removed_even_while_a_controller_is_logged_in() -> None:
+    from mesh.deploy.steps.cleanup import removal_commands
+    from mesh.plan.changes import Change
+
+    assert "userdel -f mesh-ctl" in removal_commands(Change("vm2", "user", "mesh-ctl", "remove"))[0]
+    assert "userdel mesh-web-8080" in removal_commands(Change("vm2", "user", "mesh-web-8080", "remove"))[0]

@@ -16,7 +16,7 @@ from mesh.deploy.steps.context import DeployContext
 from mesh.deploy.steps.host import SBIN_PATH
 from mesh.deploy.steps.rollback import backup_path
 from mesh.hosts.observe import ENVOY_SHA_CACHE_SUFFIX, FIREWALL_LOADED
-from mesh.plan.changes import Change
+from mesh.plan.changes import ROLE_USERS, Change
 
 ORDER = {"unit": 0, "proxy": 1, "sidecar": 2, "file": 3, "folder": 4, "user": 5}
 
@@ -52,7 +52,10 @@ def removal_commands(change: Change) -> list[str]:
     if change.kind == "sidecar":
         return [f"docker rm --force {q(subject)} >/dev/null 2>&1 || true"]
     if change.kind == "user":
-        return [f"{SBIN_PATH}; if getent passwd {q(subject)} >/dev/null; then userdel {q(subject)}; fi"]
+        # the controllers' account may still be logged in (a controller's open connection): removed all the same,
+        # its keys, sudo rule and script being gone already (files and folders go before users)
+        force = "-f " if subject in ROLE_USERS else ""
+        return [f"{SBIN_PATH}; if getent passwd {q(subject)} >/dev/null; then userdel {force}{q(subject)}; fi"]
     if change.kind == "folder":
         return [f"rm -rf -- {q(subject)}"]
     if change.kind == "file":
