@@ -240,7 +240,8 @@ class Controller:
         if self.clock() >= self.next_publish:
             self._publish()
         now = self.clock()
-        return max(0.0, min(self.next_round, self.next_publish, self.next_step) - now)
+        step = self.next_step if self.leadership_thread is None else now + 1.0
+        return max(0.0, min(self.next_round, self.next_publish, step) - now)
 
     def _step_interval(self) -> float:
         return max(0.5, self.spec.session_ttl_s / 3)
