@@ -21,10 +21,10 @@ def controller() -> None:
 def spec_from_inventory(inventory: str) -> ControllerSpec:
     """The spec a deploy of `inventory` would hand to its controllers (its plan, known_hosts and connections).
 
-    Hook for `mesh controller run -i INVENTORY`: built by mesh.controller.spec_build.build_spec from the
-    inventory's plan; not wired yet."""
-    raise UsageError(f"mesh controller run -i {inventory}: building the spec from an inventory is not available yet",
-                     hint="pass --spec with the spec.json a deploy wrote")
+    Built by mesh.deploy.prepare.inventory_spec (no host reached: the state dir's CA and recorded controller keys)."""
+    from mesh.deploy.prepare import inventory_spec
+
+    return inventory_spec(inventory)
 
 
 @controller.command("run")

@@ -15,6 +15,7 @@ from pathlib import Path
 from mesh import catalog, controller_env
 from mesh.config.validate import envoy_binary
 from mesh.containers.image import SidecarImage, build_sidecar_image_tar
+from mesh.controller.spec import ControllerSpec
 from mesh.deploy.controller_inputs import controller_inputs, remove_controller_keys
 from mesh.deploy.display import Display
 from mesh.deploy.steps.context import ControllerWheels, LocalFile
@@ -170,3 +171,27 @@ def _consul_changes(mesh: Mesh) -> list[Change]:
     except MeshError:
         return []
     return consul_changes(pending.register, pending.deregister)
+
+
+def inventory_spec(inventory_path: str, out: Display | None = None) -> ControllerSpec:
+    """The spec a deploy of the inventory would hand to its controllers, computed here without reaching a host
+    (`mesh controller run -i INVENTORY`): the state dir's CA (which must exist), the controllers' public keys the
+    last deploy recorded, the known_hosts lines the deploy would check, the local Envoy and sidecar image."""
+    from mesh.controller.protocol import script_text
+    from mesh.controller.spec import SPEC_PATH, parse_spec
+    from mesh.deploy.controller_inputs import controller_active, known_hosts_lines, recorded_keys
+    from mesh.inventory.check import check_inventory
+    from mesh.inventory.loader import load_inventory
+
+    mesh = check_inventory(load_inventory(inventory_path), inventory_path).mesh
+    if not mesh.controllers:
+        raise MeshError(f"{inventory_path} has no host in mesh_controllers: there is no controller spec")
+    ca = CertificateAuthority.load(mesh.settings.state_dir)
+    issuer = ca.controller_issuer(create=False)
+    controller = ControllerInputs(keys=recorded_keys(mesh.settings.state_dir),
+                                  known_hosts={host.name: known_hosts_lines(host) for host in mesh.hosts},
+                                  issuer_cert=issuer.cert_pem if issuer else None,
+                                  issuer_key=issuer.key_pem if issuer else None, ctl_script=script_text().encode(),
+                                  endpoints_live=controller_active(mesh, out.warning if out else lambda _: None))
+    plan, _, _ = _checked_plan(mesh, ca, mesh.hosts, out, None, (), controller)
+    return parse_spec(plan.host(mesh.controllers[0].name).file(SPEC_PATH).content.decode(), inventory_path)

@@ -132,3 +132,27 @@ def test_a_token_file_in_the_inventory_points_the_controller_at_its_copy(mesh: M
     settings = replace(mesh.settings, consul_token_file="/somewhere/token")
     spec = build_spec(plan_of(mesh), replace(mesh, settings=settings), KNOWN, "d" * 64)
     assert spec.consul_token_file == TOKEN_FILE
+
+
+def test_mesh_controller_run_i_builds_the_spec_a_deploy_would_hand_out_without_reaching_a_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh.deploy.controller_inputs import record_keys
+    from mesh.deploy.prepare import inventory_spec
+    from mesh.errors import MeshError
+    from mesh.pki import CertificateAuthority
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "inventory.yml"
+    monkeypatch.setattr("mesh.deploy.controller_inputs.controller_active", lambda mesh, warn: False)  # no Consul
+    path.write_text(INVENTORY.replace("    mesh_cert_ttl: 2h", "    mesh_cert_ttl: 2h\n    mesh_state_dir: state"))
+    with pytest.raises(MeshError, match="no mesh CA"):
+        inventory_spec(str(path))
+    CertificateAuthority.ensure(str(tmp_path / "state"), "spec.mesh")
+    record_keys(str(tmp_path / "state"), KEYS)
+    spec = inventory_spec(str(path))
+    assert [host.name for host in spec.hosts] == ["ctl1", "ctl2", "vm1", "vm2", "dock1"]
+    assert spec.host("vm1").proxies[0].endpoints == {"/etc/mesh/proxies/web-8080/xds/eds.upstream-api.yaml": "api"}
+    assert inventory_spec(str(path)).plan_digest == spec.plan_digest  # the same inventory, the same spec
+    (tmp_path / "none.yml").write_text("all:\n  hosts:\n    h1: {ansible_host: 10.0.0.9}\n")
+    with pytest.raises(MeshError, match="no host in mesh_controllers"):
+        inventory_spec(str(tmp_path / "none.yml"))
