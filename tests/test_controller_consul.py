@@ -136,14 +136,14 @@ class Running:
 
 
 @pytest.fixture
-def start(host: Host) -> Iterator[Callable[[ControllerSpec], Running]]:
+def start(host: Host) -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start_controller(spec: ControllerSpec) -> Running:
+    def start_controller(spec: ControllerSpec, holder: str = "ctl-test") -> Running:
         cert, key = host.intermediate
         options = ControllerOptions(intermediate_cert=cert, intermediate_key=key,
                                     root_cert=str(Path(cert).parent / "root.pem"), envoy=envoy_binary(),
-                                    holder="ctl-test")
+                                    holder=holder)
         transport = LocalTransport(str(protocol.script_path()), lambda _host: str(host.root),
                                    env={"PATH": "/usr/bin:/bin"})
         controller = Controller(lambda: spec, options, transport=transport)
@@ -169,7 +169,7 @@ def kv(consul: ConsulDevServer, key: str) -> str | None:
 
 
 def test_a_critical_instance_leaves_the_callers_endpoints_and_comes_back(consul: ConsulDevServer, host: Host,
-                                                                       start: Callable[[ControllerSpec], Running]
+                                                                       start: Callable[..., Running]
                                                                        ) -> None:
     first = register(consul, "api-a", "127.0.0.11", 21001)
     second = register(consul, "api-b", "127.0.0.12", 21002)
@@ -210,7 +210,7 @@ def test_a_critical_instance_leaves_the_callers_endpoints_and_comes_back(consul:
 
 
 def test_a_due_certificate_is_renewed_on_the_host_and_recorded(consul: ConsulDevServer, host: Host,
-                                                               start: Callable[[ControllerSpec], Running]) -> None:
+                                                               start: Callable[..., Running]) -> None:
     before = host.leaf()
     # a one-hour leaf is past half of a two-hour lifetime: due at once; the new one is not due for an hour
     spec = spec_for(consul, host, cert_ttl_s=7200)
@@ -262,3 +262,26 @@ def test_the_service_takes_the_lock_rereads_its_spec_on_sighup_and_releases_the_
               if line.startswith("{")]
     assert [event["event"] for event in events if event["event"].startswith("controller_")] == [
         "controller_started", "controller_leading", "controller_spec_loaded", "controller_stopped"]
+
+
+def test_a_standby_takes_over_when_the_leader_stops(consul: ConsulDevServer, host: Host,
+                                                    start: Callable[..., Running]) -> None:
+    instance = register(consul, "api-c", "127.0.0.13", 21003)
+    register(consul, "api-d", "127.0.0.14", 21004)  # stays up: the critical one leaves (no panic)
+    spec = replace(spec_for(consul, host), metrics_port=0)
+    first = start(spec, "ctl-a")
+
+    def holder() -> str | None:
+        return json.loads(kv(consul, spec.state_key) or "{}").get("holder")
+
+    eventually(lambda: holder() == "ctl-a" and "127.0.0.13" in host.eds, "ctl-a leads and pushes")
+    second = start(spec, "ctl-b")
+    time.sleep(2.0)
+    assert first.controller.leading and not second.controller.leading
+    assert second.controller.metrics.value("mesh_controller_leader") == 0
+
+    first.controller.stop()
+    first.thread.join(timeout=30)
+    eventually(lambda: holder() == "ctl-b", "ctl-b takes over")
+    catalog.set_health(consul.url, instance, "critical", "stopped")
+    eventually(lambda: "127.0.0.13" not in host.eds, "a change after the takeover reaches the host")
