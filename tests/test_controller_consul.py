@@ -1,7 +1,8 @@
 """The controller against a real Consul 1.8.7 (`consul agent -dev`) and the real mesh-ctl script under a temp root
 (the local transport runs `sh mesh-ctl.sh VERB` as sshd's forced command would, with MESH_CTL_ROOT), validating
 with mesh's real Envoy: a critical instance leaves the caller's EDS file on disk and comes back when it passes,
-nothing moves while a deploy holds its lock, the state is published in KV and the metrics served; a due
+nothing moves while a deploy holds its lock, the state is published in KV and the metrics served, a standby takes
+over when the leader stops, Consul gone keeps the endpoints and shows staleness; a due
 certificate is renewed through `csr`/`install` with the controller's intermediate and recorded in KV.
 
 Tests wait with generous deadlines and assert the outcome, not the time.
@@ -285,3 +286,18 @@ def test_a_standby_takes_over_when_the_leader_stops(consul: ConsulDevServer, hos
     eventually(lambda: holder() == "ctl-b", "ctl-b takes over")
     catalog.set_health(consul.url, instance, "critical", "stopped")
     eventually(lambda: "127.0.0.13" not in host.eds, "a change after the takeover reaches the host")
+
+
+def test_consul_gone_keeps_the_endpoints_and_shows_staleness(host: Host, start: Callable[..., Running]) -> None:
+    from mesh.lab.images import ensure_consul_binary
+
+    with ConsulDevServer(ensure_consul_binary(), node="consul-outage") as own:
+        register(own, "api-e", "127.0.0.15", 21005)
+        running = start(replace(spec_for(own, host), metrics_port=0))
+        eventually(lambda: "127.0.0.15" in host.eds, "the instance pushed")
+        before = host.eds
+        assert running.controller.metrics.value("mesh_controller_consul_staleness_seconds") == 0
+    time.sleep(1.0)
+    eventually(lambda: (running.controller.metrics.value("mesh_controller_consul_staleness_seconds") or 0) >= 2,
+               "staleness rises while Consul is gone")
+    assert host.eds == before  # never an empty endpoint set
