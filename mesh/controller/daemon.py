@@ -25,7 +25,7 @@ from mesh.controller.consul_watch import ConsulWatch, Fetch, consul_fetch
 from mesh.controller.endpoints import ServiceEndpoints
 from mesh.controller.metrics import ControllerMetrics
 from mesh.controller.published import state_document, state_text
-from mesh.controller.pusher import Pusher, Validate
+from mesh.controller.pusher import MAX_WORKERS, Pusher, Validate
 from mesh.controller.renewal import Renewer
 from mesh.controller.rotation import SignedLeaf, issued_record, load_signer, remaining_s
 from mesh.controller.snapshot import KnownEndpoints, Snapshot, build_snapshot, remembered, watched_services
@@ -102,6 +102,7 @@ class ControllerOptions:
     serve_metrics: bool = True
     round_interval_s: float = ROUND_INTERVAL_S
     publish_interval_s: float = PUBLISH_INTERVAL_S
+    push_workers: int = MAX_WORKERS  # hosts pushed to at once
 
 
 def consul_access(spec: ControllerSpec) -> ConsulAccess:
@@ -140,7 +141,8 @@ class Controller:
         self.metrics = ControllerMetrics()
         self.transport = transport or SshTransport(options.key_path)
         self.validate = validate or envoy_validator(options.envoy, options.root_cert)
-        self.pusher = Pusher(self.transport, self.validate, self.metrics, clock=clock, wall=wall)
+        self.pusher = Pusher(self.transport, self.validate, self.metrics, max_workers=options.push_workers,
+                             clock=clock, wall=wall)
         self.pusher.set_hosts(self.spec.hosts)
         self.leader = (leader or _consul_leader)(self.spec, self.holder)
         self.store = (store or (lambda spec: ConsulStore(consul_access(spec), spec.mesh_id)))(self.spec)

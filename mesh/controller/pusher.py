@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import structlog
 
@@ -87,7 +88,14 @@ def bundle_of(wanted: ProxySnapshot, on_host: Mapping[str, str]) -> BundleProxy:
     changed = [file.path for relpath, file in xds.items() if on_host.get(relpath) != digests[relpath]]
     stale = [f"{wanted.files.proxy_dir}/{relpath}" for relpath in sorted(on_host)
              if relpath != BOOTSTRAP and relpath not in xds]
-    return bundle_for(wanted.files, changed, stale)
+    return _bundle(wanted.files, tuple(changed), tuple(stale))
+
+
+@lru_cache(maxsize=256)
+def _bundle(files: ProxyFiles, changed: tuple[str, ...], stale: tuple[str, ...]) -> BundleProxy:
+    """bundle_for, once per distinct request: hosts with the same proxy files (a fan-out) share the work of
+    rendering its validation config (a few ms each)."""
+    return bundle_for(files, changed, stale)
 
 
 # --- one host ---
