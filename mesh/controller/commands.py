@@ -38,17 +38,17 @@ def spec_from_inventory(inventory: str) -> ControllerSpec:
 @click.option("--holder", default=None, help="Name in the lock and the published state (default host:pid).")
 def run(spec_path: str | None, inventory: str | None, ssh_key: str, ca_dir: str, envoy: str | None,
         holder: str | None) -> None:
-    """Run a controller in the foreground until Ctrl-C (SIGHUP re-reads the spec)."""
+    """Run a controller in the foreground until Ctrl-C (SIGHUP re-reads the spec or the inventory)."""
     from mesh.config.validate import envoy_binary
     from mesh.controller.daemon import ControllerOptions, serve
 
     if (spec_path is None) == (inventory is None):
         raise UsageError("mesh controller run needs exactly one of --spec PATH and -i INVENTORY")
     if inventory is not None:
-        built = spec_from_inventory(inventory)
+        source = inventory
 
-        def load() -> ControllerSpec:
-            return built
+        def load() -> ControllerSpec:  # SIGHUP builds it again from the inventory as it is then
+            return spec_from_inventory(source)
     else:
         path = str(spec_path)
 
