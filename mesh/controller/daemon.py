@@ -3,6 +3,11 @@ published state and metrics; SIGHUP re-reads the spec, SIGTERM releases the lock
 
 It wires the parts together and owns timing (debounce, rounds, publishing); what is pushed is pusher.py's,
 which endpoints snapshot.py's. A Controller is an object: two can run in one test.
+
+Failover: a controller that stops releases the lock and a standby takes it within a third of the session TTL; one
+that dies holds it until Consul invalidates its session, up to twice the TTL (spec.session_ttl_s, 10 s), and
+fences itself (pushes nothing) once it has not renewed for one TTL. Standbys run the Consul watch too, so a new
+leader pushes the current endpoints at once (after reading every host's state).
 """
 
 from __future__ import annotations
