@@ -247,7 +247,7 @@ def _assert_workload_keys_stay_home(lab: LabUp, history: dict[tuple[str, str], l
 
 def test_the_standby_takes_over_and_vm1_serves_its_last_config_with_every_controller_down(lab: LabUp) -> None:
     _both_api_instances_served(lab)
-    active = wait_for(leader, lambda holder: holder in CONTROLLERS, "a controller holding the lock", timeout=60)
+    active = _active_controller()
     standby = next(host for host in CONTROLLERS if host != active)
     assert controller_units(lab)[standby].endswith(" active"), f"the standby {standby} does not run"
     # the killed controller stays dead (else its restarted unit may take the lock back before the standby)
@@ -287,6 +287,12 @@ def test_the_standby_takes_over_and_vm1_serves_its_last_config_with_every_contro
     _wait_for_api_hosts(lab, BOTH, "the drain's undo reaching web's Envoy on vm1")
 
 
+def _active_controller() -> str:
+    holder = wait_for(leader, lambda found: found in CONTROLLERS, "a controller holding the lock", timeout=60)
+    assert holder is not None
+    return holder
+
+
 def _boot_id(lab: LabUp, host: str) -> str:
     done = sh(lab, host, "cat /proc/sys/kernel/random/boot_id", timeout=15)
     return done.stdout.strip() if done.returncode == 0 else ""
@@ -297,7 +303,7 @@ def _boot_id(lab: LabUp, host: str) -> str:
 def test_with_consul_stopped_no_proxy_loses_endpoints_staleness_rises_and_changes_flow_once_it_is_back(
         lab: LabUp) -> None:
     _both_api_instances_served(lab)
-    active = wait_for(leader, lambda holder: holder in CONTROLLERS, "a controller holding the lock", timeout=60)
+    active = _active_controller()
     files = endpoint_files(lab)
     with traffic(lab) as trace:
         systemctl(lab, "consul1", "stop", CONSUL_UNIT)
