@@ -50,8 +50,9 @@ def proxy_spec(proxy: ProxyPlan) -> ProxySpec:
 
 
 def identities(host: HostPlan) -> tuple[IdentitySpec, ...]:
+    """Each proxy's identity by name (reordering a host's workloads changes nothing), then the checker's."""
     found = [IdentitySpec(proxy.name, "container" if proxy.sidecar is not None else "vm", proxy.spiffe_id)
-             for proxy in host.proxies]
+             for proxy in sorted(host.proxies, key=lambda proxy: proxy.name)]
     if host.checker_identity:
         found.append(IdentitySpec(CHECKER_IDENTITY, "checker", host.checker_identity))
     return tuple(found)
@@ -65,7 +66,7 @@ def build_spec(plan: Plan, mesh: Mesh, known_hosts: Mapping[str, Sequence[str]],
     hosts = tuple(
         HostSpec(name=host.name, address=host.host.connection.address, port=host.host.connection.port,
                  known_hosts=tuple(known_hosts.get(host.name, ())), identities=identities(host),
-                 proxies=tuple(proxy_spec(proxy) for proxy in host.proxies))
+                 proxies=tuple(proxy_spec(proxy) for proxy in sorted(host.proxies, key=lambda proxy: proxy.name)))
         for host in plan.hosts if host.name in managed)
     return ControllerSpec(
         mesh_id=settings.id, trust_domain=settings.trust_domain, plan_digest=plan_digest,

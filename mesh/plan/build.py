@@ -89,7 +89,7 @@ def build_plan(mesh: Mesh, inputs: PlanInputs, hosts: Sequence[ManagedHost] | No
     if inputs.controller is None or not any(host.host.is_controller for host in plan.hosts):
         return plan
     # spec.json holds the digest of everything else the plan puts on hosts (it cannot hold its own)
-    digest = plan.digest
+    digest = plan.stable_digest
     spec = build_spec(plan, mesh, inputs.controller.known_hosts, digest)
     spec_file = PlannedFile(controller_spec.SPEC_PATH, spec.to_json().encode(), 0o640, "root",
                             controller_spec.CONTROLLER_USER, secret=False)
@@ -157,7 +157,7 @@ def _access(host: ManagedHost, proxies: tuple[ProxyPlan, ...], inputs: PlanInput
                              access.CTL_SSH_DIR)]
     lines = [access.proxy_identity_line(proxy.name, proxy.workload.service, proxy.user,
                                         inputs.sidecar_image if proxy.sidecar is not None else None)
-             for proxy in proxies]
+             for proxy in sorted(proxies, key=lambda proxy: proxy.name)]  # reordered workloads change nothing
     if host.is_controller:
         lines.append(access.checker_identity_line())
     files += [PlannedFile(controller_spec.CTL_SCRIPT, controller.ctl_script, 0o755, "root", "root"),

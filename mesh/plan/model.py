@@ -185,6 +185,19 @@ class Plan:
         """The plan's hash: equal for two plans that would put the same things on the same hosts."""
         return _digest(self.summary())
 
+    @property
+    def stable_digest(self) -> str:
+        """The hash of what the plan puts where, whatever the order of hosts' workloads in the inventory (a
+        reordering changes nothing on hosts): what the controllers' spec.json carries."""
+        summary = self.summary()
+        for host in summary["hosts"]:
+            for key, field_name in (("proxies", "name"), ("folders", "path"), ("files", "path")):
+                host[key] = sorted(host[key], key=lambda item, name=field_name: item[name])  # type: ignore[misc]
+            host["users"], host["units"] = sorted(host["users"]), sorted(host["units"])
+        summary["hosts"] = sorted(summary["hosts"], key=lambda host: host["host"])
+        summary["consul"] = sorted(summary["consul"], key=lambda item: json.dumps(item, sort_keys=True))
+        return _digest(summary)
+
 
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -272,3 +272,18 @@ def test_the_controllers_account_is_removed_even_while_a_controller_is_logged_in
 
     assert "userdel -f mesh-ctl" in removal_commands(Change("vm2", "user", "mesh-ctl", "remove"))[0]
     assert "userdel mesh-web-8080" in removal_commands(Change("vm2", "user", "mesh-web-8080", "remove"))[0]
+
+
+def test_reordering_a_hosts_workloads_changes_no_access_file_and_no_spec(tmp_path: Path) -> None:
+    two = ("            - {service: api, port: 9090, proxy_port: 21000}\n"
+           "            - {service: db, port: 5432, protocol: tcp, proxy_port: 21001}\n")
+    swapped = "".join(reversed(two.splitlines(keepends=True)))
+    plans = []
+    for name, workloads in (("one", two), ("two", swapped)):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(INVENTORY.replace("            - {service: api, port: 9090}\n", workloads, 1))
+        plans.append(plan_of(check_inventory(load_inventory(str(path)), str(path)).mesh))
+    for path in (controller_spec.CTL_IDENTITIES, access.CTL_AUTHORIZED_KEYS):
+        assert text(plans[0], "vm2", path) == text(plans[1], "vm2", path)
+    assert text(plans[0], "vm2", controller_spec.CTL_IDENTITIES).count(" vm ") == 2
+    assert text(plans[0], "ctl1", controller_spec.SPEC_PATH) == text(plans[1], "ctl1", controller_spec.SPEC_PATH)
