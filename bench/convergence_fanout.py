@@ -279,12 +279,14 @@ def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, 
     sets = [(Endpoint("10.9.0.1", 21000), Endpoint("10.9.0.2", 21000)), (Endpoint("10.9.0.1", 21000),)]
     pusher = Pusher(SshTransport(str(key)), validate, max_workers=workers)
     pusher.set_hosts(spec.hosts)
-    timings, results = [], []
+    timings, snapshots, results = [], [], []
     usage_before = None
     try:
         for number in range(rounds + 1):
             known = {service: sets[number % 2] for service in services}
+            built = time.perf_counter()
             snapshot = build_snapshot(spec, known)
+            snapshots.append(time.perf_counter() - built)
             if number == 1:
                 usage_before = (resource.getrusage(resource.RUSAGE_SELF), time.perf_counter())
             started = time.perf_counter()
@@ -301,7 +303,7 @@ def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, 
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out.write_text(json.dumps({
-        "connect_round_s": timings[0], "rounds_s": timings[1:], "results": results,
+        "connect_round_s": timings[0], "rounds_s": timings[1:], "snapshots_s": snapshots[1:], "results": results,
         "cpu_s": cpu, "wall_s": wall, "rss_kb": int(status["VmRSS"].split()[0]),
         "peak_rss_kb": int(status["VmHWM"].split()[0]), "threads": workers,
         "validation_s": validations, "validation_cpu_s": children.ru_utime + children.ru_stime}))
@@ -367,6 +369,11 @@ def print_fanout(report: dict[str, Any]) -> None:
     print(f"  connect + state + first push (round 0): {report['connect_round_s']:.3f} s")
     print(f"  per round: p50 {percentile(rounds, 0.5):.3f} s  p99 {percentile(rounds, 0.99):.3f} s  "
           f"min {min(rounds):.3f} s  max {max(rounds):.3f} s  mean {statistics.mean(rounds):.3f} s")
+    snapshots = report["snapshots_s"]
+    total = [a + b for a, b in zip(snapshots, rounds, strict=True)]
+    print(f"  the snapshot built before each round (every proxy's files with the new endpoints): p50 "
+          f"{percentile(snapshots, 0.5):.3f} s; snapshot + round: p50 {percentile(total, 0.5):.3f} s  "
+          f"p99 {percentile(total, 0.99):.3f} s")
     print(f"  controller CPU during the timed rounds: {report['cpu_s']:.2f} s of {wall:.2f} s wall "
           f"({100 * report['cpu_s'] / wall:.0f}% of one CPU), {report['cpu_s'] / len(rounds) * 1000:.0f} ms/round; "
           f"RSS {report['rss_kb'] / 1024:.0f} MiB (peak {report['peak_rss_kb'] / 1024:.0f} MiB)")
@@ -379,7 +386,7 @@ def print_fanout(report: dict[str, Any]) -> None:
           " s/round")
     print(f"  rounds with a host not pushed, refused or failed: {len(bad)}{'' if not bad else ' ' + str(bad[:3])}")
     print(f"  after the last round: {report['check']}")
-    goal = percentile(rounds, 0.99) < 1.0
+    goal = percentile(total, 0.99) < 1.0
     print(f"  goal p99 < 1 s for {report['hosts']} hosts: {'pass' if goal else 'miss'}")
 
 
