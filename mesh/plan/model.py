@@ -188,9 +188,12 @@ class Plan:
     @property
     def stable_digest(self) -> str:
         """The hash of what the plan puts where, whatever the order of hosts' workloads in the inventory (a
-        reordering changes nothing on hosts): what the controllers' spec.json carries."""
+        reordering changes nothing on hosts), nor whether a controller answered when it was made (which files
+        are the controller's is no content): what the controllers' spec.json carries."""
         summary = self.summary()
         for host in summary["hosts"]:
+            for planned in host["files"]:
+                planned.pop("controller_owned", None)
             for key, field_name in (("proxies", "name"), ("folders", "path"), ("files", "path")):
                 host[key] = sorted(host[key], key=lambda item, name=field_name: item[name])  # type: ignore[misc]
             host["users"], host["units"] = sorted(host["users"]), sorted(host["units"])

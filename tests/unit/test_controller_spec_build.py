@@ -156,3 +156,9 @@ def test_mesh_controller_run_i_builds_the_spec_a_deploy_would_hand_out_without_r
     (tmp_path / "none.yml").write_text("all:\n  hosts:\n    h1: {ansible_host: 10.0.0.9}\n")
     with pytest.raises(MeshError, match="no host in mesh_controllers"):
         inventory_spec(str(tmp_path / "none.yml"))
+
+
+def test_whether_a_controller_answered_does_not_change_the_spec(mesh: Mesh) -> None:
+    live, not_live = plan_of(mesh, endpoints_live=True), plan_of(mesh)
+    assert live.digest != not_live.digest  # the deploy's own plan says which files it leaves to the controller
+    assert live.host("ctl1").file(SPEC_PATH).content == not_live.host("ctl1").file(SPEC_PATH).content
