@@ -88,8 +88,10 @@ def build_plan(mesh: Mesh, inputs: PlanInputs, hosts: Sequence[ManagedHost] | No
                 tuple(registrations(mesh)))
     if inputs.controller is None or not any(host.host.is_controller for host in plan.hosts):
         return plan
-    # spec.json holds the digest of everything else the plan puts on hosts (it cannot hold its own)
-    digest = plan.stable_digest
+    # spec.json holds the digest of everything else the plan puts on managed hosts (it cannot hold its own; a host
+    # that left the inventory, planned with nothing for its cleanup, is not the controllers')
+    managed = {host.name for host in mesh.hosts}
+    digest = replace(plan, hosts=tuple(host for host in plan.hosts if host.name in managed)).stable_digest
     spec = build_spec(plan, mesh, inputs.controller.known_hosts, digest)
     spec_file = PlannedFile(controller_spec.SPEC_PATH, spec.to_json().encode(), 0o640, "root",
                             controller_spec.CONTROLLER_USER, secret=False)

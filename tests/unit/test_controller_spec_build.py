@@ -162,3 +162,14 @@ def test_whether_a_controller_answered_does_not_change_the_spec(mesh: Mesh) -> N
     live, not_live = plan_of(mesh, endpoints_live=True), plan_of(mesh)
     assert live.digest != not_live.digest  # the deploy's own plan says which files it leaves to the controller
     assert live.host("ctl1").file(SPEC_PATH).content == not_live.host("ctl1").file(SPEC_PATH).content
+
+
+def test_a_host_being_cleaned_after_it_left_does_not_change_the_spec(mesh: Mesh) -> None:
+    from mesh.inventory.model import Connection, ManagedHost
+
+    retired = ManagedHost("vm9", "vm", Connection("10.0.0.19"))  # left the inventory: planned with nothing
+    inputs = ControllerInputs(keys=KEYS, known_hosts=KNOWN, ctl_script=b"#!/bin/sh\n")
+    with_retired = build_plan(mesh, PlanInputs(b"root pem", "00:11", controller=inputs), [*mesh.hosts, retired])
+    without = build_plan(mesh, PlanInputs(b"root pem", "00:11", controller=inputs))
+    assert with_retired.digest != without.digest
+    assert with_retired.host("ctl1").file(SPEC_PATH).content == without.host("ctl1").file(SPEC_PATH).content
