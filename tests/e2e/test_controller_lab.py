@@ -218,8 +218,20 @@ def test_three_rotations_with_a_one_minute_ttl_fail_no_request_restart_nothing_a
             if leaf.served is not None:
                 assert leaf.served == (leaf.serial,), f"{identity}: Envoy serves {leaf.served}, the file is {leaf}"
         _assert_workload_keys_stay_home(lab, history)
+        # every certificate the deploy issued has expired by now: the checker's probes pass with its renewed one
+        wait_for(_checks_not_passing, lambda found: found == [],
+                 "every instance's Consul checks passing (the checker probing with its renewed certificate)")
     finally:
         deploy_lab_back(lab)
+
+
+def _checks_not_passing() -> list[str]:
+    found = []
+    for service in ("web", "api", "db"):
+        for entry in consul(CONSUL, f"/v1/health/service/{service}"):
+            found += [f"{check['ServiceID']} {check['CheckID']}: {check['Status']} {check.get('Output', '')[:200]}"
+                      for check in entry["Checks"] if check.get("ServiceID") and check["Status"] != "passing"]
+    return found
 
 
 def _distinct(found: list[Leaf]) -> int:
@@ -374,6 +386,13 @@ def test_the_controllers_key_runs_no_shell_forwards_no_port_and_writes_only_in_m
         done = ctl_ssh(key, vm1, command)
         assert done.returncode != 0 and b"uid=" not in done.stdout, (
             f"`{command}` as mesh-ctl with the controller's key: exit {done.returncode}, {done.stdout[:300]!r}")
+
+    folders = "ls -d /etc/mesh/proxies/*/ /etc/mesh/proxies/*/tls* /etc/tls* 2>/dev/null; true"
+    before = out(lab, "vm1", folders)
+    for command in ("csr nosuch", "csr api-9090", "csr ../../etc", "install web-8080 20260101T000000-abcdef"):
+        done = ctl_ssh(key, vm1, command, input=b"not a certificate\n")
+        assert done.returncode != 0, f"`{command}` on vm1 succeeded: {done.stdout[:300]!r}"
+    assert out(lab, "vm1", folders) == before, "a refused csr or install left a folder on vm1"
 
     state = ctl_ssh(key, vm1, "state")
     assert state.returncode == 0, f"`state` with the controller's key failed: {state.stderr!r}"
