@@ -38,6 +38,7 @@ class MeshSettings:
     consul_url: str | None = None
     state_dir: str = ".mesh"  # absolute: resolved against the inventory's folder
     cert_ttl: timedelta = timedelta(hours=24)
+    cert_renew_fraction: float = 0.5  # the controller renews a leaf this far into its lifetime
     known_hosts: str = "~/.ssh/known_hosts"
     mesh_id: str | None = None  # None: the trust domain
     consul_token_file: str | None = None  # absolute, like state_dir; read only when Consul is called

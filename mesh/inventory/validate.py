@@ -25,12 +25,13 @@ from mesh.inventory.values import (
     check_url,
     describe,
     parse_cert_ttl,
+    parse_renew_fraction,
 )
 from mesh.inventory.workloads import ParsedWorkload, check_ports, read_workloads
 from mesh.suggest import did_you_mean
 
-MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_known_hosts",
-             "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file")
+MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_cert_renew_fraction",
+             "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file")
 PER_HOST = ("mesh_host_kind", "mesh_workloads")
 MESH_VARIABLES = MESH_WIDE + PER_HOST
 HOST_KINDS = ("vm", "container_host")
@@ -161,6 +162,7 @@ def _settings(readings: list[_HostReading], inventory_path: str, dynamic: bool, 
     consul_url = _wide(chosen, "mesh_consul_url", check_url, problems)
     state_dir = _wide(chosen, "mesh_state_dir", lambda v: check_local_path(v, "a folder path"), problems)
     ttl = _wide(chosen, "mesh_cert_ttl", parse_cert_ttl, problems) or defaults.cert_ttl
+    renew_fraction = _wide(chosen, "mesh_cert_renew_fraction", parse_renew_fraction, problems)
     known_hosts = _wide(chosen, "mesh_known_hosts", lambda v: check_local_path(v, "a file path"), problems)
     mesh_id = _wide(chosen, "mesh_id", check_mesh_id, problems)
     token_file = _wide(chosen, "mesh_consul_token_file", lambda v: check_local_path(v, "a file path"), problems)
@@ -170,6 +172,7 @@ def _settings(readings: list[_HostReading], inventory_path: str, dynamic: bool, 
         consul_url=consul_url,
         state_dir=resolve_state_dir(state_dir or defaults.state_dir, inventory_path, dynamic),
         cert_ttl=ttl,
+        cert_renew_fraction=defaults.cert_renew_fraction if renew_fraction is None else renew_fraction,
         known_hosts=known_hosts or defaults.known_hosts,
         mesh_id=mesh_id,
         consul_token_file=token_file and resolve_state_dir(token_file, inventory_path, dynamic),

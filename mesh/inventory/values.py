@@ -117,6 +117,21 @@ def parse_cert_ttl(value: Any) -> timedelta:
     return duration
 
 
+RENEW_FRACTION_MIN, RENEW_FRACTION_MAX = 0.1, 0.9
+
+
+def parse_renew_fraction(value: Any) -> float:
+    """`mesh_cert_renew_fraction`: how far into a leaf's lifetime the controller renews it, a number from 0.1
+    (renew early and often) to 0.9 (little time left to retry a failed renewal); INI gives a string."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    written = isinstance(value, str) and re.fullmatch(r"\s*(0|1)?\.\d+\s*|\s*[01]\s*", value) is not None
+    number = float(value) if numeric or written else None
+    if number is None or not RENEW_FRACTION_MIN <= number <= RENEW_FRACTION_MAX:
+        raise BadValue(f"expected a fraction of the certificate lifetime from {RENEW_FRACTION_MIN} to "
+                       f"{RENEW_FRACTION_MAX} (e.g. 0.5), got {describe(value)}")
+    return number
+
+
 def check_string(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadValue(f"expected {what}, got {describe(value)}")

@@ -143,6 +143,13 @@ def test_mesh_state_dir_and_cert_ttl_are_read() -> None:
     assert settings.cert_ttl == timedelta(minutes=90) and settings.cert_ttl_seconds == 5400
 
 
+def test_cert_renew_fraction_is_read_with_half_by_default() -> None:
+    assert one_vm("  - {service: web, port: 8080}\n").build().settings.cert_renew_fraction == 0.5
+    fleet = one_vm("  - {service: web, port: 8080}\n",
+                   all_vars="mesh_consul_url: http://c:8500\nmesh_cert_renew_fraction: 0.25\n")
+    assert fleet.build().settings.cert_renew_fraction == 0.25
+
+
 def test_consul_url_is_required_with_workloads() -> None:
     errors = one_vm("  - {service: web, port: 8080}\n", all_vars="mesh_trust_domain: lab.mesh\n").errors()
     find(errors, "host_vars/vm1.yml", 1, "mesh_consul_url", "required")
@@ -161,6 +168,8 @@ def test_consul_url_must_be_a_url(url: str) -> None:
 @pytest.mark.parametrize(("line", "fragment"), [("mesh_trust_domain: Lab_Mesh!", "trust domain"),
                                                 ("mesh_cert_ttl: 24", "duration"),
                                                 ("mesh_state_dir: 7", "folder"),
+                                                ("mesh_cert_renew_fraction: 1.5", "fraction"),
+                                                ("mesh_cert_renew_fraction: half", "fraction"),
                                                 ("mesh_known_hosts: ''", "file path")])
 def test_mesh_wide_values_are_checked(line: str, fragment: str) -> None:
     errors = one_vm("  - {service: web, port: 8080}\n",
