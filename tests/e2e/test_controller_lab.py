@@ -247,7 +247,10 @@ def _assert_workload_keys_stay_home(lab: LabUp, history: dict[tuple[str, str], l
     home = {leaf.public: host for (host, _name), found in history.items() for leaf in found}
     nodes = ("consul1", *CONTROLLERS, "vm1", "vm2", "dock1")
     found = [key for keys in parallel(nodes, lambda node: keys_on_node(lab, node)).values() for key in keys]
-    found += keys_in_folders([Path(lab_state_dir())])
+    state_keys = keys_in_folders([Path(lab_state_dir())])
+    assert all("/ca/" in key.path for key in state_keys), \
+        f"private keys in the state dir besides the CA's: {[key.path for key in state_keys]}"
+    found += state_keys
     away = [f"{key.place}:{key.path} (the key of a {home[key.public]} certificate)" for key in found
             if key.public in home and key.place != home[key.public]]
     assert not away, f"workload private keys outside their host: {away}"
