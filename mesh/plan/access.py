@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mesh.config import paths
-from mesh.controller.spec import CTL_HOME, CTL_IDENTITIES, CTL_SCRIPT, CTL_SUDOERS, CTL_USER
+from mesh.controller.spec import CTL_HOME, CTL_IDENTITIES, CTL_SCRIPT, CTL_USER
 from mesh.errors import MeshError
 from mesh.healthcheck.config import CA_FILE as CHECKER_CA_FILE
 from mesh.healthcheck.config import CHECKER_USER
@@ -81,5 +81,3 @@ def sudoers_text() -> str:
             f"Defaults:{CTL_USER} !requiretty, !lecture, env_reset\n"
             f"{CTL_USER} ALL=(root) NOPASSWD: {CTL_SCRIPT} *\n")
 
-
-__all__ = ["CTL_AUTHORIZED_KEYS", "CTL_IDENTITIES", "CTL_SCRIPT", "CTL_SUDOERS", "CTL_USER"]

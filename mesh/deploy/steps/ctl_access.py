@@ -2,7 +2,7 @@
 sudo rule, the script, the identities it may touch) and, on controllers, the controller's own account, files and
 service. Files and folders come from the plan (mesh.plan.build), so observe, changes and cleanup treat them like
 every other; these steps only write what differs. The controllers' SSH keys are made before the plan
-(mesh.deploy.controller_keys), never here.
+(mesh.deploy.controller_inputs), never here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from mesh.config import paths
 from mesh.controller import spec as controller_spec
 from mesh.controller_env import CONTROLLER_UNIT
+from mesh.deploy.controller_inputs import CONTROLLER_COMMENT
 from mesh.deploy.errors import ModuleFailure
 from mesh.deploy.modules.api import Change, ModuleRun, Outcome, PutFile, RunCommand, TaskContext
 from mesh.deploy.modules.builtin import install_checked
@@ -55,7 +56,7 @@ ROLE_USERS = {
     controller_spec.CTL_USER: RoleUser(controller_spec.CTL_USER, controller_spec.CTL_HOME, access.CTL_SHELL,
                                        access.CTL_COMMENT, True),
     controller_spec.CONTROLLER_USER: RoleUser(controller_spec.CONTROLLER_USER, controller_spec.CONTROLLER_DIR,
-                                              "/usr/sbin/nologin", "mesh controller", False),
+                                              "/usr/sbin/nologin", CONTROLLER_COMMENT, False),
 }
 
 
