@@ -72,4 +72,5 @@ def build_spec(plan: Plan, mesh: Mesh, known_hosts: Mapping[str, Sequence[str]],
         mesh_id=settings.id, trust_domain=settings.trust_domain, plan_digest=plan_digest,
         consul_url=settings.consul_url or "", consul_token_file=TOKEN_FILE if settings.consul_token_file else None,
         consul_ca_file=CONSUL_CA_FILE if settings.consul_ca_file else None, cert_ttl_s=settings.cert_ttl_seconds,
+        renew_fraction=settings.cert_renew_fraction,
         hosts=hosts)

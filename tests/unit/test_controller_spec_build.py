@@ -81,6 +81,14 @@ def test_every_managed_host_is_in_the_spec_as_the_deploy_reaches_it(mesh: Mesh) 
     assert (spec.mesh_id, spec.trust_domain, spec.plan_digest, spec.cert_ttl_s) == ("spec.mesh", "spec.mesh",
                                                                                    "d" * 64, 7200)
     assert spec.consul_url == "http://10.0.0.2:8500" and spec.consul_token_file is None
+    assert spec.renew_fraction == 0.5  # mesh_cert_renew_fraction's default
+
+
+def test_the_renew_fraction_is_the_inventory_s(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(INVENTORY.replace("    mesh_cert_ttl: 2h", "    mesh_cert_ttl: 2h\n    mesh_cert_renew_fraction: 0.3"))
+    fleet = check_inventory(load_inventory(str(path)), str(path)).mesh
+    assert build_spec(plan_of(fleet), fleet, KNOWN, "d" * 64).renew_fraction == 0.3
 
 
 def test_a_proxy_carries_its_rendered_files_and_which_endpoint_file_each_upstream_fills(mesh: Mesh) -> None:
