@@ -24,14 +24,14 @@ from typing import Any, TypeVar
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from lab_helpers import MESH, LabUp, inventory_hosts, machine_state
+from lab_helpers import LAB_ARGS, MESH, LabUp, inventory_hosts, machine_state
 
 from mesh.testing.health_endpoint import LeafFiles
 
 T = TypeVar("T")
 
 LOCK = "/tmp/mesh-lab-dev.lock"
-SIZE = ["--vms", "2", "--containers", "1", "--controllers", "2"]  # the lab of lab_helpers.LAB_ARGS
+SIZE = LAB_ARGS  # the shared lab's size: another would take it down
 REPO = Path(__file__).resolve().parents[2]
 INVENTORY = REPO / "inventory" / "lab.yaml"
 LAB_STATE = Path(os.environ.get("MESH_LAB_STATE") or "/var/lib/mesh-lab")

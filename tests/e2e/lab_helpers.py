@@ -53,7 +53,7 @@ def _processes() -> frozenset[tuple[int, str, bool]]:
 
 def _cgroups() -> frozenset[str]:
     root = Path("/sys/fs/cgroup")
-    found = set()
+    found: set[str] = set()
     for hierarchy in root.iterdir():
         if hierarchy.is_dir() and not hierarchy.is_symlink():
             found.update(str(d) for d in hierarchy.iterdir() if d.is_dir())

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from lab_helpers import mesh
+from lab_helpers import LAB_ARGS, mesh
 
 from mesh.deploy.hostvars import inventory_vars
 from mesh.deploy.playbook import load_playbook
@@ -29,7 +29,7 @@ from mesh.inventory.model import ManagedHost
 from mesh.inventory.validate import build_mesh
 
 LOCK = "/tmp/mesh-lab-dev.lock"
-SIZE = ["--vms", "2", "--containers", "1"]
+SIZE = LAB_ARGS  # the shared lab's size: another would take it down
 INVENTORY = Path(__file__).resolve().parents[2] / "inventory" / "lab.yaml"
 UNIT = "mesh-e2e-sleep.service"
 WORK = "/etc/mesh-e2e"

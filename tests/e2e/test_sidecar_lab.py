@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from lab_helpers import mesh
+from lab_helpers import LAB_ARGS, mesh
 
 from mesh.config import compute_proxy_config, paths
 from mesh.containers.image import SIDECAR_UID, SidecarImage, build_sidecar_image_tar
@@ -46,7 +46,7 @@ from mesh.pki import CertificateAuthority
 from mesh.render import render_proxy_files
 
 LOCK = "/tmp/mesh-lab-dev.lock"
-SIZE = ["--vms", "2", "--containers", "1"]
+SIZE = LAB_ARGS  # the shared lab's size: another would take it down
 INVENTORY = Path(__file__).resolve().parents[2] / "inventory" / "lab.yaml"
 APP, PROXY, SIDECAR = "api-v2-1", "api-api-v2-1", "mesh-envoy-api-api-v2-1"
 CLIENT_DIR = "/tmp/mesh-sidecar-e2e"
