@@ -166,7 +166,7 @@ def _upstream_cluster(mesh: Mesh, proxy: str, upstream: Upstream) -> Cluster:
     return Cluster(
         name=upstream_cluster_name(upstream.service),
         protocol=instances[0][1].protocol,
-        discovery="STATIC" if all(_is_ip(address) for address, _ in instances) else "STRICT_DNS",
+        discovery="STATIC" if all(is_ip(address) for address, _ in instances) else "STRICT_DNS",
         endpoints=tuple(Endpoint(address, workload.proxy_port) for address, workload in instances),
         health_check=check,
         connect_timeout_ms=CONNECT_TIMEOUT_MS,
@@ -176,7 +176,8 @@ def _upstream_cluster(mesh: Mesh, proxy: str, upstream: Upstream) -> Cluster:
     )
 
 
-def _is_ip(address: str) -> bool:
+def is_ip(address: str) -> bool:
+    """An IP address literal (v4 or v6), not a name Envoy would have to resolve."""
     try:
         ipaddress.ip_address(address)
     except ValueError:

@@ -6,7 +6,6 @@ and the rewrite of one ClusterLoadAssignment file; it must not talk to Consul or
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 
 from mesh import catalog
+from mesh.config.compute import is_ip
 from mesh.render import ENDPOINT_TYPE, RenderedFile, resource_file
 
 
@@ -45,7 +45,7 @@ def service_endpoints(service: str, entries: Iterable[Mapping[str, Any]], mesh_i
         if meta.get(catalog.MANAGED_BY) != catalog.MESH or meta.get(catalog.MESH_ID) != mesh_id:
             continue
         endpoint = Endpoint(str(svc.get("Address") or node.get("Address") or ""), int(svc.get("Port") or 0))
-        if not _is_ip(endpoint.address) or not 0 < endpoint.port < 65536:
+        if not is_ip(endpoint.address) or not 0 < endpoint.port < 65536:
             continue  # an EDS file holds IP addresses only (a name would be a STRICT_DNS cluster's)
         registered.add(endpoint)
         if not any(check.get("Status", "critical") == "critical" for check in entry.get("Checks") or []):
@@ -99,11 +99,3 @@ def _assignment(file: RenderedFile) -> Mapping[str, Any]:
             or resources[0].get("@type") != ENDPOINT_TYPE:
         raise ValueError(f"{file.path} is not a file of one ClusterLoadAssignment")
     return resources[0]
-
-
-def _is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
