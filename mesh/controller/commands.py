@@ -9,6 +9,7 @@ import os
 
 import click
 
+from mesh.cli_inventory import fleet_inventory
 from mesh.controller.spec import CA_DIR, SSH_KEY, ControllerSpec, load_spec
 from mesh.errors import UsageError
 
@@ -30,7 +31,8 @@ def spec_from_inventory(inventory: str) -> ControllerSpec:
 @controller.command("run")
 @click.option("--spec", "spec_path", default=None, type=click.Path(dir_okay=False),
               help="The spec.json a deploy wrote (re-read on SIGHUP).")
-@click.option("-i", "--inventory", default=None, help="Build the spec from this inventory instead.")
+@click.option("-i", "--inventory", default=None,
+              help="Build the spec from this inventory instead (default without --spec: $MESH_INVENTORY).")
 @click.option("--ssh-key", default=SSH_KEY, show_default=True, help="The controller's SSH key for mesh-ctl.")
 @click.option("--ca-dir", default=CA_DIR, show_default=True,
               help="Holds root.pem, intermediate.pem and intermediate.key (the controller's intermediate).")
@@ -42,8 +44,10 @@ def run(spec_path: str | None, inventory: str | None, ssh_key: str, ca_dir: str,
     from mesh.config.validate import envoy_binary
     from mesh.controller.daemon import ControllerOptions, serve
 
-    if (spec_path is None) == (inventory is None):
-        raise UsageError("mesh controller run needs exactly one of --spec PATH and -i INVENTORY")
+    if spec_path is not None and inventory is not None:
+        raise UsageError("mesh controller run takes one of --spec PATH and -i INVENTORY, not both")
+    if spec_path is None:
+        inventory = fleet_inventory(None, inventory)  # -i, else $MESH_INVENTORY, else a usage error
     if inventory is not None:
         source = inventory
 
