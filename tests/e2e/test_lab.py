@@ -1,4 +1,4 @@
-"""End to end: `mesh lab up --vms 2 --containers 1` on this machine, what runs in it, and `down` leaving the
+"""End to end: `mesh lab up --vms 2 --containers 1 --controllers 2` on this machine, what runs in it, and `down` leaving the
 machine as it was. Root only; a lab that cannot start fails these tests. The last test takes the lab down.
 """
 
@@ -26,7 +26,7 @@ def _wait(condition, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 
 def test_inventory_has_every_node(lab: LabUp) -> None:
-    assert set(lab.hosts) == {"consul1", "ctl1", "vm1", "vm2", "dock1"}
+    assert set(lab.hosts) == {"consul1", "ctl1", "ctl2", "vm1", "vm2", "dock1"}
 
 
 def test_ssh_with_strict_host_key_checking(lab: LabUp, tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_inventory_is_read_alike_by_mesh_and_ansible(lab: LabUp, tmp_path: Path)
     groups = json.loads(listed.stdout)
     assert set(groups["vms"]["hosts"]) == {"vm1", "vm2"}
     assert groups["containers"]["hosts"] == ["dock1"]
-    assert groups["mesh_controllers"]["hosts"] == ["ctl1"]
+    assert groups["mesh_controllers"]["hosts"] == ["ctl1", "ctl2"]
     assert groups["consul"]["hosts"] == ["consul1"]
     ping = subprocess.run([str(ansible_bin / "ansible"), "all", "-i", str(lab.inventory), "-m", "ping"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, check=False, timeout=120)
