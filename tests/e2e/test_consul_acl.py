@@ -159,6 +159,15 @@ def test_a_wrong_token_makes_deploy_status_and_the_checker_say_consul_refused_it
     assert "PLAY RECAP" not in deploy.stdout, deploy
     assert WRONG_TOKEN not in deploy.text and WRONG_TOKEN not in status.text
     assert out(deployed, "ctl1", token_hash) == before_deploy, "a refused deploy changed the controller's token"
+    # ctl1's checker must lead again at the end: ctl2's would keep the lock once ctl1's lost it
+    out(deployed, "ctl2", f"systemctl stop {CHECKER_UNIT}")
+    try:
+        _a_replaced_token_is_told_and_a_deploy_restores_it(deployed, token_hash, before_deploy)
+    finally:
+        out(deployed, "ctl2", f"systemctl start {CHECKER_UNIT}")
+
+
+def _a_replaced_token_is_told_and_a_deploy_restores_it(deployed: LabUp, token_hash: str, before_deploy: str) -> None:
     since = now_on(deployed, "ctl1")
     time.sleep(1)
     try:
