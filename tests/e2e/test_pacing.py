@@ -204,7 +204,7 @@ def test_check_mode_takes_no_lock(lab: LabUp) -> None:
 
 @pytest.mark.parametrize(("limit", "hosts"), [
     ("vms", {"vm1", "vm2"}), ("containers", {"dock1"}), ("vms:!vm2", {"vm1"}),
-    ("mesh_controllers:dock*", {"ctl1", "dock1"}),
+    ("mesh_controllers:dock*", {"ctl1", "ctl2", "dock1"}),
 ])
 def test_limit_takes_the_inventorys_own_groups_and_patterns(lab: LabUp, limit: str, hosts: set[str]) -> None:
     done = run_mesh("deploy", str(INVENTORY), "--limit", limit, timeout=900)
