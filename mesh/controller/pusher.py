@@ -71,8 +71,8 @@ def pending_proxies(host: HostSpec, snapshot: Snapshot, state: HostState,
         if on_host.get(BOOTSTRAP) != wanted.bootstrap_sha256:
             skipped[proxy.name], behind = "its bootstrap on the host is not the spec's (the deploy's to write)", True
             continue
-        if state.resource_version(proxy.name) == wanted.version_on(on_host):
-            continue
+        if all(on_host.get(relpath) == digest for relpath, digest in wanted.on(on_host).items()):
+            continue  # files the spec lacks are the deploy's (cleanup), not a reason to push
         behind = True
         if refused.get((host.name, proxy.name)) == wanted.version:
             skipped[proxy.name] = "refused before (retried when the snapshot changes)"
@@ -82,13 +82,12 @@ def pending_proxies(host: HostSpec, snapshot: Snapshot, state: HostState,
 
 
 def bundle_of(wanted: ProxySnapshot, on_host: Mapping[str, str]) -> BundleProxy:
-    """The bundle part moving the xds files the host lacks or has otherwise, and deleting those it should not have."""
+    """The bundle part moving the xds files the host lacks or has otherwise (only the controller's own, see
+    ProxySnapshot.on). Nothing is deleted: a file the spec lacks is the deploy's to remove (mesh.cleanup)."""
     xds = wanted.xds
     digests = wanted.on(on_host)
     changed = [file.path for relpath, file in xds.items() if on_host.get(relpath) != digests[relpath]]
-    stale = [f"{wanted.files.proxy_dir}/{relpath}" for relpath in sorted(on_host)
-             if relpath != BOOTSTRAP and relpath not in xds]
-    return _bundle(wanted.files, tuple(changed), tuple(stale))
+    return _bundle(wanted.files, tuple(changed), ())
 
 
 @lru_cache(maxsize=256)

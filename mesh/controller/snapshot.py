@@ -30,6 +30,11 @@ class ProxySnapshot:
     files: ProxyFiles
     validation_key: str  # files_digest of the plan's files: endpoint rewrites alone need no other validation
     unsettled: frozenset[str] = frozenset()  # EDS relpaths whose service Consul never answered for: a host's own stays
+    # The files the controller owns: the EDS files it fills from Consul. Every other resource file is the
+    # deploy's: the controller writes one only when the host lacks it, and never replaces or removes one. A
+    # deploy stopped halfway (--serial, a failed health gate) leaves hosts with newer files than the spec the
+    # controllers hold, and they must stay.
+    owned: frozenset[str] = frozenset()
 
     @property
     def proxy(self) -> str:
@@ -51,12 +56,13 @@ class ProxySnapshot:
         return resource_version(self.digests)
 
     def on(self, on_host: Mapping[str, str]) -> dict[str, str]:
-        """The digests the host should have, given what it has (relpath -> sha256): an unsettled EDS file the
-        host already has is left as it is (a controller that just started, or cannot reach Consul, never puts
-        the plan's endpoints back over fresher ones)."""
+        """The digests the host should have, given what it has (relpath -> sha256): a file the controller does not
+        own, and an unsettled EDS file, that the host already has are left as they are (a controller that just
+        started, or cannot reach Consul, never puts the plan's endpoints back over fresher ones; a controller
+        never undoes a deploy)."""
         digests = self.digests
-        for relpath in self.unsettled:
-            if relpath in on_host:
+        for relpath in digests:
+            if relpath in on_host and (relpath not in self.owned or relpath in self.unsettled):
                 digests[relpath] = on_host[relpath]
         return digests
 
@@ -107,8 +113,9 @@ def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints) -> ProxyS
         if service is not None and endpoints is None:
             unsettled.add(relpath_in(files.proxy_dir, file.path))
         rewritten.append(file if endpoints is None else with_endpoints(proxy.name, file, endpoints))
+    owned = frozenset(relpath_in(files.proxy_dir, path) for path in proxy.endpoints)
     return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256),
-                         files_digest(files), frozenset(unsettled))
+                         files_digest(files), frozenset(unsettled), owned)
 
 
 def build_snapshot(spec: ControllerSpec, known: KnownEndpoints) -> dict[ProxyKey, ProxySnapshot]:

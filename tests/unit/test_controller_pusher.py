@@ -159,12 +159,24 @@ def test_a_proxy_whose_bootstrap_on_the_host_is_not_the_specs_is_left_to_the_dep
     assert fleet.applies("vm1") == [] and len(fleet.applies("vm2")) == 1
 
 
-def test_stale_xds_files_are_removed(fleet: Fleet) -> None:
+def test_files_the_spec_lacks_are_left_to_the_deploy(fleet: Fleet) -> None:
     proxy = fleet.spec.hosts[0].proxies[0].name
     fleet.hosts["vm1"].files[proxy]["xds/eds.gone.yaml"] = "old\n"
     fleet.round({})
-    assert "xds/eds.gone.yaml" not in fleet.hosts["vm1"].files[proxy]
-    assert fleet.applies("vm1") == [{proxy: []}]
+    assert fleet.hosts["vm1"].files[proxy]["xds/eds.gone.yaml"] == "old\n"  # mesh.cleanup removes it
+    assert fleet.applies("vm1") == []
+
+
+def test_a_deploys_newer_files_stay_and_only_the_endpoints_follow_consul(fleet: Fleet) -> None:
+    """A deploy stopped halfway leaves a host with files newer than the controllers' spec: never reverted."""
+    proxy = fleet.spec.hosts[0].proxies[0].name
+    fleet.hosts["vm1"].files[proxy]["xds/cds.yaml"] = "# written by a newer deploy\n"
+    fleet.round({})
+    assert fleet.applies("vm1") == []
+    fleet.round({"api": (Endpoint("10.0.0.13", 21001),)})
+    assert fleet.hosts["vm1"].files[proxy]["xds/cds.yaml"] == "# written by a newer deploy\n"
+    assert "10.0.0.13" in fleet.hosts["vm1"].files[proxy][EDS]
+    assert fleet.applies("vm1") == [{proxy: [EDS]}]
 
 
 def test_a_slow_host_does_not_hold_back_the_others_or_the_loop(fleet: Fleet) -> None:

@@ -104,9 +104,11 @@ def test_a_leaf_signed_by_the_controllers_intermediate_is_this_cas(authority: Ce
     bundle = authority.intermediate_pem + pem(controllers.cert)
     assert chains_to(pem(leaf), authority.root_pem, bundle)
     assert not chains_to(pem(leaf), authority.root_pem, authority.intermediate_pem)
+    # the deploy's judgement reads the clock: a leaf signed now
+    key, leaf = controller_leaf(controllers, ttl=timedelta(hours=1), now=datetime.now(UTC))
     public = key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    assert certificate_reason(chain, public, WEB, authority) is None
+    assert certificate_reason(pem(leaf) + pem(controllers.cert), public, WEB, authority) is None
 
 
 def test_a_leaf_from_an_intermediate_another_root_signed_is_foreign(authority: CertificateAuthority,
