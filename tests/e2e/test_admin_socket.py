@@ -174,8 +174,8 @@ def test_status_reads_admin_over_the_socket_and_exits_0(deployed: LabUp) -> None
     version = out(deployed, "vm1", f"{paths.ENVOY_BINARY} --version")
     number = re.search(r"/(\d+\.\d+\.\d+)/", version)
     assert number is not None, version
-    rows = [line for line in seen.stdout.splitlines()
-            if re.search(r"\b(web-8080|api-9090|db-5432|api-api-v2-1)\b", line)]
+    rows = [line for line in seen.stdout.splitlines()  # the table's rows (the survival line names a proxy too)
+            if line.startswith("|") and re.search(r"\b(web-8080|api-9090|db-5432|api-api-v2-1)\b", line)]
     assert len(rows) == 4, seen  # three VM proxies and the sidecar
     for row in rows:  # Envoy's version from server_info, upstream health from /clusters: both over the socket
         assert number.group(1) in row and "applied" in row, row
