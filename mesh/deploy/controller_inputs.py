@@ -140,13 +140,21 @@ def with_recorded(read: dict[str, str], recorded: dict[str, str], controllers: S
     for name in controllers:
         if name in read:
             keys[name] = read[name]
-        elif name in recorded:
+        elif name in recorded and _valid_key(recorded[name], name):
             warn(f"controller {name}: its SSH key as the last deploy read it is kept in every authorized_keys")
             keys[name] = recorded[name]
         else:
             warn(f"controller {name} has no known SSH key: it is left out of every host's authorized_keys "
                  "(the next deploy that reaches it makes one)")
     return keys
+
+
+def _valid_key(key: str, controller: str) -> bool:
+    """A recorded key goes into authorized_keys only as access.public_key would take it (the record is a file)."""
+    try:
+        return access.public_key(key, controller) == key
+    except MeshError:
+        return False
 
 
 def known_hosts_lines(host: ManagedHost) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ reads. Pure text from the plan's own data; build.py decides which hosts get them
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ CTL_COMMENT = "mesh controller access"
 SUDOERS_CHECK = "visudo -cf %s"  # sudo's own check of a staged rule (%s: its path)
 FORCED_COMMAND = f'sudo -n {CTL_SCRIPT} \\"$SSH_ORIGINAL_COMMAND\\"'
 _KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ssh-rsa")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]{1,16384}={0,2}")  # the key blob: nothing sshd could read as an option
 
 
 class ControllerKeyError(MeshError):
@@ -62,7 +64,8 @@ def identities_text(lines: tuple[IdentityLine, ...]) -> str:
 def public_key(line: str, controller: str) -> str:
     """`TYPE BASE64` of a controller's id_ed25519.pub (its comment dropped); ControllerKeyError otherwise."""
     words = line.strip().split()
-    if len(words) < 2 or words[0] not in _KEY_TYPES or not words[1].isascii() or len(line.strip().splitlines()) != 1:
+    if (len(words) < 2 or words[0] not in _KEY_TYPES or not _BASE64.fullmatch(words[1])
+            or len(line.strip().splitlines()) != 1):
         raise ControllerKeyError(f"the SSH public key read from controller {controller} is not one "
                                  f"`TYPE BASE64 COMMENT` line", "run `mesh controller rotate-keys` to make a new one")
     return f"{words[0]} {words[1]}"

@@ -152,7 +152,8 @@ def test_a_running_controller_owns_the_upstream_endpoint_files_and_the_plan_only
 
 def test_a_controller_key_that_is_not_one_key_line_is_refused() -> None:
     assert access.public_key("ssh-ed25519 AAAAkey mesh-controller@ctl1\n", "ctl1") == "ssh-ed25519 AAAAkey"
-    for bad in ("", "not a key", "ssh-ed25519", "ssh-dss AAAA x"):
+    for bad in ("", "not a key", "ssh-ed25519", "ssh-dss AAAA x", 'ssh-ed25519 AAAA",permitopen="*:*',
+                "ssh-ed25519 AAAA,no-restrict x", "ssh-ed25519 AAAA\nssh-ed25519 BBBB"):
         with pytest.raises(access.ControllerKeyError, match="ctl1"):
             access.public_key(bad, "ctl1")
 
@@ -264,6 +265,9 @@ def test_a_controller_down_during_a_deploy_keeps_the_key_the_last_deploy_read(tm
     assert keys == {"ctl1": "ssh-ed25519 NEW1", "ctl2": "ssh-ed25519 OLD2"}  # a controller that left is not kept
     assert [w.split(":")[0] for w in warnings] == ["controller ctl2", "controller ctl3 has no known SSH key"]
     assert recorded_keys(str(tmp_path / "none")) == {}
+    # the record is a file: a key in it that is not one clean key is not put into any authorized_keys
+    record_keys(str(tmp_path), {"ctl2": 'ssh-ed25519 AAAA" ssh-ed25519 EVIL'})
+    assert with_recorded({}, recorded_keys(str(tmp_path)), ["ctl2"], warnings.append) == {}
 
 
 def test_the_controllers_account_is_removed_even_while_a_controller_is_logged_in() -> None:
