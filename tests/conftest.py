@@ -23,3 +23,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_goldens(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-goldens"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_root: runs real parts as root; as another user it fails, never skips")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked needs_root fails for another user: a skipped test would prove nothing (CI runs as root)."""
+    marker = item.get_closest_marker("needs_root")
+    if marker is not None and os.geteuid() != 0:
+        pytest.fail(f"needs root ({marker.kwargs.get('reason', 'real parts')}): run the tests as root, as CI does",
+                    pytrace=False)

@@ -11,7 +11,6 @@ Tests wait with generous deadlines and assert the outcome, not the time.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from mesh.testing.consul_server import ConsulDevServer, free_ports
 from mesh.testing.fake_ctl import MESH_ID, TRUST_DOMAIN, controller_spec, host_spec, proxy_spec
 from mesh.testing.loopback import Identity, lay_out_proxy, proxy_config_in, two_service_mesh
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mesh-ctl runs as root (runuser, chown)")
+pytestmark = pytest.mark.needs_root(reason="mesh-ctl runs as root (runuser, chown)")
 
 DEADLINE = 30.0
 EDS = "xds/eds.upstream-api.yaml"

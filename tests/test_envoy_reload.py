@@ -393,7 +393,7 @@ def _answers(port: int) -> str | None:
         connection.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts in a mount namespace of its own need root")
+@pytest.mark.needs_root(reason="bind mounts in a mount namespace of its own need root")
 def test_a_read_only_folder_mount_sees_files_moved_into_place(tmp_path: Path) -> None:
     """As in a sidecar: the proxy folder is a read-only bind mount (admin/ a writable one) in Envoy's own mount
     namespace, and files moved into place on the host side reach it: an endpoint change and a new certificate."""

@@ -47,7 +47,7 @@ from mesh.testing.loopback import (
     two_service_mesh,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mesh-ctl runs as root (runuser, chown)")
+pytestmark = pytest.mark.needs_root(reason="mesh-ctl runs as root (runuser, chown)")
 
 TRUST_DOMAIN = "loop.mesh"
 TTL = timedelta(hours=1)
