@@ -18,6 +18,7 @@ HealthKind = Literal["http", "grpc", "tcp"]
 CONTROLLERS_GROUP = "mesh_controllers"
 PROXY_PORT_BASE = 21000
 ADMIN_PORT_BASE = 19000
+METRICS_PORT_BASE = 20000
 
 
 def spiffe_id(trust_domain: str, service: str) -> str:
@@ -106,6 +107,7 @@ class Workload:
     upstreams: tuple[Upstream, ...] = ()
     proxy_port: int = PROXY_PORT_BASE
     admin_port: int = ADMIN_PORT_BASE
+    metrics_port: int = METRICS_PORT_BASE  # Prometheus stats of its proxy (GET /stats/prometheus only)
 
     @property
     def spiffe_id(self) -> str:
@@ -148,10 +150,16 @@ class Mesh:
     hosts: tuple[ManagedHost, ...] = ()
     unmanaged_hosts: tuple[str, ...] = ()
     services: Mapping[str, tuple[Workload, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    metrics_scrapers: tuple[str, ...] = ()  # addresses of `mesh_metrics_scrapers` hosts, as written, deduplicated
 
     @property
     def controllers(self) -> tuple[ManagedHost, ...]:
         return tuple(host for host in self.hosts if host.is_controller)
+
+    @property
+    def metrics_sources(self) -> tuple[str, ...]:
+        """The only addresses that may reach a proxy's metrics port: the scrapers, then the controllers."""
+        return tuple(dict.fromkeys((*self.metrics_scrapers, *(host.connection.address for host in self.controllers))))
 
     @property
     def workloads(self) -> tuple[Workload, ...]:
