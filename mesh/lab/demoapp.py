@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """The lab's demo application: answers {"hops": [...]} over HTTP (or one JSON hop per line over TCP).
 
+Over HTTP it forwards the request id and the trace headers it received (FORWARDED_HEADERS) to every upstream
+HTTP call, as a mesh asks of every application so that one id follows a request through every hop, and its own
+hop names the request id it saw (`request_id`, absent when the request had none).
+
 Standard library only, one file: it is copied to nodes and into the app image and must never import mesh.
 """
 
@@ -18,6 +22,12 @@ from typing import Any
 
 UPSTREAM_TIMEOUT = 2.0
 TCP_BY_DEFAULT = {"db"}
+# What an app must pass on from the request it serves to the requests it makes: Envoy's request id, W3C trace
+# context and Zipkin's B3 (single and multi header), the set Istio asks applications to propagate.
+FORWARDED_HEADERS = (
+    "x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+    "x-b3-sampled", "x-b3-flags",
+)  # fmt: skip
 
 
 class Upstream:
@@ -26,17 +36,17 @@ class Upstream:
     def __init__(self, name: str, host: str, port: int, protocol: str) -> None:
         self.name, self.host, self.port, self.protocol = name, host, port, protocol
 
-    def hops(self) -> list[dict[str, Any]]:
-        """The hops this upstream reports, or one error hop naming it."""
+    def hops(self, forwarded: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The hops this upstream reports, or one error hop naming it; `forwarded` headers go with an HTTP call."""
         try:
-            return self._tcp_hops() if self.protocol == "tcp" else self._http_hops()
+            return self._tcp_hops() if self.protocol == "tcp" else self._http_hops(forwarded or {})
         except (OSError, ValueError, TypeError, http.client.HTTPException) as exc:
             return [{"service": self.name, "error": f"{self.host}:{self.port}: {_reason(exc)}"}]
 
-    def _http_hops(self) -> list[dict[str, Any]]:
+    def _http_hops(self, forwarded: dict[str, str]) -> list[dict[str, Any]]:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=UPSTREAM_TIMEOUT)
         try:
-            connection.request("GET", "/", headers={"Accept": "application/json"})
+            connection.request("GET", "/", headers={**forwarded, "Accept": "application/json"})
             response = connection.getresponse()
             body = response.read()
         finally:
@@ -77,11 +87,27 @@ class App:
         self.hop = hop
         self.upstreams = upstreams
 
-    def answer(self) -> dict[str, Any]:
-        hops: list[dict[str, Any]] = [dict(self.hop)]
+    def answer(self, forwarded: dict[str, str] | None = None) -> dict[str, Any]:
+        """This instance's hop (with the request id it saw, if any) and its upstreams', each upstream called with
+        the `forwarded` headers of the request being answered."""
+        forwarded = forwarded or {}
+        hop: dict[str, Any] = dict(self.hop)
+        if "x-request-id" in forwarded:
+            hop["request_id"] = forwarded["x-request-id"]
+        hops = [hop]
         for upstream in self.upstreams:
-            hops.extend(upstream.hops())
+            hops.extend(upstream.hops(forwarded))
         return {"hops": hops}
+
+
+def forwarded_headers(headers: Any) -> dict[str, str]:
+    """The FORWARDED_HEADERS present in a request's headers (an email.message.Message), first value each."""
+    found: dict[str, str] = {}
+    for name in FORWARDED_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            found[name] = value
+    return found
 
 
 class HttpHandler(BaseHTTPRequestHandler):
@@ -93,7 +119,7 @@ class HttpHandler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] == "/healthz":
             self._send(200, b"ok\n", "text/plain")
             return
-        body = json.dumps(self.server.app.answer()).encode() + b"\n"
+        body = json.dumps(self.server.app.answer(forwarded_headers(self.headers))).encode() + b"\n"
         self._send(200, body, "application/json")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:

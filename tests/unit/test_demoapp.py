@@ -1,5 +1,6 @@
-"""The demo app run for real on 127.0.0.1: a web -> api -> db chain, an unreachable upstream, db's line
-protocol, /healthz, keep-alive and a clean SIGTERM. Each instance is a child process this test ends by PID.
+"""The demo app run for real on 127.0.0.1: a web -> api -> db chain, the request id and trace headers passed
+on to upstreams, an unreachable upstream, db's line protocol, /healthz, keep-alive and a clean SIGTERM. Each
+instance is a child process this test ends by PID.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -72,10 +75,10 @@ def start(procs: list[subprocess.Popen[bytes]]) -> Start:
     return run
 
 
-def get(port: int, path: str = "/") -> tuple[int, bytes]:
+def get(port: int, path: str = "/", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -94,6 +97,73 @@ def test_chain_web_api_db(start: Start) -> None:
         {"service": "api", "version": "v2", "host": "dock1", "instance": "api-v2-1", "kind": "container"},
         {"service": "db", "version": "v1", "host": "vm3", "instance": "vm3", "kind": "vm"},
     ]}  # fmt: skip
+
+
+TRACE_HEADERS = {
+    "x-request-id": "6f1c2b7e-0d3a-4c55-9e2f-3a1b5c7d9e01",
+    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "tracestate": "vendor=opaque",
+    "b3": "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+    "x-b3-traceid": "80f198ee56343ba864fe8b2a57d3eff7",
+    "x-b3-spanid": "e457b5a2e4d86bd1",
+    "x-b3-parentspanid": "05e3ac9a4f6e3b90",
+    "x-b3-sampled": "1",
+    "x-b3-flags": "0",
+}
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """An upstream in this process that answers one hop and keeps the headers of every request it got."""
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append({name.lower(): value for name, value in self.headers.items()})
+            body = b'{"hops": [{"service": "recorder"}]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], seen
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_request_id_and_trace_headers_go_to_every_upstream(start: Start,
+                                                          recorder: tuple[int, list[dict[str, str]]]) -> None:
+    port, seen = recorder
+    db = start("db", "--protocol", "tcp", host="vm3")
+    api = start("api", "--upstream", f"rec=127.0.0.1:{port}", "--upstream", f"db=127.0.0.1:{db}", host="vm2")
+    web = start("web", "--upstream", f"api=127.0.0.1:{api}", host="vm1")
+    status, body = get(web, "/", headers={**TRACE_HEADERS, "X-Other": "not forwarded", "Cookie": "a=b"})
+    assert status == 200
+    hops = json.loads(body)["hops"]
+    assert [(hop["service"], hop.get("request_id")) for hop in hops] == [
+        ("web", TRACE_HEADERS["x-request-id"]), ("api", TRACE_HEADERS["x-request-id"]), ("recorder", None),
+        ("db", None)]  # db speaks TCP lines: no headers, no request id
+    assert len(seen) == 1
+    assert {name: seen[0].get(name) for name in TRACE_HEADERS} == TRACE_HEADERS
+    assert "x-other" not in seen[0] and "cookie" not in seen[0]
+
+
+def test_headers_are_passed_on_as_received_and_absent_ones_stay_absent(
+        start: Start, recorder: tuple[int, list[dict[str, str]]]) -> None:
+    port, seen = recorder
+    web = start("web", "--upstream", f"rec=127.0.0.1:{port}")
+    status, body = get(web, "/", headers={"X-B3-Sampled": "0", "TraceParent": "00-ab-cd-00"})
+    assert status == 200
+    assert "request_id" not in json.loads(body)["hops"][0]
+    assert {name: value for name, value in seen[0].items() if name in mesh.lab.demoapp.FORWARDED_HEADERS} == {
+        "x-b3-sampled": "0", "traceparent": "00-ab-cd-00"}
 
 
 def test_unreachable_upstream_gives_an_error_hop(start: Start) -> None:
