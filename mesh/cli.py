@@ -110,6 +110,16 @@ def _add_controller_commands() -> None:
 _add_controller_commands()
 
 
+def _add_telemetry_commands() -> None:
+    from mesh.telemetry.commands import logs_command, metrics, top_command
+
+    for command in (logs_command, metrics, top_command):
+        cli.add_command(command)
+
+
+_add_telemetry_commands()
+
+
 @cli.command("deploy")
 @inventory_argument
 @inventory_option

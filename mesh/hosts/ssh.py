@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import paramiko
@@ -21,7 +22,7 @@ from fabric import Config
 from fabric import Connection as FabricConnection
 
 from mesh.hosts.connection import CommandResult, become_prefix, get_via, put_via, wrap_become
-from mesh.hosts.errors import HostUnreachable
+from mesh.hosts.errors import HostUnreachable, RemoteError
 from mesh.hosts.known_hosts import KnownHosts, read_known_hosts
 from mesh.hosts.timeouts import DEFAULT_TIMEOUTS, Keepalive, Timeouts
 from mesh.inventory.model import Connection
@@ -244,6 +245,65 @@ class SSHConnector:
     def close(self) -> None:
         with self._lock:
             self._gone()
+
+    # ---- streams (mesh logs --follow, metrics through a controller) --------------------------------------
+
+    def open_tunnel(self, address: str, port: int) -> paramiko.Channel:
+        """A `direct-tcpip` channel to address:port made by this host (as `ssh -W`): a socket-like stream whose
+        TCP connection comes from the host's address. OSError when the host cannot connect there."""
+        with self._lock:
+            transport = self._open().client.get_transport()
+        if transport is None or not transport.is_active():
+            with self._lock:
+                self._gone()
+            raise HostUnreachable(self._name, self._broken("the SSH connection broke"))
+        try:
+            channel = transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0),
+                                             timeout=self._timeouts.connect)
+        except paramiko.ChannelException as exc:
+            raise ConnectionRefusedError(f"{self._name} cannot connect to {address}:{port}: {exc.text}") from None
+        except (paramiko.SSHException, EOFError) as exc:
+            raise OSError(f"{self._name} cannot open a channel to {address}:{port}: {exc}") from None
+        channel.settimeout(self._timeouts.command)
+        return channel
+
+    def stream(self, cmd: str) -> Iterator[bytes]:
+        """Run cmd (with become) and yield its stdout as it comes, until it exits; closing the iterator closes the
+        channel. A command that fails raises RemoteError with its stderr; a host gone silent, HostUnreachable."""
+        with self._lock:
+            transport = self._open().client.get_transport()
+            try:
+                assert transport is not None
+                channel = transport.open_session(timeout=self._timeouts.connect)
+            except (paramiko.SSHException, OSError, AssertionError) as exc:
+                self._gone()
+                raise HostUnreachable(self._name, self._broken(f"the SSH connection broke: {exc}")) from None
+        heard = self._keepalive.heard if self._keepalive is not None else _nothing
+        stderr: list[bytes] = []
+        try:
+            channel.settimeout(POLL)
+            channel.exec_command(wrap_become(cmd, self._prefix))
+            while True:
+                while channel.recv_stderr_ready():
+                    stderr.append(channel.recv_stderr(65536))
+                try:
+                    data = channel.recv(65536)
+                except TimeoutError:
+                    if not transport.is_active():
+                        raise HostUnreachable(self._name, self._broken("the SSH connection broke")) from None
+                    continue
+                if not data:
+                    break
+                heard()
+                yield data
+            code = channel.recv_exit_status()
+            while channel.recv_stderr_ready():
+                stderr.append(channel.recv_stderr(65536))
+            if code != 0:
+                text = b"".join(stderr).decode(errors="replace").strip()
+                raise RemoteError(f"{self._name}: exit {code}: {text}")
+        finally:
+            channel.close()
 
 
 def _nothing() -> None:

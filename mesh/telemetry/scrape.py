@@ -1,0 +1,136 @@
+"""How mesh reads a proxy's Prometheus text: straight from this machine (`DirectFetcher`) or through an SSH
+`direct-tcpip` channel of a controller (`TunnelFetcher`: the TCP connection then comes from the controller,
+an allowed source of every metrics port). It owns the HTTP GET; it must not parse the metrics.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from mesh.hosts.connection import Connector, connect
+from mesh.hosts.errors import HostUnreachable
+from mesh.inventory.model import ManagedHost, Mesh
+from mesh.telemetry.targets import METRICS_PATH, ProxyTarget
+
+FETCH_TIMEOUT = 5.0
+MAX_BODY = 64 * 1024 * 1024  # a proxy with thousands of clusters writes a few MB; more is not Envoy's stats
+
+
+class FetchError(Exception):
+    """A proxy's metrics could not be read (refused, timed out, not 200): the message says why."""
+
+
+class Fetcher(Protocol):
+    """Reads one proxy's `/stats/prometheus`; raises FetchError (or OSError) when it cannot."""
+
+    via: str  # how it reaches the proxies, for people: `direct` or `through ctl1`
+
+    def fetch(self, target: ProxyTarget) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP connection over a socket-like object made elsewhere (an SSH channel)."""
+
+    def __init__(self, host: str, port: int, sock: Any, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._made = sock
+
+    def connect(self) -> None:
+        self.sock = self._made
+
+
+def http_get(target: ProxyTarget, sock: Any | None = None, timeout: float = FETCH_TIMEOUT) -> str:
+    """GET the target's metrics path, on sock when given (else a new TCP connection); the body as text."""
+    host = f"[{target.address}]" if ":" in target.address else target.address
+    conn = (_Connection(host, target.port, sock, timeout) if sock is not None
+            else http.client.HTTPConnection(host, target.port, timeout=timeout))
+    try:
+        conn.request("GET", METRICS_PATH, headers={"Accept": "text/plain", "Connection": "close"})
+        response = conn.getresponse()
+        body = response.read(MAX_BODY + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise FetchError(f"{target.endpoint}: {_reason(exc)}") from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise FetchError(f"{target.endpoint}: HTTP {response.status} {response.reason}")
+    if len(body) > MAX_BODY:
+        raise FetchError(f"{target.endpoint}: more than {MAX_BODY} bytes of metrics")
+    return body.decode(errors="replace")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+class DirectFetcher:
+    """HTTP from this machine (which must then be one of `mesh_metrics_scrapers`)."""
+
+    via = "direct"
+
+    def __init__(self, timeout: float = FETCH_TIMEOUT) -> None:
+        self.timeout = timeout
+
+    def fetch(self, target: ProxyTarget) -> str:
+        return http_get(target, timeout=self.timeout)
+
+    def close(self) -> None:
+        pass
+
+
+class TunnelOpener(Protocol):
+    """What TunnelFetcher needs of a connector: SSHConnector.open_tunnel."""
+
+    def open_tunnel(self, address: str, port: int) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class TunnelFetcher:
+    """HTTP through `direct-tcpip` channels of one SSH connection to a controller host."""
+
+    def __init__(self, opener: TunnelOpener, controller: str, timeout: float = FETCH_TIMEOUT) -> None:
+        self.opener = opener
+        self.via = f"through {controller}"
+        self.timeout = timeout
+
+    def fetch(self, target: ProxyTarget) -> str:
+        try:
+            channel = self.opener.open_tunnel(target.address, target.port)
+        except HostUnreachable:
+            raise
+        except OSError as exc:
+            raise FetchError(f"{target.endpoint}: {_reason(exc)}") from None
+        try:
+            channel.settimeout(self.timeout)
+            return http_get(target, sock=channel, timeout=self.timeout)
+        finally:
+            channel.close()
+
+    def close(self) -> None:
+        self.opener.close()
+
+
+def fetcher_for(mesh: Mesh, factory: Callable[[ManagedHost], Connector] = connect) -> Fetcher:
+    """Through the first controller host that answers SSH (in inventory order), else direct. A controller run
+    locally (`ansible_connection: local`) is this machine: direct."""
+    for host in mesh.controllers:
+        if host.connection.local:
+            return DirectFetcher()
+        connector = factory(host)
+        if not hasattr(connector, "open_tunnel"):
+            continue
+        try:
+            if connector.run("true", timeout=FETCH_TIMEOUT).ok:
+                return TunnelFetcher(connector, host.name)  # type: ignore[arg-type]
+        except HostUnreachable:
+            pass
+        connector.close()
+    return DirectFetcher()
