@@ -303,10 +303,11 @@ def _at(marks: Marks | None, step: Any, fallback: Origin) -> Origin:
 
 def _groups_dict(data: InventoryData) -> dict[str, list[str]]:
     """`groups`: every group and all hosts in it or in its descendants, in Ansible's order."""
-    return {name: _hosts_under(data, name) for name in data.groups}
+    return {name: hosts_under(data, name) for name in data.groups}
 
 
-def _hosts_under(data: InventoryData, group: str) -> list[str]:
+def hosts_under(data: InventoryData, group: str) -> list[str]:
+    """Ansible's `groups[group]`: the hosts of the group and of its descendants, in Ansible's order."""
     seen_groups: set[str] = set()
     hosts: dict[str, None] = {}
     stack = [group]

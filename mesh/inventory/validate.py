@@ -16,6 +16,7 @@ from mesh.inventory.connection import read_connection, ssh_port
 from mesh.inventory.data import InventoryData, Var
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh, MeshSettings, Workload
+from mesh.inventory.scrapers import SCRAPERS_KEY, MetricsSources, read_metrics_scrapers
 from mesh.inventory.templating import Templating, host_groups
 from mesh.inventory.values import (
     BadValue,
@@ -31,7 +32,7 @@ from mesh.inventory.workloads import ParsedWorkload, check_ports, read_workloads
 from mesh.suggest import did_you_mean
 
 MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_cert_renew_fraction",
-             "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file")
+             "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file", SCRAPERS_KEY)
 PER_HOST = ("mesh_host_kind", "mesh_workloads")
 MESH_VARIABLES = MESH_WIDE + PER_HOST
 HOST_KINDS = ("vm", "container_host")
@@ -68,10 +69,12 @@ def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None 
     _check_variable_names(data, problems)
     controllers = set(_hosts_in(data, CONTROLLERS_GROUP))
     readings = [_read_host(data, templating, name, name in controllers, problems) for name in data.hosts]
-    settings = _settings(readings, inventory_path, dynamic, problems)
+    chosen = _mesh_wide_values(readings, problems)
+    settings = _settings(chosen, inventory_path, dynamic, problems)
     managed = [_managed_host(templating, reading, settings, problems) for reading in readings
                if reading.workloads_where or reading.is_controller]
     _check_mesh(data, readings, settings, problems)
+    scrapers = _metrics_scrapers(data, templating, readings, chosen, problems)
     if problems.errors:
         raise InventoryErrors(problems.errors)
     hosts = tuple(host for host in managed if host is not None)
@@ -80,6 +83,7 @@ def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None 
         hosts=hosts,
         unmanaged_hosts=tuple(r.name for r in readings if not (r.workloads_where or r.is_controller)),
         services=_services(hosts),
+        metrics_scrapers=scrapers,
     )
 
 
@@ -131,6 +135,27 @@ def _managed_host(templating: Templating, reading: _HostReading, settings: MeshS
     return ManagedHost(reading.name, reading.kind, connection, workloads, reading.is_controller)
 
 
+def _metrics_scrapers(data: InventoryData, templating: Templating, readings: list[_HostReading],
+                      chosen: dict[str, Located], problems: Problems) -> tuple[str, ...]:
+    """The addresses of `mesh_metrics_scrapers`; with workloads (metrics ports exist), each controller's address
+    is checked too, since it may reach them as well (Mesh.metrics_sources)."""
+    sources = MetricsSources(lambda host: _address_spot(templating, host, problems), problems)
+    scrapers = read_metrics_scrapers(data, chosen[SCRAPERS_KEY], sources, problems) if SCRAPERS_KEY in chosen else ()
+    if any(reading.workloads_where for reading in readings):
+        for reading in readings:
+            if reading.is_controller:
+                sources.address(reading.name, f"{reading.name} is a controller (it may reach every metrics port)")
+    return scrapers
+
+
+def _address_spot(templating: Templating, host: str, problems: Problems) -> Located:
+    """Where a host's address is written: ansible_ssh_host, else ansible_host (as Ansible's ssh plugin reads
+    them), else its name at the host's own line."""
+    lookup = _lookup(templating, host, problems)
+    spot = lookup("ansible_ssh_host") or lookup("ansible_host")
+    return spot or Located(host, templating.inventory.hosts[host].origin, f"host {host!r}")
+
+
 def _check_host_name(templating: Templating, name: str, problems: Problems) -> None:
     """A managed host's name goes into files run as root on it: hostname characters only. Hosts mesh leaves
     alone keep any name Ansible accepts."""
@@ -155,8 +180,7 @@ def _check_variable_names(data: InventoryData, problems: Problems) -> None:
                                         key=name, hint=hint))
 
 
-def _settings(readings: list[_HostReading], inventory_path: str, dynamic: bool, problems: Problems) -> MeshSettings:
-    chosen = _mesh_wide_values(readings, problems)
+def _settings(chosen: dict[str, Located], inventory_path: str, dynamic: bool, problems: Problems) -> MeshSettings:
     defaults = MeshSettings()
     trust_domain = _wide(chosen, "mesh_trust_domain", check_trust_domain, problems) or defaults.trust_domain
     consul_url = _wide(chosen, "mesh_consul_url", check_url, problems)

@@ -30,6 +30,10 @@ _PATH_CHARS = r"(?:[A-Za-z0-9\-._~!&+,;=:@/]|%[0-9A-Fa-f]{2})"
 _HEALTH_PATH = re.compile(rf"/{_PATH_CHARS}{{0,1023}}(?:\?(?:{_PATH_CHARS}|\?){{0,1023}})?", re.ASCII)
 # What an http(s) URL may hold: RFC 3986's characters less quotes, parentheses, '*', '$' and '\'.
 _URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!&+,;=%]{1,2048}", re.ASCII)
+# A host name that goes into firewall rules (nft, iptables) and root-run scripts: dot-separated labels of
+# letters, digits and '-', no label starting or ending with '-'.
+_SOURCE_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SOURCE_NAME = re.compile(rf"{_SOURCE_LABEL}(?:\.{_SOURCE_LABEL})*", re.ASCII)
 _SCOPE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 _JUMP_HOP = re.compile(r"(?:(?P<user>[^@]*)@)?(?P<host>\[[^\]]*\]|[^:@\[\]]*)(?::(?P<port>[^:]*))?")
 MAX_PORT_DIGITS = 5
@@ -257,6 +261,30 @@ def check_address(value: Any) -> str:
     if not _HOSTNAME.fullmatch(value) or ".." in value:
         raise BadValue(f"expected a host name or IP address (letters, digits, '-', '_', '.'), got {describe(value)}")
     return value
+
+
+def check_metrics_source(value: Any) -> str:
+    """An address allowed to reach the metrics ports (a scraper's or a controller's): an IPv4 or IPv6 literal
+    with no scope, or a host name of letters, digits, '-' and '.' (at most 253). It goes into nft rules and a
+    script run as root, so nothing else (no space, quote, brace, comma, semicolon, '%' or '/') passes."""
+    expected = "an IPv4 or IPv6 address, or a host name of letters, digits, '-' and '.'"
+    if not isinstance(value, str):
+        raise BadValue(f"expected {expected}, got {describe(value)}")
+    if source_family(value) is None:
+        raise BadValue(f"expected {expected} (no port, scope, space or punctuation), got {describe(value)}")
+    return value
+
+
+def source_family(value: str) -> str | None:
+    """"ipv4", "ipv6" or "name" for a valid metrics source (see check_metrics_source), None otherwise."""
+    if "%" in value or "/" in value:
+        return None
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        numeric = value.replace(".", "").isdigit()  # 10.0.0.300 is no host name: refuse what looks like an address
+        return "name" if len(value) <= 253 and not numeric and _SOURCE_NAME.fullmatch(value) else None
+    return "ipv4" if address.version == 4 else "ipv6"
 
 
 @dataclass(frozen=True)

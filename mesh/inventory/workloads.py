@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from mesh.inventory.located import Located, Problems
-from mesh.inventory.model import ADMIN_PORT_BASE, PROXY_PORT_BASE, Health, HostKind, Upstream, Workload
+from mesh.inventory.model import (
+    ADMIN_PORT_BASE,
+    METRICS_PORT_BASE,
+    PROXY_PORT_BASE,
+    Health,
+    HostKind,
+    Upstream,
+    Workload,
+)
 from mesh.inventory.values import (
     check_container_name,
     check_dns_label,
@@ -20,7 +28,9 @@ from mesh.inventory.values import (
 from mesh.suggest import did_you_mean
 
 WORKLOAD_KEYS = ("service", "version", "port", "protocol", "container", "health", "upstreams", "proxy_port",
-                 "admin_port")
+                 "admin_port", "metrics_port")
+# Ports a container host forwards from its own address into the workload's namespace: unique on that host.
+HOST_FORWARDED = ("proxy_port", "metrics_port")
 UPSTREAM_KEYS = ("service", "local_port")
 HEALTH_KINDS = ("http", "grpc", "tcp")
 HEALTH_KEYS = (*HEALTH_KINDS, "interval", "timeout")
@@ -83,23 +93,25 @@ def _read_workload(host: str, kind: HostKind, index: int, where: Located, proble
     upstreams = _upstreams(where, problems)
     proxy_port = _optional_port(where, "proxy_port", PROXY_PORT_BASE + index, problems)
     admin_port = _optional_port(where, "admin_port", ADMIN_PORT_BASE + index, problems)
-    if None in (service, port, version, protocol, health, upstreams, proxy_port, admin_port):
+    metrics_port = _optional_port(where, "metrics_port", METRICS_PORT_BASE + index, problems)
+    if None in (service, port, version, protocol, health, upstreams, proxy_port, admin_port, metrics_port):
         return None
     if kind == "container_host" and container is None:
         return None
     assert service is not None and port is not None and version is not None and health is not None
-    assert upstreams is not None and proxy_port is not None and admin_port is not None
+    assert upstreams is not None and proxy_port is not None and admin_port is not None and metrics_port is not None
     workload = Workload(
         host=host, index=index, service=service, port=port, trust_domain="", version=version,
         protocol=cast(Any, protocol), container=container, health=health,
         upstreams=tuple(Upstream(name, local_port) for name, local_port, _ in upstreams),
-        proxy_port=proxy_port, admin_port=admin_port,
+        proxy_port=proxy_port, admin_port=admin_port, metrics_port=metrics_port,
     )
     namespace = "host" if kind == "vm" else f"container:{container}"
     ports = [
         PortUse(port, where.child("port"), namespace),
         _port_use(where, "proxy_port", proxy_port, namespace),
         _port_use(where, "admin_port", admin_port, namespace),
+        _port_use(where, "metrics_port", metrics_port, namespace),
         *(PortUse(local_port, spot.child("local_port"), namespace) for _, local_port, spot in upstreams),
     ]
     return ParsedWorkload(workload, where, tuple(ports), tuple((name, spot) for name, _, spot in upstreams))
@@ -215,21 +227,22 @@ def _upstreams(where: Located, problems: Problems) -> list[tuple[str, int, Locat
 
 def check_ports(host: str, kind: HostKind, ssh_port: int | None, parsed: list[ParsedWorkload],
                 problems: Problems) -> None:
-    """Every port distinct within its network namespace, proxy ports distinct on the host, none the SSH port."""
+    """Every port distinct within its network namespace, none the SSH port; on a container host, every proxy_port
+    and metrics_port also distinct on the host (both are forwarded from its own address)."""
     seen: dict[tuple[str, int], PortUse] = {}
-    proxies: dict[int, PortUse] = {}
+    forwarded: dict[int, PortUse] = {}
     proxy_keys: dict[str, ParsedWorkload] = {}
     for item in parsed:
         _distinct_proxy(host, item, proxy_keys, problems)
         for use in item.ports:
-            _distinct(seen, (use.namespace, use.port), use, _namespace_text(host, use.namespace), problems)
+            unique = _distinct(seen, (use.namespace, use.port), use, _namespace_text(host, use.namespace), problems)
+            if unique and kind == "container_host" and _key_name(use) in HOST_FORWARDED:
+                _distinct(forwarded, use.port, use, f"on container host {host}", problems,
+                          "every proxy_port and metrics_port of a container host must differ: both are forwarded "
+                          "from the host's own address")
             if ssh_port is not None and use.port == ssh_port:
                 problems.at(use.where, f"port {use.port} is the SSH port of {host} (ansible_port); "
                                        "no mesh port may be the host's SSH port")
-        if kind == "container_host":
-            proxy = next(use for use in item.ports if use.where.key.endswith(".proxy_port"))
-            _distinct(proxies, proxy.port, proxy, f"on container host {host} (proxy ports are on the host)",
-                      problems)
 
 
 def _distinct_proxy(host: str, item: ParsedWorkload, seen: dict[str, ParsedWorkload], problems: Problems) -> None:
@@ -243,15 +256,23 @@ def _distinct_proxy(host: str, item: ParsedWorkload, seen: dict[str, ParsedWorkl
                                 f"{'container' if workload.container else 'app port'} of a host")
 
 
-def _distinct(seen: dict[Any, PortUse], slot: Any, use: PortUse, scope: str, problems: Problems) -> None:
+def _key_name(use: PortUse) -> str:
+    """The workload key a port is written (or defaulted) under: `port`, `proxy_port`, `local_port`..."""
+    return use.where.key.rsplit(".", 1)[-1]
+
+
+def _distinct(seen: dict[Any, PortUse], slot: Any, use: PortUse, scope: str, problems: Problems,
+              rule: str = "every port in one network namespace must differ") -> bool:
+    """True when slot is new; otherwise the error names the first use of the port."""
     first = seen.get(slot)
     if first is None:
         seen[slot] = use
-        return
+        return True
     default = " (its default)" if use.defaulted else ""
     first_default = " (its default)" if first.defaulted else ""
     problems.at(use.where, f"port {use.port}{default} is already used by {first.where.key}{first_default} "
-                           f"at {first.where.origin} {scope}; every port in one network namespace must differ")
+                           f"at {first.where.origin} {scope}; {rule}")
+    return False
 
 
 def _namespace_text(host: str, namespace: str) -> str:
