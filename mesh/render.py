@@ -61,6 +61,7 @@ from mesh.config.validate import (
     throwaway_tls_files,
 )
 from mesh.inventory.model import ManagedHost
+from mesh.inventory.values import source_family
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -637,11 +638,16 @@ class EnvoyUnitContext:
 
 @dataclass(frozen=True)
 class FirewallContext:
-    """templates/nftables/firewall.nft.j2: the app ports to close to other hosts."""
+    """templates/nftables/firewall.nft.j2: the app ports to close to other hosts, and the metrics ports to open
+    to the metrics sources only (IPv4 and IPv6 literals, and host names nft resolves to IPv4 when it loads)."""
 
     host: str
     nft: str
     app_ports: tuple[int, ...]
+    metrics_ports: tuple[int, ...] = ()
+    sources_v4: tuple[str, ...] = ()
+    sources_v6: tuple[str, ...] = ()
+    source_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -661,10 +667,23 @@ def render_envoy_unit(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> 
     return _parsed_unit(_render(templates_dir, "systemd/mesh-envoy.service.j2", context))
 
 
-def render_firewall(host: ManagedHost, templates_dir: Path = TEMPLATES_DIR) -> str:
-    """The nft script of mesh's `inet mesh` table: drop non-loopback tcp to the host's app ports."""
+def render_firewall(host: ManagedHost, metrics_sources: tuple[str, ...],
+                    templates_dir: Path = TEMPLATES_DIR) -> str:
+    """The nft script of mesh's `inet mesh` table: drop non-loopback tcp to the host's app ports, and to its
+    metrics ports from all but metrics_sources (Mesh.metrics_sources; each checked again, as it goes into a
+    ruleset root loads)."""
     ports = tuple(sorted({workload.port for workload in host.workloads}))
-    text = _render(templates_dir, "nftables/firewall.nft.j2", FirewallContext(host.name, paths.NFT_BINARY, ports))
+    metrics_ports = tuple(sorted({workload.metrics_port for workload in host.workloads}))
+    families: dict[str, list[str]] = {"ipv4": [], "ipv6": [], "name": []}
+    for source in metrics_sources:
+        family = source_family(source) if isinstance(source, str) else None
+        if family is None:
+            raise ConfigError(host.name, f"metrics source {source!r}: expected an IP address or a host name of "
+                                         "letters, digits, '-' and '.'")
+        families[family].append(source)
+    context = FirewallContext(host.name, paths.NFT_BINARY, ports, metrics_ports, *(
+        tuple(families[family]) for family in ("ipv4", "ipv6", "name")))
+    text = _render(templates_dir, "nftables/firewall.nft.j2", context)
     if text.count("table inet mesh {") != 1:
         raise ConfigError(host.name, "rendered firewall does not declare exactly one `inet mesh` table")
     return text

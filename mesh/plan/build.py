@@ -109,8 +109,8 @@ def _host_plan(mesh: Mesh, host: ManagedHost, inputs: PlanInputs) -> HostPlan:
         folders += [PlannedFolder(path, 0o755, "root", "root") for path in HOST_FOLDERS]
         files.append(PlannedFile(paths.CA_PATH, inputs.ca_root_pem, 0o644, "root", "root"))
     if host.workloads and host.kind == "vm":
-        files.append(PlannedFile(paths.FIREWALL_PATH, render_firewall(host).encode(), 0o644, "root", "root",
-                                 check=FIREWALL_CHECK))
+        firewall = render_firewall(host, mesh.metrics_sources).encode()
+        files.append(PlannedFile(paths.FIREWALL_PATH, firewall, 0o644, "root", "root", check=FIREWALL_CHECK))
         files.append(PlannedFile(FIREWALL_UNIT_PATH, render_firewall_unit().encode(), 0o644, "root", "root",
                                  check=unit_check(paths.FIREWALL_UNIT)))
         users += [proxy.user for proxy in proxies]

@@ -104,7 +104,7 @@ def test_envoy_unit_golden(case: tuple[str, str], update_goldens: bool) -> None:
 
 @pytest.mark.parametrize("host", ["ctl1", "vm1", "vm2", "vm3", "vm4"])
 def test_firewall_golden(host: str, update_goldens: bool) -> None:
-    check_golden(GOLDEN / "nftables" / f"{host}.nft", render_firewall(golden_mesh().host(host)), update_goldens)
+    check_golden(GOLDEN / "nftables" / f"{host}.nft", render_firewall(golden_mesh().host(host), golden_mesh().metrics_sources), update_goldens)
 
 
 def test_firewall_unit_golden(update_goldens: bool) -> None:
@@ -112,21 +112,23 @@ def test_firewall_unit_golden(update_goldens: bool) -> None:
 
 
 def test_firewall_drops_only_app_ports_off_loopback() -> None:
-    text = render_firewall(golden_mesh().host("vm2"))
+    text = render_firewall(golden_mesh().host("vm2"), golden_mesh().metrics_sources)
     rules = [line.strip() for line in text.splitlines() if line.startswith("\t\t") and not line.strip().startswith("#")]
-    assert rules[1:] == ['iif "lo" accept', "tcp dport { 5432, 9090 } drop"]  # nothing else: SSH untouched
+    # nothing else: SSH untouched; metrics ports from the metrics sources only (here the controller)
+    assert rules[1:] == ['iif "lo" accept', "tcp dport { 20000, 20001 } ip saddr { 10.0.0.3 } accept",
+                         "tcp dport { 20000, 20001 } drop", "tcp dport { 5432, 9090 } drop"]
     assert text.index("table inet mesh\n") < text.index("delete table inet mesh") < text.index("table inet mesh {")
 
 
 def test_firewall_of_a_host_without_workloads_is_an_empty_table() -> None:
-    text = render_firewall(golden_mesh().host("ctl1"))
+    text = render_firewall(golden_mesh().host("ctl1"), golden_mesh().metrics_sources)
     assert "chain" not in text and "table inet mesh {\n}" in text
 
 
 @pytest.mark.parametrize("host", ["ctl1", "vm2"])
 def test_firewall_parses_with_nft_check_mode(host: str, tmp_path: Path) -> None:
     script = tmp_path / "firewall.nft"
-    script.write_text(render_firewall(golden_mesh().host(host)))
+    script.write_text(render_firewall(golden_mesh().host(host), golden_mesh().metrics_sources))
     result = subprocess.run(["nft", "-c", "-f", str(script)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
