@@ -114,8 +114,9 @@ def merge_by_time(*sources: Iterable[AccessLine]) -> list[AccessLine]:
 
 
 class ReorderBuffer:
-    """Holds followed lines `window` seconds so that lines from several proxies come out in time order: a line
-    leaves once its start time is older than the window, or once it waited the window itself (clocks apart)."""
+    """Holds followed lines `window` seconds after they arrived, so that lines from several proxies (and a
+    proxy's own, written when each request ends) come out in start time order: when a line is due, every line
+    held that started before it leaves with it. Arrival times only: hosts' clocks may differ from ours."""
 
     def __init__(self, window: float) -> None:
         self.window = window
@@ -126,11 +127,9 @@ class ReorderBuffer:
         self._count += 1
         heapq.heappush(self._held, (line.sort_key(), self._count, arrived, line))
 
-    def ready(self, now: datetime, clock: float) -> list[AccessLine]:
-        """The lines due, in time order, and every line held that started before one of them; `now` is the
-        wall clock, `clock` the one `arrived` was read from."""
-        oldest = now - timedelta(seconds=self.window)
-        due = [key for key, _, arrived, _ in self._held if key[0] <= oldest or arrived <= clock - self.window]
+    def ready(self, clock: float) -> list[AccessLine]:
+        """The lines due at `clock` (the clock `arrived` was read from), in time order."""
+        due = [key for key, _, arrived, _ in self._held if arrived <= clock - self.window]
         if not due:
             return []
         cutoff = max(due)

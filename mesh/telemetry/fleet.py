@@ -224,6 +224,7 @@ def _edges(deltas: list[_Delta], protocols: Mapping[str, str], version: _Version
     total: dict[tuple[str, str], _Tally] = defaultdict(_Tally)
     by_source: dict[tuple[str, str], dict[str, _Tally]] = defaultdict(lambda: defaultdict(_Tally))
     by_destination: dict[tuple[str, str], dict[str, _Tally]] = defaultdict(lambda: defaultdict(_Tally))
+    protocols = {**_seen_protocols(deltas), **protocols}
     for delta in deltas:
         labels = delta.labels
         if SOURCE not in labels or DESTINATION not in labels:
@@ -247,6 +248,17 @@ def _edges(deltas: list[_Delta], protocols: Mapping[str, str], version: _Version
     return tuple(EdgeNumbers(edge[0], edge[1], protocols.get(edge[1], "http"), total[edge].numbers(),
                              _numbers(by_source.get(edge, {})), _numbers(by_destination.get(edge, {})))
                  for edge in sorted(set(total) | set(by_destination)))
+
+
+def _seen_protocols(deltas: list[_Delta]) -> dict[str, str]:
+    """The protocol of services no proxy of which was read: http when callers count requests to it, else tcp."""
+    seen: dict[str, str] = {}
+    for delta in deltas:
+        if SOURCE_VERSION in delta.labels and DESTINATION in delta.labels:
+            http = delta.name in (CALLER_REQUESTS, CALLER_LATENCY)
+            if http or delta.labels[DESTINATION] not in seen:
+                seen[delta.labels[DESTINATION]] = "http" if http else "tcp"
+    return seen
 
 
 def _edge_of(delta: _Delta) -> tuple[str, str]:

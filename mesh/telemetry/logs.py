@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from mesh.config import paths
@@ -225,7 +225,7 @@ def follow(selected: tuple[HostLogs, ...], since: datetime, keep: LineFilter, em
                 if item.problem is not None:
                     (got.unreachable if item.unreachable else got.failed)[item.host] = item.problem
                     warn(f"{item.host}: {item.problem}")
-            for line in buffer.ready(datetime.now(UTC), time.monotonic()):
+            for line in buffer.ready(time.monotonic()):
                 emit(line)
     except KeyboardInterrupt:
         pass
