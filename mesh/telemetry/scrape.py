@@ -128,9 +128,9 @@ def fetcher_for(mesh: Mesh, factory: Callable[[ManagedHost], Connector] = connec
         if not hasattr(connector, "open_tunnel"):
             continue
         try:
-            if connector.run("true", timeout=FETCH_TIMEOUT).ok:
-                return TunnelFetcher(connector, host.name)  # type: ignore[arg-type]
+            connector.run("true", timeout=FETCH_TIMEOUT)  # any answer: the host is there
         except HostUnreachable:
-            pass
-        connector.close()
+            connector.close()
+            continue
+        return TunnelFetcher(connector, host.name)  # type: ignore[arg-type]
     return DirectFetcher()
