@@ -8,7 +8,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from telemetry_samples import telemetry_mesh
@@ -24,9 +24,9 @@ METRICS = "# TYPE envoy_server_live gauge\nenvoy_server_live 1\n"
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # chunked answers, as Envoy streams its stats
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         Handler.seen.append(self.path)
         if self.path != "/stats/prometheus":
             self.send_response(404)
