@@ -191,7 +191,7 @@ def sidecar_host(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
     of mesh's sidecars whose workload left the inventory."""
     host = ctx.host
     try:
-        wanted = ((LIST_PATH, render_sidecar_list(host), 0o644), (RULES_PATH, render_rules(host), 0o755),
+        wanted = ((LIST_PATH, render_sidecar_list(host), 0o644), (RULES_PATH, _rules_script(ctx), 0o755),
                   (WATCHER_PATH, render_watcher(host), 0o755), (WATCHER_UNIT_PATH, render_watcher_unit(), 0o644))
     except UnsafeScript as exc:
         return Outcome(msg=f"{host.name}: {exc}; nothing was changed by this step", failed=True)
@@ -218,6 +218,17 @@ def sidecar_host(ctx: TaskContext[Any], args: dict[str, Any]) -> ModuleRun:
         yield change
     return Outcome(msg=f"removed sidecars of workloads that left the inventory: {', '.join(stale)}" if stale else "",
                    data={"changed_files": sorted(changed), "removed": stale})
+
+
+def _rules_script(ctx: TaskContext[Any]) -> str:
+    """The plan's reachability script in a deploy (it carries the mesh's metrics sources); run by a playbook of its
+    own, with no plan, rendered with no metrics source (the metrics ports then answer loopback only)."""
+    if ctx.shared is None:
+        return render_rules(ctx.host, ())
+    try:
+        return str(ctx.shared.host_plan(ctx.host.name).file(RULES_PATH).content.decode())
+    except KeyError:
+        raise ModuleFailure(f"the plan of {ctx.host.name} has no {RULES_PATH}") from None
 
 
 def stale_sidecars(connector: Connector, host: ManagedHost) -> list[str]:

@@ -1,5 +1,6 @@
-"""What makes each sidecar's proxy_port reachable on its container host's own address (and nothing else of the
-containers), what closes each app's port to all but its sidecar, and the watcher that keeps sidecars joined to
+"""What makes each sidecar's proxy_port and metrics_port reachable on its container host's own address (the
+metrics port from the metrics sources only; nothing else of the containers), what closes each app's port to all
+but its sidecar (and its metrics port to all but loopback and the metrics sources), and the watcher that keeps sidecars joined to
 restarted apps. Rendering, with every name checked and every script passed through `sh -n` on this machine;
 it must not run them on a host.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from mesh.config import paths
 from mesh.containers.sidecar import sidecar_name
 from mesh.inventory.model import ManagedHost
+from mesh.inventory.values import source_family
 from mesh.render import TEMPLATES_DIR, template_environment
 
 if TYPE_CHECKING:
@@ -39,25 +41,28 @@ SH_CHECK_TIMEOUT_S = 10
 
 class UnsafeScript(ValueError):
     """A rendered script that must not leave this machine: a name it would carry is not a plain container name, a
-    port is out of range, or `sh -n` refuses the text. The message names the script and the value."""
+    port is out of range, a metrics source is not an IP address or plain host name, or `sh -n` refuses the text. The message names the script and the value."""
 
 
 @dataclass(frozen=True)
 class SidecarEntry:
-    """One sidecar of a container host: its app container, its own name, the port forwarded to it."""
+    """One sidecar of a container host: its app container, its own name, the ports forwarded to it."""
 
     app_container: str
     sidecar: str
     proxy_port: int
     app_port: int
+    metrics_port: int
 
 
 @dataclass(frozen=True)
 class AppGuard:
-    """An app container whose port(s) only its sidecar may reach: everything else is dropped in its namespace."""
+    """An app container whose port(s) only its sidecar may reach, and whose metrics port(s) (its sidecars') only
+    loopback and the metrics sources: everything else is dropped in its namespace."""
 
     app_container: str
     ports: tuple[int, ...]
+    metrics_ports: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class RulesContext:
 
     entries: tuple[SidecarEntry, ...]
     guards: tuple[AppGuard, ...]
+    sources_v4: tuple[str, ...]
+    sources_v6: tuple[str, ...]
+    source_names: tuple[str, ...]
     nat_chain: str
     forward_chain: str
     app_chain: str
@@ -101,33 +109,50 @@ class WatcherUnitContext:
 def sidecar_entries(host: ManagedHost) -> tuple[SidecarEntry, ...]:
     """The host's container workloads in inventory order (proxy_port is unique on a container host), each name
     and port checked, since they go into scripts run as root (UnsafeScript otherwise)."""
-    entries = tuple(SidecarEntry(workload.container, sidecar_name(workload), workload.proxy_port, workload.port)
+    entries = tuple(SidecarEntry(workload.container, sidecar_name(workload), workload.proxy_port, workload.port,
+                                 workload.metrics_port)
                     for workload in host.workloads if workload.container)
     for entry in entries:
         for name in (entry.app_container, entry.sidecar):
             if not (isinstance(name, str) and _CONTAINER_NAME.fullmatch(name)):
                 raise UnsafeScript(f"container name {name!r} on a container host: expected letters, digits, "
                                    "'_', '.' and '-' (starting with a letter or digit)")
-        for port in (entry.proxy_port, entry.app_port):
+        for port in (entry.proxy_port, entry.app_port, entry.metrics_port):
             if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
                 raise UnsafeScript(f"port {port!r} of container {entry.app_container}: expected 1-65535")
     return entries
 
 
 def app_guards(entries: tuple[SidecarEntry, ...]) -> tuple[AppGuard, ...]:
-    """Per app container (first seen first), the sorted app ports of its workloads."""
+    """Per app container (first seen first), the sorted app ports and metrics ports of its workloads."""
     ports: dict[str, set[int]] = {}
+    metrics: dict[str, set[int]] = {}
     for entry in entries:
         ports.setdefault(entry.app_container, set()).add(entry.app_port)
-    return tuple(AppGuard(app, tuple(sorted(found))) for app, found in ports.items())
+        metrics.setdefault(entry.app_container, set()).add(entry.metrics_port)
+    return tuple(AppGuard(app, tuple(sorted(found)), tuple(sorted(metrics[app]))) for app, found in ports.items())
 
 
-def render_rules(host: ManagedHost, templates_dir: Path = TEMPLATES_DIR) -> str:
+def metrics_source_families(sources: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The metrics sources split into IPv4 addresses, IPv6 addresses and host names, order kept; UnsafeScript
+    for anything else (they go into a script run as root)."""
+    split: dict[str, list[str]] = {"ipv4": [], "ipv6": [], "name": []}
+    for source in sources:
+        family = source_family(source) if isinstance(source, str) else None
+        if family is None:
+            raise UnsafeScript(f"metrics source {source!r}: expected an IPv4 or IPv6 address or a host name of "
+                               "letters, digits, '-' and '.'")
+        split[family].append(source)
+    return tuple(split["ipv4"]), tuple(split["ipv6"]), tuple(split["name"])
+
+
+def render_rules(host: ManagedHost, metrics_sources: tuple[str, ...], templates_dir: Path = TEMPLATES_DIR) -> str:
     """The idempotent iptables script (apply | check | remove) of mesh's chains on a container host and in its
-    app containers' network namespaces."""
+    app containers' network namespaces; metrics_sources (Mesh.metrics_sources) alone may reach the metrics
+    ports."""
     entries = sidecar_entries(host)
-    context = RulesContext(entries, app_guards(entries), NAT_CHAIN, FORWARD_CHAIN, APP_CHAIN, RULES_PATH,
-                           STATE_PATH, APP_STATE_PATH, LOCK_PATH)
+    context = RulesContext(entries, app_guards(entries), *metrics_source_families(metrics_sources), NAT_CHAIN,
+                           FORWARD_CHAIN, APP_CHAIN, RULES_PATH, STATE_PATH, APP_STATE_PATH, LOCK_PATH)
     return checked_script("sidecar-rules.sh", _render(templates_dir, "containers/sidecar-rules.sh.j2", context))
 
 

@@ -117,7 +117,7 @@ def _host_plan(mesh: Mesh, host: ManagedHost, inputs: PlanInputs) -> HostPlan:
         units += [paths.envoy_unit_name(proxy.name) for proxy in proxies] + [paths.FIREWALL_UNIT]
     if host.workloads and host.kind == "container_host":
         files += [PlannedFile(LIST_PATH, render_sidecar_list(host).encode(), 0o644, "root", "root"),
-                  PlannedFile(RULES_PATH, render_rules(host).encode(), 0o755, "root", "root"),
+                  PlannedFile(RULES_PATH, render_rules(host, mesh.metrics_sources).encode(), 0o755, "root", "root"),
                   PlannedFile(WATCHER_PATH, render_watcher(host).encode(), 0o755, "root", "root"),
                   PlannedFile(WATCHER_UNIT_PATH, render_watcher_unit().encode(), 0o644, "root", "root",
                               check=unit_check(WATCHER_UNIT))]

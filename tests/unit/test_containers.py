@@ -65,7 +65,7 @@ from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.inventory.validate import build_mesh
 from mesh.plan.build import PlanInputs, build_plan
-from mesh.plan.model import Plan, ProxyPlan
+from mesh.plan.model import HostPlan, Plan, ProxyPlan
 from mesh.render import render_proxy_files, validate_proxy_files
 from mesh.testing.fake_connector import FakeConnector, FakeFile, FakeHost
 
@@ -80,6 +80,11 @@ def golden_mesh() -> Mesh:
 
 def dock1() -> ManagedHost:
     return golden_mesh().host("dock1")
+
+
+def sources() -> tuple[str, ...]:
+    """Who may reach the golden mesh's metrics ports (its controller)."""
+    return golden_mesh().metrics_sources
 
 
 def check_golden(path: Path, text: str, update: bool) -> None:
@@ -162,7 +167,7 @@ def test_container_workload_config_is_valid_with_the_sidecar_paths() -> None:
 
 
 @pytest.mark.parametrize(("name", "render"), [
-    ("sidecar-rules.sh", lambda: render_rules(dock1())),
+    ("sidecar-rules.sh", lambda: render_rules(dock1(), sources())),
     ("sidecars.list", lambda: render_sidecar_list(dock1())),
     ("mesh-sidecars.sh", lambda: render_watcher(dock1())),
     (WATCHER_UNIT, render_watcher_unit),
@@ -171,15 +176,15 @@ def test_host_files_golden(name: str, render: Callable[[], str], update_goldens:
     check_golden(GOLDEN / name, render(), update_goldens)
 
 
-@pytest.mark.parametrize("render", [lambda: render_rules(dock1()), lambda: render_watcher(dock1())])
+@pytest.mark.parametrize("render", [lambda: render_rules(dock1(), sources()), lambda: render_watcher(dock1())])
 def test_scripts_are_posix_shell(render: Callable[[], str]) -> None:
     checked = subprocess.run(["sh", "-n"], input=render(), capture_output=True, text=True, check=False)
     assert checked.returncode == 0, checked.stderr
 
 
 def test_rules_name_only_mesh_chains_and_every_proxy_port() -> None:
-    text = render_rules(dock1())
-    assert "ENTRIES='api-v2-1 21000\napi-v2-2 21005\n'" in text
+    text = render_rules(dock1(), sources())
+    assert "ENTRIES='api-v2-1 21000 20000\napi-v2-2 21005 20001\n'" in text
     assert "iptables-restore -w --noflush" in text
     for line in text.splitlines():
         if "iptables -w" in line and (" -I " in line or " -A " in line or " -F " in line or " -X " in line):
@@ -190,7 +195,7 @@ def test_rules_name_only_mesh_chains_and_every_proxy_port() -> None:
 
 def test_rules_script_output_with_fake_docker_and_iptables(tmp_path: Path) -> None:
     """Run the rendered script's `desired` with docker answering an address for one app and not the other."""
-    script = render_rules(dock1()).replace("PATH=/usr/local/sbin", f"PATH={tmp_path}:/usr/local/sbin")
+    script = render_rules(dock1(), sources()).replace("PATH=/usr/local/sbin", f"PATH={tmp_path}:/usr/local/sbin")
     (tmp_path / "docker").write_text('#!/bin/sh\n[ "$5" = api-v2-1 ] && echo "172.18.0.5 " || exit 1\n')
     (tmp_path / "docker").chmod(0o755)
     body = script.split("\n# The watcher and a deploy")[0] + "\ndesired\n"  # no lock, no iptables
@@ -198,9 +203,13 @@ def test_rules_script_output_with_fake_docker_and_iptables(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "*nat", ":MESH-SIDECARS - [0:0]", "-A MESH-SIDECARS -i docker+ -j RETURN", "-A MESH-SIDECARS -i br-+ -j RETURN",
-        "-A MESH-SIDECARS -p tcp -m tcp --dport 21000 -j DNAT --to-destination 172.18.0.5:21000", "COMMIT",
+        "-A MESH-SIDECARS -p tcp -m tcp --dport 21000 -j DNAT --to-destination 172.18.0.5:21000",
+        "-A MESH-SIDECARS -p tcp -m tcp --dport 20000 -j DNAT --to-destination 172.18.0.5:20000", "COMMIT",
         "*filter", ":MESH-SIDECARS-FWD - [0:0]",
         "-A MESH-SIDECARS-FWD -d 172.18.0.5/32 -p tcp -m tcp --dport 21000 -m conntrack --ctstate DNAT -j ACCEPT",
+        ("-A MESH-SIDECARS-FWD -s 10.0.0.3/32 -d 172.18.0.5/32 -p tcp -m tcp --dport 20000 -m conntrack --ctstate "
+         "DNAT -j ACCEPT"),
+        "-A MESH-SIDECARS-FWD -d 172.18.0.5/32 -p tcp -m tcp --dport 20000 -j DROP",
         "COMMIT"]
     assert "api-v2-2 is not running" in done.stderr
 
@@ -356,6 +365,9 @@ class PlanEntries:
 
     def proxy(self, host: str, name: str) -> ProxyPlan:
         return self.plan.host(host).proxy(name)
+
+    def host_plan(self, host: str) -> HostPlan:
+        return self.plan.host(host)
 
 
 def planned(image: str = IMAGE) -> PlanEntries:
@@ -607,7 +619,7 @@ def _with_workload(host: ManagedHost, **changes: Any) -> ManagedHost:
                                   "api\n", "api\u2028x"])
 def test_a_container_name_that_is_not_docker_s_is_refused_before_rendering(name: str) -> None:
     host = _with_workload(dock1(), container=name)
-    for render in (render_rules, render_sidecar_list, sidecar_entries):
+    for render in (lambda host: render_rules(host, ()), render_sidecar_list, sidecar_entries):
         with pytest.raises(UnsafeScript, match="container name"):
             render(host)  # type: ignore[operator]
 
@@ -615,13 +627,13 @@ def test_a_container_name_that_is_not_docker_s_is_refused_before_rendering(name:
 @pytest.mark.parametrize("port", [0, 65536, -1, True, "9090"])
 def test_a_port_out_of_range_is_refused_before_rendering(port: Any) -> None:
     with pytest.raises(UnsafeScript, match="expected 1-65535"):
-        render_rules(_with_workload(dock1(), port=port))
+        render_rules(_with_workload(dock1(), port=port), sources())
 
 
 def test_the_host_name_never_reaches_a_rendered_file() -> None:
     from dataclasses import replace
     hostile = replace(dock1(), name="dock1\ntouch /root/x\n#")
-    texts = [render_rules(hostile), render_watcher(hostile), render_sidecar_list(hostile), render_watcher_unit()]
+    texts = [render_rules(hostile, sources()), render_watcher(hostile), render_sidecar_list(hostile), render_watcher_unit()]
     assert not any("touch /root/x" in text or "dock1" in text for text in texts)
 
 
@@ -653,12 +665,13 @@ def test_a_template_that_renders_broken_shell_never_leaves(tmp_path: Path) -> No
 
 
 def test_rules_close_each_app_port_in_its_namespace() -> None:
-    text = render_rules(dock1())
-    assert "APP_PORTS='api-v2-1 9090\napi-v2-2 9090\n'" in text
+    text = render_rules(dock1(), sources())
+    assert "APP_PORTS='api-v2-1 9090 20000\napi-v2-2 9090 20001\n'" in text
     assert "APP_CHAIN=MESH-APP" in text
-    guards = app_guards((SidecarEntry("a", "mesh-envoy-x-0", 21000, 9090), SidecarEntry("b", "mesh-envoy-y-1", 21001, 80),
-                         SidecarEntry("a", "mesh-envoy-z-2", 21002, 8080)))
-    assert guards == (AppGuard("a", (8080, 9090)), AppGuard("b", (80,)))
+    guards = app_guards((SidecarEntry("a", "mesh-envoy-x-0", 21000, 9090, 20000),
+                         SidecarEntry("b", "mesh-envoy-y-1", 21001, 80, 20001),
+                         SidecarEntry("a", "mesh-envoy-z-2", 21002, 8080, 20002)))
+    assert guards == (AppGuard("a", (8080, 9090), (20000, 20002)), AppGuard("b", (80,), (20001,)))
 
 
 # ---- the rules script in the app containers' namespaces, with fake docker, nsenter and iptables ---------------
@@ -733,7 +746,7 @@ _FAKE_READLINK = '#!/bin/sh\necho "net:[$(echo "$1" | cut -d/ -f3)]"\n'
 class FakeRulesHost:
     """The rendered rules script run by /bin/sh against fake docker, nsenter, iptables (ip6tables too)."""
 
-    def __init__(self, folder: Path, running: dict[str, int]) -> None:
+    def __init__(self, folder: Path, running: dict[str, int], metrics_sources: tuple[str, ...] | None = None) -> None:
         self.folder = folder
         bin_dir = folder / "bin"
         bin_dir.mkdir()
@@ -744,7 +757,8 @@ class FakeRulesHost:
             (bin_dir / name).chmod(0o755)
         for alias in ("iptables-restore", "ip6tables", "ip6tables-restore"):
             (bin_dir / alias).symlink_to(bin_dir / "iptables")
-        script = render_rules(dock1()).replace("PATH=/usr/local/sbin", f"PATH={bin_dir}:/usr/local/sbin")
+        chosen = sources() if metrics_sources is None else metrics_sources
+        script = render_rules(dock1(), chosen).replace("PATH=/usr/local/sbin", f"PATH={bin_dir}:/usr/local/sbin")
         self.script = folder / "sidecar-rules.sh"
         self.script.write_text(script.replace("/run/mesh/", f"{folder}/run/"))
         self.set_running(running)
@@ -768,14 +782,16 @@ def test_rules_script_closes_app_ports_in_each_namespace_idempotently(tmp_path: 
     assert "container api-v2-2 is not running: its port(s) 9090 are closed when it starts" in applied.stderr
     for family in ("iptables", "ip6tables"):
         rules = fake.rules(501, family)
-        assert rules["filter/MESH-APP"] == ["-A MESH-APP -i lo -j RETURN",
+        metrics = ["-A MESH-APP -s 10.0.0.3 -p tcp -m tcp --dport 20000 -j RETURN"] if family == "iptables" else []
+        assert rules["filter/MESH-APP"] == ["-A MESH-APP -i lo -j RETURN", *metrics,
+                                            "-A MESH-APP -p tcp -m tcp --dport 20000 -j DROP",
                                             "-A MESH-APP -p tcp -m tcp --dport 9090 -j DROP"], rules
         assert rules["filter/INPUT"] == ["-A INPUT -j MESH-APP"], rules
     assert fake.run("check").returncode == 0
     again = fake.run("apply")
     assert again.returncode == 0, again.stderr
     assert fake.rules(501)["filter/INPUT"] == ["-A INPUT -j MESH-APP"]  # no second jump
-    assert len(fake.rules(501)["filter/MESH-APP"]) == 2  # refilled, not appended to
+    assert len(fake.rules(501)["filter/MESH-APP"]) == 4  # refilled, not appended to
     # The app restarted: a new namespace without the chain; check says so until apply runs again.
     fake.set_running({"api-v2-1": 777})
     assert fake.run("check").returncode == 1
@@ -791,7 +807,7 @@ def test_rules_script_closes_app_ports_in_each_namespace_idempotently(tmp_path: 
     fake.set_running({"api-v2-1": 777, "api-v2-2": 900})
     assert fake.run("check").returncode == 1
     assert fake.run("apply").returncode == 0 and fake.run("check").returncode == 0
-    assert fake.rules(900)["filter/MESH-APP"][1] == "-A MESH-APP -p tcp -m tcp --dport 9090 -j DROP"
+    assert fake.rules(900)["filter/MESH-APP"][-1] == "-A MESH-APP -p tcp -m tcp --dport 9090 -j DROP"
 
 
 def test_rules_script_remove_takes_the_chain_out_of_every_namespace(tmp_path: Path) -> None:

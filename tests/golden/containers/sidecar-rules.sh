@@ -1,12 +1,18 @@
 #!/bin/sh
-# mesh: makes each sidecar's proxy_port reachable on the container host's own addresses, and nothing else of
-# the containers, and closes each app's port to everything but its own sidecar. Rendered by mesh; do not edit.
+# mesh: makes each sidecar's proxy_port and metrics_port reachable on the container host's own addresses (the
+# metrics port from the metrics sources only), and nothing else of the containers, and closes each app's port to
+# everything but its own sidecar. Rendered by mesh; do not edit.
 # Only mesh's chains are touched:
 #   nat    MESH-SIDECARS (jumped from PREROUTING for local destinations): DNAT to the app container
-#   filter MESH-SIDECARS-FWD (jumped from DOCKER-USER): ACCEPT exactly those DNAT'd destinations
+#   filter MESH-SIDECARS-FWD (jumped from DOCKER-USER): ACCEPT exactly those DNAT'd destinations (a metrics port
+#          only from the metrics sources; DROP from any other)
 #   filter MESH-APP inside each app container's network namespace (jumped from INPUT): the app's port(s)
-#          from loopback only (its sidecar shares the namespace); dropped from every other source. Bridge
-#          traffic between containers never passes DOCKER-USER without br_netfilter, so only this closes them.
+#          from loopback only (its sidecar shares the namespace), the metrics port(s) from loopback and the
+#          metrics sources; dropped from every other source. Bridge traffic between containers never passes
+#          DOCKER-USER without br_netfilter, so only this closes them.
+# Metrics sources (mesh_metrics_scrapers and the controllers): IPv4 and IPv6 addresses as written, host names
+# resolved (IPv4, `getent ahostsv4`) each time the rules are computed: `check` fails when a name's addresses
+# changed, and a name that does not resolve allows nothing.
 # Usage: /etc/mesh/sidecar-rules.sh apply | check | remove   (check: exit 0 when the applied rules are current)
 set -eu
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -16,14 +22,18 @@ APP_CHAIN=MESH-APP
 STATE=/run/mesh/sidecar-rules.applied
 APP_STATE=/run/mesh/sidecar-app-rules.applied
 LOCK=/run/mesh/sidecar-rules.lock
-# app container, proxy_port
-ENTRIES='api-v2-1 21000
-api-v2-2 21005
+# app container, proxy_port, metrics_port
+ENTRIES='api-v2-1 21000 20000
+api-v2-2 21005 20001
 '
-# app container, its app port(s) (comma-separated)
-APP_PORTS='api-v2-1 9090
-api-v2-2 9090
+# app container, its app port(s), its metrics port(s) (comma-separated)
+APP_PORTS='api-v2-1 9090 20000
+api-v2-2 9090 20001
 '
+# who may reach the metrics ports: IPv4 addresses, IPv6 addresses, host names
+SOURCES_V4='10.0.0.3'
+SOURCES_V6=''
+SOURCE_NAMES=''
 
 container_ip() {
     docker container inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}' "$1" 2>/dev/null \
@@ -37,19 +47,45 @@ container_pid() {
     echo "$pid"
 }
 
+# The metrics sources of one IP version (4 or 6), one per line, first seen first: the addresses written, then
+# (IPv4) the addresses the host names resolve to now.
+sources() {
+    if [ "$1" = 4 ]; then
+        for source in $SOURCES_V4; do echo "$source"; done
+        for name in $SOURCE_NAMES; do
+            found=$(getent ahostsv4 "$name" | awk '{ print $1 }') || true
+            if [ -n "$found" ]; then
+                echo "$found"
+            else
+                echo "sidecar-rules: metrics source $name does not resolve: it is not allowed" >&2
+            fi
+        done
+    else
+        for source in $SOURCES_V6; do echo "$source"; done
+    fi | awk '!seen[$0]++'
+}
+
 # The iptables-restore input for mesh's chains, with each app container's address as of now.
 desired() {
     nat="" fwd=""
-    while read -r app port; do
+    allowed=$(sources 4)
+    while read -r app port metrics; do
         [ -n "$app" ] || continue
         ip=$(container_ip "$app")
         if [ -z "$ip" ]; then
-            echo "sidecar-rules: container $app is not running: port $port is not forwarded" >&2
+            echo "sidecar-rules: container $app is not running: ports $port, $metrics are not forwarded" >&2
             continue
         fi
         nat="$nat-A $NAT_CHAIN -p tcp -m tcp --dport $port -j DNAT --to-destination $ip:$port
+-A $NAT_CHAIN -p tcp -m tcp --dport $metrics -j DNAT --to-destination $ip:$metrics
 "
         fwd="$fwd-A $FWD_CHAIN -d $ip/32 -p tcp -m tcp --dport $port -m conntrack --ctstate DNAT -j ACCEPT
+"
+        for source in $allowed; do
+            fwd="$fwd-A $FWD_CHAIN -s $source/32 -d $ip/32 -p tcp -m tcp --dport $metrics -m conntrack --ctstate DNAT -j ACCEPT
+"
+        done
+        fwd="$fwd-A $FWD_CHAIN -d $ip/32 -p tcp -m tcp --dport $metrics -j DROP
 "
     done <<ENTRIES_END
 $ENTRIES
@@ -60,15 +96,31 @@ ENTRIES_END
     printf '*filter\n:%s - [0:0]\n%sCOMMIT\n' "$FWD_CHAIN" "$fwd"
 }
 
-# The iptables-restore input of the app chain for ports (comma-separated): loopback returns to INPUT's
-# other rules, every other packet to those ports is dropped.
+# The iptables-restore input of the app chain for tool (iptables or ip6tables), app ports and metrics ports
+# (comma-separated): loopback returns to INPUT's other rules, and so do the metrics sources (of the tool's IP
+# version) to the metrics ports; every other packet to those ports is dropped.
 app_rules() {
+    case "$1" in ip6tables) version=6 ;; *) version=4 ;; esac
+    allowed=$(sources "$version")
     drops=""
-    for port in $(echo "$1" | tr ',' ' '); do
+    for port in $(echo "$3" | tr ',' ' '); do
+        for source in $allowed; do
+            drops="$drops-A $APP_CHAIN -s $source -p tcp -m tcp --dport $port -j RETURN
+"
+        done
+        drops="$drops-A $APP_CHAIN -p tcp -m tcp --dport $port -j DROP
+"
+    done
+    for port in $(echo "$2" | tr ',' ' '); do
         drops="$drops-A $APP_CHAIN -p tcp -m tcp --dport $port -j DROP
 "
     done
     printf '*filter\n:%s - [0:0]\n-A %s -i lo -j RETURN\n%sCOMMIT\n' "$APP_CHAIN" "$APP_CHAIN" "$drops"
+}
+
+# A checksum of the app chain every IP version should hold now (a metrics source's addresses may change).
+app_wanted() {
+    for tool in $(families); do app_rules "$tool" "$1" "$2"; done | cksum | tr ' ' :
 }
 
 # The IP versions whose tools the host has: iptables always (a prerequisite), ip6tables when installed.
@@ -86,10 +138,10 @@ app_listing() {
     done
 }
 
-# One line per guarded app that is running: app, namespace, ports, and a checksum of its rules as listed
-# (`missing` when its chain or the jump to it is not there).
+# One line per guarded app that is running: app, namespace, ports, metrics ports, a checksum of the rules it
+# should hold and one of its rules as listed (`missing` when its chain or the jump to it is not there).
 app_state() {
-    while read -r app ports; do
+    while read -r app ports metrics; do
         [ -n "$app" ] || continue
         pid=$(container_pid "$app") || continue
         if listing=$(app_listing "$pid"); then
@@ -97,16 +149,16 @@ app_state() {
         else
             sum=missing
         fi
-        echo "$app $(readlink "/proc/$pid/ns/net" || true) $ports $sum"
+        echo "$app $(readlink "/proc/$pid/ns/net" || true) $ports $metrics $(app_wanted "$ports" "$metrics") $sum"
     done <<APP_PORTS_END
 $APP_PORTS
 APP_PORTS_END
 }
 
 apply_app() {
-    app=$1 pid=$2 ports=$3
+    app=$1 pid=$2 ports=$3 metrics=$4
     for tool in $(families); do
-        app_rules "$ports" | nsenter -t "$pid" -n "$tool-restore" -w --noflush || return 1
+        app_rules "$tool" "$ports" "$metrics" | nsenter -t "$pid" -n "$tool-restore" -w --noflush || return 1
         nsenter -t "$pid" -n "$tool" -w -C INPUT -j "$APP_CHAIN" 2>/dev/null ||
             nsenter -t "$pid" -n "$tool" -w -I INPUT 1 -j "$APP_CHAIN" || return 1
     done
@@ -115,13 +167,13 @@ apply_app() {
 # Each running app's namespace gets its chain; an app that is not running gets it when it starts (the watcher).
 apply_apps() {
     failed=0
-    while read -r app ports; do
+    while read -r app ports metrics; do
         [ -n "$app" ] || continue
         if ! pid=$(container_pid "$app"); then
             echo "sidecar-rules: container $app is not running: its port(s) $ports are closed when it starts" >&2
             continue
         fi
-        if ! apply_app "$app" "$pid" "$ports"; then
+        if ! apply_app "$app" "$pid" "$ports" "$metrics"; then
             echo "sidecar-rules: could not close port(s) $ports of container $app in its namespace" >&2
             failed=1
         fi
@@ -169,7 +221,7 @@ remove() {
     while iptables -w -t filter -D DOCKER-USER -j "$FWD_CHAIN" 2>/dev/null; do :; done
     iptables -w -t nat -F "$NAT_CHAIN" 2>/dev/null && iptables -w -t nat -X "$NAT_CHAIN"
     iptables -w -t filter -F "$FWD_CHAIN" 2>/dev/null && iptables -w -t filter -X "$FWD_CHAIN"
-    while read -r app ports; do
+    while read -r app _ports _metrics; do
         [ -n "$app" ] || continue
         pid=$(container_pid "$app") || continue
         for tool in $(families); do
