@@ -301,7 +301,7 @@ class SSHConnector:
                 stderr.append(channel.recv_stderr(65536))
             if code != 0:
                 text = b"".join(stderr).decode(errors="replace").strip()
-                raise RemoteError(f"{self._name}: exit {code}: {text}")
+                raise RemoteError(f"exit {code}: {text}")
         finally:
             channel.close()
 

@@ -76,8 +76,8 @@ def _sees(workload: Workload, service: str) -> bool:
 def journal_command(proxies: tuple[str, ...], since: datetime, follow: bool = False) -> str:
     """journalctl of the proxies' Envoy units, the messages alone, from `since` (to the second, rounded down)."""
     units = " ".join(f"-u {shlex.quote(paths.envoy_unit_name(proxy))}" for proxy in proxies)
-    return (f"journalctl {units} -o cat --no-pager -q --since @{int(since.timestamp())}"
-            + (" -f" if follow else ""))
+    return (f"{'exec ' if follow else ''}journalctl {units} -o cat --no-pager -q "
+            f"--since @{int(since.timestamp())}{' -f' if follow else ''}")
 
 
 def sidecar_command(workload: Workload, since: datetime, follow: bool = False) -> str:
@@ -89,10 +89,21 @@ def sidecar_command(workload: Workload, since: datetime, follow: bool = False) -
 
 def read_commands(logs: HostLogs, since: datetime, follow: bool = False) -> tuple[str, ...]:
     """The commands that print these proxies' logs on their host: one journalctl on a VM, one docker logs per
-    sidecar on a container host."""
+    sidecar on a container host; when following, each ends with its SSH channel (until_closed)."""
     if logs.host.kind == "vm":
-        return (journal_command(logs.proxies, since, follow),)
-    return tuple(sidecar_command(workload, since, follow) for workload in logs.workloads)
+        commands = (journal_command(logs.proxies, since, follow),)
+    else:
+        commands = tuple(sidecar_command(workload, since, follow) for workload in logs.workloads)
+    return tuple(until_closed(command) for command in commands) if follow else commands
+
+
+def until_closed(command: str) -> str:
+    """command, stopped when the SSH channel closes (its stdin ends): `journalctl -f` and `docker logs -f` would
+    otherwise run on until a next line found the pipe gone. Exits with the command's status."""
+    return ("exec 3<&0 </dev/null; "
+            f"sh -c {shlex.quote(command)} & f=$!; "
+            "(cat <&3 >/dev/null 2>&1; kill $f 2>/dev/null) >/dev/null 2>&1 & w=$!; exec 3<&-; "
+            "wait $f; s=$?; kill $w 2>/dev/null; exit $s")
 
 
 @dataclass
@@ -182,7 +193,7 @@ def _pump(host: str, chunks: Iterator[bytes], out: queue.Queue[_Item]) -> None:
     except HostUnreachable as exc:
         out.put(_Ended(host, exc.detail, unreachable=True))
     except (RemoteError, OSError) as exc:
-        out.put(_Ended(host, str(exc)))
+        out.put(_Ended(host, f"following the logs: {exc}"))
 
 
 def follow(selected: tuple[HostLogs, ...], since: datetime, keep: LineFilter, emit: Callable[[AccessLine], None],

@@ -6,6 +6,7 @@ an allowed source of every metrics port). It owns the HTTP GET; it must not pars
 from __future__ import annotations
 
 import http.client
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -93,10 +94,22 @@ class TunnelOpener(Protocol):
     def close(self) -> None: ...
 
 
+class _RefusedChannels(logging.Filter):
+    """paramiko logs a refused channel itself (on stderr, through logging's last resort, across `mesh top`'s
+    table); the fetch error already says it, once, under the table."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open FAILED" not in record.getMessage()
+
+
+_REFUSED_CHANNELS = _RefusedChannels()
+
+
 class TunnelFetcher:
     """HTTP through `direct-tcpip` channels of one SSH connection to a controller host."""
 
     def __init__(self, opener: TunnelOpener, controller: str, timeout: float = FETCH_TIMEOUT) -> None:
+        logging.getLogger("paramiko.transport").addFilter(_REFUSED_CHANNELS)  # once: a filter is added once
         self.opener = opener
         self.via = f"through {controller}"
         self.timeout = timeout

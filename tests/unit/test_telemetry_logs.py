@@ -4,7 +4,9 @@ what an unreachable host or a failed read gives, and following several streams i
 from __future__ import annotations
 
 import re
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -16,7 +18,7 @@ from mesh.hosts.connection import CommandResult
 from mesh.hosts.errors import HostUnreachable
 from mesh.inventory.model import ManagedHost
 from mesh.telemetry.accesslog import AccessLine, LineFilter
-from mesh.telemetry.logs import HostLogs, follow, gather, read_commands, select_logs
+from mesh.telemetry.logs import HostLogs, follow, gather, read_commands, select_logs, until_closed
 from mesh.testing.fake_connector import FakeConnector, FakeFleet
 
 SINCE = datetime(2026, 12, 6, 14, 20, tzinfo=UTC)  # 1796566800
@@ -59,9 +61,24 @@ def test_a_vm_is_read_from_its_units_journal_a_container_host_from_each_sidecars
     assert read_commands(vm2, SINCE) == (
         (f"journalctl -u mesh-envoy-api-9090.service -u mesh-envoy-db-5432.service -o cat --no-pager -q "
         f"--since @{EPOCH}"),)
-    assert read_commands(dock1, SINCE, follow=True) == (
-        (f"docker inspect -f . mesh-envoy-api-api-v2-1 >/dev/null && exec docker logs -f --since {EPOCH} "
+    assert read_commands(dock1, SINCE, follow=True) == (until_closed(
+        f"docker inspect -f . mesh-envoy-api-api-v2-1 >/dev/null && exec docker logs -f --since {EPOCH} "
         f"mesh-envoy-api-api-v2-1 2>/dev/null"),)
+
+
+def test_a_followed_command_ends_with_its_channel_or_by_itself_with_its_status() -> None:
+    started = time.monotonic()
+    endless = subprocess.Popen(["sh", "-c", until_closed("echo ready; exec sleep 30")], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE)
+    assert endless.stdout is not None and endless.stdin is not None
+    assert endless.stdout.readline() == b"ready\n"
+    endless.stdin.close()  # what sshd does when mesh closes the channel
+    assert endless.wait(10) != 0 and time.monotonic() - started < 10
+    failing = subprocess.Popen(["sh", "-c", until_closed("echo out; echo why >&2; exit 4")], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert failing.stdout is not None and failing.stderr is not None and failing.stdin is not None
+    assert (failing.stdout.read(), failing.stderr.read(), failing.wait(10)) == (b"out\n", b"why\n", 4)
+    failing.stdin.close()  # the channel stayed open all along
 
 
 def fleet_with_lines() -> FakeFleet:
@@ -159,8 +176,8 @@ def test_following_merges_the_streams_in_time_order_and_names_a_host_that_went_a
     assert [line.get("request_id") for line in printed] == ["a", "b", "c"]
     assert warned == ["vm2: the SSH connection broke during a command"]
     assert got.exit_code == EXIT_UNREACHABLE
-    assert made["vm1"].streamed == [(f"journalctl -u mesh-envoy-web-8080.service -o cat --no-pager -q "
-                                    f"--since @{EPOCH} -f")]
+    assert made["vm1"].streamed == [until_closed(f"exec journalctl -u mesh-envoy-web-8080.service -o cat --no-pager "
+                                                 f"-q --since @{EPOCH} -f")]
     assert made["vm1"].closed and made["vm2"].closed
 
 
