@@ -254,6 +254,7 @@ class BootstrapContext:
     max_downstream_connections: int
     lds_config: dict[str, Any]
     cds_config: dict[str, Any]
+    stats_tags: tuple[Any, ...]  # mesh.config.model.StatsTag: Prometheus labels from mesh's stat names
 
 
 def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> ProxyFiles:
@@ -273,12 +274,13 @@ def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) ->
               for route in resources.routes]
     files.append(_resource_file(cfg.proxy, sources.path("lds"), "resource", resources.listeners))
     context = BootstrapContext(cfg.proxy, cfg.node_id, cfg.service, None, cfg.admin, cfg.max_downstream_connections,
-                               sources.lds(), sources.cds())
+                               sources.lds(), sources.cds(), cfg.stats_tags)
     unmarked = _render(templates_dir, "envoy/bootstrap.yaml.j2", context)
     digest = hashlib.sha256(unmarked.encode()).hexdigest()
     bootstrap = _render(templates_dir, "envoy/bootstrap.yaml.j2", replace(context, bootstrap_sha256=digest))
     parsed = _parsed_yaml(cfg.proxy, bootstrap, "bootstrap")
-    if set(parsed) != {"node", "admin", "overload_manager", "dynamic_resources"} \
+    sections = {"node", "admin", "overload_manager", "dynamic_resources"} | ({"stats_config"} if cfg.stats_tags else set())
+    if set(parsed) != sections \
             or parsed["node"].get("metadata") != {BOOTSTRAP_METADATA_KEY: digest}:
         raise ConfigError(cfg.proxy, f"rendered Envoy bootstrap has the sections {sorted(parsed)} and the node "
                                      f"metadata {parsed['node'].get('metadata')}")

@@ -8,17 +8,20 @@ from __future__ import annotations
 import ipaddress
 from datetime import timedelta
 
-from mesh.config import paths
+from mesh.config import paths, telemetry
 from mesh.config.errors import ConfigError
 from mesh.config.model import (
     Admin,
+    Caller,
     CertificateSecret,
     Cluster,
     DownstreamTls,
     Endpoint,
+    EndpointMetadata,
     HealthChain,
     HealthCheck,
     InboundListener,
+    MetricsListener,
     OutboundListener,
     OutlierDetection,
     ProxyConfig,
@@ -31,6 +34,10 @@ from mesh.inventory.model import Mesh, Protocol, Upstream, Workload, spiffe_id
 
 INBOUND_LISTENER = "inbound"
 LOCAL_APP_CLUSTER = "local-app"
+METRICS_LISTENER = "metrics"
+ADMIN_CLUSTER = "mesh-admin"
+METRICS_PATH = "/stats/prometheus"
+METRICS_ADDRESS = "0.0.0.0"
 CERTIFICATE_SECRET = "proxy-cert"
 TRUST_BUNDLE_SECRET = "mesh-ca"
 HEALTH_PATH = "/mesh/health"
@@ -68,7 +75,7 @@ def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
     """The desired config of `workload`'s Envoy: one inbound listener, one outbound listener per upstream."""
     proxy = paths.proxy_name(workload)
     trust_domain = mesh.settings.trust_domain
-    upstream_clusters = tuple(_upstream_cluster(mesh, proxy, upstream) for upstream in workload.upstreams)
+    upstream_clusters = tuple(_upstream_cluster(mesh, proxy, workload, upstream) for upstream in workload.upstreams)
     return ProxyConfig(
         proxy=proxy,
         node_id=workload.consul_id,
@@ -81,12 +88,15 @@ def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
             CertificateSecret(CERTIFICATE_SECRET, paths.cert_path(proxy), paths.key_path(proxy)),
             TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.proxy_ca_path(proxy)),
         ),
-        inbound=_inbound(workload, trust_domain),
-        outbound=tuple(_outbound(upstream, cluster.protocol)
+        inbound=_inbound(mesh, workload),
+        outbound=tuple(_outbound(trust_domain, workload, upstream, cluster.protocol)
                        for upstream, cluster in zip(workload.upstreams, upstream_clusters, strict=True)),
         clusters=(_local_app_cluster(proxy, workload), *upstream_clusters),
         max_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
         config_path=paths.envoy_config_path(proxy),
+        metrics=MetricsListener(METRICS_LISTENER, METRICS_ADDRESS, workload.metrics_port, METRICS_LISTENER,
+                                METRICS_PATH, ADMIN_CLUSTER),
+        stats_tags=telemetry.STATS_TAGS,
     )
 
 
@@ -99,7 +109,10 @@ def _admin(proxy: str) -> Admin:
     return Admin(path, ADMIN_SOCKET_MODE)
 
 
-def _inbound(workload: Workload, trust_domain: str) -> InboundListener:
+def _inbound(mesh: Mesh, workload: Workload) -> InboundListener:
+    trust_domain = mesh.settings.trust_domain
+    callers = sorted({caller.service for caller in mesh.workloads
+                      if any(upstream.service == workload.service for upstream in caller.upstreams)})
     return InboundListener(
         name=INBOUND_LISTENER,
         address=INBOUND_ADDRESS,
@@ -108,10 +121,29 @@ def _inbound(workload: Workload, trust_domain: str) -> InboundListener:
         cluster=LOCAL_APP_CLUSTER,
         tls=DownstreamTls(CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET, f"spiffe://{trust_domain}/"),
         health=HealthChain(health_server_name(trust_domain), HEALTH_PATH, LOCAL_APP_CLUSTER, 100),
+        stat_prefix=telemetry.inbound_stat_name(workload.service, workload.version),
+        access_log=telemetry.inbound_access_log(workload.consul_id, workload.protocol,
+                                                spiffe_id(trust_domain, workload.service),
+                                                workload.service, workload.version),
+        internal_cidrs=_internal_cidrs(mesh),
+        callers=tuple(Caller(service, telemetry.CLIENT_CERT_HEADER, f";URI={spiffe_id(trust_domain, service)}")
+                      for service in callers),
     )
 
 
-def _outbound(upstream: Upstream, protocol: Protocol) -> OutboundListener:
+def _internal_cidrs(mesh: Mesh) -> tuple[str, ...]:
+    """Every managed host's address that is an IP literal, as a /32 or /128: requests from them are internal, so
+    the inbound listener keeps their x-request-id (a host name cannot be a CIDR range; its requests keep their id
+    all the same: preserve_external_request_id)."""
+    found = []
+    for host in mesh.hosts:
+        if is_ip(host.connection.address):
+            address = ipaddress.ip_address(host.connection.address)
+            found.append(f"{address}/{address.max_prefixlen}")
+    return tuple(dict.fromkeys(found))
+
+
+def _outbound(trust_domain: str, workload: Workload, upstream: Upstream, protocol: Protocol) -> OutboundListener:
     return OutboundListener(
         name=outbound_listener_name(upstream.service),
         service=upstream.service,
@@ -120,6 +152,12 @@ def _outbound(upstream: Upstream, protocol: Protocol) -> OutboundListener:
         protocol=protocol,
         cluster=upstream_cluster_name(upstream.service),
         retry_policy=None if protocol == "tcp" else RETRIES,
+        stat_prefix=telemetry.outbound_stat_name(workload.service, workload.version, upstream.service),
+        access_log=telemetry.outbound_access_log(workload.consul_id, protocol,
+                                                 spiffe_id(trust_domain, workload.service), workload.service,
+                                                 workload.version, upstream.service),
+        request_headers=() if protocol == "tcp" else telemetry.outbound_request_headers(
+            workload.service, workload.version, workload.consul_id),
     )
 
 
@@ -139,10 +177,15 @@ def _local_app_cluster(proxy: str, workload: Workload) -> Cluster:
         http2=health.kind == "http" and workload.protocol in ("http2", "grpc"),
     )
     return Cluster(LOCAL_APP_CLUSTER, workload.protocol, "STATIC", (Endpoint("127.0.0.1", workload.port),),
-                   check, CONNECT_TIMEOUT_MS)
+                   check, CONNECT_TIMEOUT_MS, stat_name=telemetry.inbound_stat_name(workload.service, workload.version))
 
 
-def _upstream_cluster(mesh: Mesh, proxy: str, upstream: Upstream) -> Cluster:
+def endpoint_metadata(workload: Workload) -> EndpointMetadata:
+    """Who answers at one instance of a service (Consul has the same: Service, Meta version and host, ID)."""
+    return EndpointMetadata(workload.service, workload.version, workload.consul_id, workload.host)
+
+
+def _upstream_cluster(mesh: Mesh, proxy: str, caller: Workload, upstream: Upstream) -> Cluster:
     """Every instance of the upstream service in the mesh, mTLS, checked through its health chain."""
     trust_domain = mesh.settings.trust_domain
     instances = [(host.connection.address, workload) for host in mesh.hosts for workload in host.workloads
@@ -167,12 +210,14 @@ def _upstream_cluster(mesh: Mesh, proxy: str, upstream: Upstream) -> Cluster:
         name=upstream_cluster_name(upstream.service),
         protocol=instances[0][1].protocol,
         discovery="STATIC" if all(is_ip(address) for address, _ in instances) else "STRICT_DNS",
-        endpoints=tuple(Endpoint(address, workload.proxy_port) for address, workload in instances),
+        endpoints=tuple(Endpoint(address, workload.proxy_port, endpoint_metadata(workload))
+                        for address, workload in instances),
         health_check=check,
         connect_timeout_ms=CONNECT_TIMEOUT_MS,
         tls=UpstreamTls(CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET, upstream.service,
                         spiffe_id(trust_domain, upstream.service)),
         outlier_detection=OUTLIER,
+        stat_name=telemetry.outbound_stat_name(caller.service, caller.version, upstream.service),
     )
 
 

@@ -19,11 +19,13 @@ def consistent(cfg: ProxyConfig) -> None:
 
 
 def _duplicates(cfg: ProxyConfig) -> list[str]:
+    metrics = [cfg.metrics] if cfg.metrics is not None else []
     names = [
-        *(f"listener {n!r}" for n in [cfg.inbound.name, *(o.name for o in cfg.outbound)]),
+        *(f"listener {n!r}" for n in [cfg.inbound.name, *(o.name for o in cfg.outbound), *(m.name for m in metrics)]),
         *(f"cluster {c.name!r}" for c in cfg.clusters),
+        *(f"cluster {m.admin_cluster!r}" for m in metrics),
     ]
-    ports = [f"port {p}" for p in [cfg.inbound.port, *(o.port for o in cfg.outbound)]]
+    ports = [f"port {p}" for p in [cfg.inbound.port, *(o.port for o in cfg.outbound), *(m.port for m in metrics)]]
     return [f"{name} appears {count} times" for name, count in Counter(names + ports).items() if count > 1]
 
 

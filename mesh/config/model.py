@@ -15,11 +15,23 @@ Discovery = Literal["STATIC", "STRICT_DNS"]
 
 
 @dataclass(frozen=True)
+class EndpointMetadata:
+    """Who answers at an endpoint (its lb_endpoint's filter_metadata `mesh`): the caller's access log reads the
+    chosen endpoint's version and instance from it."""
+
+    service: str
+    version: str
+    instance: str  # the Consul service id (the callee proxy's node id)
+    host: str  # the inventory host name
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """One address a cluster sends to."""
 
     address: str
     port: int
+    metadata: EndpointMetadata | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class Cluster:
     connect_timeout_ms: int
     tls: UpstreamTls | None = None
     outlier_detection: OutlierDetection | None = None
+    stat_name: str | None = None  # alt_stat_name: the name its stats carry (telemetry.py), else its name
 
     @property
     def http2(self) -> bool:
@@ -124,6 +137,24 @@ class HealthChain:
 
 
 @dataclass(frozen=True)
+class AccessLog:
+    """One JSON line per request (HTTP) or connection (TCP) on stdout: each field a constant or an Envoy command
+    operator (`%...%`), in the order written."""
+
+    fields: tuple[tuple[str, str | bool], ...]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A service that calls this one: a virtual cluster of the inbound route (per-caller stats), matched by the
+    peer's SPIFFE id as the inbound HCM writes it into x-forwarded-client-cert (a caller cannot forge it)."""
+
+    service: str
+    header: str
+    suffix: str
+
+
+@dataclass(frozen=True)
 class InboundListener:
     """mTLS on proxy_port: the default chain forwards to the local app, the health chain reports on it."""
 
@@ -134,6 +165,10 @@ class InboundListener:
     cluster: str
     tls: DownstreamTls
     health: HealthChain
+    stat_prefix: str = "inbound"  # also the name of the app route's virtual host
+    access_log: AccessLog = AccessLog(())
+    internal_cidrs: tuple[str, ...] = ()  # the mesh's host addresses: their x-request-id is kept
+    callers: tuple[Caller, ...] = ()
 
     @property
     def http(self) -> bool:
@@ -151,6 +186,9 @@ class OutboundListener:
     protocol: Protocol
     cluster: str
     retry_policy: RetryPolicy | None  # http-ish only
+    stat_prefix: str = ""  # the listener's name when empty
+    access_log: AccessLog = AccessLog(())
+    request_headers: tuple[tuple[str, str], ...] = ()  # set on every request, overwriting what the app sent
 
     @property
     def http(self) -> bool:
@@ -164,6 +202,28 @@ class Admin:
 
     socket_path: str
     mode: int  # of the socket Envoy creates
+
+
+@dataclass(frozen=True)
+class MetricsListener:
+    """Plain HTTP on metrics_port: `GET <path>` goes to Envoy's admin socket (cluster `admin_cluster`), every other
+    request is answered 404. No access log (scrapers would flood it)."""
+
+    name: str
+    address: str
+    port: int
+    stat_prefix: str
+    path: str
+    admin_cluster: str  # a STATIC cluster whose one endpoint is the admin socket (a pipe)
+
+
+@dataclass(frozen=True)
+class StatsTag:
+    """A custom tag extractor (stats_config.stats_tags): `regex`'s first group is cut from the stat name, its
+    second (or the first) is the value of tag `name` (a Prometheus label)."""
+
+    name: str
+    regex: str
 
 
 @dataclass(frozen=True)
@@ -183,6 +243,8 @@ class ProxyConfig:
     clusters: tuple[Cluster, ...]
     max_downstream_connections: int
     config_path: str
+    metrics: MetricsListener | None = None
+    stats_tags: tuple[StatsTag, ...] = ()
 
     def cluster(self, name: str) -> Cluster:
         for cluster in self.clusters:

@@ -96,9 +96,10 @@ class TwoServiceMesh:
 def two_service_mesh(api_app_port: int, trust_domain: str = "loop.mesh") -> TwoServiceMesh:
     """A mesh of two workloads with free ports; api's app is expected at 127.0.0.1:api_app_port."""
     web = Workload("h-web", 0, "web", free_port(), trust_domain, proxy_port=free_port(CLIENT_ADDRESS),
-                   admin_port=free_port(), upstreams=(Upstream("api", free_port()),))
+                   admin_port=free_port(), metrics_port=free_port(CLIENT_ADDRESS),
+                   upstreams=(Upstream("api", free_port()),))
     api = Workload("h-api", 0, "api", api_app_port, trust_domain, proxy_port=free_port(SERVER_ADDRESS),
-                   admin_port=free_port(),
+                   admin_port=free_port(), metrics_port=free_port(SERVER_ADDRESS),
                    health=Health("http", "/healthz", datetime.timedelta(seconds=1), datetime.timedelta(seconds=1)))
     hosts = (ManagedHost(web.host, "vm", Connection(CLIENT_ADDRESS), (web,)),
              ManagedHost(api.host, "vm", Connection(SERVER_ADDRESS), (api,)))
@@ -137,13 +138,14 @@ def issue_identities(state_dir: Path, trust_domain: str, workloads: tuple[Worklo
 
 def proxy_config_in(cfg: ProxyConfig, folder: Path, inbound_address: str | None = None) -> ProxyConfig:
     """cfg with its proxy folder at `folder` instead of /etc/mesh/proxies/<proxy> (envoy.yaml, xds/, the `tls`
-    link, ca.pem, admin/admin.sock there), and its inbound listener on inbound_address when given."""
+    link, ca.pem, admin/admin.sock there), and its inbound and metrics listeners on inbound_address when given."""
     root = str(folder)
     secrets = Secrets(CertificateSecret(cfg.secrets.certificate.name, f"{root}/tls/cert.pem", f"{root}/tls/key.pem"),
                       TrustBundleSecret(cfg.secrets.trust_bundle.name, f"{root}/{paths.PROXY_CA_NAME}"))
     inbound = replace(cfg.inbound, address=inbound_address) if inbound_address else cfg.inbound
+    metrics = replace(cfg.metrics, address=inbound_address) if inbound_address and cfg.metrics else cfg.metrics
     return replace(cfg, config_path=f"{root}/envoy.yaml", admin=Admin(f"{root}/admin/admin.sock", cfg.admin.mode),
-                   secrets=secrets, inbound=inbound)
+                   secrets=secrets, inbound=inbound, metrics=metrics)
 
 
 def mesh_proxy_files(loop: TwoServiceMesh, workload: Workload, folder: Path) -> ProxyFiles:

@@ -11,7 +11,7 @@ import pytest
 from test_render import golden_mesh, workload
 
 from mesh.config import ConfigError, InconsistentConfig, compute_proxy_config, consistent
-from mesh.config.model import Endpoint, ProxyConfig
+from mesh.config.model import Endpoint, EndpointMetadata, ProxyConfig
 
 
 def config(host: str, service: str) -> ProxyConfig:
@@ -59,7 +59,8 @@ def test_local_app_is_checked_as_the_inventory_says() -> None:
 def test_upstream_cluster_lists_every_instance_with_mtls_to_its_identity() -> None:
     cfg = config("vm1", "web")
     api = cfg.cluster("upstream-api")
-    assert api.endpoints == (Endpoint("10.0.0.12", 21000), Endpoint("10.0.0.13", 21000))
+    assert api.endpoints == (Endpoint("10.0.0.12", 21000, EndpointMetadata("api", "v1", "api-vm2-9090", "vm2")),
+                             Endpoint("10.0.0.13", 21000, EndpointMetadata("api", "v2", "api-vm3-9090", "vm3")))
     assert api.discovery == "STATIC" and cfg.cluster("upstream-report").discovery == "STRICT_DNS"
     assert api.tls is not None
     assert (api.tls.server_name, api.tls.peer_spiffe_id) == ("api", "spiffe://golden.mesh/svc/api")
@@ -77,7 +78,35 @@ def test_outbound_listeners_follow_the_upstream_protocol() -> None:
     assert (pricing.port, pricing.protocol) == (19103, "grpc") and pricing.retry_policy is not None
     assert 1 <= pricing.retry_policy.num_retries <= 2 and "connect-failure" in pricing.retry_policy.retry_on
     assert cfg.cluster("upstream-pricing").http2 and not cfg.cluster("upstream-db").http2
-    assert cfg.cluster("upstream-db").endpoints == (Endpoint("10.0.0.12", 21001),)
+    assert cfg.cluster("upstream-db").endpoints == (
+        Endpoint("10.0.0.12", 21001, EndpointMetadata("db", "v1", "db-vm2-5432", "vm2")),)
+
+
+def test_stat_names_say_who_calls_whom_and_the_callee_knows_its_callers() -> None:
+    web, api = config("vm1", "web"), config("vm3", "api")  # api on vm3 is version v2
+    assert web.cluster("upstream-api").stat_name == web.outbound[0].stat_prefix == "outbound|web|v1|api"
+    assert api.cluster("local-app").stat_name == api.inbound.stat_prefix == "inbound|api|v2"
+    assert [(c.service, c.header, c.suffix) for c in api.inbound.callers] == [
+        ("web", "x-forwarded-client-cert", ";URI=spiffe://golden.mesh/svc/web")]
+    assert web.inbound.callers == ()  # nobody calls web
+    # the mesh's IP literal addresses are internal (vm4's address is a name)
+    assert api.inbound.internal_cidrs == ("10.0.0.3/32", "10.0.0.11/32", "10.0.0.12/32", "10.0.0.13/32")
+    assert dict(web.outbound[0].request_headers) == {"x-mesh-source-service": "web", "x-mesh-source-version": "v1",
+                                                     "x-mesh-source-instance": "web-vm1-8080"}
+    assert web.metrics is not None and (web.metrics.port, web.metrics.path) == (20000, "/stats/prometheus")
+
+
+def test_access_log_fields_are_the_designed_ones() -> None:
+    web, db = config("vm1", "web"), config("vm2", "db")
+    outbound = dict(web.outbound[0].access_log.fields)
+    assert outbound["mesh"] == "access" and outbound["direction"] == "outbound" and outbound["mtls"] is True
+    assert outbound["destination_identity"] == "%UPSTREAM_PEER_URI_SAN%"
+    assert outbound["destination_version"] == "%METADATA(UPSTREAM_HOST:mesh:version)%"
+    assert outbound["request_id"] == "%REQ(X-REQUEST-ID)%" and outbound["status"] == "%RESPONSE_CODE%"
+    tcp_inbound = dict(db.inbound.access_log.fields)
+    assert tcp_inbound["protocol"] == "tcp" and tcp_inbound["source_identity"] == "%DOWNSTREAM_PEER_URI_SAN%"
+    assert "request_id" not in tcp_inbound and "source_service" not in tcp_inbound
+    assert tcp_inbound["destination_instance"] == "db-vm2-5432" == tcp_inbound["proxy"]
 
 
 def test_no_upstreams_means_only_the_inbound_side() -> None:

@@ -279,8 +279,9 @@ def test_the_controllers_account_is_removed_even_while_a_controller_is_logged_in
 
 
 def test_reordering_a_hosts_workloads_changes_no_access_file_and_no_spec(tmp_path: Path) -> None:
-    two = ("            - {service: api, port: 9090, proxy_port: 21000}\n"
-           "            - {service: db, port: 5432, protocol: tcp, proxy_port: 21001}\n")
+    # (ports given: their defaults follow the position in the list)
+    two = ("            - {service: api, port: 9090, proxy_port: 21000, metrics_port: 20000}\n"
+           "            - {service: db, port: 5432, protocol: tcp, proxy_port: 21001, metrics_port: 20001}\n")
     swapped = "".join(reversed(two.splitlines(keepends=True)))
     plans = []
     for name, workloads in (("one", two), ("two", swapped)):

@@ -176,9 +176,12 @@ def test_rendered_files_are_the_model() -> None:
         f"{xds}/rds.outbound-report.yaml", f"{xds}/lds.yaml", f"/etc/mesh/proxies/{files.proxy}/envoy.yaml"]
     assert [file.kind for file in files.files] == ["secret"] * 2 + ["resource"] * 8 + ["bootstrap"]
     assert [listener["name"] for listener in resources(files, "lds.yaml")] == ["inbound", "outbound-api",
-                                                                               "outbound-report"]
+                                                                               "outbound-report", "metrics"]
     clusters = {cluster["name"]: cluster for cluster in resources(files, "cds.yaml")}
-    assert list(clusters) == ["local-app", "upstream-api", "upstream-report"]
+    assert list(clusters) == ["local-app", "upstream-api", "upstream-report", "mesh-admin"]
+    # the metrics listener's way to the admin socket
+    assert clusters["mesh-admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] \
+        == {"pipe": {"path": f"/etc/mesh/proxies/{files.proxy}/admin/admin.sock"}}
     # IP addresses come through EDS (their own file); vm4's ansible_host is a name: STRICT_DNS, inline
     assert clusters["upstream-api"]["type"] == "EDS" and "load_assignment" not in clusters["upstream-api"]
     assert clusters["upstream-report"]["type"] == "STRICT_DNS"
@@ -188,7 +191,8 @@ def test_rendered_files_are_the_model() -> None:
     addresses = [e["endpoint"]["address"]["socket_address"] for e in assignment["endpoints"][0]["lb_endpoints"]]
     assert addresses == [{"address": "10.0.0.12", "port_value": 21000}, {"address": "10.0.0.13", "port_value": 21000}]
     bootstrap = yaml.safe_load(files.bootstrap.content)
-    assert set(bootstrap) == {"node", "admin", "overload_manager", "dynamic_resources"}  # no resource in it
+    # no resource in it
+    assert set(bootstrap) == {"node", "admin", "overload_manager", "dynamic_resources", "stats_config"}
     assert bootstrap["node"]["metadata"] == {"mesh_bootstrap_sha256": files.bootstrap_sha256}
     assert bootstrap["admin"]["address"] == {"pipe": {"path": f"/etc/mesh/proxies/{files.proxy}/admin/admin.sock",
                                                       "mode": 0o600}}
@@ -250,7 +254,8 @@ def test_a_cluster_that_leaves_is_kept_until_the_routes_stop_naming_it() -> None
     xds = f"{after.proxy_dir}/xds"
     assert [file.path for file in steps] == [f"{xds}/cds.yaml", f"{xds}/lds.yaml", f"{xds}/cds.yaml"]
     kept = [cluster["name"] for cluster in yaml.safe_load(steps[0].content)["resources"]]
-    assert kept == ["local-app", "upstream-api", "upstream-report"]  # the new ones, then the one that leaves
+    # the new ones, then the one that leaves
+    assert kept == ["local-app", "upstream-api", "mesh-admin", "upstream-report"]
     assert steps[2] == after.file(f"{xds}/cds.yaml")
     assert stale_paths(after, on_host) == (f"{xds}/rds.outbound-report.yaml",)
     # without the host's cds.yaml, mesh cannot know what leaves: the plain order

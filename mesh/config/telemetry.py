@@ -1,0 +1,129 @@
+"""What a proxy reports about the traffic it carries: stat names and the tags Prometheus labels come from, and the
+fields of its JSON access log lines (design19 3.1, 3.3). Pure.
+
+It owns these names and formats so that config, the golden files and every reader agree; it must not render text.
+"""
+
+from __future__ import annotations
+
+from mesh.config.model import AccessLog, StatsTag
+from mesh.inventory.model import Protocol
+
+ACCESS_MARKER = "access"  # the `mesh` field of every access line: what readers filter on
+SOURCE_SERVICE_HEADER = "x-mesh-source-service"
+SOURCE_VERSION_HEADER = "x-mesh-source-version"
+SOURCE_INSTANCE_HEADER = "x-mesh-source-instance"
+CLIENT_CERT_HEADER = "x-forwarded-client-cert"
+ENDPOINT_METADATA_NAMESPACE = "mesh"  # filter_metadata key of every upstream lb_endpoint
+
+# Stat names mesh composes: `outbound|S|V|D` (caller S at version V, upstream D), `inbound|D|W` (callee D at W).
+# Envoy splits stat names on dots, so a version's '.' is written '_'; service names are DNS labels (no '|' or '.').
+_PART = r"[^|.]+"
+_OUT = r"(?:cluster|http|tcp)\.outbound\|"
+_IN = r"(?:cluster|http|tcp|vhost)\.inbound\|"
+STATS_TAGS = (
+    StatsTag("source_service", rf"^(?:{_OUT}|vhost\.inbound\|{_PART}\|{_PART}\.vcluster\.)({_PART})[|.]"),
+    StatsTag("source_version", rf"^{_OUT}{_PART}\|({_PART})\|"),
+    StatsTag("destination_service", rf"^(?:{_OUT}{_PART}\|{_PART}\||{_IN})({_PART})[|.]"),
+    StatsTag("destination_version", rf"^{_IN}{_PART}\|({_PART})\."),
+)
+
+
+def stat_version(version: str) -> str:
+    return version.replace(".", "_")
+
+
+def outbound_stat_name(service: str, version: str, upstream: str) -> str:
+    """The caller side of an edge: the upstream cluster's alt_stat_name and the outbound HCM's or tcp_proxy's
+    stat_prefix."""
+    return f"outbound|{service}|{stat_version(version)}|{upstream}"
+
+
+def inbound_stat_name(service: str, version: str) -> str:
+    """The callee side: the local app cluster's alt_stat_name, the inbound app chain's stat_prefix and the name of
+    its route's virtual host."""
+    return f"inbound|{service}|{stat_version(version)}"
+
+
+_HTTP_FIELDS: tuple[tuple[str, str], ...] = (
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("status", "%RESPONSE_CODE%"),
+    ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+)
+_CONNECTION_FIELDS: tuple[tuple[str, str], ...] = (
+    ("source_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    ("duration_ms", "%DURATION%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("connection_termination_details", "%CONNECTION_TERMINATION_DETAILS%"),
+    ("upstream_transport_failure_reason", "%UPSTREAM_TRANSPORT_FAILURE_REASON%"),
+)
+
+
+def _request_header(name: str) -> str:
+    return f"%REQ({name.upper()})%"
+
+
+def _upstream_host_metadata(key: str) -> str:
+    return f"%METADATA(UPSTREAM_HOST:{ENDPOINT_METADATA_NAMESPACE}:{key})%"
+
+
+def _line(proxy: str, direction: str, protocol: Protocol, identity: tuple[tuple[str, str], ...], mtls: bool) \
+        -> AccessLog:
+    head: tuple[tuple[str, str | bool], ...] = (
+        ("mesh", ACCESS_MARKER),
+        ("time", "%START_TIME(%Y-%m-%dT%H:%M:%S.%6fZ)%"),
+        ("proxy", proxy),
+        ("direction", direction),
+        ("protocol", protocol),
+    )
+    http = _HTTP_FIELDS if protocol != "tcp" else ()
+    return AccessLog((*head, *identity, *_CONNECTION_FIELDS, ("mtls", mtls), *http))
+
+
+def inbound_access_log(proxy: str, protocol: Protocol, spiffe_id: str, service: str, version: str) -> AccessLog:
+    """The callee's line: the peer's id from its certificate; on HTTP the caller's service, version and instance
+    from the headers the caller's Envoy set (outbound_request_headers); on TCP they are not known."""
+    callers = () if protocol == "tcp" else (
+        ("source_service", _request_header(SOURCE_SERVICE_HEADER)),
+        ("source_version", _request_header(SOURCE_VERSION_HEADER)),
+        ("source_instance", _request_header(SOURCE_INSTANCE_HEADER)),
+    )
+    identity = (
+        ("source_identity", "%DOWNSTREAM_PEER_URI_SAN%"),
+        ("destination_identity", spiffe_id),
+        *callers,
+        ("destination_service", service),
+        ("destination_version", version),
+        ("destination_instance", proxy),
+    )
+    return _line(proxy, "inbound", protocol, identity, mtls=True)
+
+
+def outbound_access_log(proxy: str, protocol: Protocol, spiffe_id: str, service: str, version: str,
+                        upstream: str) -> AccessLog:
+    """The caller's line: the callee's id from its certificate, its version and instance from the chosen
+    endpoint's metadata."""
+    identity = (
+        ("source_identity", spiffe_id),
+        ("destination_identity", "%UPSTREAM_PEER_URI_SAN%"),
+        ("source_service", service),
+        ("source_version", version),
+        ("source_instance", proxy),
+        ("destination_service", upstream),
+        ("destination_version", _upstream_host_metadata("version")),
+        ("destination_instance", _upstream_host_metadata("instance")),
+    )
+    return _line(proxy, "outbound", protocol, identity, mtls=True)
+
+
+def outbound_request_headers(service: str, version: str, proxy: str) -> tuple[tuple[str, str], ...]:
+    """What the caller's Envoy writes on every outbound HTTP request (overwriting the app's): the callee's access
+    line reads them."""
+    return ((SOURCE_SERVICE_HEADER, service), (SOURCE_VERSION_HEADER, version), (SOURCE_INSTANCE_HEADER, proxy))
