@@ -90,6 +90,7 @@ def sidecar_command(workload: Workload, since: datetime, follow: bool = False) -
 def read_commands(logs: HostLogs, since: datetime, follow: bool = False) -> tuple[str, ...]:
     """The commands that print these proxies' logs on their host: one journalctl on a VM, one docker logs per
     sidecar on a container host; when following, each ends with its SSH channel (until_closed)."""
+    commands: tuple[str, ...]
     if logs.host.kind == "vm":
         commands = (journal_command(logs.proxies, since, follow),)
     else:
