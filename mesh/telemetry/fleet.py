@@ -224,6 +224,7 @@ def _edges(deltas: list[_Delta], protocols: Mapping[str, str], version: _Version
     total: dict[tuple[str, str], _Tally] = defaultdict(_Tally)
     by_source: dict[tuple[str, str], dict[str, _Tally]] = defaultdict(lambda: defaultdict(_Tally))
     by_destination: dict[tuple[str, str], dict[str, _Tally]] = defaultdict(lambda: defaultdict(_Tally))
+    services = set(protocols)
     protocols = {**_seen_protocols(deltas), **protocols}
     for delta in deltas:
         labels = delta.labels
@@ -235,19 +236,20 @@ def _edges(deltas: list[_Delta], protocols: Mapping[str, str], version: _Version
             tallies = (total[edge], by_source[edge][version(edge[0], labels[SOURCE_VERSION])])
             _count(delta, tallies, CONNECTIONS if tcp else CALLER_REQUESTS, CONNECT_FAILURES if tcp else None,
                    CONNECTION_LENGTH if tcp else CALLER_LATENCY)
-        elif DESTINATION_VERSION in labels and not tcp:  # the callee's virtual cluster of this caller
+        elif DESTINATION_VERSION in labels and not tcp:  # the callee's virtual cluster of this caller (its
+            # catch-all `other`, requests no mesh service's certificate made, is an edge only from a known service)
             tally = by_destination[edge][version(edge[1], labels[DESTINATION_VERSION])]
             _count(delta, (tally,), PER_SOURCE_REQUESTS, None, PER_SOURCE_LATENCY)
     for edge, versions in by_destination.items():  # per code only when Envoy gave no _xx family
         if all(tally.rate == 0 for tally in versions.values()):
             for delta in deltas:
-                if delta.name == PER_SOURCE_CODES and delta.le is None and _edge_of(delta) == edge:
+                if delta.name == PER_SOURCE_CODES and CODE in delta.labels and _edge_of(delta) == edge:
                     tally = versions[version(edge[1], delta.labels.get(DESTINATION_VERSION, ""))]
                     tally.rate += delta.value
                     tally.errors += delta.value if _is_error(delta.labels) else 0.0
     return tuple(EdgeNumbers(edge[0], edge[1], protocols.get(edge[1], "http"), total[edge].numbers(),
                              _numbers(by_source.get(edge, {})), _numbers(by_destination.get(edge, {})))
-                 for edge in sorted(set(total) | set(by_destination)))
+                 for edge in sorted(set(total) | {edge for edge in by_destination if edge[0] in services}))
 
 
 def _seen_protocols(deltas: list[_Delta]) -> dict[str, str]:

@@ -109,6 +109,25 @@ def test_an_http_edge_is_split_by_destination_version_as_the_callees_measured() 
     assert v2.p99_ms is not None and 500 < v2.p99_ms <= 1000
 
 
+def test_per_source_numbers_come_from_response_codes_when_envoy_gives_no_classes() -> None:
+    def text(ok: float, failed: float, unknown: float) -> str:
+        callee = {"destination_service": "api", "destination_version": "v1"}
+        per_code = "envoy_vhost_vcluster_upstream_rq"
+        return (PromText()
+                .counter(per_code, {"source_service": "web", **callee, "envoy_response_code": "200"}, ok)
+                .counter(per_code, {"source_service": "web", **callee, "envoy_response_code": "503"}, failed)
+                .counter("envoy_vhost_vcluster_upstream_rq_total", {"source_service": "web", **callee}, ok + failed)
+                .counter(per_code, {"source_service": "other", **callee, "envoy_response_code": "200"}, unknown)
+                .text())
+
+    before = snapshot(1000.0, {"vm2/api-9090": text(10, 0, 0), "vm1/web-8080": ""})
+    after = snapshot(1002.0, {"vm2/api-9090": text(16, 2, 5), "vm1/web-8080": ""})
+    edges = fleet_numbers(before, after).edges
+    assert [(edge.source, edge.destination) for edge in edges] == [("web", "api")]  # Envoy's catch-all `other`: no
+    v1 = edges[0].by_destination_version["v1"]
+    assert (v1.rate, v1.error_rate) == (pytest.approx(4.0), pytest.approx(0.25))
+
+
 def test_a_tcp_edge_counts_connections_and_connect_failures() -> None:
     before = snapshot(1000.0, {"vm2/api-9090": api("v1", 0, 0, [], 10, 1)})
     after = snapshot(1004.0, {"vm2/api-9090": api("v1", 0, 0, [], 18, 3)})
