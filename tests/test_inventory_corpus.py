@@ -34,6 +34,8 @@ MESH_VALID = [
     GOOD / "21-mesh-example-yaml" / "hosts.yaml",
     GOOD / "22-mesh-example-ini" / "hosts.ini",
     GOOD / "35-mesh-group-vars" / "hosts.yaml",
+    GOOD / "37-mesh-metrics-yaml" / "hosts.yaml",
+    GOOD / "38-mesh-metrics-ini" / "hosts.ini",
     REPO / "inventory" / "example.yaml",
     REPO / "inventory" / "example-ini" / "hosts.ini",
 ]
