@@ -107,6 +107,7 @@ def test_inventory_is_read_alike_by_mesh_and_ansible(lab: LabUp, tmp_path: Path)
     assert groups["containers"]["hosts"] == ["dock1"]
     assert groups["mesh_controllers"]["hosts"] == ["ctl1", "ctl2"]
     assert groups["consul"]["hosts"] == ["consul1"]
+    assert groups["monitoring"]["children"] == ["consul"]  # mesh_metrics_scrapers: [monitoring]
     ping = subprocess.run([str(ansible_bin / "ansible"), "all", "-i", str(lab.inventory), "-m", "ping"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, check=False, timeout=120)
     assert ping.returncode == 0, ping.stdout + ping.stderr
