@@ -14,15 +14,28 @@ import yaml
 
 from mesh import catalog
 from mesh.config.compute import is_ip
+from mesh.config.telemetry import ENDPOINT_METADATA_NAMESPACE
 from mesh.render import ENDPOINT_TYPE, RenderedFile, resource_file
 
 
 @dataclass(frozen=True, order=True)
 class Endpoint:
-    """One instance as Envoy reaches it: the service Address (the node's when empty) and Port."""
+    """One instance as Envoy reaches it: the service Address (the node's when empty) and Port; and who answers
+    there (Service, Meta version and host, ID: the lb_endpoint's metadata, which callers' access logs read; empty
+    when Consul does not say)."""
 
     address: str
     port: int
+    service: str = ""
+    version: str = ""
+    instance: str = ""
+    host: str = ""
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """filter_metadata `mesh` of its lb_endpoint: the keys Consul gave a value."""
+        found = {"service": self.service, "version": self.version, "instance": self.instance, "host": self.host}
+        return {key: value for key, value in found.items() if value}
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,9 @@ def service_endpoints(service: str, entries: Iterable[Mapping[str, Any]], mesh_i
         meta = svc.get("Meta") or {}
         if meta.get(catalog.MANAGED_BY) != catalog.MESH or meta.get(catalog.MESH_ID) != mesh_id:
             continue
-        endpoint = Endpoint(str(svc.get("Address") or node.get("Address") or ""), int(svc.get("Port") or 0))
+        endpoint = Endpoint(str(svc.get("Address") or node.get("Address") or ""), int(svc.get("Port") or 0),
+                            str(svc.get("Service") or ""), str(meta.get("version") or ""), str(svc.get("ID") or ""),
+                            str(meta.get("host") or ""))
         if not is_ip(endpoint.address) or not 0 < endpoint.port < 65536:
             continue  # an EDS file holds IP addresses only (a name would be a STRICT_DNS cluster's)
         registered.add(endpoint)
@@ -65,13 +80,16 @@ def chosen_endpoints(seen: ServiceEndpoints) -> tuple[Endpoint, ...] | None:
 
 
 def file_endpoints(file: RenderedFile) -> tuple[Endpoint, ...]:
-    """The endpoints an EDS file holds now (sorted)."""
+    """The endpoints an EDS file holds now (sorted), with their metadata."""
     assignment = _assignment(file)
     found = set()
     for locality in assignment.get("endpoints") or []:
         for item in locality.get("lb_endpoints") or []:
             socket = item["endpoint"]["address"]["socket_address"]
-            found.add(Endpoint(str(socket["address"]), int(socket["port_value"])))
+            who = ((item.get("metadata") or {}).get("filter_metadata") or {}).get(ENDPOINT_METADATA_NAMESPACE) or {}
+            found.add(Endpoint(str(socket["address"]), int(socket["port_value"]), str(who.get("service") or ""),
+                               str(who.get("version") or ""), str(who.get("instance") or ""),
+                               str(who.get("host") or "")))
     return tuple(sorted(found))
 
 
@@ -85,11 +103,18 @@ def with_endpoints(proxy: str, file: RenderedFile, endpoints: tuple[Endpoint, ..
     assignment = dict(_assignment(file))
     localities = list(assignment.get("endpoints") or [{}])
     first = {key: value for key, value in dict(localities[0] or {}).items() if key != "lb_endpoints"}
-    first["lb_endpoints"] = [{"endpoint": {"address": {"socket_address": {"address": endpoint.address,
-                                                                         "port_value": endpoint.port}}}}
-                             for endpoint in wanted]
+    first["lb_endpoints"] = [_lb_endpoint(endpoint) for endpoint in wanted]
     assignment["endpoints"] = [first]
     return resource_file(proxy, file.path, file.kind, (assignment,))
+
+
+def _lb_endpoint(endpoint: Endpoint) -> dict[str, Any]:
+    """One lb_endpoint as the deploy renders it (templates/envoy/_macros.j2 load_assignment)."""
+    item: dict[str, Any] = {"endpoint": {"address": {"socket_address": {"address": endpoint.address,
+                                                                        "port_value": endpoint.port}}}}
+    if endpoint.metadata:
+        item["metadata"] = {"filter_metadata": {ENDPOINT_METADATA_NAMESPACE: endpoint.metadata}}
+    return item
 
 
 def _assignment(file: RenderedFile) -> Mapping[str, Any]:

@@ -102,9 +102,10 @@ def remembered(known: KnownEndpoints, seen: ServiceEndpoints) -> KnownEndpoints:
 
 def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints) -> ProxySnapshot:
     """One proxy's desired files: each EDS file of proxy.endpoints rewritten with its service's known endpoints
-    (left as the plan wrote it when none are known: `unsettled`, and a host's own file stays). Its validation key is the plan's file set: a rewrite only
-    replaces lb_endpoints with IP:port pairs (endpoints.py takes no other), which cannot make Envoy refuse a set
-    it accepted, so the controller runs Envoy once per plan file set, not once per endpoint change."""
+    (left as the plan wrote it when none are known: `unsettled`, and a host's own file stays). Its validation key is
+    the plan's file set: a rewrite only replaces lb_endpoints with IP:port pairs and their metadata strings
+    (endpoints.py takes no other), which cannot make Envoy refuse a set it accepted, so the controller runs Envoy
+    once per plan file set, not once per endpoint change."""
     files = spec_files(proxy)
     rewritten, unsettled = [], set()
     for file in files.files:

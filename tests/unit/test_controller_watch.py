@@ -53,7 +53,7 @@ def test_answers_errors_and_staleness() -> None:
     assert watch.staleness_s() == 3  # nothing answered yet
     watch.step()
     watch.step()  # the same instances again: not delivered twice
-    assert [seen.up for seen in delivered] == [(Endpoint("10.0.0.11", 80),)]
+    assert [seen.up for seen in delivered] == [(Endpoint("10.0.0.11", 80, "api", "", "api-10.0.0.11"),)]
     assert watch.staleness_s() == 0
     watch.step()
     time[0] += 7
@@ -63,7 +63,7 @@ def test_answers_errors_and_staleness() -> None:
     watch.step()  # back, with an index that went backwards (Consul restarted)
     assert asked == [0, 5, 6, 6, 6]
     assert watch.index == 0 and watch.staleness_s() == 0  # the next query reads afresh
-    assert delivered[-1].up == (Endpoint("10.0.0.12", 80),)
+    assert delivered[-1].up == (Endpoint("10.0.0.12", 80, "api", "", "api-10.0.0.12"),)
 
 
 @pytest.mark.parametrize("returned", [0, -1])
