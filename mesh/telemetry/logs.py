@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from mesh.config import paths
 from mesh.containers.sidecar import sidecar_name
@@ -161,6 +161,7 @@ def gather(selected: tuple[HostLogs, ...], since: datetime, keep: LineFilter,
 # ---- following -------------------------------------------------------------------------------------------
 
 
+@runtime_checkable
 class Streaming(Protocol):
     """What following needs of a connector: SSHConnector.stream."""
 
@@ -179,6 +180,12 @@ class _Ended:
 _Item = AccessLine | _Ended
 
 
+def _put(text: bytes, out: queue.Queue[_Item]) -> None:
+    line = parse_access_line(text.decode(errors="replace"))
+    if line is not None:
+        out.put(line)
+
+
 def _pump(host: str, chunks: Iterator[bytes], out: queue.Queue[_Item]) -> None:
     """Lines of one stream into the queue, then how it ended."""
     pending = b""
@@ -187,9 +194,8 @@ def _pump(host: str, chunks: Iterator[bytes], out: queue.Queue[_Item]) -> None:
             pending += chunk
             *complete, pending = pending.split(b"\n")
             for text in complete:
-                line = parse_access_line(text.decode(errors="replace"))
-                if line is not None:
-                    out.put(line)
+                _put(text, out)
+        _put(pending, out)  # a last line without its newline
         out.put(_Ended(host))
     except HostUnreachable as exc:
         out.put(_Ended(host, exc.detail, unreachable=True))
@@ -215,7 +221,7 @@ def follow(selected: tuple[HostLogs, ...], since: datetime, keep: LineFilter, em
             continue
         connectors.append(connector)
         for command in read_commands(logs, since, follow=True):
-            if not hasattr(connector, "stream"):
+            if not isinstance(connector, Streaming):
                 got.failed[logs.host.name] = "its connection cannot stream (a local connection)"
                 warn(f"{logs.host.name}: {got.failed[logs.host.name]}")
                 break
