@@ -165,6 +165,13 @@ def samples(workload: Workload) -> list[tuple[str, str, dict[str, str], float]]:
             for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
+def flushed(found: list[tuple[str, str, dict[str, str], float]], name: str, labels: dict[str, str]) \
+        -> list[tuple[str, str, dict[str, str], float]] | None:
+    """`found` once a sample `name` with these labels counts something (else None: not flushed yet)."""
+    return found if any(sample == name and labels.items() <= have.items() and v >= 1
+                        for _family, sample, have, v in found) else None
+
+
 def value(found: list[tuple[str, str, dict[str, str], float]], name: str, **labels: str) -> float:
     """The sum of the samples called `name` that carry at least these labels."""
     matching = [v for _family, sample, have, v in found if sample == name and labels.items() <= have.items()]
@@ -224,7 +231,7 @@ def test_one_request_and_one_connection_are_logged_and_counted_under_mesh_labels
                 assert isinstance(line["bytes_sent"], int) and line["bytes_sent"] > 0
                 assert isinstance(line["duration_ms"], int)
                 assert line["time"].endswith("Z") and datetime.datetime.fromisoformat(line["time"][:-1])
-                assert line["response_flags"] == "-" or line["response_flags"] is None
+                assert line["response_flags"] == "-"  # Envoy's "no flag"
             assert caller["upstream_host"] == f"{ADDRESSES['api']}:{api.proxy_port}"
             assert callee["upstream_host"] == f"127.0.0.1:{api.port}"
             # (web's Envoy connects from 127.0.0.1 here: on loopback the kernel picks that source address)
@@ -245,9 +252,15 @@ def test_one_request_and_one_connection_are_logged_and_counted_under_mesh_labels
                     "destination_version": "v3", "destination_instance": db.consul_id}
             assert tcp_in.get("source_service") is None and tcp_in["destination_instance"] == db.consul_id
 
-            # (b) Prometheus text with mesh's labels
-            at_web, at_api, at_db = samples(web), samples(api), samples(db)
+            # (b) Prometheus text with mesh's labels (histograms show at Envoy's next stats flush, every 5 s)
             edge = {"source_service": "web", "source_version": "v1", "destination_service": "api"}
+            callee_labels = {"destination_service": "api", "destination_version": "2_0_1"}
+            at_web = eventually(lambda: flushed(samples(web), "envoy_cluster_upstream_rq_time_count", edge), WAIT_S,
+                                "web's latency histogram counts the request", envoys["web"].log)
+            at_api = eventually(lambda: flushed(samples(api), "envoy_vhost_vcluster_upstream_rq_time_count",
+                                                {**callee_labels, "source_service": "web"}), WAIT_S,
+                                "api's latency histogram counts the request", envoys["api"].log)
+            at_db = samples(db)
             families = {family for family, _sample, _labels, _value in at_web}
             assert {"envoy_cluster_upstream_rq", "envoy_cluster_upstream_rq_xx", "envoy_cluster_upstream_rq_time",
                     "envoy_cluster_upstream_cx", "envoy_cluster_upstream_cx_connect_fail"} <= families
@@ -264,7 +277,6 @@ def test_one_request_and_one_connection_are_logged_and_counted_under_mesh_labels
                          envoy_response_code_class="2") >= 1
             assert value(at_web, "envoy_tcp_downstream_cx_total", source_service="web", destination_service="db") >= 1
 
-            callee_labels = {"destination_service": "api", "destination_version": "2_0_1"}
             assert value(at_api, "envoy_http_downstream_rq_xx_total", **callee_labels, envoy_response_code_class="2") >= 1
             assert value(at_api, "envoy_http_downstream_rq_time_bucket", **callee_labels, le="+Inf") >= 1
             assert value(at_api, "envoy_vhost_vcluster_upstream_rq_total", **callee_labels, source_service="web",

@@ -44,6 +44,7 @@ from lab_helpers import LabUp
 
 from mesh.config import paths
 from mesh.config.compute import upstream_cluster_name
+from mesh.config.telemetry import outbound_stat_name
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.validate import build_mesh
 from mesh.testing.certs import MeshCAProbeIssuer
@@ -221,8 +222,9 @@ def test_web_reaches_api_on_a_vm_and_db_over_tcp_through_mtls(fleet: LabUp) -> N
                              "timeout=5); s.sendall(b'hop\\n'); print(s.makefile().readline(), end='')\"")
     assert json.loads(line) == chain[2]
     # Both hops between Envoys are TLS (the refusals below show the inbound side demands a mesh certificate).
-    assert _envoy_stat(fleet, "vm1", "web-8080", f"cluster.{upstream_cluster_name('api')}.ssl.handshake") > 0
-    assert _envoy_stat(fleet, "vm2", "api-9090", f"cluster.{upstream_cluster_name('db')}.ssl.handshake") > 0
+    # (a cluster's stats carry mesh's stat name, outbound|<caller>|<version>|<upstream>)
+    assert _envoy_stat(fleet, "vm1", "web-8080", f"cluster.{outbound_stat_name('web', 'v1', 'api')}.ssl.handshake") > 0
+    assert _envoy_stat(fleet, "vm2", "api-9090", f"cluster.{outbound_stat_name('api', 'v1', 'db')}.ssl.handshake") > 0
 
 
 def test_consul_has_every_vm_instance_and_marks_them_passing(fleet: LabUp) -> None:
