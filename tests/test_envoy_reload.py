@@ -30,6 +30,7 @@ import yaml
 from cryptography import x509
 
 from mesh.config import EnvoyRejectedConfig, compute_proxy_config
+from mesh.config.compute import ADMIN_CLUSTER
 from mesh.config.model import Endpoint
 from mesh.render import ProxyFiles, RenderedFile, render_proxy_files, static_bootstrap, validate_proxy_files
 from mesh.testing.loopback import (
@@ -169,11 +170,13 @@ def file_versions(files: ProxyFiles) -> dict[str, str]:
 
 
 def running_endpoints(envoy: RunningEnvoy) -> dict[str, list[tuple[str, int]]]:
-    """{cluster: its endpoints' (address, port)} of every EDS cluster Envoy runs."""
+    """{cluster: its endpoints' (address, port)} of every EDS cluster Envoy runs (not the metrics listener's
+    mesh-admin, whose endpoint is the admin socket)."""
     found = {}
     for endpoints in dump_of(envoy, "EndpointsConfigDump").get("dynamic_endpoint_configs", []):
         assignment = endpoints["endpoint_config"]
-        found[assignment["cluster_name"]] = _addresses(assignment)
+        if assignment["cluster_name"] != ADMIN_CLUSTER:
+            found[assignment["cluster_name"]] = _addresses(assignment)
     return found
 
 
