@@ -74,7 +74,8 @@ def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None 
     managed = [_managed_host(templating, reading, settings, problems) for reading in readings
                if reading.workloads_where or reading.is_controller]
     _check_mesh(data, readings, settings, problems)
-    scrapers = _metrics_scrapers(data, templating, readings, chosen, problems)
+    controllers_read = [host.name for host in managed if host is not None and host.is_controller]
+    scrapers = _metrics_scrapers(data, templating, readings, controllers_read, chosen, problems)
     if problems.errors:
         raise InventoryErrors(problems.errors)
     hosts = tuple(host for host in managed if host is not None)
@@ -136,15 +137,15 @@ def _managed_host(templating: Templating, reading: _HostReading, settings: MeshS
 
 
 def _metrics_scrapers(data: InventoryData, templating: Templating, readings: list[_HostReading],
-                      chosen: dict[str, Located], problems: Problems) -> tuple[str, ...]:
-    """The addresses of `mesh_metrics_scrapers`; with workloads (metrics ports exist), each controller's address
-    is checked too, since it may reach them as well (Mesh.metrics_sources)."""
+                      controllers: list[str], chosen: dict[str, Located], problems: Problems) -> tuple[str, ...]:
+    """The addresses of `mesh_metrics_scrapers`; with workloads (metrics ports exist), the address of each
+    controller whose connection could be read is checked too, since it may reach them as well
+    (Mesh.metrics_sources)."""
     sources = MetricsSources(lambda host: _address_spot(templating, host, problems), problems)
     scrapers = read_metrics_scrapers(data, chosen[SCRAPERS_KEY], sources, problems) if SCRAPERS_KEY in chosen else ()
     if any(reading.workloads_where for reading in readings):
-        for reading in readings:
-            if reading.is_controller:
-                sources.address(reading.name, f"{reading.name} is a controller (it may reach every metrics port)")
+        for name in controllers:
+            sources.address(name, f"{name} is a controller (it may reach every metrics port)")
     return scrapers
 
 

@@ -213,6 +213,12 @@ def test_a_controller_address_is_checked_as_a_metrics_source_when_metrics_ports_
     assert Fleet(CONSUL).controller("ctl1", text).build().controllers[0].connection.address == "fe80::3%eth0"
 
 
+def test_a_controller_address_refused_as_an_ssh_address_is_reported_once() -> None:
+    built = Fleet(CONSUL).controller("ctl1", "ansible_host: '10.77.0.3;reboot'\n").host("vm1", WEB, "vms")
+    errors = [error for error in built.errors() if error.key == "ansible_host"]
+    assert len(errors) == 1 and "host name or IP address" in str(errors[0])
+
+
 # --- as Ansible reads it -----------------------------------------------------------------------------------------
 
 INI = """[mesh_controllers]
