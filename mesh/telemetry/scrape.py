@@ -6,6 +6,7 @@ an allowed source of every metrics port). It owns the HTTP GET; it must not pars
 from __future__ import annotations
 
 import http.client
+import io
 import logging
 import socket
 from collections.abc import Callable
@@ -86,6 +87,40 @@ class DirectFetcher:
         pass
 
 
+class _ChannelReader(io.RawIOBase):
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._channel.recv(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _ChannelSocket:
+    """What http.client needs of a socket, over a tunnel's channel: its file is a standard buffered reader (a
+    read waits for every byte asked; paramiko's own channel file came back short in the middle of Envoy's
+    chunked answer, after 60 KiB)."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def sendall(self, data: bytes) -> None:
+        self._channel.sendall(data)
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_ChannelReader(self._channel))
+
+    def settimeout(self, timeout: float) -> None:
+        self._channel.settimeout(timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
 class TunnelOpener(Protocol):
     """What TunnelFetcher needs of a connector: SSHConnector.open_tunnel."""
 
@@ -123,7 +158,7 @@ class TunnelFetcher:
             raise FetchError(f"{target.endpoint}: {_reason(exc)}") from None
         try:
             channel.settimeout(self.timeout)
-            return http_get(target, sock=channel, timeout=self.timeout)
+            return http_get(target, sock=_ChannelSocket(channel), timeout=self.timeout)
         finally:
             channel.close()
 

@@ -19,7 +19,9 @@ from mesh.telemetry.scrape import DirectFetcher, FetchError, TunnelFetcher, fetc
 from mesh.telemetry.targets import ProxyTarget, proxy_targets
 from mesh.testing.fake_connector import FakeConnector, FakeFleet
 
-METRICS = "# TYPE envoy_server_live gauge\nenvoy_server_live 1\n"
+METRICS = "# TYPE envoy_server_live gauge\nenvoy_server_live 1\n" + "".join(
+    f"# TYPE envoy_c{n} counter\nenvoy_c{n}{{envoy_cluster_name=\"c\"}} {n}\n" for n in range(6000))  # ~250 KB
+CHUNK = 0xF000  # Envoy's admin sends 60 KiB chunks
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -36,7 +38,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for part in (METRICS[:10], METRICS[10:]):
+        for start in range(0, len(METRICS), CHUNK):
+            part = METRICS[start:start + CHUNK]
             self.wfile.write(f"{len(part):x}\r\n{part}\r\n".encode())
         self.wfile.write(b"0\r\n\r\n")
 
@@ -71,19 +74,38 @@ def test_a_refused_or_wrong_answer_is_a_fetch_error(server: int) -> None:
         DirectFetcher().fetch(local_target(closed))
 
 
+class Channel:
+    """A paramiko channel's calls, over a socket: recv gives at most 1000 bytes, as a channel gives what came."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(min(size, 1000))
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Tunnels:
-    """open_tunnel as SSHConnector's: here a plain TCP socket to the local server, whatever the target."""
+    """open_tunnel as SSHConnector's: here a channel to the local server, whatever the target."""
 
     def __init__(self, port: int | None) -> None:
         self.port = port
         self.asked: list[tuple[str, int]] = []
         self.closed = False
 
-    def open_tunnel(self, address: str, port: int) -> socket.socket:
+    def open_tunnel(self, address: str, port: int) -> Channel:
         self.asked.append((address, port))
         if self.port is None:
             raise ConnectionRefusedError(f"ctl1 cannot connect to {address}:{port}: Connection refused")
-        return socket.create_connection(("127.0.0.1", self.port))
+        return Channel(socket.create_connection(("127.0.0.1", self.port)))
 
     def close(self) -> None:
         self.closed = True
