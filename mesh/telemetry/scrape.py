@@ -19,6 +19,7 @@ from mesh.telemetry.targets import METRICS_PATH, ProxyTarget
 
 FETCH_TIMEOUT = 5.0
 MAX_BODY = 64 * 1024 * 1024  # a proxy with thousands of clusters writes a few MB; more is not Envoy's stats
+READ_SIZE = 1024 * 1024
 
 
 class FetchError(Exception):
@@ -54,7 +55,7 @@ def http_get(target: ProxyTarget, sock: Any | None = None, timeout: float = FETC
     try:
         conn.request("GET", METRICS_PATH, headers={"Accept": "text/plain", "Connection": "close"})
         response = conn.getresponse()
-        body = response.read(MAX_BODY + 1)
+        body = _read_body(response)
     except (OSError, http.client.HTTPException) as exc:
         raise FetchError(f"{target.endpoint}: {_reason(exc)}") from None
     finally:
@@ -64,6 +65,19 @@ def http_get(target: ProxyTarget, sock: Any | None = None, timeout: float = FETC
     if len(body) > MAX_BODY:
         raise FetchError(f"{target.endpoint}: more than {MAX_BODY} bytes of metrics")
     return body.decode(errors="replace")
+
+
+def _read_body(response: http.client.HTTPResponse) -> bytes:
+    """The body, read a MiB at a time up to one byte more than MAX_BODY."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= MAX_BODY:
+        part = response.read(READ_SIZE)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
 
 
 def _reason(exc: BaseException) -> str:
@@ -118,7 +132,8 @@ class _ChannelSocket:
         self._channel.settimeout(timeout)
 
     def close(self) -> None:
-        self._channel.close()
+        """Nothing: http.client closes its socket as soon as an answer says `connection: close`, before reading
+        its body (a real socket stays open while its file is); the fetcher closes the channel when done."""
 
 
 class TunnelOpener(Protocol):

@@ -37,6 +37,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")  # as Envoy answers a request that says so
         self.end_headers()
         for start in range(0, len(METRICS), CHUNK):
             part = METRICS[start:start + CHUNK]
