@@ -131,7 +131,11 @@ class _Tally:
     buckets: dict[float, float] = field(default_factory=lambda: defaultdict(float))
 
     def numbers(self) -> Numbers:
-        return Numbers(self.rate, self.errors / self.rate if self.rate > 0 else None, p99(self.buckets))
+        """No p99 without requests: Envoy publishes histograms at its stats flush (every 5 s), so buckets may
+        still move in an interval after the requests ended."""
+        if self.rate <= 0:
+            return Numbers(self.rate, None, None)
+        return Numbers(self.rate, self.errors / self.rate, p99(self.buckets))
 
 
 def p99(buckets: Mapping[float, float], quantile: float = 0.99) -> float | None:
