@@ -10,7 +10,7 @@ from mesh.errors import EXIT_OK, EXIT_UNREACHABLE
 from mesh.telemetry.fleet import EdgeNumbers, FleetNumbers, Numbers, ProxyScrape, ServiceNumbers
 from mesh.telemetry.scrape import FetchError
 from mesh.telemetry.targets import ProxyTarget, proxy_targets
-from mesh.telemetry.top import render, top
+from mesh.telemetry.top import render, steadier_p99, top
 
 
 def screen(renderable: object) -> list[str]:
@@ -91,3 +91,35 @@ def test_once_exits_3_when_no_proxy_answered() -> None:
     assert top(proxy_targets(telemetry_mesh()), Nobody(), console, interval=1.0, once=True,
                sleep=lambda _: None) == EXIT_UNREACHABLE
     assert "vm1 web-8080: no metrics: 10.77.0.11:20000: timed out" in console.export_text()
+
+
+def test_refreshing_takes_p99_over_a_longer_window_where_there_were_requests() -> None:
+    short = FleetNumbers(2.0, (ServiceNumbers("api", "http", Numbers(1.0, 0.0, None), {"v1": Numbers(1.0, 0.0, None)}),
+                               ServiceNumbers("db", "tcp", Numbers(0.0, None, None))),
+                         (EdgeNumbers("web", "api", "http", Numbers(1.0, 0.0, None), {"v1": Numbers(1.0, 0.0, None)},
+                                      {"v1": Numbers(1.0, 0.0, None)}),), ())
+    longer = FleetNumbers(10.0, (ServiceNumbers("api", "http", Numbers(0.8, 0.0, 12.0), {"v1": Numbers(0.8, 0.0, 12.0)}),
+                                 ServiceNumbers("db", "tcp", Numbers(0.5, 0.0, 4.0))),
+                          (EdgeNumbers("web", "api", "http", Numbers(0.8, 0.0, 15.0), {"v1": Numbers(0.8, 0.0, 15.0)},
+                                       {"v1": Numbers(0.8, 0.0, 11.0)}),), ())
+    steadier = steadier_p99(short, longer)
+    assert [(s.service, s.numbers, s.by_version) for s in steadier.services] == [
+        ("api", Numbers(1.0, 0.0, 12.0), {"v1": Numbers(1.0, 0.0, 12.0)}),
+        ("db", Numbers(0.0, None, None), {})]  # no request now: no p99, whatever the longer window saw
+    edge = steadier.edges[0]
+    assert (edge.numbers, edge.by_source_version, edge.by_destination_version) == (
+        Numbers(1.0, 0.0, 15.0), {"v1": Numbers(1.0, 0.0, 15.0)}, {"v1": Numbers(1.0, 0.0, 11.0)})
+
+
+def test_refreshing_ends_with_exit_0_on_ctrl_c() -> None:
+    calls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        calls.append(seconds)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    console = Console(record=True, width=110, color_system=None, force_terminal=False)
+    assert top(proxy_targets(telemetry_mesh()), Counting(), console, interval=1.0, sleep=sleep) == EXIT_OK
+    assert calls == [1.0, 1.0, 1.0]
+    assert "web -> api" in console.export_text()
