@@ -395,7 +395,7 @@ def test_every_proxy_counts_the_requests_under_their_source_and_destination(depl
                     REQUESTS),
                    ("web-vm1-8080", "envoy_cluster_upstream_rq_time_count", caller, REQUESTS)]
         for node_id, count in answered.items():
-            version = by_id[node_id].version
+            version = by_id[node_id].version.replace(".", "_")  # a version's '.' is '_' in stat names and labels
             callee = {"destination_service": "api", "destination_version": version}
             wanted += [(node_id, "envoy_http_downstream_rq_xx", {**callee, "envoy_response_code_class": "2"}, count),
                        (node_id, "envoy_http_downstream_rq_time_count", callee, count),
