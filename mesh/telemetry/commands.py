@@ -117,9 +117,11 @@ def write_atomically(path: Path, text: str) -> None:
 @click.pass_context
 def top_command(ctx: click.Context, inventory_option: str | None, interval: float, once: bool) -> None:
     """Per service and per edge (caller -> callee): requests (or TCP connections) per second, error rate (5xx;
-    TCP connect failures) and p99 latency, read from every proxy's metrics port through the first controller
-    that answers SSH (else from this machine), refreshed every interval until Ctrl-C (exit 0). Proxies that do
-    not answer are named under the table. With --once, exit 3 when none answered."""
+    TCP connect failures) and p99 latency (TCP: connection length), read from every proxy's metrics port through
+    the first controller that answers SSH (else from this machine), refreshed every interval until Ctrl-C
+    (exit 0). Rates are over the last interval; while refreshing, p99 is over at least 10 s, as Envoy publishes
+    latencies every 5 s. Proxies that do not answer are named under the table. With --once, exit 3 when none
+    answered."""
     from rich.console import Console
 
     from mesh.telemetry.scrape import fetcher_for
