@@ -251,41 +251,67 @@ def _tcp_lines_between(lines: list[Line], direction: str, destination: str, star
             and start <= when(line) and when(line).timestamp() <= end]
 
 
-@pytest.fixture(scope="module")
-def traced(deployed: LabUp) -> Traced:
-    proxies = lab_proxies()
-    request_id = f"mesh-e2e-telemetry-{uuid.uuid4().hex}"
-    hops = web_hops(deployed, request_id)
+def trace(lab: LabUp, proxies: list[Proxy], request_id: str) -> Traced:
+    """Send one request with `request_id` to web on vm1 and wait (generously) for its four lines."""
+    hops = web_hops(lab, request_id)
     assert chain_ok(hops), f"web on vm1 did not answer web -> api -> db: {hops}"
     assert isinstance(hops, list)
     web = proxy_of(proxies, "web", "vm1")
     api = proxy_of(proxies, "api", str(hops[1]["host"]), str(hops[1].get("instance")))
     db = proxy_of(proxies, "db", str(hops[2]["host"]))
 
-    web_out = wait_for(lambda: _request_lines(proxy_lines(deployed, web), request_id, "outbound"), bool,
+    web_out = wait_for(lambda: _request_lines(proxy_lines(lab, web), request_id, "outbound"), bool,
                        f"web's outbound access line with x-request-id {request_id} on vm1", LOG_WAIT, 1.0)[0]
-    api_in = wait_for(lambda: _request_lines(proxy_lines(deployed, api), request_id, "inbound"), bool,
+    api_in = wait_for(lambda: _request_lines(proxy_lines(lab, api), request_id, "inbound"), bool,
                       f"{api.node_id}'s inbound access line with x-request-id {request_id}", LOG_WAIT, 1.0)[0]
-    # api's connection to db for this request opened while api's inbound request ran (no other traffic: the
-    # module holds the lab's lock), and its lines are written when the connection closes.
-    api_end = ends(api_in) + 1.0
+    # TCP lines carry no request id: api's connection to db for this request started and ended while api's
+    # inbound request ran (the lines share this machine's clock; duration_ms is whole milliseconds), and db's
+    # inbound connection while api's outbound one was open. The module holds the lab's lock: no other traffic.
     api_out = wait_for(
-        lambda: _tcp_lines_between(proxy_lines(deployed, api), "outbound", "db", when(api_in), api_end), bool,
-        f"{api.node_id}'s outbound TCP line to db during request {request_id}", LOG_WAIT, 1.0)[-1]
+        lambda: _tcp_lines_between(proxy_lines(lab, api), "outbound", "db", when(api_in), ends(api_in) + 0.002),
+        bool, f"{api.node_id}'s outbound TCP line to db during request {request_id}", LOG_WAIT, 1.0)[-1]
     db_in = wait_for(
-        lambda: _tcp_lines_between(proxy_lines(deployed, db), "inbound", "db", when(api_out), api_end), bool,
-        f"{db.node_id}'s inbound TCP line during request {request_id}", LOG_WAIT, 1.0)[-1]
+        lambda: _tcp_lines_between(proxy_lines(lab, db), "inbound", "db", when(api_out), ends(api_out) + 0.002),
+        bool, f"{db.node_id}'s inbound TCP line during request {request_id}", LOG_WAIT, 1.0)[-1]
     return Traced(request_id, hops, api, web_out, api_in, api_out, db_in)
+
+
+@pytest.fixture(scope="module")
+def traces(deployed: LabUp) -> list[Traced]:
+    """One traced request answered by each api instance (vm2's, a VM, and dock1's container): requests are sent
+    until each has answered one (Envoy balances them; 40 tries at most)."""
+    proxies = lab_proxies()
+    apis = {proxy.node_id for proxy in proxies if proxy.service == "api"}
+    found: dict[str, Traced] = {}
+    for _ in range(40):
+        if found:  # a request untraced first: when an instance already traced answers it, the next goes to
+            hops = web_hops(deployed)  # another one most likely (Envoy balances round robin): trace that one
+            assert chain_ok(hops), f"web on vm1 did not answer web -> api -> db: {hops}"
+            assert isinstance(hops, list)
+            if proxy_of(proxies, "api", str(hops[1]["host"]), str(hops[1].get("instance"))).node_id not in found:
+                continue
+        traced = trace(deployed, proxies, f"mesh-e2e-telemetry-{uuid.uuid4().hex}")
+        found.setdefault(traced.api.node_id, traced)
+        if set(found) == apis:
+            break
+    assert set(found) == apis, f"only {sorted(found)} of the api instances {sorted(apis)} answered"
+    return sorted(found.values(), key=lambda traced: when(traced.web_out))
 
 
 # ---- access logs -------------------------------------------------------------------------------------------
 
-def test_the_demo_apps_pass_the_request_id_on(traced: Traced) -> None:
-    assert [(hop["service"], hop.get("request_id")) for hop in traced.hops] == [
-        ("web", traced.request_id), ("api", traced.request_id), ("db", None)], traced.hops
+def test_the_demo_apps_pass_the_request_id_on(traces: list[Traced]) -> None:
+    for traced in traces:
+        assert [(hop["service"], hop.get("request_id")) for hop in traced.hops] == [
+            ("web", traced.request_id), ("api", traced.request_id), ("db", None)], traced.hops
 
 
-def test_web_to_api_has_a_caller_line_and_a_callee_line_with_the_request_id(traced: Traced) -> None:
+def test_web_to_api_has_a_caller_line_and_a_callee_line_with_the_request_id(traces: list[Traced]) -> None:
+    for traced in traces:
+        _check_http_hop(traced)
+
+
+def _check_http_hop(traced: Traced) -> None:
     common = {"request_id": traced.request_id, "protocol": "http", "method": "GET", "path": "/", "status": 200,
               "source_identity": identity("web"), "destination_identity": identity("api"),
               "destination_service": "api", "destination_version": traced.api.version, "mtls": True}
@@ -304,7 +330,12 @@ def test_web_to_api_has_a_caller_line_and_a_callee_line_with_the_request_id(trac
     assert when(web_out) <= when(api_in), "api's inbound request started before web's outbound one"
 
 
-def test_api_to_db_has_tcp_connection_lines_with_bytes_and_duration(traced: Traced) -> None:
+def test_api_to_db_has_tcp_connection_lines_with_bytes_and_duration(traces: list[Traced]) -> None:
+    for traced in traces:
+        _check_tcp_hop(traced)
+
+
+def _check_tcp_hop(traced: Traced) -> None:
     api_out, db_in = traced.api_out, traced.db_in
     for line, direction, proxy in ((api_out, "outbound", traced.api.node_id), (db_in, "inbound", "db-vm2-5432")):
         assert (line["proxy"], line["direction"], line["protocol"]) == (proxy, direction, "tcp"), brief([line])
@@ -339,9 +370,10 @@ def _same(line: Line, raw: Line) -> bool:
     return all(line.get(key) == wanted for key, wanted in raw.items() if key != "source_service")
 
 
-def test_mesh_logs_returns_every_hop_merged_in_time_order(traced: Traced) -> None:
-    hops = {"web outbound": traced.web_out, "api inbound": traced.api_in, "api outbound (tcp)": traced.api_out,
-            "db inbound (tcp)": traced.db_in}
+def test_mesh_logs_returns_every_hop_merged_in_time_order(traces: list[Traced]) -> None:
+    hops = {f"{traced.api.node_id}: {name}": line for traced in traces for name, line in (
+        ("web outbound", traced.web_out), ("api inbound", traced.api_in), ("api outbound (tcp)", traced.api_out),
+        ("db inbound (tcp)", traced.db_in))}
 
     def read() -> tuple[Run, list[Line], list[str]]:
         run, lines = _mesh_logs("--since", "1m")
@@ -354,17 +386,30 @@ def test_mesh_logs_returns_every_hop_merged_in_time_order(traced: Traced) -> Non
     assert times == sorted(times), f"`mesh logs` lines are not in time order:\n{run.stdout[-3000:]}"
     found = [next(i for i, line in enumerate(lines) if _same(line, raw)) for raw in hops.values()]
     assert found == sorted(found), f"the hops are not in the order they happened: {dict(zip(hops, found))}"
-    # source_service comes from the SPIFFE identity on every line, the TCP inbound one included
-    assert lines[found[3]]["source_service"] == "api", lines[found[3]]
+    # source_service comes from the SPIFFE identity on every line, db's TCP inbound ones included
+    for name, index in zip(hops, found, strict=True):
+        wanted = "web" if name.endswith(("web outbound", "api inbound")) else "api"
+        assert lines[index].get("source_service") == wanted, (name, lines[index])
 
 
-def test_mesh_logs_keeps_the_lines_of_one_service(traced: Traced) -> None:
+def test_mesh_logs_keeps_the_lines_of_one_service(traces: list[Traced]) -> None:
     run, lines = _mesh_logs("--since", "5m", "--service", "db")
     assert run.code == 0, run
     assert lines and all("db" in (line.get("source_service"), line.get("destination_service")) for line in lines), \
         brief(lines)
-    assert any(_same(line, traced.db_in) for line in lines) and any(_same(line, traced.api_out) for line in lines)
-    assert not any(_same(line, traced.web_out) for line in lines)
+    for traced in traces:
+        assert any(_same(line, traced.db_in) for line in lines), brief([traced.db_in])
+        assert any(_same(line, traced.api_out) for line in lines), brief([traced.api_out])
+        assert not any(_same(line, traced.web_out) for line in lines)
+
+
+def test_mesh_logs_keeps_the_lines_of_one_host(traces: list[Traced]) -> None:
+    run, lines = _mesh_logs("--since", "5m", "--host", "dock1")
+    assert run.code == 0, run
+    container = next(traced for traced in traces if traced.api.host == "dock1")
+    assert lines and {line["proxy"] for line in lines} == {container.api.node_id}, brief(lines)
+    assert any(_same(line, container.api_in) for line in lines) and any(_same(line, container.api_out)
+                                                                         for line in lines)
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------
