@@ -290,13 +290,17 @@ class SSHConnector:
                     data = channel.recv(65536)
                 except TimeoutError:
                     if not transport.is_active():
-                        raise HostUnreachable(self._name, self._broken("the SSH connection broke")) from None
+                        break
                     continue
                 if not data:
                     break
                 heard()
                 yield data
-            code = channel.recv_exit_status()
+            code = channel.recv_exit_status() if transport.is_active() else -1
+            if code == -1 and not transport.is_active():  # the connection died under the command
+                with self._lock:
+                    self._gone()
+                raise HostUnreachable(self._name, self._broken("the SSH connection broke during a command"))
             while channel.recv_stderr_ready():
                 stderr.append(channel.recv_stderr(65536))
             if code != 0:
