@@ -1,9 +1,10 @@
 """End to end on the lab (issue 19): what a user sees of the mesh's telemetry.
 
-- One HTTP request with a known x-request-id sent to web on vm1 goes web -> api -> db: web's outbound line and
-  the answering api's inbound line both carry that id with the SPIFFE identities of web and api; api's outbound
-  and db's inbound TCP lines have bytes and a duration; `mesh logs --since 1m --json` returns these lines, as the
-  hosts' journals and the sidecar's log hold them, merged in time order.
+- One HTTP request with a known x-request-id sent to web on vm1 goes web -> api -> db (one such request for each
+  api instance: vm2's, on a VM, and dock1's container): web's outbound line and the answering api's inbound line
+  both carry that id with the SPIFFE identities of web and api; api's outbound and db's inbound TCP lines have
+  bytes and a duration; `mesh logs --since 1m --json` returns these lines, as the hosts' journals and the
+  sidecar's log hold them, merged in time order; --service and --host keep the lines they name.
 - Every proxy's metrics port, read from consul1 (a named scraper), parses with prometheus-client's text parser
   and counts the requests just made under their source and destination labels; a host that is neither a scraper
   nor a controller cannot connect to another host's metrics port, consul1 and the controllers can; the port
@@ -11,7 +12,8 @@
 - `mesh metrics targets` prints file_sd JSON naming every proxy; `mesh top`, in a detached tmux session while a
   request loop runs, shows the edges web -> api and api -> db with non-zero rates.
 
-Nothing here depends on which api instance (vm2's v1 or dock1's v2) answers: the demo app's hops name it.
+Nothing here depends on which api instance (vm2's v1 or dock1's v2) answers a request: the demo app's hops
+name it. Envoy writes its access lines out every few seconds, so every wait here is generous and nothing is timed.
 The lab is shared: the module holds /tmp/mesh-lab-dev.lock throughout (shared_lab), deploys inventory/lab.yaml,
 changes nothing, and leaves the lab deployed.
 """
