@@ -44,9 +44,9 @@ class HostLogs:
 
 
 def select_logs(mesh: Mesh, service: str | None = None, host: str | None = None) -> tuple[HostLogs, ...]:
-    """The hosts and proxies to read: every proxy; with `service`, the service's own proxies and those of
-    services calling it (their outbound lines name it); with `host`, only the proxies on it. UsageError (exit 5)
-    for a service or host the inventory does not have."""
+    """The hosts and proxies to read: every proxy; with `service`, the service's own proxies, those of services
+    calling it (their outbound lines name it) and of services it calls (their inbound lines name it); with
+    `host`, only the proxies on it. UsageError (exit 5) for a service or host the inventory does not have."""
     if host is not None:
         with_proxies = [item.name for item in mesh.hosts if item.workloads]
         if host not in with_proxies:
@@ -57,11 +57,14 @@ def select_logs(mesh: Mesh, service: str | None = None, host: str | None = None)
         services = sorted({workload.service for workload in mesh.workloads})
         if service not in services:
             raise UsageError(f"no service {service!r} in the inventory", did_you_mean(service, services))
+    called = {upstream.service for workload in mesh.workloads if workload.service == service
+              for upstream in workload.upstreams}
     chosen = []
     for managed in mesh.hosts:
         if host is not None and managed.name != host:
             continue
-        workloads = tuple(workload for workload in managed.workloads if service is None or _sees(workload, service))
+        workloads = tuple(workload for workload in managed.workloads
+                          if service is None or _sees(workload, service) or workload.service in called)
         if workloads:
             chosen.append(HostLogs(managed, workloads))
     if not chosen:

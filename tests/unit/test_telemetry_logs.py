@@ -35,11 +35,13 @@ def test_every_proxy_is_read_by_default() -> None:
                                                       "dock1/api-api-v2-1"]
 
 
-def test_a_service_is_read_on_its_proxies_and_its_callers() -> None:
+def test_a_service_is_read_on_its_proxies_its_callers_and_what_it_calls() -> None:
     assert proxies(select_logs(telemetry_mesh(), service="db")) == ["vm2/api-9090", "vm2/db-5432",
                                                                     "dock1/api-api-v2-1"]
-    assert proxies(select_logs(telemetry_mesh(), service="web")) == ["vm1/web-8080"]
-    assert proxies(select_logs(telemetry_mesh(), service="api", host="vm2")) == ["vm2/api-9090"]
+    # web's own proxy (its outbound lines), and api's (their inbound lines from web)
+    assert proxies(select_logs(telemetry_mesh(), service="web")) == ["vm1/web-8080", "vm2/api-9090",
+                                                                     "dock1/api-api-v2-1"]
+    assert proxies(select_logs(telemetry_mesh(), service="api", host="vm2")) == ["vm2/api-9090", "vm2/db-5432"]
     assert proxies(select_logs(telemetry_mesh(), host="vm2")) == ["vm2/api-9090", "vm2/db-5432"]
 
 
@@ -47,7 +49,7 @@ def test_a_service_is_read_on_its_proxies_and_its_callers() -> None:
     ("apii", None, "no service 'apii' in the inventory", "did you mean 'api'?"),
     (None, "vm3", "host 'vm3' is not in the inventory", "did you mean 'vm2' or 'vm1'?"),
     (None, "ctl1", "host 'ctl1' runs no proxy", None),
-    ("web", "dock1", "no proxy on dock1 carries traffic of web", None),
+    ("db", "vm1", "no proxy on vm1 carries traffic of db", None),
 ])
 def test_an_unknown_service_or_host_is_a_usage_error(service: str | None, host: str | None, message: str,
                                                      hint: str | None) -> None:
