@@ -154,6 +154,8 @@ def _run_args(spec: SidecarSpec, label: str | None) -> list[str]:
         # a resource file with a field Envoy does not know is refused whole (as the unit on a VM does)
         "-c", spec.config_path, "--base-id", str(spec.base_id), "--disable-hot-restart",
         "--reject-unknown-dynamic-fields", "--log-level", spec.log_level,
+        # access lines are written out every second (Envoy's default is 10 s)
+        "--file-flush-interval-msec", "1000",
     ]  # fmt: skip
 
 

@@ -125,7 +125,7 @@ def test_sidecar_joins_the_app_namespace_read_only_and_unprivileged() -> None:
     assert args[args.index(IMAGE) + 1:] == ["-c", "/etc/mesh/proxies/api-api-v2-1/envoy.yaml",
                                             "--base-id", "21000",  # its proxy port: unique on the host
                                             "--disable-hot-restart", "--reject-unknown-dynamic-fields",
-                                            "--log-level", "warn"]
+                                            "--log-level", "warn", "--file-flush-interval-msec", "1000"]
     assert spec.labels["mesh.config-hash"] == spec.revision
 
 
