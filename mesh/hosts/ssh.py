@@ -199,13 +199,7 @@ class SSHConnector:
         """Run cmd; it fails with exit 124 after timeout seconds (default: Timeouts.command). A host that goes
         silent meanwhile (keepalives unanswered) raises HostUnreachable."""
         with self._lock:
-            transport = self._open().client.get_transport()
-            try:
-                assert transport is not None
-                channel = transport.open_session(timeout=self._timeouts.connect)
-            except (paramiko.SSHException, OSError, AssertionError) as exc:
-                self._gone()
-                raise HostUnreachable(self._name, self._broken(f"the SSH connection broke: {exc}")) from None
+            transport, channel = self._new_session()
             keepalive = self._keepalive
             heard = keepalive.heard if keepalive is not None else _nothing
             try:
@@ -228,6 +222,17 @@ class SSHConnector:
             return (f"no answer from the host for {keepalive.silent_for:.0f} s (SSH keepalives every {every:g} s "
                     f"unanswered): given up as unreachable")
         return fallback
+
+    def _new_session(self) -> tuple[paramiko.Transport, paramiko.Channel]:
+        """A session channel on the (re)opened connection; call with the lock held. HostUnreachable when the
+        connection broke."""
+        transport = self._open().client.get_transport()
+        try:
+            assert transport is not None
+            return transport, transport.open_session(timeout=self._timeouts.connect)
+        except (paramiko.SSHException, OSError, AssertionError) as exc:
+            self._gone()
+            raise HostUnreachable(self._name, self._broken(f"the SSH connection broke: {exc}")) from None
 
     def _gone(self) -> None:
         if self._keepalive is not None:
@@ -271,13 +276,7 @@ class SSHConnector:
         """Run cmd (with become) and yield its stdout as it comes, until it exits; closing the iterator closes the
         channel. A command that fails raises RemoteError with its stderr; a host gone silent, HostUnreachable."""
         with self._lock:
-            transport = self._open().client.get_transport()
-            try:
-                assert transport is not None
-                channel = transport.open_session(timeout=self._timeouts.connect)
-            except (paramiko.SSHException, OSError, AssertionError) as exc:
-                self._gone()
-                raise HostUnreachable(self._name, self._broken(f"the SSH connection broke: {exc}")) from None
+            transport, channel = self._new_session()
         heard = self._keepalive.heard if self._keepalive is not None else _nothing
         stderr: list[bytes] = []
         try:

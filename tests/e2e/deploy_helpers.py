@@ -147,9 +147,11 @@ def out(lab: LabUp, host: str, command: str, input: str | bytes | None = None, t
     return done.stdout
 
 
-def hops(lab: LabUp, host: str, port: int) -> list[dict[str, Any]] | str:
-    """What the demo app on host:port answers from inside host (`{"hops": [...]}`), or why it did not."""
-    done = sh(lab, host, f"curl -sS --max-time 10 http://127.0.0.1:{port}/", timeout=20)
+def hops(lab: LabUp, host: str, port: int, request_id: str | None = None) -> list[dict[str, Any]] | str:
+    """What the demo app on host:port answers from inside host (`{"hops": [...]}`), asked with `x-request-id`
+    when given, or why it did not answer."""
+    header = f"-H {shlex.quote('x-request-id: ' + request_id)} " if request_id else ""
+    done = sh(lab, host, f"curl -sS --max-time 10 {header}http://127.0.0.1:{port}/", timeout=20)
     if done.returncode != 0:
         return f"curl exited {done.returncode}: {done.stderr.strip()}"
     try:

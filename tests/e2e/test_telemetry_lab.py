@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import INVENTORY, Run, out, run_mesh, sh, shared_lab, tcp_from, wait_for
+from deploy_helpers import INVENTORY, Run, hops, out, run_mesh, shared_lab, tcp_from, wait_for
 from lab_helpers import MESH, LabUp
 from prometheus_client.parser import text_string_to_metric_families
 from rollout_helpers import chain_ok, request_loop
@@ -217,14 +217,7 @@ def deployed(lab: LabUp) -> LabUp:
 
 def web_hops(lab: LabUp, request_id: str | None = None) -> list[dict[str, Any]] | str:
     """What web on vm1 answers (its hops), asked on loopback with curl, with `x-request-id` when given."""
-    header = f"-H {shlex.quote('x-request-id: ' + request_id)} " if request_id else ""
-    done = sh(lab, "vm1", f"curl -sS --max-time 10 {header}http://127.0.0.1:{WEB_PORT}/", timeout=30)
-    if done.returncode != 0:
-        return f"curl exited {done.returncode}: {done.stderr.strip()}"
-    try:
-        return list(json.loads(done.stdout)["hops"])
-    except (ValueError, KeyError, TypeError):
-        return f"not a hops answer: {done.stdout[:300]!r}"
+    return hops(lab, "vm1", WEB_PORT, request_id)
 
 
 @dataclass(frozen=True)
