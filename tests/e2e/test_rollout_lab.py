@@ -371,11 +371,12 @@ def test_reordered_workloads_change_nothing_and_removed_ones_leave_nothing_behin
     lab = restore
 
     def reversed_workloads(variables: Variables) -> None:
-        """vm2's workloads in the other order, each with the proxy port it has now (a port left out is given
-        by position: 21000 for the first), so only the order changes."""
+        """vm2's workloads in the other order, each with the proxy and metrics ports it has now (a port left out
+        is given by position: 21000 and 20000 for the first), so only the order changes."""
         workloads = variables["mesh_workloads"]
         for index, workload in enumerate(workloads):
             workload.setdefault("proxy_port", 21000 + index)
+            workload.setdefault("metrics_port", 20000 + index)
         variables["mesh_workloads"] = list(reversed(workloads))
 
     reordered = _copy(tmp_path, "reordered", vm2=reversed_workloads)
