@@ -86,7 +86,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     """`30s`, `5m`, `2h`, `1d` before now, or an ISO time (UTC when it names no zone). ValueError otherwise."""
     ago = _AGO.fullmatch(text.strip())
     if ago:
-        return now - timedelta(**{_UNITS[ago.group(2)]: int(ago.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[ago.group(2)]: int(ago.group(1))})
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches back before the year 1") from None
     when = parse_time(text.strip())
     if when is None:
         raise ValueError(f"{text!r} is neither a duration (30s, 5m, 2h, 1d) nor an ISO time (2026-12-06T14:00:00Z)")

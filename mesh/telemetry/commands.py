@@ -111,7 +111,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 @click.command("top")
 @inventory_option
-@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.5), metavar="SECONDS",
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.5, max=3600), metavar="SECONDS",
               help="Seconds between two reads of every proxy's metrics (Envoy updates latencies every 5 s).")
 @click.option("--once", is_flag=True, help="Print one table, after two reads one interval apart, and exit.")
 @click.pass_context

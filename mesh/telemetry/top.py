@@ -53,12 +53,18 @@ def _versions(table: Table, label: str, versions: Mapping[str, Numbers]) -> None
         table.add_row(Text(f"  {label} {version}", style="dim"), "", *_cells(numbers), style="dim")
 
 
-def services_table(numbers: FleetNumbers) -> Table:
-    table = Table(title="services (as their proxies received)", title_justify="left", expand=False)
-    for column in ("service", "protocol"):
+def _numbers_table(title: str, first: str) -> Table:
+    """An empty table: what each row is, its protocol, then rate, errors and p99 (right-aligned)."""
+    table = Table(title=title, title_justify="left", expand=False)
+    for column in (first, "protocol"):
         table.add_column(column)
     for column in ("rate", "errors", "p99"):
         table.add_column(column, justify="right")
+    return table
+
+
+def services_table(numbers: FleetNumbers) -> Table:
+    table = _numbers_table("services (as their proxies received)", "service")
     for service in numbers.services:
         table.add_row(service.service, service.protocol, *_cells(service.numbers))
         if len(service.by_version) > 1:
@@ -67,11 +73,7 @@ def services_table(numbers: FleetNumbers) -> Table:
 
 
 def edges_table(numbers: FleetNumbers) -> Table:
-    table = Table(title="edges (as callers measured them)", title_justify="left", expand=False)
-    for column in ("source -> destination", "protocol"):
-        table.add_column(column)
-    for column in ("rate", "errors", "p99"):
-        table.add_column(column, justify="right")
+    table = _numbers_table("edges (as callers measured them)", "source -> destination")
     for edge in numbers.edges:
         table.add_row(f"{edge.source} -> {edge.destination}", edge.protocol, *_cells(edge.numbers))
         if len(edge.by_source_version) > 1:

@@ -133,3 +133,9 @@ def test_the_readable_form_says_who_called_whom_and_what_happened() -> None:
     assert tcp is not None
     assert readable(tcp) == ("2026-12-06T14:29:02.000Z db-vm2-5432 inbound api -> db tcp rx=10 tx=20 4ms plaintext")
     assert json.loads(access("2026-12-06T14:29:02Z"))["mesh"] == "access"
+
+
+@pytest.mark.parametrize("text", ["99999999d", "9999999999999d"])
+def test_since_too_far_back_is_refused_not_an_overflow(text: str) -> None:
+    with pytest.raises(ValueError, match="before the year 1"):
+        parse_since(text, NOW)
