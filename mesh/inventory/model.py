@@ -11,6 +11,8 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Literal
 
+from mesh.inventory.policy import NO_POLICY, ServicePolicy
+
 HostKind = Literal["vm", "container_host"]
 Protocol = Literal["http", "http2", "grpc", "tcp"]
 HealthKind = Literal["http", "grpc", "tcp"]
@@ -135,6 +137,8 @@ class ManagedHost:
     connection: Connection
     workloads: tuple[Workload, ...] = ()
     is_controller: bool = False
+    zone: str | None = None  # mesh_zone: callers prefer instances in their own zone, then region
+    region: str | None = None  # mesh_region
 
     @property
     def consul_kind(self) -> str:
@@ -151,6 +155,15 @@ class Mesh:
     unmanaged_hosts: tuple[str, ...] = ()
     services: Mapping[str, tuple[Workload, ...]] = field(default_factory=lambda: MappingProxyType({}))
     metrics_scrapers: tuple[str, ...] = ()  # addresses of `mesh_metrics_scrapers` hosts, as written, deduplicated
+    policies: Mapping[str, ServicePolicy] = field(default_factory=lambda: MappingProxyType({}))  # mesh_services
+
+    def policy(self, service: str) -> ServicePolicy:
+        """The inventory's policy of `service` (mesh_services), the empty policy when it names none."""
+        return self.policies.get(service, NO_POLICY)
+
+    def versions(self, service: str) -> tuple[str, ...]:
+        """The versions of `service` some host runs, sorted."""
+        return tuple(sorted({workload.version for workload in self.services.get(service, ())}))
 
     @property
     def controllers(self) -> tuple[ManagedHost, ...]:
