@@ -29,6 +29,7 @@ class DemoInstance:
     instance: str
     kind: str  # "vm" or "container"
     upstreams: tuple[tuple[str, str, int], ...] = ()
+    bind: str = "0.0.0.0"  # 127.0.0.1 for a spare: reachable only through a proxy once an inventory lists it
 
     @property
     def protocol(self) -> str:
@@ -49,6 +50,8 @@ def app_flags(instance: DemoInstance) -> list[str]:
     flags = ["--service", instance.service, "--version", instance.version, "--port", str(instance.port),
              "--host", instance.host, "--instance", instance.instance, "--kind", instance.kind,
              "--protocol", instance.protocol]
+    if instance.bind != "0.0.0.0":
+        flags += ["--bind", instance.bind]
     for name, host, port in instance.upstreams:
         flags += ["--upstream", f"{name}={host}:{port}"]
     for word in flags:

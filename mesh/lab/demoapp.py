@@ -5,6 +5,13 @@ Over HTTP it forwards the request id and the trace headers it received (FORWARDE
 HTTP call, as a mesh asks of every application so that one id follows a request through every hop, and its own
 hop names the request id it saw (`request_id`, absent when the request had none).
 
+Its behaviour is read at each request from a file on its host (in its container, for a container instance):
+`/run/mesh-demo/<port>.json`, e.g. {"status": 500, "delay_ms": 300, "fail_every": 2, "fail_status": 503,
+"health_status": 500}. A missing or unreadable file means normal behaviour; the health path (/healthz) keeps
+answering 200 unless the file sets "health_status". `demoapp.py behave PORT [JSON]` writes (or, without JSON,
+removes) that file, so a test or a person changes an instance's behaviour with `mesh lab exec` and no control
+endpoint is reachable through the mesh. An error answer still names the instance: {"hops": [its hop], "error"}.
+
 Standard library only, one file: it is copied to nodes and into the app image and must never import mesh.
 """
 
@@ -13,15 +20,21 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import signal
 import socket
 import socketserver
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 UPSTREAM_TIMEOUT = 2.0
 TCP_BY_DEFAULT = {"db"}
+BEHAVIOUR_DIR = "/run/mesh-demo"
+HEALTH_PATH = "/healthz"
+BEHAVIOUR_KEYS = {"status", "delay_ms", "fail_every", "fail_status", "health_status"}
 # What an app must pass on from the request it serves to the requests it makes: Envoy's request id, W3C trace
 # context and Zipkin's B3 (single and multi header), the set Istio asks applications to propagate.
 FORWARDED_HEADERS = (
@@ -80,12 +93,57 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class App:
-    """One instance's identity and upstreams; makes the answers both servers send."""
+class Behaviour:
+    """What this instance should do with its next request, from its behaviour file (read at each request)."""
 
-    def __init__(self, hop: dict[str, str], upstreams: list[Upstream]) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._served = 0  # requests other than health checks, counted for fail_every
+        self._lock = threading.Lock()
+
+    def read(self) -> dict[str, Any]:
+        """The file's settings; {} when it is missing, unreadable or not a JSON object."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def next_request(self) -> tuple[int, float]:
+        """(status, delay in seconds) for the next request that is not a health check."""
+        settings = self.read()
+        with self._lock:
+            self._served += 1
+            count = self._served
+        status = _int(settings.get("status"), 200)
+        every = _int(settings.get("fail_every"), 0)
+        if every > 0 and count % every == 0:
+            status = _int(settings.get("fail_status"), 503)
+        return status, max(0, _int(settings.get("delay_ms"), 0)) / 1000
+
+    def health_status(self) -> int:
+        return _int(self.read().get("health_status"), 200)
+
+    def delay(self) -> float:
+        return max(0, _int(self.read().get("delay_ms"), 0)) / 1000
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def behaviour_path(port: int, folder: str = BEHAVIOUR_DIR) -> str:
+    return os.path.join(folder, f"{port}.json")
+
+
+class App:
+    """One instance's identity, upstreams and behaviour file; makes the answers both servers send."""
+
+    def __init__(self, hop: dict[str, str], upstreams: list[Upstream], behaviour: Behaviour | None = None) -> None:
         self.hop = hop
         self.upstreams = upstreams
+        self.behaviour = behaviour or Behaviour(os.devnull)
 
     def answer(self, forwarded: dict[str, str] | None = None) -> dict[str, Any]:
         """This instance's hop (with the request id it saw, if any) and its upstreams', each upstream called with
@@ -116,11 +174,29 @@ class HttpHandler(BaseHTTPRequestHandler):
     server: AppHTTPServer
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] == "/healthz":
-            self._send(200, b"ok\n", "text/plain")
+        app = self.server.app
+        if self.path.split("?", 1)[0] == HEALTH_PATH:
+            status = app.behaviour.health_status()
+            self._send(status, b"ok\n" if status == 200 else f"health status {status}\n".encode(), "text/plain")
             return
-        body = json.dumps(self.server.app.answer(forwarded_headers(self.headers))).encode() + b"\n"
-        self._send(200, body, "application/json")
+        status, delay = app.behaviour.next_request()
+        if delay:
+            time.sleep(delay)
+        if status == 200:
+            answer = app.answer(forwarded_headers(self.headers))
+        else:  # an error answer from the behaviour file: no upstream is called, the hop says who answered
+            answer = {"hops": [dict(app.hop)], "error": f"status {status} from the behaviour file"}
+        self._send(status, json.dumps(answer).encode() + b"\n", "application/json")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.do_GET()
+
+    do_PUT = do_POST
+    do_PATCH = do_POST
+    do_DELETE = do_POST
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -147,8 +223,12 @@ class LineHandler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        answer = json.dumps(self.server.app.hop).encode() + b"\n"
+        app = self.server.app
+        answer = json.dumps(app.hop).encode() + b"\n"
         for _line in self.rfile:
+            delay = app.behaviour.delay()
+            if delay:
+                time.sleep(delay)
             self.wfile.write(answer)
 
 
@@ -174,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--upstream", action="append", default=[], metavar="NAME=HOST:PORT")
     parser.add_argument("--upstream-protocol", action="append", default=[], metavar="NAME=http|tcp",
                         help="default: tcp for db, http for the rest")
+    parser.add_argument("--behaviour-dir", default=BEHAVIOUR_DIR,
+                        help="where this instance reads <port>.json at each request (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -194,7 +276,37 @@ def build_app(args: argparse.Namespace) -> App:
         upstreams.append(Upstream(name, host, int(port), protocols.get(name, default)))
     hop = {"service": args.service, "version": args.version, "host": args.host,
            "instance": args.instance or args.host, "kind": args.kind}
-    return App(hop, upstreams)
+    return App(hop, upstreams, Behaviour(behaviour_path(args.port, args.behaviour_dir)))
+
+
+def behave(argv: list[str]) -> int:
+    """`behave PORT [JSON] [--dir DIR]`: write the instance's behaviour file atomically, or remove it."""
+    parser = argparse.ArgumentParser(prog="demoapp.py behave",
+                                     description="set (or, without JSON, reset) a demo app instance's behaviour")
+    parser.add_argument("port", type=int)
+    parser.add_argument("settings", nargs="?", help='e.g. \'{"status": 500, "delay_ms": 300}\'')
+    parser.add_argument("--dir", default=BEHAVIOUR_DIR)
+    args = parser.parse_intermixed_args(argv)
+    path = behaviour_path(args.port, args.dir)
+    if args.settings is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return 0
+    try:
+        settings = json.loads(args.settings)
+    except ValueError as exc:
+        parser.error(f"not JSON: {exc}")
+    if not isinstance(settings, dict) or set(settings) - BEHAVIOUR_KEYS:
+        parser.error(f"expected a JSON object with keys among {', '.join(sorted(BEHAVIOUR_KEYS))}")
+    os.makedirs(args.dir, mode=0o755, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
+    os.chmod(temporary, 0o644)  # the app may run as another user (DynamicUser on the lab's VMs)
+    os.replace(temporary, path)
+    return 0
 
 
 class Stop(Exception):
@@ -206,7 +318,10 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["behave"]:
+        return behave(words[1:])
+    args = parse_args(words)
     app = build_app(args)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)

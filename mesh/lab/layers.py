@@ -131,7 +131,7 @@ def demo_instance(node: Node, workload: Workload) -> demo_units.DemoInstance:
     upstreams = tuple((u.service, "127.0.0.1", u.local_port) for u in workload.upstreams)
     return demo_units.DemoInstance(service=workload.service, version=workload.version, port=workload.port,
                                    host=node.name, instance=workload.container or node.name, kind=kind,
-                                   upstreams=upstreams)
+                                   upstreams=upstreams, bind="127.0.0.1" if workload.spare else "0.0.0.0")
 
 
 def write_services(root: Path, node: Node, images: Images, consul_master_token: str | None = None) -> None:

@@ -39,7 +39,7 @@ def _expected(node: Node) -> list[tuple[str, str]]:
         return [("consul server :8500", "consul.service")]
     found = []
     for workload in node.workloads:
-        label = f"{workload.service} {workload.version} :{workload.port}"
+        label = f"{workload.service} {workload.version} :{workload.port}" + (" (spare)" if workload.spare else "")
         if workload.container:
             found.append((f"{label} ({workload.container})", workload.container))
         else:

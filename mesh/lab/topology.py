@@ -49,7 +49,9 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Workload:
-    """One demo app instance, as the inventory names it (`container` only on the container host)."""
+    """One demo app instance, as the inventory names it (`container` only on the container host). A `spare`
+    runs on its node, listening on 127.0.0.1 only, but the generated inventory leaves it out: an inventory that
+    lists it (a test's copy) puts it in the mesh, e.g. the second db instance of the TCP balancing test."""
 
     service: str
     version: str
@@ -58,6 +60,7 @@ class Workload:
     health_path: str | None = None
     upstreams: tuple[Upstream, ...] = ()
     container: str | None = None
+    spare: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,11 @@ def build_topology(size: LabSize) -> Topology:
     web = Workload("web", "v1", 8080, health_path="/healthz", upstreams=(Upstream("api", API_LOCAL_PORT),))
     api = Workload("api", "v1", 9090, health_path="/healthz", upstreams=(Upstream("db", DB_LOCAL_PORT),))
     db = Workload("db", "v1", 5432, protocol="tcp")
+    spare_db = Workload("db", "v1", 5432, protocol="tcp", spare=True)
     nodes = [Node("consul1", "consul", _address(2))]
     nodes += [Node(f"ctl{i}", "controller", _address(2 + i)) for i in range(1, size.controllers + 1)]
     for i in range(1, size.vms + 1):
-        workloads: tuple[Workload, ...] = (web,) if i == 1 else (api,)
+        workloads: tuple[Workload, ...] = (web, spare_db) if i == 1 else (api,)
         if i == size.vms:
             workloads += (db,)
         nodes.append(Node(f"vm{i}", "vm", _address(10 + i), workloads))
@@ -131,10 +135,16 @@ def _workload_vars(workload: Workload) -> dict[str, object]:
     return item
 
 
+def workload_vars(workload: Workload) -> dict[str, object]:
+    """The workload as an item of `mesh_workloads` (what a test adds to its inventory copy for a spare)."""
+    return _workload_vars(workload)
+
+
 def _host_vars(node: Node) -> dict[str, object]:
     host: dict[str, object] = {"ansible_host": node.address}
-    if node.workloads:
-        host["mesh_workloads"] = [_workload_vars(w) for w in node.workloads]
+    listed = [w for w in node.workloads if not w.spare]
+    if listed:
+        host["mesh_workloads"] = [_workload_vars(w) for w in listed]
     return host
 
 
