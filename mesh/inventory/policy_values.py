@@ -1,0 +1,233 @@
+"""Strict readers of the single values of a service policy (`mesh_services`) and of a host's zone: durations in
+milliseconds, percentages, counts, HTTP header and cookie names, path matches, RE2 regexes, methods.
+
+Each takes a value and returns it typed or raises BadValue saying what was expected; none knows files or keys.
+The inventory reader and the canonical JSON reader (mesh/inventory/services.py) both use them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from mesh.inventory.values import BadValue, describe, has_control_characters
+
+MAX_DURATION_MS = 86_400_000  # 24h: longer than any sensible timeout, ejection or interval
+MAX_COUNT = 4_294_967_295  # Envoy's uint32 thresholds
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+MAX_TEXT = 1024  # header values, paths, regexes
+
+_UNITS_MS = {"h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
+_UNIT_ORDER = ("h", "m", "s", "ms")
+_DURATION_PART = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|h|m|s)", re.ASCII)
+_PERCENT = re.compile(r"\s*(\d{1,3}(?:\.\d{1,9})?)\s*%?\s*", re.ASCII)
+_DIGITS = re.compile(r"0|[1-9]\d{0,18}", re.ASCII)
+# RFC 9110 token: what a header (and RFC 6265 a cookie) name is made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}", re.ASCII)
+# RFC 6265 cookie-octet: printable ASCII less space, '"', ',', ';' and '\'.
+_COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]{1,1024}", re.ASCII)
+# A URL path as a request carries it: '/', then printable ASCII with no space (a query may follow '?').
+_PATH = re.compile(r"/[\x21-\x7e]{0,1023}", re.ASCII)
+_ZONE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
+_RE2_FLAGS = set("imsU")
+
+
+def parse_millis(value: Any) -> int:
+    """A duration longer than zero and at most 24h, written with units (`500ms`, `2s`, `1.5s`, `1m30s`, `1h`),
+    in whole milliseconds."""
+    expected = "a duration such as 500ms, 2s or 1m30s (units h, m, s, ms), longer than zero and at most 24h"
+    if not isinstance(value, str) or not value.strip():
+        hint = "; write the unit, such as 2s" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise BadValue(f"expected {expected}, got {describe(value)}{hint}")
+    text = value.strip()
+    position, total, last_unit = 0, 0.0, -1
+    for match in _DURATION_PART.finditer(text):
+        unit = _UNIT_ORDER.index(match.group(2))
+        if match.start() != position or unit <= last_unit:
+            raise BadValue(f"expected {expected}, got {value!r}")
+        total += float(match.group(1)) * _UNITS_MS[match.group(2)]
+        position, last_unit = match.end(), unit
+    if position != len(text) or last_unit < 0:
+        raise BadValue(f"expected {expected}, got {value!r}")
+    if total != int(total):
+        raise BadValue(f"expected a whole number of milliseconds, got {value!r}")
+    if total <= 0:
+        raise BadValue(f"expected a duration longer than zero, got {value!r}")
+    if total > MAX_DURATION_MS:
+        raise BadValue(f"expected a duration of at most 24h, got {value!r}")
+    return int(total)
+
+
+def millis_text(milliseconds: int) -> str:
+    """The canonical way to write a duration: `<n>ms`."""
+    return f"{milliseconds}ms"
+
+
+def parse_percent(value: Any) -> float:
+    """A percentage from 0 to 100: a number (5, 5.5) or a string of one with an optional '%' ("5%", "5.5"); at
+    most 4 decimals (Envoy counts fractions per million)."""
+    expected = "a percentage from 0 to 100 such as 5, 5.5 or \"5%\""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if not isinstance(value, int) or abs(value) <= 10**6 else None
+    elif isinstance(value, str):
+        match = _PERCENT.fullmatch(value)
+        number = float(match.group(1)) if match else None
+    if number is None or not math.isfinite(number):
+        raise BadValue(f"expected {expected}, got {describe(value)}")
+    if not 0 <= number <= 100:
+        raise BadValue(f"expected {expected}, got {describe(value)}, out of range")
+    if abs(number * 10_000 - round(number * 10_000)) > 1e-6:
+        raise BadValue(f"expected a percentage with at most 4 decimals (Envoy counts per million), got {describe(value)}")
+    return number
+
+
+def percent_json(percent: float) -> int | float:
+    """A percentage as the canonical JSON writes it: an integer when it is one."""
+    return int(percent) if percent == int(percent) else percent
+
+
+def parse_count(value: Any, low: int = 0, high: int = MAX_COUNT) -> int:
+    """An integer from low to high, or a string of its digits with no leading zero (INI gives strings); a
+    boolean is not an integer."""
+    expected = f"an integer from {low} to {high}"
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        number = int(value.strip())
+    if number is None:
+        raise BadValue(f"expected {expected}, got {describe(value)}")
+    if not low <= number <= high:
+        raise BadValue(f"expected {expected}, got {number if abs(number) < 10**12 else describe(value)}, "
+                       "out of range")
+    return number
+
+
+def check_header_name(value: Any) -> str:
+    """An HTTP header name (an RFC 9110 token), lower-cased as HTTP/2 and Envoy write it."""
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise BadValue(f"expected an HTTP header name such as x-canary (letters, digits and !#$%&'*+-.^_`|~), "
+                       f"got {describe(value)}")
+    return value.lower()
+
+
+def check_cookie_name(value: Any) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise BadValue(f"expected a cookie name such as session (letters, digits and !#$%&'*+-.^_`|~), "
+                       f"got {describe(value)}")
+    return value
+
+
+def check_header_value(value: Any) -> str:
+    """A header value to match exactly: a string (a YAML integer is read as its digits), printable, at most 1024
+    characters; booleans are refused (YAML reads `yes` as true: quote it)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**18:
+        value = str(value)
+    if (not isinstance(value, str) or not value or len(value) > MAX_TEXT or has_control_characters(value)
+            or value != value.strip()):
+        hint = " (quote it: YAML reads yes, no, true and false as booleans)" if isinstance(value, bool) else ""
+        raise BadValue(f"expected a header value: a non-empty string with no control characters and no space at "
+                       f"either end, at most {MAX_TEXT} characters, got {describe(value)}{hint}")
+    return value
+
+
+def check_cookie_value(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**18:
+        value = str(value)
+    if not isinstance(value, str) or not _COOKIE_VALUE.fullmatch(value):
+        raise BadValue(f"expected a cookie value: printable characters with no space, '\"', ',', ';' or '\\', "
+                       f"got {describe(value)}")
+    return value
+
+
+def check_path(value: Any) -> str:
+    """A path to match by prefix or exactly: '/', then printable ASCII with no space, at most 1024."""
+    if not isinstance(value, str) or not _PATH.fullmatch(value):
+        raise BadValue(f"expected a URL path starting with '/' (printable characters, no space), got {describe(value)}")
+    return value
+
+
+def check_regex(value: Any) -> str:
+    """A regular expression Envoy's RE2 compiles: Python's re compiles it first (a first filter), then the
+    constructs RE2 lacks are refused: backreferences, lookaround, atomic groups, possessive quantifiers,
+    conditionals, \\Z and inline flags other than i, m, s, U."""
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT or has_control_characters(value):
+        raise BadValue(f"expected a regular expression (RE2 syntax, at most {MAX_TEXT} characters), "
+                       f"got {describe(value)}")
+    try:
+        re.compile(value)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise BadValue(f"expected a regular expression, got {value!r}: {exc}") from None
+    lacking = _re2_lacks(value)
+    if lacking:
+        raise BadValue(f"expected a regular expression RE2 (Envoy's engine) accepts, got {value!r}: RE2 has no "
+                       f"{lacking}")
+    return value
+
+
+def _re2_lacks(pattern: str) -> str | None:
+    """The first construct of pattern that RE2 lacks, named, or None. Character classes are skipped."""
+    index, in_class = 0, False
+    while index < len(pattern):
+        char = pattern[index]
+        following = pattern[index + 1:index + 4]
+        if char == "\\":
+            escaped = following[:1]
+            if not in_class and escaped.isdigit() and escaped != "0":
+                return f"backreferences ({char}{escaped})"
+            if not in_class and escaped == "Z":
+                return "\\Z (write $)"
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            # A ']' right after '[' or '[^' is a literal, not the end of the class.
+            index += 2 if pattern[index + 1:index + 2] == "]" else 3 if pattern[index + 1:index + 3] == "^]" else 1
+            continue
+        elif char == "(" and following.startswith("?"):
+            lacking = _re2_lacks_group(following[1:])
+            if lacking:
+                return lacking
+        elif char in "*+?}" and following[:1] == "+":
+            return f"possessive quantifiers ({char}+)"
+        index += 1
+    return None
+
+
+def _re2_lacks_group(after: str) -> str | None:
+    """What a `(?` group starting with `after` is, when RE2 lacks it."""
+    if after[:1] in ("=", "!") or after[:2] in ("<=", "<!"):
+        return "lookaround ((?=, (?!, (?<=, (?<!)"
+    if after[:1] == ">":
+        return "atomic groups ((?>...)"
+    if after[:2] == "P=":
+        return "backreferences ((?P=name))"
+    if after[:1] == "(":
+        return "conditionals ((?(...)...)"
+    if after[:1] == "#":
+        return "comments ((?#...))"
+    flags = re.match(r"[a-zA-Z-]*", after)
+    letters = set(flags.group(0).replace("-", "")) if flags else set()
+    if letters - _RE2_FLAGS:
+        return f"inline flag(s) {''.join(sorted(letters - _RE2_FLAGS))} (RE2 knows i, m, s and U)"
+    return None
+
+
+def check_method(value: Any) -> str:
+    """An HTTP method, upper-cased."""
+    if not isinstance(value, str) or value.upper() not in HTTP_METHODS:
+        raise BadValue(f"expected an HTTP method ({', '.join(HTTP_METHODS)}), got {describe(value)}")
+    return value.upper()
+
+
+def check_zone(value: Any) -> str:
+    """`mesh_zone` and `mesh_region`: letters, digits, '-', '_' and '.', at most 63, a letter or digit first (it
+    goes into Consul Meta and Envoy's localities)."""
+    if not isinstance(value, str) or not _ZONE.fullmatch(value):
+        raise BadValue(f"expected a name such as eu-west-1a (letters, digits, '-', '_', '.', at most 63, a letter "
+                       f"or digit first), got {describe(value)}")
+    return value
