@@ -696,11 +696,11 @@ def override_from_json(data: Any, facts: ServiceFacts | None = None) -> TrafficO
     return override
 
 
-def check_override(override: TrafficOverride, service: str, versions: tuple[str, ...],
-                   protocol: Protocol | None) -> list[str]:
-    """What is wrong with an override of `service` (which runs `versions` with `protocol`), in words; empty when
-    it may be applied: the split's versions exist and its weights sum to 100, a fault's values are in range, and
-    a TCP service takes neither (both are about HTTP requests)."""
+def check_override(override: TrafficOverride, versions: tuple[str, ...], protocol: Protocol | None,
+                   service: str = "the service") -> list[str]:
+    """What is wrong with an override of a service that runs `versions` with `protocol`, in words (naming
+    `service`); empty when it may be applied: the split's versions exist and its weights sum to 100, a fault's
+    values are in range, and a TCP service takes neither (both are about HTTP requests)."""
     problems = Problems()
     _read_override(override_to_json(override), ServiceFacts(service, tuple(sorted(versions)), protocol), problems)
     return _messages(problems)

@@ -16,7 +16,10 @@ from mesh.inventory.connection import read_connection, ssh_port
 from mesh.inventory.data import InventoryData, Var
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh, MeshSettings, Workload
+from mesh.inventory.policy import ServicePolicy
+from mesh.inventory.policy_values import check_zone
 from mesh.inventory.scrapers import SCRAPERS_KEY, MetricsSources, read_metrics_scrapers
+from mesh.inventory.services import SERVICES_KEY, ServiceFacts, read_services
 from mesh.inventory.templating import Templating, host_groups
 from mesh.inventory.values import (
     BadValue,
@@ -32,8 +35,9 @@ from mesh.inventory.workloads import ParsedWorkload, check_ports, read_workloads
 from mesh.suggest import did_you_mean
 
 MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_cert_renew_fraction",
-             "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file", SCRAPERS_KEY)
-PER_HOST = ("mesh_host_kind", "mesh_workloads")
+             "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file", SCRAPERS_KEY,
+             SERVICES_KEY)
+PER_HOST = ("mesh_host_kind", "mesh_workloads", "mesh_zone", "mesh_region")
 MESH_VARIABLES = MESH_WIDE + PER_HOST
 HOST_KINDS = ("vm", "container_host")
 
@@ -76,6 +80,7 @@ def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None 
     _check_mesh(data, readings, settings, problems)
     controllers_read = [host.name for host in managed if host is not None and host.is_controller]
     scrapers = _metrics_scrapers(data, templating, readings, controllers_read, chosen, problems)
+    policies = _policies(readings, chosen, problems)
     if problems.errors:
         raise InventoryErrors(problems.errors)
     hosts = tuple(host for host in managed if host is not None)
@@ -85,6 +90,7 @@ def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None 
         unmanaged_hosts=tuple(r.name for r in readings if not (r.workloads_where or r.is_controller)),
         services=_services(hosts),
         metrics_scrapers=scrapers,
+        policies=policies,
     )
 
 
@@ -130,10 +136,35 @@ def _managed_host(templating: Templating, reading: _HostReading, settings: MeshS
     written = {name: var.origin for name, var in templating.raw_vars(reading.name).items()}
     connection = read_connection(reading.name, written, lookup, settings.known_hosts, problems)
     check_ports(reading.name, reading.kind, ssh_port(lookup), reading.workloads, problems)
+    zone, region = (_place(lookup, name, problems) for name in ("mesh_zone", "mesh_region"))
     if connection is None:
         return None
     workloads = tuple(replace(item.workload, trust_domain=settings.trust_domain) for item in reading.workloads)
-    return ManagedHost(reading.name, reading.kind, connection, workloads, reading.is_controller)
+    return ManagedHost(reading.name, reading.kind, connection, workloads, reading.is_controller, zone, region)
+
+
+def _place(lookup: Callable[[str], Located | None], name: str, problems: Problems) -> str | None:
+    """A host's `mesh_zone` or `mesh_region` (None when unset or invalid, recorded)."""
+    spot = lookup(name)
+    return None if spot is None else problems.read(spot, check_zone)
+
+
+def _policies(readings: list[_HostReading], chosen: dict[str, Located],
+              problems: Problems) -> Mapping[str, ServicePolicy]:
+    """`mesh_services`, checked against the services the inventory runs: their versions and protocol."""
+    if SERVICES_KEY not in chosen:
+        return MappingProxyType({})
+    instances: dict[str, list[Workload]] = {}
+    for reading in readings:
+        for item in reading.workloads:
+            instances.setdefault(item.workload.service, []).append(item.workload)
+    facts = {}
+    for service, workloads in instances.items():
+        protocols = {workload.protocol for workload in workloads}
+        facts[service] = ServiceFacts(service, tuple(sorted({workload.version for workload in workloads})),
+                                      next(iter(protocols)) if len(protocols) == 1 else None)
+    policies = read_services(chosen[SERVICES_KEY], facts, _written_services(readings), problems)
+    return MappingProxyType(dict(sorted(policies.items())))
 
 
 def _metrics_scrapers(data: InventoryData, templating: Templating, readings: list[_HostReading],
