@@ -212,6 +212,7 @@ class HttpHandler(BaseHTTPRequestHandler):
 class AppHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: socketserver's 5 drops connections under concurrent load
 
     def __init__(self, address: tuple[str, int], app: App) -> None:
         self.app = app
@@ -235,6 +236,7 @@ class LineHandler(socketserver.StreamRequestHandler):
 class AppTCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: App) -> None:
         self.app = app
