@@ -120,6 +120,16 @@ def _add_telemetry_commands() -> None:
 _add_telemetry_commands()
 
 
+def _add_traffic_commands() -> None:
+    from mesh.traffic.commands import fault, rollout_command, route
+
+    for command in (route, fault, rollout_command):
+        cli.add_command(command)
+
+
+_add_traffic_commands()
+
+
 @cli.command("deploy")
 @inventory_argument
 @inventory_option
