@@ -209,6 +209,8 @@ def registrations(mesh: Mesh) -> list[Registration]:
         for workload in host.workloads:
             meta = {"version": workload.version, "host": host.name, "kind": host.consul_kind,
                     MANAGED_BY: MESH, MESH_ID: mesh_id}
+            # Where the host is (mesh_zone, mesh_region), when set: callers prefer their own zone, then region.
+            meta.update({key: value for key, value in (("zone", host.zone), ("region", host.region)) if value})
             result.append(Registration(
                 node=host.name, address=host.connection.address, service_id=workload.consul_id,
                 service=workload.service, port=workload.proxy_port, meta=MappingProxyType(meta)))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from mesh.errors import InventoryError, InventoryErrors, Origin
 from mesh.inventory.data import InventoryData
 from mesh.inventory.model import Mesh
+from mesh.inventory.policy import NO_POLICY, LoadBalancing, OutlierPolicy, ServicePolicy
 from mesh.inventory.validate import VarsOf, build_mesh
 
 
@@ -32,8 +33,40 @@ class CheckReport:
         for name, instances in mesh.services.items():
             versions = ", ".join(sorted({workload.version for workload in instances}))
             lines.append(f"  {name}: {len(instances)} instance(s), version(s) {versions}")
+            if mesh.policy(name) != NO_POLICY:
+                lines.append(f"    policy: {policy_brief(mesh.policy(name))}")
         lines.append(f"instances: {len(mesh.workloads)}")
         return lines
+
+
+def policy_brief(policy: ServicePolicy) -> str:
+    """A service's policy in one line: the fields it sets, the main values of some."""
+    parts = []
+    if policy.lb != LoadBalancing():
+        hash_on = policy.lb.hash_on
+        on = "" if hash_on is None else " on source_ip" if hash_on.name is None else f" on {hash_on.kind} {hash_on.name}"
+        parts.append(f"lb {policy.lb.policy}{on}")
+    if policy.timeout_ms is not None:
+        parts.append(f"timeout {_duration(policy.timeout_ms)}")
+    if policy.retries is not None:
+        parts.append(f"retries {policy.retries.attempts}")
+    if policy.circuit_breaker is not None:
+        parts.append("circuit_breaker")
+    if policy.outlier_detection != OutlierPolicy():
+        parts.append("outlier_detection")
+    if policy.routes:
+        parts.append(f"{len(policy.routes)} route(s)")
+    if policy.mirror is not None:
+        parts.append(f"mirror {policy.mirror.percent:g}% to {policy.mirror.to}")
+    if policy.fault is not None:
+        parts.append("fault")
+    if policy.rate_limit is not None:
+        parts.append(f"rate_limit {policy.rate_limit.requests_per_second}/s per instance")
+    return ", ".join(parts)
+
+
+def _duration(milliseconds: int) -> str:
+    return f"{milliseconds // 1000}s" if milliseconds % 1000 == 0 else f"{milliseconds}ms"
 
 
 def check_inventory(data: InventoryData, inventory_path: str | None = None,

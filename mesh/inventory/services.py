@@ -10,7 +10,7 @@ are read by mesh/inventory/policy_values.py.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 from mesh.errors import InventoryError, MeshError, Origin
@@ -215,6 +215,17 @@ def _mapping(where: Located, known: tuple[str, ...], what: str, problems: Proble
     return True
 
 
+def _yaml_on(where: Located) -> Located:
+    """A retries mapping whose key `on` YAML 1.1 (and so Ansible) read as the boolean true, with `on` back."""
+    values = {("on" if key is True else key): value for key, value in where.value.items()}
+    marks = where.marks
+    if marks is not None and isinstance(marks.items, dict):
+        items = {("on" if key is True else key): value for key, value in marks.items.items()}
+        origins = {("on" if key is True else key): value for key, value in (marks.key_origins or {}).items()}
+        marks = replace(marks, items=items, key_origins=origins)
+    return Located(values, where.origin, where.key, marks)
+
+
 class _Reader:
     """The readers of a policy's fields; each records its problems and returns MISSING when it cannot read."""
 
@@ -296,6 +307,8 @@ class _Reader:
 
     # -- retries --
     def retries(self, where: Located) -> Retries | _Missing:
+        if isinstance(where.value, dict) and True in where.value and "on" not in where.value:
+            where = _yaml_on(where)
         if not _mapping(where, RETRY_KEYS, "retries", self.problems, "{attempts: 3, per_try_timeout: 500ms}"):
             return MISSING
         if "attempts" not in where.value:
@@ -430,7 +443,7 @@ class _Reader:
         ok = True
         for version in where.value:
             weight = self.count(where.child(version), 0, 100)
-            known = self.version(where.child(version), version)
+            known = self.version(Located(version, where.key_origin(version), where.child(version).key), version)
             if isinstance(weight, _Missing) or known is None:
                 ok = False
                 continue
