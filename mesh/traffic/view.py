@@ -27,7 +27,7 @@ class RouteLine:
     """One route of the service's outbound route configuration, in order (first match wins)."""
 
     match: RouteMatch | None
-    implicit: bool  # the catch-all mesh adds after rules that all have a match
+    after_others: bool  # not the first route: a catch-all then takes every other request
     to: tuple[tuple[str, int], ...]  # () = every instance of every version
     to_from: Origin
     timeout_ms: int | None  # None: the protocol's default
@@ -76,8 +76,8 @@ def route_view(mesh: Mesh, service: str, stored: StoredOverride | None, applied:
     lines = []
     for position, rule in enumerate(policy.routes):
         overridden = split_overridden and position == len(policy.routes) - 1
-        lines.append(_line(rule, policy, "override" if overridden else "inventory", False))
-    if not policy.routes or policy.routes[-1].match is not None:
+        lines.append(_line(rule, policy, "override" if overridden else "inventory", position > 0))
+    if not policy.routes or policy.routes[-1].match is not None:  # mesh's catch-all to every instance
         lines.append(_line(RouteRule(to=()), policy, "default", bool(policy.routes)))
     fault_from: Origin = ("override" if override is not None and override.fault is not None
                           else "inventory" if inventory.fault is not None else "default")
@@ -85,10 +85,10 @@ def route_view(mesh: Mesh, service: str, stored: StoredOverride | None, applied:
                      "inventory" if policy.mirror is not None else "default", fault_from, stored, problems, applied)
 
 
-def _line(rule: RouteRule, policy: ServicePolicy, to_from: Origin, implicit: bool) -> RouteLine:
+def _line(rule: RouteRule, policy: ServicePolicy, to_from: Origin, after_others: bool) -> RouteLine:
     timeout, timeout_from = _origin(rule.timeout_ms, policy.timeout_ms)
     retries, retries_from = _origin(rule.retries, policy.retries)
-    return RouteLine(rule.match, implicit, rule.to, to_from, timeout, timeout_from, retries, retries_from)
+    return RouteLine(rule.match, after_others, rule.to, to_from, timeout, timeout_from, retries, retries_from)
 
 
 def _origin(own: _T | None, service: _T | None) -> tuple[_T | None, Origin]:
@@ -117,9 +117,9 @@ def percent_text(percent: float) -> str:
     return f"{percent:g}%"
 
 
-def match_text(match: RouteMatch | None, implicit: bool = False) -> str:
+def match_text(match: RouteMatch | None, after_others: bool = False) -> str:
     if match is None:
-        return "every other request" if implicit else "every request"
+        return "every other request" if after_others else "every request"
     parts = [f"header {name}={value}" for name, value in match.headers]
     parts += [f"cookie {name}={value}" for name, value in match.cookies]
     if match.path is not None:
@@ -202,7 +202,7 @@ def show_text(view: RouteView) -> str:
     if view.protocol != "tcp":
         rows = [("#", "match", "to", "timeout", "retries")]
         for number, route in enumerate(view.routes, 1):
-            rows.append((str(number), match_text(route.match, route.implicit),
+            rows.append((str(number), match_text(route.match, route.after_others),
                          f"{to_text(route.to)} ({route.to_from})",
                          f"{timeout_text(route.timeout_ms, view.protocol)} ({route.timeout_from})",
                          f"{retries_text(route.retries)} ({route.retries_from})"))
@@ -257,7 +257,7 @@ def show_json(view: RouteView) -> dict[str, Any]:
         "load_balancing": {"policy": lb.policy,
                            "hash_on": None if lb.hash_on is None else {"kind": lb.hash_on.kind,
                                                                        "name": lb.hash_on.name}},
-        "routes": [{"match": _match_json(route.match), "match_text": match_text(route.match, route.implicit),
+        "routes": [{"match": _match_json(route.match), "match_text": match_text(route.match, route.after_others),
                     "to": {version: weight for version, weight in route.to}, "to_from": route.to_from,
                     "timeout_ms": route.timeout_ms, "timeout_from": route.timeout_from,
                     "retries": _retries_json(route.retries), "retries_from": route.retries_from}
