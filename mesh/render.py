@@ -53,7 +53,7 @@ from mesh import package_data
 from mesh.config import paths
 from mesh.config.consistent import consistent
 from mesh.config.errors import ConfigError, EnvoyRejectedConfig
-from mesh.config.model import ProxyConfig
+from mesh.config.model import OutboundRoute, ProxyConfig
 from mesh.config.validate import (
     VALIDATE_TIMEOUT_S,
     envoy_binary,
@@ -70,8 +70,8 @@ TEMPLATES_DIR = package_data.templates_dir()
 
 __all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
            "FirewallUnitContext", "HostValidation", "ProxyFiles", "RenderedFile", "host_validation",
-           "render_envoy_unit", "render_firewall", "render_firewall_unit",
-           "render_proxy_files", "render_resources", "resource_file", "stale_paths", "static_bootstrap",
+           "render_envoy_unit", "render_firewall", "render_firewall_unit", "render_proxy_files", "render_resources",
+           "render_route_file", "resource_file", "stale_paths", "static_bootstrap",
            "template_environment", "transition", "validate_proxy_files"]
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -286,6 +286,24 @@ def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) ->
                                      f"metadata {parsed['node'].get('metadata')}")
     files.append(RenderedFile(cfg.config_path, bootstrap, "bootstrap"))
     return ProxyFiles(cfg.proxy, proxy_dir, tuple(files), digest)
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """templates/envoy/route.yaml.j2: one outbound RouteConfiguration."""
+
+    route: OutboundRoute
+
+
+def render_route_file(proxy: str, path: str, route: OutboundRoute, templates_dir: Path = TEMPLATES_DIR) \
+        -> RenderedFile:
+    """The file of one outbound RouteConfiguration at `path` (xds/rds.<route name>.yaml): byte for byte what
+    render_proxy_files writes there for the same route, so a controller can redo one route alone. Pure."""
+    resources = _resource_list(proxy, _render(templates_dir, "envoy/route.yaml.j2", RouteContext(route)), "route",
+                               ROUTE_TYPE)
+    if [resource_name(resource) for resource in resources] != [route.name]:
+        raise ConfigError(proxy, f"rendered route is not the one route {route.name!r}")
+    return resource_file(proxy, path, "resource", resources)
 
 
 def resource_file(proxy: str, path: str, kind: FileKind, resources: tuple[Resource, ...]) -> RenderedFile:

@@ -6,9 +6,12 @@ It decides names, ports, TLS identities, health checks and endpoints; it must no
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import timedelta
+from types import MappingProxyType
 
-from mesh.config import paths, telemetry
+from mesh.config import paths, telemetry, traffic
 from mesh.config.errors import ConfigError
 from mesh.config.model import (
     Admin,
@@ -23,14 +26,15 @@ from mesh.config.model import (
     InboundListener,
     MetricsListener,
     OutboundListener,
-    OutlierDetection,
     ProxyConfig,
-    RetryPolicy,
+    RouteInputs,
     Secrets,
     TrustBundleSecret,
     UpstreamTls,
 )
-from mesh.inventory.model import Mesh, Protocol, Upstream, Workload, spiffe_id
+from mesh.config.traffic import upstream_cluster_name, version_cluster_name
+from mesh.inventory.model import ManagedHost, Mesh, Protocol, Upstream, Workload, spiffe_id
+from mesh.inventory.policy import OutlierPolicy, ServicePolicy, TrafficOverride, apply_override
 
 INBOUND_LISTENER = "inbound"
 LOCAL_APP_CLUSTER = "local-app"
@@ -52,18 +56,15 @@ UPSTREAM_CHECK_INTERVAL_MS = 1_000
 UPSTREAM_CHECK_TIMEOUT_MS = 800
 HEALTHY_THRESHOLD = 1
 UNHEALTHY_THRESHOLD = 2
-OUTLIER = OutlierDetection(consecutive_5xx=5, consecutive_gateway_failure=2, interval_ms=1_000,
-                           base_ejection_time_ms=10_000, max_ejection_percent=50)
-RETRIES = RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=2,
-                      host_selection_retry_max_attempts=3)
+OUTLIER = traffic.outlier_detection(OutlierPolicy())  # without a policy
+RETRIES = traffic.DEFAULT_RETRIES
+
+__all__ = ["compute_proxy_config", "endpoint_metadata", "health_server_name", "is_ip", "outbound_listener_name",
+           "upstream_cluster_name", "version_cluster_name"]
 
 
 def outbound_listener_name(service: str) -> str:
     return f"outbound-{service}"
-
-
-def upstream_cluster_name(service: str) -> str:
-    return f"upstream-{service}"
 
 
 def health_server_name(trust_domain: str) -> str:
@@ -71,11 +72,17 @@ def health_server_name(trust_domain: str) -> str:
     return f"health.{trust_domain}"
 
 
-def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
-    """The desired config of `workload`'s Envoy: one inbound listener, one outbound listener per upstream."""
+def compute_proxy_config(mesh: Mesh, workload: Workload,
+                         overrides: Mapping[str, TrafficOverride] = MappingProxyType({})) -> ProxyConfig:
+    """The desired config of `workload`'s Envoy: one inbound listener, one outbound listener per upstream, and
+    per upstream the cluster of every instance, then one per version (two versions or more). Each upstream
+    service's policy is the inventory's with its run-time override (`overrides`, by service) applied."""
     proxy = paths.proxy_name(workload)
     trust_domain = mesh.settings.trust_domain
-    upstream_clusters = tuple(_upstream_cluster(mesh, proxy, workload, upstream) for upstream in workload.upstreams)
+    policies = {upstream.service: apply_override(mesh.policy(upstream.service), overrides.get(upstream.service))
+                for upstream in workload.upstreams}
+    upstream_clusters = tuple(_upstream_clusters(mesh, proxy, workload, upstream, policies[upstream.service])
+                              for upstream in workload.upstreams)
     return ProxyConfig(
         proxy=proxy,
         node_id=workload.consul_id,
@@ -89,9 +96,10 @@ def compute_proxy_config(mesh: Mesh, workload: Workload) -> ProxyConfig:
             TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.proxy_ca_path(proxy)),
         ),
         inbound=_inbound(mesh, workload),
-        outbound=tuple(_outbound(trust_domain, workload, upstream, cluster.protocol)
-                       for upstream, cluster in zip(workload.upstreams, upstream_clusters, strict=True)),
-        clusters=(_local_app_cluster(proxy, workload), *upstream_clusters),
+        outbound=tuple(_outbound(mesh, workload, upstream, clusters[0].protocol, policies[upstream.service])
+                       for upstream, clusters in zip(workload.upstreams, upstream_clusters, strict=True)),
+        clusters=(_local_app_cluster(proxy, workload), *(cluster for clusters in upstream_clusters
+                                                         for cluster in clusters)),
         max_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
         config_path=paths.envoy_config_path(proxy),
         metrics=MetricsListener(METRICS_LISTENER, METRICS_ADDRESS, workload.metrics_port, METRICS_LISTENER,
@@ -128,6 +136,8 @@ def _inbound(mesh: Mesh, workload: Workload) -> InboundListener:
         internal_cidrs=_internal_cidrs(mesh),
         callers=tuple(Caller(service, telemetry.CLIENT_CERT_HEADER, f";URI={spiffe_id(trust_domain, service)}")
                       for service in callers),
+        rate_limit=traffic.local_rate_limit(mesh.policy(workload.service).rate_limit)
+        if workload.protocol != "tcp" else None,
     )
 
 
@@ -143,21 +153,30 @@ def _internal_cidrs(mesh: Mesh) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _outbound(trust_domain: str, workload: Workload, upstream: Upstream, protocol: Protocol) -> OutboundListener:
+def _outbound(mesh: Mesh, workload: Workload, upstream: Upstream, protocol: Protocol,
+              policy: ServicePolicy) -> OutboundListener:
+    """An HTTP upstream goes by its route (the policy's rules); a TCP one straight to every instance."""
+    name = outbound_listener_name(upstream.service)
+    inputs = None
+    if protocol != "tcp":
+        inputs = RouteInputs(route_name=name, service=upstream.service, protocol=protocol,
+                             versions=mesh.versions(upstream.service),
+                             request_headers=telemetry.outbound_request_headers(workload.service, workload.version,
+                                                                                workload.consul_id))
     return OutboundListener(
-        name=outbound_listener_name(upstream.service),
+        name=name,
         service=upstream.service,
         address=OUTBOUND_ADDRESS,
         port=upstream.local_port,
         protocol=protocol,
         cluster=upstream_cluster_name(upstream.service),
-        retry_policy=None if protocol == "tcp" else RETRIES,
         stat_prefix=telemetry.outbound_stat_name(workload.service, workload.version, upstream.service),
         access_log=telemetry.outbound_access_log(workload.consul_id, protocol,
-                                                 spiffe_id(trust_domain, workload.service), workload.service,
-                                                 workload.version, upstream.service),
-        request_headers=() if protocol == "tcp" else telemetry.outbound_request_headers(
-            workload.service, workload.version, workload.consul_id),
+                                                 spiffe_id(mesh.settings.trust_domain, workload.service),
+                                                 workload.service, workload.version, upstream.service),
+        route=traffic.outbound_route(inputs, policy) if inputs is not None else None,
+        route_inputs=inputs,
+        hash_source_ip=protocol == "tcp" and policy.lb.policy in ("ring_hash", "maglev"),
     )
 
 
@@ -185,17 +204,20 @@ def endpoint_metadata(workload: Workload) -> EndpointMetadata:
     return EndpointMetadata(workload.service, workload.version, workload.consul_id, workload.host)
 
 
-def _upstream_cluster(mesh: Mesh, proxy: str, caller: Workload, upstream: Upstream) -> Cluster:
-    """Every instance of the upstream service in the mesh, mTLS, checked through its health chain."""
-    trust_domain = mesh.settings.trust_domain
-    instances = [(host.connection.address, workload) for host in mesh.hosts for workload in host.workloads
-                 if workload.service == upstream.service]
+def _upstream_clusters(mesh: Mesh, proxy: str, caller: Workload, upstream: Upstream,
+                       policy: ServicePolicy) -> tuple[Cluster, ...]:
+    """Every instance of the upstream service in the mesh, mTLS, checked through its health chain; then, when it
+    runs two versions or more, the instances of each version. The policy sets how each balances and breaks;
+    the caller's host's zone and region set each endpoint's priority."""
+    service = upstream.service
+    instances = [(host, workload) for host in mesh.hosts for workload in host.workloads if workload.service == service]
     if not instances:
-        raise ConfigError(proxy, f"upstream {upstream.service!r}: no host runs this service")
+        raise ConfigError(proxy, f"upstream {service!r}: no host runs this service")
     protocols = sorted({workload.protocol for _, workload in instances})
     if len(protocols) > 1:
         raise ConfigError(proxy, f"upstream {upstream.service!r}: its instances disagree on the protocol "
                                  f"({', '.join(protocols)})", hint="give every instance the same protocol")
+    trust_domain = mesh.settings.trust_domain
     check = HealthCheck(
         kind="http",
         interval_ms=UPSTREAM_CHECK_INTERVAL_MS,
@@ -206,19 +228,51 @@ def _upstream_cluster(mesh: Mesh, proxy: str, caller: Workload, upstream: Upstre
         http_host=health_server_name(trust_domain),
         tls_server_name=health_server_name(trust_domain),
     )
-    return Cluster(
-        name=upstream_cluster_name(upstream.service),
+    endpoints = _prioritized_endpoints(mesh.host(caller.host), instances)
+    every = Cluster(
+        name=upstream_cluster_name(service),
         protocol=instances[0][1].protocol,
-        discovery="STATIC" if all(is_ip(address) for address, _ in instances) else "STRICT_DNS",
-        endpoints=tuple(Endpoint(address, workload.proxy_port, endpoint_metadata(workload))
-                        for address, workload in instances),
+        discovery="STATIC" if all(is_ip(host.connection.address) for host, _ in instances) else "STRICT_DNS",
+        endpoints=endpoints,
         health_check=check,
         connect_timeout_ms=CONNECT_TIMEOUT_MS,
-        tls=UpstreamTls(CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET, upstream.service,
-                        spiffe_id(trust_domain, upstream.service)),
-        outlier_detection=OUTLIER,
-        stat_name=telemetry.outbound_stat_name(caller.service, caller.version, upstream.service),
+        tls=UpstreamTls(CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET, service, spiffe_id(trust_domain, service)),
+        outlier_detection=traffic.outlier_detection(policy.outlier_detection),
+        stat_name=telemetry.outbound_stat_name(caller.service, caller.version, service),
+        lb_policy=traffic.lb_kind(policy.lb),
+        circuit_breaker=traffic.circuit_breaker_thresholds(policy.circuit_breaker),
+        overprovisioning_factor=traffic.OVERPROVISIONING_FACTOR,
+        service=service,
     )
+    versions = mesh.versions(service)
+    if len(versions) < 2:
+        return (every,)
+    by_version = []
+    for version in versions:
+        chosen = tuple(endpoint for endpoint, (_, workload) in zip(endpoints, instances, strict=True)
+                       if workload.version == version)
+        by_version.append(replace(
+            every, name=version_cluster_name(service, version, versions), endpoints=_renumbered(chosen),
+            stat_name=telemetry.outbound_stat_name(caller.service, caller.version, service, version),
+            version=version))
+    return (every, *by_version)
+
+
+def _prioritized_endpoints(caller: ManagedHost, instances: list[tuple[ManagedHost, Workload]]) \
+        -> tuple[Endpoint, ...]:
+    """Each instance as an endpoint, with its host's zone and region and the priority the caller's host gives it
+    (mesh.config.traffic.endpoint_priority, renumbered from 0)."""
+    raw = [traffic.endpoint_priority(caller.zone, caller.region, host.zone, host.region) for host, _ in instances]
+    return tuple(Endpoint(host.connection.address, workload.proxy_port, endpoint_metadata(workload), zone=host.zone,
+                          region=host.region, priority=priority)
+                 for (host, workload), priority in zip(instances, traffic.prioritized(raw), strict=True))
+
+
+def _renumbered(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    """A subset's priorities renumbered from 0 (a version may have no instance in the caller's zone)."""
+    priorities = traffic.prioritized([endpoint.priority for endpoint in endpoints])
+    return tuple(replace(endpoint, priority=priority) for endpoint, priority in zip(endpoints, priorities,
+                                                                                     strict=True))
 
 
 def is_ip(address: str) -> bool:

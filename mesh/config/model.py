@@ -5,13 +5,19 @@ It owns the shapes only; computing them (compute.py) and writing them out (mesh/
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 from mesh.inventory.model import Protocol
 
 HealthCheckKind = Literal["http", "grpc", "tcp"]
 Discovery = Literal["STATIC", "STRICT_DNS"]
+LbKind = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RING_HASH", "MAGLEV", "RANDOM"]  # Envoy's cluster lb_policy
+Denominator = Literal["HUNDRED", "MILLION"]
+PathMatchKind = Literal["prefix", "path", "safe_regex"]  # Envoy's RouteMatch path specifier
+HashPolicyKind = Literal["header", "cookie", "source_ip"]
+PROTOCOLS: tuple[Protocol, ...] = ("http", "http2", "grpc", "tcp")
 
 
 @dataclass(frozen=True)
@@ -27,11 +33,25 @@ class EndpointMetadata:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One address a cluster sends to."""
+    """One address a cluster sends to; with its locality (the instance's host's zone and region) and the priority
+    this proxy gives it (0 first: traffic leaves a priority only while it is unhealthy)."""
 
     address: str
     port: int
     metadata: EndpointMetadata | None = None
+    zone: str | None = None
+    region: str | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Locality:
+    """The endpoints of one priority in one zone of one region: a LocalityLbEndpoints of an assignment."""
+
+    priority: int
+    region: str | None
+    zone: str | None
+    endpoints: tuple[Endpoint, ...]
 
 
 @dataclass(frozen=True)
@@ -92,8 +112,19 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True)
+class CircuitBreakerThresholds:
+    """A cluster's circuit_breakers thresholds (default priority); None leaves Envoy's default."""
+
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_retries: int | None = None
+    retry_budget_percent: float | None = None
+
+
+@dataclass(frozen=True)
 class Cluster:
-    """A fixed list of endpoints: the local app, or every instance of an upstream service."""
+    """A fixed list of endpoints: the local app, every instance of an upstream service, or those of one version."""
 
     name: str
     protocol: Protocol
@@ -104,10 +135,24 @@ class Cluster:
     tls: UpstreamTls | None = None
     outlier_detection: OutlierDetection | None = None
     stat_name: str | None = None  # alt_stat_name: the name its stats carry (telemetry.py), else its name
+    lb_policy: LbKind = "ROUND_ROBIN"
+    circuit_breaker: CircuitBreakerThresholds | None = None
+    overprovisioning_factor: int | None = None  # of its ClusterLoadAssignment (Envoy's default 140 when None)
+    service: str | None = None  # an upstream cluster: the service whose instances fill it
+    version: str | None = None  # a version cluster: only the instances of this version
 
     @property
     def http2(self) -> bool:
         return self.protocol in ("http2", "grpc")
+
+    @property
+    def localities(self) -> tuple[Locality, ...]:
+        """Its endpoints grouped by (priority, region, zone), by priority then in the order first seen."""
+        groups: dict[tuple[int, str | None, str | None], list[Endpoint]] = {}
+        for endpoint in self.endpoints:
+            groups.setdefault((endpoint.priority, endpoint.region, endpoint.zone), []).append(endpoint)
+        ordered = sorted(groups.items(), key=lambda item: item[0][0])  # stable: first seen within a priority
+        return tuple(Locality(priority, region, zone, tuple(found)) for (priority, region, zone), found in ordered)
 
 
 @dataclass(frozen=True)
@@ -121,9 +166,143 @@ class DownstreamTls:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    retry_on: str
+    """A route's retry_policy: Envoy retries on a previous host only when no other is left."""
+
+    retry_on: str  # Envoy's HTTP and gRPC conditions, comma-joined
     num_retries: int
     host_selection_retry_max_attempts: int
+    per_try_timeout_ms: int | None = None
+    backoff_base_ms: int | None = None
+    backoff_max_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Percent:
+    """Envoy's FractionalPercent: numerator / denominator."""
+
+    numerator: int
+    denominator: Denominator = "HUNDRED"
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    """A route's header matcher: the header's value equals `exact`, or matches the RE2 `regex` whole."""
+
+    name: str
+    exact: str | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestMatch:
+    """A route's match: a path specifier and headers that must all match (`:method` is a header too)."""
+
+    path_kind: PathMatchKind = "prefix"
+    path: str = "/"
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class HashPolicy:
+    """What a ring hash or maglev cluster hashes for a request: a header, a cookie (by name) or the source IP."""
+
+    kind: HashPolicyKind
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestMirror:
+    """A copy of a share of requests sent to `cluster` (answers ignored; Envoy adds `-shadow` to the authority)."""
+
+    cluster: str
+    percent: Percent
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """A route's HTTPFault (the fault filter's per-route config): abort and/or delay a share of requests; with
+    headers only requests carrying all of them."""
+
+    abort_status: int | None = None
+    abort_percent: Percent | None = None
+    delay_ms: int | None = None
+    delay_percent: Percent | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutboundRouteEntry:
+    """One route of an outbound RouteConfiguration, first match wins: where matching requests go and how."""
+
+    match: RequestMatch
+    clusters: tuple[WeightedCluster, ...]  # one: a plain `cluster`; more: weighted_clusters
+    retry_policy: RetryPolicy
+    timeout_ms: int | None = None  # None: Envoy's default (15 s)
+    hash_policies: tuple[HashPolicy, ...] = ()
+    mirrors: tuple[RequestMirror, ...] = ()
+    fault: FaultInjection | None = None
+    request_headers: tuple[tuple[str, str], ...] = ()  # set on every request, overwriting what the app sent
+
+
+@dataclass(frozen=True)
+class OutboundRoute:
+    """The RouteConfiguration of one outbound HTTP listener: one virtual host, its routes in order."""
+
+    name: str
+    virtual_host: str
+    routes: tuple[OutboundRouteEntry, ...]
+
+    @property
+    def cluster_names(self) -> tuple[str, ...]:
+        """Every cluster a route sends to or mirrors to, in first-seen order."""
+        found = [cluster.name for route in self.routes for cluster in route.clusters]
+        found += [mirror.cluster for route in self.routes for mirror in route.mirrors]
+        return tuple(dict.fromkeys(found))
+
+
+@dataclass(frozen=True)
+class RouteInputs:
+    """Everything, besides the service's policy, that one outbound RouteConfiguration is computed from
+    (mesh.config.traffic.outbound_route): the controller keeps it (spec.json) and redoes the route when an
+    override changes the policy."""
+
+    route_name: str
+    service: str  # the upstream
+    protocol: Protocol
+    versions: tuple[str, ...]  # the upstream's versions in the inventory, sorted
+    request_headers: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"route_name": self.route_name, "service": self.service, "protocol": self.protocol,
+                "versions": list(self.versions), "request_headers": [list(pair) for pair in self.request_headers]}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> RouteInputs:
+        """The inputs of to_json's output; ValueError on anything else."""
+        try:
+            protocol = str(data["protocol"])
+            if protocol not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {protocol!r}")
+            headers = tuple((str(name), str(value)) for name, value in data.get("request_headers") or ())
+            return RouteInputs(str(data["route_name"]), str(data["service"]), cast(Protocol, protocol),
+                               tuple(str(version) for version in data["versions"]), headers)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not route inputs: {error}") from error
+
+
+@dataclass(frozen=True)
+class LocalRateLimit:
+    """Envoy's local rate limit of one instance: a token bucket refilled every fill interval; 429 when empty."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval_ms: int = 1_000
 
 
 @dataclass(frozen=True)
@@ -169,6 +348,8 @@ class InboundListener:
     access_log: AccessLog = AccessLog(())
     internal_cidrs: tuple[str, ...] = ()  # the mesh's host addresses: their x-request-id is kept
     callers: tuple[Caller, ...] = ()
+    rate_limit: LocalRateLimit | None = None  # the app route's (the filter is always there, disabled without it)
+    rate_limit_stat_prefix: str = "inbound_rate_limit"  # <prefix>.http_local_rate_limit.rate_limited counts 429s
 
     @property
     def http(self) -> bool:
@@ -177,18 +358,20 @@ class InboundListener:
 
 @dataclass(frozen=True)
 class OutboundListener:
-    """Where the app reaches an upstream service: plain text on 127.0.0.1:local_port."""
+    """Where the app reaches an upstream service: plain text on 127.0.0.1:local_port. HTTP goes by its route
+    (RDS); TCP straight to `cluster`."""
 
     name: str
     service: str
     address: str
     port: int
     protocol: Protocol
-    cluster: str
-    retry_policy: RetryPolicy | None  # http-ish only
+    cluster: str  # every instance of the upstream
     stat_prefix: str = ""  # the listener's name when empty
     access_log: AccessLog = AccessLog(())
-    request_headers: tuple[tuple[str, str], ...] = ()  # set on every request, overwriting what the app sent
+    route: OutboundRoute | None = None  # http-ish only
+    route_inputs: RouteInputs | None = None  # what `route` was computed from, with the service's policy
+    hash_source_ip: bool = False  # tcp with ring hash: the same calling instance to the same upstream one
 
     @property
     def http(self) -> bool:

@@ -16,7 +16,8 @@ SOURCE_INSTANCE_HEADER = "x-mesh-source-instance"
 CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 ENDPOINT_METADATA_NAMESPACE = "mesh"  # filter_metadata key of every upstream lb_endpoint
 
-# Stat names mesh composes: `outbound|S|V|D` (caller S at version V, upstream D), `inbound|D|W` (callee D at W).
+# Stat names mesh composes: `outbound|S|V|D` (caller S at version V, upstream D; a version cluster of D's at DV:
+# `outbound|S|V|D|DV`), `inbound|D|W` (callee D at W).
 # Envoy splits stat names on dots, so a version's '.' is written '_'; service names are DNS labels (no '|' or '.').
 _PART = r"[^|.]+"
 _OUT = r"(?:cluster|http|tcp)\.outbound\|"
@@ -25,7 +26,7 @@ STATS_TAGS = (
     StatsTag("source_service", rf"^(?:{_OUT}|vhost\.inbound\|{_PART}\|{_PART}\.vcluster\.)({_PART})[|.]"),
     StatsTag("source_version", rf"^{_OUT}{_PART}\|({_PART})\|"),
     StatsTag("destination_service", rf"^(?:{_OUT}{_PART}\|{_PART}\||{_IN})({_PART})[|.]"),
-    StatsTag("destination_version", rf"^{_IN}{_PART}\|({_PART})\."),
+    StatsTag("destination_version", rf"^(?:{_IN}{_PART}\||{_OUT}{_PART}\|{_PART}\|{_PART}\|)({_PART})\."),
 )
 
 
@@ -33,10 +34,11 @@ def stat_version(version: str) -> str:
     return version.replace(".", "_")
 
 
-def outbound_stat_name(service: str, version: str, upstream: str) -> str:
+def outbound_stat_name(service: str, version: str, upstream: str, upstream_version: str | None = None) -> str:
     """The caller side of an edge: the upstream cluster's alt_stat_name and the outbound HCM's or tcp_proxy's
-    stat_prefix."""
-    return f"outbound|{service}|{stat_version(version)}|{upstream}"
+    stat_prefix; with upstream_version, the alt_stat_name of the cluster of that version of the upstream."""
+    name = f"outbound|{service}|{stat_version(version)}|{upstream}"
+    return name if upstream_version is None else f"{name}|{stat_version(upstream_version)}"
 
 
 def inbound_stat_name(service: str, version: str) -> str:

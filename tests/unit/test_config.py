@@ -73,10 +73,11 @@ def test_upstream_cluster_lists_every_instance_with_mtls_to_its_identity() -> No
 def test_outbound_listeners_follow_the_upstream_protocol() -> None:
     cfg = config("vm2", "api")
     db, pricing = cfg.outbound
-    assert (db.address, db.port, db.protocol, db.cluster, db.retry_policy) == (
+    assert (db.address, db.port, db.protocol, db.cluster, db.route) == (
         "127.0.0.1", 19102, "tcp", "upstream-db", None)
-    assert (pricing.port, pricing.protocol) == (19103, "grpc") and pricing.retry_policy is not None
-    assert 1 <= pricing.retry_policy.num_retries <= 2 and "connect-failure" in pricing.retry_policy.retry_on
+    assert (pricing.port, pricing.protocol) == (19103, "grpc") and pricing.route is not None
+    (only,) = pricing.route.routes
+    assert 1 <= only.retry_policy.num_retries <= 2 and "connect-failure" in only.retry_policy.retry_on
     assert cfg.cluster("upstream-pricing").http2 and not cfg.cluster("upstream-db").http2
     assert cfg.cluster("upstream-db").endpoints == (
         Endpoint("10.0.0.12", 21001, EndpointMetadata("db", "v1", "db-vm2-5432", "vm2")),)
@@ -91,7 +92,8 @@ def test_stat_names_say_who_calls_whom_and_the_callee_knows_its_callers() -> Non
     assert web.inbound.callers == ()  # nobody calls web
     # the mesh's IP literal addresses are internal (vm4's address is a name)
     assert api.inbound.internal_cidrs == ("10.0.0.3/32", "10.0.0.11/32", "10.0.0.12/32", "10.0.0.13/32")
-    assert dict(web.outbound[0].request_headers) == {"x-mesh-source-service": "web", "x-mesh-source-version": "v1",
+    assert web.outbound[0].route is not None
+    assert dict(web.outbound[0].route.routes[0].request_headers) == {"x-mesh-source-service": "web", "x-mesh-source-version": "v1",
                                                      "x-mesh-source-instance": "web-vm1-8080"}
     assert web.metrics is not None and (web.metrics.port, web.metrics.path) == (20000, "/stats/prometheus")
 

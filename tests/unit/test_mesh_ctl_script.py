@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from mesh.config import compute_proxy_config
-from mesh.config.model import Endpoint
+from mesh.config.model import Endpoint, OutboundRoute
 from mesh.config.validate import envoy_binary
 from mesh.controller import protocol
 from mesh.pki import CertificateAuthority
@@ -89,10 +89,18 @@ class Host:
                               self.loop.address(self.loop.web))
         cluster = cfg.cluster("upstream-api")
         changed = replace(cluster, endpoints=endpoints or cluster.endpoints, name=rename or cluster.name)
-        outbound = tuple(replace(item, cluster=changed.name) if item.cluster == cluster.name else item
-                         for item in cfg.outbound)
+        outbound = tuple(replace(item, cluster=changed.name, route=_renamed(item.route, cluster.name, changed.name))
+                         if item.cluster == cluster.name else item for item in cfg.outbound)
         clusters = tuple(changed if item.name == cluster.name else item for item in cfg.clusters)
         return render_proxy_files(replace(cfg, clusters=clusters, outbound=outbound))
+
+
+def _renamed(route: OutboundRoute | None, old: str, new: str) -> OutboundRoute | None:
+    """`route` sending to cluster `new` where it sent to `old`."""
+    if route is None:
+        return None
+    return replace(route, routes=tuple(replace(entry, clusters=tuple(
+        replace(item, name=new) if item.name == old else item for item in entry.clusters)) for entry in route.routes))
 
 
 def _make_host(root: Path) -> Host:

@@ -171,14 +171,17 @@ def test_rendered_files_are_the_model() -> None:
     xds = f"/etc/mesh/proxies/{files.proxy}/xds"
     assert [file.path for file in files.files] == [  # the order they are moved in: what is named first
         f"{xds}/sds.proxy-cert.yaml", f"{xds}/sds.mesh-ca.yaml",
-        f"{xds}/eds.local-app.yaml", f"{xds}/eds.upstream-api.yaml", f"{xds}/cds.yaml",
+        f"{xds}/eds.local-app.yaml", f"{xds}/eds.upstream-api.yaml", f"{xds}/eds.upstream-api.v1.yaml",
+        f"{xds}/eds.upstream-api.v2.yaml", f"{xds}/cds.yaml",
         f"{xds}/rds.inbound-health.yaml", f"{xds}/rds.inbound.yaml", f"{xds}/rds.outbound-api.yaml",
         f"{xds}/rds.outbound-report.yaml", f"{xds}/lds.yaml", f"/etc/mesh/proxies/{files.proxy}/envoy.yaml"]
-    assert [file.kind for file in files.files] == ["secret"] * 2 + ["resource"] * 8 + ["bootstrap"]
+    assert [file.kind for file in files.files] == ["secret"] * 2 + ["resource"] * 10 + ["bootstrap"]
     assert [listener["name"] for listener in resources(files, "lds.yaml")] == ["inbound", "outbound-api",
                                                                                "outbound-report", "metrics"]
     clusters = {cluster["name"]: cluster for cluster in resources(files, "cds.yaml")}
-    assert list(clusters) == ["local-app", "upstream-api", "upstream-report", "mesh-admin"]
+    # api runs two versions (v1 on vm2, v2 on vm3): a cluster of each besides the one of every instance
+    assert list(clusters) == ["local-app", "upstream-api", "upstream-api.v1", "upstream-api.v2", "upstream-report",
+                              "mesh-admin"]
     # the metrics listener's way to the admin socket
     assert clusters["mesh-admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] \
         == {"pipe": {"path": f"/etc/mesh/proxies/{files.proxy}/admin/admin.sock"}}
@@ -247,7 +250,7 @@ def test_a_cluster_that_leaves_is_kept_until_the_routes_stop_naming_it() -> None
     cfg = compute_proxy_config(mesh, workload(mesh, ("vm1", "web")))
     before = render_proxy_files(cfg)
     # web loses its `report` upstream: its listener, route, cluster go
-    after = render_proxy_files(dataclasses.replace(cfg, outbound=cfg.outbound[:1], clusters=cfg.clusters[:2]))
+    after = render_proxy_files(dataclasses.replace(cfg, outbound=cfg.outbound[:1], clusters=cfg.clusters[:-1]))
     on_host = {file.path: file.sha256 for file in before.files}
     cds = before.file(f"{before.proxy_dir}/xds/cds.yaml")
     steps = transition(after, on_host, cds.content)
@@ -255,7 +258,7 @@ def test_a_cluster_that_leaves_is_kept_until_the_routes_stop_naming_it() -> None
     assert [file.path for file in steps] == [f"{xds}/cds.yaml", f"{xds}/lds.yaml", f"{xds}/cds.yaml"]
     kept = [cluster["name"] for cluster in yaml.safe_load(steps[0].content)["resources"]]
     # the new ones, then the one that leaves
-    assert kept == ["local-app", "upstream-api", "mesh-admin", "upstream-report"]
+    assert kept == ["local-app", "upstream-api", "upstream-api.v1", "upstream-api.v2", "mesh-admin", "upstream-report"]
     assert steps[2] == after.file(f"{xds}/cds.yaml")
     assert stale_paths(after, on_host) == (f"{xds}/rds.outbound-report.yaml",)
     # without the host's cds.yaml, mesh cannot know what leaves: the plain order
@@ -266,7 +269,7 @@ def test_host_validation_stages_checks_then_installs(tmp_path: Path) -> None:
     mesh = golden_mesh()
     cfg = compute_proxy_config(mesh, workload(mesh, ("vm1", "web")))
     before, after = render_proxy_files(cfg), render_proxy_files(dataclasses.replace(
-        cfg, outbound=cfg.outbound[:1], clusters=cfg.clusters[:2]))
+        cfg, outbound=cfg.outbound[:1], clusters=cfg.clusters[:-1]))
     on_host = {file.path: file.sha256 for file in before.files}
     steps = transition(after, on_host, before.file(f"{before.proxy_dir}/xds/cds.yaml").content)
     plan = host_validation(after, steps, stale_paths(after, on_host), user="mesh-web-8080")
@@ -297,7 +300,7 @@ def test_host_validation_golden(update_goldens: bool) -> None:
     mesh = golden_mesh()
     cfg = compute_proxy_config(mesh, workload(mesh, ("vm1", "web")))
     before, after = render_proxy_files(cfg), render_proxy_files(dataclasses.replace(
-        cfg, outbound=cfg.outbound[:1], clusters=cfg.clusters[:2]))
+        cfg, outbound=cfg.outbound[:1], clusters=cfg.clusters[:-1]))
     on_host = {file.path: file.sha256 for file in before.files}
     steps = transition(after, on_host, before.file(f"{before.proxy_dir}/xds/cds.yaml").content)
     plan = host_validation(after, steps, stale_paths(after, on_host))
