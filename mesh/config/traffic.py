@@ -186,7 +186,7 @@ def outbound_route(inputs: RouteInputs, policy: ServicePolicy) -> OutboundRoute:
     if not rules or rules[-1].match is not None:
         rules.append(RouteRule(to=()))
     default_timeout = None if inputs.protocol == "http" else 0  # no timeout for streams (http2, grpc)
-    mirrors = ()
+    mirrors: tuple[RequestMirror, ...] = ()
     if policy.mirror is not None and policy.mirror.percent > 0:
         mirrors = (RequestMirror(version_cluster_name(inputs.service, policy.mirror.to, inputs.versions),
                                  percent(policy.mirror.percent)),)
