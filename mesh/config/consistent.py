@@ -32,7 +32,9 @@ def _duplicates(cfg: ProxyConfig) -> list[str]:
 def _dangling_clusters(cfg: ProxyConfig) -> list[str]:
     present = {cluster.name for cluster in cfg.clusters}
     wanted = [(cfg.inbound.name, cfg.inbound.cluster), (f"{cfg.inbound.name} health chain", cfg.inbound.health.cluster),
-              *((listener.name, listener.cluster) for listener in cfg.outbound)]
+              *((listener.name, listener.cluster) for listener in cfg.outbound),
+              *((f"route {listener.route.name!r}", name) for listener in cfg.outbound if listener.route is not None
+                for name in listener.route.cluster_names)]
     return [f"{owner} names cluster {name!r}, which is not in this config"
             for owner, name in wanted if name not in present]
 
