@@ -3,7 +3,7 @@
 URL from C threads, each thread on its own keep-alive connection, then one JSON document on stdout with what came
 back: counts by status, by the answering instance (the first hop of the demo app's answer, "service/version/
 instance"), by status and instance, by every hop ("service" -> "instance" -> count, e.g. which db answered),
-latencies (ms) and transport errors. Optional: headers, a cookie, a method, request ids with a prefix, and the
+every answer's chain ("api/vm2 db/vm1": who answered at each hop), latencies (ms) and transport errors. Optional: headers, a cookie, a method, request ids with a prefix, and the
 samples themselves (status, instance, latency).
 
 Standard library only (the lab's nodes have python3 and nothing else); never imports mesh.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds each thread waits between requests")
     parser.add_argument("--samples", action="store_true", help="also list [status, instance, ms, key] per request")
+    parser.add_argument("--stop-file", help="stop (instead of after -n requests) once this file exists")
     return parser.parse_args(argv)
 
 
@@ -48,6 +50,7 @@ class Totals:
         self.instance: Counter[str] = Counter()
         self.status_instance: Counter[str] = Counter()
         self.hops: dict[str, Counter[str]] = {}
+        self.chains: Counter[str] = Counter()
         self.key_instance: dict[str, Counter[str]] = {}
         self.latencies: list[float] = []
         self.errors: Counter[str] = Counter()
@@ -62,6 +65,7 @@ class Totals:
             self.latencies.append(took_ms)
             for service, name in hops:
                 self.hops.setdefault(service, Counter())[name] += 1
+            self.chains[" ".join(f"{service}/{name}" for service, name in hops) or "-"] += 1
             if key is not None:
                 self.key_instance.setdefault(key, Counter())[instance] += 1
             if keep:
@@ -104,6 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             index = next(counter)
         if deadline is not None:
             return index if time.monotonic() < deadline else None
+        if args.stop_file:
+            return None if os.path.exists(args.stop_file) else index
         return index if index < args.requests else None
 
     def worker() -> None:
@@ -159,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "instance": dict(totals.instance),
         "status_instance": dict(totals.status_instance),
         "hops": {service: dict(counts) for service, counts in totals.hops.items()},
+        "chains": dict(totals.chains),
         "key_instance": {key: dict(counts) for key, counts in totals.key_instance.items()},
         "latency_ms": {"min": quantile(0), "p50": quantile(0.5), "p99": quantile(0.99), "max": quantile(1.0)},
         "errors": dict(totals.errors),
