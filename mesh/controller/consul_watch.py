@@ -1,4 +1,5 @@
-"""Blocking queries on Consul's health of every service the controller fills endpoints from, one thread each.
+"""Blocking queries on Consul's health of every service the controller fills endpoints from, one thread each, and
+on the traffic overrides' KV prefix (one more thread).
 
 It owns the index rules (reset when it goes backwards, never below 1 after an answer), the backoff after errors
 and how stale the controller's view is; it must not compute endpoints' files or reach hosts.
@@ -10,7 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import consul
 import structlog
@@ -24,8 +25,9 @@ BACKOFF_MAX_S = 10.0
 MIN_INTERVAL_S = 0.02  # between two queries of one service: an index that does not move never spins
 
 Entries = list[Mapping[str, Any]]
-Fetch = Callable[[str, int, float], tuple[int, Entries]]  # (service, index, wait) -> (new index, entries)
+Fetch = Callable[[str, int, float], tuple[int, Entries]]  # (service or prefix, index, wait) -> (new index, entries)
 OnAnswer = Callable[[ServiceEndpoints], None]
+OnValues = Callable[[Mapping[str, str]], None]  # service -> its override's KV value
 
 
 def next_index(previous: int, returned: int) -> int:
@@ -55,15 +57,41 @@ def consul_fetch(access: ConsulAccess) -> Fetch:
     return fetch
 
 
-class ServiceWatch:
-    """One service's blocking-query loop in a daemon thread; `on_answer` gets each new ServiceEndpoints."""
+def kv_values(entries: Iterable[Mapping[str, Any]], prefix: str) -> dict[str, str]:
+    """service -> value text of a recursive KV read of `prefix` (keys below a service, and empty names, ignored)."""
+    found = {}
+    for entry in entries:
+        key = str(entry.get("Key") or "")
+        service = key[len(prefix):] if key.startswith(prefix) else ""
+        if not service or "/" in service:
+            continue
+        value = entry.get("Value")
+        found[service] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
+    return found
 
-    def __init__(self, service: str, mesh_id: str, fetch: Fetch, on_answer: OnAnswer, wait_s: float = WAIT_S,
+
+def consul_kv_fetch(access: ConsulAccess) -> Fetch:
+    """A Fetch through py-consul's blocking recursive KV read of a prefix (no key under it: no entries)."""
+    client = connect(access, timeout=WAIT_S + 5.0)
+
+    def fetch(prefix: str, index: int, wait: float) -> tuple[int, Entries]:
+        found, entries = client.kv.get(prefix, index=index or None, recurse=True, wait=f"{int(wait)}s")
+        return int(found or 0), list(entries or [])
+
+    return fetch
+
+
+class BlockingWatch:
+    """One blocking-query loop in a daemon thread: `what` is a service or a KV prefix; each answer that differs
+    from the last (as read by `read`) goes to `deliver`."""
+
+    def __init__(self, what: str, fetch: Fetch, read: Callable[[Entries], object],
+                 deliver: Callable[[Any], None], wait_s: float = WAIT_S,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] | None = None) -> None:
-        self.service = service
-        self.mesh_id = mesh_id
+        self.what = what
         self.fetch = fetch
-        self.on_answer = on_answer
+        self.read = read
+        self.deliver = deliver
         self.wait_s = wait_s
         self.clock = clock
         self.stopped = threading.Event()
@@ -72,11 +100,11 @@ class ServiceWatch:
         self.failures = 0
         self.started_at = clock()
         self.last_success: float | None = None
-        self.last: ServiceEndpoints | None = None
-        self.log = structlog.get_logger().bind(service=service)
-        self.thread = threading.Thread(target=self.run, name=f"watch-{service}", daemon=True)
+        self.last: object = None
+        self.log = structlog.get_logger().bind(watch=what)
+        self.thread = threading.Thread(target=self.run, name=f"watch-{what}", daemon=True)
 
-    def start(self) -> ServiceWatch:
+    def start(self) -> Self:
         self.thread.start()
         return self
 
@@ -98,7 +126,7 @@ class ServiceWatch:
         """One query: deliver a changed answer, or back off after an error."""
         began = self.clock()
         try:
-            returned, entries = self.fetch(self.service, self.index, self.wait_s)
+            returned, entries = self.fetch(self.what, self.index, self.wait_s)
         except (consul.ConsulException, OSError, ValueError) as exc:
             self.failures += 1
             delay = backoff_s(self.failures)
@@ -112,12 +140,31 @@ class ServiceWatch:
         self.failures = 0
         self.last_success = self.clock()
         self.index = next_index(self.index, returned)
-        seen = service_endpoints(self.service, entries, self.mesh_id)
+        seen = self.read(entries)
         if seen != self.last:
             self.last = seen
-            self.on_answer(seen)
+            self.deliver(seen)
         if self.clock() - began < MIN_INTERVAL_S:
             self.sleep(MIN_INTERVAL_S)
+
+
+class ServiceWatch(BlockingWatch):
+    """One service's health: `on_answer` gets each new ServiceEndpoints (this mesh's instances)."""
+
+    def __init__(self, service: str, mesh_id: str, fetch: Fetch, on_answer: OnAnswer, wait_s: float = WAIT_S,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] | None = None) -> None:
+        super().__init__(service, fetch, lambda entries: service_endpoints(service, entries, mesh_id), on_answer,
+                         wait_s, clock, sleep)
+        self.service = service
+        self.mesh_id = mesh_id
+
+
+class PrefixWatch(BlockingWatch):
+    """The traffic overrides' KV prefix: `on_values` gets each new {service: value text} (empty when no key)."""
+
+    def __init__(self, prefix: str, fetch: Fetch, on_values: OnValues, wait_s: float = WAIT_S,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] | None = None) -> None:
+        super().__init__(prefix, fetch, lambda entries: kv_values(entries, prefix), on_values, wait_s, clock, sleep)
 
 
 class ConsulWatch:

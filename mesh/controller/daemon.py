@@ -1,5 +1,6 @@
-"""The controller's loop: leadership, the Consul watch, debounced snapshots pushed to every host, renewals, the
-published state and metrics; SIGHUP re-reads the spec, SIGTERM releases the lock.
+"""The controller's loop: leadership, the Consul watches (services' health, the traffic overrides' KV prefix),
+debounced snapshots pushed to every host, renewals, the published state and metrics; SIGHUP re-reads the spec,
+SIGTERM releases the lock.
 
 It wires the parts together and owns timing (debounce, rounds, publishing); what is pushed is pusher.py's,
 which endpoints snapshot.py's. A Controller is an object: two can run in one test.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -26,13 +27,20 @@ import structlog
 
 from mesh.catalog import ConsulAccess, connect, read_token
 from mesh.config import paths
-from mesh.controller.consul_watch import ConsulWatch, Fetch, consul_fetch
+from mesh.controller.consul_watch import ConsulWatch, Fetch, PrefixWatch, consul_fetch, consul_kv_fetch
 from mesh.controller.endpoints import ServiceEndpoints
 from mesh.controller.metrics import ControllerMetrics
 from mesh.controller.published import state_document, state_text
 from mesh.controller.pusher import MAX_WORKERS, Pusher, Validate
 from mesh.controller.renewal import Renewer
 from mesh.controller.rotation import SignedLeaf, issued_record, load_signer, remaining_s
+from mesh.controller.routes import (
+    Overrides,
+    RoutePolicies,
+    applied_traffic,
+    effective_policies,
+    read_overrides,
+)
 from mesh.controller.snapshot import KnownEndpoints, Snapshot, build_snapshot, remembered, watched_services
 from mesh.controller.spec import (
     INTERMEDIATE_CERT,
@@ -43,6 +51,7 @@ from mesh.controller.spec import (
     IdentitySpec,
     deploy_lock_key,
     issued_prefix,
+    traffic_prefix,
 )
 from mesh.controller.transport import SshTransport, Transport
 from mesh.errors import MeshError
@@ -135,6 +144,7 @@ class Controller:
                  leader: Callable[[ControllerSpec, str], Leader] | None = None,
                  store: Callable[[ControllerSpec], Store] | None = None,
                  fetch: Callable[[ControllerSpec], Callable[[], Fetch]] | None = None,
+                 kv_fetch: Callable[[ControllerSpec], Fetch] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  now: Callable[[], datetime] = lambda: datetime.now(UTC), watch: bool = True) -> None:
         self.load = load
@@ -154,6 +164,12 @@ class Controller:
         self.renewer = self._renewer(self.spec)
         self.lock = threading.Condition()
         self.known: KnownEndpoints = MappingProxyType({})
+        self.traffic_values: Mapping[str, str] | None = None  # the traffic KV (service -> value); None: not read yet
+        self.overrides: Overrides | None = None
+        self.policies: RoutePolicies | None = None
+        self.policies_of: tuple[ControllerSpec, Mapping[str, str] | None] | None = None
+        self.ignored: dict[str, str] = {}  # service -> the invalid KV value already logged
+        self.traffic: dict[str, str] = {}  # service -> override revision every caller runs (state.traffic)
         self.dirty, self.dirty_since = True, clock()
         self.stopping = False
         self.stopped = threading.Event()
@@ -165,11 +181,13 @@ class Controller:
         self.next_round = float("-inf")
         self.next_publish = float("-inf")
         self.snapshot: Snapshot = {}
-        self.snapshot_of: tuple[ControllerSpec, KnownEndpoints] | None = None
+        self.snapshot_of: tuple[ControllerSpec, KnownEndpoints, RoutePolicies | None] | None = None
         self.pushed_digest: str | None = None  # the plan digest of the last spec a round reached every host with
         self.behind: tuple[str, ...] = ()
         make_fetch = (fetch or (lambda spec: lambda: consul_fetch(consul_access(spec))))(self.spec)
         self.watch = ConsulWatch(self.spec.mesh_id, make_fetch, self.on_answer)
+        make_kv_fetch = kv_fetch or (lambda spec: consul_kv_fetch(consul_access(spec)))
+        self.traffic_watch = PrefixWatch(traffic_prefix(self.spec.mesh_id), make_kv_fetch(self.spec), self.on_traffic)
         self.watching = watch
 
     # --- inputs (other threads) ---
@@ -181,6 +199,16 @@ class Controller:
             if known is self.known:
                 return
             self.known = known
+            if not self.dirty:
+                self.dirty, self.dirty_since = True, self.clock()
+            self.lock.notify_all()
+
+    def on_traffic(self, values: Mapping[str, str]) -> None:
+        """The traffic KV prefix's new values (service -> override JSON): a change starts the debounce."""
+        with self.lock:
+            if values == self.traffic_values:
+                return
+            self.traffic_values = MappingProxyType(dict(values))
             if not self.dirty:
                 self.dirty, self.dirty_since = True, self.clock()
             self.lock.notify_all()
@@ -203,6 +231,7 @@ class Controller:
             self.metrics.serve(self.spec.metrics_port)
         if self.watching:
             self.watch.watch(watched_services(self.spec))
+            self.traffic_watch.start()
         self.leadership_thread = threading.Thread(target=self._keep_leadership, name="leadership", daemon=True)
         self.leadership_thread.start()
         self.log.info("controller_started", holder=self.holder, mesh_id=self.spec.mesh_id,
@@ -234,7 +263,7 @@ class Controller:
             if not leading:
                 self.pusher.forget()  # another controller may push meanwhile: read every host again
         self.metrics.leader.set(1 if leading else 0)
-        self.metrics.consul_staleness.set(self.watch.staleness_s())
+        self.metrics.consul_staleness.set(self._staleness_s())
         if not leading:
             return min(1.0, max(0.0, self.next_step - now)) if self.leadership_thread is None else 1.0
         with self.lock:
@@ -249,6 +278,11 @@ class Controller:
         now = self.clock()
         step = self.next_step if self.leadership_thread is None else now + 1.0
         return max(0.0, min(self.next_round, self.next_publish, step) - now)
+
+    def _staleness_s(self) -> float:
+        if not self.watching:
+            return self.watch.staleness_s()
+        return max(self.watch.staleness_s(), self.traffic_watch.staleness_s())
 
     def _step_interval(self) -> float:
         return max(0.5, self.spec.session_ttl_s / 3)
@@ -274,20 +308,59 @@ class Controller:
             self.paused = False
         with self.lock:
             self.dirty = False
-            known = self.known
+            known, values = self.known, self.traffic_values
         spec = self.spec
-        if self.snapshot_of is None or self.snapshot_of[0] is not spec or self.snapshot_of[1] is not known:
-            self.snapshot = build_snapshot(spec, known)
-            self.snapshot_of = (spec, known)
+        policies = self._policies(spec, values)
+        if self.snapshot_of is None or self.snapshot_of[0] is not spec or self.snapshot_of[1] is not known \
+                or self.snapshot_of[2] is not policies:
+            self.snapshot = build_snapshot(spec, known, policies)
+            self.snapshot_of = (spec, known, policies)
         result = self.pusher.round(self.snapshot, self.leader.holds, self.renewer.renew if self.renewer else None,
                                    wait_s=self.options.round_interval_s)
         self.behind = result.behind
         self._certificate_metrics()
+        traffic = self._applied_traffic()
         reached = spec.plan_digest if not result.behind else self.pushed_digest
-        if result.pushed or result.refused or reached != self.pushed_digest:
+        if result.pushed or result.refused or reached != self.pushed_digest or traffic != self.traffic:
             self.pushed_digest = reached
+            self.traffic = traffic
             self.next_publish = self.clock()  # publish now
         self.next_round = self.clock() + self.options.round_interval_s
+
+    def _policies(self, spec: ControllerSpec, values: Mapping[str, str] | None) -> RoutePolicies | None:
+        """Each service's effective policy (the spec's, with its valid override), redone when the spec or the KV
+        changed; an invalid override is logged once per value. None before the KV was read."""
+        if self.policies_of is not None and self.policies_of[0] is spec and self.policies_of[1] is values:
+            return self.policies
+        self.policies_of = (spec, values)
+        if values is None:
+            self.overrides, self.policies = None, None
+            return None
+        before = self.overrides
+        overrides = read_overrides(values, spec)
+        for service, reason in overrides.invalid.items():
+            if self.ignored.get(service) != values[service]:
+                self.ignored[service] = values[service]
+                self.log.warning("traffic_override_ignored", service=service, reason=reason,
+                                 effect="the inventory policy applies")
+        for service in set(self.ignored) - set(overrides.invalid):
+            del self.ignored[service]
+        for service in sorted(set(overrides.valid) | set(before.valid if before else {})):
+            revision = overrides.revision(service)
+            if before is None or before.revision(service) != revision or (service in before.valid) != (
+                    service in overrides.valid):
+                self.log.info("traffic_override", service=service, revision=revision or None,
+                              override=service in overrides.valid)
+        self.overrides, self.policies = overrides, MappingProxyType(effective_policies(spec, overrides))
+        return self.policies
+
+    def _applied_traffic(self) -> dict[str, str]:
+        """state.traffic: per service with route files, the revision every caller's file runs (routes.py)."""
+        wanted = {(host, proxy, relpath): digest for (host, proxy), snap in self.snapshot.items()
+                  for relpath, digest in snap.digests.items()}
+        on_hosts = {(name, proxy.name): (link.state.files.get(proxy.name) if link.state is not None else None)
+                    for name, link in self.pusher.links.items() for proxy in link.spec.proxies}
+        return applied_traffic(self.spec, self.overrides if self.policies is not None else None, wanted, on_hosts)
 
     def _publish(self) -> None:
         self.next_publish = self.clock() + self.options.publish_interval_s
@@ -298,7 +371,7 @@ class Controller:
         document = state_document(self.holder, self.pushed_digest, self.wall(), self.watch.staleness_s(),
                                   self.pusher.wanted_versions(self.snapshot), self.pusher.host_versions(),
                                   self.pusher.pushed_at, certificates,
-                                  self.behind)
+                                  self.behind, self.traffic)
         try:
             self.store.put(self.spec.state_key, state_text(document))
         except (consul.ConsulException, OSError) as exc:
@@ -344,6 +417,7 @@ class Controller:
     def shutdown(self) -> None:
         self.stopped.set()
         self.watch.stop()
+        self.traffic_watch.stop()
         if self.leadership_thread is not None:
             self.leadership_thread.join(timeout=30)  # then release: Leadership is one thread's at a time
         self.leader.release()

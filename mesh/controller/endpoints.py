@@ -1,13 +1,14 @@
 """Which endpoints an EDS file gets from what Consul says about a service, and the file itself. Pure.
 
-It owns the up/registered rule (mesh's own instances of this mesh id; up = no critical check), the panic rule
-and the rewrite of one ClusterLoadAssignment file; it must not talk to Consul or hosts.
+It owns the up/registered rule (mesh's own instances of this mesh id; up = no critical check), the panic rule,
+the version filter of a version cluster's file, the localities and priorities a caller sees (its zone first, then
+its region, then the rest) and the rewrite of one ClusterLoadAssignment file; it must not talk to Consul or hosts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -15,14 +16,15 @@ import yaml
 from mesh import catalog
 from mesh.config.compute import is_ip
 from mesh.config.telemetry import ENDPOINT_METADATA_NAMESPACE
+from mesh.config.traffic import OVERPROVISIONING_FACTOR, endpoint_priority, prioritized
 from mesh.render import ENDPOINT_TYPE, RenderedFile, resource_file
 
 
 @dataclass(frozen=True, order=True)
 class Endpoint:
-    """One instance as Envoy reaches it: the service Address (the node's when empty) and Port; and who answers
+    """One instance as Envoy reaches it: the service Address (the node's when empty) and Port; who answers
     there (Service, Meta version and host, ID: the lb_endpoint's metadata, which callers' access logs read; empty
-    when Consul does not say)."""
+    when Consul does not say); where it runs (Meta zone and region: its locality; empty when unknown)."""
 
     address: str
     port: int
@@ -30,6 +32,8 @@ class Endpoint:
     version: str = ""
     instance: str = ""
     host: str = ""
+    zone: str = ""
+    region: str = ""
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -46,6 +50,24 @@ class ServiceEndpoints:
     registered: tuple[Endpoint, ...]
     up: tuple[Endpoint, ...]
 
+    def of_version(self, version: str | None) -> ServiceEndpoints:
+        """Only the instances of `version` (Meta version); all of them for None (the `upstream-<svc>` file)."""
+        if version is None:
+            return self
+        return replace(self, registered=tuple(e for e in self.registered if e.version == version),
+                       up=tuple(e for e in self.up if e.version == version))
+
+
+@dataclass(frozen=True, order=True)
+class Locality:
+    """One LocalityLbEndpoints of a caller's file: its priority for that caller (0 first), the locality (empty
+    strings when unknown) and its endpoints (sorted)."""
+
+    priority: int
+    region: str
+    zone: str
+    endpoints: tuple[Endpoint, ...]
+
 
 def service_endpoints(service: str, entries: Iterable[Mapping[str, Any]], mesh_id: str) -> ServiceEndpoints:
     """The endpoints of /v1/health/service/<service>'s entries: Meta managed-by mesh with this mesh id only
@@ -59,7 +81,7 @@ def service_endpoints(service: str, entries: Iterable[Mapping[str, Any]], mesh_i
             continue
         endpoint = Endpoint(str(svc.get("Address") or node.get("Address") or ""), int(svc.get("Port") or 0),
                             str(svc.get("Service") or ""), str(meta.get("version") or ""), str(svc.get("ID") or ""),
-                            str(meta.get("host") or ""))
+                            str(meta.get("host") or ""), str(meta.get("zone") or ""), str(meta.get("region") or ""))
         if not is_ip(endpoint.address) or not 0 < endpoint.port < 65536:
             continue  # an EDS file holds IP addresses only (a name would be a STRICT_DNS cluster's)
         registered.add(endpoint)
@@ -79,33 +101,66 @@ def chosen_endpoints(seen: ServiceEndpoints) -> tuple[Endpoint, ...] | None:
     return None
 
 
-def file_endpoints(file: RenderedFile) -> tuple[Endpoint, ...]:
-    """The endpoints an EDS file holds now (sorted), with their metadata."""
-    assignment = _assignment(file)
-    found = set()
-    for locality in assignment.get("endpoints") or []:
-        for item in locality.get("lb_endpoints") or []:
+def localities(endpoints: Iterable[Endpoint], zone: str | None, region: str | None) -> tuple[Locality, ...]:
+    """`endpoints` as a caller in `zone`/`region` sees them: grouped by priority (mesh.config.traffic's
+    endpoint_priority; the priorities used renumbered 0..n-1, as Envoy wants them without gaps), then by locality;
+    sorted, so equal sets make equal files."""
+    members = sorted(set(endpoints))
+    priorities = prioritized([endpoint_priority(zone, region, endpoint.zone or None, endpoint.region or None)
+                              for endpoint in members])
+    groups: dict[tuple[int, str, str], list[Endpoint]] = {}
+    for endpoint, priority in zip(members, priorities, strict=True):
+        groups.setdefault((priority, endpoint.region, endpoint.zone), []).append(endpoint)
+    return tuple(sorted(Locality(priority, found_region, found_zone, tuple(found))
+                        for (priority, found_region, found_zone), found in groups.items()))
+
+
+def file_localities(file: RenderedFile) -> tuple[Locality, ...]:
+    """The localities an EDS file holds now (sorted), with their endpoints' metadata."""
+    found = []
+    for group in _assignment(file).get("endpoints") or []:
+        where = group.get("locality") or {}
+        region, zone = str(where.get("region") or ""), str(where.get("zone") or "")
+        members = set()
+        for item in group.get("lb_endpoints") or []:
             socket = item["endpoint"]["address"]["socket_address"]
             who = ((item.get("metadata") or {}).get("filter_metadata") or {}).get(ENDPOINT_METADATA_NAMESPACE) or {}
-            found.add(Endpoint(str(socket["address"]), int(socket["port_value"]), str(who.get("service") or ""),
-                               str(who.get("version") or ""), str(who.get("instance") or ""),
-                               str(who.get("host") or "")))
+            members.add(Endpoint(str(socket["address"]), int(socket["port_value"]), str(who.get("service") or ""),
+                                 str(who.get("version") or ""), str(who.get("instance") or ""),
+                                 str(who.get("host") or ""), zone, region))
+        found.append(Locality(int(group.get("priority") or 0), region, zone, tuple(sorted(members))))
     return tuple(sorted(found))
 
 
-def with_endpoints(proxy: str, file: RenderedFile, endpoints: tuple[Endpoint, ...]) -> RenderedFile:
-    """`file` (an EDS file as the plan rendered it) holding `endpoints` instead: the same ClusterLoadAssignment
-    with one locality whose lb_endpoints are these, in sorted order. The plan's own file when it already holds
-    exactly these endpoints, so a controller never rewrites what the deploy wrote."""
-    wanted = tuple(sorted(set(endpoints)))
-    if file_endpoints(file) == wanted:
+def file_endpoints(file: RenderedFile) -> tuple[Endpoint, ...]:
+    """The endpoints an EDS file holds now (sorted), with their metadata and locality."""
+    return tuple(sorted({endpoint for group in file_localities(file) for endpoint in group.endpoints}))
+
+
+def with_endpoints(proxy: str, file: RenderedFile, endpoints: tuple[Endpoint, ...], zone: str | None = None,
+                   region: str | None = None) -> RenderedFile:
+    """`file` (an EDS file as the plan rendered it) holding `endpoints` instead, as a caller in `zone`/`region`
+    sees them: the same ClusterLoadAssignment with a LocalityLbEndpoints per priority and locality (localities())
+    and the overprovisioning factor. The plan's own file when it already holds exactly these, so a controller never
+    rewrites what the deploy wrote."""
+    wanted = localities(endpoints, zone, region)
+    if file_localities(file) == wanted:
         return file
     assignment = dict(_assignment(file))
-    localities = list(assignment.get("endpoints") or [{}])
-    first = {key: value for key, value in dict(localities[0] or {}).items() if key != "lb_endpoints"}
-    first["lb_endpoints"] = [_lb_endpoint(endpoint) for endpoint in wanted]
-    assignment["endpoints"] = [first]
+    assignment["endpoints"] = [_locality(group) for group in wanted]
+    assignment["policy"] = {**dict(assignment.get("policy") or {}), "overprovisioning_factor": OVERPROVISIONING_FACTOR}
     return resource_file(proxy, file.path, file.kind, (assignment,))
+
+
+def _locality(group: Locality) -> dict[str, Any]:
+    """One LocalityLbEndpoints as the deploy renders it (templates/envoy/_macros.j2 load_assignment)."""
+    item: dict[str, Any] = {"lb_endpoints": [_lb_endpoint(endpoint) for endpoint in group.endpoints]}
+    where = {key: value for key, value in (("region", group.region), ("zone", group.zone)) if value}
+    if where:
+        item["locality"] = where
+    if group.priority:
+        item["priority"] = group.priority
+    return item
 
 
 def _lb_endpoint(endpoint: Endpoint) -> dict[str, Any]:

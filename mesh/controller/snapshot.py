@@ -1,24 +1,25 @@
-"""The controller's snapshot: per (host, proxy) the files the proxy should run, from the spec and the endpoints
-known from Consul (go-control-plane's snapshot per node). Pure.
+"""The controller's snapshot: per (host, proxy) the files the proxy should run, from the spec, the endpoints
+known from Consul and each service's effective traffic policy (go-control-plane's snapshot per node). Pure.
 
-It owns which endpoints each EDS file gets (the last known ones when Consul says nothing) and each proxy's
-resource version; it must not talk to Consul or hosts, and knows nothing of the transport.
+It owns which endpoints each EDS file gets (the last known ones when Consul says nothing), which route files are
+redone and each proxy's resource version; it must not talk to Consul or hosts, and knows nothing of the transport.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from mesh.controller.endpoints import Endpoint, ServiceEndpoints, chosen_endpoints, with_endpoints
+from mesh.controller.endpoints import ServiceEndpoints, chosen_endpoints, with_endpoints
 from mesh.controller.protocol import relpath_in, resource_version
+from mesh.controller.routes import RoutePolicies, route_file
 from mesh.controller.spec import ControllerSpec, ProxySpec
 from mesh.render import ProxyFiles, RenderedFile
 
 ProxyKey = tuple[str, str]  # (host name, proxy name)
-KnownEndpoints = Mapping[str, tuple[Endpoint, ...]]  # service -> the endpoints its callers get
+KnownEndpoints = Mapping[str, ServiceEndpoints]  # service -> Consul's last answer that listed some instance
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,12 @@ class ProxySnapshot:
 
     host: str
     files: ProxyFiles
-    validation_key: str  # files_digest of the plan's files: endpoint rewrites alone need no other validation
-    unsettled: frozenset[str] = frozenset()  # EDS relpaths whose service Consul never answered for: a host's own stays
-    # The files the controller owns: the EDS files it fills from Consul. Every other resource file is the
-    # deploy's: the controller writes one only when the host lacks it, and never replaces or removes one. A
+    validation_key: str  # files_digest of the plan's files with the routes redone: endpoint rewrites need no other
+    # EDS relpaths whose instances Consul never listed, route relpaths before the traffic KV was read: a host's own stays
+    unsettled: frozenset[str] = frozenset()
+    # The files the controller owns: the EDS files it fills from Consul, the route files it redoes from the traffic
+    # policy. Every other resource file is the deploy's: the controller writes one only when the host lacks it, and
+    # never replaces or removes one. A
     # deploy stopped halfway (--serial, a failed health gate) leaves hosts with newer files than the spec the
     # controllers hold, and they must stay.
     owned: frozenset[str] = frozenset()
@@ -92,40 +95,57 @@ def spec_files(proxy: ProxySpec) -> ProxyFiles:
 
 
 def remembered(known: KnownEndpoints, seen: ServiceEndpoints) -> KnownEndpoints:
-    """`known` after Consul's answer `seen`: its chosen endpoints, or, when Consul lists none of this mesh's
-    instances, what was known before (at start: nothing, so the spec's own file stays)."""
-    chosen = chosen_endpoints(seen)
-    if chosen is None or known.get(seen.service) == chosen:
+    """`known` after Consul's answer `seen`: that answer, or, when Consul lists none of this mesh's instances, what
+    was known before (at start: nothing, so the spec's own file stays)."""
+    if not seen.registered or known.get(seen.service) == seen:
         return known
-    return MappingProxyType({**known, seen.service: chosen})
+    return MappingProxyType({**known, seen.service: seen})
 
 
-def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints) -> ProxySnapshot:
-    """One proxy's desired files: each EDS file of proxy.endpoints rewritten with its service's known endpoints
-    (left as the plan wrote it when none are known: `unsettled`, and a host's own file stays). Its validation key is
-    the plan's file set: a rewrite only replaces lb_endpoints with IP:port pairs and their metadata strings
-    (endpoints.py takes no other), which cannot make Envoy refuse a set it accepted, so the controller runs Envoy
-    once per plan file set, not once per endpoint change."""
+def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints,
+                   policies: RoutePolicies | None = None) -> ProxySnapshot:
+    """One proxy's desired files: each route file of proxy.routes redone under its service's effective policy
+    (`policies`; None before the traffic KV was read: left as the plan wrote it, `unsettled`), then each EDS file
+    of proxy.endpoints rewritten with the chosen instances of its service (and version), in localities by priority
+    for the proxy's zone and region (left as the plan wrote it when Consul never listed one: `unsettled`, and a
+    host's own file stays).
+
+    Its validation key is the file set with the routes redone: an endpoint rewrite only replaces lb_endpoints
+    with IP:port pairs, their metadata strings and localities (endpoints.py takes no other), which cannot make
+    Envoy refuse a set it accepted, so the controller runs Envoy once per route set, not once per endpoint change."""
     files = spec_files(proxy)
-    rewritten, unsettled = [], set()
+    routed, unsettled = [], set()
     for file in files.files:
-        service = proxy.endpoints.get(file.path)
-        endpoints = known.get(service) if service is not None else None
-        if service is not None and endpoints is None:
+        if file.path in proxy.routes and policies is None:
             unsettled.add(relpath_in(files.proxy_dir, file.path))
-        rewritten.append(file if endpoints is None else with_endpoints(proxy.name, file, endpoints))
-    owned = frozenset(relpath_in(files.proxy_dir, path) for path in proxy.endpoints)
+        elif file.path in proxy.routes and policies is not None:
+            redone = route_file(proxy, file.path, policies)
+            file = file if redone.content == file.content else redone
+        routed.append(file)
+    rewritten = []
+    for file in routed:
+        source = proxy.endpoints.get(file.path)
+        seen = known.get(source.service) if source is not None else None
+        endpoints = chosen_endpoints(seen.of_version(source.version)) if seen is not None and source is not None \
+            else None
+        if source is not None and endpoints is None:
+            unsettled.add(relpath_in(files.proxy_dir, file.path))
+        rewritten.append(file if endpoints is None
+                         else with_endpoints(proxy.name, file, endpoints, proxy.zone, proxy.region))
+    owned = frozenset(relpath_in(files.proxy_dir, path) for path in (*proxy.endpoints, *proxy.routes))
     return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256),
-                         files_digest(files), frozenset(unsettled), owned)
+                         files_digest(replace(files, files=tuple(routed))), frozenset(unsettled), owned)
 
 
-def build_snapshot(spec: ControllerSpec, known: KnownEndpoints) -> dict[ProxyKey, ProxySnapshot]:
-    """Every proxy of every host of the spec, with the known endpoints."""
-    return {(host.name, proxy.name): proxy_snapshot(host.name, proxy, known)
+def build_snapshot(spec: ControllerSpec, known: KnownEndpoints,
+                   policies: RoutePolicies | None = None) -> dict[ProxyKey, ProxySnapshot]:
+    """Every proxy of every host of the spec, with the known endpoints and the effective policies (None: the
+    traffic KV not read yet)."""
+    return {(host.name, proxy.name): proxy_snapshot(host.name, proxy, known, policies)
             for host in spec.hosts for proxy in host.proxies}
 
 
 def watched_services(spec: ControllerSpec) -> tuple[str, ...]:
     """Every service some proxy's EDS file is filled from, sorted."""
-    return tuple(sorted({service for host in spec.hosts for proxy in host.proxies
-                         for service in proxy.endpoints.values()}))
+    return tuple(sorted({source.service for host in spec.hosts for proxy in host.proxies
+                         for source in proxy.endpoints.values()}))

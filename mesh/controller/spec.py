@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from mesh.errors import MeshError
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: traffic policies, route inputs, per-version endpoint files, zones
 CONTROLLER_DIR = "/etc/mesh/controller"
 SPEC_PATH = f"{CONTROLLER_DIR}/spec.json"
 SSH_KEY = f"{CONTROLLER_DIR}/id_ed25519"  # made on the controller itself; only its .pub leaves the host
@@ -51,6 +51,12 @@ def issued_prefix(mesh_id: str) -> str:
     return f"mesh/{mesh_id}/ca/issued/"
 
 
+def traffic_prefix(mesh_id: str) -> str:
+    """Run-time traffic overrides: `<prefix><service>` -> mesh.inventory.services.override_to_json's JSON (written
+    by `mesh route set` / `mesh fault set`, deleted by their `reset`); the controller applies them."""
+    return f"mesh/{mesh_id}/traffic/"
+
+
 def deploy_lock_key(mesh_id: str) -> str:
     """Held by a running deploy (mesh.deploy.lock): the controller pushes nothing meanwhile."""
     return f"mesh/{mesh_id}/deploy/lock"
@@ -74,15 +80,29 @@ class SpecFile:
 
 
 @dataclass(frozen=True)
+class EndpointSource:
+    """What fills one EDS file: the Consul instances of `service`, only those of `version` when it is set (the
+    file of a version cluster `upstream-<service>.<version>`)."""
+
+    service: str
+    version: str | None = None
+
+
+@dataclass(frozen=True)
 class ProxySpec:
-    """One proxy: its files as planned, and which endpoint files the controller fills from Consul."""
+    """One proxy: its files as planned, which endpoint files the controller fills from Consul, which route files it
+    recomputes from the traffic policy and overrides, and where its host is (endpoint priorities)."""
 
     name: str
     service: str
     proxy_dir: str
     bootstrap_sha256: str
     files: tuple[SpecFile, ...]  # in the plan's move order; the bootstrap last
-    endpoints: Mapping[str, str]  # eds file path -> the upstream service whose Consul instances fill it
+    endpoints: Mapping[str, EndpointSource]  # eds file path -> the instances that fill it
+    # rds file path -> mesh.config.traffic.RouteInputs.to_json(): what redoes the file (every outbound HTTP listener)
+    routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    zone: str | None = None  # its host's mesh_zone / mesh_region
+    region: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,8 @@ class ControllerSpec:
     session_ttl_s: int = 10
     metrics_port: int = DEFAULT_METRICS_PORT
     debounce_ms: int = 50
+    # service -> mesh.inventory.services.policy_to_json of its inventory policy (services without one: absent)
+    policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
     @property
@@ -161,7 +183,9 @@ def parse_spec(text: str, origin: str = SPEC_PATH) -> ControllerSpec:
             consul_token_file=_optional(data["consul_token_file"]), consul_ca_file=_optional(data["consul_ca_file"]),
             cert_ttl_s=int(data["cert_ttl_s"]), hosts=hosts, renew_fraction=float(data["renew_fraction"]),
             session_ttl_s=int(data["session_ttl_s"]), metrics_port=int(data["metrics_port"]),
-            debounce_ms=int(data["debounce_ms"]))
+            debounce_ms=int(data["debounce_ms"]), policies=_policies(data["policies"]))
+    except SpecError as exc:
+        raise SpecError(f"{origin}: {exc}") from None
     except KeyError as exc:
         raise SpecError(f"{origin}: missing key {exc.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as exc:
@@ -190,8 +214,50 @@ def _host(data: Mapping[str, Any]) -> HostSpec:
 
 
 def _proxy(data: Mapping[str, Any]) -> ProxySpec:
+    name = str(data["name"])
     return ProxySpec(
-        name=str(data["name"]), service=str(data["service"]), proxy_dir=str(data["proxy_dir"]),
+        name=name, service=str(data["service"]), proxy_dir=str(data["proxy_dir"]),
         bootstrap_sha256=str(data["bootstrap_sha256"]),
         files=tuple(SpecFile(str(item["path"]), item["kind"], str(item["content"])) for item in data["files"]),
-        endpoints={str(path): str(service) for path, service in dict(data["endpoints"]).items()})
+        endpoints={str(path): _endpoint_source(name, str(path), source)
+                   for path, source in dict(data["endpoints"]).items()},
+        routes={str(path): _route_inputs(name, str(path), inputs) for path, inputs in dict(data["routes"]).items()},
+        zone=_optional(data["zone"]), region=_optional(data["region"]))
+
+
+def _endpoint_source(proxy: str, path: str, data: Any) -> EndpointSource:
+    if not isinstance(data, dict) or not isinstance(data.get("service"), str) \
+            or not isinstance(data.get("version"), str | None) or set(data) != {"service", "version"}:
+        raise SpecError(f"proxies[{proxy}].endpoints[{path}]: expected {{\"service\": NAME, \"version\": NAME or "
+                        f"null}}, got {data!r}")
+    return EndpointSource(data["service"], data["version"])
+
+
+def _route_inputs(proxy: str, path: str, data: Any) -> Mapping[str, Any]:
+    """The JSON of a RouteInputs, checked by reading it (kept as JSON: the spec's text is what the deploy wrote)."""
+    from mesh.config.traffic import RouteInputs
+
+    where = f"proxies[{proxy}].routes[{path}]"
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected an object, got {data!r}")
+    try:
+        RouteInputs.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: not route inputs this mesh wrote: {exc!r}") from None
+    return data
+
+
+def _policies(data: Any) -> dict[str, Mapping[str, Any]]:
+    """service -> its policy's JSON, each checked by reading it (policy_from_json)."""
+    from mesh.inventory.services import policy_from_json
+
+    if not isinstance(data, dict):
+        raise SpecError(f"policies: expected an object, got {data!r}")
+    for service, policy in data.items():
+        if not isinstance(policy, dict):
+            raise SpecError(f"policies[{service}]: expected an object, got {policy!r}")
+        try:
+            policy_from_json(policy)
+        except (MeshError, KeyError, TypeError, ValueError) as exc:
+            raise SpecError(f"policies[{service}]: not a policy this mesh wrote: {exc}") from None
+    return {str(service): policy for service, policy in data.items()}

@@ -2,8 +2,9 @@
 are given (read and computed by the deploy), so the spec says exactly what the deploy planned and checked.
 
 Every managed host of the mesh is in it, reached as the deploy reaches it (address, port, host key lines), with
-its proxies' files as rendered, which endpoint file each upstream service fills, and the identities the
-controller renews there (each proxy's, and the checker's on a controller).
+its proxies' files as rendered, which instances fill each endpoint file (a service's, or one version's), what each
+outbound route file is computed from, the host's zone and region, and the identities the controller renews there
+(each proxy's, and the checker's on a controller); and the inventory's traffic policy of every service.
 """
 
 from __future__ import annotations
@@ -17,36 +18,62 @@ from mesh.controller.spec import (
     CONSUL_CA_FILE,
     TOKEN_FILE,
     ControllerSpec,
+    EndpointSource,
     HostSpec,
     IdentitySpec,
     ProxySpec,
     SpecFile,
 )
-from mesh.inventory.model import Mesh
+from mesh.inventory.model import ManagedHost, Mesh
+from mesh.inventory.services import policy_to_json
 from mesh.plan.model import HostPlan, Plan, ProxyPlan
-from mesh.render import ProxyFiles
+from mesh.render import FileSources, ProxyFiles
 
 CHECKER_IDENTITY = "checker"
 
 
-def endpoint_files(config: ProxyConfig, files: ProxyFiles) -> dict[str, str]:
-    """The proxy's endpoint files that Consul fills: eds file path -> the upstream service (the local app's
-    endpoints are the plan's alone)."""
+def endpoint_files(config: ProxyConfig, files: ProxyFiles) -> dict[str, EndpointSource]:
+    """The proxy's endpoint files that Consul fills: eds file path -> the upstream service, and the version for a
+    version cluster's file (the local app's endpoints are the plan's alone)."""
     rendered = {item.path for item in files.files}
-    xds_dir = posixpath.join(files.proxy_dir, paths.XDS_DIR_NAME)
-    found: dict[str, str] = {}
-    for listener in config.outbound:
-        path = f"{xds_dir}/eds.{listener.cluster}.yaml"
-        if path in rendered:
-            found[path] = listener.service
+    sources = _sources(files)
+    found: dict[str, EndpointSource] = {}
+    for cluster in config.clusters:
+        path = sources.path("eds", cluster.name)
+        if cluster.service is not None and path in rendered:
+            found[path] = EndpointSource(cluster.service, cluster.version)
     return found
 
 
-def proxy_spec(proxy: ProxyPlan) -> ProxySpec:
+def route_files(config: ProxyConfig, files: ProxyFiles) -> dict[str, dict[str, object]]:
+    """The proxy's outbound route files (one per HTTP upstream): rds file path -> the RouteInputs JSON the
+    controller redoes it from."""
+    rendered = {item.path for item in files.files}
+    sources = _sources(files)
+    found: dict[str, dict[str, object]] = {}
+    for listener in config.outbound:
+        inputs = listener.route_inputs
+        if inputs is not None and sources.path("rds", inputs.route_name) in rendered:
+            found[sources.path("rds", inputs.route_name)] = inputs.to_json()
+    return found
+
+
+def controller_files(config: ProxyConfig, files: ProxyFiles) -> frozenset[str]:
+    """The files a live controller keeps current (a deploy writes them only where missing): the upstream endpoint
+    files (from Consul) and the outbound route files (from the traffic policy and its overrides)."""
+    return frozenset((*endpoint_files(config, files), *route_files(config, files)))
+
+
+def _sources(files: ProxyFiles) -> FileSources:
+    return FileSources(posixpath.join(files.proxy_dir, paths.XDS_DIR_NAME))
+
+
+def proxy_spec(proxy: ProxyPlan, host: ManagedHost) -> ProxySpec:
     files = tuple(SpecFile(item.path, item.kind, item.content) for item in proxy.rendered.files
                   if item.kind != "trust")  # the trust bundle (ca.pem) is the deploy's, never in ProxyFiles
     return ProxySpec(proxy.name, proxy.workload.service, proxy.rendered.proxy_dir, proxy.bootstrap_sha256, files,
-                     endpoint_files(proxy.config, proxy.rendered))
+                     endpoint_files(proxy.config, proxy.rendered), route_files(proxy.config, proxy.rendered),
+                     host.zone, host.region)
 
 
 def identities(host: HostPlan) -> tuple[IdentitySpec, ...]:
@@ -66,11 +93,12 @@ def build_spec(plan: Plan, mesh: Mesh, known_hosts: Mapping[str, Sequence[str]],
     hosts = tuple(
         HostSpec(name=host.name, address=host.host.connection.address, port=host.host.connection.port,
                  known_hosts=tuple(known_hosts.get(host.name, ())), identities=identities(host),
-                 proxies=tuple(proxy_spec(proxy) for proxy in sorted(host.proxies, key=lambda proxy: proxy.name)))
+                 proxies=tuple(proxy_spec(proxy, host.host)
+                               for proxy in sorted(host.proxies, key=lambda proxy: proxy.name)))
         for host in plan.hosts if host.name in managed)
     return ControllerSpec(
         mesh_id=settings.id, trust_domain=settings.trust_domain, plan_digest=plan_digest,
         consul_url=settings.consul_url or "", consul_token_file=TOKEN_FILE if settings.consul_token_file else None,
         consul_ca_file=CONSUL_CA_FILE if settings.consul_ca_file else None, cert_ttl_s=settings.cert_ttl_seconds,
         renew_fraction=settings.cert_renew_fraction,
-        hosts=hosts)
+        hosts=hosts, policies={service: policy_to_json(policy) for service, policy in sorted(mesh.policies.items())})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from mesh.catalog import registrations
 from mesh.config import paths
@@ -26,8 +27,7 @@ from mesh.containers.reachability import (
 )
 from mesh.containers.sidecar import bootstrap_sidecar
 from mesh.controller import spec as controller_spec
-from mesh.controller.spec_build import build_spec
-from mesh.controller.spec_build import endpoint_files as endpoint_files_of
+from mesh.controller.spec_build import build_spec, controller_files
 from mesh.controller_env import CHECKER_UNIT, CONTROLLER_UNIT, render_checker_unit, render_controller_unit
 from mesh.deploy.modules.builtin import unit_check
 from mesh.healthcheck.config import (
@@ -40,6 +40,7 @@ from mesh.healthcheck.config import (
     checker_config,
 )
 from mesh.inventory.model import ManagedHost, Mesh, Workload, health_checker_spiffe_id
+from mesh.inventory.policy import TrafficOverride
 from mesh.plan import access
 from mesh.plan.model import Effect, HostPlan, Plan, PlannedFile, PlannedFolder, ProxyPlan
 from mesh.render import render_envoy_unit, render_firewall, render_firewall_unit, render_proxy_files
@@ -64,6 +65,8 @@ class PlanInputs:
     consul_token: bytes | None = None  # the checker's token file content (mesh_consul_token_file)
     consul_ca: bytes | None = None  # Consul's CA bundle (mesh_consul_ca_file)
     controller: ControllerInputs | None = None  # None: no controller access or service is planned
+    # run-time overrides in Consul KV by service (mesh.traffic.kv.plan_overrides): routes as the controllers make them
+    overrides: Mapping[str, TrafficOverride] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def _controller(mesh: Mesh, inputs: PlanInputs, controller: ControllerInputs, fo
 
 
 def _proxy_plan(mesh: Mesh, host: ManagedHost, workload: Workload, inputs: PlanInputs) -> ProxyPlan:
-    config = compute_proxy_config(mesh, workload)
+    config = compute_proxy_config(mesh, workload, inputs.overrides)
     proxy = config.proxy
     rendered = render_proxy_files(config)
     container = host.kind == "container_host"
@@ -208,8 +211,8 @@ def _proxy_plan(mesh: Mesh, host: ManagedHost, workload: Workload, inputs: PlanI
                PlannedFolder(paths.xds_dir(proxy), 0o750, reader, group),
                PlannedFolder(paths.admin_dir(proxy), 0o700, user, group))
     files = [PlannedFile(paths.proxy_ca_path(proxy), inputs.ca_root_pem, 0o640, reader, group, "reload")]
-    live = set(endpoint_files_of(config, rendered)) if inputs.controller and inputs.controller.endpoints_live \
-        else set()
+    live = controller_files(config, rendered) if inputs.controller and inputs.controller.endpoints_live \
+        else frozenset()
     files += [PlannedFile(item.path, item.content.encode(), 0o640, reader, group, FILE_EFFECT[item.kind],
                           controller_owned=item.path in live)
               for item in rendered.files]

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from mesh.controller import protocol
-from mesh.controller.spec import ControllerSpec, HostSpec, IdentitySpec, ProxySpec, SpecFile
+from mesh.controller.spec import ControllerSpec, EndpointSource, HostSpec, IdentitySpec, ProxySpec, SpecFile
 from mesh.controller.transport import CtlResult, CtlSession, TransportError
 from mesh.render import ProxyFiles
 from mesh.testing.loopback import mesh_proxy_files, two_service_mesh
@@ -162,7 +162,7 @@ def proxy_spec(files: ProxyFiles, service: str = "api") -> ProxySpec:
                      bootstrap_sha256=files.bootstrap_sha256,
                      files=tuple(SpecFile(file.path, file.kind, file.content)  # type: ignore[arg-type]
                                  for file in files.files),
-                     endpoints={eds: service})
+                     endpoints={eds: EndpointSource(service)})
 
 
 def host_spec(name: str, proxies: tuple[ProxySpec, ...], address: str = "127.0.0.1", port: int = 22,

@@ -54,8 +54,11 @@ def test_every_instance_critical_keeps_them_all_and_none_registered_keeps_the_la
     everyone = ServiceEndpoints("api", (Endpoint("10.0.0.11", 1), Endpoint("10.0.0.12", 1)), ())
     assert chosen_endpoints(everyone) == everyone.registered  # Envoy's panic threshold decides
     assert chosen_endpoints(ServiceEndpoints("api", (), ())) is None
-    known = remembered({}, ServiceEndpoints("api", (Endpoint("10.0.0.11", 1),), (Endpoint("10.0.0.11", 1),)))
+    seen = ServiceEndpoints("api", (Endpoint("10.0.0.11", 1),), (Endpoint("10.0.0.11", 1),))
+    known = remembered({}, seen)
+    assert known == {"api": seen}
     assert remembered(known, ServiceEndpoints("api", (), ())) is known  # Consul lists none: nothing changes
+    assert remembered(known, seen) is known
 
 
 def test_an_eds_file_gets_the_endpoints_sorted_and_equal_sets_make_equal_files(tmp_path: Path) -> None:
@@ -111,7 +114,7 @@ def test_the_snapshot_rewrites_only_the_eds_files_the_spec_maps_to_a_service(tmp
     at_start = build_snapshot(spec, {})[("vm1", proxy.name)]
     assert at_start.files.files == files.files  # nothing known yet: the spec's own files
 
-    known = {"api": (Endpoint("10.0.0.99", 7),)}
+    known = {"api": ServiceEndpoints("api", (Endpoint("10.0.0.99", 7),), (Endpoint("10.0.0.99", 7),))}
     wanted = proxy_snapshot("vm1", proxy, known)
     changed = [file.path for file, before in zip(wanted.files.files, files.files, strict=True) if file != before]
     assert changed == list(proxy.endpoints)

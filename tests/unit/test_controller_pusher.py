@@ -5,14 +5,14 @@ without the lock, an unreachable host reconnected later, a proxy the deploy has 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mesh.config.errors import EnvoyRejectedConfig
-from mesh.controller.endpoints import Endpoint
+from mesh.controller.endpoints import Endpoint, ServiceEndpoints
 from mesh.controller.metrics import ControllerMetrics
 from mesh.controller.pusher import Pusher
 from mesh.controller.snapshot import KnownEndpoints, build_snapshot
@@ -30,6 +30,11 @@ from mesh.testing.fake_ctl import (
 EDS = "xds/eds.upstream-api.yaml"
 
 
+def up(found: Mapping[str, tuple[Endpoint, ...]]) -> KnownEndpoints:
+    """What the controller knows when Consul lists these instances of each service, all up."""
+    return {service: ServiceEndpoints(service, endpoints, endpoints) for service, endpoints in found.items()}
+
+
 @dataclass
 class Fleet:
     spec: ControllerSpec
@@ -39,8 +44,8 @@ class Fleet:
     pusher: Pusher
     metrics: ControllerMetrics
 
-    def round(self, known: KnownEndpoints, may_push: Callable[[], bool] = lambda: True) -> None:
-        self.pusher.round(build_snapshot(self.spec, known), may_push)
+    def round(self, known: Mapping[str, tuple[Endpoint, ...]], may_push: Callable[[], bool] = lambda: True) -> None:
+        self.pusher.round(build_snapshot(self.spec, up(known)), may_push)
 
     def applies(self, host: str) -> list[dict[str, list[str]]]:
         return self.hosts[host].applied
@@ -115,7 +120,7 @@ def test_files_the_controllers_envoy_refuses_are_never_sent(tmp_path: Path, flee
 
     pusher = Pusher(fleet.transport, refuse)
     pusher.set_hosts(fleet.spec.hosts)
-    pusher.round(build_snapshot(fleet.spec, {"api": (Endpoint("10.0.0.12", 21001),)}), lambda: True)
+    pusher.round(build_snapshot(fleet.spec, up({"api": (Endpoint("10.0.0.12", 21001),)})), lambda: True)
     assert fleet.applies("vm1") == fleet.applies("vm2") == []
     assert set(pusher.refused) == {("vm1", fleet.spec.hosts[0].proxies[0].name),
                                    ("vm2", fleet.spec.hosts[1].proxies[0].name)}
@@ -181,10 +186,10 @@ def test_a_deploys_newer_files_stay_and_only_the_endpoints_follow_consul(fleet: 
 
 def test_a_slow_host_does_not_hold_back_the_others_or_the_loop(fleet: Fleet) -> None:
     fleet.hosts["vm2"].hold = threading.Event()
-    snapshot = build_snapshot(fleet.spec, {"api": (Endpoint("10.0.0.12", 21001),)})
+    snapshot = build_snapshot(fleet.spec, up({"api": (Endpoint("10.0.0.12", 21001),)}))
     first = fleet.pusher.round(snapshot, lambda: True, wait_s=0.2)
     assert first.pushed == 1 and "vm2" in first.behind and len(fleet.applies("vm1")) == 1
-    newer = build_snapshot(fleet.spec, {"api": (Endpoint("10.0.0.13", 21001),)})
+    newer = build_snapshot(fleet.spec, up({"api": (Endpoint("10.0.0.13", 21001),)}))
     fleet.pusher.round(newer, lambda: True, wait_s=0.2)  # vm2 still busy: skipped, vm1 gets the newer files
     assert len(fleet.applies("vm1")) == 2 and fleet.hosts["vm2"].calls.count("apply") == 1
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.controller.spec import SPEC_PATH, TOKEN_FILE, ControllerSpec, parse_spec
+from mesh.controller.spec import SPEC_PATH, TOKEN_FILE, ControllerSpec, EndpointSource, parse_spec
 from mesh.controller.spec_build import build_spec
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
@@ -100,8 +100,12 @@ def test_a_proxy_carries_its_rendered_files_and_which_endpoint_file_each_upstrea
         [(item.path, item.kind, item.content) for item in rendered.files]
     assert web.files[-1].kind == "bootstrap" and web.bootstrap_sha256 == rendered.bootstrap_sha256
     # Consul fills the upstream's endpoints; the local app's are the plan's alone
-    assert web.endpoints == {"/etc/mesh/proxies/web-8080/xds/eds.upstream-api.yaml": "api"}
+    assert web.endpoints == {"/etc/mesh/proxies/web-8080/xds/eds.upstream-api.yaml": EndpointSource("api")}
     assert "/etc/mesh/proxies/web-8080/xds/eds.local-app.yaml" in {item.path for item in web.files}
+    # its outbound route is redone from these inputs when api's policy or override changes
+    [(path, inputs)] = web.routes.items()
+    assert path in {item.path for item in web.files} and path.startswith("/etc/mesh/proxies/web-8080/xds/rds.")
+    assert (inputs["service"], inputs["protocol"], inputs["versions"]) == ("api", "http", ["v1"])
 
 
 def test_identities_are_each_proxy_and_the_checker_of_each_controller(mesh: Mesh) -> None:
@@ -133,7 +137,7 @@ def test_the_spec_changes_with_the_plan_and_only_with_it(mesh: Mesh) -> None:
     assert first.host("ctl1").file(SPEC_PATH).content == again.host("ctl1").file(SPEC_PATH).content
     other_keys = plan_of(mesh, keys={"ctl1": KEYS["ctl1"]})  # ctl2 left out of every authorized_keys
     assert spec_on(other_keys, "ctl1").plan_digest != spec_on(first, "ctl1").plan_digest
-    assert json.loads(first.host("ctl1").file(SPEC_PATH).content)["version"] == 1
+    assert json.loads(first.host("ctl1").file(SPEC_PATH).content)["version"] == 2
 
 
 def test_a_token_file_in_the_inventory_points_the_controller_at_its_copy(mesh: Mesh) -> None:
@@ -159,7 +163,8 @@ def test_mesh_controller_run_i_builds_the_spec_a_deploy_would_hand_out_without_r
     record_keys(str(tmp_path / "state"), KEYS)
     spec = inventory_spec(str(path))
     assert [host.name for host in spec.hosts] == ["ctl1", "ctl2", "vm1", "vm2", "dock1"]
-    assert spec.host("vm1").proxies[0].endpoints == {"/etc/mesh/proxies/web-8080/xds/eds.upstream-api.yaml": "api"}
+    assert spec.host("vm1").proxies[0].endpoints == {
+        "/etc/mesh/proxies/web-8080/xds/eds.upstream-api.yaml": EndpointSource("api")}
     assert inventory_spec(str(path)).plan_digest == spec.plan_digest  # the same inventory, the same spec
     (tmp_path / "none.yml").write_text("all:\n  hosts:\n    h1: {ansible_host: 10.0.0.9}\n")
     with pytest.raises(MeshError, match="no host in mesh_controllers"):
