@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mesh import catalog
+from mesh.config.compute import outbound_listener_name
 from mesh.containers.sidecar import bootstrap_sidecar
 from mesh.hosts.connection import CommandResult
 from mesh.inventory.model import ManagedHost
@@ -105,9 +106,13 @@ def judge_proxy(host: ManagedHost, expected: ExpectedProxy, readings: Readings, 
 
 
 def _endpoint_files(expected: ExpectedProxy) -> list[str]:
-    """The proxy's upstream endpoint files (EDS): what a controller rewrites from Consul."""
+    """The proxy's files a controller keeps current: its upstreams' endpoint files (EDS, each version's too) from
+    Consul, and its outbound route files (RDS) from the traffic policy and its run-time overrides."""
     names = {f"eds.{cluster}.yaml" for _, cluster in expected.upstream_clusters}
-    return [file.path for file in expected.files.files if file.path.rsplit("/", 1)[-1] in names]
+    names |= {f"rds.{outbound_listener_name(service)}.yaml" for service, _ in expected.upstream_clusters}
+    versions = tuple(f"eds.{cluster}." for _, cluster in expected.upstream_clusters)
+    return [file.path for file in expected.files.files
+            if (base := file.path.rsplit("/", 1)[-1]) in names or base.startswith(versions)]
 
 
 def _unit_envoy(unit: CommandResult, pid: CommandResult, server_info: Mapping[str, object] | None,
