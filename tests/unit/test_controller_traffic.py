@@ -7,6 +7,7 @@ endpoints in priorities for the caller's zone; and `traffic` in the published st
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ import yaml
 from structlog.testing import capture_logs
 
 from mesh.config.compute import compute_proxy_config
+from mesh.controller.consul_watch import Entries, PrefixWatch
 from mesh.controller.daemon import Controller, ControllerOptions
 from mesh.controller.endpoints import file_endpoints, service_endpoints
 from mesh.controller.protocol import CertState
-from mesh.controller.spec import ControllerSpec, EndpointSource, SpecError, parse_spec
+from mesh.controller.spec import ControllerSpec, EndpointSource, SpecError, parse_spec, traffic_prefix
 from mesh.controller.spec_build import build_spec
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
@@ -374,3 +376,30 @@ def test_consul_listing_what_the_deploy_planned_rewrites_nothing(loop: Loop, mes
     assert all(loop.files[relpath] == planned.file(f"{XDS}/{relpath[4:]}").content
                for relpath in (EDS_ALL, EDS_V1, EDS_V2, loop.rds))
 
+
+
+# --- the KV watch ---
+
+def test_the_traffic_prefix_is_watched_with_blocking_queries(mesh: Mesh) -> None:
+    prefix = traffic_prefix("traffic.mesh")
+    value = kv(("api", SPLIT))["api"]
+    script: list[Any] = [(0, []), (7, [{"Key": prefix + "api", "Value": value.encode()},
+                                       {"Key": prefix + "api/old", "Value": b"x"}, {"Key": prefix, "Value": None}]),
+                         (7, [{"Key": prefix + "api", "Value": value.encode()}]), OSError("connection refused"),
+                         (9, [])]
+    asked: list[tuple[str, int]] = []
+    delivered: list[Mapping[str, str]] = []
+
+    def fetch(what: str, index: int, wait: float) -> tuple[int, Entries]:
+        asked.append((what, index))
+        answer = script.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    watch = PrefixWatch(prefix, fetch, delivered.append, sleep=lambda _s: None)
+    for _ in range(5):
+        watch.step()
+    assert asked == [(prefix, 0), (prefix, 1), (prefix, 7), (prefix, 7), (prefix, 7)]
+    # no key yet (the overrides are read: none), one override, the same again (not delivered), the key deleted
+    assert delivered == [{}, {"api": value}, {}]
