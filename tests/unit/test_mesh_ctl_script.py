@@ -261,6 +261,30 @@ def test_apply_waits_for_a_running_envoy_to_take_each_file_and_a_new_certificate
         stop_envoys([envoy])
 
 
+def test_a_route_file_alone_is_taken_by_the_running_envoy(host: Host) -> None:
+    """What a controller pushes for a traffic override: one rds file, no restart."""
+    from mesh.inventory.policy import Abort, Fault, TrafficOverride
+
+    (base_id,) = free_base_ids(1)
+    envoy = start_proxy("web", host.files, base_id)
+    try:
+        fault = TrafficOverride(fault=Fault(abort=Abort(503, 100.0)), revision="r-1")
+        new = render_proxy_files(proxy_config_in(compute_proxy_config(host.loop.mesh, host.loop.web, {"api": fault}),
+                                                 host.home, host.loop.address(host.loop.web)))
+        changed, stale = _changed(host.files, new)
+        assert [path.rsplit("/", 1)[-1] for path in changed] == ["rds.outbound-api.yaml"] and stale == []
+        done = host.run("apply", protocol.apply_bundle([protocol.bundle_for(new, changed, stale)]))
+        assert (done.returncode, done.stdout) == (0, f"applied {host.name}\n"), done.stderr
+        # when apply answers, Envoy already runs the new route (the script waited for its version)
+        routes = json.loads(envoy.admin("/config_dump?resource=dynamic_route_configs"))["configs"]
+        [outbound] = [item["route_config"] for item in routes if item["route_config"]["name"] == "outbound-api"]
+        entry = outbound["virtual_hosts"][0]["routes"][0]
+        assert entry["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"]["http_status"] == 503
+        assert envoy.process.poll() is None  # the same Envoy: no restart
+    finally:
+        stop_envoys([envoy])
+
+
 def _served_serial(certs: str) -> str:
     chains = [chain for item in json.loads(certs)["certificates"] for chain in item.get("cert_chain", [])]
     leaf = next(chain for chain in chains if any(san.get("uri") for san in chain.get("subject_alt_names", [])))
