@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TextIO
 
 from mesh import catalog, package_data
@@ -38,6 +39,7 @@ from mesh.hosts.pool import ConnectionPool
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh
+from mesh.inventory.policy import TrafficOverride
 from mesh.pki import CertificateAuthority
 from mesh.plan.report import json_report, text_report
 
@@ -133,7 +135,7 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
                    stdout: TextIO, transcript: TextIO, connector_factory: ConnectorFactory, out: Display,
                    started: float, handed: list[str], report: list[str]) -> int:
     """From the Consul preflight to the end, under the deploy lock."""
-    _consul_preflight(mesh, out)
+    overrides = _consul_preflight(mesh, out)
     retired = retired_targets(mesh, options.limit, out)
     targets = targets + retired
     if not mesh.hosts and not retired:
@@ -151,7 +153,7 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
             ca_mesh = replace(mesh, settings=replace(mesh.settings, state_dir=throwaway))
             out.line(f"check mode: no CA in {mesh.settings.state_dir}; a deploy would make one")
         # a config the local Envoy refuses stops the run before any host is reached
-        check_here(mesh, targets, out, retired=retired)
+        check_here(mesh, targets, out, retired=retired, overrides=overrides)
         # every managed host's trust bundle is read first: the CA is made only when no host trusts another root
         ca, created = trust.trusted_ca(ca_mesh, pool.connect, replace=options.replace_ca,
                                        forks=options.forks, warn=out.warning, unreachable=[])
@@ -161,7 +163,7 @@ def _locked_deploy(mesh: Mesh, variables: InventoryVars, targets: list[ManagedHo
         prepared = prepare(ca_mesh, ca, targets, pool.connect, out, options.forks,
                            diffs=options.diff, consul=options.json, retired=retired,
                            make_controller_keys=not options.check,
-                           rotate_controller_keys=options.rotate_controller_keys)
+                           rotate_controller_keys=options.rotate_controller_keys, overrides=overrides)
         if any(host.is_controller for host in targets):
             handed[:] = [prepared.plan.controller_digest]
         elif mesh.controllers:
@@ -263,21 +265,26 @@ def _host_vars(variables: InventoryVars, prepared: Prepared,
     return made
 
 
-def _consul_preflight(mesh: Mesh, out: Display) -> None:
+def _consul_preflight(mesh: Mesh, out: Display) -> Mapping[str, TrafficOverride]:
     """Before any host is touched: a token Consul refuses, or an instance another mesh id owns, stops the
-    deploy (exit 1). Consul merely unreachable does not: hosts are deployed, and the sync after them says so."""
+    deploy (exit 1). Consul merely unreachable does not: hosts are deployed, and the sync after them says so.
+    Returns the run-time traffic overrides the plan's routes take (mesh.traffic.kv.plan_overrides)."""
+    from mesh.traffic.kv import plan_overrides
+
     if not mesh.settings.consul_url:
-        return
+        return MappingProxyType({})
     try:
         conflicts = catalog.plan(catalog.access_for(mesh), mesh).conflicts
     except catalog.TokenRefused:
         raise
     except MeshError as exc:
-        out.warning(f"Consul cannot be read before the deploy ({exc}); the hosts are deployed first")
-        return
+        out.warning(f"Consul cannot be read before the deploy ({exc}); the hosts are deployed first, with routes "
+                    "as the inventory says (run-time traffic overrides not read)")
+        return MappingProxyType({})
     if conflicts:
         raise MeshError("Consul: " + "; ".join(conflicts),
                         hint="another inventory (another mesh_id) owns these; no host was touched")
+    return plan_overrides(mesh, out.warning)
 
 
 def _sync_catalog(mesh: Mesh, check: bool, out: Display,

@@ -36,7 +36,7 @@ def plan(inventory_path: str, limit: str | None = None, as_json: bool = False, s
     mesh = check_inventory(data, inventory_path).mesh
     _require_controller(mesh, inventory_path)
     targets = _targets(mesh, limit, out, inventory_vars(data).groups)
-    _consul_preflight(mesh, out)
+    overrides = _consul_preflight(mesh, out)
     retired = retired_targets(mesh, limit, out)
     targets = targets + retired
     with ExitStack() as stack:
@@ -46,9 +46,10 @@ def plan(inventory_path: str, limit: str | None = None, as_json: bool = False, s
             throwaway = stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-plan-ca-"))
             ca_mesh = replace(mesh, settings=replace(mesh.settings, state_dir=throwaway))
             out.line(f"no CA in {mesh.settings.state_dir}: a deploy would make one (every certificate is new)")
-        check_here(mesh, targets, out, retired=retired)  # before any host is reached
+        check_here(mesh, targets, out, retired=retired, overrides=overrides)  # before any host is reached
         ca, _ = trust.trusted_ca(ca_mesh, pool.connect, forks=forks, warn=out.warning)
-        prepared = prepare(ca_mesh, ca, targets, pool.connect, out, forks, diffs=True, consul=True, retired=retired)
+        prepared = prepare(ca_mesh, ca, targets, pool.connect, out, forks, diffs=True, consul=True, retired=retired,
+                           overrides=overrides)
     fleet = prepared.fleet
     if save_to is not None:
         save_to.write_text(saved_plan(fleet, str(Path(inventory_path).resolve()), prepared.plan.digest))

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from mesh import catalog, controller_env
 from mesh.config.validate import envoy_binary
@@ -22,6 +23,7 @@ from mesh.deploy.steps.context import ControllerWheels, LocalFile
 from mesh.errors import MeshError
 from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, Mesh
+from mesh.inventory.policy import TrafficOverride
 from mesh.local_cache import cache_dir
 from mesh.pki import CertificateAuthority
 from mesh.pki.authority import CA_FOLDER
@@ -51,20 +53,22 @@ class Prepared:
 def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost],
             connect: Callable[[ManagedHost], Connector], out: Display, forks: int = 20, diffs: bool = False,
             consul: bool = False, envoy: str | None = None, retired: Sequence[ManagedHost] = (),
-            make_controller_keys: bool = False, rotate_controller_keys: bool = False) -> Prepared:
+            make_controller_keys: bool = False, rotate_controller_keys: bool = False,
+            overrides: Mapping[str, TrafficOverride] = MappingProxyType({})) -> Prepared:
     """Plan every managed host, check each distinct proxy config with the local Envoy (PlanRefused: nothing
     touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
     (MESH_ENVOY, else mesh's own) that checks configs; `retired` hosts (they left the inventory) are planned
     with nothing on them. Before the plan, the controllers' public keys are read (mesh.deploy.controller_inputs;
     `make_controller_keys`: a deploy makes a missing key on its controller, and the controllers' intermediate;
-    `rotate_controller_keys`: the targeted controllers' keys are removed first, so each gets a new one)."""
+    `rotate_controller_keys`: the targeted controllers' keys are removed first, so each gets a new one).
+    `overrides`: the run-time traffic overrides read from Consul (mesh.traffic.kv.plan_overrides)."""
     if rotate_controller_keys and make_controller_keys:
         rotated = remove_controller_keys([host for host in targets if host.is_controller], connect, out.warning)
         out.line(f"controller keys removed, new ones made now: {', '.join(rotated) or 'none'}")
     controller = _controller_inputs(mesh, ca, connect, out, forks,
                                     [host.name for host in targets if host.is_controller] if make_controller_keys
                                     else [])
-    plan, binary, image = _checked_plan(mesh, ca, targets, out, envoy, retired, controller)
+    plan, binary, image = _checked_plan(mesh, ca, targets, out, envoy, retired, controller, overrides)
     wheels = _wheels(mesh, targets)
     observed = observe_fleet(plan, targets, connect, certificate_reason_for(ca, mesh.settings.cert_ttl),
                              wheels.marker if wheels else None, diffs=diffs, forks=forks)
@@ -74,7 +78,8 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
 
 
 def check_here(mesh: Mesh, targets: Sequence[ManagedHost], out: Display, envoy: str | None = None,
-               retired: Sequence[ManagedHost] = ()) -> None:
+               retired: Sequence[ManagedHost] = (),
+               overrides: Mapping[str, TrafficOverride] = MappingProxyType({})) -> None:
     """Before any host is reached: every distinct proxy config checked by the local Envoy (PlanRefused, exit 1).
     The plan is made with the state dir's CA, or a throwaway one when there is none yet (Envoy judges the files
     alike whichever root they carry); `prepare`'s plan, made once the hosts' trust bundles are read, then finds
@@ -88,7 +93,7 @@ def check_here(mesh: Mesh, targets: Sequence[ManagedHost], out: Display, envoy: 
                 ca, _ = CertificateAuthority.ensure(scratch, mesh.settings.trust_domain)
         except MeshError:
             return
-        _checked_plan(mesh, ca, targets, None, envoy, retired)
+        _checked_plan(mesh, ca, targets, None, envoy, retired, overrides=overrides)
 
 
 def _controller_inputs(mesh: Mesh, ca: CertificateAuthority, connect: Callable[[ManagedHost], Connector],
@@ -104,7 +109,9 @@ def _controller_inputs(mesh: Mesh, ca: CertificateAuthority, connect: Callable[[
 
 def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost], out: Display | None,
                   envoy: str | None, retired: Sequence[ManagedHost],
-                  controller: ControllerInputs | None = None) -> tuple[Plan, LocalFile, SidecarImage | None]:
+                  controller: ControllerInputs | None = None,
+                  overrides: Mapping[str, TrafficOverride] = MappingProxyType({})
+                  ) -> tuple[Plan, LocalFile, SidecarImage | None]:
     """The plan of every managed host, each distinct proxy config checked by the local Envoy (PlanRefused)."""
     local_envoy = envoy or os.environ.get("MESH_ENVOY") or envoy_binary()
     binary = LocalFile(Path(local_envoy), cache_dir(ENVOY_CACHE))
@@ -113,7 +120,8 @@ def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[Manage
     inputs = PlanInputs(ca.root_pem, ca.root_fingerprint,
                         envoy_sha256=binary.sha256 if wants_envoy else None,
                         sidecar_image=image.tag if image is not None else None,
-                        consul_token=_token(mesh), consul_ca=_consul_ca(mesh), controller=controller)
+                        consul_token=_token(mesh), consul_ca=_consul_ca(mesh), controller=controller,
+                        overrides=overrides)
     started = time.monotonic()
     plan = build_plan(mesh, inputs, [*mesh.hosts, *retired])
     checked = validate_plan(plan, ca.root_pem, local_envoy, binary.sha256, cache_dir(VALIDATED_CACHE))
@@ -193,5 +201,8 @@ def inventory_spec(inventory_path: str, out: Display | None = None) -> Controlle
                                   issuer_cert=issuer.cert_pem if issuer else None,
                                   issuer_key=issuer.key_pem if issuer else None, ctl_script=script_text().encode(),
                                   endpoints_live=controller_active(mesh, out.warning if out else lambda _: None))
-    plan, _, _ = _checked_plan(mesh, ca, mesh.hosts, out, None, (), controller)
+    from mesh.traffic.kv import plan_overrides
+
+    overrides = plan_overrides(mesh, out.warning if out else lambda _: None)
+    plan, _, _ = _checked_plan(mesh, ca, mesh.hosts, out, None, (), controller, overrides)
     return parse_spec(plan.host(mesh.controllers[0].name).file(SPEC_PATH).content.decode(), inventory_path)
