@@ -31,7 +31,7 @@ from cryptography import x509
 
 from mesh.config import EnvoyRejectedConfig, compute_proxy_config
 from mesh.config.compute import ADMIN_CLUSTER
-from mesh.config.model import Endpoint
+from mesh.config.model import Endpoint, OutboundListener, WeightedCluster
 from mesh.render import ProxyFiles, RenderedFile, render_proxy_files, static_bootstrap, validate_proxy_files
 from mesh.testing.loopback import (
     Identity,
@@ -246,6 +246,15 @@ class Setup:
     folder: Path
 
 
+def routed_to(listener: OutboundListener, cluster: str) -> OutboundListener:
+    """`listener` sending every request to `cluster`: its own cluster and each of its route's entries (the route
+    named as the listener)."""
+    assert listener.route is not None
+    route = replace(listener.route, name=listener.name, routes=tuple(
+        replace(entry, clusters=(WeightedCluster(cluster, 100),)) for entry in listener.route.routes))
+    return replace(listener, cluster=cluster, route=route)
+
+
 def web_files_routed_to_v2(setup: Setup, web_files: ProxyFiles, v2_port: int) -> ProxyFiles:
     """web's files after a route, cluster and listener change: a new cluster `upstream-api-v2` (the second api
     instance), web's api route pointing at it, and a new listener on v2_port that reaches it too."""
@@ -254,8 +263,8 @@ def web_files_routed_to_v2(setup: Setup, web_files: ProxyFiles, v2_port: int) ->
                           loop.address(loop.web))
     old = cfg.cluster("upstream-api")
     v2 = replace(old, name="upstream-api-v2", endpoints=(Endpoint(API_V2_ADDRESS, setup.api_v2_port),))
-    outbound = replace(cfg.outbound[0], cluster=v2.name)
-    extra = replace(cfg.outbound[0], name="outbound-api-v2", service="api-v2", port=v2_port, cluster=v2.name)
+    outbound = routed_to(cfg.outbound[0], v2.name)
+    extra = routed_to(replace(cfg.outbound[0], name="outbound-api-v2", service="api-v2", port=v2_port), v2.name)
     return render_proxy_files(replace(cfg, clusters=(*cfg.clusters, v2), outbound=(outbound, extra)))
 
 
@@ -448,7 +457,7 @@ def test_moving_files_under_an_envoy_that_does_not_read_them_does_not_wait(tmp_p
     try:
         upstream = replace(cfg.cluster("upstream-api"), endpoints=(Endpoint("127.0.0.9", loop.api.proxy_port),),
                            connect_timeout_ms=2_000)
-        route = replace(cfg.outbound[0], cluster="local-app")
+        route = routed_to(cfg.outbound[0], "local-app")
         changed = render_proxy_files(replace(cfg, outbound=(route,), clusters=tuple(
             upstream if c.name == upstream.name else c for c in cfg.clusters)))
         started = time.monotonic()

@@ -13,7 +13,7 @@ from mesh.config.model import ProxyConfig
 
 def consistent(cfg: ProxyConfig) -> None:
     """Raise InconsistentConfig unless every cluster and secret a listener or cluster names is present."""
-    problems = _duplicates(cfg) + _dangling_clusters(cfg) + _dangling_secrets(cfg)
+    problems = _duplicates(cfg) + _dangling_clusters(cfg) + _dangling_secrets(cfg) + _route_names(cfg)
     if problems:
         raise InconsistentConfig(cfg.proxy, "; ".join(problems))
 
@@ -52,3 +52,11 @@ def _dangling_secrets(cfg: ProxyConfig) -> list[str]:
         if bundle not in bundles:
             problems.append(f"{owner} names trust bundle secret {bundle!r}, which is not in this config")
     return problems
+
+
+def _route_names(cfg: ProxyConfig) -> list[str]:
+    """An HTTP outbound listener reads the route named as itself: its route must be named so, and be there."""
+    return [f"listener {listener.name!r} has no route" if listener.route is None else
+            f"listener {listener.name!r} reads route {listener.name!r}, not {listener.route.name!r}"
+            for listener in cfg.outbound
+            if listener.http and (listener.route is None or listener.route.name != listener.name)]

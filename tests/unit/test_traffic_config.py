@@ -407,3 +407,12 @@ def test_traffic_goldens(case: str, mesh: Any, who: str, update_goldens: bool) -
             (folder / stale).unlink()
     else:
         assert kept == set(rendered), f"{folder} holds files mesh no longer renders: run pytest --update-goldens"
+
+
+def test_an_outbound_listener_reads_the_route_named_as_itself() -> None:
+    cfg = web_config(traffic_mesh())
+    api = cfg.outbound[0]
+    assert api.route is not None
+    renamed = replace(cfg, outbound=(replace(api, route=replace(api.route, name="elsewhere")), *cfg.outbound[1:]))
+    with pytest.raises(InconsistentConfig, match="reads route 'outbound-api', not 'elsewhere'"):
+        render_proxy_files(renamed)
