@@ -286,3 +286,42 @@ def test_rollout_from_the_command_line_prints_each_step(tmp_path: Path, monkeypa
     assert code == EXIT_OK, err
     assert out.splitlines()[-1] == "rollout of api to v2 done: v1=0 v2=100"
     assert store.document("api")["split"] == {"v1": 0, "v2": 100}
+
+
+def test_the_fleet_meter_counts_the_new_versions_requests_errors_and_p99_as_its_proxies_saw_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from telemetry_samples import PromText, telemetry_mesh
+
+    from mesh.telemetry.targets import ProxyTarget, proxy_targets
+    from mesh.traffic.rollout import FleetMeter
+
+    def api(ok: float, failed: float, latencies: list[float], version: str) -> str:
+        callee = {"destination_service": "api", "destination_version": version}
+        return (PromText()
+                .counter("envoy_http_downstream_rq_xx", {**callee, "envoy_response_code_class": "2"}, ok)
+                .counter("envoy_http_downstream_rq_xx", {**callee, "envoy_response_code_class": "5"}, failed)
+                .histogram("envoy_http_downstream_rq_time", callee, latencies).text())
+
+    class Fetcher:
+        via = "direct"
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def fetch(self, target: ProxyTarget) -> str:
+            later = self.reads >= 2  # two proxies a scrape: the second scrape sees the requests
+            self.reads += 1
+            if target.version == "v2":
+                return api(380 if later else 10, 20 if later else 0, [30.0] * (400 if later else 10), "v2")
+            return api(1000 if later else 0, 0, [5.0] * (1000 if later else 0), "v1")
+
+        def close(self) -> None:
+            pass
+
+    targets = tuple(target for target in proxy_targets(telemetry_mesh()) if target.service == "api")
+    fetcher = Fetcher()
+    monkeypatch.setattr("mesh.telemetry.fleet.time.time", lambda: 100.0 if fetcher.reads <= 2 else 130.0)
+    meter = FleetMeter(targets, fetcher, "api", "v2")
+    seen = meter.since(meter.mark(), 1)
+    assert seen.seconds == 30.0 and round(seen.requests) == 390 and seen.error_rate == pytest.approx(20 / 390)
+    assert seen.p99_ms is not None and 25 < seen.p99_ms <= 50 and seen.intervals == 1 and seen.unanswered == 0
