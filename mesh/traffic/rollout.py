@@ -190,13 +190,15 @@ class RolloutPlan:
 
 def plan_rollout(mesh: Mesh, target: TrafficTarget, to: str, stored: StoredOverride | None, steps: tuple[int, ...],
                  interval_s: float, limits: Limits, apply_timeout_s: float) -> RolloutPlan:
-    """The rollout's plan from the inventory and the stored override; a UsageError (exit 5) when `to` is not one
-    of the service's versions or nothing else serves, a MeshError when the service is not HTTP."""
+    """The rollout's plan from the inventory and the stored override; a UsageError (exit 5) when the service is
+    not HTTP or has no caller, `to` is not one of its versions, or nothing else serves."""
     if target.protocol == "tcp":
         raise UsageError(f"{target.service} is a TCP service: a rollout splits HTTP requests between versions")
     if to not in target.versions:
         raise UsageError(f"{target.service} has no version {to!r} (its versions: {', '.join(target.versions)})",
                          did_you_mean(to, target.versions))
+    if not target.callers:
+        raise UsageError(f"no service calls {target.service}: there is no traffic to move")
     if len(target.versions) < 2:
         raise UsageError(f"{target.service} runs one version only ({to}): there is nothing to roll out from")
     start = effective_split(mesh, target.service, stored)

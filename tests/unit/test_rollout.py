@@ -233,6 +233,8 @@ def test_plan_refuses_what_cannot_be_rolled_out(tmp_path: Path) -> None:
         plan_rollout(mesh, target, "v3", None, (100,), 30, LIMITS, 60)
     with pytest.raises(UsageError, match="db is a TCP service"):
         plan_rollout(mesh, traffic_target(mesh, "db"), "v1", None, (100,), 30, LIMITS, 60)
+    with pytest.raises(UsageError, match="no service calls web"):
+        plan_rollout(mesh, traffic_target(mesh, "web"), "v1", None, (100,), 30, LIMITS, 60)
     store = FakeTraffic()
     store.put("api", {"split": {"v1": 0, "v2": 100}, "fault": None, "revision": "r"})
     with pytest.raises(UsageError, match="v2 already takes every request of api"):
