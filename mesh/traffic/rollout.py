@@ -118,8 +118,8 @@ def serving_shares(start: Split | None, to: str, instances: Mapping[str, int]) -
 
 
 def step_split(versions: tuple[str, ...], serving: Mapping[str, float], to: str, share: int) -> Split:
-    """Every version's weight at a step: `to` gets `share`, the rest goes to the serving versions in proportion
-    (largest remainders, ties by name), the others 0; in `versions` order. Pure."""
+    """The weights at a step: `to` gets `share`, the rest goes to the serving versions in proportion (largest
+    remainders, ties by name); in `versions` order, versions left with 0 not named (they get no request). Pure."""
     rest = 100 - share
     total = sum(serving.values())
     exact = {version: rest * weight / total for version, weight in serving.items()} if total > 0 else {}
@@ -128,7 +128,7 @@ def step_split(versions: tuple[str, ...], serving: Mapping[str, float], to: str,
     for version in sorted(exact, key=lambda name: (-(exact[name] - weights[name]), name))[:left]:
         weights[version] += 1
     weights[to] = share
-    return tuple((version, weights.get(version, 0)) for version in versions)
+    return tuple((version, weights[version]) for version in versions if weights.get(version, 0) > 0)
 
 
 # ---- the numbers -------------------------------------------------------------------------------------------

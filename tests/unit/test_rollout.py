@@ -75,14 +75,14 @@ def test_no_p99_yet_waits_then_rolls_back_and_no_p99_limit_does_not_need_one() -
 def test_with_one_other_version_the_new_one_gets_the_step_and_the_other_the_rest() -> None:
     serving = serving_shares((("v1", 100), ("v2", 0)), "v2", {})
     assert [step_split(("v1", "v2"), serving, "v2", share) for share in (10, 25, 100)] == [
-        (("v1", 90), ("v2", 10)), (("v1", 75), ("v2", 25)), (("v1", 0), ("v2", 100))]
+        (("v1", 90), ("v2", 10)), (("v1", 75), ("v2", 25)), (("v2", 100),)]
 
 
 def test_the_rest_goes_to_the_serving_versions_in_proportion_summing_to_100() -> None:
     serving = serving_shares((("v1", 60), ("v2", 10), ("v3", 30), ("v4", 0)), "v2", {})
     assert serving == {"v1": 60.0, "v3": 30.0}
     split = step_split(("v1", "v2", "v3", "v4"), serving, "v2", 25)
-    assert split == (("v1", 50), ("v2", 25), ("v3", 25), ("v4", 0))
+    assert split == (("v1", 50), ("v2", 25), ("v3", 25))
     odd = step_split(("v1", "v2", "v3"), {"v1": 1.0, "v3": 1.0}, "v2", 11)
     assert odd == (("v1", 45), ("v2", 11), ("v3", 44)) and sum(weight for _, weight in odd) == 100
 
@@ -146,11 +146,11 @@ def test_a_healthy_version_is_promoted_step_by_step_to_100(tmp_path: Path) -> No
         ("step 2/3  v2: 50 requests in 30 s, errors 0.0%, p99 40 ms  -> wait: 50 requests, fewer than 200: another "
         "interval (1 of 2 more)"),
         "step 2/3  v2: 400 requests in 60 s, errors 0.0%, p99 40 ms  -> promote",
-        "step 3/3  v1=0 v2=100  applied in 0.0 s",
+        "step 3/3  v2=100  applied in 0.0 s",
         "step 3/3  v2: 500 requests in 30 s, errors 0.0%, p99 40 ms  -> promote",
-        "rollout of api to v2 done: v1=0 v2=100",
+        "rollout of api to v2 done: v2=100",
     ]
-    assert store.document("api")["split"] == {"v1": 0, "v2": 100}
+    assert store.document("api")["split"] == {"v2": 100}
     assert store.document("api")["set_by"] == "alice@laptop"
 
 
@@ -236,7 +236,7 @@ def test_plan_refuses_what_cannot_be_rolled_out(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no service calls web"):
         plan_rollout(mesh, traffic_target(mesh, "web"), "v1", None, (100,), 30, LIMITS, 60)
     store = FakeTraffic()
-    store.put("api", {"split": {"v1": 0, "v2": 100}, "fault": None, "revision": "r"})
+    store.put("api", {"split": {"v2": 100}, "fault": None, "revision": "r"})
     with pytest.raises(UsageError, match="v2 already takes every request of api"):
         plan_rollout(mesh, target, "v2", store.read("api"), (100,), 30, LIMITS, 60)
 
@@ -286,8 +286,8 @@ def test_rollout_from_the_command_line_prints_each_step(tmp_path: Path, monkeypa
                 "--min-requests", "200", "-i", str(inventory)])
     out, err = capsys.readouterr()
     assert code == EXIT_OK, err
-    assert out.splitlines()[-1] == "rollout of api to v2 done: v1=0 v2=100"
-    assert store.document("api")["split"] == {"v1": 0, "v2": 100}
+    assert out.splitlines()[-1] == "rollout of api to v2 done: v2=100"
+    assert store.document("api")["split"] == {"v2": 100}
 
 
 def test_the_fleet_meter_counts_the_new_versions_requests_errors_and_p99_as_its_proxies_saw_them(
