@@ -6,8 +6,8 @@ policy, and only the files that changed moved into place (checked by Envoy first
 running Envoy took it). Each change is a route file only (never a listener, cluster or bootstrap), and then:
 a weighted split lands within 5 sigma, a header match picks v2, an abort fault hits its share and a header-scoped
 one only the requests that carry the header, a delay holds each request, a rate limit answers 429 past its bucket,
-a mirror sends copies to v2 while the caller sees v1, and web's Prometheus text labels each version cluster's
-requests with destination_version.
+a mirror sends copies to v2 while the caller sees v1, web's Prometheus text labels each version cluster's
+requests with destination_version, and with zones web keeps to its zone until the instance there fails.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ SIGMAS = 5
 class Received:
     requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    healthy: bool = True  # what the app's /healthz says (its other answers do not change)
 
     def count(self, **wanted: str) -> int:
         with self.lock:
@@ -84,13 +85,16 @@ def version_app(version: str, received: Received) -> http.server.ThreadingHTTPSe
             length = int(self.headers.get("content-length") or 0)
             if length:
                 self.rfile.read(length)
-            if self.path != "/healthz":
+            status = 200
+            if self.path == "/healthz":
+                status = 200 if received.healthy else 503
+            else:
                 with received.lock:
                     received.requests.append({"method": self.command, "path": self.path,
                                               "authority": self.headers.get("host", ""),
                                               **{k.lower(): v for k, v in self.headers.items()}})
             body = version.encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -116,8 +120,10 @@ class TrafficLoop:
     files: dict[str, ProxyFiles] = field(default_factory=dict)
     envoys: dict[str, RunningEnvoy] = field(default_factory=dict)
 
-    def mesh(self, policy: ServicePolicy) -> Mesh:
-        hosts = tuple(ManagedHost(w.host, "vm", Connection(ADDRESSES[name]), (w,))
+    def mesh(self, policy: ServicePolicy, zones: bool = False) -> Mesh:
+        """web and api v1 in zone a, api v2.1 in zone b (when `zones`)."""
+        hosts = tuple(ManagedHost(w.host, "vm", Connection(ADDRESSES[name]), (w,),
+                                  zone=("b" if name == API_V2 else "a") if zones else None)
                       for name, w in self.workloads.items())
         services: dict[str, tuple[Workload, ...]] = {}
         for w in self.workloads.values():
@@ -125,17 +131,17 @@ class TrafficLoop:
         return Mesh(MeshSettings(trust_domain=TRUST_DOMAIN), hosts, (), MappingProxyType(services),
                     policies=MappingProxyType({"api": policy}))
 
-    def render(self, policy: ServicePolicy) -> dict[str, ProxyFiles]:
-        mesh = self.mesh(policy)
+    def render(self, policy: ServicePolicy, zones: bool = False) -> dict[str, ProxyFiles]:
+        mesh = self.mesh(policy, zones)
         return {name: render_proxy_files(proxy_config_in(compute_proxy_config(mesh, workload), self.folder / name,
                                                          ADDRESSES[name]))
                 for name, workload in self.workloads.items()}
 
-    def apply(self, policy: ServicePolicy) -> dict[str, list[str]]:
+    def apply(self, policy: ServicePolicy, zones: bool = False) -> dict[str, list[str]]:
         """Render every proxy's files for `policy` and move the changed ones into place as a deploy does (Envoy
         checks them, the running Envoy takes each); the file names moved, per proxy."""
         moved: dict[str, list[str]] = {}
-        for name, files in self.render(policy).items():
+        for name, files in self.render(policy, zones).items():
             if files == self.files[name]:
                 moved[name] = []
                 continue
@@ -367,3 +373,23 @@ def test_version_clusters_count_under_destination_version(loop: TrafficLoop) -> 
         assert all(labels.items() >= {**edge, "destination_version": version}.items() for labels in labelled), labelled
     every = requests_of(found, "outbound|web|v1|api")  # the cluster of every instance: no version of its own
     assert every and all("destination_version" not in labels and labels.items() >= edge.items() for labels in every)
+
+
+def test_zones_keep_traffic_in_the_callers_zone_until_its_instances_fail(loop: TrafficLoop) -> None:
+    loop.apply(ServicePolicy())
+    moved = loop.apply(ServicePolicy(), zones=True)  # endpoints only: the priorities are web's
+    assert moved[WEB] == ["eds.upstream-api.yaml", "eds.upstream-api.v1.yaml", "eds.upstream-api.v2.1.yaml"], moved
+    assert not moved[API_V1] and not moved[API_V2]
+    caller = Caller(loop.outbound_port)
+    try:
+        assert {caller.get()[:2] for _ in range(30)} == {(200, b"v1")}  # zone a only
+        loop.received[API_V1].healthy = False  # v1's Envoy reports it down, web's checks see it within ~4 s
+        eventually(lambda: {caller.get()[:2] for _ in range(10)} == {(200, b"v2.1")} or None, WAIT_S,
+                   "web fails over to zone b", loop.envoys[WEB].log)
+        loop.received[API_V1].healthy = True
+        eventually(lambda: {caller.get()[:2] for _ in range(10)} == {(200, b"v1")} or None, WAIT_S,
+                   "web comes back to zone a", loop.envoys[WEB].log)
+    finally:
+        loop.received[API_V1].healthy = True
+        caller.close()
+        loop.apply(ServicePolicy())
