@@ -16,7 +16,7 @@ import click
 
 from mesh.cli_inventory import fleet_inventory, inventory_option
 from mesh.drain import operator
-from mesh.errors import EXIT_ERROR, EXIT_OK
+from mesh.errors import EXIT_ERROR, EXIT_OK, UsageError
 from mesh.inventory.model import Mesh
 from mesh.inventory.policy import TrafficOverride
 from mesh.traffic import changes, options
@@ -122,7 +122,12 @@ def route_reset(ctx: click.Context, service: str, inventory_option: str | None, 
     """Remove SERVICE's run-time override (split and fault): its routing is the inventory's again."""
     timeout = options.parse_seconds(wait_text, "--wait", MAX_WAIT_S)
     mesh = load_mesh(inventory_option)
-    target = traffic_target(mesh, service)
+    try:
+        target = traffic_target(mesh, service)
+    except UsageError:
+        if STORE(mesh).read(service) is None:
+            raise
+        target = TrafficTarget(service, "http", (), ())  # a service that left the inventory: its key goes
     ctx.exit(_change(mesh, target, changes.without_override, None if no_wait else timeout))
 
 

@@ -373,3 +373,13 @@ def test_instant_controller_reports_every_stored_service() -> None:
     store = FakeTraffic()
     store.put("api", {"split": {"v1": 100}, "fault": None, "revision": "r9"})
     assert instant(store) == {"api": "r9"}
+
+
+def test_route_reset_removes_the_override_of_a_service_that_left_the_inventory(
+        inventory: Path, store: FakeTraffic, capsys: pytest.CaptureFixture[str]) -> None:
+    store.put("gone", {"split": {"v1": 100}, "fault": None, "revision": "r3"})
+    code, out, _ = mesh_run(["route", "reset", "gone", "-i", str(inventory)], capsys)
+    assert code == EXIT_OK and "gone" not in store.values
+    assert out.splitlines()[0] == "gone: override removed (routing as the inventory says)"
+    code, _, err = mesh_run(["route", "reset", "gone", "-i", str(inventory)], capsys)
+    assert code == EXIT_USAGE and "no service 'gone' in the inventory" in err
