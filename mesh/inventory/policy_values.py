@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+import re._constants as re_constants  # Python's own parse tree of a pattern: the RE2 program size estimate
+import re._parser as re_parser
+import warnings
 from typing import Any
 
 from mesh.inventory.values import BadValue, describe, has_control_characters
@@ -31,6 +34,9 @@ _COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]{1,1024}"
 _PATH = re.compile(r"/[\x21-\x7e]{0,1023}", re.ASCII)
 _ZONE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
 _RE2_FLAGS = set("imsU")
+_POSIX_CLASS = re.compile(r"\^?(alnum|alpha|ascii|blank|cntrl|digit|graph|lower|print|punct|space|upper|word|xdigit)",
+                          re.ASCII)
+RE2_MAX_PROGRAM_SIZE = 100  # Envoy's default error level for a regex's program size (runtime re2.max_program_size)
 
 
 def parse_millis(value: Any) -> int:
@@ -157,14 +163,75 @@ def check_regex(value: Any) -> str:
         raise BadValue(f"expected a regular expression (RE2 syntax, at most {MAX_TEXT} characters), "
                        f"got {describe(value)}")
     try:
-        re.compile(value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "possible nested set" for RE2's [[:alpha:]]: fine there
+            re.compile(value)
     except (re.error, RecursionError, OverflowError) as exc:
         raise BadValue(f"expected a regular expression, got {value!r}: {exc}") from None
     lacking = _re2_lacks(value)
     if lacking:
         raise BadValue(f"expected a regular expression RE2 (Envoy's engine) accepts, got {value!r}: RE2 has no "
                        f"{lacking}")
+    size = re2_program_size(value)
+    if size > RE2_MAX_PROGRAM_SIZE:
+        raise BadValue(f"expected a regular expression Envoy accepts, got {value!r}: its RE2 program would have "
+                       f"about {size} instructions, Envoy refuses more than {RE2_MAX_PROGRAM_SIZE} (repeat less, "
+                       "such as [0-9]+ for [0-9]{1,200})")
     return value
+
+
+def re2_program_size(pattern: str) -> int:
+    """About how many instructions RE2 compiles pattern into (Envoy refuses more than RE2_MAX_PROGRAM_SIZE),
+    from Python's parse of it: counted repetitions copy their item, '.', negated classes and \\w, \\s match
+    several UTF-8 byte ranges. It errs on the large side."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _re2_size(re_parser.parse(pattern)) + 4
+    except (re.error, RecursionError, OverflowError, AttributeError, TypeError, ValueError):
+        return 0  # Python's re refused it already, or its parser changed: Envoy's validation has the last word
+
+
+def _re2_size(items: Any) -> int:
+    total = 0
+    for op, argument in items:
+        if op is re_constants.SUBPATTERN:
+            group, _, _, inner = argument
+            total += _re2_size(inner) + (2 if group else 0)
+        elif op in (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT):
+            low, high, inner = argument
+            size = _re2_size(inner)
+            total += size * max(low, 1) + 1 if high == re_constants.MAXREPEAT else size * max(high, 1) + high - low
+        elif op is re_constants.BRANCH:
+            total += sum(_re2_size(branch) for branch in argument[1]) + len(argument[1]) - 1
+        elif op is re_constants.IN:
+            total += sum(_atom_size(item) for item in argument)
+        else:
+            total += _atom_size((op, argument))
+    return total
+
+
+# Instructions per class of characters, measured with Envoy (UTF-8: the wide classes match several byte ranges).
+_CATEGORY_SIZE = {"CATEGORY_DIGIT": 1, "CATEGORY_NOT_DIGIT": 2, "CATEGORY_WORD": 3, "CATEGORY_NOT_WORD": 5,
+                  "CATEGORY_SPACE": 3, "CATEGORY_NOT_SPACE": 4}
+
+
+def _atom_size(item: Any) -> int:
+    """The instructions of one character (or class part); a negated part or '.' spans the bytes of UTF-8."""
+    op, argument = item
+    if op is re_constants.LITERAL:
+        return len(chr(argument).encode("utf-8", "surrogatepass"))
+    if op is re_constants.RANGE:
+        return 1 if argument[1] < 0x80 else 4
+    if op is re_constants.CATEGORY:
+        return _CATEGORY_SIZE.get(str(argument), 5)
+    if op is re_constants.NEGATE:
+        return 1
+    if op is re_constants.NOT_LITERAL:
+        return 1 + len(chr(argument).encode("utf-8", "surrogatepass"))
+    if op is re_constants.ANY:
+        return 2
+    return 1
 
 
 def _re2_lacks(pattern: str) -> str | None:
@@ -175,11 +242,22 @@ def _re2_lacks(pattern: str) -> str | None:
         following = pattern[index + 1:index + 4]
         if char == "\\":
             escaped = following[:1]
-            if not in_class and escaped.isdigit() and escaped != "0":
-                return f"backreferences ({char}{escaped})"
+            if escaped.isdigit() and escaped != "0":
+                return f"backreferences or octal escapes ({char}{escaped})"
+            if escaped in ("u", "U", "N"):
+                return f"\\{escaped} escapes (write \\x{{E9}} for a code point)"
+            if in_class and escaped == "b":
+                return "\\b inside [...] (Python reads a backspace there)"
             if not in_class and escaped == "Z":
                 return "\\Z (write $)"
             index += 2
+            continue
+        if in_class and pattern.startswith("[:", index) and ":]" in pattern[index + 2:]:
+            # RE2 reads `[:name:]` up to the next ":]" as a POSIX class, whatever lies between.
+            end = pattern.index(":]", index + 2)
+            if not _POSIX_CLASS.fullmatch(pattern[index + 2:end]):
+                return f"POSIX class {pattern[index:end + 2]!r} (RE2 knows [:alpha:], [:digit:], ...)"
+            index = end + 2
             continue
         if in_class:
             in_class = char != "]"
@@ -206,6 +284,8 @@ def _re2_lacks_group(after: str) -> str | None:
         return "atomic groups ((?>...)"
     if after[:2] == "P=":
         return "backreferences ((?P=name))"
+    if after[:2] == "P<":
+        return None  # a named group
     if after[:1] == "(":
         return "conditionals ((?(...)...)"
     if after[:1] == "#":
