@@ -382,6 +382,9 @@ def test_zones_keep_traffic_in_the_callers_zone_until_its_instances_fail(loop: T
     assert not moved[API_V1] and not moved[API_V2]
     caller = Caller(loop.outbound_port)
     try:
+        # (an endpoint file is not waited for when moved in: Envoy reads it within moments)
+        eventually(lambda: {caller.get()[:2] for _ in range(10)} == {(200, b"v1")} or None, WAIT_S,
+                   "web keeps to zone a", loop.envoys[WEB].log)
         assert {caller.get()[:2] for _ in range(30)} == {(200, b"v1")}  # zone a only
         loop.received[API_V1].healthy = False  # v1's Envoy reports it down, web's checks see it within ~4 s
         eventually(lambda: {caller.get()[:2] for _ in range(10)} == {(200, b"v2.1")} or None, WAIT_S,
