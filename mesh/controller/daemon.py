@@ -30,6 +30,7 @@ from mesh.config import paths
 from mesh.controller.consul_watch import ConsulWatch, Fetch, PrefixWatch, consul_fetch, consul_kv_fetch
 from mesh.controller.endpoints import ServiceEndpoints
 from mesh.controller.metrics import ControllerMetrics
+from mesh.controller.protocol import relpath_in
 from mesh.controller.published import state_document, state_text
 from mesh.controller.pusher import MAX_WORKERS, Pusher, Validate
 from mesh.controller.renewal import Renewer
@@ -356,8 +357,10 @@ class Controller:
 
     def _applied_traffic(self) -> dict[str, str]:
         """state.traffic: per service with route files, the revision every caller's file runs (routes.py)."""
-        wanted = {(host, proxy, relpath): digest for (host, proxy), snap in self.snapshot.items()
-                  for relpath, digest in snap.digests.items()}
+        wanted = {(host.name, proxy.name, relpath_in(proxy.proxy_dir, path)):
+                  self.snapshot[(host.name, proxy.name)].files.file(path).sha256
+                  for host in self.spec.hosts for proxy in host.proxies for path in proxy.routes
+                  if (host.name, proxy.name) in self.snapshot}
         on_hosts = {(name, proxy.name): (link.state.files.get(proxy.name) if link.state is not None else None)
                     for name, link in self.pusher.links.items() for proxy in link.spec.proxies}
         return applied_traffic(self.spec, self.overrides if self.policies is not None else None, wanted, on_hosts)
