@@ -142,8 +142,9 @@ def retry_policy(retries: Retries | None) -> RetryPolicy:
 
 
 def cookie_regex(name: str, value: str) -> str:
-    """An RE2 regex that matches a Cookie header holding cookie `name` with exactly `value`."""
-    return rf"(^|;\s*){re.escape(name)}={re.escape(value)}(;|$)"
+    """An RE2 regex that matches a Cookie header holding cookie `name` with exactly `value`, wherever it is among
+    the cookies: Envoy matches a header's safe_regex against the whole value (a full match)."""
+    return rf"(.*;\s*)?{re.escape(name)}={re.escape(value)}(;.*)?"
 
 
 def request_match(match: RouteMatch | None) -> RequestMatch:
