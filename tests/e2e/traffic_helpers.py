@@ -126,12 +126,10 @@ def background_load(lab: LabUp, url: str, concurrency: int = 4, pause: float = 0
     filled in when the block ends."""
     stop = f"/run/mesh-e2e-traffic-{os.getpid()}-{time.monotonic_ns()}"
     argv = client_args(url, None, concurrency, pause=pause, stop_file=stop)
-    command = f"cat > {stop}.py && python3 {stop}.py " + " ".join(map(shlex.quote, argv))
-    process = subprocess.Popen(lab.ssh_argv(host, command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    out(lab, host, f"cat > {stop}.py", input=CLIENT.read_bytes())
+    command = f"python3 {stop}.py " + " ".join(map(shlex.quote, argv))
+    process = subprocess.Popen(lab.ssh_argv(host, command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
-    assert process.stdin is not None
-    process.stdin.write(CLIENT.read_bytes())
-    process.stdin.close()
     result = Background()
     time.sleep(1.0)
     try:
