@@ -34,7 +34,10 @@ from mesh.config import compute_proxy_config
 from mesh.config.validate import envoy_binary
 from mesh.controller import protocol
 from mesh.controller.daemon import Controller, ControllerOptions
-from mesh.controller.spec import ControllerSpec, deploy_lock_key, issued_prefix
+from mesh.controller.spec import ControllerSpec, deploy_lock_key, issued_prefix, traffic_prefix
+from mesh.controller.spec_build import route_files
+from mesh.inventory.policy import Abort, Fault, TrafficOverride
+from mesh.inventory.services import override_to_json
 from mesh.controller.transport import LocalTransport
 from mesh.pki import CertificateAuthority
 from mesh.pki.certs import Issuer, build_intermediate, new_ca_key
@@ -67,6 +70,7 @@ class Host:
     files: ProxyFiles
     ca: CertificateAuthority
     intermediate: tuple[str, str]  # the controllers' intermediate (cert, key), signed by the CA's root
+    routes: dict[str, dict[str, object]]  # web's outbound route file -> its RouteInputs JSON (as spec.json has it)
 
     @property
     def eds(self) -> str:
@@ -82,8 +86,9 @@ def host(tmp_path: Path) -> Host:
     loop = two_service_mesh(9999, TRUST_DOMAIN)
     ca, _created = CertificateAuthority.ensure(str(tmp_path / "state"), TRUST_DOMAIN)
     home = root / "etc" / "mesh" / "proxies" / "web"
-    files = render_proxy_files(proxy_config_in(compute_proxy_config(loop.mesh, loop.web), home,
-                                               loop.address(loop.web)))
+    config = proxy_config_in(compute_proxy_config(loop.mesh, loop.web), home, loop.address(loop.web))
+    files = render_proxy_files(config)
+    routes = {path: dict(inputs) for path, inputs in route_files(config, files).items()}
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])).sign(key, hashes.SHA256()))
@@ -96,7 +101,7 @@ def host(tmp_path: Path) -> Host:
     (root / "usr/local/lib/mesh/envoy").symlink_to(envoy_binary())
     (root / "etc/mesh/ctl").mkdir(parents=True)
     (root / "etc/mesh/ctl/identities").write_text(f"{files.proxy} vm {home} root web {home}/ca.pem -\n")
-    return Host(root, files, ca, _controller_intermediate(ca, tmp_path / "controller-ca"))
+    return Host(root, files, ca, _controller_intermediate(ca, tmp_path / "controller-ca"), routes)
 
 
 def _controller_intermediate(ca: CertificateAuthority, folder: Path) -> tuple[str, str]:
@@ -207,6 +212,33 @@ def test_a_critical_instance_leaves_the_callers_endpoints_and_comes_back(consul:
     assert "127.0.0.11" in host.eds
     requests.put(f"{consul.url}/v1/session/destroy/{session}", timeout=10)
     eventually(lambda: "127.0.0.11" not in host.eds, "the change after the deploy's lock is released")
+
+
+def test_an_override_in_consul_kv_reaches_the_callers_route_file_and_the_state(consul: ConsulDevServer, host: Host,
+                                                                             start: Callable[..., Running]) -> None:
+    spec = spec_for(consul, host)
+    [vm1] = spec.hosts
+    spec = replace(spec, hosts=(replace(vm1, proxies=(replace(vm1.proxies[0], routes=host.routes),)),))
+    [rds] = host.routes
+    planned = Path(rds).read_text()
+    key = traffic_prefix(MESH_ID) + "api"
+
+    def traffic() -> dict[str, str]:
+        return dict(json.loads(kv(consul, spec.state_key) or "{}").get("traffic") or {})
+
+    start(spec)
+    eventually(lambda: traffic() == {"api": ""}, "the state says every caller runs api's inventory policy")
+    fault = TrafficOverride(fault=Fault(abort=Abort(503, 25.0)), revision="r-7")
+    requests.put(f"{consul.url}/v1/kv/{key}", data=json.dumps(override_to_json(fault, "test", "now")), timeout=10)
+    try:
+        eventually(lambda: "http_status: 503" in Path(rds).read_text(), "the fault in web's route file")
+        eventually(lambda: traffic() == {"api": "r-7"}, "the state says every caller runs revision r-7")
+        requests.put(f"{consul.url}/v1/kv/{key}", data="{not an override", timeout=10)
+        eventually(lambda: Path(rds).read_text() == planned, "an invalid override: the inventory's policy")
+    finally:
+        requests.delete(f"{consul.url}/v1/kv/{key}", timeout=10)
+    eventually(lambda: traffic() == {"api": ""}, "the key deleted: the inventory's policy everywhere")
+    assert Path(rds).read_text() == planned
 
 
 def test_a_due_certificate_is_renewed_on_the_host_and_recorded(consul: ConsulDevServer, host: Host,
