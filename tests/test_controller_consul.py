@@ -1,8 +1,9 @@
 """The controller against a real Consul 1.8.7 (`consul agent -dev`) and the real mesh-ctl script under a temp root
 (the local transport runs `sh mesh-ctl.sh VERB` as sshd's forced command would, with MESH_CTL_ROOT), validating
 with mesh's real Envoy: a critical instance leaves the caller's EDS file on disk and comes back when it passes,
-nothing moves while a deploy holds its lock, the state is published in KV and the metrics served, a standby takes
-over when the leader stops, Consul gone keeps the endpoints and shows staleness; a due
+nothing moves while a deploy holds its lock, the state is published in KV and the metrics served, a traffic
+override put in KV reaches the caller's route file and the state's `traffic` (an invalid one and a deleted one give
+the inventory's policy back), a standby takes over when the leader stops, Consul gone keeps the endpoints and shows staleness; a due
 certificate is renewed through `csr`/`install` with the controller's intermediate and recorded in KV.
 
 Tests wait with generous deadlines and assert the outcome, not the time.
@@ -36,9 +37,9 @@ from mesh.controller import protocol
 from mesh.controller.daemon import Controller, ControllerOptions
 from mesh.controller.spec import ControllerSpec, deploy_lock_key, issued_prefix, traffic_prefix
 from mesh.controller.spec_build import route_files
+from mesh.controller.transport import LocalTransport
 from mesh.inventory.policy import Abort, Fault, TrafficOverride
 from mesh.inventory.services import override_to_json
-from mesh.controller.transport import LocalTransport
 from mesh.pki import CertificateAuthority
 from mesh.pki.certs import Issuer, build_intermediate, new_ca_key
 from mesh.render import ProxyFiles, render_proxy_files
