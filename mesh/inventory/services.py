@@ -136,8 +136,7 @@ def read_services(where: Located, facts: Mapping[str, ServiceFacts], written: se
     policies: dict[str, ServicePolicy] = {}
     for name in where.value:
         spot = where.child(name)
-        if not isinstance(name, str) or problems.read(Located(name, where.key_origin(name), spot.key),
-                                                      check_dns_label) is None:
+        if problems.read(Located(name, where.key_origin(name), spot.key), check_dns_label) is None:
             continue
         service_facts = facts.get(name)
         if name not in written and service_facts is None:

@@ -203,7 +203,8 @@ def test_an_unknown_service_says_did_you_mean(tmp_path: Path, capsys: pytest.Cap
             "services: api, db, web (did you mean 'api'?)") in output
 
 
-@pytest.mark.parametrize("value", ["[api]", "'api'", "{API: {}}", "{api: [timeout]}", "{api: 5}"])
+@pytest.mark.parametrize("value", ["[api]", "'api'", "{API: {}}", "{api: [timeout]}", "{api: 5}", "{1: {}}",
+                                   "{null: {}}"])
 def test_mesh_services_that_is_no_mapping_of_policies_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                  value: str) -> None:
     write(tmp_path, {"inventory.yml": INVENTORY, "group_vars/all.yml": f"{CONSUL}mesh_services: {value}\n"})
