@@ -7,7 +7,9 @@ running Envoy took it). Each change is a route file only (never a listener, clus
 a weighted split lands within 5 sigma, a header match picks v2, an abort fault hits its share and a header-scoped
 one only the requests that carry the header, a delay holds each request, a rate limit answers 429 past its bucket,
 a mirror sends copies to v2 while the caller sees v1, web's Prometheus text labels each version cluster's
-requests with destination_version, and with zones web keeps to its zone until the instance there fails.
+requests with destination_version, with zones web keeps to its zone until the instance there fails, retries hide
+an instance failing every other request, a per-route timeout cuts slow requests, a circuit breaker rejects
+overflow with 503 (its overflow counter rises) and outlier detection ejects an instance answering 500s.
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ from mesh.config import compute_proxy_config
 from mesh.inventory.model import Connection, Health, ManagedHost, Mesh, MeshSettings, Upstream, Workload
 from mesh.inventory.policy import (
     Abort,
+    CircuitBreaker,
     Delay,
     Fault,
     Mirror,
+    OutlierPolicy,
+    PathMatch,
     RateLimit,
+    Retries,
     RouteMatch,
     RouteRule,
     ServicePolicy,
@@ -70,6 +76,9 @@ class Received:
     requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     healthy: bool = True  # what the app's /healthz says (its other answers do not change)
+    fail_every: int = 0  # answer 500 to every Nth request (0: never)
+    slow_s: float = 0.0  # how long requests to /slow... take
+    answered: int = 0
 
     def count(self, **wanted: str) -> int:
         with self.lock:
@@ -93,6 +102,11 @@ def version_app(version: str, received: Received) -> http.server.ThreadingHTTPSe
                     received.requests.append({"method": self.command, "path": self.path,
                                               "authority": self.headers.get("host", ""),
                                               **{k.lower(): v for k, v in self.headers.items()}})
+                    received.answered += 1
+                    if received.fail_every and received.answered % received.fail_every == 0:
+                        status = 500
+                if self.path.startswith("/slow"):
+                    time.sleep(received.slow_s)
             body = version.encode()
             self.send_response(status)
             self.send_header("content-length", str(len(body)))
@@ -396,3 +410,102 @@ def test_zones_keep_traffic_in_the_callers_zone_until_its_instances_fail(loop: T
         loop.received[API_V1].healthy = True
         caller.close()
         loop.apply(ServicePolicy())
+
+
+@contextlib.contextmanager
+def behaving(received: Received, fail_every: int = 0, slow_s: float = 0.0) -> Iterator[None]:
+    received.fail_every, received.slow_s, received.answered = fail_every, slow_s, 0
+    try:
+        yield
+    finally:
+        received.fail_every, received.slow_s = 0, 0.0
+
+
+def web_samples(loop: TrafficLoop) -> list[tuple[str, dict[str, str], float]]:
+    connection = http.client.HTTPConnection(ADDRESSES[WEB], loop.workloads[WEB].metrics_port, timeout=10)
+    try:
+        connection.request("GET", "/stats/prometheus")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    return [(sample.name, dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def stat(loop: TrafficLoop, name: str, cluster: str) -> float:
+    return sum(value for sample, labels, value in web_samples(loop)
+               if sample == name and labels.get("envoy_cluster_name") == cluster)
+
+
+def test_retries_hide_an_instance_that_fails_every_other_request(loop: TrafficLoop) -> None:
+    to_v1 = RouteRule(to=split(100, 0))
+    caller = Caller(loop.outbound_port)
+    try:
+        loop.apply(ServicePolicy(routes=(to_v1,)))  # mesh's default retries: connection failures only
+        with behaving(loop.received[API_V1], fail_every=2):
+            assert [caller.get()[0] for _ in range(20)].count(500) == 10
+        loop.apply(ServicePolicy(routes=(to_v1,), retries=Retries(attempts=2, on=("5xx",))))
+        with behaving(loop.received[API_V1], fail_every=2):
+            assert {caller.get()[0] for _ in range(20)} == {200}
+            # tries: ok, fail + ok, fail + ok, ...: every request after the first was retried once
+            assert loop.received[API_V1].answered == 1 + 19 * 2
+    finally:
+        caller.close()
+
+
+def test_a_per_route_timeout_cuts_slow_requests_only(loop: TrafficLoop) -> None:
+    loop.apply(ServicePolicy(routes=(
+        RouteRule(to=split(100, 0), match=RouteMatch(path=PathMatch("prefix", "/slow")), timeout_ms=200,
+                  retries=Retries(attempts=0)),
+        RouteRule(to=split(100, 0)),
+    )))
+    caller = Caller(loop.outbound_port)
+    try:
+        with behaving(loop.received[API_V1], slow_s=0.6):
+            status, body, elapsed = caller.get("/slow/report")
+            assert (status, body) == (504, b"upstream request timeout") and 0.18 <= elapsed < 0.5
+            assert caller.get("/fast")[0] == 200
+    finally:
+        caller.close()
+
+
+def test_a_circuit_breaker_rejects_overflow_with_503(loop: TrafficLoop) -> None:
+    loop.apply(ServicePolicy(routes=(RouteRule(to=split(100, 0)),), retries=Retries(attempts=0),
+                             circuit_breaker=CircuitBreaker(max_connections=1, max_pending_requests=1,
+                                                            max_requests=1)))
+    before = stat(loop, "envoy_cluster_upstream_rq_pending_overflow_total", "outbound|web|v1|api|v1")
+    results: list[tuple[int, bytes, float]] = []
+
+    def one() -> None:
+        caller = Caller(loop.outbound_port)
+        try:
+            results.append(caller.get("/slow"))
+        finally:
+            caller.close()
+
+    with behaving(loop.received[API_V1], slow_s=0.4):
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+    statuses = sorted(status for status, _body, _t in results)
+    assert len(statuses) == 8 and 1 <= statuses.count(200) <= 3 and statuses.count(503) >= 5, statuses
+    assert all(body.endswith(b"reset reason: overflow") for status, body, _t in results if status == 503), results
+    assert stat(loop, "envoy_cluster_upstream_rq_pending_overflow_total", "outbound|web|v1|api|v1") > before
+
+
+def test_outlier_detection_ejects_an_instance_answering_500s(loop: TrafficLoop) -> None:
+    loop.apply(ServicePolicy(retries=Retries(attempts=0), outlier_detection=OutlierPolicy(
+        consecutive_5xx=3, interval_ms=200, base_ejection_time_ms=30_000, max_ejection_percent=50)))
+    caller = Caller(loop.outbound_port)
+    try:
+        with behaving(loop.received[API_V1], fail_every=1):
+            first = [caller.get()[:2] for _ in range(20)]
+            assert (500, b"v1") in first
+            # ejected after 3 consecutive 500s: only v2.1 answers then
+            eventually(lambda: {caller.get()[:2] for _ in range(10)} == {(200, b"v2.1")} or None, WAIT_S,
+                       "v1 is ejected", loop.envoys[WEB].log)
+        assert stat(loop, "envoy_cluster_outlier_detection_ejections_enforced_total", "outbound|web|v1|api") >= 1
+    finally:
+        caller.close()
