@@ -100,8 +100,8 @@ class PolicyError(MeshError):
     """A policy or override in JSON (the controller's spec, Consul KV) that is not valid; the message lists every
     problem."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("invalid traffic policy: " + "; ".join(problems))
+    def __init__(self, problems: list[str], what: str = "traffic policy") -> None:
+        super().__init__(f"invalid {what}: " + "; ".join(problems))
         self.problems = problems
 
 
@@ -153,13 +153,13 @@ def read_policy(where: Located, facts: ServiceFacts | None, problems: Problems) 
     problems. facts None: only the policy's own rules are checked (no versions, no protocol)."""
     if where.value is None:
         return ServicePolicy()
+    count = len(problems.errors)
     if not _mapping(where, POLICY_KEYS, "service policy", problems, "{lb: ..., timeout: ..., routes: [...], ...}",
                     NOT_YET_KEYS):
         return None
     for key in NOT_YET_KEYS:
         if key in where.value:
             problems.add_error(where, key, NOT_YET)
-    count = len(problems.errors)
     reader = _Reader(facts, problems)
     values = where.value
     if facts is not None and facts.tcp:
@@ -177,11 +177,7 @@ def read_policy(where: Located, facts: ServiceFacts | None, problems: Problems) 
         fault=_optional(where, "fault", reader.fault, None),
         rate_limit=_optional(where, "rate_limit", reader.rate_limit, None),
     )
-    return policy if len(problems.errors) == count and not _has_not_yet(values) else None
-
-
-def _has_not_yet(values: Mapping[str, Any]) -> bool:
-    return any(key in values for key in NOT_YET_KEYS)
+    return policy if len(problems.errors) == count else None
 
 
 class _Missing:
@@ -704,7 +700,7 @@ def override_from_json(data: Any, facts: ServiceFacts | None = None) -> TrafficO
     problems = Problems()
     override = _read_override(data, facts, problems)
     if problems.errors or override is None:
-        raise PolicyError(_messages(problems) or ["not an override"])
+        raise PolicyError(_messages(problems) or ["not an override"], "traffic override")
     return override
 
 
