@@ -5,6 +5,8 @@ registrations."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -438,3 +440,18 @@ def test_a_changed_zone_reregisters_the_instance_and_an_unchanged_one_does_not()
     assert plan.unchanged == ("web-vm1-8080",)
     body = dict(plan.register)["api-vm2-9090"]
     assert body["Service"]["Meta"]["zone"] == "z1" and "Check" not in body  # the checker's status is kept
+
+
+def test_the_installed_mesh_command_exits_4_with_the_message(tmp_path: Path) -> None:
+    """The same through the real `mesh` executable: exit status 4, the message on stderr, no traceback."""
+    write(tmp_path, {"inventory.yml": INVENTORY,
+                     "group_vars/all.yml": f"{CONSUL}mesh_services:\n  db:\n    lb: {{policy: ring_hash, hash_on: "
+                                           "{header: x-user}}\n"})
+    mesh = shutil.which("mesh")
+    assert mesh, "mesh is not on PATH (tests/conftest.py puts the environment's bin first)"
+    done = subprocess.run([mesh, "inventory", "check", str(tmp_path / "inventory.yml")], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == EXIT_PARSE_ERROR
+    assert (f"{tmp_path}/group_vars/all.yml:4:38: mesh_services.db.lb.hash_on: db is a TCP service: a connection "
+            "has no headers or cookies; hash on source_ip (affinity per calling instance)") in done.stderr
+    assert "Traceback" not in done.stderr
