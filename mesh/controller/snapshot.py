@@ -34,9 +34,8 @@ class ProxySnapshot:
     unsettled: frozenset[str] = frozenset()
     # The files the controller owns: the EDS files it fills from Consul, the route files it redoes from the traffic
     # policy. Every other resource file is the deploy's: the controller writes one only when the host lacks it, and
-    # never replaces or removes one. A
-    # deploy stopped halfway (--serial, a failed health gate) leaves hosts with newer files than the spec the
-    # controllers hold, and they must stay.
+    # never replaces or removes one. A deploy stopped halfway (--serial, a failed health gate) leaves hosts with
+    # newer files than the spec the controllers hold, and they must stay.
     owned: frozenset[str] = frozenset()
 
     @property
