@@ -383,3 +383,21 @@ def test_route_reset_removes_the_override_of_a_service_that_left_the_inventory(
     assert out.splitlines()[0] == "gone: override removed (routing as the inventory says)"
     code, _, err = mesh_run(["route", "reset", "gone", "-i", str(inventory)], capsys)
     assert code == EXIT_USAGE and "no service 'gone' in the inventory" in err
+
+
+def test_the_plan_renders_callers_routes_with_the_overrides_it_is_given(tmp_path: Path) -> None:
+    from mesh.plan.build import PlanInputs, build_plan
+
+    mesh = load_mesh(write_inventory(tmp_path))
+
+    def web_route(overrides: Mapping[str, TrafficOverride]) -> str:
+        proxy = build_plan(mesh, PlanInputs(b"root", "00", overrides=overrides), [mesh.host("vm1")]).host(
+            "vm1").proxy("web-8080")
+        routes = [item for item in proxy.files if "/rds." in item.path and "api" in item.path]
+        assert len(routes) == 1, [item.path for item in proxy.files]
+        return routes[0].content.decode()
+
+    inventory_only = web_route({})
+    overridden = web_route({"api": TrafficOverride(split=(("v1", 80), ("v2", 20)), revision="r1")})
+    assert "upstream-api.v2" in inventory_only and "weight: 20" not in inventory_only
+    assert "weight: 20" in overridden and "weight: 80" in overridden
