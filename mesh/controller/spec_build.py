@@ -60,8 +60,10 @@ def route_files(config: ProxyConfig, files: ProxyFiles) -> dict[str, dict[str, o
 
 def controller_files(config: ProxyConfig, files: ProxyFiles) -> frozenset[str]:
     """The files a live controller keeps current (a deploy writes them only where missing): the upstream endpoint
-    files (from Consul) and the outbound route files (from the traffic policy and its overrides)."""
-    return frozenset((*endpoint_files(config, files), *route_files(config, files)))
+    files (from Consul). Outbound route files are not among them: the deploy renders them with the overrides it
+    read from Consul, as the controller does, so a deploy that adds or removes a version cluster moves its routes
+    together with its clusters (a route never names a cluster Envoy no longer has)."""
+    return frozenset(endpoint_files(config, files))
 
 
 def _sources(files: ProxyFiles) -> FileSources:
