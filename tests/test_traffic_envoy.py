@@ -37,6 +37,8 @@ from mesh.inventory.policy import (
     CircuitBreaker,
     Delay,
     Fault,
+    HashOn,
+    LoadBalancing,
     Mirror,
     OutlierPolicy,
     PathMatch,
@@ -46,7 +48,8 @@ from mesh.inventory.policy import (
     RouteRule,
     ServicePolicy,
 )
-from mesh.render import ProxyFiles, render_proxy_files
+from mesh.pki import CertificateAuthority
+from mesh.render import ProxyFiles, render_proxy_files, validate_proxy_files
 from mesh.testing.loopback import (
     Identity,
     RunningEnvoy,
@@ -60,6 +63,7 @@ from mesh.testing.loopback import (
     start_proxy,
     stop_envoys,
 )
+from tests.unit.test_traffic_config import RICH_API, traffic_mesh
 
 TRUST_DOMAIN = "loop.mesh"
 WEB, API_V1, API_V2 = "web", "api-v1", "api-v2"
@@ -509,3 +513,14 @@ def test_outlier_detection_ejects_an_instance_answering_500s(loop: TrafficLoop) 
         assert stat(loop, "envoy_cluster_outlier_detection_ejections_enforced_total", "outbound|web|v1|api") >= 1
     finally:
         caller.close()
+
+
+def test_every_policy_field_passes_envoys_own_validation(tmp_path: Path) -> None:
+    """The unit tests' rich policy (every field) and a TCP ring hash as the caller (web) reads them, with and without
+    zones, and the rate limit as the callee (api) reads it."""
+    authority, _created = CertificateAuthority.ensure(str(tmp_path / "state"), TRUST_DOMAIN)
+    tcp_hash = ServicePolicy(lb=LoadBalancing("ring_hash", HashOn("source_ip")))
+    for zones, host in ((True, "h-web"), (False, "h-web"), (False, "h-api1")):
+        mesh = traffic_mesh({"api": RICH_API, "db": tcp_hash}, zones=zones)
+        workload = next(w for w in mesh.workloads if w.host == host)
+        validate_proxy_files(render_proxy_files(compute_proxy_config(mesh, workload)), authority.root_pem)
