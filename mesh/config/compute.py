@@ -1,6 +1,7 @@
 """The pure computation of one proxy's desired config from the validated mesh.
 
-It decides names, ports, TLS identities, health checks and endpoints; it must not render text or do I/O.
+It decides names, ports, TLS identities, health checks and endpoints, and applies each upstream service's traffic
+policy through traffic.py; it must not render text or do I/O.
 """
 
 from __future__ import annotations

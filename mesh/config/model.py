@@ -1,4 +1,4 @@
-"""The desired config of one proxy as typed, frozen data: listeners, clusters, endpoints, secrets, admin.
+"""The desired config of one proxy as typed, frozen data: listeners, routes, clusters, endpoints, secrets, admin.
 
 It owns the shapes only; computing them (compute.py) and writing them out (mesh/render.py) live elsewhere.
 """
@@ -166,7 +166,7 @@ class DownstreamTls:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """A route's retry_policy: Envoy retries on a previous host only when no other is left."""
+    """A route's retry_policy: a retry goes to a host not tried yet when the cluster has one (previous_hosts)."""
 
     retry_on: str  # Envoy's HTTP and gRPC conditions, comma-joined
     num_retries: int
