@@ -738,8 +738,9 @@ def _render(templates_dir: Path, name: str, context: DataclassInstance) -> str:
 
 
 def _seconds(milliseconds: int) -> str:
-    """A protobuf Duration in YAML: 1000 -> "1s", 800 -> "0.8s"."""
-    return f"{milliseconds / 1000:g}s"
+    """A protobuf Duration in YAML, exact: 1000 -> "1s", 800 -> "0.8s", 86_400_001 -> "86400.001s"."""
+    whole, fraction = divmod(int(milliseconds), 1000)
+    return f"{whole}.{fraction:03d}".rstrip("0").rstrip(".") + "s"
 
 
 def _parsed_unit(text: str) -> str:

@@ -416,3 +416,10 @@ def test_an_outbound_listener_reads_the_route_named_as_itself() -> None:
     renamed = replace(cfg, outbound=(replace(api, route=replace(api.route, name="elsewhere")), *cfg.outbound[1:]))
     with pytest.raises(InconsistentConfig, match="reads route 'outbound-api', not 'elsewhere'"):
         render_proxy_files(renamed)
+
+
+def test_durations_are_written_exactly_however_long() -> None:
+    policy = ServicePolicy(timeout_ms=1_234_567, retries=Retries(attempts=1, per_try_timeout_ms=1_000_000_001))
+    (route,) = resources(render_proxy_files(web_config(traffic_mesh({"api": policy}))), "rds.outbound-api.yaml")
+    entry = route["virtual_hosts"][0]["routes"][0]["route"]
+    assert (entry["timeout"], entry["retry_policy"]["per_try_timeout"]) == ("1234.567s", "1000000.001s")
