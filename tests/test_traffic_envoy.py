@@ -338,6 +338,8 @@ def test_a_rate_limit_answers_429_past_the_bucket(loop: TrafficLoop) -> None:
     assert 3 <= statuses.count(200) <= 5 and statuses.count(429) >= 7, statuses
     assert statuses[:3] == [200, 200, 200]
     assert (429, b"local_rate_limited") in answers
+    counted = dict(line.split(": ") for line in loop.envoys[API_V1].admin("/stats?filter=rate_limit").splitlines())
+    assert int(counted["inbound_rate_limit.http_local_rate_limit.rate_limited"]) == statuses.count(429)
 
 
 def test_a_mirror_sends_copies_to_v2_while_the_caller_sees_v1(loop: TrafficLoop) -> None:
