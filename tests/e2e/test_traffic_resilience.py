@@ -195,6 +195,7 @@ def test_least_request_sends_a_slow_instance_fewer_requests_than_round_robin(cle
     deploy_lab_back(lab)  # no policy: round robin
     behave(lab, V2, {"delay_ms": 100})
     round_robin, rr_load = _slow_share(lab)
+    print(f"slow v2's share: least request {least_request:.1%}, round robin {round_robin:.1%}")
     assert least_request < round_robin - 0.1, (
         f"the slow v2 got {least_request:.0%} under least request and {round_robin:.0%} under round robin:\n"
         f"{lr_load.brief()}\n{rr_load.brief()}")

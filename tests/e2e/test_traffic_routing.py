@@ -134,6 +134,7 @@ def test_a_90_10_split_then_route_set_50_50_with_no_failed_request_or_restart(cl
     assert split.all_ok(), split.brief()
     assert split.instance(V1) + split.instance(V2) == 2000, split.brief()
     assert within(split.instance(V2), 2000, 0.10), _share_message(split, 2000, 0.10, V2)
+    print(f"90/10: v2 answered {split.instance(V2)} of 2000")
 
     with background_load(lab, f"{WEB_TO_API}/", concurrency=2) as during:
         run = mesh_cli(inventory, "route", "set", "api", "v1=50", "v2=50")
@@ -145,6 +146,7 @@ def test_a_90_10_split_then_route_set_50_50_with_no_failed_request_or_restart(cl
     half = send(lab, f"{WEB_TO_API}/", 2000, 8)
     assert half.all_ok(), half.brief()
     assert within(half.instance(V2), 2000, 0.50), _share_message(half, 2000, 0.50, V2)
+    print(f"50/50: v2 answered {half.instance(V2)} of 2000; {during.load.answered} requests while it changed")
     assert envoy_processes(lab) == before, "an Envoy restarted (or a sidecar was recreated) for a route change"
 
 
