@@ -63,3 +63,21 @@ def test_an_unplanned_cluster_still_there_is_judged() -> None:
     before = Health(True, frozenset(), "", {"local-app": 1, CACHE: 2})
     assert verdict(without, before, _health(without, local_app=1, upstream_cache=1)) == [
         f"{CACHE}: 1 healthy host(s), 2 before"]
+
+
+def test_a_version_cluster_the_plan_shrank_may_lose_the_hosts_it_moved() -> None:
+    """An instance the inventory moved from v1 to v2 leaves api's v1 cluster on purpose: the gate asks for no more
+    healthy hosts than the plan put there, and still fails one that lost a host the plan kept."""
+    web = Workload("vm1", 0, "web", 8080, TD, upstreams=(Upstream("api", 19101),))
+    apis = (Workload("vm2", 0, "api", 9090, TD, version="v1"), Workload("vm3", 0, "api", 9090, TD, version="v2"))
+    hosts = (ManagedHost("vm1", "vm", Connection("10.0.0.11"), (web,)),
+             ManagedHost("vm2", "vm", Connection("10.0.0.12"), apis[:1]),
+             ManagedHost("vm3", "vm", Connection("10.0.0.13"), apis[1:]))
+    mesh = Mesh(MeshSettings(trust_domain=TD), hosts, services={"web": (web,), "api": apis})
+    planned = build_plan(mesh, PlanInputs(b"root", "00")).host("vm1").proxy("web-8080")
+    v1 = next(cluster.name for cluster in planned.config.clusters if cluster.name.endswith(".v1"))
+    listeners = frozenset({planned.config.inbound.name, *(listener.name for listener in planned.config.outbound)})
+    before = Health(True, listeners, planned.bootstrap_sha256, {"local-app": 1, v1: 2})
+    assert verdict(planned, before, Health(True, listeners, planned.bootstrap_sha256, {"local-app": 1, v1: 1})) == []
+    assert verdict(planned, before, Health(True, listeners, planned.bootstrap_sha256, {"local-app": 1, v1: 0})) == [
+        f"{v1}: 0 healthy host(s), 2 before"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.config import paths
-from mesh.config.compute import LOCAL_APP_CLUSTER, upstream_cluster_name
+from mesh.config.compute import LOCAL_APP_CLUSTER
 from mesh.controller_env import MARKER_FILE, VENV
 from mesh.deploy.modules.api import ModuleRun, Outcome, RunCommand, TaskContext
 from mesh.deploy.steps.context import DeployContext
@@ -76,12 +76,14 @@ def verdict(planned: ProxyPlan, before: Health | None, after: Health) -> list[st
     if before is not None:
         if before.local_app_healthy() and not after.local_app_healthy():
             problems.append("its app was healthy before the change and is not now")
-        # an upstream the plan removed is gone on purpose; one it keeps must not lose healthy hosts
-        kept = {upstream_cluster_name(upstream.service) for upstream in planned.workload.upstreams}
+        # A cluster the plan removed is gone on purpose; one it keeps must not lose healthy hosts, except those the
+        # plan itself took out of it (an instance moved to another version leaves that version's cluster).
+        planned_sizes = {cluster.name: len(cluster.endpoints) for cluster in planned.config.clusters}
         for cluster, count in before.healthy.items():
-            if cluster == LOCAL_APP_CLUSTER or (cluster not in kept and cluster not in after.healthy):
+            if cluster == LOCAL_APP_CLUSTER or (cluster not in planned_sizes and cluster not in after.healthy):
                 continue
-            if after.healthy.get(cluster, 0) < count:
+            expected = min(count, planned_sizes.get(cluster, count))
+            if after.healthy.get(cluster, 0) < expected:
                 problems.append(f"{cluster}: {after.healthy.get(cluster, 0)} healthy host(s), {count} before")
     return problems
 
