@@ -246,8 +246,8 @@ def _upstream_clusters(mesh: Mesh, proxy: str, caller: Workload, upstream: Upstr
         service=service,
     )
     versions = mesh.versions(service)
-    if len(versions) < 2:
-        return (every,)
+    if len(versions) < 2 or every.protocol == "tcp":
+        return (every,)  # nothing routes a TCP connection by version: no clusters that would only add checks
     by_version = []
     for version in versions:
         chosen = tuple(endpoint for endpoint, (_, workload) in zip(endpoints, instances, strict=True)
