@@ -48,6 +48,8 @@ from traffic_helpers import (
 
 WEB_FROM_VM2 = 19103  # api's outbound listener to web on vm2 (added by this module's inventory)
 ROUTE_TIMEOUT_MS = 300
+# Envoy's timers run on a coarse monotonic clock (the kernel tick): a 400 ms delay was measured as 397.3 ms once.
+TIMER_SLACK_MS = 10
 MIRROR_PERCENT = 20
 ROUTING: dict[str, Any] = {
     "api": {
@@ -208,7 +210,7 @@ def test_an_abort_fault_at_50_percent_and_a_header_scoped_delay_fault(clean: Rou
     delayed = send(lab, f"{WEB_TO_API}/stable", 40, 8, cycle=("x-slow", ["1", "0"]), samples=True)
     assert delayed.all_ok() and delayed.ok_by(V1) == 40, delayed.brief()  # the abort is gone: replaced
     slow = [sample[2] for sample in delayed.samples if sample[3] == "1"]
-    assert len(slow) == 20 and min(slow) >= delay_ms, f"requests with x-slow: 1 took {sorted(slow)} ms"
+    assert len(slow) == 20 and min(slow) >= delay_ms - TIMER_SLACK_MS, f"requests with x-slow: 1 took {sorted(slow)} ms"
 
     run = mesh_cli(inventory, "fault", "reset", "api")
     assert run.code == 0, f"`mesh fault reset api` failed:\n{run}"
