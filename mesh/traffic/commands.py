@@ -22,7 +22,7 @@ from mesh.inventory.policy import TrafficOverride
 from mesh.traffic import changes, options
 from mesh.traffic.changes import Make, TrafficTarget, Unchanged, Written, traffic_target, update, wait_applied
 from mesh.traffic.kv import ConsulTraffic, TrafficStore
-from mesh.traffic.rollout import FleetMeter, Limits, Meter, Rollout, plan_rollout
+from mesh.traffic.rollout import FleetMeter, Limits, Meter, Rollout, check_rollout_target, plan_rollout
 from mesh.traffic.view import fault_text, route_view, show_json, show_text
 
 MAX_WAIT_S = 3600.0
@@ -254,6 +254,7 @@ def rollout_command(ctx: click.Context, service: str, inventory_option: str | No
     timeout = options.parse_seconds(wait_text, "--wait", MAX_WAIT_S)
     mesh = load_mesh(inventory_option)
     target = traffic_target(mesh, service)
+    check_rollout_target(target, to)
     store = STORE(mesh)
     plan = plan_rollout(mesh, target, to, store.read(service), steps, interval_s,
                         Limits(max_error, max_p99, min_requests, extra_intervals), timeout)

@@ -192,15 +192,7 @@ def plan_rollout(mesh: Mesh, target: TrafficTarget, to: str, stored: StoredOverr
                  interval_s: float, limits: Limits, apply_timeout_s: float) -> RolloutPlan:
     """The rollout's plan from the inventory and the stored override; a UsageError (exit 5) when the service is
     not HTTP or has no caller, `to` is not one of its versions, or nothing else serves."""
-    if target.protocol == "tcp":
-        raise UsageError(f"{target.service} is a TCP service: a rollout splits HTTP requests between versions")
-    if to not in target.versions:
-        raise UsageError(f"{target.service} has no version {to!r} (its versions: {', '.join(target.versions)})",
-                         did_you_mean(to, target.versions))
-    if not target.callers:
-        raise UsageError(f"no service calls {target.service}: there is no traffic to move")
-    if len(target.versions) < 2:
-        raise UsageError(f"{target.service} runs one version only ({to}): there is nothing to roll out from")
+    check_rollout_target(target, to)
     start = effective_split(mesh, target.service, stored)
     instances = {version: sum(1 for workload in mesh.services[target.service] if workload.version == version)
                  for version in target.versions}
@@ -211,6 +203,19 @@ def plan_rollout(mesh: Mesh, target: TrafficTarget, to: str, stored: StoredOverr
     current = stored.override if stored is not None and stored.override is not None else None
     return RolloutPlan(target, to, steps, interval_s, limits, start, current.split if current else None,
                        serving, apply_timeout_s)
+
+
+def check_rollout_target(target: TrafficTarget, to: str) -> None:
+    """A UsageError (exit 5) when the inventory alone rules the rollout out: checked before Consul is asked."""
+    if target.protocol == "tcp":
+        raise UsageError(f"{target.service} is a TCP service: a rollout splits HTTP requests between versions")
+    if to not in target.versions:
+        raise UsageError(f"{target.service} has no version {to!r} (its versions: {', '.join(target.versions)})",
+                         did_you_mean(to, target.versions))
+    if not target.callers:
+        raise UsageError(f"no service calls {target.service}: there is no traffic to move")
+    if len(target.versions) < 2:
+        raise UsageError(f"{target.service} runs one version only ({to}): there is nothing to roll out from")
 
 
 @dataclass(frozen=True)

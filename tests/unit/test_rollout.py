@@ -274,6 +274,22 @@ def test_rollout_refuses_bad_options_with_exit_5(tmp_path: Path, monkeypatch: py
     assert store.values == {}
 
 
+@pytest.mark.parametrize(("service", "to", "message"), [
+    ("api", "v9", "api has no version 'v9'"),
+    ("db", "v1", "db is a TCP service"),
+])
+def test_a_rollout_the_inventory_rules_out_is_refused_before_consul_is_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], service: str, to: str,
+        message: str) -> None:
+    def no_consul(mesh: object) -> FakeTraffic:
+        raise AssertionError("Consul was asked")
+
+    monkeypatch.setattr(commands, "STORE", no_consul)
+    code = run(["rollout", service, "--to", to, "-i", str(write_inventory(tmp_path))])
+    _, err = capsys.readouterr()
+    assert code == EXIT_USAGE and message in err and "Traceback" not in err, err
+
+
 def test_rollout_from_the_command_line_prints_each_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     inventory = write_inventory(tmp_path)
