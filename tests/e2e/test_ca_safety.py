@@ -32,8 +32,8 @@ from mesh.pki.expiry import WARN_REMAINING
 DEPLOY_TIMEOUT = 600.0
 MANAGED = ("vm1", "vm2", "dock1", "ctl1", "ctl2")  # hosts with workloads and the controllers; consul1 is left alone
 CONTROLLERS = ("ctl1", "ctl2")
-SHORT_TTL = "10m"  # short enough to wait for; a deploy of the whole lab fits well within a third of it
-MAX_WAIT_S = 7 * 60  # a 10m leaf (backdated a tenth: 1m) crosses a third 6m40s after its signing
+SHORT_TTL = "5m"  # short enough to wait for; a deploy of the whole lab fits well within a third of it
+MAX_WAIT_S = 4 * 60  # a 5m leaf (backdated a tenth: 30s) crosses a third 3m20s after its signing
 
 # Beyond deploy_helpers.host_files (/etc/mesh, Envoy, the units): the checker's venv (no bytecode, which Python may
 # add at any time), /var/lib/mesh, mesh's units' processes, sidecar containers and images, and the firewall rules.

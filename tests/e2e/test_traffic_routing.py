@@ -100,8 +100,10 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routed]:
         reset_overrides(inventory)  # what an interrupted run may have left
         behave_normally(lab)
         try:
+            before = envoy_processes(lab)
             run = deploy(inventory)
             assert run.code == 0, f"the routing policy could not be deployed:\n{run}"
+            assert envoy_processes(lab) == before, "deploying a traffic policy restarted an Envoy"
             wait_for(lambda: _stable_ok(lab), lambda load: load.all_ok() and load.ok_by(V1) == 20,
                      "/stable answered by api v1 through web's Envoy after the deploy", timeout=120, interval=1.0)
             yield Routed(lab, inventory)
