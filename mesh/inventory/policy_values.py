@@ -14,16 +14,13 @@ import re._parser as re_parser
 import warnings
 from typing import Any
 
-from mesh.inventory.values import BadValue, describe, has_control_characters
+from mesh.inventory.values import BadValue, describe, duration_millis, has_control_characters
 
 MAX_DURATION_MS = 86_400_000  # 24h: longer than any sensible timeout, ejection or interval
 MAX_COUNT = 4_294_967_295  # Envoy's uint32 thresholds
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 MAX_TEXT = 1024  # header values, paths, regexes
 
-_UNITS_MS = {"h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
-_UNIT_ORDER = ("h", "m", "s", "ms")
-_DURATION_PART = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|h|m|s)", re.ASCII)
 _PERCENT = re.compile(r"\s*(\d{1,3}(?:\.\d{1,9})?)\s*%?\s*", re.ASCII)
 _DIGITS = re.compile(r"0|[1-9]\d{0,18}", re.ASCII)
 # RFC 9110 token: what a header (and RFC 6265 a cookie) name is made of.
@@ -46,15 +43,8 @@ def parse_millis(value: Any) -> int:
     if not isinstance(value, str) or not value.strip():
         hint = "; write the unit, such as 2s" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
         raise BadValue(f"expected {expected}, got {describe(value)}{hint}")
-    text = value.strip()
-    position, total, last_unit = 0, 0.0, -1
-    for match in _DURATION_PART.finditer(text):
-        unit = _UNIT_ORDER.index(match.group(2))
-        if match.start() != position or unit <= last_unit:
-            raise BadValue(f"expected {expected}, got {value!r}")
-        total += float(match.group(1)) * _UNITS_MS[match.group(2)]
-        position, last_unit = match.end(), unit
-    if position != len(text) or last_unit < 0:
+    total = duration_millis(value.strip(), largest="h")
+    if total is None:
         raise BadValue(f"expected {expected}, got {value!r}")
     if total != int(total):
         raise BadValue(f"expected a whole number of milliseconds, got {value!r}")

@@ -19,7 +19,9 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}", re.ASCII)
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
 _CONTAINER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}", re.ASCII)
-_DURATION = re.compile(r"(?:(\d{1,9})d)?(?:(\d{1,9})h)?(?:(\d{1,9})m)?(?:(\d{1,9})s)?", re.ASCII)
+# A duration's parts, largest unit first, each at most once: `1d`, `1h30m`, `1.5s`, `500ms`.
+_DURATION_UNITS_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
+_DURATION_PART = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|d|h|m|s)", re.ASCII)
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", re.ASCII)
 # A managed host's inventory name lands in files run as root (scripts, units, nft rules, Envoy's config).
 _HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}", re.ASCII)
@@ -83,17 +85,35 @@ def parse_port(value: Any) -> int:
     return number
 
 
+def duration_millis(text: str, fractions: bool = True, largest: str = "d") -> float | None:
+    """The milliseconds `text` writes as a duration with units, largest first, each once (`1d`, `1h30m`, `1.5s`,
+    `500ms`); None when it is not one (or, without `fractions`, has a decimal point, or uses a unit larger than
+    `largest`). The one grammar of every duration in an inventory."""
+    order = tuple(_DURATION_UNITS_MS)
+    first = order.index(largest)
+    position, total, last = 0, 0.0, -1
+    for match in _DURATION_PART.finditer(text):
+        unit = order.index(match.group(2))
+        if match.start() != position or unit <= last or unit < first or (not fractions and "." in match.group(1)):
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS_MS[match.group(2)]
+        position, last = match.end(), unit
+    if position != len(text) or last < 0:
+        return None
+    return total
+
+
 def parse_duration(value: Any) -> timedelta:
-    """A positive duration written with units: `5s`, `90m`, `24h`, `1d`, or combined in that order (`1h30m`)."""
-    expected = "a duration such as 5s, 90m, 24h or 1d (units d, h, m, s)"
+    """A positive duration written with whole numbers and units: `5s`, `500ms`, `90m`, `24h`, `1d`, or combined
+    largest first (`1h30m`)."""
+    expected = "a duration such as 5s, 500ms, 90m, 24h or 1d (units d, h, m, s, ms)"
     if not isinstance(value, str) or not value:
         raise BadValue(f"expected {expected}, got {describe(value)}")
-    match = _DURATION.fullmatch(value)
-    if match is None or not any(match.groups()):
+    millis = duration_millis(value, fractions=False)
+    if millis is None:
         raise BadValue(f"expected {expected}, got {describe(value)}")
-    days, hours, minutes, seconds = (int(part) if part else 0 for part in match.groups())
     try:
-        duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        duration = timedelta(milliseconds=millis)
     except OverflowError:
         raise BadValue(f"expected {expected}, got {describe(value)}, far too long") from None
     if duration <= timedelta(0):

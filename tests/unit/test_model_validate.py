@@ -470,3 +470,12 @@ def test_both_address_variables_are_checked() -> None:
     fleet = Fleet().controller().host("vm1", "ansible_host: \"10.0.0.1\\n\"\nansible_ssh_host: 10.0.0.1\n"
                                              "mesh_workloads: [{service: web, port: 8080}]\n", group="vms")
     find(fleet.errors(), "host_vars/vm1.yml", 1, "ansible_host", "host name or IP address")
+
+
+def test_workload_and_policy_durations_share_one_grammar() -> None:
+    """A health check's `interval: 500ms` reads as a policy's `timeout: 500ms` does (one grammar); each keeps its
+    own bounds (whole numbers for workloads, at most 24h and no days for policies)."""
+    from mesh.inventory.policy_values import parse_millis
+
+    assert parse_duration("500ms") == timedelta(milliseconds=500) and parse_millis("500ms") == 500
+    assert parse_duration("1m30s") == timedelta(seconds=90) and parse_millis("1m30s") == 90_000
