@@ -3,7 +3,8 @@
 
 Over HTTP it forwards the request id and the trace headers it received (FORWARDED_HEADERS) to every upstream
 HTTP call, as a mesh asks of every application so that one id follows a request through every hop, and its own
-hop names the request id it saw (`request_id`, absent when the request had none).
+hop names the request id it saw (`request_id`, absent when the request had none) and the `x-forwarded-client-cert`
+header it received (`client_cert`, absent when none: what a mesh's inbound proxy tells the app of its caller).
 
 Its behaviour is read at each request from a file on its host (in its container, for a container instance):
 `/run/mesh-demo/<port>.json`, e.g. {"status": 500, "delay_ms": 300, "fail_every": 2, "fail_status": 503,
@@ -41,6 +42,9 @@ FORWARDED_HEADERS = (
     "x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
     "x-b3-sampled", "x-b3-flags",
 )  # fmt: skip
+# Envoy's header naming the caller's certificate (set by the inbound proxy; never passed on to upstreams: each hop
+# reports what its own proxy told it).
+CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 
 
 class Upstream:
@@ -145,13 +149,15 @@ class App:
         self.upstreams = upstreams
         self.behaviour = behaviour or Behaviour(os.devnull)
 
-    def answer(self, forwarded: dict[str, str] | None = None) -> dict[str, Any]:
-        """This instance's hop (with the request id it saw, if any) and its upstreams', each upstream called with
-        the `forwarded` headers of the request being answered."""
+    def answer(self, forwarded: dict[str, str] | None = None, client_cert: str | None = None) -> dict[str, Any]:
+        """This instance's hop (with the request id and the client certificate header it saw, if any) and its
+        upstreams', each upstream called with the `forwarded` headers of the request being answered."""
         forwarded = forwarded or {}
         hop: dict[str, Any] = dict(self.hop)
         if "x-request-id" in forwarded:
             hop["request_id"] = forwarded["x-request-id"]
+        if client_cert is not None:
+            hop["client_cert"] = client_cert
         hops = [hop]
         for upstream in self.upstreams:
             hops.extend(upstream.hops(forwarded))
@@ -183,7 +189,7 @@ class HttpHandler(BaseHTTPRequestHandler):
         if delay:
             time.sleep(delay)
         if status == 200:
-            answer = app.answer(forwarded_headers(self.headers))
+            answer = app.answer(forwarded_headers(self.headers), self.headers.get(CLIENT_CERT_HEADER))
         else:  # an error answer from the behaviour file: no upstream is called, the hop says who answered
             answer = {"hops": [dict(app.hop)], "error": f"status {status} from the behaviour file"}
         self._send(status, json.dumps(answer).encode() + b"\n", "application/json")

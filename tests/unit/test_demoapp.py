@@ -217,3 +217,26 @@ def test_script_imports_only_the_standard_library() -> None:
                 for alias in node.names}
     imported |= {str(node.module).split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - {"__future__"} <= sys.stdlib_module_names
+
+
+XFCC = 'By=spiffe://lab.mesh/svc/api;Hash=5a3c;Subject="";URI=spiffe://lab.mesh/svc/web'
+
+
+def test_a_hop_names_the_client_certificate_header_it_received_and_passes_it_on_to_no_upstream(
+        start: Start, recorder: tuple[int, list[dict[str, str]]]) -> None:
+    port, seen = recorder
+    api = start("api", "--upstream", f"rec=127.0.0.1:{port}", host="vm2")
+    status, body = get(api, "/orders", headers={"X-Forwarded-Client-Cert": XFCC})
+    assert status == 200
+    hops = json.loads(body)["hops"]
+    assert hops[0]["client_cert"] == XFCC
+    assert "client_cert" not in hops[1]
+    assert "x-forwarded-client-cert" not in seen[0]  # each hop reports what its own proxy told it
+
+
+def test_a_request_without_a_client_certificate_header_has_no_client_cert_in_its_hop(start: Start) -> None:
+    web = start("web", host="vm1")
+    status, body = get(web, "/")
+    assert status == 200
+    assert json.loads(body)["hops"] == [
+        {"service": "web", "version": "v1", "host": "vm1", "instance": "vm1", "kind": "vm"}]
