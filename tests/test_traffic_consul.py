@@ -76,7 +76,7 @@ def test_set_fault_and_reset_write_and_remove_the_key_with_mesh_token(
 def test_without_a_controller_set_exits_1_and_leaves_the_override_stored(
         consul: ConsulDevServer, inventory: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mesh.traffic.changes.NO_LOCK_GRACE_S", 0.5)
+    monkeypatch.setattr("mesh.runtime_kv.NO_LOCK_GRACE_S", 0.5)
     assert run(["route", "set", "api", "v1=50", "v2=50", "-i", str(inventory)]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert "no controller is active (nobody holds the controllers' lock)" in err

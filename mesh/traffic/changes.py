@@ -2,30 +2,29 @@
 
 Every change reads the stored override, makes the new one (a new revision, uuid4 hex) and writes it with
 Consul's check-and-set, so two people changing one service at once never lose a change (the second re-reads).
-A split keeps a stored fault and a fault keeps a stored split. It owns those rules and the wait; the keys and
-the stored shape are kv.py's, the words the commands print are commands.py's.
+A split keeps a stored fault and a fault keeps a stored split. It owns those rules; the keys and the stored shape
+are kv.py's, the check-and-set loop and the wait mesh.runtime_kv's, the words the commands print commands.py's.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from mesh.errors import MeshError, UsageError
+from mesh import runtime_kv
+from mesh.errors import UsageError
 from mesh.inventory.model import Mesh, Protocol
 from mesh.inventory.policy import Fault, TrafficOverride
 from mesh.inventory.services import check_override
+from mesh.runtime_kv import Unchanged, WaitResult, wait_applied
 from mesh.suggest import did_you_mean
-from mesh.traffic.kv import AppliedTraffic, TrafficStore, encode_override
+from mesh.traffic.kv import TrafficStore, encode_override
 from mesh.traffic.options import Split
 
-WRITE_ATTEMPTS = 5  # check-and-set retries when someone else changes the same key meanwhile
-POLL_S = 0.5
-NO_LOCK_GRACE_S = 5.0  # nobody holds the controllers' lock this long: stop waiting
-
+Written = runtime_kv.Written[TrafficOverride]
+__all__ = ["Unchanged", "WaitResult", "Written", "wait_applied"]  # the commands and rollout take them from here
 
 @dataclass(frozen=True)
 class TrafficTarget:
@@ -61,48 +60,17 @@ def checked(target: TrafficTarget, override: TrafficOverride) -> TrafficOverride
     return override
 
 
-@dataclass(frozen=True)
-class Written:
-    """What a change stored: the new override (None: the key was removed) and the revision callers will
-    reflect once the controllers applied it ("" after a removal); `replaced` names an unreadable value that
-    was overwritten."""
-
-    service: str
-    override: TrafficOverride | None
-    replaced: str | None = None
-
-    @property
-    def revision(self) -> str:
-        return self.override.revision if self.override is not None else ""
-
-
 Make = Callable[[TrafficOverride | None], TrafficOverride | None]
-
-
-class Unchanged(Exception):
-    """Raised by a Make when there is nothing to change; its message says why."""
 
 
 def update(store: TrafficStore, service: str, make: Make, who: str, now: Callable[[], datetime]) -> Written:
     """Read the stored override, make the next one from it (None: remove the key) and write it with
     check-and-set, again from a fresh read when someone else wrote meanwhile. Unchanged propagates."""
-    for _ in range(WRITE_ATTEMPTS):
-        stored = store.read(service)
-        current = stored.override if stored is not None else None
-        wanted = make(current)
-        if wanted is not None and wanted.empty:
-            wanted = None
-        replaced = stored.problem if stored is not None and stored.override is None else None
-        if wanted is None:
-            if stored is None:
-                raise Unchanged("no override is stored")
-            done = store.delete(service, stored.index)
-        else:
-            done = store.write(service, encode_override(wanted, who, now()), stored.index if stored else 0)
-        if done:
-            return Written(service, wanted, replaced)
-    raise MeshError(f"the override of {service} kept changing under this command ({WRITE_ATTEMPTS} tries)",
-                    "someone else is changing it: try again")
+    return runtime_kv.update(store, service, make, encode_override, _empty, who, now)
+
+
+def _empty(override: TrafficOverride) -> bool:
+    return override.empty
 
 
 def with_split(target: TrafficTarget, split: Split) -> Make:
@@ -134,39 +102,3 @@ def without_override(current: TrafficOverride | None) -> TrafficOverride | None:
     """`mesh route reset`: nothing (the key is removed, the inventory's routing comes back)."""
     del current
     return None
-
-
-@dataclass(frozen=True)
-class WaitResult:
-    applied: bool
-    seconds: float
-    last: AppliedTraffic
-
-    def why_not(self, service: str, revision: str) -> str:
-        """Why callers do not reflect `revision` yet, in words."""
-        last = self.last
-        if not last.active:
-            return f"no controller is active ({last.reason})"
-        reported = last.revisions.get(service)
-        wanted = f"revision {revision}" if revision else "the removal"
-        if reported is None:
-            return f"the active controller has not applied {wanted} to every caller (a push is pending or failed)"
-        shown = f"revision {reported}" if reported else "no override"
-        return f"the active controller reports {shown}, not {wanted} (a push is pending or failed)"
-
-
-def wait_applied(store: TrafficStore, service: str, revision: str, timeout: float,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-                 poll: float = POLL_S) -> WaitResult:
-    """Poll the controllers' report until every caller of `service` reflects `revision` ("" = no override), for
-    at most `timeout` seconds; stop early once nobody held the controllers' lock for NO_LOCK_GRACE_S."""
-    started = clock()
-    while True:
-        last = store.applied()
-        elapsed = clock() - started
-        if last.revision(service) == revision:
-            return WaitResult(True, elapsed, last)
-        if elapsed >= timeout or (not last.lock_held and elapsed >= min(NO_LOCK_GRACE_S, timeout)):
-            return WaitResult(False, elapsed, last)
-        sleep(min(poll, max(0.0, timeout - elapsed)))
-

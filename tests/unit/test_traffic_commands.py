@@ -127,7 +127,7 @@ def test_route_set_with_no_controller_stops_waiting_early_and_names_why(
         inventory: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     store = FakeTraffic(controller=None, lock_held=False)
     monkeypatch.setattr(commands, "STORE", lambda mesh: store)
-    monkeypatch.setattr("mesh.traffic.changes.NO_LOCK_GRACE_S", 0.2)
+    monkeypatch.setattr("mesh.runtime_kv.NO_LOCK_GRACE_S", 0.2)
     code, _, err = mesh_run(["route", "set", "api", "v1=90", "v2=10", "-i", str(inventory)], capsys)
     assert code == EXIT_ERROR
     assert "no controller is active (nobody holds the controllers' lock)" in err
