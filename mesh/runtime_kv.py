@@ -195,13 +195,14 @@ class ConsulOverrides(Generic[T]):
 def read_usable(stored: Mapping[str, Stored[T]], usable: Callable[[Stored[T]], list[str]],
                 empty: Callable[[T], bool], warn: Callable[[str], None], reset: str) -> Mapping[str, T]:
     """Every stored override that applies (`usable` finds no problem), as a deploy plans with it; one that does
-    not is named in a warning (`reset` is the command that removes it) and left out, as the controllers do."""
+    not is named in a warning (`reset` is the command that removes it, with `{service}` in it) and left out, as
+    the controllers do."""
     found: dict[str, T] = {}
     for service, item in stored.items():
         problems = usable(item)
         if problems:
-            warn(f"the run-time override of {service} is ignored: {'; '.join(problems)} (`{reset} {service}` "
-                 "removes it)")
+            warn(f"the run-time override of {service} is ignored: {'; '.join(problems)} "
+                 f"(`{reset.format(service=service)}` removes it)")
         elif item.override is not None and not empty(item.override):
             found[service] = item.override
     return MappingProxyType(found)

@@ -92,4 +92,4 @@ def plan_overrides(mesh: Mesh, warn: Callable[[str], None], store: TrafficStore 
     stored = read_all_or_warn(lambda: store or ConsulTraffic.of(mesh), warn, "traffic overrides",
                               "routes as the inventory says")
     return read_usable(stored, partial(usable_problems, mesh=mesh), lambda item: item.empty, warn,
-                       "mesh route reset")
+                       "mesh route reset {service}")
