@@ -11,7 +11,7 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Literal
 
-from mesh.inventory.policy import NO_POLICY, ServicePolicy
+from mesh.inventory.policy import NO_POLICY, AuthzDefault, ServicePolicy
 
 HostKind = Literal["vm", "container_host"]
 Protocol = Literal["http", "http2", "grpc", "tcp"]
@@ -46,6 +46,7 @@ class MeshSettings:
     mesh_id: str | None = None  # None: the trust domain
     consul_token_file: str | None = None  # absolute, like state_dir; read only when Consul is called
     consul_ca_file: str | None = None  # absolute; verifies an https:// consul_url
+    authz_default: AuthzDefault = "declared"  # mesh_authz_default: who may call a service no rule covers
 
     @property
     def id(self) -> str:

@@ -13,6 +13,14 @@ from typing import Literal
 LbPolicy = Literal["round_robin", "least_request", "ring_hash", "maglev", "random"]
 HashKind = Literal["header", "cookie", "source_ip"]
 PathKind = Literal["prefix", "exact", "regex"]
+MtlsMode = Literal["strict", "permissive"]
+AuthzDefault = Literal["declared", "allow", "deny"]
+RuleMode = Literal["enforce", "shadow"]
+
+MTLS_MODES: tuple[MtlsMode, ...] = ("strict", "permissive")
+AUTHZ_DEFAULTS: tuple[AuthzDefault, ...] = ("declared", "allow", "deny")
+RULE_MODES: tuple[RuleMode, ...] = ("enforce", "shadow")
+UNAUTHENTICATED = "unauthenticated"  # the source of a plaintext client (a permissive service's plaintext chain)
 
 LB_POLICIES: tuple[LbPolicy, ...] = ("round_robin", "least_request", "ring_hash", "maglev", "random")
 HASHING_POLICIES: tuple[LbPolicy, ...] = ("ring_hash", "maglev")
@@ -135,6 +143,30 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class AuthzRule:
+    """One allow or deny rule of `authz`: it matches a request when each given condition holds."""
+
+    sources: tuple[str, ...] = ()  # `from`: service names, SPIFFE ids, `unauthenticated`; () = any source
+    methods: tuple[str, ...] = ()  # upper case; () = any (HTTP only)
+    paths: tuple[PathMatch, ...] = ()  # exact or prefix ("/x/*" is prefix "/x/"); () = any (HTTP only)
+    headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value); HTTP only
+    mode: RuleMode = "enforce"  # shadow: only logged, never enforced
+
+    @property
+    def unconditional(self) -> bool:
+        """True when it matches every request of the sources it names (no method, path or header)."""
+        return not (self.methods or self.paths or self.headers)
+
+
+@dataclass(frozen=True)
+class AuthzRules:
+    """A service's `authz`: deny rules win over allow rules; the mesh's default applies to what no allow names."""
+
+    allow: tuple[AuthzRule, ...] = ()
+    deny: tuple[AuthzRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class ServicePolicy:
     """One service's policy; the empty policy is mesh's behaviour without one (round robin over every instance,
     the default retries and outlier detection, no routes)."""
@@ -148,6 +180,8 @@ class ServicePolicy:
     mirror: Mirror | None = None
     fault: Fault | None = None
     rate_limit: RateLimit | None = None
+    mtls: MtlsMode = "strict"  # permissive: plaintext clients are accepted too, as `unauthenticated`
+    authz: AuthzRules = AuthzRules()
 
 
 NO_POLICY = ServicePolicy()
@@ -165,6 +199,14 @@ class TrafficOverride:
     @property
     def empty(self) -> bool:
         return self.split is None and self.fault is None
+
+
+@dataclass(frozen=True)
+class AuthzOverride:
+    """A run-time deny (Consul KV, `mesh authz deny`): these sources may not call the service until `--undo`."""
+
+    deny_from: tuple[str, ...] = ()  # service names or SPIFFE ids, sorted, unique
+    revision: str = ""
 
 
 def apply_override(policy: ServicePolicy, override: TrafficOverride | None) -> ServicePolicy:

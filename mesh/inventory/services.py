@@ -9,7 +9,7 @@ are read by mesh/inventory/policy_values.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
@@ -23,6 +23,7 @@ from mesh.inventory.policy import (
     LB_POLICIES,
     TCP_LB_POLICIES,
     Abort,
+    AuthzOverride,
     Backoff,
     CircuitBreaker,
     Delay,
@@ -750,3 +751,18 @@ def _messages(problems: Problems) -> list[str]:
 def _without_origin(error: InventoryError) -> str:
     text = f"{error.key}: {error.message}" if error.key else error.message
     return f"{text} ({error.hint})" if error.hint else text
+
+
+def authz_override_to_json(override: AuthzOverride, set_by: str = "", at: str = "") -> dict[str, Any]:
+    """The Consul KV value of a run-time deny (`mesh authz deny`)."""
+    raise NotImplementedError
+
+
+def authz_override_from_json(data: Any) -> AuthzOverride:
+    """The run-time deny of a KV value (authz_override_to_json's shape); PolicyError otherwise."""
+    raise NotImplementedError
+
+
+def check_authz_override(override: AuthzOverride, services: Collection[str], trust_domain: str) -> list[str]:
+    """What is wrong with a run-time deny, in words; empty when it may be applied."""
+    raise NotImplementedError
