@@ -1,5 +1,5 @@
 """Blocking queries on Consul's health of every service the controller fills endpoints from, one thread each, and
-on the traffic overrides' KV prefix (one more thread).
+on each run-time overrides' KV prefix (traffic, authorization: one thread each).
 
 It owns the index rules (reset when it goes backwards, never below 1 after an answer), the backoff after errors
 and how stale the controller's view is; it must not compute endpoints' files or reach hosts.
@@ -27,7 +27,7 @@ MIN_INTERVAL_S = 0.02  # between two queries of one service: an index that does 
 Entries = list[Mapping[str, Any]]
 Fetch = Callable[[str, int, float], tuple[int, Entries]]  # (service or prefix, index, wait) -> (new index, entries)
 OnAnswer = Callable[[ServiceEndpoints], None]
-OnValues = Callable[[Mapping[str, str]], None]  # service -> its override's KV value
+OnValues = Callable[[Mapping[str, str]], None]  # service -> its override's KV value (any prefix)
 
 
 def next_index(previous: int, returned: int) -> int:
@@ -160,7 +160,8 @@ class ServiceWatch(BlockingWatch):
 
 
 class PrefixWatch(BlockingWatch):
-    """The traffic overrides' KV prefix: `on_values` gets each new {service: value text} (empty when no key)."""
+    """A run-time overrides' KV prefix (`mesh/<id>/traffic/`, `mesh/<id>/authz/`): `on_values` gets each new
+    {service: value text} (empty when no key)."""
 
     def __init__(self, prefix: str, fetch: Fetch, on_values: OnValues, wait_s: float = WAIT_S,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""The controller's loop: leadership, the Consul watches (services' health, the traffic overrides' KV prefix),
+"""The controller's loop: leadership, the Consul watches (services' health, the traffic overrides' and the
+authorization denies' KV prefixes),
 debounced snapshots pushed to every host, renewals, the published state and metrics; SIGHUP re-reads the spec,
 SIGTERM releases the lock.
 
@@ -29,6 +30,7 @@ from mesh.catalog import ConsulAccess, connect, read_token
 from mesh.config import paths
 from mesh.controller.consul_watch import ConsulWatch, Fetch, PrefixWatch, consul_fetch, consul_kv_fetch
 from mesh.controller.endpoints import ServiceEndpoints
+from mesh.controller.inbound import Denies, Rules, applied_authz, inbound_rules, read_denies
 from mesh.controller.metrics import ControllerMetrics
 from mesh.controller.protocol import relpath_in
 from mesh.controller.published import state_document, state_text
@@ -50,6 +52,7 @@ from mesh.controller.spec import (
     SSH_KEY,
     ControllerSpec,
     IdentitySpec,
+    authz_prefix,
     deploy_lock_key,
     issued_prefix,
     traffic_prefix,
@@ -171,6 +174,12 @@ class Controller:
         self.policies_of: tuple[ControllerSpec, Mapping[str, str] | None] | None = None
         self.ignored: dict[str, str] = {}  # service -> the invalid KV value already logged
         self.traffic: dict[str, str] = {}  # service -> override revision every caller runs (state.traffic)
+        self.authz_values: Mapping[str, str] | None = None  # the authorization KV (service -> value); None: not read
+        self.denies: Denies | None = None
+        self.rules: Rules | None = None
+        self.rules_of: tuple[ControllerSpec, Mapping[str, str] | None] | None = None
+        self.authz_ignored: dict[str, str] = {}  # service -> the invalid KV value already logged
+        self.authz: dict[str, str] = {}  # service -> deny revision every instance runs (state.authz)
         self.dirty, self.dirty_since = True, clock()
         self.stopping = False
         self.stopped = threading.Event()
@@ -182,13 +191,14 @@ class Controller:
         self.next_round = float("-inf")
         self.next_publish = float("-inf")
         self.snapshot: Snapshot = {}
-        self.snapshot_of: tuple[ControllerSpec, KnownEndpoints, RoutePolicies | None] | None = None
+        self.snapshot_of: tuple[ControllerSpec, KnownEndpoints, RoutePolicies | None, Rules | None] | None = None
         self.pushed_digest: str | None = None  # the plan digest of the last spec a round reached every host with
         self.behind: tuple[str, ...] = ()
         make_fetch = (fetch or (lambda spec: lambda: consul_fetch(consul_access(spec))))(self.spec)
         self.watch = ConsulWatch(self.spec.mesh_id, make_fetch, self.on_answer)
         make_kv_fetch = kv_fetch or (lambda spec: consul_kv_fetch(consul_access(spec)))
         self.traffic_watch = PrefixWatch(traffic_prefix(self.spec.mesh_id), make_kv_fetch(self.spec), self.on_traffic)
+        self.authz_watch = PrefixWatch(authz_prefix(self.spec.mesh_id), make_kv_fetch(self.spec), self.on_authz)
         self.watching = watch
 
     # --- inputs (other threads) ---
@@ -214,6 +224,16 @@ class Controller:
                 self.dirty, self.dirty_since = True, self.clock()
             self.lock.notify_all()
 
+    def on_authz(self, values: Mapping[str, str]) -> None:
+        """The authorization KV prefix's new values (service -> deny JSON): a change starts the debounce."""
+        with self.lock:
+            if values == self.authz_values:
+                return
+            self.authz_values = MappingProxyType(dict(values))
+            if not self.dirty:
+                self.dirty, self.dirty_since = True, self.clock()
+            self.lock.notify_all()
+
     def request_reload(self) -> None:
         with self.lock:
             self.reload_requested = True
@@ -233,6 +253,7 @@ class Controller:
         if self.watching:
             self.watch.watch(watched_services(self.spec))
             self.traffic_watch.start()
+            self.authz_watch.start()
         self.leadership_thread = threading.Thread(target=self._keep_leadership, name="leadership", daemon=True)
         self.leadership_thread.start()
         self.log.info("controller_started", holder=self.holder, mesh_id=self.spec.mesh_id,
@@ -283,7 +304,7 @@ class Controller:
     def _staleness_s(self) -> float:
         if not self.watching:
             return self.watch.staleness_s()
-        return max(self.watch.staleness_s(), self.traffic_watch.staleness_s())
+        return max(self.watch.staleness_s(), self.traffic_watch.staleness_s(), self.authz_watch.staleness_s())
 
     def _step_interval(self) -> float:
         return max(0.5, self.spec.session_ttl_s / 3)
@@ -309,22 +330,24 @@ class Controller:
             self.paused = False
         with self.lock:
             self.dirty = False
-            known, values = self.known, self.traffic_values
+            known, values, authz_values = self.known, self.traffic_values, self.authz_values
         spec = self.spec
         policies = self._policies(spec, values)
-        if self.snapshot_of is None or self.snapshot_of[0] is not spec or self.snapshot_of[1] is not known \
-                or self.snapshot_of[2] is not policies:
-            self.snapshot = build_snapshot(spec, known, policies)
-            self.snapshot_of = (spec, known, policies)
+        rules = self._rules(spec, authz_values)
+        inputs = (spec, known, policies, rules)
+        if self.snapshot_of is None or any(mine is not now for mine, now in zip(self.snapshot_of, inputs, strict=True)):
+            self.snapshot = build_snapshot(spec, known, policies, rules)
+            self.snapshot_of = inputs
         result = self.pusher.round(self.snapshot, self.leader.holds, self.renewer.renew if self.renewer else None,
                                    wait_s=self.options.round_interval_s)
         self.behind = result.behind
         self._certificate_metrics()
-        traffic = self._applied_traffic()
+        traffic, authz = self._applied()
         reached = spec.plan_digest if not result.behind else self.pushed_digest
-        if result.pushed or result.refused or reached != self.pushed_digest or traffic != self.traffic:
+        if result.pushed or result.refused or reached != self.pushed_digest or traffic != self.traffic \
+                or authz != self.authz:
             self.pushed_digest = reached
-            self.traffic = traffic
+            self.traffic, self.authz = traffic, authz
             self.next_publish = self.clock()  # publish now
         self.next_round = self.clock() + self.options.round_interval_s
 
@@ -355,15 +378,43 @@ class Controller:
         self.overrides, self.policies = overrides, MappingProxyType(effective_policies(spec, overrides))
         return self.policies
 
-    def _applied_traffic(self) -> dict[str, str]:
-        """state.traffic: per service with route files, the revision every caller's file runs (routes.py)."""
+    def _rules(self, spec: ControllerSpec, values: Mapping[str, str] | None) -> Rules | None:
+        """Each served service's inbound rules (the spec's policy, with its valid run-time deny), redone when the
+        spec or the KV changed; an invalid deny is logged once per value. None before the KV was read."""
+        if self.rules_of is not None and self.rules_of[0] is spec and self.rules_of[1] is values:
+            return self.rules
+        self.rules_of = (spec, values)
+        if values is None:
+            self.denies, self.rules = None, None
+            return None
+        before = self.denies
+        denies = read_denies(values, spec)
+        for service, reason in denies.invalid.items():
+            if self.authz_ignored.get(service) != values[service]:
+                self.authz_ignored[service] = values[service]
+                self.log.warning("authz_deny_ignored", service=service, reason=reason,
+                                 effect="the inventory's rules apply alone")
+        for service in set(self.authz_ignored) - set(denies.invalid):
+            del self.authz_ignored[service]
+        for service in sorted(set(denies.valid) | set(before.valid if before else {})):
+            if before is None or before.valid.get(service) != denies.valid.get(service):
+                deny = denies.valid.get(service)
+                self.log.info("authz_deny", service=service, revision=denies.revision(service) or None,
+                              deny_from=list(deny.deny_from) if deny else [])
+        self.denies, self.rules = denies, MappingProxyType(inbound_rules(spec, denies))
+        return self.rules
+
+    def _applied(self) -> tuple[dict[str, str], dict[str, str]]:
+        """state.traffic and state.authz: per service, the revision every file carrying it runs (routes.py,
+        inbound.py)."""
         wanted = {(host.name, proxy.name, relpath_in(proxy.proxy_dir, path)):
                   self.snapshot[(host.name, proxy.name)].files.file(path).sha256
-                  for host in self.spec.hosts for proxy in host.proxies for path in proxy.routes
+                  for host in self.spec.hosts for proxy in host.proxies for path in (*proxy.routes, *proxy.inbound)
                   if (host.name, proxy.name) in self.snapshot}
         on_hosts = {(name, proxy.name): (link.state.files.get(proxy.name) if link.state is not None else None)
                     for name, link in self.pusher.links.items() for proxy in link.spec.proxies}
-        return applied_traffic(self.spec, self.overrides if self.policies is not None else None, wanted, on_hosts)
+        return (applied_traffic(self.spec, self.overrides if self.policies is not None else None, wanted, on_hosts),
+                applied_authz(self.spec, self.denies if self.rules is not None else None, wanted, on_hosts))
 
     def _publish(self) -> None:
         self.next_publish = self.clock() + self.options.publish_interval_s
@@ -374,7 +425,7 @@ class Controller:
         document = state_document(self.holder, self.pushed_digest, self.wall(), self.watch.staleness_s(),
                                   self.pusher.wanted_versions(self.snapshot), self.pusher.host_versions(),
                                   self.pusher.pushed_at, certificates,
-                                  self.behind, self.traffic)
+                                  self.behind, self.traffic, self.authz)
         try:
             self.store.put(self.spec.state_key, state_text(document))
         except (consul.ConsulException, OSError) as exc:
@@ -421,6 +472,7 @@ class Controller:
         self.stopped.set()
         self.watch.stop()
         self.traffic_watch.stop()
+        self.authz_watch.stop()
         if self.leadership_thread is not None:
             self.leadership_thread.join(timeout=30)  # then release: Leadership is one thread's at a time
         self.leader.release()

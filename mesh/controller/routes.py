@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mesh.config.traffic import RouteInputs, outbound_route
+from mesh.controller.applied import OnHosts, Wanted, applied_revisions
 from mesh.controller.spec import ControllerSpec, ProxySpec
 from mesh.errors import MeshError
 from mesh.inventory.policy import NO_POLICY, ServicePolicy, TrafficOverride, apply_override
@@ -76,9 +77,14 @@ def read_overrides(values: Mapping[str, str], spec: ControllerSpec) -> Overrides
     return Overrides(MappingProxyType(valid), MappingProxyType(invalid))
 
 
+def inventory_policy(spec: ControllerSpec, service: str) -> ServicePolicy:
+    """The service's policy as the inventory says (the spec's copy; NO_POLICY when it has none)."""
+    return _policy(_text(spec.policies.get(service)))
+
+
 def effective_policies(spec: ControllerSpec, overrides: Overrides) -> dict[str, ServicePolicy]:
     """service -> apply_override(its inventory policy, its valid override), for every service a route file names."""
-    return {service: apply_override(_policy(_text(spec.policies.get(service))), overrides.valid.get(service))
+    return {service: apply_override(inventory_policy(spec, service), overrides.valid.get(service))
             for service in sorted(route_inputs(spec))}
 
 
@@ -103,8 +109,8 @@ def _text(data: Mapping[str, Any] | None) -> str | None:
     return None if data is None else json.dumps(data, sort_keys=True)
 
 
-def applied_traffic(spec: ControllerSpec, overrides: Overrides | None, wanted: Mapping[tuple[str, str, str], str],
-                    on_hosts: Mapping[tuple[str, str], Mapping[str, str] | None]) -> dict[str, str]:
+def applied_traffic(spec: ControllerSpec, overrides: Overrides | None, wanted: Wanted,
+                    on_hosts: OnHosts) -> dict[str, str]:
     """The published `traffic` map: service -> the revision every caller's route file now reflects, for each
     service some route file names; a service is left out while one of its callers' files is not the wanted one
     (a push pending or refused, a host not reached). Nothing before the KV was read (overrides None).
@@ -113,16 +119,6 @@ def applied_traffic(spec: ControllerSpec, overrides: Overrides | None, wanted: M
     host has (relpath -> sha256), None when unknown."""
     if overrides is None:
         return {}
-    pending: set[str] = set()
-    services: set[str] = set()
-    for host in spec.hosts:
-        for proxy in host.proxies:
-            have = on_hosts.get((host.name, proxy.name))
-            for path, data in proxy.routes.items():
-                service = RouteInputs.from_json(data).service
-                services.add(service)
-                relpath = path[len(proxy.proxy_dir.rstrip("/")) + 1:]
-                digest = wanted.get((host.name, proxy.name, relpath))
-                if have is None or digest is None or have.get(relpath) != digest:
-                    pending.add(service)
-    return {service: overrides.revision(service) for service in sorted(services - pending)}
+    return applied_revisions(spec, lambda proxy: ((path, RouteInputs.from_json(data).service)
+                                                  for path, data in proxy.routes.items()),
+                             overrides.revision, wanted, on_hosts)

@@ -1,8 +1,9 @@
 """The controller's snapshot: per (host, proxy) the files the proxy should run, from the spec, the endpoints
-known from Consul and each service's effective traffic policy (go-control-plane's snapshot per node). Pure.
+known from Consul, each service's effective traffic policy and its inbound authorization rules (go-control-plane's
+snapshot per node). Pure.
 
-It owns which endpoints each EDS file gets (the last known ones when Consul says nothing), which route files are
-redone and each proxy's resource version; it must not talk to Consul or hosts, and knows nothing of the transport.
+It owns which endpoints each EDS file gets (the last known ones when Consul says nothing), which route and inbound
+files are redone and each proxy's resource version; it must not talk to Consul or hosts, and knows nothing of the transport.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from mesh.controller.endpoints import ServiceEndpoints, chosen_endpoints, with_endpoints
+from mesh.controller.inbound import Rules, inbound_file
 from mesh.controller.protocol import relpath_in, resource_version
 from mesh.controller.routes import RoutePolicies, route_file
 from mesh.controller.spec import ControllerSpec, ProxySpec
@@ -29,11 +31,12 @@ class ProxySnapshot:
 
     host: str
     files: ProxyFiles
-    validation_key: str  # files_digest of the plan's files with the routes redone: endpoint rewrites need no other
-    # EDS relpaths whose instances Consul never listed, route relpaths before the traffic KV was read: a host's own stays
+    validation_key: str  # files_digest of the plan's files with routes and inbound redone: endpoints need no other
+    # EDS relpaths whose instances Consul never listed, route (inbound) relpaths before the traffic (authorization)
+    # KV was read: a host's own stays
     unsettled: frozenset[str] = frozenset()
     # The files the controller owns: the EDS files it fills from Consul, the route files it redoes from the traffic
-    # policy. Every other resource file is the deploy's: the controller writes one only when the host lacks it, and
+    # policy, the inbound files it redoes from the authorization rules. Every other resource file is the deploy's: the controller writes one only when the host lacks it, and
     # never replaces or removes one. A deploy stopped halfway (--serial, a failed health gate) leaves hosts with
     # newer files than the spec the controllers hold, and they must stay.
     owned: frozenset[str] = frozenset()
@@ -101,15 +104,17 @@ def remembered(known: KnownEndpoints, seen: ServiceEndpoints) -> KnownEndpoints:
     return MappingProxyType({**known, seen.service: seen})
 
 
-def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints,
-                   policies: RoutePolicies | None = None) -> ProxySnapshot:
+def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints, policies: RoutePolicies | None = None,
+                   rules: Rules | None = None) -> ProxySnapshot:
     """One proxy's desired files: each route file of proxy.routes redone under its service's effective policy
-    (`policies`; None before the traffic KV was read: left as the plan wrote it, `unsettled`), then each EDS file
+    (`policies`; None before the traffic KV was read: left as the plan wrote it, `unsettled`), each inbound file of
+    proxy.inbound under its service's authorization rules and run-time deny (`rules`; None before the authorization
+    KV was read: likewise), then each EDS file
     of proxy.endpoints rewritten with the chosen instances of its service (and version), in localities by priority
     for the proxy's zone and region (left as the plan wrote it when Consul never listed one: `unsettled`, and a
     host's own file stays).
 
-    Its validation key is the file set with the routes redone: an endpoint rewrite only replaces lb_endpoints
+    Its validation key is the file set with the routes and inbound files redone: an endpoint rewrite only replaces lb_endpoints
     with IP:port pairs, their metadata strings and localities (endpoints.py takes no other), which cannot make
     Envoy refuse a set it accepted, so the controller runs Envoy once per route set, not once per endpoint change."""
     files = spec_files(proxy)
@@ -119,6 +124,11 @@ def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints,
             unsettled.add(relpath_in(files.proxy_dir, file.path))
         elif file.path in proxy.routes and policies is not None:
             redone = route_file(proxy, file.path, policies)
+            file = file if redone.content == file.content else redone
+        elif file.path in proxy.inbound and rules is None:
+            unsettled.add(relpath_in(files.proxy_dir, file.path))
+        elif file.path in proxy.inbound and rules is not None:
+            redone = inbound_file(proxy, file.path, rules)
             file = file if redone.content == file.content else redone
         routed.append(file)
     rewritten = []
@@ -131,16 +141,16 @@ def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints,
             unsettled.add(relpath_in(files.proxy_dir, file.path))
         rewritten.append(file if endpoints is None
                          else with_endpoints(proxy.name, file, endpoints, proxy.zone, proxy.region))
-    owned = frozenset(relpath_in(files.proxy_dir, path) for path in (*proxy.endpoints, *proxy.routes))
+    owned = frozenset(relpath_in(files.proxy_dir, path) for path in (*proxy.endpoints, *proxy.routes, *proxy.inbound))
     return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256),
                          files_digest(replace(files, files=tuple(routed))), frozenset(unsettled), owned)
 
 
-def build_snapshot(spec: ControllerSpec, known: KnownEndpoints,
-                   policies: RoutePolicies | None = None) -> dict[ProxyKey, ProxySnapshot]:
-    """Every proxy of every host of the spec, with the known endpoints and the effective policies (None: the
-    traffic KV not read yet)."""
-    return {(host.name, proxy.name): proxy_snapshot(host.name, proxy, known, policies)
+def build_snapshot(spec: ControllerSpec, known: KnownEndpoints, policies: RoutePolicies | None = None,
+                   rules: Rules | None = None) -> dict[ProxyKey, ProxySnapshot]:
+    """Every proxy of every host of the spec, with the known endpoints, the effective policies and the inbound
+    rules (None: the traffic, the authorization KV not read yet)."""
+    return {(host.name, proxy.name): proxy_snapshot(host.name, proxy, known, policies, rules)
             for host in spec.hosts for proxy in host.proxies}
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from mesh.errors import MeshError
 
-SPEC_VERSION = 2  # 2: traffic policies, route inputs, per-version endpoint files, zones
+SPEC_VERSION = 3  # 2: traffic policies, route inputs, per-version endpoint files, zones; 3: inbound authz inputs
 CONTROLLER_DIR = "/etc/mesh/controller"
 SPEC_PATH = f"{CONTROLLER_DIR}/spec.json"
 SSH_KEY = f"{CONTROLLER_DIR}/id_ed25519"  # made on the controller itself; only its .pub leaves the host
@@ -57,6 +57,12 @@ def traffic_prefix(mesh_id: str) -> str:
     return f"mesh/{mesh_id}/traffic/"
 
 
+def authz_prefix(mesh_id: str) -> str:
+    """Run-time authorization denies: `<prefix><service>` -> mesh.inventory.services.authz_override_to_json's JSON
+    (written by `mesh authz deny`, deleted by its `--undo`); the controller applies them to the service's proxies."""
+    return f"mesh/{mesh_id}/authz/"
+
+
 def deploy_lock_key(mesh_id: str) -> str:
     """Held by a running deploy (mesh.deploy.lock): the controller pushes nothing meanwhile."""
     return f"mesh/{mesh_id}/deploy/lock"
@@ -91,7 +97,8 @@ class EndpointSource:
 @dataclass(frozen=True)
 class ProxySpec:
     """One proxy: its files as planned, which endpoint files the controller fills from Consul, which route files it
-    recomputes from the traffic policy and overrides, and where its host is (endpoint priorities)."""
+    recomputes from the traffic policy and overrides, where its host is (endpoint priorities), and which inbound
+    files it recomputes from the service's authorization rules and run-time deny."""
 
     name: str
     service: str
@@ -103,6 +110,9 @@ class ProxySpec:
     routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     zone: str | None = None  # its host's mesh_zone / mesh_region
     region: str | None = None
+    # inbound file path -> {"kind": mesh.render.InboundFileKind, "inputs": mesh.config.authz.InboundInputs.to_json()}:
+    # what redoes the file (the inbound route of an HTTP service, the RBAC filter files of a TCP one)
+    inbound: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -222,7 +232,8 @@ def _proxy(data: Mapping[str, Any]) -> ProxySpec:
         endpoints={str(path): _endpoint_source(name, str(path), source)
                    for path, source in dict(data["endpoints"]).items()},
         routes={str(path): _route_inputs(name, str(path), inputs) for path, inputs in dict(data["routes"]).items()},
-        zone=_optional(data["zone"]), region=_optional(data["region"]))
+        zone=_optional(data["zone"]), region=_optional(data["region"]),
+        inbound={str(path): _inbound(name, str(path), entry) for path, entry in dict(data["inbound"]).items()})
 
 
 def _endpoint_source(proxy: str, path: str, data: Any) -> EndpointSource:
@@ -244,6 +255,25 @@ def _route_inputs(proxy: str, path: str, data: Any) -> Mapping[str, Any]:
         RouteInputs.from_json(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"{where}: not route inputs this mesh wrote: {exc!r}") from None
+    return data
+
+
+INBOUND_KINDS = ("route", "tcp-deny", "tcp-allow")
+
+
+def _inbound(proxy: str, path: str, data: Any) -> Mapping[str, Any]:
+    """{"kind", "inputs"}: a kind of INBOUND_KINDS and the JSON of an InboundInputs, checked by reading it."""
+    from mesh.config.authz import InboundInputs
+
+    where = f"proxies[{proxy}].inbound[{path}]"
+    if not isinstance(data, dict) or set(data) != {"kind", "inputs"} or data["kind"] not in INBOUND_KINDS \
+            or not isinstance(data["inputs"], dict):
+        raise SpecError(f"{where}: expected {{\"kind\": one of {', '.join(INBOUND_KINDS)}, \"inputs\": {{...}}}}, "
+                        f"got {data!r}")
+    try:
+        InboundInputs.from_json(data["inputs"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: not inbound inputs this mesh wrote: {exc!r}") from None
     return data
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from mesh.controller.spec import SPEC_PATH, TOKEN_FILE, ControllerSpec, EndpointSource, parse_spec
+from mesh.controller.spec import (
+    SPEC_PATH,
+    SPEC_VERSION,
+    TOKEN_FILE,
+    ControllerSpec,
+    EndpointSource,
+    parse_spec,
+)
 from mesh.controller.spec_build import build_spec
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
@@ -137,7 +144,7 @@ def test_the_spec_changes_with_the_plan_and_only_with_it(mesh: Mesh) -> None:
     assert first.host("ctl1").file(SPEC_PATH).content == again.host("ctl1").file(SPEC_PATH).content
     other_keys = plan_of(mesh, keys={"ctl1": KEYS["ctl1"]})  # ctl2 left out of every authorized_keys
     assert spec_on(other_keys, "ctl1").plan_digest != spec_on(first, "ctl1").plan_digest
-    assert json.loads(first.host("ctl1").file(SPEC_PATH).content)["version"] == 2
+    assert json.loads(first.host("ctl1").file(SPEC_PATH).content)["version"] == SPEC_VERSION == 3
 
 
 def test_a_token_file_in_the_inventory_points_the_controller_at_its_copy(mesh: Mesh) -> None:
