@@ -130,6 +130,15 @@ def _add_traffic_commands() -> None:
 _add_traffic_commands()
 
 
+def _add_authz_commands() -> None:
+    from mesh.authz.commands import authz
+
+    cli.add_command(authz)
+
+
+_add_authz_commands()
+
+
 @cli.command("deploy")
 @inventory_argument
 @inventory_option
