@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, TextIO
 
 from mesh import catalog, package_data
@@ -39,9 +38,9 @@ from mesh.hosts.pool import ConnectionPool
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import CONTROLLERS_GROUP, ManagedHost, Mesh
-from mesh.inventory.policy import TrafficOverride
 from mesh.pki import CertificateAuthority
 from mesh.plan.report import json_report, text_report
+from mesh.plan.runtime import NO_OVERRIDES, RuntimeOverrides, read_runtime_overrides
 
 PLAYBOOK = package_data.playbook_path("deploy.yml")
 VM_GROUP = "mesh_vms"  # VMs with workloads, as the playbook's plays name them
@@ -265,26 +264,24 @@ def _host_vars(variables: InventoryVars, prepared: Prepared,
     return made
 
 
-def _consul_preflight(mesh: Mesh, out: Display) -> Mapping[str, TrafficOverride]:
+def _consul_preflight(mesh: Mesh, out: Display) -> RuntimeOverrides:
     """Before any host is touched: a token Consul refuses, or an instance another mesh id owns, stops the
     deploy (exit 1). Consul merely unreachable does not: hosts are deployed, and the sync after them says so.
-    Returns the run-time traffic overrides the plan's routes take (mesh.traffic.kv.plan_overrides)."""
-    from mesh.traffic.kv import plan_overrides
-
+    Returns the run-time overrides the plan's routes and inbound files take (mesh.plan.runtime)."""
     if not mesh.settings.consul_url:
-        return MappingProxyType({})
+        return NO_OVERRIDES
     try:
         conflicts = catalog.plan(catalog.access_for(mesh), mesh).conflicts
     except catalog.TokenRefused:
         raise
     except MeshError as exc:
         out.warning(f"Consul cannot be read before the deploy ({exc}); the hosts are deployed first, with routes "
-                    "as the inventory says (run-time traffic overrides not read)")
-        return MappingProxyType({})
+                    "as the inventory says (run-time traffic overrides and denies not read)")
+        return NO_OVERRIDES
     if conflicts:
         raise MeshError("Consul: " + "; ".join(conflicts),
                         hint="another inventory (another mesh_id) owns these; no host was touched")
-    return plan_overrides(mesh, out.warning)
+    return read_runtime_overrides(mesh, out.warning)
 
 
 def _sync_catalog(mesh: Mesh, check: bool, out: Display,

@@ -8,10 +8,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
 
 from mesh import catalog, controller_env
 from mesh.config.validate import envoy_binary
@@ -23,7 +22,6 @@ from mesh.deploy.steps.context import ControllerWheels, LocalFile
 from mesh.errors import MeshError
 from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, Mesh
-from mesh.inventory.policy import TrafficOverride
 from mesh.local_cache import cache_dir
 from mesh.pki import CertificateAuthority
 from mesh.pki.authority import CA_FOLDER
@@ -32,6 +30,7 @@ from mesh.plan.changes import Change, certificate_reason_for
 from mesh.plan.fleet import observe_fleet, validate_plan
 from mesh.plan.model import Plan
 from mesh.plan.report import FleetChanges, consul_changes
+from mesh.plan.runtime import NO_OVERRIDES, RuntimeOverrides
 
 WHEELS_CACHE = "wheels"  # under mesh_state_dir
 IMAGES_CACHE = "images"  # in mesh.local_cache: the sidecar image tarball
@@ -54,14 +53,14 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
             connect: Callable[[ManagedHost], Connector], out: Display, forks: int = 20, diffs: bool = False,
             consul: bool = False, envoy: str | None = None, retired: Sequence[ManagedHost] = (),
             make_controller_keys: bool = False, rotate_controller_keys: bool = False,
-            overrides: Mapping[str, TrafficOverride] = MappingProxyType({})) -> Prepared:
+            overrides: RuntimeOverrides = NO_OVERRIDES) -> Prepared:
     """Plan every managed host, check each distinct proxy config with the local Envoy (PlanRefused: nothing
     touched), then observe the targets. `consul` adds the catalog's pending changes; `envoy` the local Envoy
     (MESH_ENVOY, else mesh's own) that checks configs; `retired` hosts (they left the inventory) are planned
     with nothing on them. Before the plan, the controllers' public keys are read (mesh.deploy.controller_inputs;
     `make_controller_keys`: a deploy makes a missing key on its controller, and the controllers' intermediate;
     `rotate_controller_keys`: the targeted controllers' keys are removed first, so each gets a new one).
-    `overrides`: the run-time traffic overrides read from Consul (mesh.traffic.kv.plan_overrides)."""
+    `overrides`: the run-time overrides read from Consul (mesh.plan.runtime.read_runtime_overrides)."""
     if rotate_controller_keys and make_controller_keys:
         rotated = remove_controller_keys([host for host in targets if host.is_controller], connect, out.warning)
         out.line(f"controller keys removed, new ones made now: {', '.join(rotated) or 'none'}")
@@ -79,7 +78,7 @@ def prepare(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost]
 
 def check_here(mesh: Mesh, targets: Sequence[ManagedHost], out: Display, envoy: str | None = None,
                retired: Sequence[ManagedHost] = (),
-               overrides: Mapping[str, TrafficOverride] = MappingProxyType({})) -> None:
+               overrides: RuntimeOverrides = NO_OVERRIDES) -> None:
     """Before any host is reached: every distinct proxy config checked by the local Envoy (PlanRefused, exit 1).
     The plan is made with the state dir's CA, or a throwaway one when there is none yet (Envoy judges the files
     alike whichever root they carry); `prepare`'s plan, made once the hosts' trust bundles are read, then finds
@@ -110,7 +109,7 @@ def _controller_inputs(mesh: Mesh, ca: CertificateAuthority, connect: Callable[[
 def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[ManagedHost], out: Display | None,
                   envoy: str | None, retired: Sequence[ManagedHost],
                   controller: ControllerInputs | None = None,
-                  overrides: Mapping[str, TrafficOverride] = MappingProxyType({})
+                  overrides: RuntimeOverrides = NO_OVERRIDES
                   ) -> tuple[Plan, LocalFile, SidecarImage | None]:
     """The plan of every managed host, each distinct proxy config checked by the local Envoy (PlanRefused)."""
     local_envoy = envoy or os.environ.get("MESH_ENVOY") or envoy_binary()
@@ -121,7 +120,7 @@ def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[Manage
                         envoy_sha256=binary.sha256 if wants_envoy else None,
                         sidecar_image=image.tag if image is not None else None,
                         consul_token=_token(mesh), consul_ca=_consul_ca(mesh), controller=controller,
-                        overrides=overrides)
+                        overrides=overrides.traffic, authz_overrides=overrides.authz)
     started = time.monotonic()
     plan = build_plan(mesh, inputs, [*mesh.hosts, *retired])
     checked = validate_plan(plan, ca.root_pem, local_envoy, binary.sha256, cache_dir(VALIDATED_CACHE))
@@ -201,8 +200,8 @@ def inventory_spec(inventory_path: str, out: Display | None = None) -> Controlle
                                   issuer_cert=issuer.cert_pem if issuer else None,
                                   issuer_key=issuer.key_pem if issuer else None, ctl_script=script_text().encode(),
                                   endpoints_live=controller_active(mesh, out.warning if out else lambda _: None))
-    from mesh.traffic.kv import plan_overrides
+    from mesh.plan.runtime import read_runtime_overrides
 
-    overrides = plan_overrides(mesh, out.warning if out else lambda _: None)
+    overrides = read_runtime_overrides(mesh, out.warning if out else lambda _: None)
     plan, _, _ = _checked_plan(mesh, ca, mesh.hosts, out, None, (), controller, overrides)
     return parse_spec(plan.host(mesh.controllers[0].name).file(SPEC_PATH).content.decode(), inventory_path)

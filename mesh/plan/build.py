@@ -40,7 +40,7 @@ from mesh.healthcheck.config import (
     checker_config,
 )
 from mesh.inventory.model import ManagedHost, Mesh, Workload, health_checker_spiffe_id
-from mesh.inventory.policy import TrafficOverride
+from mesh.inventory.policy import AuthzOverride, TrafficOverride
 from mesh.plan import access
 from mesh.plan.model import Effect, HostPlan, Plan, PlannedFile, PlannedFolder, ProxyPlan
 from mesh.render import render_envoy_unit, render_firewall, render_firewall_unit, render_proxy_files
@@ -67,6 +67,9 @@ class PlanInputs:
     controller: ControllerInputs | None = None  # None: no controller access or service is planned
     # run-time overrides in Consul KV by service (mesh.traffic.kv.plan_overrides): routes as the controllers make them
     overrides: Mapping[str, TrafficOverride] = field(default_factory=lambda: MappingProxyType({}))
+    # run-time denies in Consul KV by service (mesh.authz.kv.plan_authz_overrides): inbound files as the controllers
+    # make them
+    authz_overrides: Mapping[str, AuthzOverride] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
