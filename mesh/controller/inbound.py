@@ -86,9 +86,13 @@ def read_denies(values: Mapping[str, str], spec: ControllerSpec) -> Denies:
 
 
 def inbound_rules(spec: ControllerSpec, denies: Denies) -> dict[str, InboundRules]:
-    """service -> its inventory policy and valid deny, for every service some proxy serves with inbound files."""
-    return {service: InboundRules(inventory_policy(spec, service), denies.valid.get(service))
-            for service in sorted(served(spec))}
+    """service -> its inventory policy and valid deny, for every service some proxy serves with inbound files (a
+    deny naming no source is none, as a deploy plans it: mesh.authz.kv)."""
+    found = {}
+    for service in sorted(served(spec)):
+        deny = denies.valid.get(service)
+        found[service] = InboundRules(inventory_policy(spec, service), deny if deny and deny.deny_from else None)
+    return found
 
 
 def inbound_file(proxy: ProxySpec, path: str, rules: Rules) -> RenderedFile:
