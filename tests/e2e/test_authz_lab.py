@@ -279,8 +279,10 @@ def test_mesh_authz_deny_denies_web_live_and_undo_restores_it(rules: Fleet) -> N
     assert _outcomes(audits, ask_all(lab, p.db, audits)) == ["allowed"] * 2, "the run-time deny touched db's calls"
     checked = authz_check(inventory, "web", "api", "GET", "/orders")
     assert checked.allowed is False and checked.rule == "runtime-deny", checked.run
-    shown = mesh_cli(inventory, "authz", "show", "api")
-    assert shown.code == 0 and "web" in shown.stdout and "runtime" in shown.stdout.lower(), shown
+    shown = mesh_cli(inventory, "authz", "show", "api", "--json")
+    assert shown.code == 0, shown
+    runtime = json.loads(shown.stdout)["services"][0]["runtime_deny"]
+    assert runtime is not None and runtime["deny_from"] == ["web"] and runtime["applies"], shown.stdout
 
     run = mesh_cli(inventory, "authz", "deny", "api", "--from", "web", "--undo")
     assert run.code == 0, f"`mesh authz deny api --from web --undo` failed:\n{run}"
