@@ -27,6 +27,7 @@ class ExpectedProxy:
     unit: str | None  # the systemd unit of a VM proxy
     sidecar: str | None  # the sidecar container of a container-host proxy
     upstream_clusters: tuple[tuple[str, str], ...]  # (service, Envoy cluster name)
+    permissive: bool = False  # its service accepts plaintext clients too (mtls: permissive)
 
     @property
     def runs_as_sidecar(self) -> bool:
@@ -46,5 +47,6 @@ def expected_proxies(mesh: Mesh, host: ManagedHost) -> tuple[ExpectedProxy, ...]
             unit=None if sidecar else paths.envoy_unit_name(proxy),
             sidecar=sidecar_name(workload) if sidecar else None,
             upstream_clusters=tuple((item.service, upstream_cluster_name(item.service))
-                                    for item in workload.upstreams)))
+                                    for item in workload.upstreams),
+            permissive=mesh.policy(workload.service).mtls == "permissive"))
     return tuple(found)

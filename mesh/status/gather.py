@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from mesh import catalog
@@ -19,6 +20,9 @@ from mesh.status.batch import run_batch
 from mesh.status.controllers import ControllerView, read_controllers
 from mesh.status.expected import ExpectedProxy, expected_proxies
 from mesh.status.judge import ConsulHealth, containers, judge_checker, judge_proxy, judge_watcher
+from mesh.status.plaintext import READ as PLAINTEXT_READ
+from mesh.status.plaintext import WINDOW as PLAINTEXT_WINDOW
+from mesh.status.plaintext import plaintext_reads, plaintext_seen
 from mesh.status.report import ConsulStatus, HostStatus, StatusReport
 
 ConnectorFactory = Callable[[ManagedHost], Connector]
@@ -49,7 +53,9 @@ def gather_host(host: ManagedHost, proxies: tuple[ExpectedProxy, ...], consul: C
                 now: datetime | None = None, controller: ControllerView | None = None) -> HostStatus:
     """One host: connect once, run every read in one batch, judge the answers."""
     sidecar_host = host.kind == "container_host" and bool(proxies)
+    when = now or datetime.now(UTC)
     commands = reads.host_commands(proxies, sidecar_host, host.is_controller)
+    commands.update(plaintext_reads(host, proxies, when - PLAINTEXT_WINDOW))
     connector: Connector | None = None
     try:
         connector = connector_factory(host)
@@ -61,9 +67,9 @@ def gather_host(host: ManagedHost, proxies: tuple[ExpectedProxy, ...], consul: C
     finally:
         if connector is not None:
             connector.close()
-    when = now or datetime.now(UTC)
     seen = containers(readings[reads.CONTAINERS]) if sidecar_host else {}
-    statuses = tuple(judge_proxy(host, proxy, readings, consul, inventory_hosts, seen, when, controller)
+    statuses = tuple(replace(judge_proxy(host, proxy, readings, consul, inventory_hosts, seen, when, controller),
+                             plaintext=plaintext_seen(proxy, readings.get(f"{proxy.proxy} {PLAINTEXT_READ}")))
                      for proxy in proxies)
     return HostStatus(host.name, host.kind, True, None, statuses,
                       judge_watcher(readings) if sidecar_host else None,

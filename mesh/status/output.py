@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mesh.status.plaintext import WINDOW
 from mesh.status.report import (
     CertificateStatus,
     CheckerStatus,
@@ -46,6 +47,11 @@ def print_table(report: StatusReport, console: Console) -> None:
         console.print(Text(f"controllers: {report.controller.describe()}"), soft_wrap=True)
     if report.survival is not None:
         console.print(Text(report.survival.describe()), soft_wrap=True)
+    for service in report.permissive:
+        console.print(Text(f"permissive {service.service} (access logs of the last "
+                           f"{WINDOW.total_seconds() / 3600:g} h): "
+                           f"{service.describe()}",
+                           style="yellow" if service.clients else ""), soft_wrap=True)
     for what, problem in (item for host in report.hosts for item in host.all_problems()):
         console.print(Text(f"{what}: {problem}", style="red"), soft_wrap=True)
     if not report.consul.readable:

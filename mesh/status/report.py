@@ -8,6 +8,7 @@ The JSON keys are the field names below (README, "mesh status --json"); a new ke
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -122,6 +123,47 @@ class ResourcesStatus:
 
 
 @dataclass(frozen=True)
+class PlaintextClient:
+    """A client that called a permissive service without mTLS: its address, its requests (or connections) in
+    the window read (mesh.status.plaintext.WINDOW) and the start of its last one."""
+
+    address: str
+    count: int
+    last_seen: datetime | None
+
+
+@dataclass(frozen=True)
+class PlaintextSeen:
+    """What one permissive proxy's access log says of plaintext clients (problem: why it could not be read)."""
+
+    clients: tuple[PlaintextClient, ...]
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class PermissiveService:
+    """A service in `mtls: permissive` and the plaintext clients its proxies saw, merged by address; `unread`
+    names the proxies whose log could not be read (`host proxy: why`)."""
+
+    service: str
+    clients: tuple[PlaintextClient, ...]
+    unread: tuple[str, ...]
+
+    def describe(self) -> str:
+        if not self.clients:
+            text = ("no plaintext clients seen: safe to switch to strict" if not self.unread
+                    else "no plaintext clients seen by the proxies read")
+        else:
+            text = "plaintext clients: " + "; ".join(
+                f"{client.address} ({client.count}, last {_when(client.last_seen)})" for client in self.clients)
+        return text + (f" (not read: {', '.join(self.unread)})" if self.unread else "")
+
+
+def _when(value: datetime | None) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S} UTC" if value is not None else "?"
+
+
+@dataclass(frozen=True)
 class ProxyStatus:
     proxy: str
     service: str
@@ -132,6 +174,7 @@ class ProxyStatus:
     upstreams: tuple[UpstreamStatus, ...]
     problems: tuple[str, ...]
     resources: ResourcesStatus | None = None
+    plaintext: PlaintextSeen | None = None  # None: the service is strict (no plaintext chain)
 
 
 @dataclass(frozen=True)
@@ -237,6 +280,18 @@ class StatusReport:
         return Survival(until, remaining, name)
 
     @property
+    def permissive(self) -> tuple[PermissiveService, ...]:
+        """Every permissive service with the plaintext clients its proxies saw (informational: not a problem)."""
+        seen: dict[str, list[tuple[str, PlaintextSeen]]] = {}
+        for host in self.hosts:
+            for proxy in host.proxies:
+                if proxy.plaintext is not None:
+                    seen.setdefault(proxy.service, []).append((f"{host.host} {proxy.proxy}", proxy.plaintext))
+        return tuple(PermissiveService(service, _merged(item for _, read in reads for item in read.clients),
+                                       tuple(f"{name}: {read.problem}" for name, read in reads if read.problem))
+                     for service, reads in sorted(seen.items()))
+
+    @property
     def exit_code(self) -> int:
         """3 when a host is unreachable, else 2 when anything is unhealthy, else 0."""
         if any(not host.reachable for host in self.hosts):
@@ -249,9 +304,22 @@ class StatusReport:
         `state`; datetimes in ISO 8601 (UTC)."""
         data = _plain(self)
         data["survival"] = _plain(self.survival)
+        data["permissive"] = _plain(self.permissive)
         data["exit_code"] = self.exit_code
         data["healthy"] = self.exit_code == EXIT_OK
         return data
+
+
+def _merged(clients: Iterable[PlaintextClient]) -> tuple[PlaintextClient, ...]:
+    """One client per address (several proxies saw it): counts added, the latest time kept; busiest first."""
+    by_address: dict[str, PlaintextClient] = {}
+    for client in clients:
+        known = by_address.get(client.address)
+        if known is not None:
+            times = [when for when in (known.last_seen, client.last_seen) if when is not None]
+            client = PlaintextClient(client.address, known.count + client.count, max(times) if times else None)
+        by_address[client.address] = client
+    return tuple(sorted(by_address.values(), key=lambda item: (-item.count, item.address)))
 
 
 def _plain(value: Any) -> Any:

@@ -148,7 +148,8 @@ def test_the_json_keys(fleet: Fleet) -> None:
     printed = io.StringIO()
     output.print_json(gather(fleet), Console(file=printed))
     data = json.loads(printed.getvalue())
-    assert set(data) == {"consul", "hosts", "controller", "survival", "exit_code", "healthy"}
+    assert set(data) == {"consul", "hosts", "controller", "survival", "exit_code", "healthy", "permissive"}
+    assert data["permissive"] == []  # no service is in mtls: permissive
     assert data["controller"] is None  # gathered without asking Consul for the controllers
     assert set(data["survival"]) == {"until", "remaining_seconds", "certificate"}
     assert (data["exit_code"], data["healthy"], data["consul"]) == (2, False, {"readable": True, "reason": None})
@@ -157,7 +158,8 @@ def test_the_json_keys(fleet: Fleet) -> None:
                         "problems"}
     (web,) = vm1["proxies"]
     assert set(web) == {"proxy", "service", "runs_as", "envoy", "config", "certificate", "upstreams", "problems",
-                        "resources"}
+                        "resources", "plaintext"}
+    assert web["plaintext"] is None  # strict
     assert web["resources"] == {"host_version": web["resources"]["host_version"], "controller_version": None,
                                 "pushed_at": None, "state": "no controller"}
     assert set(web["envoy"]) == {"state", "running", "version", "pid", "container_id", "admin_answers"}
