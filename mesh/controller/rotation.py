@@ -57,6 +57,7 @@ class Signer:
     trust_domain: str
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey = field(repr=False)
+    chain_pem: bytes = b""  # the certificates between cert and the root (a CA brought to mesh has some)
 
     def sign(self, csr_pem: bytes, spiffe_id: str, ttl: timedelta, now: datetime) -> SignedLeaf:
         """A leaf for the CSR's key (checked: signature, key type) with the one URI SAN spiffe_id; valid from
@@ -68,24 +69,28 @@ class Signer:
                               not_after=min(now + ttl, self.cert.not_valid_after_utc))
         leaf = build_leaf(request, Issuer(self.cert, self.key))
         pem = serialization.Encoding.PEM
-        return SignedLeaf(chain_pem=leaf.public_bytes(pem) + self.cert.public_bytes(pem), serial=serial_hex(leaf),
+        return SignedLeaf(chain_pem=leaf.public_bytes(pem) + self.cert.public_bytes(pem) + self.chain_pem,
+                          serial=serial_hex(leaf),
                           not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc)
 
 
 def load_signer(trust_domain: str, cert_path: str = INTERMEDIATE_CERT, key_path: str = INTERMEDIATE_KEY) -> Signer:
-    """The intermediate at cert_path with its key; MeshError naming the file (never its content)."""
+    """The intermediate at cert_path (then its chain below the root, if any) with its key; MeshError naming the file
+    (never its content)."""
     try:
         with open(cert_path, "rb") as handle:
-            cert = x509.load_pem_x509_certificate(handle.read())
+            certs = x509.load_pem_x509_certificates(handle.read())
         with open(key_path, "rb") as handle:
             key = serialization.load_pem_private_key(handle.read(), password=None)
     except OSError as exc:
         raise MeshError(f"cannot read the controller's intermediate: {exc.filename}: {exc.strerror}") from None
     except ValueError:
         raise MeshError(f"the controller's intermediate ({cert_path}, {key_path}) is not PEM") from None
+    cert = certs[0]
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise MeshError(f"the key {key_path} is not the key of {cert_path}")
-    return Signer(trust_domain, cert, key)
+    pem = serialization.Encoding.PEM
+    return Signer(trust_domain, cert, key, b"".join(item.public_bytes(pem) for item in certs[1:]))
 
 
 def issued_record(host: str, proxy: str, spiffe_id: str, leaf: SignedLeaf, issued_at: datetime) -> dict[str, str]:

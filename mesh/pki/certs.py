@@ -19,7 +19,7 @@ ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=1826)
 MIN_RSA_BITS = 2048
 
-CAKey = ec.EllipticCurvePrivateKey
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey  # mesh makes EC keys; a CA brought to it may be RSA
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,10 @@ def chains_to(cert_pem: bytes, root_pem: bytes, intermediate_pem: bytes | None =
     leaf = certs[0]
     if _signed_by(leaf, root):
         return True
-    return any(_is_ca(middle) and _signed_by(middle, root) and _signed_by(leaf, middle) for middle in middles)
+    return any(is_ca(middle) and _signed_by(middle, root) and _signed_by(leaf, middle) for middle in middles)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:

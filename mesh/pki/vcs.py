@@ -11,7 +11,7 @@ import subprocess
 
 GITIGNORE = ".gitignore"
 # Paths relative to the state dir: the CA's private keys, and the temp folder a CA is built in.
-IGNORED = ("/ca/*.key", "/.ca-*/")
+IGNORED = ("/ca/*.key", "/ca/**/*.key", "/.ca-*/")  # ** : next/ and archive/ of a rotation
 HEADER = "# written by mesh with the CA: its private keys never belong in git"
 
 

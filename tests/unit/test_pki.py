@@ -420,7 +420,7 @@ def test_a_ca_made_inside_a_git_work_tree_gets_a_gitignore_for_its_keys(tmp_path
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     state = repo / "deploy" / "state"
     CertificateAuthority.ensure(str(state), TD)
-    assert (state / ".gitignore").read_text().splitlines()[1:] == ["/ca/*.key", "/.ca-*/"]
+    assert (state / ".gitignore").read_text().splitlines()[1:] == ["/ca/*.key", "/ca/**/*.key", "/.ca-*/"]
     assert _ignored(repo, state / "ca" / "root.key") and _ignored(repo, state / "ca" / "intermediate.key")
     assert not _ignored(repo, state / "ca" / "root.pem")  # certificates are public: only keys are ignored
     assert not key_in_git(str(state / "ca" / "root.key"))
@@ -432,7 +432,7 @@ def test_an_existing_gitignore_is_extended_not_replaced(tmp_path: Path) -> None:
     state.mkdir()
     (state / ".gitignore").write_text("wheels/\n/ca/*.key")
     CertificateAuthority.ensure(str(state), TD)
-    assert (state / ".gitignore").read_text() == f"wheels/\n/ca/*.key\n{HEADER}\n/.ca-*/\n"
+    assert (state / ".gitignore").read_text() == f"wheels/\n/ca/*.key\n{HEADER}\n/ca/**/*.key\n/.ca-*/\n"
     assert not protect_keys(str(state))  # nothing left to add
 
 
