@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy_helpers import Run, out, run_mesh
+from deploy_helpers import Run, out, run_mesh, sh
 from lab_helpers import LabUp
 
 from mesh.config import paths
@@ -397,11 +397,15 @@ def inbound_lines(inventory: Path, host: str, path_part: str, since: str = "3m")
 
 # ---- the demo app on a running lab ---------------------------------------------------------------------------
 
+_PY_SHA = "import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
+
+
 def _sha(lab: LabUp, host: str, container: str | None) -> str:
-    command = f"sha256sum {demo_units.SCRIPT_PATH} 2>/dev/null || true"
+    """The SHA-256 of the demo app on host (in container): with python3, the one tool the app image has."""
+    command = f"python3 -c {shlex.quote(_PY_SHA)} {demo_units.SCRIPT_PATH}"
     if container:
         command = f"docker exec {container} {command}"
-    return out(lab, host, command).split(" ", 1)[0].strip()
+    return sh(lab, host, command).stdout.strip()
 
 
 def refresh_demo_app(lab: LabUp, vms: Iterable[str] = ("vm1", "vm2"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,8 +92,10 @@ class Fleet:
 
     def deploy(self, inventory: Path) -> None:
         self.deployed = None
+        started = time.monotonic()
         run = deploy(inventory)
-        assert run.code == 0, f"`mesh deploy {inventory.name}` failed:\n{run}"
+        assert run.code == 0, f"`mesh deploy {inventory.parent.name}/{inventory.name}` failed:\n{run}"
+        print(f"deployed {inventory.parent.name}/{inventory.name} in {time.monotonic() - started:.1f} s")
         self.deployed = inventory
 
 
@@ -358,7 +361,9 @@ def test_a_rule_change_applies_to_new_connections_with_no_envoy_restart(rules: F
 def test_the_declared_default_allows_exactly_the_declared_calls_and_the_checker_only_health(fleet: Fleet) -> None:
     lab, p = fleet.lab, fleet.p
     fleet.deployed = None
+    started = time.monotonic()
     deploy_lab_back(lab)
+    print(f"deployed inventory/lab.yaml in {time.monotonic() - started:.1f} s")
     fleet.deployed = INVENTORY
     load = send(lab, f"{WEB_TO_API}/", 40)  # web's outbound listener: web's identity, to api then db
     assert load.all_ok() and load.ok_by(V1) > 0 and load.ok_by(V2) > 0, load.brief()
