@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from rich.console import Console
 from rich.table import Table
 
+from mesh.ca_rotation import GivenFiles
 from mesh.cli_inventory import fleet_inventory, inventory_argument, inventory_option
 from mesh.deploy.hostcerts import CertFile, HostFiles, all_cert_files, read_hosts
 from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError, UsageError
@@ -30,6 +31,7 @@ from mesh.pki.authority import CA_FOLDER, ROOT_KEY
 from mesh.pki.expiry import WARN_REMAINING, Expiry, Lifetime, judge, judge_pem, judge_times
 from mesh.pki.leaf import load_chain, serial_hex
 from mesh.pki.ledger import read_records
+from mesh.pki.phases import Step
 from mesh.pki.vcs import GITIGNORE, git_work_tree, key_in_git
 
 PIPE_WIDTH = 160  # rich wraps at 80 columns when stdout is not a terminal; rows of this table are wider
@@ -75,18 +77,45 @@ def ca() -> None:
     """mesh's certificate authority: a root and an intermediate (ECDSA P-256) in mesh_state_dir/ca/."""
 
 
+_GIVEN = click.option("--intermediate", "intermediate", nargs=2, default=None, metavar="CERT KEY",
+                      type=click.Path(dir_okay=False),
+                      help="Your own intermediate (PEM, its chain below the root after it) and its key: mesh signs "
+                           "with it and never needs the root key.")
+_ROOT = click.option("--root", "root", default=None, metavar="ROOT_CERT", type=click.Path(dir_okay=False),
+                     help="The root certificate the --intermediate chains to.")
+
+
 @ca.command("init")
 @_INVENTORY
 @_STATE_DIR
 @click.option("--trust-domain", default=None, help="SPIFFE trust domain when no INVENTORY is given "
               "[default: mesh.local].")
-def init(inventory: str | None, state_dir: str | None, trust_domain: str | None) -> None:
-    """Make the mesh CA unless it exists; print the root's fingerprint."""
+@_GIVEN
+@_ROOT
+def init(inventory: str | None, state_dir: str | None, trust_domain: str | None,
+         intermediate: tuple[str, str] | None, root: str | None) -> None:
+    """Make the mesh CA unless it exists; print the root's fingerprint. With --intermediate CERT KEY --root
+    ROOT_CERT, the CA is your intermediate (checked: a CA, in date, chaining to the root, its key, name
+    constraints, room for the controllers' intermediate under it)."""
     target = resolve_target(inventory, state_dir, trust_domain)
-    authority, created = CertificateAuthority.ensure(target.state_dir, target.trust_domain)
-    verb = "created" if created else "found existing"
+    if intermediate is None:
+        if root is not None:
+            raise UsageError("--root goes with --intermediate CERT KEY")
+        authority, created = CertificateAuthority.ensure(target.state_dir, target.trust_domain)
+        verb = "created" if created else "found existing"
+    else:
+        from mesh.ca_rotation import GivenFiles, read_given
+
+        if root is None:
+            raise UsageError("--intermediate needs --root ROOT_CERT: the root it chains to")
+        given = read_given(GivenFiles(intermediate[0], intermediate[1], root), target.trust_domain, None)
+        authority = CertificateAuthority.bring(target.state_dir, target.trust_domain, given)
+        verb = "created from your intermediate the"
     click.echo(f"{verb} mesh CA in {authority.ca_dir} (trust domain {authority.trust_domain})")
     click.echo(f"root SHA-256 fingerprint: {authority.root_fingerprint}")
+    if authority.brought:
+        click.echo(f"signing intermediate SHA-256 fingerprint: {fingerprint(authority.intermediate)} (mesh holds "
+                   "no root key)")
 
 
 @ca.command("show")
@@ -102,7 +131,7 @@ def show(inventory: str | None, state_dir: str | None) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
     console.print(ca_table(authority, datetime.now(UTC)))
     root_key = os.path.join(authority.ca_dir, ROOT_KEY)
-    if key_in_git(root_key):
+    if os.path.exists(root_key) and key_in_git(root_key):
         click.echo(f"[WARNING]: the root key {root_key} is inside the git work tree {git_work_tree(root_key)} and "
                    "git does not ignore it: whoever gets the repository can sign mesh certificates. Add "
                    f"`/ca/*.key` to {os.path.join(authority.state_dir, GITIGNORE)}; if it was ever committed, purge "
@@ -183,6 +212,75 @@ def ca_table(authority: CertificateAuthority, now: datetime) -> Table:
         table.add_row(row.kind, row.name, row.spiffe_id, row.serial, row.not_after.strftime("%Y-%m-%d %H:%M"),
                       remaining_text(row.not_after - now), f"[{_STYLES[state]}]{state}[/]")
     return table
+
+
+# ---- mesh ca status and mesh ca rotate: the rotation phases (mesh/ca_rotation.py) -----------------------------
+
+@ca.command("status")
+@inventory_argument
+@inventory_option
+@click.pass_context
+def status_command(ctx: click.Context, inventory_path: str | None, inventory_option: str | None) -> None:
+    """The CA's rotation phase, the roots of the trust bundle, and every host's trust bundles, leaves and the
+    controllers' intermediate against the phase. Exit 2 when one lags, 3 when a host is unreachable."""
+    from mesh.ca_rotation import status
+    from mesh.hosts.connection import connect
+
+    ctx.exit(status(fleet_inventory(inventory_path, inventory_option), connect, sys.stdout))
+
+
+@ca.group("rotate")
+def rotate() -> None:
+    """Rotate the CA under traffic, in three phases, each pushed to every host by a deploy and refused until the
+    previous one reached every host: `start` (new root and intermediates; bundles trust both roots), `switch`
+    (the new intermediates sign; every leaf re-issued), `finish` (bundles trust the new root only; the old
+    material archived)."""
+
+
+def _rotate(ctx: click.Context, step: Step, inventory_path: str | None, inventory_option: str | None,
+            given: GivenFiles | None = None) -> None:
+    from mesh.ca_rotation import rotate as run_step
+    from mesh.deploy.command import DeployOptions, deploy
+    from mesh.hosts.connection import connect
+
+    ctx.exit(run_step(fleet_inventory(inventory_path, inventory_option), step, connect,
+                      lambda inventory, factory: deploy(inventory, DeployOptions(), connector_factory=factory),
+                      sys.stdout, given))
+
+
+@rotate.command("start")
+@inventory_argument
+@inventory_option
+@_GIVEN
+@_ROOT
+@click.pass_context
+def rotate_start(ctx: click.Context, inventory_path: str | None, inventory_option: str | None,
+                 intermediate: tuple[str, str] | None, root: str | None) -> None:
+    """Make the next root and intermediates beside the current ones (or take your next --intermediate) and push
+    trust bundles holding both roots to every proxy, the checker and the controllers."""
+    if intermediate is None and root is not None:
+        raise UsageError("--root goes with --intermediate CERT KEY")
+    given = GivenFiles(intermediate[0], intermediate[1], root) if intermediate is not None else None
+    _rotate(ctx, "start", inventory_path, inventory_option, given)
+
+
+@rotate.command("switch")
+@inventory_argument
+@inventory_option
+@click.pass_context
+def rotate_switch(ctx: click.Context, inventory_path: str | None, inventory_option: str | None) -> None:
+    """The next intermediates sign from now on (the deploy's and the controllers'): every leaf, the checker's
+    included, is re-issued; bundles keep both roots."""
+    _rotate(ctx, "switch", inventory_path, inventory_option)
+
+
+@rotate.command("finish")
+@inventory_argument
+@inventory_option
+@click.pass_context
+def rotate_finish(ctx: click.Context, inventory_path: str | None, inventory_option: str | None) -> None:
+    """Bundles trust the new root only; the old root and intermediates are archived in mesh_state_dir/ca/archive/."""
+    _rotate(ctx, "finish", inventory_path, inventory_option)
 
 
 # ---- mesh ca check: every certificate on every managed host, for cron --------------------------------------

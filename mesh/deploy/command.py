@@ -186,7 +186,7 @@ def _deploy_hosts(variables: InventoryVars, mesh: Mesh, ca: CertificateAuthority
     fleet = prepared.fleet
     context = DeployContext(mesh, ca, prepared.envoy, prepared.plan, prepared.wheels,
                             {observed.host: observed.changes for observed in fleet.hosts}, connector_factory)
-    extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.root_pem.decode(),
+    extra_vars: dict[str, Any] = {"mesh_ca_pem": ca.bundle_pem.decode(),
                                   "mesh_controller_keys_rotated": options.rotate_controller_keys}
     if prepared.image is not None:
         extra_vars["mesh_sidecar_image"] = {"src": str(prepared.image.path), "tag": prepared.image.tag}

@@ -23,12 +23,13 @@ DEFAULT_FORKS = 20
 
 @dataclass(frozen=True)
 class CertFile:
-    """One certificate file on a host: a trust bundle (the mesh root) or a leaf (with its chain)."""
+    """One certificate file on a host: a trust bundle (the mesh root), a leaf (with its chain), or a controller's
+    intermediate (`issuer`, read by mesh/ca_rotation.py)."""
 
     host: str
     name: str  # the proxy (`web-0`), `health-checker`, or the bundle's user (`proxies`, `health-checker`)
     path: str
-    kind: Literal["bundle", "leaf"]
+    kind: Literal["bundle", "leaf", "issuer"]
 
 
 def trust_bundles(host: ManagedHost) -> tuple[CertFile, ...]:

@@ -116,7 +116,7 @@ def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[Manage
     binary = LocalFile(Path(local_envoy), cache_dir(ENVOY_CACHE))
     image = _sidecar_image(mesh, targets, out)
     wants_envoy = any((h.kind == "vm" and h.workloads) or (h.is_controller and controller) for h in mesh.hosts)
-    inputs = PlanInputs(ca.root_pem, ca.root_fingerprint,
+    inputs = PlanInputs(ca.bundle_pem, ca.root_fingerprint,  # the bundle of the CA's rotation phase
                         envoy_sha256=binary.sha256 if wants_envoy else None,
                         sidecar_image=image.tag if image is not None else None,
                         consul_token=_token(mesh), consul_ca=_consul_ca(mesh), controller=controller,

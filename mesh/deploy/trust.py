@@ -69,9 +69,13 @@ def bundle_roots(pem: bytes) -> tuple[str, ...]:
         return ()
 
 
-def judge(state_root: str | None, seen: Sequence[HostFiles]) -> TrustVerdict:
-    """Pure: a host is fine when each of its bundles is absent or names exactly state_root; any other root,
-    an unreadable bundle, or any bundle at all when the state dir has no CA, is foreign."""
+def judge(state_root: str | None, seen: Sequence[HostFiles], rotation: frozenset[str] = frozenset(),
+          archived: frozenset[str] = frozenset()) -> TrustVerdict:
+    """Pure: a host is fine when each of its bundles is absent or names exactly state_root, or (a CA rotation)
+    names only roots of the state dir's CA (state_root, the `rotation` roots of a rotation under way, the
+    `archived` ones of finished rotations) and at least one of state_root and `rotation`; any other root, an
+    unreadable bundle, or any bundle at all when the state dir has no CA, is foreign."""
+    live = ({state_root} if state_root else set()) | rotation
     trusting: list[str] = []
     fresh: list[str] = []
     foreign: list[Foreign] = []
@@ -86,7 +90,8 @@ def judge(state_root: str | None, seen: Sequence[HostFiles]) -> TrustVerdict:
             roots = bundle_roots(data)
             if not roots:
                 mine.append(Foreign(host.host, path, (UNREADABLE,), "it holds no PEM certificate"))
-            elif state_root is None or set(roots) != {state_root}:
+            elif state_root is None or not (set(roots) == {state_root} or (
+                    set(roots) <= live | archived and set(roots) & live)):
                 mine.append(Foreign(host.host, path, roots))
         if mine:
             foreign += mine
@@ -132,6 +137,13 @@ def state_root(state_dir: str) -> str | None:
     return CertificateAuthority.load(state_dir).root_fingerprint
 
 
+def lineage(state_dir: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The root fingerprints of the state dir's CA beside its signing root: the phase's bundle (a rotation under
+    way) and the archived roots of finished rotations."""
+    ca = CertificateAuthority.load(state_dir)
+    return frozenset(ca.bundle_fingerprints), frozenset(fingerprint(root) for root in ca.archived_roots())
+
+
 def trusted_ca(mesh: Mesh, factory: Callable[[ManagedHost], Connector], replace: bool = False,
                forks: int = 20, warn: Callable[[str], None] | None = None,
                unreachable: list[str] | None = None) -> tuple[CertificateAuthority, bool]:
@@ -144,7 +156,8 @@ def trusted_ca(mesh: Mesh, factory: Callable[[ManagedHost], Connector], replace:
     (nothing can be written to it anyway: the deploy reports it unreachable and goes on with the others)."""
     settings = mesh.settings
     ours = state_root(settings.state_dir)
-    verdict = judge(ours, read_hosts(list(mesh.hosts), trust_bundles, factory, forks))
+    rotation, archived = lineage(settings.state_dir) if ours is not None else (frozenset(), frozenset())
+    verdict = judge(ours, read_hosts(list(mesh.hosts), trust_bundles, factory, forks), rotation, archived)
     if verdict.unreachable and (ours is None or replace or unreachable is None):
         raise unread(verdict)
     if verdict.unreachable and unreachable is not None:
