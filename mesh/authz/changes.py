@@ -28,12 +28,12 @@ def known_service(mesh: Mesh, service: str, what: str = "service") -> str:
     return service
 
 
-def known_source(mesh: Mesh, source: str, plaintext: bool = True) -> str:
-    """A source as a rule names it: a service of the inventory, a SPIFFE id of the trust domain (not the
-    checker's), or `unauthenticated` (when `plaintext`); a UsageError otherwise."""
+def known_source(mesh: Mesh, source: str, runtime_deny: bool = False) -> str:
+    """A source of a request: a service of the inventory, a SPIFFE id of the trust domain, or `unauthenticated`;
+    a UsageError otherwise. A run-time deny names neither `unauthenticated` nor the checker's id."""
     trust_domain = mesh.settings.trust_domain
     if source == UNAUTHENTICATED:
-        if not plaintext:
+        if runtime_deny:
             raise UsageError("`unauthenticated` cannot be denied at run time: plaintext clients reach only a "
                              "permissive service", "set its mtls to strict in the inventory instead")
         return source
@@ -41,7 +41,7 @@ def known_source(mesh: Mesh, source: str, plaintext: bool = True) -> str:
         if not source.startswith(f"spiffe://{trust_domain}/"):
             raise UsageError(f"{source!r} is not in the trust domain {trust_domain}: its certificate does not chain "
                              "to the mesh CA")
-        if source == health_checker_spiffe_id(trust_domain):
+        if runtime_deny and source == health_checker_spiffe_id(trust_domain):
             raise UsageError(f"{source!r} is mesh's health checker: it reaches only health chains")
         return source
     return known_service(mesh, source, "source service")

@@ -94,17 +94,17 @@ def check_command(source: str, destination: str, method: str | None, path: str |
     mesh = load_mesh(inventory_option)
     service = known_service(mesh, destination)
     src = known_source(mesh, source)
-    stored = _stored_denies(mesh).get(service)
-    target = service_authz(mesh, service, stored)
-    if target.problems:
-        _warn(f"the run-time deny of {service} is ignored: {'; '.join(target.problems)}")
-    if target.protocol == "tcp":
+    identity = source_id(mesh.settings.trust_domain, src)
+    if mesh.services[service][0].protocol == "tcp":
         if method is not None or path is not None or pairs:
             raise UsageError(f"{service} is a TCP service: a connection has no method, path or headers",
                              f"ask `mesh authz check {source} {service}`")
-        request = AuthzRequest(source_id(mesh.settings.trust_domain, src))
+        request = AuthzRequest(identity)
     else:
-        request = AuthzRequest(source_id(mesh.settings.trust_domain, src), method_text, path_text, pairs)
+        request = AuthzRequest(identity, method_text, path_text, pairs)
+    target = service_authz(mesh, service, _stored_denies(mesh).get(service))
+    if target.problems:
+        _warn(f"the run-time deny of {service} is ignored: {'; '.join(target.problems)}")
     checked = Checked(src, target, request, answer(target, request))
     if as_json:
         _json(check_json(checked))
@@ -199,7 +199,7 @@ def deny_command(ctx: click.Context, destination: str, sources: tuple[str, ...],
     mesh = load_mesh(inventory_option)
     if destination not in mesh.services and not (undo and _stored_denies(mesh).get(destination)):
         known_service(mesh, destination)
-    chosen = tuple(dict.fromkeys(known_source(mesh, source, plaintext=False) for source in sources))
+    chosen = tuple(dict.fromkeys(known_source(mesh, source, runtime_deny=True) for source in sources))
     if undo:
         make = changes.without_denied(chosen)
     else:

@@ -144,9 +144,12 @@ def default_text(authz: ServiceAuthz, source: str | None = None) -> str:
         service = authz.service
         if caller is not None and caller in authz.inputs.callers:
             return f"declared: {caller} lists {service} in its upstreams{plaintext}"
-        callers = ", ".join(authz.inputs.callers) or "no service"
-        return f"declared: {callers} list{'s' if len(authz.inputs.callers) == 1 else ''} {service} in " \
-               f"{'its' if len(authz.inputs.callers) == 1 else 'their'} upstreams{plaintext}"
+        callers = authz.inputs.callers
+        if not callers:
+            return f"declared: no service lists {service} in its upstreams{plaintext}"
+        if len(callers) == 1:
+            return f"declared: {callers[0]} lists {service} in its upstreams{plaintext}"
+        return f"declared: {', '.join(callers)} list {service} in their upstreams{plaintext}"
     if default == "allow":
         return f"allow: every workload of {authz.inputs.trust_domain}{plaintext}"
     return f"deny: only allow rules{plaintext}"

@@ -8,11 +8,13 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import Mesh
-from mesh.traffic.kv import AppliedTraffic, StoredOverride, decode_override
+from mesh.runtime_kv import Stored
+from mesh.traffic.kv import AppliedTraffic, decode_override
 
 INVENTORY = """\
 all:
@@ -71,7 +73,9 @@ class FakeTraffic:
     """Consul's `mesh/<id>/traffic/` keys in a dict, with ModifyIndexes; `controller` makes the report
     (None: no controller is active)."""
 
-    def __init__(self, controller: Controller | None = instant, lock_held: bool = True) -> None:
+    def __init__(self, controller: Controller | None = instant, lock_held: bool = True,
+                 decode: Callable[[str, str, int], Stored[Any]] = decode_override) -> None:
+        self.decode = decode  # another kind of override (mesh authz deny's) reads its values with its own
         self.values: dict[str, tuple[str, int]] = {}
         self.index = 10
         self.controller = controller
@@ -92,13 +96,13 @@ class FakeTraffic:
         stored = self.read(service)
         return stored.override.revision if stored is not None and stored.override is not None else ""
 
-    def read(self, service: str) -> StoredOverride | None:
+    def read(self, service: str) -> Stored[Any] | None:
         if service not in self.values:
             return None
         value, index = self.values[service]
-        return decode_override(service, value, index)
+        return self.decode(service, value, index)
 
-    def read_all(self) -> Mapping[str, StoredOverride]:
+    def read_all(self) -> Mapping[str, Stored[Any]]:
         return {service: item for service in sorted(self.values) if (item := self.read(service)) is not None}
 
     def write(self, service: str, value: str, index: int) -> bool:
