@@ -351,7 +351,7 @@ def check_case(inventory: Path, case: Case) -> Checked:
 
 def disagreements(inventory: Path, cases: Iterable[Case]) -> dict[str, str]:
     """The cases where `mesh authz check` does not say what the case expects (allowed or not, and its rule):
-    run for each distinct question once, 8 at a time."""
+    run for each distinct question once, 4 at a time."""
     unique: dict[tuple[str, str, str, str, tuple[tuple[str, str], ...]], Case] = {}
     for case in cases:
         if case.ask.health:
@@ -359,7 +359,7 @@ def disagreements(inventory: Path, cases: Iterable[Case]) -> dict[str, str]:
         a = case.ask
         key = (case.identity.cli_source, a.target.service, a.method, a.path, a.headers)
         unique.setdefault(key, case)
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         checked = list(zip(unique.values(), pool.map(lambda c: check_case(inventory, c), unique.values()),
                            strict=True))
     found = {}

@@ -211,12 +211,14 @@ def changed_cases(p: Parts) -> list[Case]:
     return [Case(c.identity, c.ask, "allowed", "allow[0]") if _is_changed(p, c) else c for c in rules_cases(p)]
 
 
-def _assert_matrix(fleet: Fleet, inventory: Path, cases: list[Case]) -> None:
+def _assert_matrix(fleet: Fleet, inventory: Path, cases: list[Case], checked: list[Case] | None = None) -> None:
+    """Every case gives its outcome through Envoy, and `mesh authz check` agrees on the `checked` ones (default:
+    all; each run is a process start, a second of CPU on the CI machine)."""
     matrix = run_matrix(fleet.lab, cases)
     wrong = matrix.wrong()
     assert not wrong, "Envoy's outcomes differ from the expected ones:\n" + "\n".join(
         f"  {case}: {why}" for case, why in wrong.items())
-    differ = disagreements(inventory, cases)
+    differ = disagreements(inventory, cases if checked is None else checked)
     assert not differ, "`mesh authz check` disagrees with Envoy:\n" + "\n".join(
         f"  {case}: {why}" for case, why in differ.items())
 
@@ -355,7 +357,8 @@ def test_a_rule_change_applies_to_new_connections_with_no_envoy_restart(rules: F
              "the changed rules (web may POST /orders, web may connect to db) on new connections",
              timeout=SETTLE, interval=1.0)
     assert envoy_processes(lab) == before, "an Envoy restarted (or a sidecar was recreated) for a rule change"
-    _assert_matrix(rules, rules.changed, changed_cases(p))
+    # The rules that did not change were checked against `mesh authz check` on RULES: here the changed ones.
+    _assert_matrix(rules, rules.changed, changed_cases(p), checked=changed)
 
 
 def test_the_declared_default_allows_exactly_the_declared_calls_and_the_checker_only_health(fleet: Fleet) -> None:
