@@ -7,20 +7,24 @@ agree. It must not read the inventory's files, Consul or hosts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mesh.inventory.model import Protocol, spiffe_id
 from mesh.inventory.policy import (
+    AUTHZ_DEFAULTS,
     UNAUTHENTICATED,
     AuthzDefault,
     AuthzOverride,
+    AuthzRule,
     PathMatch,
     ServicePolicy,
 )
+from mesh.inventory.workloads import PROTOCOLS
 
 PrincipalKind = Literal["id", "prefix", "unauthenticated", "any"]
+NO_MATCH = "none"  # the rule of a request no allow entry matches (as Envoy reports an ALLOW filter's denial)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,9 @@ class InboundInputs:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InboundInputs:
+        """The inputs to_json wrote; ValueError when the protocol or default is not one mesh knows."""
+        if data["protocol"] not in PROTOCOLS or data["authz_default"] not in AUTHZ_DEFAULTS:
+            raise ValueError(f"not inbound inputs: protocol {data['protocol']!r}, default {data['authz_default']!r}")
         return cls(service=str(data["service"]), version=str(data["version"]), protocol=data["protocol"],
                    trust_domain=str(data["trust_domain"]), authz_default=data["authz_default"],
                    callers=tuple(str(caller) for caller in data["callers"]))
@@ -108,10 +115,109 @@ def source_id(trust_domain: str, source: str) -> str | None:
 
 def compile_authz(inputs: InboundInputs, policy: ServicePolicy, override: AuthzOverride | None) -> AuthzConfig:
     """The RBAC entries of the service `inputs` names, from its policy's authz, the mesh's default, its callers
-    and the run-time deny (see design: deny[i], runtime-deny, allow[i], default)."""
-    raise NotImplementedError
+    and the run-time deny, named as Envoy reports them: `deny[i]`, `runtime-deny`, `allow[i]`, `default`.
+
+    The `default` entry (the mesh's default: declared callers, every workload, or no one; plus `unauthenticated`
+    on a permissive service) excludes every source an allow rule names, since such a rule narrows what those
+    sources may do. The enforced set excludes the sources of enforced allow rules only (a shadow rule changes
+    nothing that is enforced); the shadow allow set, the enforced set as if the shadow allow rules were
+    enforced, excludes both."""
+    td = inputs.trust_domain
+    rules = policy.authz
+    deny = [_entry(f"deny[{index}]", rule, td) for index, rule in enumerate(rules.deny) if rule.mode == "enforce"]
+    if override is not None and override.deny_from:
+        deny.append(AuthzEntry("runtime-deny", _principals(override.deny_from, td)))
+    deny_shadow = tuple(_entry(f"deny[{index}]", rule, td) for index, rule in enumerate(rules.deny)
+                        if rule.mode == "shadow")
+    allow = _allow_entries(inputs, policy, ("enforce",))
+    shadow = any(rule.mode == "shadow" for rule in rules.allow)
+    return AuthzConfig(deny=tuple(deny), deny_shadow=deny_shadow, allow=allow,
+                       allow_shadow=_allow_entries(inputs, policy, ("enforce", "shadow")) if shadow else None)
+
+
+def _allow_entries(inputs: InboundInputs, policy: ServicePolicy, modes: tuple[str, ...]) -> tuple[AuthzEntry, ...]:
+    td = inputs.trust_domain
+    chosen = [(index, rule) for index, rule in enumerate(policy.authz.allow) if rule.mode in modes]
+    entries = [_entry(f"allow[{index}]", rule, td) for index, rule in chosen]
+    named = sorted({source for _, rule in chosen for source in rule.sources}, key=lambda s: source_id(td, s) or "")
+    baseline: list[Principal] = []
+    if inputs.authz_default == "declared":
+        baseline = [Principal("id", spiffe_id(td, caller)) for caller in sorted(set(inputs.callers))]
+    elif inputs.authz_default == "allow":
+        baseline = [Principal("prefix", workload_prefix(td))]
+    if policy.mtls == "permissive":
+        baseline.append(Principal("unauthenticated"))
+    if baseline:
+        entries.append(AuthzEntry("default", tuple(baseline), _principals(named, td)))
+    return tuple(entries)
+
+
+def workload_prefix(trust_domain: str) -> str:
+    """What every workload's SPIFFE id starts with (the checker's does not)."""
+    return spiffe_id(trust_domain, "")
+
+
+def _entry(name: str, rule: AuthzRule, trust_domain: str) -> AuthzEntry:
+    # No `from`: any source, authenticated or not; on the app chain "any" still never means the checker.
+    principals = _principals(rule.sources, trust_domain) if rule.sources else \
+        (Principal("prefix", workload_prefix(trust_domain)), Principal("unauthenticated"))
+    return AuthzEntry(name, principals, methods=rule.methods, paths=rule.paths, headers=rule.headers)
+
+
+def _principals(sources: Iterable[str], trust_domain: str) -> tuple[Principal, ...]:
+    """Sources as principals, in the order given, each once (a service and its id are one)."""
+    found: dict[str | None, Principal] = {}
+    for source in sources:
+        identity = source_id(trust_domain, source)
+        found.setdefault(identity, Principal("unauthenticated") if identity is None else Principal("id", identity))
+    return tuple(found.values())
 
 
 def decide(config: AuthzConfig, request: AuthzRequest) -> AuthzDecision:
-    """What Envoy's DENY then ALLOW filters decide for `request`, and which shadow entries would deny it."""
-    raise NotImplementedError
+    """What Envoy's DENY then ALLOW filters decide for `request`, and which shadow entries would deny it.
+
+    Where several entries of one filter match, Envoy reports the first by name (its engine keeps policies in
+    a sorted map), and so does this. The DENY filter's shadow rules always run; the ALLOW filter (and its
+    shadow rules) only for what the DENY filter lets through. A shadow ALLOW set that matches nothing would
+    deny with `none`."""
+    would_deny = tuple(entry.name for entry in config.deny_shadow if matches(entry, request))
+    denied = _first(config.deny, request)
+    if denied is not None:
+        return AuthzDecision(False, denied, would_deny)
+    if config.allow_shadow is not None and _first(config.allow_shadow, request) is None:
+        would_deny = (*would_deny, NO_MATCH)
+    allowed = _first(config.allow, request)
+    return AuthzDecision(allowed is not None, allowed or NO_MATCH, would_deny)
+
+
+def _first(entries: Iterable[AuthzEntry], request: AuthzRequest) -> str | None:
+    return min((entry.name for entry in entries if matches(entry, request)), default=None)
+
+
+def matches(entry: AuthzEntry, request: AuthzRequest) -> bool:
+    """True when the entry's principals take the request's source and each of its conditions holds."""
+    if not any(_takes(principal, request.source) for principal in entry.principals):
+        return False
+    if any(_takes(principal, request.source) for principal in entry.excluded):
+        return False
+    if entry.methods and request.method not in entry.methods:
+        return False
+    if entry.paths:
+        if request.path is None:
+            return False
+        path = request.path.split("?", 1)[0].split("#", 1)[0]
+        if not any(path == match.value if match.kind == "exact" else path.startswith(match.value)
+                   for match in entry.paths):
+            return False
+    headers = {(name.lower(), value) for name, value in request.headers}
+    return all((name, value) in headers for name, value in entry.headers)
+
+
+def _takes(principal: Principal, source: str | None) -> bool:
+    if principal.kind == "any":
+        return True
+    if principal.kind == "unauthenticated":
+        return source is None
+    if source is None:
+        return False
+    return source == principal.value if principal.kind == "id" else source.startswith(principal.value)

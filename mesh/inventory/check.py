@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from mesh.errors import InventoryError, InventoryErrors, Origin
 from mesh.inventory.data import InventoryData
 from mesh.inventory.model import Mesh
-from mesh.inventory.policy import NO_POLICY, LoadBalancing, OutlierPolicy, ServicePolicy
+from mesh.inventory.policy import (
+    NO_POLICY,
+    AuthzDefault,
+    AuthzRules,
+    LoadBalancing,
+    OutlierPolicy,
+    ServicePolicy,
+)
 from mesh.inventory.validate import VarsOf, build_mesh
 
 
@@ -34,13 +41,14 @@ class CheckReport:
             versions = ", ".join(sorted({workload.version for workload in instances}))
             lines.append(f"  {name}: {len(instances)} instance(s), version(s) {versions}")
             if mesh.policy(name) != NO_POLICY:
-                lines.append(f"    policy: {policy_brief(mesh.policy(name))}")
+                lines.append(f"    policy: {policy_brief(mesh.policy(name), mesh.settings.authz_default)}")
         lines.append(f"instances: {len(mesh.workloads)}")
         return lines
 
 
-def policy_brief(policy: ServicePolicy) -> str:
-    """A service's policy in one line: the fields it sets, the main values of some."""
+def policy_brief(policy: ServicePolicy, authz_default: AuthzDefault = "declared") -> str:
+    """A service's policy in one line: the fields it sets, the main values of some; its authorization when it
+    has rules (with the mesh's default, which applies to what no allow rule names)."""
     parts = []
     if policy.lb != LoadBalancing():
         hash_on = policy.lb.hash_on
@@ -62,7 +70,18 @@ def policy_brief(policy: ServicePolicy) -> str:
         parts.append("fault")
     if policy.rate_limit is not None:
         parts.append(f"rate_limit {policy.rate_limit.requests_per_second}/s per instance")
+    if policy.mtls != "strict":
+        parts.append(f"mtls {policy.mtls}")
+    if policy.authz != AuthzRules():
+        parts.append(_authz_brief(policy.authz, authz_default))
     return ", ".join(parts)
+
+
+def _authz_brief(rules: AuthzRules, authz_default: AuthzDefault) -> str:
+    """`authz (default declared; 2 allow, 1 deny, 1 in shadow mode)`."""
+    shadow = sum(rule.mode == "shadow" for rule in (*rules.allow, *rules.deny))
+    counts = f"{len(rules.allow)} allow, {len(rules.deny)} deny" + (f", {shadow} in shadow mode" if shadow else "")
+    return f"authz (default {authz_default}; {counts})"
 
 
 def _duration(milliseconds: int) -> str:

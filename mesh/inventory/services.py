@@ -14,6 +14,14 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 from mesh.errors import InventoryError, MeshError, Origin
+from mesh.inventory.authz import (
+    SourceScope,
+    authz_to_json,
+    deny_override_to_json,
+    read_authz,
+    read_deny_override,
+    read_mtls,
+)
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import Protocol
 from mesh.inventory.policy import (
@@ -24,6 +32,7 @@ from mesh.inventory.policy import (
     TCP_LB_POLICIES,
     Abort,
     AuthzOverride,
+    AuthzRules,
     Backoff,
     CircuitBreaker,
     Delay,
@@ -40,6 +49,9 @@ from mesh.inventory.policy import (
     ServicePolicy,
     TrafficOverride,
 )
+from mesh.inventory.policy_reading import MISSING, read_pairs, read_value
+from mesh.inventory.policy_reading import Missing as _Missing
+from mesh.inventory.policy_reading import mapping as _mapping
 from mesh.inventory.policy_values import (
     check_cookie_name,
     check_cookie_value,
@@ -61,9 +73,7 @@ T = TypeVar("T")
 
 SERVICES_KEY = "mesh_services"
 POLICY_KEYS = ("lb", "timeout", "retries", "circuit_breaker", "outlier_detection", "routes", "mirror", "fault",
-               "rate_limit")
-NOT_YET_KEYS = ("mtls", "authz")  # issue 21's fields
-NOT_YET = "not supported yet (comes with authorization)"
+               "rate_limit", "mtls", "authz")
 LB_KEYS = ("policy", "hash_on")
 HASH_KINDS = ("header", "cookie", "source_ip")
 RETRY_KEYS = ("attempts", "per_try_timeout", "on", "backoff")
@@ -113,6 +123,8 @@ class ServiceFacts:
     service: str
     versions: tuple[str, ...]  # sorted
     protocol: Protocol | None = None  # None: unknown (its instances disagree, or none could be read)
+    trust_domain: str | None = None  # what a rule's SPIFFE ids must be in; None: not checked
+    services: tuple[str, ...] | None = None  # the services a rule may name; None: not checked
 
     @property
     def tcp(self) -> bool:
@@ -122,10 +134,10 @@ class ServiceFacts:
 # --- the inventory ---------------------------------------------------------------------------------------------
 
 def read_services(where: Located, facts: Mapping[str, ServiceFacts], written: set[str],
-                  problems: Problems) -> dict[str, ServicePolicy]:
+                  problems: Problems, trust_domain: str | None = None) -> dict[str, ServicePolicy]:
     """The policies of `mesh_services` (an unset or empty mapping: none). facts: the services the inventory
     runs, by name; written: every service name some workload writes (even one with errors elsewhere), so that a
-    mistake there is reported once."""
+    mistake there is reported once; trust_domain: what the SPIFFE ids of authz rules must be in."""
     if where.value is None:
         return {}
     if not isinstance(where.value, dict):
@@ -140,6 +152,8 @@ def read_services(where: Located, facts: Mapping[str, ServiceFacts], written: se
         if problems.read(Located(name, where.key_origin(name), spot.key), check_dns_label) is None:
             continue
         service_facts = facts.get(name)
+        if service_facts is not None:
+            service_facts = replace(service_facts, trust_domain=trust_domain, services=tuple(known))
         if name not in written and service_facts is None:
             problems.add_error(where, name, f"no host runs the service {name!r}; known services: "
                                             f"{', '.join(known) or 'none'}", did_you_mean(name, known))
@@ -155,12 +169,8 @@ def read_policy(where: Located, facts: ServiceFacts | None, problems: Problems) 
     if where.value is None:
         return ServicePolicy()
     count = len(problems.errors)
-    if not _mapping(where, POLICY_KEYS, "service policy", problems, "{lb: ..., timeout: ..., routes: [...], ...}",
-                    NOT_YET_KEYS):
+    if not _mapping(where, POLICY_KEYS, "service policy", problems, "{lb: ..., timeout: ..., routes: [...], ...}"):
         return None
-    for key in NOT_YET_KEYS:
-        if key in where.value:
-            problems.add_error(where, key, NOT_YET)
     reader = _Reader(facts, problems)
     values = where.value
     if facts is not None and facts.tcp:
@@ -177,15 +187,10 @@ def read_policy(where: Located, facts: ServiceFacts | None, problems: Problems) 
         mirror=_optional(where, "mirror", reader.mirror, None),
         fault=_optional(where, "fault", reader.fault, None),
         rate_limit=_optional(where, "rate_limit", reader.rate_limit, None),
+        mtls=_optional(where, "mtls", lambda spot: read_mtls(spot, problems), "strict"),
+        authz=_optional(where, "authz", lambda spot: read_authz(spot, _scope(facts), problems), AuthzRules()),
     )
     return policy if len(problems.errors) == count else None
-
-
-class _Missing:
-    """A field that could not be read (its problem is recorded)."""
-
-
-MISSING = _Missing()
 
 
 def _optional(where: Located, key: str, reader: Callable[[Located], T | _Missing], default: T) -> T:
@@ -197,18 +202,11 @@ def _optional(where: Located, key: str, reader: Callable[[Located], T | _Missing
     return default if isinstance(value, _Missing) else value
 
 
-def _mapping(where: Located, known: tuple[str, ...], what: str, problems: Problems, example: str,
-             refused: tuple[str, ...] = ()) -> bool:
-    """True when where holds a mapping; its unknown keys are recorded (with a did-you-mean). refused: keys
-    known but refused elsewhere (not listed as known)."""
-    if not isinstance(where.value, dict):
-        problems.at(where, f"expected a mapping such as {example} ({what}), got {describe(where.value)}")
-        return False
-    for name in where.value:
-        if name not in known and name not in refused:
-            problems.add_error(where, name, f"unknown {what} key; known keys: {', '.join(known)}",
-                               did_you_mean(str(name), known + refused))
-    return True
+def _scope(facts: ServiceFacts | None) -> SourceScope:
+    """What a service's authz rules are checked against."""
+    if facts is None:
+        return SourceScope()
+    return SourceScope(facts.service, facts.tcp, facts.trust_domain, facts.services)
 
 
 def _yaml_on(where: Located) -> Located:
@@ -230,11 +228,7 @@ class _Reader:
         self.problems = problems
 
     def value(self, where: Located, parse: Callable[[Any], T]) -> T | _Missing:
-        try:
-            return parse(where.value)
-        except BadValue as exc:
-            self.problems.at(where, str(exc))
-            return MISSING
+        return read_value(where, parse, self.problems)
 
     def millis(self, where: Located) -> int | _Missing:
         return self.value(where, parse_millis)
@@ -481,29 +475,7 @@ class _Reader:
 
     def pairs(self, where: Located, name: Callable[[Any], str], value: Callable[[Any], str],
               what: str) -> tuple[tuple[str, str], ...] | _Missing:
-        """A mapping of header (or cookie) names to exact values, such as {x-canary: "1"}."""
-        if not isinstance(where.value, dict) or not where.value:
-            self.problems.at(where, f"expected {what} and their exact values, such as {{x-canary: '1'}}, got "
-                                    f"{describe(where.value)}")
-            return MISSING
-        found: dict[str, str] = {}
-        ok = True
-        for key in where.value:
-            try:
-                named = name(key)
-            except BadValue as exc:
-                self.problems.add_error(where, key, str(exc))
-                ok = False
-                continue
-            written = self.value(where.child(key), value)
-            if named in found:
-                self.problems.add_error(where, key, f"{named!r} is written twice (names are case-insensitive)")
-                ok = False
-            elif isinstance(written, _Missing):
-                ok = False
-            else:
-                found[named] = written
-        return tuple(found.items()) if ok else MISSING
+        return read_pairs(where, name, value, what, self.problems)
 
     def path(self, where: Located) -> PathMatch | _Missing:
         expected = "{prefix: /api}, {exact: /api/orders} or {regex: '/api/v[0-9]+/.*'}"
@@ -623,6 +595,10 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
     if policy.rate_limit is not None:
         out["rate_limit"] = {"requests_per_second": policy.rate_limit.requests_per_second,
                              "burst": policy.rate_limit.burst}
+    if policy.mtls != "strict":
+        out["mtls"] = policy.mtls
+    if policy.authz != AuthzRules():
+        out["authz"] = authz_to_json(policy.authz)
     return out
 
 
@@ -753,16 +729,27 @@ def _without_origin(error: InventoryError) -> str:
     return f"{text} ({error.hint})" if error.hint else text
 
 
+
 def authz_override_to_json(override: AuthzOverride, set_by: str = "", at: str = "") -> dict[str, Any]:
-    """The Consul KV value of a run-time deny (`mesh authz deny`)."""
-    raise NotImplementedError
+    """The Consul KV value of a run-time deny (`mesh authz deny`): the sources denied, the revision, and who set
+    it when (informational)."""
+    return deny_override_to_json(override, set_by, at)
 
 
 def authz_override_from_json(data: Any) -> AuthzOverride:
-    """The run-time deny of a KV value (authz_override_to_json's shape); PolicyError otherwise."""
-    raise NotImplementedError
+    """The run-time deny of a KV value (authz_override_to_json's shape), its sources sorted and unique;
+    PolicyError listing every problem otherwise. Only the syntax is checked: check_authz_override checks the
+    sources against the inventory."""
+    problems = Problems()
+    override = read_deny_override(data, problems)
+    if problems.errors or override is None:
+        raise PolicyError(_messages(problems) or ["not a run-time deny"], "authz override")
+    return override
 
 
 def check_authz_override(override: AuthzOverride, services: Collection[str], trust_domain: str) -> list[str]:
-    """What is wrong with a run-time deny, in words; empty when it may be applied."""
-    raise NotImplementedError
+    """What is wrong with a run-time deny, in words; empty when it may be applied: every source is a service
+    some host runs, its SPIFFE id in the trust domain, or `unauthenticated`."""
+    problems = Problems()
+    read_deny_override(authz_override_to_json(override), problems, trust_domain, tuple(services))
+    return _messages(problems)

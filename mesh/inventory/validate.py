@@ -12,11 +12,12 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from mesh.errors import InventoryError, InventoryErrors
+from mesh.inventory.authz import AUTHZ_DEFAULT_KEY, read_authz_default, total_denial
 from mesh.inventory.connection import read_connection, ssh_port
 from mesh.inventory.data import InventoryData, Var
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh, MeshSettings, Workload
-from mesh.inventory.policy import ServicePolicy
+from mesh.inventory.policy import NO_POLICY, ServicePolicy
 from mesh.inventory.policy_values import check_zone
 from mesh.inventory.scrapers import SCRAPERS_KEY, MetricsSources, read_metrics_scrapers
 from mesh.inventory.services import SERVICES_KEY, ServiceFacts, read_services
@@ -35,8 +36,8 @@ from mesh.inventory.workloads import ParsedWorkload, check_ports, read_workloads
 from mesh.suggest import did_you_mean
 
 MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_cert_renew_fraction",
-             "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file", SCRAPERS_KEY,
-             SERVICES_KEY)
+             "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file", AUTHZ_DEFAULT_KEY,
+             SCRAPERS_KEY, SERVICES_KEY)
 PER_HOST = ("mesh_host_kind", "mesh_workloads", "mesh_zone", "mesh_region")
 MESH_VARIABLES = MESH_WIDE + PER_HOST
 HOST_KINDS = ("vm", "container_host")
@@ -80,7 +81,8 @@ def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None 
     _check_mesh(data, readings, settings, problems)
     controllers_read = [host.name for host in managed if host is not None and host.is_controller]
     scrapers = _metrics_scrapers(data, templating, readings, controllers_read, chosen, problems)
-    policies = _policies(readings, chosen, problems)
+    policies = _policies(readings, chosen, settings.trust_domain, problems)
+    _check_declared_calls(readings, chosen, settings, policies, problems)
     if problems.errors:
         raise InventoryErrors(problems.errors)
     hosts = tuple(host for host in managed if host is not None)
@@ -149,7 +151,7 @@ def _place(lookup: Callable[[str], Located | None], name: str, problems: Problem
     return None if spot is None else problems.read(spot, check_zone)
 
 
-def _policies(readings: list[_HostReading], chosen: dict[str, Located],
+def _policies(readings: list[_HostReading], chosen: dict[str, Located], trust_domain: str,
               problems: Problems) -> Mapping[str, ServicePolicy]:
     """`mesh_services`, checked against the services the inventory runs: their versions and protocol."""
     if SERVICES_KEY not in chosen:
@@ -163,8 +165,38 @@ def _policies(readings: list[_HostReading], chosen: dict[str, Located],
         protocols = {workload.protocol for workload in workloads}
         facts[service] = ServiceFacts(service, tuple(sorted({workload.version for workload in workloads})),
                                       next(iter(protocols)) if len(protocols) == 1 else None)
-    policies = read_services(chosen[SERVICES_KEY], facts, _written_services(readings), problems)
+    policies = read_services(chosen[SERVICES_KEY], facts, _written_services(readings), problems, trust_domain)
     return MappingProxyType(dict(sorted(policies.items())))
+
+
+def _check_declared_calls(readings: list[_HostReading], chosen: dict[str, Located], settings: MeshSettings,
+                          policies: Mapping[str, ServicePolicy], problems: Problems) -> None:
+    """A workload's upstream whose authorization denies that workload's service every request is an error at
+    the upstream entry (partial denies are fine). A policy that could not be read is not judged."""
+    services = chosen.get(SERVICES_KEY)
+    written = services.value if services is not None and isinstance(services.value, dict) else {}
+    for item in (item for reading in readings for item in reading.workloads):
+        caller = item.workload.service
+        for name, spot in item.upstreams:
+            if name in written and name not in policies:
+                continue
+            denial = total_denial(caller, settings.trust_domain, policies.get(name, NO_POLICY),
+                                  settings.authz_default)
+            if denial is not None:
+                problems.at(spot, f"{caller} calls {name}, but {name}'s authorization denies {caller} every "
+                                  f"request: {denial.reason}{_rule_origin(services, name, denial.deny_index)}",
+                            "allow it some requests, or remove the upstream")
+
+
+def _rule_origin(services: Located | None, name: str, index: int | None) -> str:
+    """` (file:line:column)` of the deny rule at `index` of mesh_services.<name>.authz.deny, when known."""
+    if services is None or index is None:
+        return ""
+    try:
+        spot = services.child(name).child("authz").child("deny").child(index)
+    except (KeyError, IndexError, TypeError):
+        return ""
+    return f" ({spot.origin})"
 
 
 def _metrics_scrapers(data: InventoryData, templating: Templating, readings: list[_HostReading],
@@ -223,6 +255,7 @@ def _settings(chosen: dict[str, Located], inventory_path: str, dynamic: bool, pr
     mesh_id = _wide(chosen, "mesh_id", check_mesh_id, problems)
     token_file = _wide(chosen, "mesh_consul_token_file", lambda v: check_local_path(v, "a file path"), problems)
     consul_ca_file = _wide(chosen, "mesh_consul_ca_file", lambda v: check_local_path(v, "a file path"), problems)
+    authz_default = read_authz_default(chosen.get(AUTHZ_DEFAULT_KEY), problems)
     return MeshSettings(
         trust_domain=trust_domain,
         consul_url=consul_url,
@@ -233,6 +266,7 @@ def _settings(chosen: dict[str, Located], inventory_path: str, dynamic: bool, pr
         mesh_id=mesh_id,
         consul_token_file=token_file and resolve_state_dir(token_file, inventory_path, dynamic),
         consul_ca_file=consul_ca_file and resolve_state_dir(consul_ca_file, inventory_path, dynamic),
+        authz_default=authz_default,
     )
 
 

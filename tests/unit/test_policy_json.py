@@ -154,7 +154,7 @@ def test_the_override_value_has_the_kv_shape() -> None:
     ({"timeout": "2"}, "policy.timeout: expected a duration"),
     ({"routes": [{"to": {"v1": 60, "v2": 60}}]}, "policy.routes[0].to: expected weights that sum to 100, got 120"),
     ({"lb": {"policy": "maglev"}}, "policy.lb: maglev needs hash_on"),
-    ({"mtls": "strict"}, "policy.mtls: not supported yet (comes with authorization)"),
+    ({"mtls": "open"}, "policy.mtls: expected strict (only mTLS clients) or permissive"),
     ({"fault": {"abort": {"status": True}}}, "policy.fault.abort.status: expected an integer from 200 to 599, got True"),
     ({"retries": {"attempts": 1, "on": "5xx,bogus"}}, "policy.retries.on: expected a retry condition"),
     ("routes", "policy: expected a mapping"),

@@ -181,8 +181,8 @@ BAD_VALUES = [
     ("db", "rate_limit: {requests_per_second: 100}", "rate_limit", "Envoy's HTTP local rate limit"),
     # the policy itself
     ("api", "timout: 2s", "timout", "unknown service policy key; known keys: lb, timeout"),
-    ("api", "mtls: strict", "mtls", "not supported yet (comes with authorization)"),
-    ("api", "authz: {allow: [{from: [web]}]}", "authz", "not supported yet (comes with authorization)"),
+    ("api", "mtls: strikt", "mtls", "did you mean 'strict'"),
+    ("api", "authz: {allow: [{from: [webb]}]}", "authz.allow[0].from[0]", "no host runs the service 'webb'"),
 ]
 
 
