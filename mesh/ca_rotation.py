@@ -28,6 +28,7 @@ from mesh.pki.material import signed_by
 from mesh.pki.phases import NEXT_STEP, Phase, Step, begin, finish, require_order, switch
 
 CONTROLLER_NAME = "controller"
+KIND_ORDER = {"bundle": 0, "issuer": 1, "leaf": 2}
 SHOWN_LAGGARDS = 20  # a refusal names this many lagging files, then counts the rest
 
 
@@ -146,8 +147,8 @@ def judge_fleet(target: PhaseTarget, hosts: Sequence[ManagedHost], seen: Sequenc
         if got.unreachable is not None:
             unreachable.append((host.name, got.unreachable))
             continue
-        files += [judge_file(item, got.files.get(item.path), got.errors.get(item.path), target)
-                  for item in watched_files(host)]
+        items = sorted(watched_files(host), key=lambda item: (item.name, KIND_ORDER[item.kind]))
+        files += [judge_file(item, got.files.get(item.path), got.errors.get(item.path), target) for item in items]
     return FleetRotation(target, tuple(files), tuple(unreachable))
 
 

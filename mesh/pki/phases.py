@@ -79,7 +79,7 @@ def require_order(phase: Phase, step: Step) -> None:
     wanted = NEXT_STEP[phase]
     where = "no rotation is under way" if phase == "idle" else f"the rotation is at phase `{phase}`"
     raise OutOfOrder(f"refusing `mesh ca rotate {step}`: {where}; the next step is `mesh ca rotate {wanted}`",
-                     "the phases run in order: start, switch, finish (`mesh ca status` shows where the fleet is)")
+                     "the phases run in order: start, switch, finish; `mesh ca status` shows where the fleet is")
 
 
 def begin(ca_dir: str, trust_domain: str, given: GivenCA | None, now: datetime | None = None) -> None:
