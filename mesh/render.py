@@ -22,6 +22,8 @@ On the host (and, mounted whole and read-only, in a sidecar):
     <proxy folder>/xds/eds.<cluster>.yaml    a ClusterLoadAssignment per cluster of IP addresses
     <proxy folder>/xds/cds.yaml              every Cluster
     <proxy folder>/xds/rds.<route>.yaml      a RouteConfiguration per HTTP connection manager
+    <proxy folder>/xds/ecds.<filter>.yaml    a TypedExtensionConfig per network filter read by ECDS (the RBAC filters
+                                             of a TCP inbound app chain: mesh.authz.deny, mesh.authz.allow)
     <proxy folder>/xds/lds.yaml              every Listener
     <proxy folder>/ca.pem                    the trust bundle (written by the caller: a ProxyConfig holds no PEM)
     <proxy folder>/tls -> tls.<version>/     key.pem and cert.pem, swapped together by one rename
@@ -51,9 +53,11 @@ import yaml
 
 from mesh import package_data
 from mesh.config import paths
+from mesh.config.authz import InboundInputs
 from mesh.config.consistent import consistent
 from mesh.config.errors import ConfigError, EnvoyRejectedConfig
-from mesh.config.model import OutboundRoute, ProxyConfig
+from mesh.config.inbound import AUTHZ_FILTERS, INBOUND_LISTENER, inbound_authz, inbound_route
+from mesh.config.model import AuthzConfig, InboundRoute, OutboundRoute, ProxyConfig, RbacFilter
 from mesh.config.validate import (
     VALIDATE_TIMEOUT_S,
     envoy_binary,
@@ -61,6 +65,7 @@ from mesh.config.validate import (
     throwaway_tls_files,
 )
 from mesh.inventory.model import ManagedHost
+from mesh.inventory.policy import AuthzOverride, ServicePolicy
 from mesh.inventory.values import source_family
 
 if TYPE_CHECKING:
@@ -69,22 +74,25 @@ if TYPE_CHECKING:
 TEMPLATES_DIR = package_data.templates_dir()
 
 __all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
-           "FirewallUnitContext", "HostValidation", "ProxyFiles", "RenderedFile", "host_validation",
-           "render_envoy_unit", "render_firewall", "render_firewall_unit", "render_proxy_files", "render_resources",
-           "render_route_file", "resource_file", "stale_paths", "static_bootstrap",
-           "template_environment", "transition", "validate_proxy_files"]
+           "FirewallUnitContext", "HostValidation", "InboundFileKind", "ProxyFiles", "RenderedFile", "host_validation",
+           "inbound_files", "render_envoy_unit", "render_firewall", "render_firewall_unit", "render_inbound_file",
+           "render_proxy_files", "render_resources", "render_route_file", "resource_file", "stale_paths",
+           "static_bootstrap", "template_environment", "transition", "validate_proxy_files"]
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+EXTENSION_CONFIG_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 BOOTSTRAP_METADATA_KEY = "mesh_bootstrap_sha256"
 VALIDATE_CONFIG_NAME = "validate.yaml"
 INSTALL_WAIT_S = 15  # for a running Envoy to take each moved file
 
 Resource = Mapping[str, Any]  # one xDS resource as Envoy's JSON/YAML form: "@type", then its fields
 FileKind = Literal["bootstrap", "resource", "secret", "trust"]
+InboundFileKind = Literal["route", "tcp-deny", "tcp-allow"]  # the inbound files a controller may redo alone
+SourceKind = Literal["lds", "cds", "rds", "eds", "sds", "ecds"]
 
 
 # --- (a) resources ---
@@ -102,6 +110,8 @@ class ConfigSources(Protocol):
 
     def sds(self, name: str) -> dict[str, Any]: ...
 
+    def ecds(self, name: str) -> dict[str, Any]: ...
+
 
 @dataclass(frozen=True)
 class EnvoyResources:
@@ -112,11 +122,13 @@ class EnvoyResources:
     clusters: tuple[Resource, ...]
     endpoints: tuple[Resource, ...]
     secrets: tuple[Resource, ...]
+    extension_configs: tuple[Resource, ...] = ()  # network filters read by ECDS
 
 
 @dataclass(frozen=True)
 class ResourcesContext:
-    """templates/envoy/{listeners,routes,clusters,endpoints,secrets}.yaml.j2: a proxy's resources."""
+    """templates/envoy/{listeners,routes,clusters,endpoints,secrets,extension_configs}.yaml.j2: a proxy's
+    resources."""
 
     cfg: ProxyConfig
     sources: ConfigSources
@@ -141,7 +153,8 @@ def render_resources(cfg: ProxyConfig, sources: ConfigSources, templates_dir: Pa
 
     return EnvoyResources(listeners=listed("listeners", LISTENER_TYPE), routes=listed("routes", ROUTE_TYPE),
                           clusters=listed("clusters", CLUSTER_TYPE), endpoints=listed("endpoints", ENDPOINT_TYPE),
-                          secrets=listed("secrets", SECRET_TYPE))
+                          secrets=listed("secrets", SECRET_TYPE),
+                          extension_configs=listed("extension_configs", EXTENSION_CONFIG_TYPE))
 
 
 def resource_name(resource: Resource) -> str:
@@ -178,8 +191,9 @@ class FileSources:
 
     xds_dir: str
 
-    def path(self, kind: Literal["lds", "cds", "rds", "eds", "sds"], name: str | None = None) -> str:
-        """xds/lds.yaml, xds/cds.yaml, xds/<rds|eds|sds>.<name>.yaml (Envoy takes one named resource a file)."""
+    def path(self, kind: SourceKind, name: str | None = None) -> str:
+        """xds/lds.yaml, xds/cds.yaml, xds/<rds|eds|sds|ecds>.<name>.yaml (Envoy takes one named resource a
+        file)."""
         if kind in ("lds", "cds"):
             return f"{self.xds_dir}/{kind}.yaml"
         if not name or "/" in name or name.startswith("."):
@@ -200,6 +214,9 @@ class FileSources:
 
     def sds(self, name: str) -> dict[str, Any]:
         return self._source(self.path("sds", name))
+
+    def ecds(self, name: str) -> dict[str, Any]:
+        return self._source(self.path("ecds", name))
 
     def _source(self, path: str) -> dict[str, Any]:
         return {"resource_api_version": "V3",
@@ -222,7 +239,8 @@ class RenderedFile:
 @dataclass(frozen=True)
 class ProxyFiles:
     """Every file mesh renders for one proxy, in the order they are moved into place when they change:
-    secrets, endpoints, clusters, routes, listeners (what is named before what names it), the bootstrap last.
+    secrets, endpoints, clusters, routes, network filters (ECDS), listeners (what is named before what names it),
+    the bootstrap last.
     ca.pem (the trust bundle, kind "trust") is not here: the caller writes it, before these, at
     paths.proxy_ca_path; so is the `tls` link (mesh.deploy.steps.identity)."""
 
@@ -272,6 +290,8 @@ def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) ->
     files.append(_resource_file(cfg.proxy, sources.path("cds"), "resource", resources.clusters))
     files += [_resource_file(cfg.proxy, sources.path("rds", resource_name(route)), "resource", (route,))
               for route in resources.routes]
+    files += [_resource_file(cfg.proxy, sources.path("ecds", resource_name(config)), "resource", (config,))
+              for config in resources.extension_configs]
     files.append(_resource_file(cfg.proxy, sources.path("lds"), "resource", resources.listeners))
     context = BootstrapContext(cfg.proxy, cfg.node_id, cfg.service, None, cfg.admin, cfg.max_downstream_connections,
                                sources.lds(), sources.cds(), cfg.stats_tags)
@@ -303,6 +323,58 @@ def render_route_file(proxy: str, path: str, route: OutboundRoute, templates_dir
                                ROUTE_TYPE)
     if [resource_name(resource) for resource in resources] != [route.name]:
         raise ConfigError(proxy, f"rendered route is not the one route {route.name!r}")
+    return resource_file(proxy, path, "resource", resources)
+
+
+@dataclass(frozen=True)
+class InboundRouteContext:
+    """templates/envoy/inbound_route.yaml.j2: the inbound app RouteConfiguration."""
+
+    route: InboundRoute
+
+
+@dataclass(frozen=True)
+class ExtensionConfigContext:
+    """templates/envoy/extension_config.yaml.j2: one RBAC network filter's TypedExtensionConfig."""
+
+    filter: RbacFilter
+    authz: AuthzConfig
+
+
+_TCP_FILTERS: dict[InboundFileKind, RbacFilter] = {"tcp-deny": AUTHZ_FILTERS[0], "tcp-allow": AUTHZ_FILTERS[1]}
+
+
+def inbound_files(cfg: ProxyConfig) -> dict[str, InboundFileKind]:
+    """The files of the proxy's inbound authorization a controller may redo alone (render_inbound_file), by path:
+    the inbound route of an HTTP service ("route"), the ECDS files of a TCP one's DENY and ALLOW filters
+    ("tcp-deny", "tcp-allow"). Pure."""
+    sources = FileSources(f"{posixpath.dirname(cfg.config_path)}/{paths.XDS_DIR_NAME}")
+    if cfg.inbound.http:
+        return {sources.path("rds", INBOUND_LISTENER): "route"}
+    by_name = {filter.name: kind for kind, filter in _TCP_FILTERS.items()}
+    return {sources.path("ecds", filter.name): by_name[filter.name] for filter in cfg.inbound.authz_filters}
+
+
+def render_inbound_file(proxy: str, path: str, kind: InboundFileKind, inputs: InboundInputs, policy: ServicePolicy,
+                        override: AuthzOverride | None, templates_dir: Path = TEMPLATES_DIR) -> RenderedFile:
+    """One inbound file (`inbound_files` gives its path and kind) from the service's inputs, policy and run-time
+    deny: byte for byte what render_proxy_files writes there for the same, so a controller can redo it alone when
+    the rules or the deny change. Pure."""
+    if kind == "route":
+        route = inbound_route(inputs, policy, override)
+        text = _render(templates_dir, "envoy/inbound_route.yaml.j2", InboundRouteContext(route))
+        resources = _resource_list(proxy, text, "inbound route", ROUTE_TYPE)
+        wanted = route.name
+    elif kind in _TCP_FILTERS:
+        filter = _TCP_FILTERS[kind]
+        context = ExtensionConfigContext(filter, inbound_authz(inputs, policy, override))
+        text = _render(templates_dir, "envoy/extension_config.yaml.j2", context)
+        resources = _resource_list(proxy, text, "network filter", EXTENSION_CONFIG_TYPE)
+        wanted = filter.name
+    else:
+        raise ValueError(f"not an inbound file kind: {kind!r}")
+    if [resource_name(resource) for resource in resources] != [wanted]:
+        raise ConfigError(proxy, f"rendered inbound file is not the one resource {wanted!r}")
     return resource_file(proxy, path, "resource", resources)
 
 
@@ -448,6 +520,15 @@ def static_bootstrap(files: ProxyFiles, dynamic: bool = True) -> dict[str, Any]:
         if "sds_config" in node and "name" in node:
             name = str(node["name"])
             secrets[name] = read(node.pop("sds_config"), SECRET_TYPE, name, f"{who}, secret {name!r}")[0]
+        if "config_discovery" in node and "name" in node:
+            name = str(node["name"])
+            discovery = node.pop("config_discovery") or {}
+            found = read(discovery.get("config_source"), EXTENSION_CONFIG_TYPE, name, f"{who}, filter {name!r}")[0]
+            config = found.get("typed_config") or {}
+            if config.get("@type") not in (discovery.get("type_urls") or []):
+                raise EnvoyRejectedConfig(proxy, f"{who}, filter {name!r}: its file holds a {config.get('@type')}, "
+                                                 f"not one of {discovery.get('type_urls')}")
+            node["typed_config"] = config
         return {key: inline(value, who) for key, value in node.items()}
 
     listeners = [inline(listener, f"listener {listener.get('name')!r}")
@@ -604,6 +685,9 @@ def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]
         elif name.startswith("rds."):
             stat = f"rds.{name[len('rds.'):-len('.yaml')]}.version_text"
             lines.append(" ".join(["wait_for", q(stat), q(f".{stat}: {version}"), "absent-ok", q(name)]))
+        elif name.startswith("ecds."):
+            stat = f"extension_config_discovery.network_filter.{name[len('ecds.'):-len('.yaml')]}.version_text"
+            lines.append(" ".join(["wait_for", q(stat), q(f"{stat}: {version}"), "absent-ok", q(name)]))
     lines.append(f"rm -rf -- {q(staging)}")
     if stale:
         lines.append("rm -f -- " + " ".join(q(path) for path in stale))

@@ -14,9 +14,16 @@ from types import MappingProxyType
 
 from mesh.config import paths, telemetry, traffic
 from mesh.config.errors import ConfigError
+from mesh.config.inbound import (
+    AUTHZ_FILTERS,
+    INBOUND_LISTENER,
+    LOCAL_APP_CLUSTER,
+    inbound_authz,
+    inbound_inputs,
+    inbound_route,
+)
 from mesh.config.model import (
     Admin,
-    Caller,
     CertificateSecret,
     Cluster,
     DownstreamTls,
@@ -35,10 +42,8 @@ from mesh.config.model import (
 )
 from mesh.config.traffic import upstream_cluster_name, version_cluster_name
 from mesh.inventory.model import ManagedHost, Mesh, Protocol, Upstream, Workload, spiffe_id
-from mesh.inventory.policy import OutlierPolicy, ServicePolicy, TrafficOverride, apply_override
+from mesh.inventory.policy import AuthzOverride, OutlierPolicy, ServicePolicy, TrafficOverride, apply_override
 
-INBOUND_LISTENER = "inbound"
-LOCAL_APP_CLUSTER = "local-app"
 METRICS_LISTENER = "metrics"
 ADMIN_CLUSTER = "mesh-admin"
 METRICS_PATH = "/stats/prometheus"
@@ -74,10 +79,12 @@ def health_server_name(trust_domain: str) -> str:
 
 
 def compute_proxy_config(mesh: Mesh, workload: Workload,
-                         overrides: Mapping[str, TrafficOverride] = MappingProxyType({})) -> ProxyConfig:
+                         overrides: Mapping[str, TrafficOverride] = MappingProxyType({}),
+                         authz_overrides: Mapping[str, AuthzOverride] = MappingProxyType({})) -> ProxyConfig:
     """The desired config of `workload`'s Envoy: one inbound listener, one outbound listener per upstream, and
     per upstream the cluster of every instance, then one per version (two versions or more). Each upstream
-    service's policy is the inventory's with its run-time override (`overrides`, by service) applied."""
+    service's policy is the inventory's with its run-time override (`overrides`, by service) applied; the inbound
+    listener's authorization is its own service's rules with its run-time deny (`authz_overrides`, by service)."""
     proxy = paths.proxy_name(workload)
     trust_domain = mesh.settings.trust_domain
     policies = {upstream.service: apply_override(mesh.policy(upstream.service), overrides.get(upstream.service))
@@ -96,7 +103,7 @@ def compute_proxy_config(mesh: Mesh, workload: Workload,
             CertificateSecret(CERTIFICATE_SECRET, paths.cert_path(proxy), paths.key_path(proxy)),
             TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.proxy_ca_path(proxy)),
         ),
-        inbound=_inbound(mesh, workload),
+        inbound=_inbound(mesh, workload, authz_overrides.get(workload.service)),
         outbound=tuple(_outbound(mesh, workload, upstream, clusters[0].protocol, policies[upstream.service])
                        for upstream, clusters in zip(workload.upstreams, upstream_clusters, strict=True)),
         clusters=(_local_app_cluster(proxy, workload), *(cluster for clusters in upstream_clusters
@@ -118,10 +125,11 @@ def _admin(proxy: str) -> Admin:
     return Admin(path, ADMIN_SOCKET_MODE)
 
 
-def _inbound(mesh: Mesh, workload: Workload) -> InboundListener:
+def _inbound(mesh: Mesh, workload: Workload, override: AuthzOverride | None) -> InboundListener:
     trust_domain = mesh.settings.trust_domain
-    callers = sorted({caller.service for caller in mesh.workloads
-                      if any(upstream.service == workload.service for upstream in caller.upstreams)})
+    policy = mesh.policy(workload.service)
+    inputs = inbound_inputs(mesh, workload)
+    identity = spiffe_id(trust_domain, workload.service)
     return InboundListener(
         name=INBOUND_LISTENER,
         address=INBOUND_ADDRESS,
@@ -130,15 +138,17 @@ def _inbound(mesh: Mesh, workload: Workload) -> InboundListener:
         cluster=LOCAL_APP_CLUSTER,
         tls=DownstreamTls(CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET, f"spiffe://{trust_domain}/"),
         health=HealthChain(health_server_name(trust_domain), HEALTH_PATH, LOCAL_APP_CLUSTER, 100),
+        authz_inputs=inputs,
+        authz=inbound_authz(inputs, policy, override),
+        authz_filters=AUTHZ_FILTERS,
+        mtls=policy.mtls,
         stat_prefix=telemetry.inbound_stat_name(workload.service, workload.version),
-        access_log=telemetry.inbound_access_log(workload.consul_id, workload.protocol,
-                                                spiffe_id(trust_domain, workload.service),
-                                                workload.service, workload.version),
+        access_log=telemetry.inbound_access_log(workload.consul_id, workload.protocol, identity, workload.service,
+                                                workload.version),
+        plaintext_access_log=telemetry.inbound_access_log(workload.consul_id, workload.protocol, identity,
+                                                          workload.service, workload.version, mtls=False),
         internal_cidrs=_internal_cidrs(mesh),
-        callers=tuple(Caller(service, telemetry.CLIENT_CERT_HEADER, f";URI={spiffe_id(trust_domain, service)}")
-                      for service in callers),
-        rate_limit=traffic.local_rate_limit(mesh.policy(workload.service).rate_limit)
-        if workload.protocol != "tcp" else None,
+        route=inbound_route(inputs, policy, override) if workload.protocol != "tcp" else None,
     )
 
 

@@ -9,7 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from mesh.config.authz import AuthzConfig, InboundInputs
 from mesh.inventory.model import Protocol
+from mesh.inventory.policy import MtlsMode
 
 HealthCheckKind = Literal["http", "grpc", "tcp"]
 Discovery = Literal["STATIC", "STRICT_DNS"]
@@ -315,12 +317,15 @@ class HealthChain:
     min_healthy_percent: int
 
 
+LogValue = str | bool | tuple[tuple[str, str], ...]  # a constant, an operator, or an object of operators
+
+
 @dataclass(frozen=True)
 class AccessLog:
     """One JSON line per request (HTTP) or connection (TCP) on stdout: each field a constant or an Envoy command
     operator (`%...%`), in the order written."""
 
-    fields: tuple[tuple[str, str | bool], ...]
+    fields: tuple[tuple[str, LogValue], ...]
 
 
 @dataclass(frozen=True)
@@ -334,8 +339,38 @@ class Caller:
 
 
 @dataclass(frozen=True)
+class RbacFilter:
+    """One of the two RBAC filters of an inbound app chain (HTTP filter, or network filter read from its ECDS file):
+    its name, action, and the prefix of its stats and dynamic metadata keys."""
+
+    name: str
+    action: Literal["DENY", "ALLOW"]
+    prefix: str  # rules_stat_prefix and shadow_rules_stat_prefix: `<prefix>shadow_effective_policy_id`, ...
+    tcp_stat_prefix: str  # the network filter's stat_prefix: `<it>rbac.denied`
+
+
+@dataclass(frozen=True)
+class InboundRoute:
+    """The RouteConfiguration of the inbound app chain(s): one route to the local app carrying the callee's own
+    rate limit and authorization (the RBAC filters' per-route config), with per-caller virtual clusters. Computed
+    from InboundInputs, the service's policy and its run-time deny alone (mesh.config.inbound), so a controller
+    redoes it without the rest of the proxy."""
+
+    name: str
+    virtual_host: str  # the inbound stat name: its vhost stats carry it
+    cluster: str
+    protocol: Protocol
+    authz: AuthzConfig
+    authz_filters: tuple[RbacFilter, ...]  # DENY then ALLOW: the names its per-route config is under
+    callers: tuple[Caller, ...] = ()
+    rate_limit: LocalRateLimit | None = None  # the filter is always there, disabled without it
+    rate_limit_stat_prefix: str = "inbound_rate_limit"  # <prefix>.http_local_rate_limit.rate_limited counts 429s
+
+
+@dataclass(frozen=True)
 class InboundListener:
-    """mTLS on proxy_port: the default chain forwards to the local app, the health chain reports on it."""
+    """mTLS on proxy_port: the app chain forwards to the local app through the DENY then ALLOW RBAC filters, the
+    health chain reports on it; with mtls `permissive` a plaintext chain (the same filters and route) too."""
 
     name: str
     address: str
@@ -344,16 +379,32 @@ class InboundListener:
     cluster: str
     tls: DownstreamTls
     health: HealthChain
+    authz_inputs: InboundInputs  # with the policy and run-time deny: what `authz` and `route` are computed from
+    authz: AuthzConfig
+    authz_filters: tuple[RbacFilter, ...]  # DENY then ALLOW, before the rate limit (HTTP) or tcp_proxy (TCP)
+    mtls: MtlsMode = "strict"
     stat_prefix: str = "inbound"  # also the name of the app route's virtual host
     access_log: AccessLog = AccessLog(())
+    plaintext_access_log: AccessLog = AccessLog(())  # the plaintext chain's (`mtls: false`)
     internal_cidrs: tuple[str, ...] = ()  # the mesh's host addresses: their x-request-id is kept
-    callers: tuple[Caller, ...] = ()
-    rate_limit: LocalRateLimit | None = None  # the app route's (the filter is always there, disabled without it)
-    rate_limit_stat_prefix: str = "inbound_rate_limit"  # <prefix>.http_local_rate_limit.rate_limited counts 429s
+    route: InboundRoute | None = None  # http-ish only
+    rate_limit_stat_prefix: str = "inbound_rate_limit"
 
     @property
     def http(self) -> bool:
         return self.protocol != "tcp"
+
+    @property
+    def permissive(self) -> bool:
+        return self.mtls == "permissive"
+
+    @property
+    def callers(self) -> tuple[Caller, ...]:
+        return self.route.callers if self.route is not None else ()
+
+    @property
+    def rate_limit(self) -> LocalRateLimit | None:
+        return self.route.rate_limit if self.route is not None else None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ It owns these names and formats so that config, the golden files and every reade
 
 from __future__ import annotations
 
-from mesh.config.model import AccessLog, StatsTag
+from mesh.config.model import AccessLog, LogValue, RbacFilter, StatsTag
 from mesh.inventory.model import Protocol
 
 ACCESS_MARKER = "access"  # the `mesh` field of every access line: what readers filter on
@@ -15,6 +15,14 @@ SOURCE_VERSION_HEADER = "x-mesh-source-version"
 SOURCE_INSTANCE_HEADER = "x-mesh-source-instance"
 CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 ENDPOINT_METADATA_NAMESPACE = "mesh"  # filter_metadata key of every upstream lb_endpoint
+# The inbound app chain's RBAC filters (HTTP filters, or network filters), DENY first. Both write their dynamic
+# metadata into one namespace (envoy.filters.{http,network}.rbac), keyed by their prefix:
+# `<prefix>shadow_effective_policy_id`, `<prefix>shadow_engine_result` (HTTP also `<prefix>enforced_...`).
+# HTTP stats: http.<inbound stat prefix>.rbac.<prefix>{allowed,denied,shadow_allowed,shadow_denied}; TCP stats:
+# <tcp_stat_prefix>rbac.{allowed,denied} and <tcp_stat_prefix>rbac.<prefix>shadow_{allowed,denied}.
+DENY_FILTER = RbacFilter("mesh.authz.deny", "DENY", "mesh_authz_deny_", "mesh_authz_deny.")
+ALLOW_FILTER = RbacFilter("mesh.authz.allow", "ALLOW", "mesh_authz_allow_", "mesh_authz_allow.")
+AUTHZ_FILTERS = (DENY_FILTER, ALLOW_FILTER)
 
 # Stat names mesh composes: `outbound|S|V|D` (caller S at version V, upstream D; a version cluster of D's at DV:
 # `outbound|S|V|D|DV`), `inbound|D|W` (callee D at W).
@@ -76,9 +84,9 @@ def _upstream_host_metadata(key: str) -> str:
     return f"%METADATA(UPSTREAM_HOST:{ENDPOINT_METADATA_NAMESPACE}:{key})%"
 
 
-def _line(proxy: str, direction: str, protocol: Protocol, identity: tuple[tuple[str, str], ...], mtls: bool) \
-        -> AccessLog:
-    head: tuple[tuple[str, str | bool], ...] = (
+def _line(proxy: str, direction: str, protocol: Protocol, identity: tuple[tuple[str, str], ...], mtls: bool,
+          extra: tuple[tuple[str, LogValue], ...] = ()) -> AccessLog:
+    head: tuple[tuple[str, LogValue], ...] = (
         ("mesh", ACCESS_MARKER),
         ("time", "%START_TIME(%Y-%m-%dT%H:%M:%S.%6fZ)%"),
         ("proxy", proxy),
@@ -86,12 +94,26 @@ def _line(proxy: str, direction: str, protocol: Protocol, identity: tuple[tuple[
         ("protocol", protocol),
     )
     http = _HTTP_FIELDS if protocol != "tcp" else ()
-    return AccessLog((*head, *identity, *_CONNECTION_FIELDS, ("mtls", mtls), *http))
+    return AccessLog((*head, *identity, *_CONNECTION_FIELDS, ("mtls", mtls), *http, *extra))
 
 
-def inbound_access_log(proxy: str, protocol: Protocol, spiffe_id: str, service: str, version: str) -> AccessLog:
+def authz_shadow(protocol: Protocol) -> tuple[tuple[str, str], ...]:
+    """The `authz_shadow` object of an inbound line: what the shadow rules would have done, from the RBAC filters'
+    dynamic metadata. `deny`: the shadow deny entry that would deny (the smallest name when several would; null
+    when none would); `allow`: `denied` when the allow entries with the shadow allow rules enforced would deny
+    (rule `none`), `allowed`, or null (no shadow allow rule, or the DENY filter denied first)."""
+    namespace = "envoy.filters.network.rbac" if protocol == "tcp" else "envoy.filters.http.rbac"
+    deny, allow = DENY_FILTER.prefix, ALLOW_FILTER.prefix
+    return (("deny", f"%DYNAMIC_METADATA({namespace}:{deny}shadow_effective_policy_id)%"),
+            ("allow", f"%DYNAMIC_METADATA({namespace}:{allow}shadow_engine_result)%"))
+
+
+def inbound_access_log(proxy: str, protocol: Protocol, spiffe_id: str, service: str, version: str,
+                       mtls: bool = True) -> AccessLog:
     """The callee's line: the peer's id from its certificate; on HTTP the caller's service, version and instance
-    from the headers the caller's Envoy set (outbound_request_headers); on TCP they are not known."""
+    from the headers the caller's Envoy set (outbound_request_headers); on TCP they are not known. A denial's rule
+    is in response_code_details (HTTP) or connection_termination_details (TCP); the shadow rules' verdict in
+    `authz_shadow`. mtls=False: the plaintext chain's line (a permissive service)."""
     callers = () if protocol == "tcp" else (
         ("source_service", _request_header(SOURCE_SERVICE_HEADER)),
         ("source_version", _request_header(SOURCE_VERSION_HEADER)),
@@ -105,7 +127,7 @@ def inbound_access_log(proxy: str, protocol: Protocol, spiffe_id: str, service: 
         ("destination_version", version),
         ("destination_instance", proxy),
     )
-    return _line(proxy, "inbound", protocol, identity, mtls=True)
+    return _line(proxy, "inbound", protocol, identity, mtls=mtls, extra=(("authz_shadow", authz_shadow(protocol)),))
 
 
 def outbound_access_log(proxy: str, protocol: Protocol, spiffe_id: str, service: str, version: str,

@@ -332,6 +332,7 @@ def test_a_change_that_fails_the_health_gate_is_rolled_back_without_a_restart(
     vm1.stub(r'^echo "READY', CommandResult(0, f"READY LIVE\nBOOT {running}\n".encode(), b""))
     vm1.commands.clear()
     vm1.puts.clear()
+    vm2_puts = len(setup.fleet.host("vm2").puts)
     changed = replace(setup, mesh=_with_web_upstreams(setup.mesh, Upstream("api", 19101), Upstream("db", 19102)))
     result, out = deploy(changed)
     assert exit_code(result) == 2 and result.failed_hosts == ["vm1"], out
@@ -341,4 +342,7 @@ def test_a_change_that_fails_the_health_gate_is_rolled_back_without_a_restart(
     assert staged in vm1.puts  # the change was made (a new cluster's endpoints), then undone
     assert {path: found.data for path, found in vm1.files.items() if path.startswith(folder)} == before
     assert not restarts(vm1) and vm1.running["web-8080"] == running  # Envoy reloaded the files it had: no restart
-    assert "PLAY RECAP" in out and result.stats["vm2"].changed == 0
+    # vm2 changed db's ALLOW filter file alone (web now declares db as an upstream: the default lets it call db)
+    assert "PLAY RECAP" in out and result.stats["vm2"].changed == 1
+    assert [path.rsplit("/", 1)[-1] for path in setup.fleet.host("vm2").puts[vm2_puts:] if "/xds/" in path] == [
+        "ecds.mesh.authz.allow.yaml"]

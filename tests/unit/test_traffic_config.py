@@ -187,8 +187,9 @@ def test_without_a_policy_one_route_to_every_instance_with_the_default_retries()
     assert [f["name"] for f in outbound] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
     app_chain = next(c for c in listeners["inbound"]["filter_chains"] if c["name"] == "app")
     inbound = app_chain["filters"][0]["typed_config"]["http_filters"]
-    assert [f["name"] for f in inbound] == ["envoy.filters.http.local_ratelimit", "envoy.filters.http.router"]
-    assert set(inbound[0]["typed_config"]) == {"@type", "stat_prefix"}  # no bucket: disabled
+    assert [f["name"] for f in inbound] == ["mesh.authz.deny", "mesh.authz.allow", "envoy.filters.http.local_ratelimit",
+                                            "envoy.filters.http.router"]
+    assert set(inbound[2]["typed_config"]) == {"@type", "stat_prefix"}  # no bucket: disabled
     (assignment,) = resources(files, "eds.upstream-api.yaml")
     assert assignment["policy"] == {"overprovisioning_factor": 140}
     assert [group.get("priority", 0) for group in assignment["endpoints"]] == [0]
@@ -312,9 +313,10 @@ def test_the_rate_limit_is_the_callees_own_on_its_inbound_app_route() -> None:
     assert limit["token_bucket"] == {"max_tokens": 150, "tokens_per_fill": 100, "fill_interval": "1s"}
     assert limit["filter_enabled"]["default_value"] == limit["filter_enforced"]["default_value"] == {
         "numerator": 100, "denominator": "HUNDRED"}
-    # web's own inbound route has none: the policy is api's
+    # web's own inbound route has none (only its authorization): the policy is api's
     (web_route,) = resources(rich_files(), "rds.inbound.yaml")
-    assert "typed_per_filter_config" not in web_route["virtual_hosts"][0]["routes"][0]
+    assert set(web_route["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"]) == {"mesh.authz.deny",
+                                                                                          "mesh.authz.allow"}
 
 
 # --- endpoints: versions and zones ---
