@@ -3,7 +3,7 @@
 with mesh's real Envoy: a critical instance leaves the caller's EDS file on disk and comes back when it passes,
 nothing moves while a deploy holds its lock, the state is published in KV and the metrics served, a traffic
 override put in KV reaches the caller's route file and the state's `traffic` (an invalid one and a deleted one give
-the inventory's policy back), a standby takes over when the leader stops, Consul gone keeps the endpoints and shows staleness; a due
+the inventory's policy back), a run-time deny reaches the service's inbound route file and the state's `authz`, a standby takes over when the leader stops, Consul gone keeps the endpoints and shows staleness; a due
 certificate is renewed through `csr`/`install` with the controller's intermediate and recorded in KV.
 
 Tests wait with generous deadlines and assert the outcome, not the time.
@@ -35,11 +35,11 @@ from mesh.config import compute_proxy_config
 from mesh.config.validate import envoy_binary
 from mesh.controller import protocol
 from mesh.controller.daemon import Controller, ControllerOptions
-from mesh.controller.spec import ControllerSpec, deploy_lock_key, issued_prefix, traffic_prefix
-from mesh.controller.spec_build import route_files
+from mesh.controller.spec import ControllerSpec, authz_prefix, deploy_lock_key, issued_prefix, traffic_prefix
+from mesh.controller.spec_build import inbound_entries, route_files
 from mesh.controller.transport import LocalTransport
-from mesh.inventory.policy import Abort, Fault, TrafficOverride
-from mesh.inventory.services import override_to_json
+from mesh.inventory.policy import Abort, AuthzOverride, Fault, TrafficOverride
+from mesh.inventory.services import authz_override_to_json, override_to_json
 from mesh.pki import CertificateAuthority
 from mesh.pki.certs import Issuer, build_intermediate, new_ca_key
 from mesh.render import ProxyFiles, render_proxy_files
@@ -72,6 +72,7 @@ class Host:
     ca: CertificateAuthority
     intermediate: tuple[str, str]  # the controllers' intermediate (cert, key), signed by the CA's root
     routes: dict[str, dict[str, object]]  # web's outbound route file -> its RouteInputs JSON (as spec.json has it)
+    inbound: dict[str, dict[str, object]]  # web's inbound route file -> {"kind", "inputs"} (as spec.json has it)
 
     @property
     def eds(self) -> str:
@@ -90,6 +91,7 @@ def host(tmp_path: Path) -> Host:
     config = proxy_config_in(compute_proxy_config(loop.mesh, loop.web), home, loop.address(loop.web))
     files = render_proxy_files(config)
     routes = {path: dict(inputs) for path, inputs in route_files(config, files).items()}
+    inbound = {path: dict(entry) for path, entry in inbound_entries(config, files).items()}
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])).sign(key, hashes.SHA256()))
@@ -102,7 +104,7 @@ def host(tmp_path: Path) -> Host:
     (root / "usr/local/lib/mesh/envoy").symlink_to(envoy_binary())
     (root / "etc/mesh/ctl").mkdir(parents=True)
     (root / "etc/mesh/ctl/identities").write_text(f"{files.proxy} vm {home} root web {home}/ca.pem -\n")
-    return Host(root, files, ca, _controller_intermediate(ca, tmp_path / "controller-ca"), routes)
+    return Host(root, files, ca, _controller_intermediate(ca, tmp_path / "controller-ca"), routes, inbound)
 
 
 def _controller_intermediate(ca: CertificateAuthority, folder: Path) -> tuple[str, str]:
@@ -240,6 +242,36 @@ def test_an_override_in_consul_kv_reaches_the_callers_route_file_and_the_state(c
         requests.delete(f"{consul.url}/v1/kv/{key}", timeout=10)
     eventually(lambda: traffic() == {"api": ""}, "the key deleted: the inventory's policy everywhere")
     assert Path(rds).read_text() == planned
+
+
+def test_a_runtime_deny_in_consul_kv_reaches_the_inbound_route_file_and_the_state(
+        consul: ConsulDevServer, host: Host, start: Callable[..., Running]) -> None:
+    spec = spec_for(consul, host)
+    [vm1] = spec.hosts
+    spec = replace(spec, hosts=(replace(vm1, proxies=(replace(vm1.proxies[0], inbound=host.inbound),)),))
+    [route] = host.inbound
+    planned = Path(route).read_text()
+    key = authz_prefix(MESH_ID) + "web"
+
+    def authz() -> dict[str, str]:
+        return dict(json.loads(kv(consul, spec.state_key) or "{}").get("authz") or {})
+
+    start(spec)
+    eventually(lambda: authz() == {"web": ""}, "the state says every web instance runs the inventory's rules")
+    deny = AuthzOverride(deny_from=(f"spiffe://{TRUST_DOMAIN}/svc/api",), revision="a-7")
+    began = time.monotonic()
+    requests.put(f"{consul.url}/v1/kv/{key}", data=json.dumps(authz_override_to_json(deny, "test", "now")),
+                 timeout=10)
+    try:
+        eventually(lambda: "runtime-deny" in Path(route).read_text(), "the deny in web's inbound route file")
+        eventually(lambda: authz() == {"web": "a-7"}, "the state says every web instance runs revision a-7")
+        print(f"deny stored -> state.authz reports it: {time.monotonic() - began:.2f} s")
+        requests.put(f"{consul.url}/v1/kv/{key}", data="{not a deny", timeout=10)
+        eventually(lambda: Path(route).read_text() == planned, "an invalid deny: the inventory's rules")
+    finally:
+        requests.delete(f"{consul.url}/v1/kv/{key}", timeout=10)
+    eventually(lambda: authz() == {"web": ""}, "the key deleted: the inventory's rules everywhere")
+    assert Path(route).read_text() == planned
 
 
 def test_a_due_certificate_is_renewed_on_the_host_and_recorded(consul: ConsulDevServer, host: Host,

@@ -21,7 +21,7 @@ from mesh.controller.spec import ControllerSpec, ProxySpec
 from mesh.errors import MeshError
 from mesh.inventory.policy import NO_POLICY, AuthzOverride, ServicePolicy
 from mesh.inventory.services import authz_override_from_json, check_authz_override
-from mesh.render import RenderedFile
+from mesh.render import InboundFileKind, RenderedFile, render_inbound_file
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,10 @@ def inbound_file(proxy: ProxySpec, path: str, rules: Rules) -> RenderedFile:
 
 
 @lru_cache(maxsize=4096)
-def _inbound_file(proxy: str, path: str, kind: str, inputs: InboundInputs, policy: ServicePolicy,
+def _inbound_file(proxy: str, path: str, kind: InboundFileKind, inputs: InboundInputs, policy: ServicePolicy,
                   deny: AuthzOverride | None) -> RenderedFile:
     """Rendered once per distinct request: every endpoint change, and every round, reuse it."""
-    from mesh.render import render_inbound_file  # type: ignore[attr-defined]  # TEMP until B lands
-
-    return render_inbound_file(proxy, path, kind, inputs, policy, deny)  # type: ignore[arg-type]
+    return render_inbound_file(proxy, path, kind, inputs, policy, deny)
 
 
 def applied_authz(spec: ControllerSpec, denies: Denies | None, wanted: Wanted, on_hosts: OnHosts) -> dict[str, str]:

@@ -3,8 +3,10 @@ are given (read and computed by the deploy), so the spec says exactly what the d
 
 Every managed host of the mesh is in it, reached as the deploy reaches it (address, port, host key lines), with
 its proxies' files as rendered, which instances fill each endpoint file (a service's, or one version's), what each
-outbound route file is computed from, the host's zone and region, and the identities the controller renews there
-(each proxy's, and the checker's on a controller); and the inventory's traffic policy of every service.
+outbound route file is computed from, what each inbound authorization file is computed from, the host's zone and
+region, and the identities the controller renews there (each proxy's, and the checker's on a controller); and the
+inventory's policy of every service that has one (its traffic policy and authorization rules: every service a
+proxy serves or calls is among them when it has one).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mesh.controller.spec import (
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.inventory.services import policy_to_json
 from mesh.plan.model import HostPlan, Plan, ProxyPlan
-from mesh.render import FileSources, ProxyFiles
+from mesh.render import FileSources, ProxyFiles, inbound_files
 
 CHECKER_IDENTITY = "checker"
 
@@ -58,6 +60,15 @@ def route_files(config: ProxyConfig, files: ProxyFiles) -> dict[str, dict[str, o
     return found
 
 
+def inbound_entries(config: ProxyConfig, files: ProxyFiles) -> dict[str, dict[str, object]]:
+    """The proxy's inbound files the controller redoes from the authorization rules and run-time deny (the inbound
+    route of an HTTP service, the RBAC filter files of a TCP one): path -> {"kind", "inputs": InboundInputs JSON}."""
+    rendered = {item.path for item in files.files}
+    inputs = config.inbound.authz_inputs.to_json()
+    return {path: {"kind": kind, "inputs": inputs} for path, kind in sorted(inbound_files(config).items())
+            if path in rendered}
+
+
 def controller_files(config: ProxyConfig, files: ProxyFiles) -> frozenset[str]:
     """The files a live controller keeps current (a deploy writes them only where missing): the upstream endpoint
     files (from Consul). Outbound route files are not among them: the deploy renders them with the overrides it
@@ -75,7 +86,7 @@ def proxy_spec(proxy: ProxyPlan, host: ManagedHost) -> ProxySpec:
                   if item.kind != "trust")  # the trust bundle (ca.pem) is the deploy's, never in ProxyFiles
     return ProxySpec(proxy.name, proxy.workload.service, proxy.rendered.proxy_dir, proxy.bootstrap_sha256, files,
                      endpoint_files(proxy.config, proxy.rendered), route_files(proxy.config, proxy.rendered),
-                     host.zone, host.region)
+                     host.zone, host.region, inbound_entries(proxy.config, proxy.rendered))
 
 
 def identities(host: HostPlan) -> tuple[IdentitySpec, ...]:

@@ -203,7 +203,7 @@ def _controller(mesh: Mesh, inputs: PlanInputs, controller: ControllerInputs, fo
 
 
 def _proxy_plan(mesh: Mesh, host: ManagedHost, workload: Workload, inputs: PlanInputs) -> ProxyPlan:
-    config = compute_proxy_config(mesh, workload, inputs.overrides)
+    config = compute_proxy_config(mesh, workload, inputs.overrides, authz_overrides=inputs.authz_overrides)
     proxy = config.proxy
     rendered = render_proxy_files(config)
     container = host.kind == "container_host"
