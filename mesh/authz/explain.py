@@ -106,13 +106,15 @@ def answer(authz: ServiceAuthz, request: AuthzRequest) -> Answer:
         decision = AuthzDecision(False, STRICT_RULE)
     else:
         decision = decide(authz.config, request)
-    return Answer(decision, explain(authz, decision.rule, request.source),
-                  tuple((name, explain(authz, name, request.source)) for name in decision.would_deny))
+    plaintext = request.source is None
+    return Answer(decision, explain(authz, decision.rule, request.source, plaintext),
+                  tuple((name, explain(authz, name, request.source, plaintext)) for name in decision.would_deny))
 
 
-def explain(authz: ServiceAuthz, rule: str, source: str | None = None) -> str:
-    """A rule's name with what it says: `deny[0] {from: [web], paths: [/admin/*]}`,
-    `default (declared: web lists api in its upstreams)`, `runtime-deny (mesh authz deny, set by X at T)`."""
+def explain(authz: ServiceAuthz, rule: str, source: str | None = None, plaintext: bool = False) -> str:
+    """A rule's name with what it says for a request from `source` (an id; `plaintext`: a plaintext client):
+    `deny[0] {from: [web], paths: [/admin/*]}`, `default (declared: web lists api in its upstreams)`,
+    `runtime-deny (mesh authz deny, set by X at T)`."""
     numbered = _NUMBERED.fullmatch(rule)
     if numbered is not None:
         rules = authz.policy.authz.allow if numbered.group(1) == "allow" else authz.policy.authz.deny
@@ -124,7 +126,7 @@ def explain(authz: ServiceAuthz, rule: str, source: str | None = None) -> str:
         when = f" at {stored.at}" if stored is not None and stored.at else ""
         return f"runtime-deny (mesh authz deny{who}{when})"
     if rule == "default":
-        return f"default ({default_text(authz, source)})"
+        return f"default ({default_text(authz, source, plaintext)})"
     if rule == STRICT_RULE:
         return f"{STRICT_RULE} ({authz.service} accepts only mTLS: a plaintext client fails the handshake)"
     if rule == "none":
@@ -132,11 +134,12 @@ def explain(authz: ServiceAuthz, rule: str, source: str | None = None) -> str:
     return rule
 
 
-def default_text(authz: ServiceAuthz, source: str | None = None) -> str:
-    """What the mesh's default allows for this service, in words (for `source` when it is named)."""
+def default_text(authz: ServiceAuthz, source: str | None = None, plaintext_request: bool = False) -> str:
+    """What the mesh's default allows for this service, in words (for `source` when it is named, or for a
+    plaintext client)."""
     default = authz.inputs.authz_default
     plaintext = "; permissive: plaintext clients too" if authz.permissive else ""
-    if source is None and authz.permissive:
+    if plaintext_request and authz.permissive:
         return f"{default}; permissive: plaintext clients are allowed"
     if default == "declared":
         trust = f"spiffe://{authz.inputs.trust_domain}/svc/"

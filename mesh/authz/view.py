@@ -112,8 +112,10 @@ def applied_text(authz: ServiceAuthz, applied: AppliedRevisions) -> str:
 def show_text(authz: ServiceAuthz, applied: AppliedRevisions) -> str:
     """One service's rules (lines end with '\\n')."""
     rules = authz.policy.authz
+    named = sorted({source for rule in rules.allow for source in rule.sources})
+    excluded = f" (not for {', '.join(named)}: the allow rules naming them decide)" if named else ""
     lines = [f"{authz.service} ({authz.protocol}, mtls {authz.policy.mtls})",
-             f"  default: {default_text(authz)}"]
+             f"  default: {default_text(authz)}{excluded}"]
     lines += [f"  deny[{index}] {rule_text(rule)}" for index, rule in enumerate(rules.deny)]
     lines += [f"  allow[{index}] {rule_text(rule)}" for index, rule in enumerate(rules.allow)]
     if not rules.deny and not rules.allow:

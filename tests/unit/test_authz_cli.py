@@ -379,7 +379,8 @@ def test_show_lists_rules_default_mtls_and_the_run_time_deny(
     assert code == EXIT_OK
     assert out.splitlines() == [
         "api (http, mtls permissive)",
-        "  default: declared; permissive: plaintext clients are allowed",
+        ("  default: declared: web lists api in its upstreams; permissive: plaintext clients too (not for web: the "
+        "allow rules naming them decide)"),
         "  deny[0] {from: [web], paths: [/admin/*]}",
         "  deny[1] {from: [web], methods: [DELETE], mode: shadow}",
         "  allow[0] {from: [web], methods: [GET], paths: [/orders, /orders/*]}",
