@@ -21,7 +21,16 @@ from mesh.authz import changes
 from mesh.authz.changes import known_service, known_source
 from mesh.authz.explain import answer, callers_of, cell, every_service_authz, matrix_sources, service_authz
 from mesh.authz.kv import AuthzStore, ConsulAuthz, StoredDeny
-from mesh.authz.view import Checked, check_json, check_lines, matrix_json, print_matrix, show_json, show_text
+from mesh.authz.view import (
+    Checked,
+    check_json,
+    check_lines,
+    inactive_text,
+    matrix_json,
+    print_matrix,
+    show_json,
+    show_text,
+)
 from mesh.cli_inventory import inventory_option
 from mesh.config.authz import AuthzRequest, source_id
 from mesh.drain import operator
@@ -177,6 +186,9 @@ def show_command(service: str | None, inventory_option: str | None, as_json: boo
     for name in strays:
         click.echo(f"run-time deny of {name}: ignored, the inventory has no service {name!r} "
                    f"(`mesh authz deny {name} --undo` removes it)")
+    inactive = inactive_text(applied)
+    if inactive is not None:
+        click.echo(inactive)
 
 
 @authz.command("deny")

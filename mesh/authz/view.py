@@ -96,8 +96,6 @@ def matrix_json(sources: tuple[str, ...], destinations: tuple[str, ...],
 def applied_text(authz: ServiceAuthz, applied: AppliedRevisions) -> str:
     """Whether every instance of the service enforces the run-time deny shown, in words."""
     wanted = authz.override.revision if authz.override is not None else ""
-    if not applied.active:
-        return f"no controller is active ({applied.reason}): instances follow the last deploy or push"
     reported = applied.revision(authz.service)
     if reported is None:
         return "not reported by the controller (a push is pending or failed)" if wanted else "nothing to apply"
@@ -129,8 +127,16 @@ def show_text(authz: ServiceAuthz, applied: AppliedRevisions) -> str:
                      + (f", revision {stored.override.revision}" if stored.override is not None else ""))
         if authz.problems:
             lines.append(f"    IGNORED (the inventory's rules hold): {'; '.join(authz.problems)}")
-    lines.append(f"  controller: {applied_text(authz, applied)}")
+    if applied.active:  # else one line for every service: inactive_text
+        lines.append(f"  controller: {applied_text(authz, applied)}")
     return "\n".join(lines) + "\n"
+
+
+def inactive_text(applied: AppliedRevisions) -> str | None:
+    """Said once under the services when no controller is active."""
+    if applied.active:
+        return None
+    return f"controller: none active ({applied.reason}): instances follow the last deploy or push"
 
 
 def show_json(authz: ServiceAuthz, applied: AppliedRevisions) -> dict[str, Any]:

@@ -411,6 +411,11 @@ def test_show_says_when_the_deny_is_not_applied_or_ignored(
     assert "    IGNORED (the inventory's rules hold): " in out and "nosuch" in out
     assert ("run-time deny of gone: ignored, the inventory has no service 'gone' (`mesh authz deny gone --undo` "
             "removes it)") in out
+    kv.controller = None
+    code, out, _ = mesh_run(["authz", "show", "-i", str(inventory)], capsys)
+    assert "  controller:" not in out  # said once, under the services
+    assert out.splitlines()[-1] == ("controller: none active (its state is older than 60s): instances follow the "
+                                    "last deploy or push")
     code, _, err = mesh_run(["authz", "show", "apii", "-i", str(inventory)], capsys)
     assert code == EXIT_USAGE and "did you mean 'api'?" in err
 
