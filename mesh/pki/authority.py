@@ -146,8 +146,8 @@ class CertificateAuthority:
         if not os.path.isdir(ca_dir):
             raise MeshError(f"no mesh CA in {state_dir}", "run `mesh ca init` (or a deploy) to make one")
         require_private(ca_dir, "the CA folder")
+        phase = read_phase(ca_dir)  # first: an interrupted finish is named as such, not as a corrupt CA
         current = read_material(ca_dir)
-        phase = read_phase(ca_dir)
         if phase == "idle":
             return cls(state_dir, current.trust_domain, current, (current.root,), phase)
         upcoming = read_material(os.path.join(ca_dir, NEXT_FOLDER))
