@@ -40,6 +40,7 @@ from mesh.lab.topology import LabSize, build_topology, render_inventory
 from mesh.render import ProxyFiles, RenderedFile, render_proxy_files, validate_proxy_files
 from mesh.testing import loopback
 from mesh.testing.loopback import RunningEnvoy, eventually, free_port, stop_envoys
+from tests.unit import test_config_authz as authz_config
 
 GOLDEN_INVENTORY = Path(__file__).resolve().parent / "golden" / "envoy" / "input" / "inventory.yaml"
 TRUST_DOMAIN = "loop.mesh"
@@ -79,6 +80,20 @@ def test_lab_proxies_files_pass_envoy(tmp_path: Path) -> None:
         validate_proxy_files(files, ca)
 
 
+@pytest.mark.parametrize("case", sorted(authz_config.GOLDENS))
+def test_authz_golden_files_pass_envoy(case: str) -> None:
+    """Rules with methods, paths, headers and shadow entries, a run-time deny, permissive HTTP and TCP: the RBAC
+    filters (per route, or read from ECDS files: static_bootstrap inlines them) and the plaintext chain."""
+    validate_proxy_files(authz_config.golden_files(case), make_ca("authz CA").cert_pem)
+
+
+def test_a_broken_ecds_file_is_refused_with_envoys_reason() -> None:
+    files = authz_config.golden_files("authz-db-permissive")
+    with pytest.raises(EnvoyRejectedConfig, match="PERMIT"):
+        validate_proxy_files(broken(files, "ecds.mesh.authz.allow.yaml", "action: ALLOW", "action: PERMIT"),
+                             make_ca("authz CA").cert_pem)
+
+
 def broken(files: ProxyFiles, name: str, old: str, new: str) -> ProxyFiles:
     """files with `old` replaced by `new` (once) in the xds file `name`."""
     path = f"{files.proxy_dir}/xds/{name}"
@@ -96,7 +111,9 @@ def broken(files: ProxyFiles, name: str, old: str, new: str) -> ProxyFiles:
     ("rds.outbound-pricing.yaml", "num_retries: 2", "num_retries: many", "num_retries"),
     ("eds.upstream-db.yaml", "address: 10.0.0.12", "address: not-an-ip", "not-an-ip"),
     ("sds.proxy-cert.yaml", "certificate_chain:", "certificate_chian:", "certificate_chian"),
-], ids=["listener-filter", "listener-port", "cluster-lb-policy", "cluster-timeout", "route", "endpoint", "secret"])
+    ("rds.inbound.yaml", "action: ALLOW", "action: PERMIT", "PERMIT"),
+], ids=["listener-filter", "listener-port", "cluster-lb-policy", "cluster-timeout", "route", "endpoint", "secret",
+        "rbac"])
 def test_a_broken_resource_file_is_refused_with_envoys_reason(name: str, old: str, new: str, reason: str) -> None:
     mesh = mesh_of(GOLDEN_INVENTORY)
     api = next(w for w in mesh.workloads if (w.host, w.service) == ("vm2", "api"))
