@@ -258,7 +258,7 @@ def test_a_runtime_deny_in_consul_kv_reaches_the_inbound_route_file_and_the_stat
 
     start(spec)
     eventually(lambda: authz() == {"web": ""}, "the state says every web instance runs the inventory's rules")
-    deny = AuthzOverride(deny_from=(f"spiffe://{TRUST_DOMAIN}/svc/api",), revision="a-7")
+    deny = AuthzOverride(deny_from=("web",), revision="a-7")  # the only service this spec has a proxy of
     began = time.monotonic()
     requests.put(f"{consul.url}/v1/kv/{key}", data=json.dumps(authz_override_to_json(deny, "test", "now")),
                  timeout=10)
