@@ -74,7 +74,8 @@ _STATE_DIR = click.option("--state-dir", default=None, help="The CA's state fold
 
 @click.group()
 def ca() -> None:
-    """mesh's certificate authority: a root and an intermediate (ECDSA P-256) in mesh_state_dir/ca/."""
+    """mesh's certificate authority: a root and an intermediate (ECDSA P-256, or your own intermediate) in
+    mesh_state_dir/ca/, rotated in phases by `mesh ca rotate`."""
 
 
 _GIVEN = click.option("--intermediate", "intermediate", nargs=2, default=None, metavar="CERT KEY",
@@ -128,6 +129,9 @@ def show(inventory: str | None, state_dir: str | None) -> None:
     authority = CertificateAuthority.load(target.state_dir)
     click.echo(f"mesh CA in {authority.ca_dir} (trust domain {authority.trust_domain})")
     click.echo(f"root SHA-256 fingerprint: {fingerprint(authority.root)}")
+    if authority.phase != "idle":
+        click.echo(f"rotation under way, phase {authority.phase}: the bundle trusts "
+                   + ", ".join(authority.bundle_fingerprints) + " (`mesh ca status INVENTORY` shows the hosts)")
     console = Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
     console.print(ca_table(authority, datetime.now(UTC)))
     root_key = os.path.join(authority.ca_dir, ROOT_KEY)

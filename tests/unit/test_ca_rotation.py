@@ -330,3 +330,11 @@ def test_a_deploy_during_and_after_a_rotation_trusts_the_state_dirs_roots(state:
     done = CertificateAuthority.load(state)
     assert verdict(both, done.root_pem) == ()  # a host the finish has not reached yet is still ours
     assert verdict(old.root_pem, stranger.root_pem) == ("h0", "h1")  # only an archived root: foreign
+
+
+def test_ca_show_names_a_rotation_under_way(state: str, capsys: pytest.CaptureFixture[str]) -> None:
+    begin(os.path.join(state, "ca"), TD, None)
+    ca = CertificateAuthority.load(state)
+    assert run(["ca", "show", "--state-dir", state]) == EXIT_OK
+    shown = capsys.readouterr().out
+    assert "rotation under way, phase start: the bundle trusts " + ", ".join(ca.bundle_fingerprints) in shown
