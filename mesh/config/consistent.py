@@ -55,8 +55,16 @@ def _dangling_secrets(cfg: ProxyConfig) -> list[str]:
 
 
 def _route_names(cfg: ProxyConfig) -> list[str]:
-    """An HTTP outbound listener reads the route named as itself: its route must be named so, and be there."""
-    return [f"listener {listener.name!r} has no route" if listener.route is None else
-            f"listener {listener.name!r} reads route {listener.name!r}, not {listener.route.name!r}"
-            for listener in cfg.outbound
-            if listener.http and (listener.route is None or listener.route.name != listener.name)]
+    """An HTTP listener (outbound, or the inbound app chain) reads the route named as itself: its route must be named
+    so, and be there; a TCP one has none."""
+    found = [f"listener {listener.name!r} has no route" if listener.route is None else
+             f"listener {listener.name!r} reads route {listener.name!r}, not {listener.route.name!r}"
+             for listener in cfg.outbound
+             if listener.http and (listener.route is None or listener.route.name != listener.name)]
+    inbound = cfg.inbound
+    if inbound.http and (inbound.route is None or inbound.route.name != inbound.name):
+        found.append(f"listener {inbound.name!r} reads route {inbound.name!r}, not "
+                     f"{inbound.route.name if inbound.route else None!r}")
+    if not inbound.http and inbound.route is not None:
+        found.append(f"TCP listener {inbound.name!r} has a route")
+    return found

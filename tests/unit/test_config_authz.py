@@ -8,6 +8,7 @@ rules, shadow rules and permissive HTTP and TCP are in tests/golden/envoy/authz-
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.config import compute_proxy_config
+from mesh.config import InconsistentConfig, compute_proxy_config
 from mesh.config.authz import InboundInputs
 from mesh.config.model import ProxyConfig
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Protocol, Upstream, Workload
@@ -371,3 +372,11 @@ def test_authz_goldens(case: str, update_goldens: bool) -> None:
     else:
         assert kept == set(rendered), f"{folder} holds files mesh no longer renders: run pytest --update-goldens"
 
+
+
+def test_the_inbound_listener_reads_the_route_named_as_itself() -> None:
+    cfg = config_of(authz_mesh(), "api")
+    assert cfg.inbound.route is not None
+    renamed = replace(cfg, inbound=replace(cfg.inbound, route=replace(cfg.inbound.route, name="elsewhere")))
+    with pytest.raises(InconsistentConfig, match="reads route 'inbound', not 'elsewhere'"):
+        render_proxy_files(renamed)
