@@ -286,6 +286,14 @@ class WaitResult:
         return f"the active controller reports {shown}, not {wanted} (a push is pending or failed)"
 
 
+def not_applied_text(service: str, revision: str, timeout: float, waited: WaitResult,
+                     where: str = "every caller") -> str:
+    """What a command says when the wait ended before the controllers reported `revision` ("" = the removal)."""
+    what = f"revision {revision}" if revision else "the removal"
+    return (f"{service}: {what} not applied within {timeout:g} s: {waited.why_not(service, revision, where)}; it "
+            "stays stored in Consul: a controller applies it when one runs, or the next `mesh deploy` does")
+
+
 class Reporting(Protocol):
     def applied(self) -> AppliedRevisions: ...
 

@@ -39,7 +39,7 @@ from mesh.inventory.model import Mesh
 from mesh.inventory.policy import AuthzOverride
 from mesh.inventory.policy_values import check_method, check_path
 from mesh.inventory.values import BadValue
-from mesh.runtime_kv import AppliedRevisions, Unchanged, read_all_or_warn, wait_applied
+from mesh.runtime_kv import AppliedRevisions, Unchanged, not_applied_text, read_all_or_warn, wait_applied
 from mesh.status.output import PIPED_WIDTH
 from mesh.traffic.commands import MAX_WAIT_S, load_mesh, no_wait_option, wait_option
 from mesh.traffic.options import parse_header, parse_seconds
@@ -243,8 +243,5 @@ def _change(mesh: Mesh, service: str, make: changes.Make, timeout: float | None,
     if waited.applied:
         click.echo(f"{service}: enforced by every instance ({instances}) in {waited.seconds:.1f} s")
         return EXIT_OK
-    what = f"revision {written.revision}" if written.revision else "the removal"
-    _err(f"ERROR: {service}: {what} not applied within {timeout:g} s: "
-         f"{waited.why_not(service, written.revision, 'every instance')}; it stays stored in Consul: a controller "
-         "applies it when one runs, or the next `mesh deploy` does")
+    _err(f"ERROR: {not_applied_text(service, written.revision, timeout, waited, 'every instance')}")
     return EXIT_ERROR

@@ -19,6 +19,7 @@ from mesh.drain import operator
 from mesh.errors import EXIT_ERROR, EXIT_OK, UsageError
 from mesh.inventory.model import Mesh
 from mesh.inventory.policy import TrafficOverride
+from mesh.runtime_kv import not_applied_text
 from mesh.traffic import changes, options
 from mesh.traffic.changes import Make, TrafficTarget, Unchanged, Written, traffic_target, update, wait_applied
 from mesh.traffic.kv import ConsulTraffic, TrafficStore
@@ -202,9 +203,7 @@ def _change(mesh: Mesh, target: TrafficTarget, make: Make, timeout: float | None
     if waited.applied:
         echo(f"{service}: applied to every caller ({', '.join(target.callers)}) in {waited.seconds:.1f} s")
         return EXIT_OK
-    what = f"revision {written.revision}" if written.revision else "the removal"
-    err(f"ERROR: {service}: {what} not applied within {timeout:g} s: {waited.why_not(service, written.revision)}; "
-        "it stays stored in Consul: a controller applies it when one runs, or the next `mesh deploy` does")
+    err(f"ERROR: {not_applied_text(service, written.revision, timeout, waited)}")
     return EXIT_ERROR
 
 

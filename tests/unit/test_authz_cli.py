@@ -92,6 +92,13 @@ def mesh_run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, out, err
 
 
+class Down(FakeTraffic):
+    """A Consul that does not answer."""
+
+    def read_all(self) -> Mapping[str, Any]:
+        raise MeshError("Consul is unreachable at http://127.0.0.1:1")
+
+
 def deny_value(*sources: str, revision: str = "r1") -> dict[str, Any]:
     return {"deny_from": list(sources), "revision": revision, "set_by": "ops@laptop", "at": "2026-12-06T20:00:00Z"}
 
@@ -157,10 +164,6 @@ def test_check_warns_of_an_ignored_run_time_deny_and_of_a_consul_that_does_not_a
     code, out, err = mesh_run(["authz", "check", "web", "api", "GET", "/orders", "-i", str(inventory)], capsys)
     assert code == EXIT_OK and out.startswith("web -> api GET /orders: allowed")
     assert err.startswith("[WARNING]: the run-time deny of api is ignored: ") and "nosuch" in err
-
-    class Down(FakeTraffic):
-        def read_all(self) -> Mapping[str, Any]:
-            raise MeshError("Consul is unreachable at http://127.0.0.1:1")
 
     monkeypatch.setattr(commands, "STORE", lambda mesh: Down(decode=decode_deny))
     code, out, err = mesh_run(["authz", "check", "web", "api", "GET", "/orders", "-i", str(inventory)], capsys)
@@ -434,11 +437,8 @@ def test_the_deploy_plans_with_every_usable_deny_and_warns_of_the_others(invento
     assert len(warnings) == 2 and all(warning.startswith("the run-time override of ") for warning in warnings)
     assert "(`mesh authz deny db --undo` removes it)" in warnings[0] and "not JSON" in warnings[1]
 
-    class Down(FakeTraffic):
-        def read_all(self) -> Mapping[str, Any]:
-            raise MeshError("Consul is unreachable")
-
     warnings.clear()
     assert plan_authz_overrides(mesh, warnings.append, Down(decode=decode_deny)) == {}
-    assert warnings == [("cannot read the run-time denies (mesh authz deny) (Consul is unreachable): authorization "
+    assert warnings == [("cannot read the run-time denies (mesh authz deny) (Consul is unreachable at "
+                         "http://127.0.0.1:1): authorization "
                         "as the inventory says")]
