@@ -51,14 +51,25 @@ def roots_on(lab: LabUp, host: str, path: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabUp]:
-    """The shared lab, deployed, with no rotation under way (one a failed run left is finished first)."""
+    """The shared lab, deployed, with no rotation under way (one a failed run left is finished first, and again
+    when the module ends, so the next module finds a lab with one root)."""
     with shared_lab() as up:
-        phase = CertificateAuthority.load(state_dir()).phase if _has_ca() else "idle"
-        for name in {"start": ("switch", "finish"), "switch": ("finish",)}.get(phase, ()):
-            assert step(name).code == 0, f"finishing the rotation a previous run left at {phase} failed"
+        finish_rotation()
         deployed = run_mesh("deploy", str(INVENTORY), timeout=STEP_TIMEOUT)
         assert deployed.code == 0, f"the lab's deploy failed:\n{deployed}"
-        yield up
+        try:
+            yield up
+        finally:
+            finish_rotation()
+
+
+def finish_rotation() -> None:
+    phase = CertificateAuthority.load(state_dir()).phase if _has_ca() else "idle"
+    if phase != "idle":  # the phase reaches every host first, or the next step is refused
+        run_mesh("deploy", str(INVENTORY), timeout=STEP_TIMEOUT)
+    for name in {"start": ("switch", "finish"), "switch": ("finish",)}.get(phase, ()):
+        done = step(name)
+        assert done.code == 0, f"finishing the rotation left at {phase} failed:\n{done}"
 
 
 def _has_ca() -> bool:
