@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
+from kv_consul import MESH_ID, acl_consul, kv_inventory, master
 
 from mesh import catalog
 from mesh.authz import changes
@@ -28,41 +28,19 @@ from mesh.inventory.check import check_inventory
 from mesh.inventory.loader import load_inventory
 from mesh.testing.consul_server import ConsulDevServer
 
-MESH_ID = "lab.mesh"
-
 
 @pytest.fixture(scope="module")
 def consul() -> Iterator[ConsulDevServer]:
-    from mesh.lab.images import ensure_consul_binary
-
-    with ConsulDevServer(ensure_consul_binary(), acl=True) as server:  # a failure to get Consul fails, never skips
-        yield server
+    yield from acl_consul()
 
 
 @pytest.fixture
 def inventory(tmp_path: Path, consul: ConsulDevServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("MESH_INVENTORY", raising=False)
-    token = tmp_path / "consul-token"
-    token.write_text(consul.mesh_token() + "\n")
-    token.chmod(0o600)
-    path = tmp_path / "hosts.yaml"
-    path.write_text(json.dumps({"all": {
-        "vars": {"mesh_trust_domain": MESH_ID, "mesh_consul_url": consul.url, "mesh_consul_token_file": str(token),
-                 "mesh_state_dir": str(tmp_path / "state")},
-        "children": {"mesh_controllers": {"hosts": {"ctl1": {"ansible_host": "10.77.0.3"}}}, "vms": {"hosts": {
-            "vm1": {"ansible_host": "10.77.0.11", "mesh_workloads": [
-                {"service": "web", "port": 8080, "upstreams": [{"service": "api", "local_port": 19101}]}]},
-            "vm2": {"ansible_host": "10.77.0.12", "mesh_workloads": [
-                {"service": "api", "port": 9090, "upstreams": [{"service": "db", "local_port": 19102}]},
-                {"service": "db", "port": 5432, "protocol": "tcp"},
-                {"service": "batch", "port": 7070, "upstreams": [{"service": "api", "local_port": 19103}]}]}}}}}}))
-    yield path
-    master = catalog.connect(catalog.ConsulAccess(consul.url, consul.master_token))
-    master.kv.delete(f"mesh/{MESH_ID}/", recurse=True)
-
-
-def master(consul: ConsulDevServer) -> Any:  # python-consul's client
-    return catalog.connect(catalog.ConsulAccess(consul.url, consul.master_token))
+    yield from kv_inventory(tmp_path, consul, [
+        {"service": "api", "port": 9090, "upstreams": [{"service": "db", "local_port": 19102}]},
+        {"service": "db", "port": 5432, "protocol": "tcp"},
+        {"service": "batch", "port": 7070, "upstreams": [{"service": "api", "local_port": 19103}]}])
 
 
 def stored(consul: ConsulDevServer, service: str) -> dict[str, object] | None:

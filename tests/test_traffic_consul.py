@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kv_consul import MESH_ID, acl_consul, kv_inventory
 
 from mesh import catalog
 from mesh.cli import run
@@ -19,36 +20,17 @@ from mesh.errors import EXIT_ERROR, EXIT_OK
 from mesh.testing.consul_server import ConsulDevServer
 from mesh.traffic.kv import ConsulTraffic, traffic_key
 
-MESH_ID = "lab.mesh"
-
 
 @pytest.fixture(scope="module")
 def consul() -> Iterator[ConsulDevServer]:
-    from mesh.lab.images import ensure_consul_binary
-
-    with ConsulDevServer(ensure_consul_binary(), acl=True) as server:  # a failure to get Consul fails, never skips
-        yield server
+    yield from acl_consul()
 
 
 @pytest.fixture
-def inventory(tmp_path: Path, consul: ConsulDevServer, monkeypatch: pytest.MonkeyPatch) -> Path:
+def inventory(tmp_path: Path, consul: ConsulDevServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("MESH_INVENTORY", raising=False)
-    token = tmp_path / "consul-token"
-    token.write_text(consul.mesh_token() + "\n")
-    token.chmod(0o600)
-    path = tmp_path / "hosts.yaml"
-    path.write_text(json.dumps({"all": {
-        "vars": {"mesh_trust_domain": MESH_ID, "mesh_consul_url": consul.url, "mesh_consul_token_file": str(token),
-                 "mesh_state_dir": str(tmp_path / "state")},
-        "children": {"mesh_controllers": {"hosts": {"ctl1": {"ansible_host": "10.77.0.3"}}}, "vms": {"hosts": {
-            "vm1": {"ansible_host": "10.77.0.11", "mesh_workloads": [
-                {"service": "web", "port": 8080, "upstreams": [{"service": "api", "local_port": 19101}]}]},
-            "vm2": {"ansible_host": "10.77.0.12", "mesh_workloads": [
-                {"service": "api", "version": "v1", "port": 9090},
-                {"service": "api", "version": "v2", "port": 9091}]}}}}}}))
-    yield path
-    master = catalog.connect(catalog.ConsulAccess(consul.url, consul.master_token))
-    master.kv.delete(f"mesh/{MESH_ID}/", recurse=True)
+    yield from kv_inventory(tmp_path, consul, [{"service": "api", "version": "v1", "port": 9090},
+                                               {"service": "api", "version": "v2", "port": 9091}])
 
 
 def stored(consul: ConsulDevServer, service: str) -> dict[str, object] | None:
