@@ -362,13 +362,8 @@ class Controller:
             return None
         before = self.overrides
         overrides = read_overrides(values, spec)
-        for service, reason in overrides.invalid.items():
-            if self.ignored.get(service) != values[service]:
-                self.ignored[service] = values[service]
-                self.log.warning("traffic_override_ignored", service=service, reason=reason,
-                                 effect="the inventory policy applies")
-        for service in set(self.ignored) - set(overrides.invalid):
-            del self.ignored[service]
+        self._log_ignored("traffic_override_ignored", "the inventory policy applies", overrides.invalid, values,
+                          self.ignored)
         for service in sorted(set(overrides.valid) | set(before.valid if before else {})):
             revision = overrides.revision(service)
             if before is None or before.revision(service) != revision or (service in before.valid) != (
@@ -389,13 +384,8 @@ class Controller:
             return None
         before = self.denies
         denies = read_denies(values, spec)
-        for service, reason in denies.invalid.items():
-            if self.authz_ignored.get(service) != values[service]:
-                self.authz_ignored[service] = values[service]
-                self.log.warning("authz_deny_ignored", service=service, reason=reason,
-                                 effect="the inventory's rules apply alone")
-        for service in set(self.authz_ignored) - set(denies.invalid):
-            del self.authz_ignored[service]
+        self._log_ignored("authz_deny_ignored", "the inventory's rules apply alone", denies.invalid, values,
+                          self.authz_ignored)
         for service in sorted(set(denies.valid) | set(before.valid if before else {})):
             if before is None or before.valid.get(service) != denies.valid.get(service):
                 deny = denies.valid.get(service)
@@ -403,6 +393,17 @@ class Controller:
                               deny_from=list(deny.deny_from) if deny else [])
         self.denies, self.rules = denies, MappingProxyType(inbound_rules(spec, denies))
         return self.rules
+
+    def _log_ignored(self, event: str, effect: str, invalid: Mapping[str, str], values: Mapping[str, str],
+                     logged: dict[str, str]) -> None:
+        """A warning per invalid KV value (service -> reason), once per value: `logged` holds the values already
+        logged (service -> value) and forgets the services whose value is no longer invalid."""
+        for service, reason in invalid.items():
+            if logged.get(service) != values[service]:
+                logged[service] = values[service]
+                self.log.warning(event, service=service, reason=reason, effect=effect)
+        for service in set(logged) - set(invalid):
+            del logged[service]
 
     def _applied(self) -> tuple[dict[str, str], dict[str, str]]:
         """state.traffic and state.authz: per service, the revision every file carrying it runs (routes.py,
