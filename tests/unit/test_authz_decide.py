@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.config.authz import (
     AuthzConfig,
@@ -297,3 +299,82 @@ def test_inbound_inputs_round_trip_through_json_text() -> None:
     assert InboundInputs.from_json(data) == value
     with pytest.raises(ValueError):
         InboundInputs.from_json({**data, "authz_default": "maybe"})
+
+
+# --- decide against the rules read directly ---------------------------------------------------------------------
+
+NAMES = ("web", "api", "db", "batch")
+SOURCES = (WEB, API, DB, BATCH, CHECKER, "spiffe://other.mesh/svc/web", PLAINTEXT)
+rule_sources = st.lists(st.sampled_from((*NAMES, "unauthenticated", WEB, BATCH)), unique=True, max_size=2)
+rules = st.builds(lambda sources, methods, paths, headers, mode: rule(*sources, methods=tuple(methods),
+                                                                      paths=tuple(paths), headers=tuple(headers),
+                                                                      mode=mode),
+                  rule_sources, st.lists(st.sampled_from(("GET", "POST")), unique=True, max_size=1),
+                  st.lists(st.sampled_from(("/a", "/a/*", "/b")), unique=True, max_size=2),
+                  st.lists(st.sampled_from((("x-a", "1"), ("x-b", "2"))), unique=True, max_size=1),
+                  st.sampled_from(("enforce", "enforce", "shadow")))
+requests = st.builds(AuthzRequest, st.sampled_from(SOURCES), st.sampled_from(("GET", "POST")),
+                     st.sampled_from(("/", "/a", "/a/1", "/a?x", "/b/1")),
+                     st.lists(st.sampled_from((("x-a", "1"), ("X-B", "2"), ("x-a", "2"))), max_size=2).map(tuple))
+
+
+def written_source(source: str) -> str | None:
+    return source_id(TD, source)
+
+
+def rule_matches(written: AuthzRule, request: AuthzRequest) -> bool:
+    """The Semantics of a rule, read from the rule itself (not from compiled entries)."""
+    if written.sources:
+        if request.source not in {written_source(source) for source in written.sources}:
+            return False
+    elif request.source is not None and not request.source.startswith(f"spiffe://{TD}/svc/"):
+        return False
+    path = (request.path or "").split("?")[0]
+    return ((not written.methods or request.method in written.methods)
+            and (not written.paths or any(path == p.value if p.kind == "exact" else path.startswith(p.value)
+                                          for p in written.paths))
+            and all((name, value) in {(n.lower(), v) for n, v in request.headers} for name, value in written.headers))
+
+
+def oracle(default: AuthzDefault, callers: tuple[str, ...], written: ServicePolicy, deny_from: tuple[str, ...],
+           request: AuthzRequest, modes: tuple[str, ...] = ("enforce",)) -> bool:
+    if any(rule.mode == "enforce" and rule_matches(rule, request) for rule in written.authz.deny):
+        return False
+    if request.source in {written_source(source) for source in deny_from}:
+        return False
+    allows = [rule for rule in written.authz.allow if rule.mode in modes]
+    if any(rule_matches(rule, request) for rule in allows):
+        return True
+    if request.source in {written_source(source) for rule in allows for source in rule.sources}:
+        return False  # named by an allow rule: only allow rules decide for it
+    if request.source is None:
+        return written.mtls == "permissive"
+    if default == "declared":
+        return request.source in {written_source(caller) for caller in callers}
+    return default == "allow" and request.source.startswith(f"spiffe://{TD}/svc/")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(("declared", "allow", "deny")), st.lists(st.sampled_from(NAMES), unique=True).map(tuple),
+       st.lists(rules, max_size=3).map(tuple), st.lists(rules, max_size=3).map(tuple),
+       st.sampled_from(("strict", "permissive")), st.lists(st.sampled_from(("web", BATCH, "unauthenticated")),
+                                                           unique=True, max_size=2).map(tuple),
+       st.lists(requests, min_size=1, max_size=8))
+def test_decide_agrees_with_the_rules_read_directly(default: AuthzDefault, callers: tuple[str, ...],
+                                                    allow: tuple[AuthzRule, ...], deny: tuple[AuthzRule, ...],
+                                                    mtls: str, deny_from: tuple[str, ...],
+                                                    asked: list[AuthzRequest]) -> None:
+    written = policy(allow, deny, mtls)
+    config = compile_authz(inputs(default, callers), written, AuthzOverride(deny_from))
+    for request in asked:
+        decision = decide(config, request)
+        assert decision.allowed is oracle(default, callers, written, deny_from, request), (request, decision)
+        if request.source == CHECKER:
+            assert not decision.allowed
+        shadow_denies = {f"deny[{i}]" for i, r in enumerate(deny) if r.mode == "shadow" and rule_matches(r, request)}
+        assert set(decision.would_deny) - {"none"} == shadow_denies
+        enforced_deny = any(r.mode == "enforce" and rule_matches(r, request) for r in deny) or \
+            request.source in {written_source(source) for source in deny_from}
+        if any(r.mode == "shadow" for r in allow) and not enforced_deny:
+            would_allow = oracle(default, callers, written, deny_from, request, ("enforce", "shadow"))
+            assert ("none" in decision.would_deny) is not would_allow, (request, decision)
