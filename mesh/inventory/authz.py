@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -117,12 +117,10 @@ class _RuleReader:
                        "{from: [web], methods: [GET], paths: [/orders, /orders/*]}"):
             return MISSING
         values = where.value
-        if self.scope.tcp:
-            for key in HTTP_RULE_KEYS:
-                if key in values:
-                    self.problems.add_error(where, key, f"{self.scope.service} is a TCP service (protocol tcp): a "
-                                                        "connection has no methods, paths or headers; a rule on it "
-                                                        "names sources only")
+        refused = [key for key in HTTP_RULE_KEYS if key in values] if self.scope.tcp else []
+        for key in refused:
+            self.problems.add_error(where, key, f"{self.scope.service} is a TCP service (protocol tcp): a connection "
+                                                "has no methods, paths or headers; a rule on it names sources only")
         sources = self.items(where, "from", self.source) if "from" in values else ()
         methods = self.items(where, "methods", lambda spot: read_value(spot, check_method, self.problems)) \
             if "methods" in values else ()
@@ -135,11 +133,11 @@ class _RuleReader:
             headers = MISSING
         mode = self.mode(where.child("mode")) if "mode" in values else "enforce"
         parts = (sources, methods, paths, headers, mode)
-        if any(isinstance(part, Missing) for part in parts) or (self.scope.tcp and set(HTTP_RULE_KEYS) & set(values)):
+        if refused or any(isinstance(part, Missing) for part in parts):
             return MISSING
         return AuthzRule(*cast(Any, parts))
 
-    def items(self, where: Located, key: str, read: Any) -> tuple[Any, ...] | Missing:
+    def items(self, where: Located, key: str, read: Callable[[Located], Any]) -> tuple[Any, ...] | Missing:
         """A non-empty list under key, each item read by read(spot); an item written twice is an error."""
         spot = where.child(key)
         if not isinstance(spot.value, list) or not spot.value:
