@@ -7,6 +7,8 @@ agree. It must not read the inventory's files, Consul or hosts.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -205,7 +207,7 @@ def matches(entry: AuthzEntry, request: AuthzRequest) -> bool:
     if entry.paths:
         if request.path is None:
             return False
-        path = request.path.split("?", 1)[0].split("#", 1)[0]
+        path = normalized_path(request.path)
         if not any(path == match.value if match.kind == "exact" else path.startswith(match.value)
                    for match in entry.paths):
             return False
@@ -221,3 +223,27 @@ def _takes(principal: Principal, source: str | None) -> bool:
     if source is None:
         return False
     return source == principal.value if principal.kind == "id" else source.startswith(principal.value)
+
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def normalized_path(path: str) -> str:
+    """The path the inbound HTTP connection manager's filters see (its normalize_path and merge_slashes, so that
+    `/orders/../admin/x` meets a rule on `/admin/*` as the app would read it): the query and fragment cut,
+    percent-encoded unreserved characters decoded (`%2e` is `.`), `.` and `..` segments removed (RFC 3986), then
+    repeated slashes merged. An escaped slash (`%2F`) stays as it is, as in Envoy."""
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    path = re.sub(r"%([0-9A-Fa-f]{2})", lambda found: chr(int(found[1], 16))
+                  if chr(int(found[1], 16)) in _UNRESERVED else found[0].upper(), path)
+    kept: list[str] = []
+    segments = path.split("/")[1:] if path.startswith("/") else path.split("/")
+    for segment in segments:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    if segments and segments[-1] in (".", ".."):
+        kept.append("")  # `/a/b/..` is `/a/`
+    return re.sub(r"/{2,}", "/", "/" + "/".join(kept))
