@@ -98,6 +98,10 @@ HTTP_TABLE: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
     ("web", "DELETE", "/orders/7", ()),
     ("web", "GET", "/admin/users", ()),
     ("web", "GET", "/", ()),
+    ("web", "GET", "/orders/../admin/users", ()),  # normalized as the app reads it: deny[0]
+    ("web", "GET", "/orders/%2e%2e/admin/users", ()),
+    ("web", "GET", "//admin//users", ()),
+    ("web", "POST", "/orders/./42", ()),
     ("other", "GET", "/orders", (("x-tenant", "blue"),)),
     ("other", "GET", "/orders", (("x-tenant", "red"),)),
     ("other", "GET", "/admin/x", (("x-tenant", "blue"),)),
@@ -413,6 +417,9 @@ def test_http_requests_get_what_decide_says(loop: AuthzLoop) -> None:
     # them; web's DELETE is denied by `none` (not in allow[0]) and its line names the shadow deny
     delete = http_request(loop, "web", "DELETE", "/orders/1")
     assert line_of(loop.envoys["api"], "request_id", delete.request_id)["authz_shadow"]["deny"] == "deny[1]"
+    # the app reads the path the rules met
+    dotted = http_request(loop, "web", "POST", "/orders/./42//x")
+    assert loop.seen.requests[dotted.request_id]["path"] == "/orders/42/x"
 
 
 def test_tcp_connections_get_what_decide_says(loop: AuthzLoop) -> None:
