@@ -32,7 +32,7 @@ from mesh.inventory.policy import (
 )
 from mesh.inventory.policy_reading import MISSING, Missing, mapping, read_pairs, read_value, suggest
 from mesh.inventory.policy_values import check_header_name, check_header_value, check_method, check_path
-from mesh.inventory.values import BadValue, check_trust_domain, describe
+from mesh.inventory.values import BadValue, check_dns_label, check_trust_domain, describe
 
 AUTHZ_DEFAULT_KEY = "mesh_authz_default"
 AUTHZ_KEYS = ("allow", "deny")
@@ -43,7 +43,6 @@ MAX_RULES = 256  # per list: each is an RBAC policy in every instance's Envoy
 MAX_ITEMS = 256  # sources, methods, paths or headers of one rule
 SPIFFE = "spiffe://"
 JSON_ORIGIN = Origin("<json>")
-_SERVICE_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 SOURCE_EXPECTED = ("a service name, a SPIFFE id such as spiffe://<trust domain>/svc/<service>, or "
                    "unauthenticated")
 
@@ -226,15 +225,23 @@ def parse_source(value: Any, trust_domain: str | None = None, services: Collecti
             raise BadValue(f"{value!r} is mesh's health checker: it reaches only the health chain and cannot be "
                            "named in a rule")
         service = path.removeprefix("svc/")
-        if not path.startswith("svc/") or not _SERVICE_LABEL.fullmatch(service):
+        if not path.startswith("svc/") or not _is_service_name(service):
             raise BadValue(f"expected a service's SPIFFE id, spiffe://{domain}/svc/<service>, got {value!r} (mesh "
                            "issues no other ids)")
-    elif not _SERVICE_LABEL.fullmatch(value):
+    elif not _is_service_name(value):
         raise BadValue(f"expected {SOURCE_EXPECTED}, got {describe(value)}")
     if services is not None and service not in services:
         raise UnknownSource(f"no host runs the service {service!r}; known services: "
                             f"{', '.join(sorted(services)) or 'none'}", suggest(service, sorted(services)))
     return value
+
+
+def _is_service_name(value: str) -> bool:
+    try:
+        check_dns_label(value)
+    except BadValue:
+        return False
+    return True
 
 
 def parse_rule_path(value: Any) -> PathMatch:
