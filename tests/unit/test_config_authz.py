@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mesh.config import InconsistentConfig, compute_proxy_config
-from mesh.config.authz import InboundInputs
+from mesh.config.authz import InboundInputs, normalized_path
 from mesh.config.model import ProxyConfig
 from mesh.inventory.model import Connection, ManagedHost, Mesh, MeshSettings, Protocol, Upstream, Workload
 from mesh.inventory.policy import (
@@ -28,7 +28,14 @@ from mesh.inventory.policy import (
     RateLimit,
     ServicePolicy,
 )
-from mesh.render import ProxyFiles, inbound_files, render_inbound_file, render_proxy_files
+from mesh.render import (
+    ProxyFiles,
+    host_validation,
+    inbound_files,
+    render_inbound_file,
+    render_proxy_files,
+    stale_paths,
+)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "envoy"
 TRUST_DOMAIN = "authz.mesh"
@@ -380,3 +387,27 @@ def test_the_inbound_listener_reads_the_route_named_as_itself() -> None:
     renamed = replace(cfg, inbound=replace(cfg.inbound, route=replace(cfg.inbound.route, name="elsewhere")))
     with pytest.raises(InconsistentConfig, match="reads route 'inbound', not 'elsewhere'"):
         render_proxy_files(renamed)
+
+
+@pytest.mark.parametrize(("path", "normalized"), [
+    ("/orders/../admin/x", "/admin/x"), ("//admin//users", "/admin/users"), ("/orders/%2e%2e/admin", "/admin"),
+    ("/orders/./42?x=/admin/", "/orders/42"), ("/a/b/..", "/a/"), ("/a/../../b", "/b"), ("/%41b%2f", "/Ab%2F"),
+])
+def test_decide_meets_the_path_envoy_normalizes(path: str, normalized: str) -> None:
+    assert normalized_path(path) == normalized
+
+
+# --- delivery: the deploy's moves, waits and cleanup know the ECDS files ---
+
+def test_the_deploy_moves_ecds_files_before_the_listeners_waits_for_them_and_keeps_them() -> None:
+    files = golden_files("authz-db-permissive")
+    names = [file.path.rsplit("/", 1)[-1] for file in files.files]
+    assert names.index("ecds.mesh.authz.deny.yaml") < names.index("lds.yaml")
+    on_host = {file.path: "old" for file in files.files}
+    assert stale_paths(files, on_host) == ()  # rendered files are never stale
+    install = host_validation(files, user=None).install
+    assert "wait_for extension_config_discovery.network_filter.mesh.authz.deny.version_text" in install
+    # a service that became HTTP leaves its ECDS files behind as stale: removed after the moves
+    http = files_of(authz_mesh(), "api")
+    stale = stale_paths(http, {f"{http.proxy_dir}/xds/ecds.mesh.authz.deny.yaml": "x"})
+    assert stale == (f"{http.proxy_dir}/xds/ecds.mesh.authz.deny.yaml",)
