@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from mesh.errors import Origin
+from mesh.errors import MeshError, Origin
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import health_checker_spiffe_id, spiffe_id
 from mesh.inventory.policy import (
@@ -32,7 +32,8 @@ from mesh.inventory.policy import (
 )
 from mesh.inventory.policy_reading import MISSING, Missing, mapping, read_pairs, read_value, suggest
 from mesh.inventory.policy_values import check_header_name, check_header_value, check_method, check_path
-from mesh.inventory.values import BadValue, check_dns_label, check_trust_domain, describe
+from mesh.inventory.values import BadValue, check_dns_label, describe
+from mesh.pki.spiffe import spiffe_path
 
 AUTHZ_DEFAULT_KEY = "mesh_authz_default"
 AUTHZ_KEYS = ("allow", "deny")
@@ -213,19 +214,19 @@ def parse_source(value: Any, trust_domain: str | None = None, services: Collecti
         raise BadValue(f"expected {SOURCE_EXPECTED}, got {describe(value)}")
     service = value
     if value.startswith(SPIFFE):
-        domain, _, path = value[len(SPIFFE):].partition("/")
+        domain = value[len(SPIFFE):].partition("/")[0]
         try:
-            check_trust_domain(domain)
-        except BadValue:
-            raise BadValue(f"expected {SOURCE_EXPECTED}, got {value!r}: {domain!r} is no trust domain") from None
+            segments = spiffe_path(value, domain)
+        except MeshError as exc:
+            raise BadValue(f"expected {SOURCE_EXPECTED}: {exc}") from None
         if trust_domain is not None and domain != trust_domain:
             raise BadValue(f"{value!r} is outside the mesh's trust domain {trust_domain!r}: no certificate of this "
                            f"mesh carries it")
-        if path == health_checker_spiffe_id(domain).split("/", 3)[3]:
+        if value == health_checker_spiffe_id(domain):
             raise BadValue(f"{value!r} is mesh's health checker: it reaches only the health chain and cannot be "
                            "named in a rule")
-        service = path.removeprefix("svc/")
-        if not path.startswith("svc/") or not _is_service_name(service):
+        service = segments[-1]
+        if len(segments) != 2 or segments[0] != "svc" or not _is_service_name(service):
             raise BadValue(f"expected a service's SPIFFE id, spiffe://{domain}/svc/<service>, got {value!r} (mesh "
                            "issues no other ids)")
     elif not _is_service_name(value):

@@ -233,7 +233,10 @@ BAD_VALUES = [
      "no host runs the service 'webb'"),
     ("api", "authz: {allow: [{from: ['spiffe://lab.mesh/ns/x/sa/web']}]}", "authz.allow[0].from[0]",
      "mesh issues no other ids"),
-    ("api", "authz: {allow: [{from: ['spiffe://Lab!/svc/web']}]}", "authz.allow[0].from[0]", "is no trust domain"),
+    ("api", "authz: {allow: [{from: ['spiffe://Lab!/svc/web']}]}", "authz.allow[0].from[0]",
+     "the trust domain may hold only"),
+    ("api", "authz: {allow: [{from: ['spiffe://lab.mesh/svc/web/../api']}]}", "authz.allow[0].from[0]",
+     "no empty, '.' or '..' segment"),
     ("api", "authz: {allow: [{from: [true]}]}", "authz.allow[0].from[0]", "got True (bool)"),
     # methods
     ("api", "authz: {allow: [{from: [web], methods: [FETCH]}]}", "authz.allow[0].methods[0]", "an HTTP method"),
