@@ -53,10 +53,14 @@ def roots_on(lab: LabUp, host: str, path: str) -> list[str]:
 def lab() -> Iterator[LabUp]:
     """The shared lab, deployed, with no rotation under way (one a failed run left is finished first, and again
     when the module ends, so the next module finds a lab with one root)."""
+    asked = time.monotonic()
     with shared_lab() as up:
+        print(f"the lab lock and `mesh lab up`: {time.monotonic() - asked:.1f} s")
         finish_rotation()
+        started = time.monotonic()
         deployed = run_mesh("deploy", str(INVENTORY), timeout=STEP_TIMEOUT)
         assert deployed.code == 0, f"the lab's deploy failed:\n{deployed}"
+        print(f"deploy before the rotation: {time.monotonic() - started:.1f} s")
         try:
             yield up
         finally:
