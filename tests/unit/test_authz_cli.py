@@ -442,3 +442,27 @@ def test_the_deploy_plans_with_every_usable_deny_and_warns_of_the_others(invento
     assert warnings == [("cannot read the run-time denies (mesh authz deny) (Consul is unreachable at "
                          "http://127.0.0.1:1): authorization "
                         "as the inventory says")]
+
+
+def test_a_header_rule_under_the_deny_default(tmp_path: Path, store: FakeTraffic,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "headers.yml"
+    path.write_text(INVENTORY.replace("    mesh_consul_url:", "    mesh_authz_default: deny\n    mesh_consul_url:").replace(
+        "            - {from: [web], methods: [GET], paths: [/orders, /orders/*]}",
+        "            - {from: [web], headers: {x-team: a}}\n"
+        "            - {from: [web], methods: [GET], paths: [/orders, /orders/*]}").replace(
+        "          deny: [{from: [web]}]", "          allow: [{from: [api]}]"))
+    code, out, _ = mesh_run(["authz", "check", "web", "api", "PUT", "/x", "--header", "x-team=a", "-i", str(path)],
+                            capsys)
+    assert code == EXIT_OK
+    assert out.splitlines() == ["web -> api PUT /x x-team=a: allowed", ("  rule: api: allow[0] {from: [web], headers: "
+                                "{x-team: a}}")]
+    code, out, _ = mesh_run(["authz", "check", "web", "api", "PUT", "/x", "-i", str(path)], capsys)
+    assert out.splitlines()[0] == "web -> api PUT /x: denied"
+    code, out, _ = mesh_run(["authz", "matrix", "--json", "-i", str(path)], capsys)
+    assert json.loads(out)["matrix"] == {"api": {"api": "deny", "db": "allow", "web": "deny"},
+                                         "db": {"api": "deny", "db": "deny", "web": "deny"},
+                                         "web": {"api": "partial", "db": "deny", "web": "deny"},
+                                         "unauthenticated": {"api": "allow", "db": "deny", "web": "deny"}}
+    # permissive: plaintext clients are in the default even under `deny` (the issue: "the default during
+    # permissive is allow")
