@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -217,7 +218,6 @@ class GivenFiles:
 
 def read_given(files: GivenFiles, trust_domain: str, default_root: bytes | None) -> GivenCA:
     """The owner's intermediate, checked (byo.check_given_ca); the root defaults to `default_root`."""
-    from datetime import UTC, datetime
 
     def read(path: str, what: str) -> bytes:
         try:

@@ -247,3 +247,17 @@ def test_rotate_start_on_a_brought_ca_needs_the_owners_next_intermediate(tmp_pat
         pem(given.intermediate), key_pem(given.key), pem(given.root), TD, NOW))
     assert run(["ca", "rotate", "start", "-i", str(inventory)]) == EXIT_USAGE
     assert "needs the new intermediate, --intermediate CERT KEY" in capsys.readouterr().err
+
+
+def test_a_mesh_ca_rotates_onto_an_owners_intermediate_and_archives_its_root_key(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    own, _ = CertificateAuthority.ensure(state, TD)
+    given = owner()
+    begin(own.ca_dir, TD, check_given_ca(pem(given.intermediate), key_pem(given.key), pem(given.root), TD, NOW))
+    assert CertificateAuthority.load(state).bundle_pem == own.root_pem + pem(given.root)
+    switch(own.ca_dir)
+    archive = Path(finish(own.ca_dir))
+    done = CertificateAuthority.load(state)
+    assert done.brought and done.bundle_pem == pem(given.root) and done.intermediate == given.intermediate
+    assert not (Path(own.ca_dir) / "root.key").exists() and (archive / "root.key").exists()
+    assert mode(archive / "root.key") == 0o600
