@@ -130,6 +130,11 @@ def explain(authz: ServiceAuthz, rule: str, source: str | None = None, plaintext
     if rule == STRICT_RULE:
         return f"{STRICT_RULE} ({authz.service} accepts only mTLS: a plaintext client fails the handshake)"
     if rule == "none":
+        naming = [f"allow[{index}]" for index, item in enumerate(authz.policy.authz.allow)
+                  if any(source_id(authz.inputs.trust_domain, named) == source for named in item.sources)]
+        if source is not None and naming:
+            return (f"none (no allow rule matches; {', '.join(naming)} name{'s' if len(naming) == 1 else ''} "
+                    "this source, so the default does not cover it)")
         return "none (no allow rule matches)"
     return rule
 

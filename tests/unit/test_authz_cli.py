@@ -113,7 +113,8 @@ def deny_value(*sources: str, revision: str = "r1") -> dict[str, Any]:
     (["web", "api", "GET", "/admin/users"], ["web -> api GET /admin/users: denied",
                                              "  rule: api: deny[0] {from: [web], paths: [/admin/*]}"]),
     (["web", "api", "DELETE", "/orders"], ["web -> api DELETE /orders: denied",
-                                           "  rule: api: none (no allow rule matches)",
+                                           ("  rule: api: none (no allow rule matches; allow[0] names this source, so "
+                                            "the default does not cover it)"),
                                            ("  shadow: api: deny[1] {from: [web], methods: [DELETE], mode: shadow} "
                                            "would deny it")]),
     (["api", "db"], ["api -> db a TCP connection: allowed",
@@ -143,7 +144,8 @@ def test_check_json(inventory: Path, store: FakeTraffic, capsys: pytest.CaptureF
     assert json.loads(out) == {
         "source": "web", "source_id": "spiffe://lab.mesh/svc/web", "destination": "api",
         "request": {"method": "DELETE", "path": "/orders?x=1", "headers": {"x-team": "a"}},
-        "allowed": False, "rule": "none", "rule_text": "none (no allow rule matches)",
+        "allowed": False, "rule": "none",
+        "rule_text": "none (no allow rule matches; allow[0] names this source, so the default does not cover it)",
         "would_deny": [{"rule": "deny[1]", "rule_text": "deny[1] {from: [web], methods: [DELETE], mode: shadow}"}]}
 
 
