@@ -9,9 +9,13 @@ with a working CA (the rotated one) and no rotation under way.
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import stat
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -61,10 +65,19 @@ def lab() -> Iterator[LabUp]:
         deployed = run_mesh("deploy", str(INVENTORY), timeout=STEP_TIMEOUT)
         assert deployed.code == 0, f"the lab's deploy failed:\n{deployed}"
         print(f"deploy before the rotation: {time.monotonic() - started:.1f} s")
+        archived = archives()
         try:
             yield up
         finally:
             finish_rotation()
+            # the old CA's keys this module archived: test_deploy_vms finds only the live CA's keys in the state dir
+            for folder in archives() - archived:
+                shutil.rmtree(folder)
+
+
+def archives() -> set[Path]:
+    folder = Path(state_dir()) / "ca" / "archive"
+    return set(folder.iterdir()) if folder.is_dir() else set()
 
 
 def finish_rotation() -> None:
@@ -127,6 +140,13 @@ def test_a_root_rotation_under_traffic_fails_no_request(lab: LabUp) -> None:
         assert fingerprint(leaf[1]) == fingerprint(CertificateAuthority.load(state_dir()).intermediate)
         finished = step("finish")
         assert finished.code == 0, str(finished)
+        archive = next(line.rsplit(" ", 1)[-1] for line in finished.stdout.splitlines()
+                       if line.startswith("the old CA material is archived in "))
+        assert stat.S_IMODE(os.stat(archive).st_mode) == 0o700
+        assert {name: stat.S_IMODE(os.stat(os.path.join(archive, name)).st_mode) for name in os.listdir(archive)
+                if name.endswith(".key")} == {"root.key": 0o600, "intermediate.key": 0o600,
+                                              "controller-intermediate.key": 0o600}
+        assert fingerprint(load_chain(Path(archive, "root.pem").read_bytes())[0]) == old_root
 
     load = during.load
     assert load is not None
