@@ -20,6 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def _variant(folder: Path, services: dict[str, Any]) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    started = time.monotonic()
     with shared_lab() as lab:
+        print(f"the lab lock taken and the lab up in {time.monotonic() - started:.1f} s")
         found = Fleet(lab, lab_parts(), _variant(tmp_path_factory.mktemp("authz-rules"), RULES),
                       _variant(tmp_path_factory.mktemp("authz-changed"), CHANGED))
         forget_runtime_denies(found.rules, "api", ["web"])  # what an interrupted run may have left
@@ -214,11 +217,13 @@ def changed_cases(p: Parts) -> list[Case]:
 def _assert_matrix(fleet: Fleet, inventory: Path, cases: list[Case], checked: list[Case] | None = None) -> None:
     """Every case gives its outcome through Envoy, and `mesh authz check` agrees on the `checked` ones (default:
     all; each run is a process start, a second of CPU on the CI machine)."""
-    matrix = run_matrix(fleet.lab, cases)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the CLI runs here while the requests run on the nodes
+        asked = pool.submit(disagreements, inventory, cases if checked is None else checked)
+        matrix = run_matrix(fleet.lab, cases)
+        differ = asked.result()
     wrong = matrix.wrong()
     assert not wrong, "Envoy's outcomes differ from the expected ones:\n" + "\n".join(
         f"  {case}: {why}" for case, why in wrong.items())
-    differ = disagreements(inventory, cases if checked is None else checked)
     assert not differ, "`mesh authz check` disagrees with Envoy:\n" + "\n".join(
         f"  {case}: {why}" for case, why in differ.items())
 
@@ -340,10 +345,12 @@ def test_a_permissive_service_accepts_plaintext_without_a_forged_identity_and_st
         except ValueError:
             raise AssertionError(f"`mesh status --json` printed no JSON:\n{run}") from None
 
-    clients = wait_for(status, lambda seen: address in seen, f"`mesh status --json` listing {address} as a "
-                       "plaintext client of api", timeout=90, interval=3.0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        printed = pool.submit(run_mesh, "status", str(inventory), timeout=300)
+        clients = wait_for(status, lambda seen: address in seen, f"`mesh status --json` listing {address} as a "
+                           "plaintext client of api", timeout=90, interval=3.0)
+        text = printed.result().stdout
     assert clients[address] >= 2, clients  # one request to each api instance, at least
-    text = run_mesh("status", str(inventory), timeout=300).stdout
     listed = [row for row in text.splitlines() if row.startswith("permissive api") and address in row]
     assert listed, f"`mesh status` lists no plaintext client {address} of api:\n{text}"
 
