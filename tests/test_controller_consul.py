@@ -42,6 +42,8 @@ from mesh.inventory.policy import Abort, AuthzOverride, Fault, TrafficOverride
 from mesh.inventory.services import authz_override_to_json, override_to_json
 from mesh.pki import CertificateAuthority
 from mesh.pki.certs import Issuer, build_intermediate, new_ca_key
+from mesh.plan.build import PlanInputs, build_plan
+from mesh.plan.runtime import read_runtime_overrides
 from mesh.render import ProxyFiles, render_proxy_files
 from mesh.testing.consul_server import ConsulDevServer, free_ports
 from mesh.testing.fake_ctl import MESH_ID, TRUST_DOMAIN, controller_spec, host_spec, proxy_spec
@@ -272,6 +274,25 @@ def test_a_runtime_deny_in_consul_kv_reaches_the_inbound_route_file_and_the_stat
         requests.delete(f"{consul.url}/v1/kv/{key}", timeout=10)
     eventually(lambda: authz() == {"web": ""}, "the key deleted: the inventory's rules everywhere")
     assert Path(route).read_text() == planned
+
+
+def test_a_deploy_plans_with_the_deny_stored_in_consul(consul: ConsulDevServer) -> None:
+    loop = two_service_mesh(9999, TRUST_DOMAIN)
+    mesh = replace(loop.mesh, settings=replace(loop.mesh.settings, consul_url=consul.url))
+    deny = AuthzOverride(deny_from=("web",), revision="p-1")
+    key = authz_prefix(MESH_ID) + "api"
+    requests.put(f"{consul.url}/v1/kv/{key}", data=json.dumps(authz_override_to_json(deny, "test", "now")),
+                 timeout=10)
+    try:
+        warnings: list[str] = []
+        overrides = read_runtime_overrides(mesh, warnings.append)
+        assert dict(overrides.authz) == {"api": deny} and dict(overrides.traffic) == {} and warnings == []
+        planned = build_plan(mesh, PlanInputs(b"root", "00", authz_overrides=overrides.authz), [mesh.host("h-api")])
+        [api] = planned.host("h-api").proxies
+        [route] = inbound_entries(api.config, api.rendered)
+        assert "runtime-deny" in api.rendered.file(route).content
+    finally:
+        requests.delete(f"{consul.url}/v1/kv/{key}", timeout=10)
 
 
 def test_a_due_certificate_is_renewed_on_the_host_and_recorded(consul: ConsulDevServer, host: Host,
