@@ -3,8 +3,10 @@
 with mesh's real Envoy: a critical instance leaves the caller's EDS file on disk and comes back when it passes,
 nothing moves while a deploy holds its lock, the state is published in KV and the metrics served, a traffic
 override put in KV reaches the caller's route file and the state's `traffic` (an invalid one and a deleted one give
-the inventory's policy back), a run-time deny reaches the service's inbound route file and the state's `authz`, a standby takes over when the leader stops, Consul gone keeps the endpoints and shows staleness; a due
-certificate is renewed through `csr`/`install` with the controller's intermediate and recorded in KV.
+the inventory's policy back), a run-time deny reaches the service's inbound route file and the state's `authz` (and
+a deploy's preflight reads it into the plan), a standby takes over when the leader stops, Consul gone keeps the
+endpoints and shows staleness; a due certificate is renewed through `csr`/`install` with the controller's
+intermediate and recorded in KV.
 
 Tests wait with generous deadlines and assert the outcome, not the time.
 """
