@@ -31,6 +31,7 @@ CLI_TIMEOUT = 180.0
 UNAUTHENTICATED = "unauthenticated"
 CHECKER = "checker"
 CHECKER_ID = f"spiffe://{TRUST_DOMAIN}/mesh/health"
+TLS_ALERT = "\x15\x03"  # a TLS alert record's first bytes (what a TLS server answers to plaintext)
 PLAINTEXT_HOST = "consul1"  # a lab node with no proxy and no mesh certificate: a plaintext client
 
 
@@ -216,11 +217,13 @@ def outcome(ask: Ask, seen: Seen) -> str:
         if seen.status is None:
             return "refused" if not seen.handshake or seen.error else f"other: {seen.brief()}"
         return f"other: {seen.status} {seen.answer[-200:]!r}"
-    line = seen.line()
+    line = seen.line() if seen.answer.startswith("{") else None
     if isinstance(line, dict) and line.get("service") == ask.target.service:
         return "allowed"
-    if not seen.answer:
-        return "denied" if seen.handshake else "refused"
+    if not seen.handshake and (not seen.answer or seen.answer.startswith(TLS_ALERT)):
+        return "refused"  # plaintext to a TLS-only port: nothing, or a TLS alert record
+    if seen.handshake and not seen.answer:
+        return "denied"
     return f"other: {seen.brief()}"
 
 
