@@ -83,6 +83,43 @@ def _changed_rules() -> dict[str, Any]:
 CHANGED = _changed_rules()
 
 
+# ---- identities and targets (paths and ports as the lab inventory makes them) -----------------------------------
+
+@dataclass(frozen=True)
+class Parts:
+    """The lab's inbound ports and the identities requests are sent with (inventory/lab.yaml exists once the lab
+    is up: read then, not at import)."""
+
+    web_t: Target
+    api_vm: Target
+    api_ct: Target
+    db_t: Target
+    web: Identity
+    api: Identity
+    db: Identity
+    checkers: tuple[Identity, Identity]
+    plain: Identity
+
+    @property
+    def apis(self) -> tuple[Target, Target]:
+        return self.api_vm, self.api_ct
+
+    @property
+    def checker(self) -> Identity:
+        return self.checkers[0]
+
+
+def lab_parts() -> Parts:
+    found = targets(INVENTORY)
+    return Parts(web_t=target(found, "web", "vm1"), api_vm=target(found, "api", "vm2"),
+                 api_ct=target(found, "api", "api-v2-1"), db_t=target(found, "db", "vm2"),
+                 web=workload_identity(INVENTORY, "web", "vm1"), api=workload_identity(INVENTORY, "api", "vm2"),
+                 db=workload_identity(INVENTORY, "db", "vm2"),
+                 checkers=(checker_identity("ctl1"), checker_identity("ctl2")), plain=plaintext_client())
+
+
+# ---- the module's lab and its deploys ------------------------------------------------------------------------
+
 @dataclass
 class Fleet:
     lab: LabUp
@@ -123,41 +160,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             forget_runtime_denies(found.rules, "api", ["web"])
             if found.deployed != INVENTORY:
                 deploy_lab_back(lab)
-
-
-# ---- identities and targets (paths and ports as the lab inventory makes them) -----------------------------------
-
-@dataclass(frozen=True)
-class Parts:
-    """The lab's inbound ports and the identities requests are sent with (inventory/lab.yaml exists once the lab
-    is up: read then, not at import)."""
-
-    web_t: Target
-    api_vm: Target
-    api_ct: Target
-    db_t: Target
-    web: Identity
-    api: Identity
-    db: Identity
-    checkers: tuple[Identity, Identity]
-    plain: Identity
-
-    @property
-    def apis(self) -> tuple[Target, Target]:
-        return self.api_vm, self.api_ct
-
-    @property
-    def checker(self) -> Identity:
-        return self.checkers[0]
-
-
-def lab_parts() -> Parts:
-    found = targets(INVENTORY)
-    return Parts(web_t=target(found, "web", "vm1"), api_vm=target(found, "api", "vm2"),
-                 api_ct=target(found, "api", "api-v2-1"), db_t=target(found, "db", "vm2"),
-                 web=workload_identity(INVENTORY, "web", "vm1"), api=workload_identity(INVENTORY, "api", "vm2"),
-                 db=workload_identity(INVENTORY, "db", "vm2"),
-                 checkers=(checker_identity("ctl1"), checker_identity("ctl2")), plain=plaintext_client())
 
 
 def http(who: Identity, to: Target, method: str, path: str, expect: str, rule: str | None,
