@@ -15,6 +15,7 @@ from mesh.render import (
     BOOTSTRAP_METADATA_KEY,
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
+    EXTENSION_CONFIG_TYPE,
     LISTENER_TYPE,
     ROUTE_TYPE,
     SECRET_TYPE,
@@ -90,6 +91,10 @@ def loaded_versions(config_dump: Mapping[str, Any]) -> dict[ResourceKey, str]:
             for item in dump.get("dynamic_endpoint_configs") or []:
                 assignment = item.get("endpoint_config") or {}
                 found[(ENDPOINT_TYPE, str(assignment.get("cluster_name")))] = endpoint_addresses(assignment)
+        elif kind == "EcdsConfigDump":  # the network filters read by ECDS (a TCP service's RBAC)
+            for item in dump.get("ecds_filters") or []:
+                found[(EXTENSION_CONFIG_TYPE, str((item.get("ecds_filter") or {}).get("name")))] = str(
+                    item.get("version_info"))
         elif kind == "SecretsConfigDump":
             for item in dump.get("dynamic_active_secrets") or []:
                 found[(SECRET_TYPE, str(item.get("name")))] = str(item.get("version_info"))
