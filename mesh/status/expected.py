@@ -11,7 +11,7 @@ from mesh.config import paths
 from mesh.config.compute import compute_proxy_config, upstream_cluster_name
 from mesh.containers.sidecar import sidecar_name
 from mesh.inventory.model import ManagedHost, Mesh, Workload
-from mesh.render import ProxyFiles, render_proxy_files
+from mesh.render import ProxyFiles, inbound_files, render_proxy_files
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ExpectedProxy:
     sidecar: str | None  # the sidecar container of a container-host proxy
     upstream_clusters: tuple[tuple[str, str], ...]  # (service, Envoy cluster name)
     permissive: bool = False  # its service accepts plaintext clients too (mtls: permissive)
+    inbound_files: tuple[str, ...] = ()  # its inbound authorization files, which a controller redoes (run-time deny)
 
     @property
     def runs_as_sidecar(self) -> bool:
@@ -40,8 +41,9 @@ def expected_proxies(mesh: Mesh, host: ManagedHost) -> tuple[ExpectedProxy, ...]
     for workload in host.workloads:
         proxy = paths.proxy_name(workload)
         sidecar = host.kind == "container_host"
+        cfg = compute_proxy_config(mesh, workload)
         found.append(ExpectedProxy(
-            workload=workload, proxy=proxy, files=render_proxy_files(compute_proxy_config(mesh, workload)),
+            workload=workload, proxy=proxy, files=render_proxy_files(cfg), inbound_files=tuple(inbound_files(cfg)),
             cert_path=paths.cert_path(proxy), ca_path=paths.proxy_ca_path(proxy),
             admin_socket=paths.admin_socket_path(proxy),
             unit=None if sidecar else paths.envoy_unit_name(proxy),

@@ -107,12 +107,14 @@ def judge_proxy(host: ManagedHost, expected: ExpectedProxy, readings: Readings, 
 
 def _endpoint_files(expected: ExpectedProxy) -> list[str]:
     """The proxy's files a controller keeps current: its upstreams' endpoint files (EDS, each version's too) from
-    Consul, and its outbound route files (RDS) from the traffic policy and its run-time overrides."""
+    Consul, its outbound route files (RDS) from the traffic policy and its run-time overrides, and its inbound
+    authorization files (the inbound route, or a TCP service's ECDS filters) from the rules and a run-time deny."""
     names = {f"eds.{cluster}.yaml" for _, cluster in expected.upstream_clusters}
     names |= {f"rds.{outbound_listener_name(service)}.yaml" for service, _ in expected.upstream_clusters}
     versions = tuple(f"eds.{cluster}." for _, cluster in expected.upstream_clusters)
     return [file.path for file in expected.files.files
-            if (base := file.path.rsplit("/", 1)[-1]) in names or base.startswith(versions)]
+            if (base := file.path.rsplit("/", 1)[-1]) in names or base.startswith(versions)
+            or file.path in expected.inbound_files]
 
 
 def _unit_envoy(unit: CommandResult, pid: CommandResult, server_info: Mapping[str, object] | None,

@@ -193,3 +193,16 @@ def test_gather_report_asks_consul_for_the_controllers(fleet: Fleet, monkeypatch
     monkeypatch.setattr(gathering, "_consul", lambda mesh: (ConsulStatus(False, "unreachable"), None))
     assert gathering.gather_report(fleet.mesh, fleet.fleet.connect).controller is None
     assert asked == ["controllers"], "a Consul that cannot be read is not asked again"
+
+
+def test_the_inbound_authorization_files_a_controller_redid_are_not_judged_against_the_inventory(
+        fleet: Fleet) -> None:
+    api = fleet.expected("vm2")[0]
+    assert [path.rsplit("/", 1)[-1] for path in api.inbound_files] == ["rds.inbound.yaml"]
+    (route,) = (file for file in api.files.files if file.path in api.inbound_files)
+    with_deny = route.content + "# a run-time deny applied by the controller\n"
+    fleet.fleet.host("vm2").write(route.path, with_deny)
+    assert [item.path for item in proxy(gather(fleet, None), "vm2").config.differing_files] == [route.path]
+    live = judge_controllers("s", state({"vm2/api-9090": version_of(api, {route.path: with_deny})}), NOW)
+    redone = proxy(gather(fleet, live), "vm2")
+    assert redone.config.differing_files == () and redone.resources.state == "in sync"
