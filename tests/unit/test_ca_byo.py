@@ -261,3 +261,44 @@ def test_a_mesh_ca_rotates_onto_an_owners_intermediate_and_archives_its_root_key
     assert done.brought and done.bundle_pem == pem(given.root) and done.intermediate == given.intermediate
     assert not (Path(own.ca_dir) / "root.key").exists() and (archive / "root.key").exists()
     assert mode(archive / "root.key") == 0o600
+
+
+def test_leaves_under_a_brought_ca_verify_against_its_root_alone(tmp_path: Path) -> None:
+    """As mesh-ctl checks a leaf the controllers send (openssl verify against the host's bundle, the chain as
+    untrusted): a deploy's leaf and a controller's leaf, under an intermediate two below the root, verify against
+    the root alone (each carries its whole chain)."""
+    import subprocess
+
+    from mesh.controller.rotation import load_signer
+
+    given = owner(path_length=1)
+    # a corporate root -> a corporate intermediate -> the intermediate mesh gets: its file carries the middle one
+    middle_key = ec.generate_private_key(ec.SECP256R1())
+    middle = cert("Corp Issuing CA", middle_key, (given.root, given.root_key), path_length=2)
+    mesh_key = ec.generate_private_key(ec.SECP256R1())
+    mesh_int = cert("Corp Mesh Intermediate", mesh_key, (middle, middle_key), path_length=1)
+    state = str(tmp_path / "state")
+    ca = CertificateAuthority.bring(state, TD, check_given_ca(pem(mesh_int) + pem(middle), key_pem(mesh_key),
+                                                              pem(given.root), TD, NOW))
+    issuer = ca.controller_issuer(create=False)
+    assert issuer is not None
+    (tmp_path / "ctl.pem").write_bytes(issuer.cert_pem)
+    (tmp_path / "ctl.key").write_bytes(issuer.key_pem)
+    signer = load_signer(TD, str(tmp_path / "ctl.pem"), str(tmp_path / "ctl.key"))
+    (tmp_path / "root.pem").write_bytes(pem(given.root))
+
+    csr_key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                                                              "x")]))
+           .sign(csr_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    chains = {"deploy": ca.sign(csr, f"spiffe://{TD}/svc/web", timedelta(hours=1), "vm1", "web").chain_pem,
+              "controller": signer.sign(csr, f"spiffe://{TD}/svc/web", timedelta(hours=1), NOW).chain_pem}
+    for who, chain in chains.items():
+        certs = x509.load_pem_x509_certificates(chain)
+        (tmp_path / "leaf.pem").write_bytes(pem(certs[0]))
+        (tmp_path / "chain.pem").write_bytes(b"".join(pem(c) for c in certs[1:]))
+        done = subprocess.run(["openssl", "verify", "-no-CApath", "-no-CAstore", "-CAfile", str(tmp_path / "root.pem"),
+                               "-untrusted", str(tmp_path / "chain.pem"), str(tmp_path / "leaf.pem")],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"{who}: {done.stdout}{done.stderr}"
+        assert not ca.needs_renewal(chain), who
