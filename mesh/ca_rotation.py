@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from mesh.config import paths
 from mesh.controller import spec as controller_spec
 from mesh.deploy.hostcerts import CHECKER_CA_PATH, CertFile, HostFiles, leaves, read_hosts
+from mesh.deploy.lock import deploy_lock
 from mesh.errors import EXIT_ERROR, EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE, MeshError, UsageError
 from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, Mesh
@@ -273,15 +274,20 @@ def rotate(inventory_path: str, step: Step, factory: Callable[[ManagedHost], Con
                              "needs the new intermediate, --intermediate CERT KEY [--root ROOT_CERT]")
         if given is not None:
             brought = read_given(given, ca.trust_domain, ca.root_pem if ca.brought else None)
-    before = read_fleet(mesh, ca, factory)
-    refuse_lagging(before, step, inventory_path)
-    if step == "start":
-        begin(ca.ca_dir, ca.trust_domain, brought)
-    elif step == "switch":
-        switch(ca.ca_dir)
-    else:
-        archive = finish(ca.ca_dir)
-        out.write(f"the old CA material is archived in {archive}\n")
+    def warn(text: str) -> None:
+        out.write(f"[WARNING]: {text}\n")
+
+    # under the deploy lock: no deploy pushes the previous phase, and no other step runs, between the check and
+    # the move (the deploy below takes the lock again)
+    with deploy_lock(mesh, warn, f"mesh ca rotate {step}"):
+        refuse_lagging(read_fleet(mesh, CertificateAuthority.load(state_dir), factory), step, inventory_path)
+        if step == "start":
+            begin(ca.ca_dir, ca.trust_domain, brought)
+        elif step == "switch":
+            switch(ca.ca_dir)
+        else:
+            archive = finish(ca.ca_dir)
+            out.write(f"the old CA material is archived in {archive}\n")
     moved = CertificateAuthority.load(state_dir)
     out.write("\n".join(ca_lines(moved)) + "\n")
     out.write(f"deploying phase {moved.phase} to every host\n")
@@ -289,9 +295,7 @@ def rotate(inventory_path: str, step: Step, factory: Callable[[ManagedHost], Con
     code = deploy(inventory_path, factory)
     after = read_fleet(mesh, moved, factory)
     out.writelines(line + "\n" for line in fleet_lines(after))
-    if code != EXIT_OK:
-        return code
-    if after.exit_code != EXIT_OK:
+    if code != EXIT_OK or after.exit_code != EXIT_OK:
         out.write(f"phase {moved.phase} has not reached every host: `mesh deploy {inventory_path}` again, then "
                   "`mesh ca status`\n")
-    return after.exit_code
+    return code if code != EXIT_OK else after.exit_code
