@@ -338,3 +338,14 @@ def test_ca_show_names_a_rotation_under_way(state: str, capsys: pytest.CaptureFi
     assert run(["ca", "show", "--state-dir", state]) == EXIT_OK
     shown = capsys.readouterr().out
     assert "rotation under way, phase start: the bundle trusts " + ", ".join(ca.bundle_fingerprints) in shown
+
+
+def test_a_step_is_refused_while_a_deploy_holds_the_lock(fleet_setup: tuple[str, Mesh, FakeFleet, FakeDeploy]
+                                                         ) -> None:
+    from mesh.deploy.lock import DeployLocked, deploy_lock
+
+    inventory, mesh, fleet, deploy = fleet_setup
+    with deploy_lock(mesh, lambda _: None), pytest.raises(DeployLocked) as refused:
+        rotate(inventory, "start", fleet.connect, deploy, io.StringIO())
+    assert refused.value.exit_code == EXIT_ERROR and deploy.runs == 1
+    assert CertificateAuthority.load(mesh.settings.state_dir).phase == "idle"
