@@ -320,6 +320,12 @@ def test_an_instance_on_an_unreached_host_holds_the_revision_back(loop: Loop) ->
 
 # --- the KV watch ---
 
+def test_the_controller_watches_the_prefix_mesh_authz_deny_writes_under() -> None:
+    from mesh.authz.kv import authz_key
+
+    assert authz_key("authz.mesh", "api") == authz_prefix("authz.mesh") + "api" == "mesh/authz.mesh/authz/api"
+
+
 def test_the_controller_watches_the_authz_prefix_with_blocking_queries(loop: Loop) -> None:
     prefix = authz_prefix("authz.mesh")
     watch = loop.controller.authz_watch
