@@ -129,7 +129,7 @@ def test_deny_waits_for_the_controllers_state_authz(
     try:
         assert run(["authz", "deny", "api", "--from", "web", "--wait", "20", "-i", str(inventory)]) == EXIT_OK
         out = capsys.readouterr().out
-        assert "api: enforced by every instance (1) in " in out
+        assert "api: applied by every instance (1) in " in out
         assert run(["authz", "show", "api", "-i", str(inventory)]) == EXIT_OK
         revision = (stored(consul, "api") or {}).get("revision")
         assert f"controller: applied: every instance enforces revision {revision}" in capsys.readouterr().out

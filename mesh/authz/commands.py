@@ -241,7 +241,7 @@ def _change(mesh: Mesh, service: str, make: changes.Make, timeout: float | None,
     waited = wait_applied(store, service, written.revision, timeout)
     instances = len(mesh.services.get(service, ()))
     if waited.applied:
-        click.echo(f"{service}: enforced by every instance ({instances}) in {waited.seconds:.1f} s")
+        click.echo(f"{service}: applied by every instance ({instances}) in {waited.seconds:.1f} s")
         return EXIT_OK
     _err(f"ERROR: {not_applied_text(service, written.revision, timeout, waited, 'every instance')}")
     return EXIT_ERROR

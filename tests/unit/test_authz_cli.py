@@ -258,7 +258,7 @@ def test_deny_stores_the_sources_waits_for_state_authz_and_says_so(
     lines = out.splitlines()
     assert lines[0] == f"api: run-time deny from web stored (revision {stored['revision']})"
     assert lines[1] == "api: note: web lists api in its upstreams: its calls to api now fail"
-    assert re.fullmatch(r"api: enforced by every instance \(2\) in \d+\.\d s", lines[2])
+    assert re.fullmatch(r"api: applied by every instance \(2\) in \d+\.\d s", lines[2])
 
     code, out, _ = mesh_run(["authz", "deny", "api", "--from", "spiffe://lab.mesh/svc/db", "--from", "web",
                              "-i", str(inventory)], capsys)
@@ -287,7 +287,7 @@ def test_undo_removes_the_sources_given_or_the_whole_deny(
     code, out, _ = mesh_run(["authz", "deny", "api", "--undo", "-i", str(inventory)], capsys)
     assert code == EXIT_OK and "api" not in store.values
     assert out.splitlines()[0] == "api: run-time deny removed (the inventory's rules hold)"
-    assert re.fullmatch(r"api: enforced by every instance \(2\) in \d+\.\d s", out.splitlines()[1])
+    assert re.fullmatch(r"api: applied by every instance \(2\) in \d+\.\d s", out.splitlines()[1])
     code, out, _ = mesh_run(["authz", "deny", "api", "--undo", "-i", str(inventory)], capsys)
     assert (code, out) == (EXIT_OK, "api: no override is stored: nothing to change\n")
 
