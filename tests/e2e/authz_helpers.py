@@ -383,8 +383,9 @@ def disagreements(inventory: Path, cases: Iterable[Case]) -> dict[str, str]:
 Line = dict[str, Any]
 
 
-def inbound_lines(inventory: Path, host: str, path_part: str, since: str = "3m") -> list[Line]:
-    """The inbound access lines on host whose path contains path_part, read with `mesh logs --json`."""
+def inbound_lines(inventory: Path, host: str, path_part: str | None = None, since: str = "3m") -> list[Line]:
+    """The inbound access lines on host (those whose path contains path_part, when given), read with
+    `mesh logs --json`."""
     run = mesh_cli(inventory, "logs", "--host", host, "--since", since, "--json", timeout=120)
     assert run.code == 0, f"`mesh logs --host {host}` failed:\n{run}"
     found = []
@@ -393,7 +394,8 @@ def inbound_lines(inventory: Path, host: str, path_part: str, since: str = "3m")
             line = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(line, dict) and line.get("direction") == "inbound" and path_part in str(line.get("path")):
+        if isinstance(line, dict) and line.get("direction") == "inbound" and (
+                path_part is None or path_part in str(line.get("path"))):
             found.append(line)
     return found
 

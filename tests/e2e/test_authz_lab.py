@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -251,19 +252,31 @@ def test_every_pair_of_the_matrix_gives_its_outcome_through_envoy_and_mesh_authz
     _assert_matrix(rules, rules.rules, rules_cases(rules.p))
 
 
-def test_a_denied_request_and_a_shadow_rule_are_named_in_the_inbound_access_line(rules: Fleet) -> None:
+def test_denials_and_a_shadow_rule_are_named_in_the_inbound_access_lines(rules: Fleet) -> None:
     p, marker = rules.p, uuid.uuid4().hex[:12]
     shadow = Ask(p.api_vm, "GET", f"/orders/shadow/{marker}")
     admin = Ask(p.api_vm, "GET", f"/orders/admin/{marker}")
-    seen = ask_all(rules.lab, p.web, [shadow, admin])
+    sent_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    seen = ask_all(rules.lab, p.web, [shadow, admin, Ask(p.db_t)])
     assert outcome(shadow, seen[0]) == "allowed", f"a shadow deny denied: {seen[0].brief()}"
     assert outcome(admin, seen[1]) == "denied", seen[1].brief()
+    assert outcome(Ask(p.db_t), seen[2]) == "denied", seen[2].brief()
+    web_address = rules.lab.hosts[p.web.host]
 
     def lines() -> dict[str, dict[str, Any]]:
-        return {str(item.get("path")): item for item in inbound_lines(rules.rules, "vm2", marker)}
+        found = {}
+        for item in inbound_lines(rules.rules, "vm2"):
+            if marker in str(item.get("path")):
+                found[str(item["path"])] = item
+            elif (item.get("destination_service") == "db" and str(item.get("time")) >= sent_at
+                  and str(item.get("source_address")).startswith(f"{web_address}:")):
+                found["db"] = item  # web's connection to db: only this module's probe makes one
+        return found
 
-    by_path = wait_for(lines, lambda found: len(found) >= 2, f"vm2's inbound lines of /orders/*/{marker}",
-                       timeout=90, interval=2.0)
+    by_path = wait_for(lines, lambda found: len(found) >= 3, f"vm2's inbound lines of /orders/*/{marker} and of "
+                       "web's connection to db", timeout=90, interval=2.0)
+    closed = by_path["db"]
+    assert "deny[0]" in str(closed.get("connection_termination_details")), f"the TCP line names no rule: {closed}"
     shadowed = by_path[shadow.path]
     assert str(shadowed.get("status")) == "200", shadowed
     assert "deny[1]" in json.dumps(shadowed.get("authz_shadow")), f"the line names no shadow rule: {shadowed}"
