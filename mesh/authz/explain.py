@@ -25,8 +25,9 @@ from mesh.config.authz import (
     decide,
     source_id,
 )
+from mesh.inventory.authz import rule_text
 from mesh.inventory.model import Mesh, Protocol
-from mesh.inventory.policy import UNAUTHENTICATED, AuthzOverride, AuthzRule, PathMatch, ServicePolicy
+from mesh.inventory.policy import UNAUTHENTICATED, AuthzOverride, ServicePolicy
 from mesh.inventory.policy_values import HTTP_METHODS
 
 Cell = Literal["allow", "deny", "partial"]
@@ -161,26 +162,6 @@ def default_text(authz: ServiceAuthz, source: str | None = None, plaintext_reque
     if default == "allow":
         return f"allow: every workload of {authz.inputs.trust_domain}{plaintext}"
     return f"deny: only allow rules{plaintext}"
-
-
-def rule_text(rule: AuthzRule) -> str:
-    """A rule as the inventory writes it: `{from: [web], methods: [GET], paths: [/orders, /orders/*]}`."""
-    parts = []
-    if rule.sources:
-        parts.append(f"from: [{', '.join(rule.sources)}]")
-    if rule.methods:
-        parts.append(f"methods: [{', '.join(rule.methods)}]")
-    if rule.paths:
-        parts.append(f"paths: [{', '.join(path_text(path) for path in rule.paths)}]")
-    if rule.headers:
-        parts.append("headers: {" + ", ".join(f"{name}: {value}" for name, value in rule.headers) + "}")
-    if rule.mode != "enforce":
-        parts.append(f"mode: {rule.mode}")
-    return "{" + ", ".join(parts) + "}"
-
-
-def path_text(path: PathMatch) -> str:
-    return f"{path.value}*" if path.kind == "prefix" else path.value
 
 
 # ---- the matrix -------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mesh.authz.explain import Answer, Cell, ServiceAuthz, default_text, explain, rule_text
+from mesh.authz.explain import Answer, Cell, ServiceAuthz, default_text, explain
 from mesh.config.authz import AuthzRequest
+from mesh.inventory.authz import rule_text
 from mesh.inventory.policy import UNAUTHENTICATED
 from mesh.runtime_kv import AppliedRevisions
 
