@@ -260,6 +260,7 @@ def test_denials_and_a_shadow_rule_are_named_in_the_inbound_access_lines(rules: 
     seen = ask_all(rules.lab, p.web, [shadow, admin, Ask(p.db_t)])
     assert outcome(shadow, seen[0]) == "allowed", f"a shadow deny denied: {seen[0].brief()}"
     assert outcome(admin, seen[1]) == "denied", seen[1].brief()
+    assert "deny[" not in seen[1].answer, f"the caller is told the rule: {seen[1].brief()}"  # Envoy's generic 403
     assert outcome(Ask(p.db_t), seen[2]) == "denied", seen[2].brief()
     web_address = rules.lab.hosts[p.web.host]
 
