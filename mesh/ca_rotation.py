@@ -25,8 +25,7 @@ from mesh.hosts.connection import Connector
 from mesh.inventory.model import ManagedHost, Mesh
 from mesh.pki import CertificateAuthority, fingerprint
 from mesh.pki.byo import GivenCA, check_given_ca
-from mesh.pki.leaf import load_chain
-from mesh.pki.material import signed_by
+from mesh.pki.leaf import load_chain, signed_by
 from mesh.pki.phases import NEXT_STEP, Phase, Step, begin, finish, require_order, switch
 
 CONTROLLER_NAME = "controller"

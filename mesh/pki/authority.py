@@ -18,7 +18,7 @@ from mesh.errors import MeshError
 from mesh.pki.byo import GivenCA
 from mesh.pki.certs import Issuer, LeafRequest, build_leaf, checked_csr, leaf_validity
 from mesh.pki.files import PRIVATE_DIR, read_file, require_private, sync_dir
-from mesh.pki.leaf import fingerprint, is_ca, leaf_needs_renewal, load_chain, serial_hex
+from mesh.pki.leaf import fingerprint, is_ca, leaf_needs_renewal, load_chain, serial_hex, signed_by
 from mesh.pki.ledger import IssuedRecord, append_record, read_records
 from mesh.pki.material import (
     CONTROLLER_CERT,
@@ -32,7 +32,6 @@ from mesh.pki.material import (
     Material,
     pem,
     read_material,
-    signed_by,
     write_given,
     write_own,
 )

@@ -11,13 +11,13 @@ from datetime import datetime
 from itertools import pairwise
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mesh.errors import MeshError
 from mesh.pki.certs import CAKey
-from mesh.pki.leaf import fingerprint
+from mesh.pki.leaf import fingerprint, signed_by
 
 MIN_RSA_BITS = 2048
 
@@ -83,14 +83,6 @@ def _is_signing_ca(cert: x509.Certificate) -> bool:
     return usage.key_cert_sign
 
 
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def _name(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or fingerprint(cert)
 
@@ -123,7 +115,7 @@ def check_given_ca(intermediate_pem: bytes, key_pem: bytes, root_pem: bytes, tru
                                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
     path = [*chain, root]
     for lower, upper in pairwise(path):
-        if not _signed_by(lower, upper):
+        if not signed_by(lower, upper):
             raise GivenCAError(f"{_name(lower)} is not signed by {_name(upper)}: the intermediate does not chain "
                                f"to the root {fingerprint(root)}",
                                "give the intermediate's whole chain in its file (intermediate first), and the "

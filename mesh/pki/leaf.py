@@ -101,9 +101,9 @@ def chains_to(cert_pem: bytes, root_pem: bytes, intermediate_pem: bytes | None =
     root = load_chain(root_pem)[0]
     middles = certs[1:] + (load_chain(intermediate_pem) if intermediate_pem else [])
     leaf = certs[0]
-    if _signed_by(leaf, root):
+    if signed_by(leaf, root):
         return True
-    return any(is_ca(middle) and _signed_by(middle, root) and _signed_by(leaf, middle) for middle in middles)
+    return any(is_ca(middle) and signed_by(middle, root) and signed_by(leaf, middle) for middle in middles)
 
 
 def is_ca(cert: x509.Certificate) -> bool:
@@ -113,7 +113,8 @@ def is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`issuer`'s key signed `cert` (its signature checks out; names are not compared)."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):

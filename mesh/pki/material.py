@@ -15,14 +15,13 @@ from itertools import pairwise
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from mesh.errors import MeshError
 from mesh.pki.byo import GivenCA
 from mesh.pki.certs import CAKey, Issuer, build_intermediate, build_root, new_ca_key
 from mesh.pki.files import PRIVATE_FILE, PUBLIC_FILE, read_file, require_private, write_atomic
-from mesh.pki.leaf import load_chain, serial_hex
+from mesh.pki.leaf import load_chain, serial_hex, signed_by
 
 ROOT_CERT = "root.pem"
 ROOT_KEY = "root.key"  # absent when the CA was brought (`mesh ca init --intermediate`): mesh never holds that key
@@ -55,14 +54,6 @@ def pem(cert: x509.Certificate) -> bytes:
 def key_pem(key: CAKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 @dataclass(frozen=True)
