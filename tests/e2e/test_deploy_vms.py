@@ -260,8 +260,10 @@ def test_inbound_listener_refuses_every_client_without_a_mesh_identity(fleet: La
     def probe(client: Any) -> Any:
         return tls_from(fleet, "ctl1", fleet.hosts[host], proxy_port, mode, root, client)
 
-    # The control: a mesh certificate for the trust domain gets through, so the refusals below mean something.
-    valid = probe(mesh_ca.issue(f"spiffe://{TRUST_DOMAIN}/svc/web", tmp_path, "valid"))
+    # The control: a mesh certificate of a declared caller (web calls api, api calls db) gets through, so the
+    # refusals below, made for the same caller, are the certificate's fault and not authorization's.
+    caller = "web" if service == "api" else "api"
+    valid = probe(mesh_ca.issue(f"spiffe://{TRUST_DOMAIN}/svc/{caller}", tmp_path, "valid"))
     if mode == "http":
         assert valid.http_status() == 200, valid
         assert valid.json_body()["hops"][0]["service"] == "api", valid
@@ -270,13 +272,13 @@ def test_inbound_listener_refuses_every_client_without_a_mesh_identity(fleet: La
     refused = {
         "no client certificate": probe(None),
         "a certificate from another CA": probe(TestCA(tmp_path / "other", "other CA").issue(
-            f"spiffe://{TRUST_DOMAIN}/svc/web", "other-ca")),
+            f"spiffe://{TRUST_DOMAIN}/svc/{caller}", "other-ca")),
         "a mesh-CA certificate of another trust domain": probe(
-            mesh_ca.issue("spiffe://other.mesh/svc/web", tmp_path, "foreign")),
+            mesh_ca.issue(f"spiffe://other.mesh/svc/{caller}", tmp_path, "foreign")),
         "a mesh-CA certificate of a look-alike trust domain": probe(
-            mesh_ca.issue(f"spiffe://{TRUST_DOMAIN}.evil/svc/web", tmp_path, "lookalike")),
+            mesh_ca.issue(f"spiffe://{TRUST_DOMAIN}.evil/svc/{caller}", tmp_path, "lookalike")),
         "a mesh-CA certificate with no SPIFFE ID in the trust domain": probe(
-            mesh_ca.issue(f"https://{TRUST_DOMAIN}/svc/web", tmp_path, "not-spiffe")),
+            mesh_ca.issue(f"https://{TRUST_DOMAIN}/svc/{caller}", tmp_path, "not-spiffe")),
     }
     let_through = {case: seen for case, seen in refused.items() if seen.answer}
     assert not let_through, f"{target}'s inbound listener answered: {let_through}"

@@ -128,7 +128,8 @@ def test_a_cluster_change_reloads_under_a_request_loop_with_no_failed_request_or
 def test_a_new_route_and_listener_reload_under_a_request_loop_with_no_failed_request_or_restart(
         restore: LabUp, tmp_path: Path) -> None:
     """web on vm1 gains db as an upstream: a listener, a route, a cluster and its endpoints added to the Envoy
-    whose outbound listener to api the loop goes through."""
+    whose outbound listener to api the loop goes through; and db's allow filter (vm2) lets web in, since web now
+    declares db (mesh_authz_default: declared)."""
     lab = restore
 
     def web_reaches_db(variables: Variables) -> None:
@@ -136,8 +137,10 @@ def test_a_new_route_and_listener_reload_under_a_request_loop_with_no_failed_req
 
     changed = _copy(tmp_path, "route", vm1=web_reaches_db)
     planned = plan_json(changed)
-    _assert_reload_only(planned, {"vm1"})
+    _assert_reload_only(planned, {"vm1", "vm2"})
     assert ("vm1", "file", "/etc/mesh/proxies/web-8080/xds/lds.yaml", "update") in keys(planned["changes"])
+    on_vm2 = {change[2] for change in _envoy_changes(planned) if change[0] == "vm2"}
+    assert on_vm2 == {"/etc/mesh/proxies/db-5432/xds/ecds.mesh.authz.allow.yaml"}, on_vm2
     processes = envoy_processes(lab)
     with request_loop(lab) as loop:
         run = deploy(changed)
