@@ -292,7 +292,7 @@ def test_leaves_under_a_brought_ca_verify_against_its_root_alone(tmp_path: Path)
                                                                                               "x")]))
            .sign(csr_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     chains = {"deploy": ca.sign(csr, f"spiffe://{TD}/svc/web", timedelta(hours=1), "vm1", "web").chain_pem,
-              "controller": signer.sign(csr, f"spiffe://{TD}/svc/web", timedelta(hours=1), NOW).chain_pem}
+              "controller": signer.sign(csr, f"spiffe://{TD}/svc/web", timedelta(hours=1), datetime.now(UTC)).chain_pem}
     for who, chain in chains.items():
         certs = x509.load_pem_x509_certificates(chain)
         (tmp_path / "leaf.pem").write_bytes(pem(certs[0]))
