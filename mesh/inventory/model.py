@@ -33,6 +33,11 @@ def health_checker_spiffe_id(trust_domain: str) -> str:
     return f"spiffe://{trust_domain}/mesh/health"
 
 
+def controller_spiffe_id(trust_domain: str) -> str:
+    """The SPIFFE id of mesh's controllers as servers (their span receiver's certificate)."""
+    return f"spiffe://{trust_domain}/mesh/controller"
+
+
 @dataclass(frozen=True)
 class MeshSettings:
     """Mesh-wide settings: the same on every host of the inventory."""
