@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from mesh.errors import MeshError
 
-SPEC_VERSION = 3  # 2: traffic policies, route inputs, per-version endpoint files, zones; 3: inbound authz inputs
+# 2: traffic policies, route inputs, per-version endpoint files, zones; 3: inbound authz inputs; 4: the span
+# receiver's and the loopback web server's ports, each proxy's version, kind, container and metrics address
+SPEC_VERSION = 4
 CONTROLLER_DIR = "/etc/mesh/controller"
 SPEC_PATH = f"{CONTROLLER_DIR}/spec.json"
 SSH_KEY = f"{CONTROLLER_DIR}/id_ed25519"  # made on the controller itself; only its .pub leaves the host
@@ -26,6 +28,7 @@ CONSUL_CA_FILE = f"{CONTROLLER_DIR}/consul-ca.pem"
 CONTROLLER_USER = "mesh-controller"
 CONTROLLER_UNIT = "mesh-controller.service"
 DEFAULT_METRICS_PORT = 9190  # bound to the controller's loopback only
+DEFAULT_WEB_PORT = 9191  # the dashboard and the traces API, bound to the controller's loopback only
 
 # On every managed host: the account the controllers log in as, and what it may run (through sudo).
 CTL_USER = "mesh-ctl"
@@ -113,6 +116,10 @@ class ProxySpec:
     # inbound file path -> {"kind": mesh.render.InboundFileKind, "inputs": mesh.config.authz.InboundInputs.to_json()}:
     # what redoes the file (the inbound route of an HTTP service, the RBAC filter files of a TCP one)
     inbound: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    version: str = ""  # the workload's version (the inventory's `version`)
+    kind: IdentityKind = "vm"  # "vm" or "container" (never "checker")
+    container: str | None = None  # on a container host: the app's container
+    metrics: str | None = None  # "ADDRESS:PORT" of its Prometheus listener (mesh.telemetry.targets), what is scraped
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ class ControllerSpec:
     session_ttl_s: int = 10
     metrics_port: int = DEFAULT_METRICS_PORT
     debounce_ms: int = 50
+    trace_port: int = 0  # the span receiver's port (mesh.config.tracing.TRACE_PORT) on mesh's collector; 0: none
+    web_port: int = DEFAULT_WEB_PORT
     # service -> mesh.inventory.services.policy_to_json of its inventory policy (services without one: absent)
     policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version: int = SPEC_VERSION
@@ -193,7 +202,8 @@ def parse_spec(text: str, origin: str = SPEC_PATH) -> ControllerSpec:
             consul_token_file=_optional(data["consul_token_file"]), consul_ca_file=_optional(data["consul_ca_file"]),
             cert_ttl_s=int(data["cert_ttl_s"]), hosts=hosts, renew_fraction=float(data["renew_fraction"]),
             session_ttl_s=int(data["session_ttl_s"]), metrics_port=int(data["metrics_port"]),
-            debounce_ms=int(data["debounce_ms"]), policies=_policies(data["policies"]))
+            debounce_ms=int(data["debounce_ms"]), trace_port=_port(data["trace_port"], "trace_port", zero=True),
+            web_port=_port(data["web_port"], "web_port"), policies=_policies(data["policies"]))
     except SpecError as exc:
         raise SpecError(f"{origin}: {exc}") from None
     except KeyError as exc:
@@ -212,6 +222,13 @@ def load_spec(path: str = SPEC_PATH) -> ControllerSpec:
 
 def _optional(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _port(value: Any, key: str, zero: bool = False) -> int:
+    """A TCP port (0 too when `zero`: the thing is off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (0 if zero else 1) <= value <= 65535:
+        raise SpecError(f"{key}: expected a port{' or 0' if zero else ''}, got {value!r}")
+    return value
 
 
 def _host(data: Mapping[str, Any]) -> HostSpec:
@@ -233,7 +250,15 @@ def _proxy(data: Mapping[str, Any]) -> ProxySpec:
                    for path, source in dict(data["endpoints"]).items()},
         routes={str(path): _route_inputs(name, str(path), inputs) for path, inputs in dict(data["routes"]).items()},
         zone=_optional(data["zone"]), region=_optional(data["region"]),
-        inbound={str(path): _inbound(name, str(path), entry) for path, entry in dict(data["inbound"]).items()})
+        inbound={str(path): _inbound(name, str(path), entry) for path, entry in dict(data["inbound"]).items()},
+        version=str(data["version"]), kind=_proxy_kind(name, data["kind"]), container=_optional(data["container"]),
+        metrics=_optional(data["metrics"]))
+
+
+def _proxy_kind(proxy: str, value: Any) -> IdentityKind:
+    if value == "vm" or value == "container":
+        return "vm" if value == "vm" else "container"
+    raise SpecError(f"proxies[{proxy}].kind: expected vm or container, got {value!r}")
 
 
 def _endpoint_source(proxy: str, path: str, data: Any) -> EndpointSource:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from mesh.config import paths
 from mesh.config.model import ProxyConfig
+from mesh.config.tracing import TRACE_PORT
 from mesh.controller.spec import (
     CONSUL_CA_FILE,
     TOKEN_FILE,
@@ -26,10 +27,11 @@ from mesh.controller.spec import (
     ProxySpec,
     SpecFile,
 )
-from mesh.inventory.model import ManagedHost, Mesh
+from mesh.inventory.model import ManagedHost, Mesh, MeshSettings
 from mesh.inventory.services import policy_to_json
 from mesh.plan.model import HostPlan, Plan, ProxyPlan
 from mesh.render import FileSources, ProxyFiles, inbound_files
+from mesh.telemetry.targets import proxy_targets
 
 CHECKER_IDENTITY = "checker"
 
@@ -81,12 +83,21 @@ def _sources(files: ProxyFiles) -> FileSources:
     return FileSources(posixpath.join(files.proxy_dir, paths.XDS_DIR_NAME))
 
 
-def proxy_spec(proxy: ProxyPlan, host: ManagedHost) -> ProxySpec:
+def proxy_spec(proxy: ProxyPlan, host: ManagedHost, metrics: str | None = None) -> ProxySpec:
+    """`metrics`: the proxy's Prometheus listener as `ADDRESS:PORT` (mesh.telemetry.targets' endpoint)."""
     files = tuple(SpecFile(item.path, item.kind, item.content) for item in proxy.rendered.files
                   if item.kind != "trust")  # the trust bundle (ca.pem) is the deploy's, never in ProxyFiles
     return ProxySpec(proxy.name, proxy.workload.service, proxy.rendered.proxy_dir, proxy.bootstrap_sha256, files,
                      endpoint_files(proxy.config, proxy.rendered), route_files(proxy.config, proxy.rendered),
-                     host.zone, host.region, inbound_entries(proxy.config, proxy.rendered))
+                     host.zone, host.region, inbound_entries(proxy.config, proxy.rendered),
+                     version=proxy.workload.version, kind="vm" if host.consul_kind == "vm" else "container",
+                     container=proxy.workload.container if host.kind != "vm" else None, metrics=metrics)
+
+
+def trace_port(settings: MeshSettings) -> int:
+    """The controllers' span receiver port: TRACE_PORT when `mesh_tracing` uses mesh's own collector, else 0."""
+    tracing = getattr(settings, "tracing", None)
+    return TRACE_PORT if tracing is not None and tracing.collector == "mesh" else 0
 
 
 def identities(host: HostPlan) -> tuple[IdentitySpec, ...]:
@@ -103,15 +114,16 @@ def build_spec(plan: Plan, mesh: Mesh, known_hosts: Mapping[str, Sequence[str]],
     the deploy checks that host's key with; plan_digest: what the controller publishes once it runs this plan."""
     managed = {host.name for host in mesh.hosts}
     settings = mesh.settings
+    metrics = {(target.host, target.proxy): target.endpoint for target in proxy_targets(mesh)}
     hosts = tuple(
         HostSpec(name=host.name, address=host.host.connection.address, port=host.host.connection.port,
                  known_hosts=tuple(known_hosts.get(host.name, ())), identities=identities(host),
-                 proxies=tuple(proxy_spec(proxy, host.host)
+                 proxies=tuple(proxy_spec(proxy, host.host, metrics.get((host.name, proxy.name)))
                                for proxy in sorted(host.proxies, key=lambda proxy: proxy.name)))
         for host in plan.hosts if host.name in managed)
     return ControllerSpec(
         mesh_id=settings.id, trust_domain=settings.trust_domain, plan_digest=plan_digest,
         consul_url=settings.consul_url or "", consul_token_file=TOKEN_FILE if settings.consul_token_file else None,
         consul_ca_file=CONSUL_CA_FILE if settings.consul_ca_file else None, cert_ttl_s=settings.cert_ttl_seconds,
-        renew_fraction=settings.cert_renew_fraction,
+        renew_fraction=settings.cert_renew_fraction, trace_port=trace_port(settings),
         hosts=hosts, policies={service: policy_to_json(policy) for service, policy in sorted(mesh.policies.items())})

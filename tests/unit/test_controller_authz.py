@@ -203,8 +203,8 @@ def test_a_spec_with_a_malformed_inbound_entry_is_refused_naming_it(mesh: Mesh, 
 
 def test_an_older_spec_is_refused_with_the_way_out(mesh: Mesh) -> None:
     data = json.loads(spec_of(mesh).to_json())
-    data["version"] = 2
-    with pytest.raises(SpecError, match="version: expected 3, got 2") as refused:
+    data["version"] = 3
+    with pytest.raises(SpecError, match="version: expected 4, got 3") as refused:
         parse_spec(json.dumps(data), "spec.json")
     assert refused.value.hint == "deploy again with this mesh version"
 

@@ -144,7 +144,7 @@ def test_the_spec_changes_with_the_plan_and_only_with_it(mesh: Mesh) -> None:
     assert first.host("ctl1").file(SPEC_PATH).content == again.host("ctl1").file(SPEC_PATH).content
     other_keys = plan_of(mesh, keys={"ctl1": KEYS["ctl1"]})  # ctl2 left out of every authorized_keys
     assert spec_on(other_keys, "ctl1").plan_digest != spec_on(first, "ctl1").plan_digest
-    assert json.loads(first.host("ctl1").file(SPEC_PATH).content)["version"] == SPEC_VERSION == 3
+    assert json.loads(first.host("ctl1").file(SPEC_PATH).content)["version"] == SPEC_VERSION == 4
 
 
 def test_a_token_file_in_the_inventory_points_the_controller_at_its_copy(mesh: Mesh) -> None:
@@ -193,3 +193,16 @@ def test_a_host_being_cleaned_after_it_left_does_not_change_the_spec(mesh: Mesh)
     without = build_plan(mesh, PlanInputs(b"root pem", "00:11", controller=inputs))
     assert with_retired.digest != without.digest
     assert with_retired.host("ctl1").file(SPEC_PATH).content == without.host("ctl1").file(SPEC_PATH).content
+
+
+def test_a_proxy_carries_its_version_kind_container_and_metrics_address(mesh: Mesh) -> None:
+    spec = spec_on(plan_of(mesh), "ctl1")  # as a controller reads it back
+    [web] = spec.host("vm1").proxies
+    assert (web.version, web.kind, web.container, web.metrics) == ("v1", "vm", None, "10.0.0.11:20000")
+    [api] = spec.host("dock1").proxies
+    assert (api.service, api.kind, api.container, api.metrics) == ("api", "container", "api-v2-1", "10.0.0.20:20000")
+
+
+def test_no_tracing_means_no_span_receiver_and_the_web_port_is_the_default(mesh: Mesh) -> None:
+    spec = spec_on(plan_of(mesh), "ctl1")
+    assert (spec.trace_port, spec.web_port) == (0, 9191)
