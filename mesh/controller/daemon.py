@@ -60,6 +60,9 @@ from mesh.controller.spec import (
 from mesh.controller.transport import SshTransport, Transport
 from mesh.errors import MeshError
 from mesh.healthcheck.leader import Leadership, holder_id
+from mesh.traces.receiver import SpanReceiver
+from mesh.traces.serving import ControllerCertificate
+from mesh.traces.store import TraceStore
 
 SESSION_NAME = "mesh-controller"
 ROUND_INTERVAL_S = 1.0  # a round with nothing new costs no I/O but reconnecting hosts and due renewals
@@ -166,6 +169,8 @@ class Controller:
         self.leader = (leader or _consul_leader)(self.spec, self.holder)
         self.store = (store or (lambda spec: ConsulStore(consul_access(spec), spec.mesh_id)))(self.spec)
         self.renewer = self._renewer(self.spec)
+        self.traces = TraceStore()  # spans from the proxies (the span receiver's, when spec.trace_port)
+        self.span_receiver: SpanReceiver | None = None
         self.lock = threading.Condition()
         self.known: KnownEndpoints = MappingProxyType({})
         self.traffic_values: Mapping[str, str] | None = None  # the traffic KV (service -> value); None: not read yet
@@ -250,6 +255,9 @@ class Controller:
     def run(self) -> None:
         if self.options.serve_metrics:
             self.metrics.serve(self.spec.metrics_port)
+        if self.spec.trace_port > 0:  # every controller, not only the leader: proxies spread spans over them all
+            self.span_receiver = span_receiver(self.spec, self.options, self.traces)
+            self.span_receiver.start()
         if self.watching:
             self.watch.watch(watched_services(self.spec))
             self.traffic_watch.start()
@@ -479,7 +487,17 @@ class Controller:
         self.leader.release()
         self.pusher.close()
         self.metrics.stop()
+        if self.span_receiver is not None:
+            self.span_receiver.stop()
         self.log.info("controller_stopped", holder=self.holder)
+
+
+def span_receiver(spec: ControllerSpec, options: ControllerOptions, store: TraceStore) -> SpanReceiver:
+    """The receiver on spec.trace_port: served with the controller's own certificate (its intermediate signs it),
+    clients checked against the root bundle."""
+    certificate = ControllerCertificate(spec.trust_domain, spec.cert_ttl_s, options.intermediate_cert,
+                                        options.intermediate_key)
+    return SpanReceiver(store, spec.trace_port, certificate, options.root_cert, spec.trust_domain)
 
 
 def _consul_leader(spec: ControllerSpec, holder: str) -> Leader:
