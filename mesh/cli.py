@@ -112,8 +112,9 @@ _add_controller_commands()
 
 def _add_telemetry_commands() -> None:
     from mesh.telemetry.commands import logs_command, metrics, top_command
+    from mesh.traces.cli import trace_command
 
-    for command in (logs_command, metrics, top_command):
+    for command in (logs_command, metrics, top_command, trace_command):
         cli.add_command(command)
 
 
