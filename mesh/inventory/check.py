@@ -43,7 +43,19 @@ class CheckReport:
             if mesh.policy(name) != NO_POLICY:
                 lines.append(f"    policy: {policy_brief(mesh.policy(name), mesh.settings.authz_default)}")
         lines.append(f"instances: {len(mesh.workloads)}")
+        lines.append(f"tracing: {tracing_brief(mesh)}")
         return lines
+
+
+def tracing_brief(mesh: Mesh) -> str:
+    """`mesh_tracing` in words: off, or the share of requests traced and where their spans go."""
+    tracing = mesh.settings.tracing
+    if tracing is None:
+        return "off (mesh trace rebuilds a request's hops from the access logs)"
+    share = f"{tracing.sampling:g} % of requests"
+    if tracing.collector == "mesh":
+        return f"{share}, spans to mesh's collector on the controllers"
+    return f"{share}, spans to the {'Zipkin' if tracing.collector == 'zipkin' else 'OTLP'} collector {tracing.url}"
 
 
 def policy_brief(policy: ServicePolicy, authz_default: AuthzDefault = "declared") -> str:

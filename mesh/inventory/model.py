@@ -38,6 +38,27 @@ def controller_spiffe_id(trust_domain: str) -> str:
     return f"spiffe://{trust_domain}/mesh/controller"
 
 
+Collector = Literal["mesh", "zipkin", "otlp"]
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """`mesh_tracing`: where every proxy sends its spans and what share of requests it traces.
+
+    collector "mesh": the controllers' span receivers (no URL); "zipkin": an outside Zipkin collector (Zipkin JSON
+    v2 over HTTP); "otlp": an outside OpenTelemetry collector (OTLP/HTTP). url is the outside collector's URL as
+    written, split into scheme, host, port and path (the collector's endpoint; None when the URL names none: the
+    collector's default, mesh.config.tracing's ZIPKIN_PATH or OTLP_PATH)."""
+
+    collector: Collector
+    sampling: float  # percent 0..100
+    url: str | None = None
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+
 @dataclass(frozen=True)
 class MeshSettings:
     """Mesh-wide settings: the same on every host of the inventory."""
@@ -52,6 +73,7 @@ class MeshSettings:
     consul_token_file: str | None = None  # absolute, like state_dir; read only when Consul is called
     consul_ca_file: str | None = None  # absolute; verifies an https:// consul_url
     authz_default: AuthzDefault = "declared"  # mesh_authz_default: who may call a service no rule covers
+    tracing: TracingSettings | None = None  # mesh_tracing: None, no tracer in any Envoy
 
     @property
     def id(self) -> str:

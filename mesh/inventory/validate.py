@@ -22,6 +22,7 @@ from mesh.inventory.policy_values import check_zone
 from mesh.inventory.scrapers import SCRAPERS_KEY, MetricsSources, read_metrics_scrapers
 from mesh.inventory.services import SERVICES_KEY, ServiceFacts, read_services
 from mesh.inventory.templating import Templating, host_groups
+from mesh.inventory.tracing import TRACING_KEY, read_tracing
 from mesh.inventory.values import (
     BadValue,
     check_host_name,
@@ -37,7 +38,7 @@ from mesh.suggest import did_you_mean
 
 MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_cert_renew_fraction",
              "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file", AUTHZ_DEFAULT_KEY,
-             SCRAPERS_KEY, SERVICES_KEY)
+             SCRAPERS_KEY, SERVICES_KEY, TRACING_KEY)
 PER_HOST = ("mesh_host_kind", "mesh_workloads", "mesh_zone", "mesh_region")
 MESH_VARIABLES = MESH_WIDE + PER_HOST
 HOST_KINDS = ("vm", "container_host")
@@ -256,6 +257,7 @@ def _settings(chosen: dict[str, Located], inventory_path: str, dynamic: bool, pr
     token_file = _wide(chosen, "mesh_consul_token_file", lambda v: check_local_path(v, "a file path"), problems)
     consul_ca_file = _wide(chosen, "mesh_consul_ca_file", lambda v: check_local_path(v, "a file path"), problems)
     authz_default = read_authz_default(chosen.get(AUTHZ_DEFAULT_KEY), problems)
+    tracing = read_tracing(chosen.get(TRACING_KEY), problems)
     return MeshSettings(
         trust_domain=trust_domain,
         consul_url=consul_url,
@@ -267,6 +269,7 @@ def _settings(chosen: dict[str, Located], inventory_path: str, dynamic: bool, pr
         consul_token_file=token_file and resolve_state_dir(token_file, inventory_path, dynamic),
         consul_ca_file=consul_ca_file and resolve_state_dir(consul_ca_file, inventory_path, dynamic),
         authz_default=authz_default,
+        tracing=tracing,
     )
 
 

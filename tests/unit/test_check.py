@@ -60,7 +60,16 @@ def test_summary_of_a_valid_inventory() -> None:
     assert lines[0] == "inventory /srv/fleet/inventory.yml: ok"
     assert "2 vm, 0 container_host, 1 controller(s) among them, 1 other" in lines[1]
     assert "  web: 2 instance(s), version(s) v1, v2" in lines
-    assert lines[-1] == "instances: 2"
+    assert lines[-2:] == ["instances: 2", "tracing: off (mesh trace rebuilds a request's hops from the access logs)"]
+
+
+def test_summary_says_where_spans_go() -> None:
+    fleet = Fleet("mesh_consul_url: http://10.77.0.2:8500\nmesh_tracing: {sampling: 100}\n").controller()
+    assert check_inventory(fleet.data).summary_lines()[-1] == \
+        "tracing: 100 % of requests, spans to mesh's collector on the controllers"
+    fleet = Fleet("mesh_tracing: {otlp: 'http://otel.example:4318', sampling: 0.5}\n").controller()
+    assert check_inventory(fleet.data).summary_lines()[-1] == \
+        "tracing: 0.5 % of requests, spans to the OTLP collector http://otel.example:4318"
 
 
 def test_reader_warnings_are_refused() -> None:
