@@ -30,10 +30,13 @@ MARKER_FILE = f"{VENV}/mesh-wheels.marker"
 CHECKER_UNIT = "mesh-health-checker.service"
 CONTROLLER_UNIT = "mesh-controller.service"
 # What `python -m mesh.healthcheck` and `python -m mesh.controller` import beyond the standard library (their
-# own dependencies follow).
-CHECKER_RUNTIME = ("py-consul", "structlog", "paramiko", "cryptography", "pyyaml", "jinja2", "prometheus-client")
+# own dependencies follow). xds-protos: the span receiver decodes OTLP with the OpenTelemetry protos it ships
+# (protobuf and grpcio come with it).
+CHECKER_RUNTIME = ("py-consul", "structlog", "paramiko", "cryptography", "pyyaml", "jinja2", "prometheus-client",
+                   "xds-protos")
 # Imported in the installed venv before its marker is written: a wheel set that cannot run them is not recorded.
-RUNTIME_MODULES = ("mesh.healthcheck.__main__", "mesh.controller.__main__")
+# The controller's imports the span receiver's decoding (mesh.traces.decode, the OpenTelemetry protos).
+RUNTIME_MODULES = ("mesh.healthcheck.__main__", "mesh.controller.__main__", "mesh.traces.decode")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = package_data.templates_dir()
 _NAME = re.compile(r"^[A-Za-z0-9._-]+")

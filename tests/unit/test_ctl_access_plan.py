@@ -205,8 +205,10 @@ def test_the_controller_venv_is_recorded_only_once_the_checker_and_the_controlle
     from mesh import controller_env
 
     install = controller_env.install_commands(["mesh-0.1.0-py3-none-any.whl"], "m")[1]
-    assert "-c 'import mesh.healthcheck.__main__, mesh.controller.__main__' && echo m >" in install
-    assert {"paramiko", "prometheus-client", "pyyaml", "jinja2", "cryptography"} <= set(controller_env.CHECKER_RUNTIME)
+    assert "-c 'import mesh.healthcheck.__main__, mesh.controller.__main__, mesh.traces.decode' && echo m >" \
+        in install
+    assert {"paramiko", "prometheus-client", "pyyaml", "jinja2", "cryptography", "xds-protos"} \
+        <= set(controller_env.CHECKER_RUNTIME)
 
 
 def test_a_deploy_gives_a_host_the_account_checking_the_sudo_rule_before_moving_it_in(
