@@ -35,6 +35,7 @@ from mesh.traces.view import (
 
 ID_PATTERN = re.compile(r"[!-~]{1,200}")  # printable ASCII, no space: what an x-request-id or a trace id can be
 MAX_LAST = 200
+AGO = re.compile(r"\d+[smhd]")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class Query:
     since: datetime
     since_text: str
     from_logs: bool
+
+    def window(self) -> str:
+        """`of the last 1h`, or `since 2026-12-07T00:00:00Z`: how far back the access logs were read."""
+        return f"of the last {self.since_text}" if AGO.fullmatch(self.since_text.strip()) else f"since {self.since_text}"
 
     def searched(self) -> str:
         if self.wanted is not None:
@@ -122,7 +127,7 @@ def find(mesh: Mesh, query: Query, factory: ConnectorFactory = connect) -> Found
             found.warnings.append(f"the collector ({names}) holds no trace of {query.wanted}: reading the access "
                                   "logs")
     read = read_lines(mesh, query.since, query.wanted, query.service if query.wanted is None else None, factory)
-    found.places.append(f"the access logs of {', '.join(read.hosts)} since {query.since_text} ago")
+    found.places.append(f"the access logs of {', '.join(read.hosts)} {query.window()}")
     for name, why in read.problems.items():
         found.warnings.append(f"{name}: {why}")
     found.unreachable = found.unreachable or bool(read.problems)
