@@ -48,8 +48,8 @@ class TunnelOpener(Protocol):
 
 def uses_collector(mesh: Mesh) -> bool:
     """mesh_tracing sends spans to mesh's own collector (the controllers' span receivers)."""
-    tracing = getattr(mesh.settings, "tracing", None)
-    return tracing is not None and getattr(tracing, "collector", None) == "mesh" and bool(mesh.controllers)
+    tracing = mesh.settings.tracing
+    return tracing is not None and tracing.collector == "mesh" and bool(mesh.controllers)
 
 
 def is_trace_id(text: str) -> bool:
