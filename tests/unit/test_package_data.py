@@ -35,6 +35,8 @@ _FROM_THE_WHEEL = textwrap.dedent("""
     from mesh.controller.protocol import script_path, script_text
     assert str(script_path()).startswith(sys.argv[1]), script_path()
     print("mesh-ctl:", script_text().splitlines()[0])
+    from mesh.dashboard.server import page_html
+    print("dashboard:", page_html().splitlines()[0].decode())
 """)
 
 
@@ -68,3 +70,4 @@ def test_a_built_wheel_carries_templates_and_playbooks(tmp_path: Path) -> None:
     assert lines[1] == f"envoy: {target / 'mesh' / 'templates' / 'envoy' / 'bootstrap.yaml.j2'}"
     assert lines[2].startswith("plays: ") and int(lines[2].split()[1]) >= 1
     assert lines[3] == "mesh-ctl: #!/bin/sh"
+    assert lines[4] == "dashboard: <!DOCTYPE html>"
