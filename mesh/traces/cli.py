@@ -50,8 +50,8 @@ class Query:
     from_logs: bool
 
     def window(self) -> str:
-        """`of the last 1h`, or `since 2026-12-07T00:00:00Z`: how far back the access logs were read."""
-        return f"of the last {self.since_text}" if AGO.fullmatch(self.since_text.strip()) else f"since {self.since_text}"
+        """`in the last 1h`, or `since 2026-12-07T00:00:00Z`: how far back the access logs were read."""
+        return f"in the last {self.since_text}" if AGO.fullmatch(self.since_text.strip()) else f"since {self.since_text}"
 
     def searched(self) -> str:
         if self.wanted is not None:
@@ -126,6 +126,10 @@ def find(mesh: Mesh, query: Query, factory: ConnectorFactory = connect) -> Found
         elif query.wanted is not None:
             found.warnings.append(f"the collector ({names}) holds no trace of {query.wanted}: reading the access "
                                   "logs")
+        else:
+            of = f" of {query.service}" if query.service else ""
+            found.warnings.append(f"the collector ({names}) holds no traces{of} {query.window()}: reading the "
+                                  "access logs")
     read = read_lines(mesh, query.since, query.wanted, query.service if query.wanted is None else None, factory)
     found.places.append(f"the access logs of {', '.join(read.hosts)} {query.window()}")
     for name, why in read.problems.items():

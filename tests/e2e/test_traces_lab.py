@@ -199,7 +199,7 @@ def test_without_a_collector_the_hops_come_from_the_access_logs(deployed: LabUp,
 
         missing = mesh_trace(f"mesh-e2e-no-such-{uuid.uuid4().hex[:8]}", "--since", "5m", inventory=copy)
         assert missing.code == 2 and missing.stdout == "", str(missing)
-        assert "in the access logs of vm1, vm2, dock1 of the last 5m" in missing.stderr, str(missing)
+        assert "in the access logs of vm1, vm2, dock1 in the last 5m" in missing.stderr, str(missing)
     finally:
         back = run_mesh("deploy", str(INVENTORY), timeout=DEPLOY_TIMEOUT)
         assert back.code == 0, f"inventory/lab.yaml could not be deployed again:\n{back}"

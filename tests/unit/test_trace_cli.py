@@ -85,7 +85,7 @@ def test_nothing_found_anywhere_exits_2_naming_where_it_looked() -> None:
     found = find(traced_mesh(), query("no-such-request"), fleet)
     assert found.traces == [] and found.exit_code == EXIT_HOST_FAILED
     assert found.nothing_found() == ("no trace of request or trace no-such-request in the collector (ctl1, ctl2) "
-                                     "nor in the access logs of vm1, vm2, dock1 of the last 1h")
+                                     "nor in the access logs of vm1, vm2, dock1 in the last 1h")
 
 
 def test_nothing_found_while_controllers_and_a_host_were_unreachable_exits_1() -> None:
@@ -118,6 +118,11 @@ def test_last_from_the_access_logs_groups_lines_by_request() -> None:
     assert [trace.request_ids for trace in found.traces] == [("r2",), ("r1",)]
     assert all(len(trace.rows) == 2 for trace in found.traces)
     assert [trace.request_ids for trace in find(traced_mesh(None), query(None, last=1), fleet).traces] == [("r2",)]
+    fleet.controllers = {"ctl1": FakeController(), "ctl2": FakeController()}
+    found = find(traced_mesh(), query(None, last=5, service="api"), fleet)
+    assert [trace.request_ids for trace in found.traces] == [("r2",), ("r1",)]
+    assert found.warnings == [("the collector (ctl1, ctl2) holds no traces of api in the last 1h: reading the "
+                               "access logs")]
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "tab\there", "é", "x" * 201, "\x1b[2J"])
