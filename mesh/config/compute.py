@@ -12,7 +12,7 @@ from dataclasses import replace
 from datetime import timedelta
 from types import MappingProxyType
 
-from mesh.config import paths, telemetry, traffic
+from mesh.config import paths, telemetry, tracing, traffic
 from mesh.config.errors import ConfigError
 from mesh.config.inbound import (
     AUTHZ_FILTERS,
@@ -91,6 +91,7 @@ def compute_proxy_config(mesh: Mesh, workload: Workload,
                 for upstream in workload.upstreams}
     upstream_clusters = tuple(_upstream_clusters(mesh, proxy, workload, upstream, policies[upstream.service])
                               for upstream in workload.upstreams)
+    tracer = tracing.tracer(mesh, workload, CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET)
     return ProxyConfig(
         proxy=proxy,
         node_id=workload.consul_id,
@@ -103,8 +104,9 @@ def compute_proxy_config(mesh: Mesh, workload: Workload,
             CertificateSecret(CERTIFICATE_SECRET, paths.cert_path(proxy), paths.key_path(proxy)),
             TrustBundleSecret(TRUST_BUNDLE_SECRET, paths.proxy_ca_path(proxy)),
         ),
-        inbound=_inbound(mesh, workload, authz_overrides.get(workload.service)),
-        outbound=tuple(_outbound(mesh, workload, upstream, clusters[0].protocol, policies[upstream.service])
+        inbound=_inbound(mesh, workload, authz_overrides.get(workload.service), traced=tracer is not None),
+        outbound=tuple(_outbound(mesh, workload, upstream, clusters[0].protocol, policies[upstream.service],
+                                 traced=tracer is not None)
                        for upstream, clusters in zip(workload.upstreams, upstream_clusters, strict=True)),
         clusters=(_local_app_cluster(proxy, workload), *(cluster for clusters in upstream_clusters
                                                          for cluster in clusters)),
@@ -113,6 +115,7 @@ def compute_proxy_config(mesh: Mesh, workload: Workload,
         metrics=MetricsListener(METRICS_LISTENER, METRICS_ADDRESS, workload.metrics_port, METRICS_LISTENER,
                                 METRICS_PATH, ADMIN_CLUSTER),
         stats_tags=telemetry.STATS_TAGS,
+        tracer=tracer,
     )
 
 
@@ -125,7 +128,7 @@ def _admin(proxy: str) -> Admin:
     return Admin(path, ADMIN_SOCKET_MODE)
 
 
-def _inbound(mesh: Mesh, workload: Workload, override: AuthzOverride | None) -> InboundListener:
+def _inbound(mesh: Mesh, workload: Workload, override: AuthzOverride | None, traced: bool) -> InboundListener:
     trust_domain = mesh.settings.trust_domain
     policy = mesh.policy(workload.service)
     inputs = inbound_inputs(mesh, workload)
@@ -149,6 +152,8 @@ def _inbound(mesh: Mesh, workload: Workload, override: AuthzOverride | None) -> 
                                                           workload.service, workload.version, mtls=False),
         internal_cidrs=_internal_cidrs(mesh),
         route=inbound_route(inputs, policy, override) if workload.protocol != "tcp" else None,
+        trace_tags=tracing.inbound_tags(workload, paths.proxy_name(workload))
+        if traced and workload.protocol != "tcp" else (),
     )
 
 
@@ -165,7 +170,7 @@ def _internal_cidrs(mesh: Mesh) -> tuple[str, ...]:
 
 
 def _outbound(mesh: Mesh, workload: Workload, upstream: Upstream, protocol: Protocol,
-              policy: ServicePolicy) -> OutboundListener:
+              policy: ServicePolicy, traced: bool) -> OutboundListener:
     """An HTTP upstream goes by its route (the policy's rules); a TCP one straight to every instance."""
     name = outbound_listener_name(upstream.service)
     inputs = None
@@ -188,6 +193,8 @@ def _outbound(mesh: Mesh, workload: Workload, upstream: Upstream, protocol: Prot
         route=traffic.outbound_route(inputs, policy) if inputs is not None else None,
         route_inputs=inputs,
         hash_source_ip=protocol == "tcp" and policy.lb.policy in ("ring_hash", "maglev"),
+        trace_tags=tracing.outbound_tags(workload, paths.proxy_name(workload), upstream.service)
+        if traced and protocol != "tcp" else (),
     )
 
 

@@ -24,6 +24,7 @@ def _duplicates(cfg: ProxyConfig) -> list[str]:
         *(f"listener {n!r}" for n in [cfg.inbound.name, *(o.name for o in cfg.outbound), *(m.name for m in metrics)]),
         *(f"cluster {c.name!r}" for c in cfg.clusters),
         *(f"cluster {m.admin_cluster!r}" for m in metrics),
+        *([f"cluster {cfg.tracer.cluster!r}"] if cfg.tracer is not None else []),
     ]
     ports = [f"port {p}" for p in [cfg.inbound.port, *(o.port for o in cfg.outbound), *(m.port for m in metrics)]]
     return [f"{name} appears {count} times" for name, count in Counter(names + ports).items() if count > 1]
@@ -45,6 +46,8 @@ def _dangling_secrets(cfg: ProxyConfig) -> list[str]:
     tls = [(cfg.inbound.name, cfg.inbound.tls.certificate_secret, cfg.inbound.tls.trust_bundle_secret)]
     tls += [(cluster.name, cluster.tls.certificate_secret, cluster.tls.trust_bundle_secret)
             for cluster in cfg.clusters if cluster.tls is not None]
+    if cfg.tracer is not None and cfg.tracer.mesh_tls is not None:
+        tls.append((cfg.tracer.cluster, cfg.tracer.mesh_tls.certificate_secret, cfg.tracer.mesh_tls.trust_bundle_secret))
     problems = []
     for owner, certificate, bundle in tls:
         if certificate not in certificates:

@@ -157,6 +157,42 @@ class Cluster:
         return tuple(Locality(priority, region, zone, tuple(found)) for (priority, region, zone), found in ordered)
 
 
+TracerKind = Literal["zipkin", "opentelemetry"]
+
+
+@dataclass(frozen=True)
+class CollectorTls:
+    """An outside https collector: its certificate is checked against the host's CA bundle and must name `san`."""
+
+    server_name: str  # SNI
+    trusted_ca: str  # a file on the host
+    san_type: Literal["DNS", "IP_ADDRESS"]
+    san: str
+
+
+@dataclass(frozen=True)
+class Tracer:
+    """The tracer of every app-traffic HTTP connection manager (`mesh_tracing`), and the cluster its spans go to:
+    mesh's collector (every controller's span receiver, mTLS with the proxy's own certificate, the peer's SAN the
+    controllers' SPIFFE id) or an outside collector's host (plain, or https checked against the host's CAs)."""
+
+    kind: TracerKind  # zipkin: Zipkin JSON v2 over HTTP (mesh's collector too); opentelemetry: OTLP/HTTP
+    sampling: float  # percent of requests that start a trace here (a propagated sampled decision is kept)
+    cluster: str
+    endpoint: str  # the collector's path
+    hostname: str  # Host of the collector requests
+    service_name: str  # OTLP's resource service.name (Zipkin's is the node's cluster: the service)
+    discovery: Discovery
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout_ms: int
+    mesh_tls: UpstreamTls | None = None  # mesh's collector
+    outside_tls: CollectorTls | None = None  # an https outside collector
+    uri: str = ""  # opentelemetry: the collector's URL (http_service.http_uri)
+
+
+TraceTags = tuple[tuple[str, str], ...]  # literal custom tags of a traced connection manager's spans
+
+
 @dataclass(frozen=True)
 class DownstreamTls:
     """What the inbound listener requires of a client: a cert from the mesh CA with a SPIFFE id in the domain."""
@@ -389,6 +425,7 @@ class InboundListener:
     internal_cidrs: tuple[str, ...] = ()  # the mesh's host addresses: their x-request-id is kept
     route: InboundRoute | None = None  # http-ish only
     rate_limit_stat_prefix: str = "inbound_rate_limit"
+    trace_tags: TraceTags = ()  # with ProxyConfig.tracer: the app chains' span tags (the health chain is not traced)
 
     @property
     def http(self) -> bool:
@@ -423,6 +460,7 @@ class OutboundListener:
     route: OutboundRoute | None = None  # http-ish only
     route_inputs: RouteInputs | None = None  # what `route` was computed from, with the service's policy
     hash_source_ip: bool = False  # tcp with ring hash: the same calling instance to the same upstream one
+    trace_tags: TraceTags = ()  # with ProxyConfig.tracer (HTTP only): its spans' tags
 
     @property
     def http(self) -> bool:
@@ -479,6 +517,7 @@ class ProxyConfig:
     config_path: str
     metrics: MetricsListener | None = None
     stats_tags: tuple[StatsTag, ...] = ()
+    tracer: Tracer | None = None  # mesh_tracing: None, no HTTP connection manager traces
 
     def cluster(self, name: str) -> Cluster:
         for cluster in self.clusters:

@@ -63,6 +63,7 @@ _HTTP_FIELDS: tuple[tuple[str, str], ...] = (
     ("status", "%RESPONSE_CODE%"),
     ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
     ("user_agent", "%REQ(USER-AGENT)%"),
+    ("trace_id", "%TRACE_ID%"),  # null when the connection manager has no tracer (mesh_tracing unset)
 )
 _CONNECTION_FIELDS: tuple[tuple[str, str], ...] = (
     ("source_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),

@@ -18,7 +18,7 @@ live=0; curl -sf --max-time 2 --unix-socket "$admin" http://envoy/server_info 2>
 mv -f /etc/mesh/proxies/web-8080/.staging/xds/cds.yaml /etc/mesh/proxies/web-8080/xds/cds.yaml || exit 1
 wait_for cluster_manager.cds.version_text 'cluster_manager.cds.version_text: "6549b3a0e6449868e54b9b122be9414e3584a92188d187702523342c14b9c559"' absent-ok cds.yaml
 mv -f /etc/mesh/proxies/web-8080/.staging/xds/lds.yaml /etc/mesh/proxies/web-8080/xds/lds.yaml || exit 1
-wait_for listener_manager.lds.version_text 'listener_manager.lds.version_text: "d00b8a704eca39a68534aab427c9cd0d1b68976648427bbe3319a895a9c338fd"' absent-ok lds.yaml
+wait_for listener_manager.lds.version_text 'listener_manager.lds.version_text: "f81f1c0c0c95a69f8946ca445b68e5f8f437674c71b0de516d9f14724bd7e88b"' absent-ok lds.yaml
 mv -f /etc/mesh/proxies/web-8080/.staging/xds/cds.yaml.next /etc/mesh/proxies/web-8080/xds/cds.yaml || exit 1
 wait_for cluster_manager.cds.version_text 'cluster_manager.cds.version_text: "f0e6226c257ac417427c69362a01ad084fead511333396bc7c5a605490905fbf"' absent-ok cds.yaml
 rm -rf -- /etc/mesh/proxies/web-8080/.staging
