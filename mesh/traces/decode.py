@@ -3,6 +3,10 @@ HTTP_JSON) and OTLP/HTTP in protobuf or JSON (Envoy's OpenTelemetry tracer), wit
 definitions that xds-protos ships. Pure; ValueError (the receiver's 400) on anything malformed, never another
 exception.
 
+xds-protos ships OTLP's older trace definitions: a ResourceSpans' `instrumentation_library_spans` (field 2) is what
+OTLP now calls `scope_spans` (field 2, the same wire format: `spans` is field 2 in both), so current senders'
+protobuf decodes as is; in JSON, `scopeSpans` is read as that field.
+
 A span's strings are cut to bounded lengths (name, tag keys and values, at most MAX_TAGS tags): what a proxy sends
 cannot make one span large.
 """
@@ -116,7 +120,7 @@ def otlp_spans(body: bytes, content_type: str) -> list[Span]:
     spans = []
     for resource_spans in request.resource_spans:
         resource = {item.key: _any_text(item.value) for item in resource_spans.resource.attributes}
-        for scope_spans in resource_spans.scope_spans:
+        for scope_spans in resource_spans.instrumentation_library_spans:  # OTLP's scope_spans (field 2)
             for index, span in enumerate(scope_spans.spans):
                 spans.append(_otlp_span(span, resource.get("service.name"), f"span {index}"))
     return spans
@@ -154,9 +158,13 @@ _ID_KEYS = ("traceId", "trace_id", "spanId", "span_id", "parentSpanId", "parent_
 
 
 def _ids_as_base64(data: dict[str, Any]) -> dict[str, Any]:
-    """OTLP JSON's hex ids as protobuf JSON's base64 bytes (in spans and their links); anything else unchanged."""
+    """OTLP JSON's hex ids as protobuf JSON's base64 bytes (in spans and their links), and `scopeSpans` under the
+    older definitions' name; anything else unchanged."""
     for resource_spans in _list(data, "resourceSpans", "resource_spans"):
-        for scope_spans in _list(resource_spans, "scopeSpans", "scope_spans"):
+        for key in ("scopeSpans", "scope_spans"):
+            if key in resource_spans:
+                resource_spans["instrumentationLibrarySpans"] = resource_spans.pop(key)
+        for scope_spans in _list(resource_spans, "instrumentationLibrarySpans", "instrumentation_library_spans"):
             for span in _list(scope_spans, "spans"):
                 for item in (span, *_list(span, "links")):
                     for key in _ID_KEYS:
