@@ -173,6 +173,8 @@ def render_inventory(topology: Topology, private_key: Path, known_hosts: Path,
             "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes",
             "ansible_python_interpreter": "/usr/bin/python3",
             "mesh_metrics_scrapers": [MONITORING_GROUP],
+            # Every request traced, its spans sent to the controllers' span receivers (`mesh trace`).
+            "mesh_tracing": {"sampling": 100},
         },
         "children": {name: groups[name]
                      for name in ("consul", "mesh_controllers", "vms", "containers", MONITORING_GROUP)},

@@ -40,6 +40,7 @@ def test_the_monitoring_group_is_named_in_all_vars(tmp_path: Path) -> None:
     assert text.startswith(INVENTORY_HEADER)
     document = yaml.safe_load(text)
     assert document["all"]["vars"]["mesh_metrics_scrapers"] == ["monitoring"]
+    assert document["all"]["vars"]["mesh_tracing"] == {"sampling": 100}  # every request traced, to the controllers
     assert document["all"]["children"]["monitoring"] == {"children": {"consul": None}}
     assert list(document["all"]["children"]["consul"]["hosts"]) == ["consul1"]
 
