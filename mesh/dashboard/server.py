@@ -91,6 +91,8 @@ class DashboardServer:
         """(status, content type, body) of a GET. Errors are JSON `{"error": ...}`."""
         if path in ("/", "/index.html"):
             return HTTPStatus.OK, "text/html; charset=utf-8", self.page
+        if path == "/favicon.ico":
+            return HTTPStatus.NO_CONTENT, "image/x-icon", b""
         if path == "/api/dashboard":
             return _json(HTTPStatus.OK, self.dashboard())
         if path == "/api/controller":
