@@ -96,7 +96,7 @@ def proxy_spec(proxy: ProxyPlan, host: ManagedHost, metrics: str | None = None) 
 
 def trace_port(settings: MeshSettings) -> int:
     """The controllers' span receiver port: TRACE_PORT when `mesh_tracing` uses mesh's own collector, else 0."""
-    tracing = getattr(settings, "tracing", None)
+    tracing = settings.tracing
     return TRACE_PORT if tracing is not None and tracing.collector == "mesh" else 0
 
 

@@ -206,3 +206,15 @@ def test_a_proxy_carries_its_version_kind_container_and_metrics_address(mesh: Me
 def test_no_tracing_means_no_span_receiver_and_the_web_port_is_the_default(mesh: Mesh) -> None:
     spec = spec_on(plan_of(mesh), "ctl1")
     assert (spec.trace_port, spec.web_port) == (0, 9191)
+
+
+@pytest.mark.parametrize(("tracing", "port"), [
+    ("{sampling: 100}", 9411),  # mesh's own collector: every controller runs the span receiver
+    ("{zipkin: 'http://zipkin.example:9411', sampling: 5}", 0),  # spans go elsewhere: no receiver
+    ("{otlp: 'https://otel.example', sampling: 5}", 0),
+])
+def test_the_span_receiver_runs_only_for_mesh_s_own_collector(tmp_path: Path, tracing: str, port: int) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(INVENTORY.replace("    mesh_cert_ttl: 2h", f"    mesh_cert_ttl: 2h\n    mesh_tracing: {tracing}"))
+    fleet = check_inventory(load_inventory(str(path)), str(path)).mesh
+    assert spec_on(plan_of(fleet), "ctl1").trace_port == port
