@@ -20,7 +20,14 @@ from mesh.config.tracing import ZIPKIN_PATH
 from mesh.controller.daemon import Controller, ControllerOptions
 from mesh.controller.spec import ControllerSpec
 from mesh.pki import CertificateAuthority
-from mesh.testing.fake_ctl import TRUST_DOMAIN, FakeCtlHost, FakeCtlTransport, controller_spec, host_spec, proxy_spec
+from mesh.testing.fake_ctl import (
+    TRUST_DOMAIN,
+    FakeCtlHost,
+    FakeCtlTransport,
+    controller_spec,
+    host_spec,
+    proxy_spec,
+)
 from mesh.testing.fake_ctl import web_files as fake_web_files
 from mesh.testing.loopback import eventually, free_port
 from mesh.traces.store import TraceStore
