@@ -58,8 +58,12 @@ from mesh.controller.spec import (
     traffic_prefix,
 )
 from mesh.controller.transport import SshTransport, Transport
+from mesh.dashboard.gather import controller_reading
+from mesh.dashboard.service import ControllerDashboard, start_dashboard
+from mesh.dashboard.view import ControllerReading
 from mesh.errors import MeshError
 from mesh.healthcheck.leader import Leadership, holder_id
+from mesh.traces.api import traces_api
 from mesh.traces.receiver import SpanReceiver
 from mesh.traces.serving import ControllerCertificate
 from mesh.traces.store import TraceStore
@@ -171,6 +175,7 @@ class Controller:
         self.renewer = self._renewer(self.spec)
         self.traces = TraceStore()  # spans from the proxies (the span receiver's, when spec.trace_port)
         self.span_receiver: SpanReceiver | None = None
+        self.dashboard: ControllerDashboard | None = None  # the loopback web server (dashboard, traces API)
         self.lock = threading.Condition()
         self.known: KnownEndpoints = MappingProxyType({})
         self.traffic_values: Mapping[str, str] | None = None  # the traffic KV (service -> value); None: not read yet
@@ -239,6 +244,13 @@ class Controller:
                 self.dirty, self.dirty_since = True, self.clock()
             self.lock.notify_all()
 
+    def dashboard_reading(self) -> ControllerReading:
+        """What the dashboard shows of this controller, copied under its lock (read-only)."""
+        with self.lock:
+            return controller_reading(self.spec, self.holder, self.leading, self._staleness_s(), self.pusher,
+                                      self.snapshot, self.behind, self.overrides.valid if self.overrides else None,
+                                      self.denies.valid if self.denies else None)
+
     def request_reload(self) -> None:
         with self.lock:
             self.reload_requested = True
@@ -258,6 +270,9 @@ class Controller:
         if self.spec.trace_port > 0:  # every controller, not only the leader: proxies spread spans over them all
             self.span_receiver = span_receiver(self.spec, self.options, self.traces)
             self.span_receiver.start()
+        if self.options.serve_metrics:  # every controller: `mesh dashboard` and `mesh trace` ask its loopback
+            self.dashboard = start_dashboard(self.spec.web_port, self.dashboard_reading, consul_access(self.spec),
+                                             lambda query: traces_api(self.traces, query))
         if self.watching:
             self.watch.watch(watched_services(self.spec))
             self.traffic_watch.start()
@@ -489,6 +504,8 @@ class Controller:
         self.metrics.stop()
         if self.span_receiver is not None:
             self.span_receiver.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.log.info("controller_stopped", holder=self.holder)
 
 
