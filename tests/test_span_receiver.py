@@ -290,3 +290,12 @@ def test_the_key_is_in_no_repr_and_no_log_line(tmp_path: Path) -> None:
     body = served.key_pem.split(b"\n")[1].decode()
     assert b"PRIVATE KEY" in served.key_pem and body not in repr(served) and body not in repr(logs)
     assert {path for path in tmp_path.rglob("*")} == before  # nothing written
+
+
+def test_a_taken_port_is_logged_and_the_controller_goes_on(receiving: Receiving) -> None:
+    second = SpanReceiver(TraceStore(), receiving.receiver.port, receiving.receiver.cert_source, str(receiving.root),
+                          TRUST_DOMAIN, address="127.0.0.1")
+    with structlog.testing.capture_logs() as logs:
+        second.start()
+    second.stop()
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["span_receiver_cannot_listen"]

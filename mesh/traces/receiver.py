@@ -45,7 +45,8 @@ class BodyTooLarge(Exception):
 
 
 class SpanReceiver:
-    """`start()` binds and serves in a thread of its own; `stop()` closes the listener and every connection."""
+    """`start()` binds and serves in a thread of its own (a port it cannot bind is logged, not raised: the
+    controller's other work goes on); `stop()` closes the listener and every connection."""
 
     def __init__(self, store: TraceStore, port: int, cert_source: CertSource, bundle_path: str, trust_domain: str,
                  address: str = "0.0.0.0", clock: Callable[[], float] = time.monotonic) -> None:
@@ -67,7 +68,12 @@ class SpanReceiver:
             self.context()  # a first certificate now, so a problem is logged at start
         except (MeshError, OSError, ssl.SSLError) as exc:
             self.log.error("span_receiver_no_tls_context", error=str(exc), effect="connections are refused")
-        self._server = _Server((self.address, self.port), self)
+        try:
+            self._server = _Server((self.address, self.port), self)
+        except OSError as exc:  # the controller goes on managing the mesh; the proxies' spans are lost meanwhile
+            self.log.error("span_receiver_cannot_listen", address=self.address, port=self.port,
+                           error=exc.strerror or str(exc), effect="no spans are received on this controller")
+            return
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="span-receiver", daemon=True)
