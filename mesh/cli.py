@@ -140,6 +140,15 @@ def _add_authz_commands() -> None:
 _add_authz_commands()
 
 
+def _add_dashboard_command() -> None:
+    from mesh.dashboard.command import dashboard_command
+
+    cli.add_command(dashboard_command)
+
+
+_add_dashboard_command()
+
+
 @cli.command("deploy")
 @inventory_argument
 @inventory_option
