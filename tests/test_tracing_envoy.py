@@ -6,7 +6,8 @@ mesh's own SpanReceiver serving with the certificate a controller makes itself.
 A request carrying a B3 header and one carrying a W3C `traceparent` keep their trace id across both hops: web's
 CLIENT span is the child of the caller's span, api's SERVER span the child of web's, both tagged with who made
 them; the app behind api gets both propagations; both access lines carry the trace id and the request id as sent. A
-request with neither is one trace too. Without `mesh_tracing` the access lines' trace_id is null.
+request with neither is one trace too. Without `mesh_tracing` the access lines' trace_id is null. Turning tracing on
+and off on running Envoys moves cds.yaml and lds.yaml only: they reload them, no restart.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -48,6 +49,7 @@ from mesh.testing.loopback import (
     free_port,
     issue_identities,
     lay_out_proxy,
+    move_into_place,
     proxy_config_in,
     start_proxy,
     stop_envoys,
@@ -128,7 +130,15 @@ class Running:
     loop: Loop
     envoys: dict[str, RunningEnvoy]
     store: TraceStore
-    app_port: int
+    files: dict[str, ProxyFiles]
+    folder: Path
+
+    def render(self, tracing: TracingSettings | None) -> dict[str, ProxyFiles]:
+        """Both proxies' files for the same mesh with another `mesh_tracing`."""
+        mesh = replace(self.loop.mesh, settings=replace(self.loop.mesh.settings, tracing=tracing))
+        return {name: render_proxy_files(proxy_config_in(compute_proxy_config(mesh, workload), self.folder / name,
+                                                         ADDRESSES[name]))
+                for name, workload in (("web", self.loop.web), ("api", self.loop.api))}
 
 
 @contextlib.contextmanager
@@ -161,7 +171,7 @@ def running(folder: Path, tracing: TracingSettings | None) -> Iterator[Running]:
         with serving(app):
             for (name, proxy_files), base_id in zip(files.items(), free_base_ids(len(files)), strict=True):
                 envoys[name] = start_proxy(name, proxy_files, base_id)
-            yield Running(loop, envoys, store, app.server_address[1])
+            yield Running(loop, envoys, store, files, folder)
     finally:
         stop_envoys(list(envoys.values()))
         receiver.stop()
@@ -272,3 +282,29 @@ def test_an_unsampled_request_still_logs_a_trace_id_but_sends_no_span(tmp_path: 
         call(run, {"b3": f"{sampled}-{parent}-1", "x-request-id": str(uuid.uuid4())})
         eventually(lambda: hops(run, sampled), WAIT_S, "the spans of the request sampled by its caller")
         assert run.store.by_request(request_id) == () and run.store.trace(line["trace_id"]) == ()
+
+
+def test_tracing_turned_on_and_off_reloads_without_a_restart(tmp_path: Path) -> None:
+    """mesh_tracing set on a running mesh changes cds.yaml (the mesh-traces cluster, moved in first) and lds.yaml
+    only: the running Envoys take them (no new bootstrap, the same processes) and trace; unset again, they stop
+    (the cluster leaves after the listeners that named it)."""
+    with running(tmp_path, None) as run:
+        pids = {name: envoy.process.pid for name, envoy in run.envoys.items()}
+        traced = run.render(TracingSettings("mesh", 100.0))
+        for name in ("web", "api"):
+            assert traced[name].bootstrap == run.files[name].bootstrap
+            moved = move_into_place(traced[name], run.files[name])
+            assert [path.rsplit("/", 1)[-1] for path in moved] == ["cds.yaml", "lds.yaml"]
+        trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+        call(run, {"b3": f"{trace_id}-{parent}-1", "x-request-id": str(uuid.uuid4())})
+        eventually(lambda: hops(run, trace_id), WAIT_S, "the spans after tracing was turned on")
+        untraced = run.render(None)
+        for name in ("web", "api"):
+            moved = move_into_place(untraced[name], traced[name])
+            assert [path.rsplit("/", 1)[-1] for path in moved] == ["cds.yaml", "lds.yaml", "cds.yaml"]
+        request_id = str(uuid.uuid4())
+        call(run, {"x-request-id": request_id})
+        line = eventually(lambda: access_line(run.envoys["web"], request_id), WAIT_S, "web's access line")
+        assert line["trace_id"] is None
+        assert {name: envoy.process.pid for name, envoy in run.envoys.items()} == pids
+        assert all(envoy.process.poll() is None for envoy in run.envoys.values())
