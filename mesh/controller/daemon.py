@@ -175,6 +175,7 @@ class Controller:
         self.renewer = self._renewer(self.spec)
         self.traces = TraceStore()  # spans from the proxies (the span receiver's, when spec.trace_port)
         self.span_receiver: SpanReceiver | None = None
+        self.span_receiver_of: tuple[int, str, int] | None = None  # (trace_port, trust_domain, cert_ttl_s) it runs
         self.dashboard: ControllerDashboard | None = None  # the loopback web server (dashboard, traces API)
         self.lock = threading.Condition()
         self.known: KnownEndpoints = MappingProxyType({})
@@ -267,9 +268,7 @@ class Controller:
     def run(self) -> None:
         if self.options.serve_metrics:
             self.metrics.serve(self.spec.metrics_port)
-        if self.spec.trace_port > 0:  # every controller, not only the leader: proxies spread spans over them all
-            self.span_receiver = span_receiver(self.spec, self.options, self.traces)
-            self.span_receiver.start()
+        self._keep_span_receiver()
         if self.options.serve_metrics:  # every controller: `mesh dashboard` and `mesh trace` ask its loopback
             self.dashboard = start_dashboard(self.spec.web_port, self.dashboard_reading, consul_access(self.spec),
                                              lambda query: traces_api(self.traces, query))
@@ -474,6 +473,7 @@ class Controller:
         self.spec = spec
         self.pusher.set_hosts(spec.hosts)
         self.renewer = self._renewer(spec)
+        self._keep_span_receiver()
         if self.watching:
             self.watch.watch(watched_services(spec))
         with self.lock:
@@ -487,6 +487,21 @@ class Controller:
             self.log.error("controller_cannot_sign", error=str(exc), effect="certificates are not renewed")
             return None
         return Renewer(spec, signer, self._record, now=self.now, clock=self.clock)
+
+    def _keep_span_receiver(self) -> None:
+        """The span receiver the spec asks for: on spec.trace_port > 0 on every controller, not only the leader
+        (proxies spread their spans over them all); started, stopped or restarted when a reload changes it."""
+        spec = self.spec
+        wanted = (spec.trace_port, spec.trust_domain, spec.cert_ttl_s) if spec.trace_port > 0 else None
+        if wanted == self.span_receiver_of:
+            return
+        if self.span_receiver is not None:
+            self.span_receiver.stop()
+            self.span_receiver = None
+        self.span_receiver_of = wanted
+        if wanted is not None:
+            self.span_receiver = span_receiver(spec, self.options, self.traces)
+            self.span_receiver.start()
 
     def _record(self, host: str, identity: IdentitySpec, leaf: SignedLeaf, issued_at: datetime) -> None:
         record = issued_record(host, identity.name, identity.spiffe_id, leaf, issued_at)

@@ -1,6 +1,7 @@
 """The controller's traces: `Controller.traces` always exists; run() starts the span receiver on spec.trace_port
 (served with the controller's own certificate, clients checked against ControllerOptions.root_cert) whether or not
-it leads, and stopping the controller closes it. trace_port 0 (no mesh collector): no receiver."""
+it leads, and stopping the controller closes it; a reload (SIGHUP) that changes trace_port starts, stops or moves it.
+trace_port 0 (no mesh collector): no receiver."""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ class NoStore:
         pass
 
 
-def controller(tmp_path: Path, trace_port: int) -> tuple[Controller, CertificateAuthority, Path]:
+def controller(tmp_path: Path, trace_port: int,
+               specs: list[ControllerSpec] | None = None) -> tuple[Controller, CertificateAuthority, Path]:
+    """A standby controller; `specs`, when given, receives the spec and is what every (re)load reads (its last)."""
     authority, _created = CertificateAuthority.ensure(str(tmp_path / "state"), TRUST_DOMAIN)
     issuer = authority.controller_issuer()
     assert issuer is not None
@@ -66,8 +69,11 @@ def controller(tmp_path: Path, trace_port: int) -> tuple[Controller, Certificate
     files = fake_web_files(tmp_path / "vm1" / "web")
     spec = replace(controller_spec((host_spec("vm1", (proxy_spec(files),)),)), trace_port=trace_port)
 
+    held = specs if specs is not None else []
+    held.append(spec)
+
     def loaded() -> ControllerSpec:
-        return spec
+        return held[-1]
 
     options = ControllerOptions(intermediate_cert=str(ca / "intermediate.pem"),
                                 intermediate_key=str(ca / "intermediate.key"), root_cert=str(ca / "root.pem"),
@@ -120,6 +126,26 @@ def test_no_trace_port_means_no_receiver(tmp_path: Path) -> None:
     try:
         time.sleep(0.3)
         assert running.span_receiver is None and running.traces.counts().spans == 0
+    finally:
+        running.stop()
+        thread.join(timeout=30)
+
+
+def test_a_reload_starts_and_stops_the_receiver_as_trace_port_says(tmp_path: Path) -> None:
+    """Turning mesh_tracing on or off changes only spec.json: the deploy reloads the controller (SIGHUP)."""
+    specs: list[ControllerSpec] = []
+    running, _authority, _root = controller(tmp_path, 0, specs)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    port = free_port()
+    try:
+        specs.append(replace(specs[-1], trace_port=port))
+        running.request_reload()
+        eventually(lambda: _listening(port) or None, 10, "the span receiver listening after the reload")
+        specs.append(replace(specs[-1], trace_port=0))
+        running.request_reload()
+        eventually(lambda: (not _listening(port)) or None, 10, "the span receiver closed after the reload")
+        assert running.span_receiver is None
     finally:
         running.stop()
         thread.join(timeout=30)
