@@ -225,9 +225,9 @@ def test_the_page_shows_the_graph_the_instances_and_numbers_that_move_and_costs_
     (ARTIFACTS / "cpu.txt").write_text(report)
     print(report)
     assert synced["edges"]["web->api"]
-    # Little: the page's reads (a scrape of the four proxies and a Consul read every 5 s, a view every 2 s)
-    # stay well under a tenth of a core.
-    assert opened - closed < 0.1 * CPU_WINDOW_S, report
+    # Little: the page's reads (a filtered scrape of the four proxies and a Consul read every 5 s, a view every
+    # 2 s) cost well under 5 % of a core (0.45 s per minute when measured on the lab; 3.4 s with full scrapes).
+    assert opened - closed < 0.05 * CPU_WINDOW_S, report
 
 
 def test_a_drained_instance_shows_drained(deployed: LabUp, tunnel: Tunnel, browser: Any) -> None:
