@@ -28,6 +28,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import pytest
+
 from mesh.config import compute_proxy_config
 from mesh.config.tracing import TRACE_PORT
 from mesh.inventory.model import (
@@ -58,6 +60,7 @@ from mesh.traces.model import Span
 from mesh.traces.receiver import SpanReceiver
 from mesh.traces.serving import ControllerCertificate
 from mesh.traces.store import TraceStore
+from tests.unit import test_tracing_config as tracing_config
 
 TRUST_DOMAIN = "loop.mesh"
 ADDRESSES = {"web": "127.0.0.2", "api": "127.0.0.3"}
@@ -230,6 +233,14 @@ def assert_one_trace(run: Running, trace_id: str, request_id: str, parent: str |
         line = eventually(lambda name=name: access_line(run.envoys[name], request_id), WAIT_S,
                           f"{name}'s access line of {request_id}")
         assert line["trace_id"] == trace_id, line
+
+
+@pytest.mark.parametrize("case", sorted(tracing_config.GOLDENS))
+def test_tracing_goldens_pass_envoy(case: str, tmp_path: Path) -> None:
+    """mesh's collector (mTLS, SAN), an outside https Zipkin (the host's CAs, SNI, DNS SAN) and an OTLP/HTTP
+    collector, as the golden files render them: the real Envoy takes each (static_bootstrap inlines the files)."""
+    authority, _created = CertificateAuthority.ensure(str(tmp_path / "state"), "golden.mesh")
+    validate_proxy_files(tracing_config.golden_files(case), authority.root_pem)
 
 
 def test_b3_traceparent_and_untraced_requests_are_each_one_trace_across_two_envoys(tmp_path: Path) -> None:
