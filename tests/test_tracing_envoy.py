@@ -6,7 +6,8 @@ mesh's own SpanReceiver serving with the certificate a controller makes itself.
 A request carrying a B3 header and one carrying a W3C `traceparent` keep their trace id across both hops: web's
 CLIENT span is the child of the caller's span, api's SERVER span the child of web's, both tagged with who made
 them; the app behind api gets both propagations; both access lines carry the trace id and the request id as sent. A
-request with neither is one trace too. Without `mesh_tracing` the access lines' trace_id is null. Turning tracing on
+request with neither is one trace too. An outside Zipkin over https and an outside OTLP/HTTP collector get the
+spans instead. Without `mesh_tracing` the access lines' trace_id is null. Turning tracing on
 and off on running Envoys moves cds.yaml and lds.yaml only: they reload them, no restart.
 """
 
@@ -16,21 +17,28 @@ import contextlib
 import datetime
 import http.client
 import http.server
+import ipaddress
 import json
 import random
 import secrets
 import socket
+import ssl
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mesh.config import compute_proxy_config
+from mesh.config.model import ProxyConfig
 from mesh.config.tracing import TRACE_PORT
 from mesh.inventory.model import (
     Connection,
@@ -56,6 +64,7 @@ from mesh.testing.loopback import (
     start_proxy,
     stop_envoys,
 )
+from mesh.traces.decode import otlp_spans, zipkin_spans
 from mesh.traces.model import Span
 from mesh.traces.receiver import SpanReceiver
 from mesh.traces.serving import ControllerCertificate
@@ -145,8 +154,10 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(folder: Path, tracing: TracingSettings | None) -> Iterator[Running]:
-    """api's app, the span receiver (with the controller's own certificate) and web's and api's Envoys."""
+def running(folder: Path, tracing: TracingSettings | None,
+            adjust: Callable[[ProxyConfig], ProxyConfig] = lambda cfg: cfg) -> Iterator[Running]:
+    """api's app, the span receiver (with the controller's own certificate) and web's and api's Envoys (their
+    configs through `adjust`)."""
     app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHeaders)
     app.daemon_threads = True
     loop = loop_mesh(app.server_address[1], tracing)
@@ -164,7 +175,7 @@ def running(folder: Path, tracing: TracingSettings | None) -> Iterator[Running]:
     identities = issue_identities(folder / "state", TRUST_DOMAIN, (loop.web, loop.api))
     files: dict[str, ProxyFiles] = {}
     for name, workload in (("web", loop.web), ("api", loop.api)):
-        cfg = proxy_config_in(compute_proxy_config(loop.mesh, workload), folder / name, ADDRESSES[name])
+        cfg = adjust(proxy_config_in(compute_proxy_config(loop.mesh, workload), folder / name, ADDRESSES[name]))
         files[name] = render_proxy_files(cfg)
         validate_proxy_files(files[name], identities[name].root)
         lay_out_proxy(files[name], identities[name])
@@ -319,3 +330,112 @@ def test_tracing_turned_on_and_off_reloads_without_a_restart(tmp_path: Path) -> 
         assert line["trace_id"] is None
         assert {name: envoy.process.pid for name, envoy in run.envoys.items()} == pids
         assert all(envoy.process.poll() is None for envoy in run.envoys.values())
+
+
+# --- outside collectors ---
+
+@dataclass
+class Posted:
+    path: str
+    host: str
+    content_type: str
+    body: bytes
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """An outside collector: keeps what is posted, answers 202."""
+
+    protocol_version = "HTTP/1.1"
+    posted: list[Posted]
+
+    def do_POST(self) -> None:
+        if "chunked" in self.headers.get("transfer-encoding", ""):
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.posted.append(Posted(self.path, self.headers.get("host", ""), self.headers.get("content-type", ""),
+                                  body))
+        self.send_response(202)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def server_certificate(address: str, folder: Path) -> tuple[Path, Path, Path]:
+    """A CA (standing in for the host's CA bundle) and a server certificate for the IP `address`."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "outside collector CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(hours=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["zipkin-https", "otlp-http"])
+def test_an_outside_collector_gets_the_spans(kind: str, tmp_path: Path) -> None:
+    """An outside Zipkin over https (its certificate checked against the CA bundle, by its IP SAN) gets Zipkin JSON
+    at /api/v2/spans; an outside OTLP collector over http gets OTLP protobuf at its URL's path, service.name the
+    service. A W3C traceparent keeps its trace id through both Envoys either way."""
+    address = receiver_address()
+    port = free_port(address)
+    handler = type("Collector", (_Collector,), {"posted": []})
+    server = http.server.ThreadingHTTPServer((address, port), handler)
+    server.daemon_threads = True
+    ca = None
+    if kind == "zipkin-https":
+        ca, cert, key = server_certificate(address, tmp_path / "collector")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        tracing = TracingSettings("zipkin", 100.0, f"https://{address}:{port}", "https", address, port, None)
+    else:
+        tracing = TracingSettings("otlp", 100.0, f"http://{address}:{port}/otel/v1/traces", "http", address, port,
+                                  "/otel/v1/traces")
+
+    def bundle(cfg: ProxyConfig) -> ProxyConfig:  # the test's CA stands in for the host's bundle
+        tracer = cfg.tracer
+        if ca is None or tracer is None or tracer.outside_tls is None:
+            return cfg
+        return replace(cfg, tracer=replace(tracer, outside_tls=replace(tracer.outside_tls, trusted_ca=str(ca))))
+
+    with serving(server), running(tmp_path / "mesh", tracing, bundle) as run:
+        trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+        call(run, {"traceparent": f"00-{trace_id}-{parent}-01", "x-request-id": str(uuid.uuid4())})
+
+        def spans() -> list[Span] | None:
+            found = []
+            for posted in list(handler.posted):
+                if kind == "zipkin-https":
+                    assert (posted.path, posted.host) == ("/api/v2/spans", f"{address}:{port}"), posted
+                    found += zipkin_spans(posted.body)
+                else:
+                    assert posted.path == "/otel/v1/traces", posted
+                    found += otlp_spans(posted.body, posted.content_type)
+            mine = [span for span in found if span.trace_id == trace_id]
+            return mine if len(mine) == 2 else None
+
+        got = eventually(spans, WAIT_S, f"2 spans of {trace_id} at the outside collector", run.envoys["web"].log)
+        client = next(span for span in got if span.kind == "CLIENT")
+        server_span = next(span for span in got if span.kind == "SERVER")
+        assert client.parent_id == parent and server_span.parent_id == client.span_id
+        assert (client.service, server_span.service) == ("web", "api")
+        assert run.store.trace(trace_id) == ()  # nothing went to mesh's own collector
