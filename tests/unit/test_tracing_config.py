@@ -176,3 +176,24 @@ def test_tracing_goldens(case: str, update_goldens: bool) -> None:
             (folder / stale).unlink()
     else:
         assert kept == set(rendered), f"{folder} holds files mesh no longer renders: run pytest --update-goldens"
+
+
+def test_controllers_named_by_host_name_are_resolved_by_envoy() -> None:
+    mesh = traced_mesh(MESH_COLLECTOR)
+    named = replace(mesh.controllers[0], connection=replace(mesh.controllers[0].connection, address="ctl1.golden"))
+    mesh = replace(mesh, hosts=tuple(named if host.is_controller else host for host in mesh.hosts))
+    tracer = config(mesh, "vm1", "web").tracer
+    assert tracer is not None and tracer.discovery == "STRICT_DNS"
+    assert [(endpoint.address, endpoint.port) for endpoint in tracer.endpoints] == [("ctl1.golden", TRACE_PORT)]
+
+
+def test_an_outside_collector_at_an_ipv6_address() -> None:
+    settings = TracingSettings("zipkin", 1.0, "https://[fd00::7]/spans", "https", "fd00::7", 443, "/spans")
+    tracer = config(traced_mesh(settings), "vm1", "web").tracer
+    assert tracer is not None and tracer.outside_tls is not None
+    assert (tracer.hostname, tracer.endpoint, tracer.discovery) == ("[fd00::7]", "/spans", "STATIC")
+    assert (tracer.outside_tls.server_name, tracer.outside_tls.san_type, tracer.outside_tls.san) == \
+        ("", "IP_ADDRESS", "fd00::7")
+    files = render_proxy_files(config(traced_mesh(settings), "vm1", "web"))
+    cluster = next(item for item in resources(files, "cds.yaml") if item["name"] == TRACE_CLUSTER)
+    assert "sni" not in cluster["transport_socket"]["typed_config"]  # no SNI with an IP address
