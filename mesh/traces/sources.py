@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +39,16 @@ ConnectorFactory = Callable[[ManagedHost], Connector]
 
 class CollectorError(Exception):
     """A controller's traces API did not answer usefully; the message says why (without the host's name)."""
+
+
+class _RefusedChannels(logging.Filter):
+    """paramiko logs a refused channel itself (on stderr); the controller's warning already says it, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open FAILED" not in record.getMessage()
+
+
+_REFUSED_CHANNELS = _RefusedChannels()
 
 
 class TunnelOpener(Protocol):
@@ -138,6 +149,7 @@ class ControllerAPI:
         self.timeout = timeout
         self._factory = factory
         self._connector: Connector | None = None
+        logging.getLogger("paramiko.transport").addFilter(_REFUSED_CHANNELS)  # added once, however often asked
 
     def get(self, query: Mapping[str, str]) -> list[Span]:
         """The spans the controller answers to `GET /api/traces?query`. HostUnreachable when its host cannot be
@@ -172,8 +184,10 @@ class ControllerAPI:
             return opener.open_tunnel("127.0.0.1", self.port)
         except HostUnreachable:
             raise
+        except ConnectionRefusedError:
+            raise CollectorError(f"nothing answers on {where} there: is mesh-controller running?") from None
         except OSError as exc:
-            raise CollectorError(f"nothing answers on {where} there ({exc}): is mesh-controller running?") from None
+            raise CollectorError(f"cannot reach {where} there: {exc}") from None
 
     def close(self) -> None:
         if self._connector is not None:

@@ -143,8 +143,7 @@ def test_a_controller_that_fails_is_named_and_not_asked_again_while_the_others_c
     assert len(got.lookup(REQUEST)) == 7
     assert got.got.problems == {
         "ctl1": "cannot connect to 10.77.0.3:22: timed out",
-        "ctl2": "nothing answers on 127.0.0.1:9191 there (ctl2 cannot connect to 127.0.0.1:9191: Connection "
-                "refused): is mesh-controller running?",
+        "ctl2": "nothing answers on 127.0.0.1:9191 there: is mesh-controller running?",
         "ctl4": "HTTP 500 Internal Server Error",
     }
     assert got.got.unreachable == {"ctl1"}
