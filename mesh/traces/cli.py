@@ -67,7 +67,7 @@ class Found:
     searched: str
     warnings: list[str] = field(default_factory=list)
     places: list[str] = field(default_factory=list)  # where it was looked for, for the message of nothing found
-    unreachable: bool = False
+    incomplete: bool = False  # a controller or a host could not be read
 
     def nothing_found(self) -> str:
         return f"no trace of {self.searched} in {' nor in '.join(self.places)}"
@@ -76,7 +76,7 @@ class Found:
     def exit_code(self) -> int:
         if self.traces:
             return EXIT_OK
-        return EXIT_ERROR if self.unreachable else EXIT_HOST_FAILED
+        return EXIT_ERROR if self.incomplete else EXIT_HOST_FAILED
 
 
 def check_id(text: str) -> str:
@@ -119,7 +119,7 @@ def find(mesh: Mesh, query: Query, factory: ConnectorFactory = connect) -> Found
             found.warnings.append(f"controller {name}: {why}")
         if found.traces:
             return found
-        found.unreachable = bool(collector.got.problems)
+        found.incomplete = bool(collector.got.problems)
         names = ", ".join(collector.names)
         if not collector.got.holds:
             found.warnings.append(f"no controller's collector answered ({names}): reading the access logs")
@@ -134,7 +134,7 @@ def find(mesh: Mesh, query: Query, factory: ConnectorFactory = connect) -> Found
     found.places.append(f"the access logs of {', '.join(read.hosts)} {query.window()}")
     for name, why in read.problems.items():
         found.warnings.append(f"{name}: {why}")
-    found.unreachable = found.unreachable or bool(read.problems)
+    found.incomplete = found.incomplete or bool(read.problems)
     found.traces = _from_lines(mesh, read, query)
     return found
 
@@ -213,10 +213,9 @@ def trace_command(ctx: click.Context, wanted: str | None, inventory_option: str 
     query = Query(wanted, last, service, start, since, from_logs)
     found = find(mesh, query)
     _, containers = placement(mesh)
-    if as_json:
-        click.echo(json.dumps(render_json(found.traces, found.searched, found.warnings), indent=2,
-                              ensure_ascii=False) if sys.stdout.isatty()
-                   else json.dumps(render_json(found.traces, found.searched, found.warnings), ensure_ascii=False))
+    if as_json:  # indented for a person at a terminal, compact when piped (as mesh's other --json)
+        document = render_json(found.traces, found.searched, found.warnings)
+        click.echo(json.dumps(document, indent=2 if sys.stdout.isatty() else None, ensure_ascii=False))
     elif found.traces:
         click.echo(render_text(found.traces, containers), nl=False)
     for warning in found.warnings:
