@@ -8,9 +8,11 @@ sources.py do).
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -201,36 +203,61 @@ def hops_from_lines(lines: Iterable[AccessLine], placement: Placement) -> tuple[
     """The HTTP access lines of one request as spans with parent links: the outbound line of S calling U is the
     parent of U's inbound line that S's proxy sent (its `source_instance`); an inbound line of S is the parent of
     the outbound lines S's proxy started while it lasted. Among several candidates (retries, an id sent twice)
-    the latest that started before the child (with CLOCK_SLACK_US of slack) wins. TCP lines carry no request id
-    and are never hops."""
+    the latest that started before the child wins (or, when none did, the first that started at most
+    CLOCK_SLACK_US after it: hosts' clocks differ a little); at most SCAN_BACK candidates are looked at either way,
+    so that an id sent a million times still costs n log n. TCP lines carry no request id and are
+    never hops."""
     http_lines = [line for line in lines if line.get("protocol") != "tcp" and line.get("method") is not None]
     spans = [hop_span(line, placement.get(str(line.get("proxy") or ""), (None, None))[0]) for line in http_lines]
+    callers: dict[tuple[str, str], list[int]] = defaultdict(list)  # (caller proxy, callee service) -> outbound
+    served: dict[str, list[int]] = defaultdict(list)  # proxy -> its inbound lines
+    for index in sorted(range(len(spans)), key=lambda index: _start_order(spans[index])):
+        line = http_lines[index]
+        if line.get("direction") == "outbound":
+            callers[(str(line.get("proxy")), str(line.get("destination_service")))].append(index)
+        elif line.get("direction") == "inbound":
+            served[str(line.get("proxy"))].append(index)
     linked = []
     for line, span in zip(http_lines, spans, strict=True):
-        parent = _hop_parent(line, span, http_lines, spans)
-        linked.append(_with_parent(span, parent.span_id if parent is not None else None))
+        fits: Callable[[int], bool]
+        if line.get("direction") == "inbound":
+            candidates = callers.get((str(line.get("source_instance")), str(line.get("destination_service"))), [])
+            fits = partial(_sent_to, http_lines, line.get("proxy"))
+        else:
+            candidates = served.get(str(line.get("proxy")), [])
+            fits = partial(_open_at, spans, span.start_us)
+        parent = _latest_before(span, candidates, spans, fits)
+        linked.append(replace(span, parent_id=parent.span_id if parent is not None else None))
     return tuple(sorted(linked, key=_start_order))
 
 
-def _hop_parent(line: AccessLine, span: Span, lines: list[AccessLine], spans: list[Span]) -> Span | None:
-    candidates: list[Span] = []
-    for other_line, other in zip(lines, spans, strict=True):
-        if other is span or other.start_us > span.start_us + CLOCK_SLACK_US:
-            continue
-        if line.get("direction") == "inbound":
-            if (other_line.get("direction") == "outbound" and other_line.get("proxy") == line.get("source_instance")
-                    and other_line.get("destination_service") == line.get("destination_service")
-                    and other_line.get("destination_instance") in (None, "", "-", line.get("proxy"))):
-                candidates.append(other)
-        elif (other_line.get("direction") == "inbound" and other_line.get("proxy") == line.get("proxy")
-              and other.start_us + other.duration_us + CLOCK_SLACK_US >= span.start_us):
-            candidates.append(other)
-    return max(candidates, key=_start_order, default=None)
+SCAN_BACK = 64
 
 
-def _with_parent(span: Span, parent_id: str | None) -> Span:
-    return Span(trace_id=span.trace_id, span_id=span.span_id, parent_id=parent_id, name=span.name, kind=span.kind,
-                start_us=span.start_us, duration_us=span.duration_us, service=span.service, tags=span.tags)
+def _sent_to(lines: list[AccessLine], proxy: object, other: int) -> bool:
+    """The outbound line `other` went to that proxy (or does not say which instance it reached)."""
+    return lines[other].get("destination_instance") in (None, "", "-", proxy)
+
+
+def _open_at(spans: list[Span], start_us: int, other: int) -> bool:
+    """The inbound request `other` still ran at start_us (with slack)."""
+    return spans[other].start_us + spans[other].duration_us + CLOCK_SLACK_US >= start_us
+
+
+def _latest_before(child: Span, candidates: list[int], spans: list[Span], fits: Callable[[int], bool]) -> Span | None:
+    """The latest candidate (indexes into spans, in start order) that fits and started at or before the child;
+    else (the two hosts' clocks disagree) the earliest that fits and started at most CLOCK_SLACK_US after it."""
+    starts = [spans[index].start_us for index in candidates]
+    position = bisect_right(starts, child.start_us)
+    for index in reversed(candidates[max(0, position - SCAN_BACK):position]):
+        if spans[index] is not child and fits(index):
+            return spans[index]
+    for index in candidates[position:position + SCAN_BACK]:
+        if spans[index].start_us > child.start_us + CLOCK_SLACK_US:
+            break
+        if spans[index] is not child and fits(index):
+            return spans[index]
+    return None
 
 
 def hop_trace(spans: Sequence[Span]) -> Trace:

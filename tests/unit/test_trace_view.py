@@ -4,6 +4,7 @@ them for a reviewer to read the diff)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from trace_samples import CONTAINERS, OTHER_TRACE, REQUEST, TRACE, span, web_api_db_lines, web_api_pricing
@@ -169,3 +170,38 @@ def test_json_holds_the_spans_and_the_tree_in_the_text_order() -> None:
     assert api["children"] == ["00000000000000b2", "00000000000000b3", "00000000000000b4"]
     assert Span.from_json(only["spans"][1]) == web_api_pricing()[1]
     assert data["warnings"] == ["controller ctl2: timed out"] and data["searched"] == "request x"
+
+
+def test_an_id_sent_thousands_of_times_pairs_each_call_with_its_own_and_stays_fast() -> None:
+    from trace_samples import line
+
+    lines = []
+    for index in range(5000):
+        second, milli = divmod(index * 10, 1000)
+        at = f"2026-12-07T01:{second // 60:02d}:{second % 60:02d}.{milli:03d}"
+        lines.append(line(f"{at}000Z", "web-vm1-8080", "outbound", "web", "api", 5,
+                          destination_instance="api-vm2-9090"))
+        lines.append(line(f"{at}500Z", "api-vm2-9090", "inbound", "web", "api", 4, source_instance="web-vm1-8080"))
+    started = time.monotonic()
+    spans = hops_from_lines(parse_access_lines("\n".join(lines)), PLACES)
+    trace = hop_trace(spans)
+    assert time.monotonic() - started < 10
+    by_id = {item.span_id: item for item in spans}
+    inbound = [item for item in spans if item.kind == "SERVER"]
+    assert len(inbound) == 5000
+    assert all(by_id[str(item.parent_id)].start_us == item.start_us - 500 for item in inbound)
+    assert len(trace.rows) == 10_000
+
+
+def test_a_callee_whose_clock_runs_behind_still_hangs_under_its_caller() -> None:
+    from trace_samples import line
+
+    lines = [line("2026-12-07T00:30:01.010000Z", "web-vm1-8080", "outbound", "web", "api", 12,
+                  destination_instance="api-vm2-9090"),
+             line("2026-12-07T00:30:01.007000Z", "api-vm2-9090", "inbound", "web", "api", 9,
+                  source_instance="web-vm1-8080")]  # vm2's clock 4 ms behind vm1's
+    trace = hop_trace(hops_from_lines(parse_access_lines("\n".join(lines)), PLACES))
+    assert [(row.span.service, row.depth) for row in trace.rows] == [("web", 0), ("api", 1)]
+    far = [lines[0], lines[1].replace("00:30:01.007", "00:30:00.900")]  # 110 ms before: another request
+    assert [row.depth for row in hop_trace(hops_from_lines(parse_access_lines("\n".join(far)), PLACES)).rows] == [
+        0, 0]
