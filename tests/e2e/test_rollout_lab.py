@@ -46,6 +46,11 @@ Variables = dict[str, Any]
 LAB_NODES = ("consul1", "ctl1", "vm1", "vm2", "dock1")
 
 
+# whether inventory/lab.yaml was deployed back after the last test (by `restore`): the module's end then need not
+# deploy it again
+_BACK = {"deployed": False}
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabUp]:
     with shared_lab() as up:
@@ -53,8 +58,14 @@ def lab() -> Iterator[LabUp]:
         try:
             yield up
         finally:
-            deploy_lab_back(up)
+            if not _BACK["deployed"]:
+                deploy_lab_back(up)
             Path(retry_file()).unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _changing_the_lab(lab: LabUp) -> None:
+    _BACK["deployed"] = False
 
 
 @pytest.fixture
@@ -64,6 +75,7 @@ def restore(lab: LabUp) -> Iterator[LabUp]:
         yield lab
     finally:
         deploy_lab_back(lab)
+        _BACK["deployed"] = True
 
 
 def _copy(tmp_path: Path, name: str, edit: Any = None, **hosts: Any) -> Path:
