@@ -6,7 +6,8 @@
   instance's inbound span (SERVER, on vm2 or dock1's container), whose parent is web's span; `mesh trace
   <request id> --json` and `mesh trace <trace id>` both show it from the collector. A request with neither header
   (and no x-request-id: web's Envoy makes one, api's app reports it) is one trace too, found by that id, and
-  `mesh trace --last 5 --service api` lists it. db is TCP: no span there.
+  `mesh trace --last 5 --service api` lists it. db is TCP: no span there. A caller's own request id that is not a
+  UUID, with no trace header, is not sampled by Envoy: `mesh trace` finds its hops in the access logs.
 - With no `mesh_tracing` (an inventory copy deployed), `mesh trace <request id>` rebuilds the same hops from the
   access logs; inventory/lab.yaml is deployed again at the end, whatever happened.
 
@@ -169,6 +170,21 @@ def test_a_request_with_no_headers_is_one_trace_found_by_the_id_envoy_made(deplo
     assert all(any(span["service"] == "api" for span in item["spans"]) for item in traces_of(latest))
     text = mesh_trace("--last", "5", "--service", "api")
     assert f"trace {trace['trace_id']} · request {request_id} · 2 spans" in text.stdout, str(text)
+
+
+def test_a_callers_own_request_id_envoy_does_not_sample_is_found_in_the_access_logs(deployed: LabUp) -> None:
+    """Envoy draws its sampling decision from a UUID request id's digits: a caller's own id that is not a UUID,
+    with no sampled b3 or traceparent header, sends no span. `mesh trace` finds its hops in the access logs,
+    still under one trace id (Envoy propagates the unsampled trace), and says where it looked."""
+    request_id = f"mesh-e2e-trace-own-{uuid.uuid4().hex[:12]}"
+    hops = web_hops(deployed, {"x-request-id": request_id})
+    trace = traced(request_id, source="access logs")
+    found = web_and_api(trace)
+    assert found.api["tags"]["mesh.host"] == answering_api(hops)
+    assert trace["trace_id"] is not None, "the access lines of an unsampled request carry no trace id"
+    shown = mesh_trace(request_id)
+    assert shown.code == 0 and f"the collector (ctl1, ctl2) holds no trace of {request_id}" in shown.stderr, \
+        str(shown)
 
 
 # ---- without a collector -----------------------------------------------------------------------------------
