@@ -32,5 +32,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabUp]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The lab's own tests first: they need a lab nobody has deployed to, and their last test takes it down
-    and compares the machine with its state before. The deploy tests then bring it up again as they need it."""
-    items.sort(key=lambda item: 0 if item.path.name == "test_lab.py" else 1)
+    and compares the machine with its state before. The deploy tests then bring it up again as they need it.
+    The sidecar tests last: they take the lab down and up undeployed, which would cost the module after them a
+    first deploy of the whole lab."""
+    last = {"test_lab.py": 0, "test_sidecar_lab.py": 2}
+    items.sort(key=lambda item: last.get(item.path.name, 1))
