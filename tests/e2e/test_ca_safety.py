@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ true
 
 def fleet_state(lab: LabUp) -> dict[str, str]:
     """Per managed host: every file mesh writes (path, mode, owner, SHA-256) and what runs from them."""
-    state = {host: host_files(lab, host) + out(lab, host, _MORE_STATE, timeout=180) for host in MANAGED}
+    with ThreadPoolExecutor(len(MANAGED)) as pool:  # every host at once
+        found = pool.map(lambda host: host_files(lab, host) + out(lab, host, _MORE_STATE, timeout=180), MANAGED)
+        state = dict(zip(MANAGED, found, strict=True))
     # the snapshot sees what a deploy would change: the trust bundles, the units' processes, the sidecars
     for host in MANAGED:
         bundle = CHECKER_CA_PATH if host in CONTROLLERS else paths.CA_PATH
