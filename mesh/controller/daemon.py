@@ -350,6 +350,7 @@ class Controller:
         if self.paused:
             self.log.info("controller_resumed")
             self.paused = False
+            self.pusher.reread()  # the deploy just released its lock: what it wrote is on the hosts now
         with self.lock:
             self.dirty = False
             known, values, authz_values = self.known, self.traffic_values, self.authz_values

@@ -394,6 +394,12 @@ class Pusher:
                 found[(name, proxy.name)] = None if state is None else state.resource_version(proxy.name)
         return found
 
+    def reread(self) -> None:
+        """Read every host's state again before its next push (a deploy may have changed its files and
+        certificates meanwhile): the connections stay open."""
+        for link in self.links.values():
+            link.state_at = float("-inf")
+
     def forget(self) -> None:
         """Close every connection and forget what hosts have (another controller may push meanwhile)."""
         for link in self.links.values():

@@ -187,6 +187,17 @@ def test_nothing_is_pushed_while_a_deploy_holds_its_lock(loop: Loop) -> None:
     assert loop.applies() == 1 and "10.0.0.11" in loop.eds()
 
 
+def test_the_hosts_are_read_again_when_a_deploy_releases_its_lock(loop: Loop) -> None:
+    loop.answer(Endpoint("10.0.0.11", 1))
+    loop.at(1.1)
+    reads = loop.host.calls.count("state")
+    loop.store.locked = True
+    loop.at(2.2)
+    loop.store.locked = False
+    loop.at(3.3)  # well inside STATE_REFRESH_S: only the deploy's release makes the controller read again
+    assert loop.host.calls.count("state") == reads + 1
+
+
 def test_a_standby_only_tries_the_lock(tmp_path: Path) -> None:
     standby = make_loop(tmp_path, leader=FakeLeader(leading=False))
     for moment in (0.0, 1.0, 5.0, 10.0):
