@@ -11,7 +11,9 @@
 - With no `mesh_tracing` (an inventory copy deployed), `mesh trace <request id>` rebuilds the same hops from the
   access logs; inventory/lab.yaml is deployed again at the end, whatever happened.
 
-Envoy's Zipkin tracer sends its spans every few seconds, so every wait here is generous and nothing is timed.
+Envoy's Zipkin tracer sends its spans every few seconds, so every wait here is generous and nothing is timed. A
+request sent soon after tracing was turned back on may be served by api's old, untraced listener (web's Envoy
+keeps pooled connections to it while Envoy drains it, gradually): sent_and_traced then sends another.
 The lab is shared: the module holds /tmp/mesh-lab-dev.lock throughout (shared_lab) and leaves inventory/lab.yaml
 deployed.
 """
@@ -20,9 +22,8 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from mesh.inventory.loader import load_inventory
 
 DEPLOY_TIMEOUT = 900.0
 TRACE_WAIT = 90.0  # generous: Envoy's Zipkin tracer flushes its spans every 5 s by default
+ATTEMPT_WAIT = 30.0  # for one request of several (sent_and_traced)
+ATTEMPTS = 4
 WEB_PORT = 8080  # web's demo app on vm1, asked on loopback as a user would
 API_HOSTS = ("vm2", "dock1")
 
@@ -70,12 +73,41 @@ def complete(traces: list[Json], source: str) -> bool:
             and {span["service"] for span in traces[0]["spans"]} >= {"web", "api"})
 
 
-def traced(request_id: str, source: str = "collector", inventory: Path = INVENTORY) -> Json:
+def traced(request_id: str, source: str = "collector", inventory: Path = INVENTORY,
+           timeout: float = TRACE_WAIT) -> Json:
     """The trace `mesh trace <request id> --json` shows, once it shows web's and api's spans from `source`."""
     found = wait_for(lambda: traces_of(mesh_trace(request_id, "--json", inventory=inventory)),
                      lambda traces: complete(traces, source), f"the trace of request {request_id} from the {source}",
-                     timeout=TRACE_WAIT, interval=2.0)
+                     timeout=timeout, interval=2.0)
     return found[0]
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request sent to web: its request id, web's answer, and the trace ids the test put in its header."""
+
+    request_id: str
+    hops: list[Json]
+    trace_id: str | None = None
+    parent: str | None = None
+
+
+def sent_and_traced(send: Callable[[], Sent]) -> tuple[Sent, Json]:
+    """A request (sent by `send`, with new ids each time) and its whole trace from the collector. When the lab's
+    tracing was off a moment ago (this module's last test, in an earlier run, or another module), web's Envoy
+    still holds pooled connections to api's old inbound listener, untraced, which Envoy drains gradually: a
+    request that went through one has no api span, and another request is sent (ATTEMPTS at most)."""
+    missed = []
+    for attempt in range(1, ATTEMPTS + 1):
+        sent = send()
+        try:
+            trace = traced(sent.request_id, timeout=ATTEMPT_WAIT)
+        except AssertionError as exc:
+            missed.append(str(exc)[:400])
+            continue
+        print(f"request {sent.request_id}: its whole trace at attempt {attempt}")
+        return sent, trace
+    raise AssertionError(f"none of {ATTEMPTS} requests went the whole way traced:\n" + "\n".join(missed))
 
 
 @dataclass(frozen=True)
@@ -84,7 +116,7 @@ class Hop:
     api: Json
 
 
-def web_and_api(trace: Json) -> Hop:
+def web_and_api(trace: Json, same_trace: bool = True) -> Hop:
     """web's outbound CLIENT span on vm1 and api's inbound SERVER span on vm2 or dock1, and nothing else."""
     spans = trace["spans"]
     assert sorted((span["service"], span["kind"]) for span in spans) == [("api", "SERVER"), ("web", "CLIENT")], \
@@ -95,7 +127,8 @@ def web_and_api(trace: Json) -> Hop:
     assert web["tags"].get("mesh.upstream") == "api", web
     assert api["tags"]["mesh.direction"] == "inbound" and api["tags"]["mesh.host"] in API_HOSTS, api
     assert api["parent_id"] == web["span_id"], "api's span is not the child of web's"
-    assert api["trace_id"] == web["trace_id"] == trace["trace_id"]
+    if same_trace:
+        assert api["trace_id"] == web["trace_id"] == trace["trace_id"]
     return Hop(web, api)
 
 
@@ -128,12 +161,14 @@ def deployed(lab: LabUp) -> LabUp:
 
 @pytest.mark.parametrize("header", ["b3", "traceparent"])
 def test_a_request_with_a_trace_header_stays_one_trace_under_that_id(deployed: LabUp, header: str) -> None:
-    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
-    request_id = f"mesh-e2e-trace-{header}-{uuid.uuid4().hex[:12]}"
-    value = f"{trace_id}-{parent}-1" if header == "b3" else f"00-{trace_id}-{parent}-01"
-    hops = web_hops(deployed, {header: value, "x-request-id": request_id})
+    def send() -> Sent:
+        trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+        request_id = f"mesh-e2e-trace-{header}-{uuid.uuid4().hex[:12]}"
+        value = f"{trace_id}-{parent}-1" if header == "b3" else f"00-{trace_id}-{parent}-01"
+        return Sent(request_id, web_hops(deployed, {header: value, "x-request-id": request_id}), trace_id, parent)
 
-    trace = traced(request_id)
+    sent, trace = sent_and_traced(send)
+    request_id, hops, trace_id, parent = sent.request_id, sent.hops, sent.trace_id, sent.parent
     assert trace["trace_id"] == trace_id and trace["request_ids"] == [request_id]
     found = web_and_api(trace)
     assert found.web["parent_id"] == parent, f"web's span does not continue the {header} header's span"
@@ -154,12 +189,15 @@ def test_a_request_with_a_trace_header_stays_one_trace_under_that_id(deployed: L
 
 
 def test_a_request_with_no_headers_is_one_trace_found_by_the_id_envoy_made(deployed: LabUp) -> None:
-    hops = web_hops(deployed, {})
-    assert "request_id" not in hops[0], "web's app got a request id it was not sent"
-    request_id = str(hops[1].get("request_id") or "")
-    assert request_id, f"api's app saw no request id from web's Envoy: {hops}"
+    def send() -> Sent:
+        hops = web_hops(deployed, {})
+        assert "request_id" not in hops[0], "web's app got a request id it was not sent"
+        request_id = str(hops[1].get("request_id") or "")
+        assert request_id, f"api's app saw no request id from web's Envoy: {hops}"
+        return Sent(request_id, hops)
 
-    trace = traced(request_id)
+    sent, trace = sent_and_traced(send)
+    request_id, hops = sent.request_id, sent.hops
     found = web_and_api(trace)
     assert found.web["parent_id"] is None  # the trace starts at web's Envoy
     assert found.api["tags"]["mesh.host"] == answering_api(hops)
@@ -179,28 +217,16 @@ def test_a_callers_own_request_id_envoy_does_not_sample_is_found_in_the_access_l
     request_id = f"mesh-e2e-trace-own-{uuid.uuid4().hex[:12]}"
     hops = web_hops(deployed, {"x-request-id": request_id})
     trace = traced(request_id, source="access logs")
-    found = web_and_api(trace)
+    found = web_and_api(trace, same_trace=False)  # api's line has no trace id if its old listener served it
     assert found.api["tags"]["mesh.host"] == answering_api(hops)
-    assert trace["trace_id"] is not None, "the access lines of an unsampled request carry no trace id"
+    assert found.web["trace_id"] and trace["trace_id"] == found.web["trace_id"], \
+        "web's access line of an unsampled request carries no trace id"
     shown = mesh_trace(request_id)
     assert shown.code == 0 and f"the collector (ctl1, ctl2) holds no trace of {request_id}" in shown.stderr, \
         str(shown)
 
 
 # ---- without a collector -----------------------------------------------------------------------------------
-
-def untraced(lab: LabUp, inventory: Path, tries: int = 10) -> tuple[str, list[Json], Json]:
-    """A request sent to web once its Envoy no longer traces (its access lines' trace_id null: a new listener
-    takes new connections only once it is warm, a moment after the deploy), and its trace from the access logs."""
-    for _ in range(tries):
-        request_id = f"mesh-e2e-trace-logs-{uuid.uuid4().hex[:12]}"
-        hops = web_hops(lab, {"x-request-id": request_id})
-        trace = traced(request_id, source="access logs", inventory=inventory)
-        if trace["trace_id"] is None:
-            return request_id, hops, trace
-        time.sleep(2.0)
-    raise AssertionError(f"web's Envoy still traced requests {tries} tries after the deploy without mesh_tracing")
-
 
 def test_without_a_collector_the_hops_come_from_the_access_logs(deployed: LabUp, tmp_path: Path) -> None:
     def no_tracing(document: Json) -> None:
@@ -210,18 +236,24 @@ def test_without_a_collector_the_hops_come_from_the_access_logs(deployed: LabUp,
     try:
         run = run_mesh("deploy", str(copy), timeout=DEPLOY_TIMEOUT)
         assert run.code == 0, f"the deploy without mesh_tracing failed:\n{run}"
-        request_id, hops, trace = untraced(deployed, copy)
+        request_id = f"mesh-e2e-trace-logs-{uuid.uuid4().hex[:12]}"
+        hops = web_hops(deployed, {"x-request-id": request_id})
+        trace = traced(request_id, source="access logs", inventory=copy)
         spans = trace["spans"]
         assert [(span["service"], span["kind"], span["tags"]["mesh.direction"]) for span in spans] == [
             ("web", "CLIENT", "outbound"), ("api", "SERVER", "inbound")], json.dumps(spans, indent=1)
         assert spans[0]["tags"]["mesh.host"] == "vm1" and spans[1]["tags"]["mesh.host"] == answering_api(hops)
         assert spans[1]["parent_id"] == spans[0]["span_id"]
+        # web's Envoy traces no more (its app opens a new connection per call, served by the new listener); api's
+        # inbound line may still carry a trace id for a while: web's Envoy keeps its pooled connections to api's
+        # old listener, which Envoy drains gradually
+        assert spans[0]["trace_id"] == "", "web's Envoy still traces after a deploy without mesh_tracing"
 
         shown = mesh_trace(request_id, inventory=copy)
         assert shown.code == 0, str(shown)
         lines = shown.stdout.splitlines()
-        assert lines[0].startswith(f"trace - · request {request_id} · 2 spans · ") and lines[0].endswith(
-            " · from the access logs"), shown.stdout
+        head = f"trace {trace['trace_id'] or '-'} · request {request_id} · 2 spans · "
+        assert lines[0].startswith(head) and lines[0].endswith(" · from the access logs"), shown.stdout
         assert lines[2].split()[:3] == ["web", "outbound", "vm1"] and lines[3].split()[:3] == ["└─", "api", "inbound"]
 
         missing = mesh_trace(f"mesh-e2e-no-such-{uuid.uuid4().hex[:8]}", "--since", "5m", inventory=copy)
