@@ -12,7 +12,6 @@ Controller.dashboard_reading (copied under its lock by `controller_reading`).
 
 from __future__ import annotations
 
-import http.client
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +30,7 @@ from mesh.dashboard.view import ControllerReading, DashboardInputs, Instance, in
 from mesh.errors import MeshError
 from mesh.inventory.policy import AuthzOverride, TrafficOverride
 from mesh.telemetry.fleet import FleetNumbers, FleetSnapshot, fleet_numbers, scrape
-from mesh.telemetry.scrape import FETCH_TIMEOUT, MAX_BODY, Fetcher, FetchError
+from mesh.telemetry.scrape import FETCH_TIMEOUT, Fetcher, http_get
 from mesh.telemetry.targets import METRICS_PATH, ProxyTarget
 
 VIEWED_WITHIN_S = 30.0  # a page that polled this recently keeps the reads going
@@ -74,21 +73,7 @@ class FleetFetcher:
         self.path = f"{METRICS_PATH}?{urlencode({'usedonly': '', 'filter': STATS_FILTER})}"
 
     def fetch(self, target: ProxyTarget) -> str:
-        host = f"[{target.address}]" if ":" in target.address else target.address
-        conn = http.client.HTTPConnection(host, target.port, timeout=self.timeout)
-        try:
-            conn.request("GET", self.path, headers={"Accept": "text/plain", "Connection": "close"})
-            response = conn.getresponse()
-            body = response.read(MAX_BODY + 1)
-        except (OSError, http.client.HTTPException) as exc:
-            raise FetchError(f"{target.endpoint}: {exc or type(exc).__name__}") from None
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise FetchError(f"{target.endpoint}: HTTP {response.status} {response.reason}")
-        if len(body) > MAX_BODY:
-            raise FetchError(f"{target.endpoint}: more than {MAX_BODY} bytes of metrics")
-        return body.decode(errors="replace")
+        return http_get(target, timeout=self.timeout, path=self.path)
 
     def close(self) -> None:
         pass

@@ -47,13 +47,15 @@ class _Connection(http.client.HTTPConnection):
         self.sock = self._made
 
 
-def http_get(target: ProxyTarget, sock: Any | None = None, timeout: float = FETCH_TIMEOUT) -> str:
-    """GET the target's metrics path, on sock when given (else a new TCP connection); the body as text."""
+def http_get(target: ProxyTarget, sock: Any | None = None, timeout: float = FETCH_TIMEOUT,
+             path: str = METRICS_PATH) -> str:
+    """GET the target's metrics path (or `path`: the same stats, filtered), on sock when given (else a new TCP
+    connection); the body as text."""
     host = f"[{target.address}]" if ":" in target.address else target.address
     conn = (_Connection(host, target.port, sock, timeout) if sock is not None
             else http.client.HTTPConnection(host, target.port, timeout=timeout))
     try:
-        conn.request("GET", METRICS_PATH, headers={"Accept": "text/plain", "Connection": "close"})
+        conn.request("GET", path, headers={"Accept": "text/plain", "Connection": "close"})
         response = conn.getresponse()
         body = _read_body(response)
     except (OSError, http.client.HTTPException) as exc:
