@@ -27,7 +27,6 @@ from mesh.controller.routes import inventory_policy
 from mesh.controller.spec import ControllerSpec, HostSpec, ProxySpec
 from mesh.inventory.policy import AuthzOverride, Fault, RouteMatch, TrafficOverride, apply_override
 from mesh.telemetry.fleet import FleetNumbers, FleetSnapshot, Numbers
-from mesh.traffic.view import match_text as traffic_match_text
 
 ProxyKey = tuple[str, str]  # (host, proxy)
 RBAC_DENIED = "rbac"  # a stat of Envoy's RBAC filters: ...rbac...denied (HTTP and TCP, not the shadow ones)
@@ -290,8 +289,17 @@ def _splits(spec: ControllerSpec, overrides: Mapping[str, TrafficOverride]) -> l
 
 
 def match_text(match: RouteMatch | None) -> str | None:
-    """A route's match in words (`header x-canary=1, path prefix /v2`); None for every request."""
-    return (traffic_match_text(match) or None) if match is not None else None
+    """A route's match in words (`header x-canary=1, path prefix /v2`); None for every request. Like
+    mesh.traffic.view's, which the controller cannot import (it reaches mesh.status and rich, not in its venv)."""
+    if match is None:
+        return None
+    parts = [f"header {name}={value}" for name, value in match.headers]
+    parts += [f"cookie {name}={value}" for name, value in match.cookies]
+    if match.path is not None:
+        parts.append(f"path {match.path.kind} {match.path.value}")
+    if match.method is not None:
+        parts.append(f"method {match.method}")
+    return ", ".join(parts) or None
 
 
 def fault_text(fault: Fault) -> str:
