@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from golden_folders import check_golden_folder
 
 from mesh.config import InconsistentConfig, compute_proxy_config
 from mesh.config.authz import InboundInputs, normalized_path
@@ -363,21 +364,7 @@ def golden_files(case: str) -> ProxyFiles:
 @pytest.mark.parametrize("case", GOLDENS)
 def test_authz_goldens(case: str, update_goldens: bool) -> None:
     files = golden_files(case)
-    folder = GOLDEN / case
-    rendered = {file.path[len(files.proxy_dir) + 1:]: file.content for file in files.files}
-    for relative, content in rendered.items():
-        path = folder / relative
-        if update_goldens:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-        assert path.is_file(), f"{path} is missing: run pytest --update-goldens"
-        assert content == path.read_text(), f"{path} differs: run pytest --update-goldens and review the diff"
-    kept = {str(path.relative_to(folder)) for path in folder.rglob("*.yaml")}
-    if update_goldens:
-        for stale in kept - set(rendered):
-            (folder / stale).unlink()
-    else:
-        assert kept == set(rendered), f"{folder} holds files mesh no longer renders: run pytest --update-goldens"
+    check_golden_folder(files, GOLDEN / case, update_goldens)
 
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from golden_folders import check_golden_folder
 
 from mesh.config import InconsistentConfig, compute_proxy_config
 from mesh.config.model import Percent, ProxyConfig, RouteInputs
@@ -394,21 +395,7 @@ def test_a_route_to_a_version_nobody_runs_is_refused() -> None:
 def test_traffic_goldens(case: str, mesh: Any, who: str, update_goldens: bool) -> None:
     built = mesh()
     files = render_proxy_files(compute_proxy_config(built, next(w for w in built.workloads if w.host == who)))
-    folder = GOLDEN / case
-    rendered = {file.path[len(files.proxy_dir) + 1:]: file.content for file in files.files}
-    for relative, content in rendered.items():
-        path = folder / relative
-        if update_goldens:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-        assert path.is_file(), f"{path} is missing: run pytest --update-goldens"
-        assert content == path.read_text(), f"{path} differs: run pytest --update-goldens and review the diff"
-    kept = {str(path.relative_to(folder)) for path in folder.rglob("*.yaml")}
-    if update_goldens:
-        for stale in kept - set(rendered):
-            (folder / stale).unlink()
-    else:
-        assert kept == set(rendered), f"{folder} holds files mesh no longer renders: run pytest --update-goldens"
+    check_golden_folder(files, GOLDEN / case, update_goldens)
 
 
 def test_an_outbound_listener_reads_the_route_named_as_itself() -> None:
