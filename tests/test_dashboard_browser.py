@@ -5,10 +5,7 @@ a 1366x768 laptop screen without sideways scrolling."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,34 +17,16 @@ import pytest
 
 from mesh.dashboard.server import DashboardServer
 from mesh.dashboard.view import DashboardInputs, Instance, dashboard_view
+from mesh.testing.browser import headless_chromium
 
 sys.path.insert(0, str(Path(__file__).parent / "unit"))
 from dashboard_samples import lab_instances, lab_spec, proxy, reading
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1366,768")
-
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.path.exists(path):
-            pytest.fail(f"{path} is missing: scripts/setup --test installs Debian's chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="mesh-dashboard-test-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 class Counting:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,16 +33,13 @@ from lab_helpers import MESH, LabUp
 from rollout_helpers import chain_ok, request_loop
 
 from mesh.controller.spec import CONTROLLER_UNIT
+from mesh.testing.browser import headless_chromium
 
 DEPLOY_TIMEOUT = 900.0
 WEB_PORT = 8080  # web's demo app on vm1: a request goes web -> api (vm2 or dock1) -> db (vm2)
 CPU_WINDOW_S = 30.0  # each of the two windows (no page, page open): CI time; the cost is ~1 % of a core
 PAGE_WAIT = 60.0  # the first numbers need two scrapes (5 s apart) after the page opened
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(os.environ.get("MESH_TEST_ARTIFACTS") or REPO / "test-artifacts") / "dashboard"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1366,768")
 DRAINED = "api-vm2-9090"  # api's instance on vm2 (Consul service ID)
 
 # What the page shows, read in one go (the graph's SVG groups carry data-service / data-edge).
@@ -118,25 +113,9 @@ def tunnel(deployed: LabUp) -> Iterator[Tunnel]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.path.exists(path):
-            pytest.fail(f"{path} is missing: scripts/setup --test installs Debian's chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="mesh-dashboard-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def page(driver: Any) -> dict[str, Any]:
