@@ -65,7 +65,7 @@ def test_the_filtered_scrape_is_small_and_gives_the_same_numbers(tmp_path: Path)
         finally:
             stop_envoys(list(envoys.values()))
     from_full, from_filtered = counted(before[0], after[0]), counted(before[1], after[1])
-    assert from_filtered == from_full
+    assert from_filtered == pytest.approx(from_full)  # the same numbers, summed in another order
     assert from_filtered["web->api"] == pytest.approx(OK + FAILED) and from_filtered["web->db"] == CONNECTIONS
     assert from_filtered["web->api errors"] == pytest.approx(FAILED / (OK + FAILED))
     assert all(small * 4 < whole for whole, small in sizes.values()), sizes  # a quarter of the text at most
