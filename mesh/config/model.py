@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from mesh.config.authz import AuthzConfig, InboundInputs
+from mesh.config.xds import XdsBootstrap
 from mesh.inventory.model import Protocol
 from mesh.inventory.policy import MtlsMode
 
@@ -518,6 +519,7 @@ class ProxyConfig:
     metrics: MetricsListener | None = None
     stats_tags: tuple[StatsTag, ...] = ()
     tracer: Tracer | None = None  # mesh_tracing: None, no HTTP connection manager traces
+    xds: XdsBootstrap | None = None  # mesh_delivery: xds (an ADS bootstrap beside the files one); None: files only
 
     def cluster(self, name: str) -> Cluster:
         for cluster in self.clusters:

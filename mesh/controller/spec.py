@@ -120,6 +120,8 @@ class ProxySpec:
     kind: IdentityKind = "vm"  # "vm" or "container" (never "checker")
     container: str | None = None  # on a container host: the app's container
     metrics: str | None = None  # "ADDRESS:PORT" of its Prometheus listener (mesh.telemetry.targets), what is scraped
+    node_id: str = ""  # Envoy's node.id (the Consul service ID): the DNS SAN of its leaf, its ADS stream's name
+    delivery: str = "files"  # mesh_delivery of its host: "files" or "xds" (mesh.config.xds.Delivery)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class IdentitySpec:
     name: str  # the proxy's name, or `checker`
     kind: IdentityKind
     spiffe_id: str
+    node_id: str = ""  # a proxy's node id (its leaf's DNS SAN); empty for the checker
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,7 @@ class ManagedHost:
     is_controller: bool = False
     zone: str | None = None  # mesh_zone: callers prefer instances in their own zone, then region
     region: str | None = None  # mesh_region
+    delivery: Literal["files", "xds"] = "files"  # mesh_delivery (mesh.config.xds.Delivery)
 
     @property
     def consul_kind(self) -> str:
