@@ -28,9 +28,11 @@ import structlog
 
 from mesh.catalog import ConsulAccess, connect, read_token
 from mesh.config import paths
+from mesh.config.xds import XDS_PORT
 from mesh.controller.consul_watch import ConsulWatch, Fetch, PrefixWatch, consul_fetch, consul_kv_fetch
 from mesh.controller.endpoints import ServiceEndpoints
 from mesh.controller.inbound import Denies, Rules, applied_authz, inbound_rules, read_denies
+from mesh.controller.lastgood import FilesPace
 from mesh.controller.metrics import ControllerMetrics
 from mesh.controller.protocol import relpath_in
 from mesh.controller.published import state_document, state_text
@@ -46,6 +48,7 @@ from mesh.controller.routes import (
 )
 from mesh.controller.snapshot import KnownEndpoints, Snapshot, build_snapshot, remembered, watched_services
 from mesh.controller.spec import (
+    CONTROLLER_DIR,
     INTERMEDIATE_CERT,
     INTERMEDIATE_KEY,
     ROOT_CERT,
@@ -58,6 +61,7 @@ from mesh.controller.spec import (
     traffic_prefix,
 )
 from mesh.controller.transport import SshTransport, Transport
+from mesh.controller.xds_feed import ServerFactory, XdsFeed, xds_proxies
 from mesh.dashboard.gather import controller_reading
 from mesh.dashboard.service import ControllerDashboard, start_dashboard
 from mesh.dashboard.view import ControllerReading
@@ -69,6 +73,8 @@ from mesh.traces.serving import ControllerCertificate
 from mesh.traces.store import TraceStore
 
 SESSION_NAME = "mesh-controller"
+XDS_TEST_HOOK = f"{CONTROLLER_DIR}/xds-test-hook.json"  # root's file on the controller host; absent in production
+XDS_PUBLISH_INTERVAL_S = 5.0  # each controller's ADS streams (`mesh status` per proxy and type) at most this often
 ROUND_INTERVAL_S = 1.0  # a round with nothing new costs no I/O but reconnecting hosts and due renewals
 PUBLISH_INTERVAL_S = 5.0
 DEPLOY_POLL_S = 0.5
@@ -128,6 +134,8 @@ class ControllerOptions:
     round_interval_s: float = ROUND_INTERVAL_S
     publish_interval_s: float = PUBLISH_INTERVAL_S
     push_workers: int = MAX_WORKERS  # hosts pushed to at once
+    xds_port: int = XDS_PORT  # the ADS server's port, while the spec has an xds proxy
+    xds_test_hook: str = XDS_TEST_HOOK  # tests only: a NACK provoked on purpose (mesh.xds.server)
 
 
 def consul_access(spec: ControllerSpec) -> ConsulAccess:
@@ -157,7 +165,8 @@ class Controller:
                  fetch: Callable[[ControllerSpec], Callable[[], Fetch]] | None = None,
                  kv_fetch: Callable[[ControllerSpec], Fetch] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 now: Callable[[], datetime] = lambda: datetime.now(UTC), watch: bool = True) -> None:
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC), watch: bool = True,
+                 xds_server: ServerFactory | None = None) -> None:
         self.load = load
         self.options = options
         self.clock, self.wall, self.now = clock, wall, now
@@ -170,6 +179,12 @@ class Controller:
         self.pusher = Pusher(self.transport, self.validate, self.metrics, max_workers=options.push_workers,
                              clock=clock, wall=wall)
         self.pusher.set_hosts(self.spec.hosts)
+        self.xds = XdsFeed(xds_server or (lambda spec: xds_server_for(spec, options)), options.root_cert)
+        self.pusher.ads_up = lambda: self.xds.serving
+        self.files_pace = FilesPace()  # xds proxies' last-known-good files follow their snapshot slowly
+        self.files_snapshot: Snapshot = {}  # what the pushes carry (self.snapshot, with xds proxies paced)
+        self.files_due: float | None = None  # when a held-back xds proxy's files are next due
+        self.next_xds_publish = float("-inf")
         self.leader = (leader or _consul_leader)(self.spec, self.holder)
         self.store = (store or (lambda spec: ConsulStore(consul_access(spec), spec.mesh_id)))(self.spec)
         self.renewer = self._renewer(self.spec)
@@ -269,6 +284,7 @@ class Controller:
         if self.options.serve_metrics:
             self.metrics.serve(self.spec.metrics_port)
         self._keep_span_receiver()
+        self.xds.keep(self.spec)
         if self.options.serve_metrics:  # every controller: `mesh dashboard` and `mesh trace` ask its loopback
             self.dashboard = start_dashboard(self.spec.web_port, self.dashboard_reading, consul_access(self.spec),
                                              lambda query: traces_api(self.traces, query))
@@ -308,14 +324,26 @@ class Controller:
                 self.pusher.forget()  # another controller may push meanwhile: read every host again
         self.metrics.leader.set(1 if leading else 0)
         self.metrics.consul_staleness.set(self._staleness_s())
+        if self.xds.serving and self.clock() >= self.next_xds_publish:
+            self._publish_xds()
         if not leading:
-            return min(1.0, max(0.0, self.next_step - now)) if self.leadership_thread is None else 1.0
+            wait = min(1.0, max(0.0, self.next_step - now)) if self.leadership_thread is None else 1.0
+            if not self.xds.serving:
+                return wait
+            with self.lock:  # a standby serves ADS from its own snapshot too
+                dirty, since = self.dirty, self.dirty_since
+            debounce = self.spec.debounce_ms / 1000
+            if dirty and now - since < debounce:
+                return min(wait, since + debounce - now)
+            if dirty:
+                self._refresh_snapshot()
+            return wait
         with self.lock:
             dirty, since = self.dirty, self.dirty_since
         debounce = self.spec.debounce_ms / 1000
         if dirty and now - since < debounce:
             return since + debounce - now
-        if dirty or now >= self.next_round:
+        if dirty or now >= self.next_round or (self.files_due is not None and now >= self.files_due):
             self._round()
         if self.clock() >= self.next_publish:
             self._publish()
@@ -351,18 +379,11 @@ class Controller:
             self.log.info("controller_resumed")
             self.paused = False
             self.pusher.reread()  # the deploy just released its lock: what it wrote is on the hosts now
-        with self.lock:
-            self.dirty = False
-            known, values, authz_values = self.known, self.traffic_values, self.authz_values
-        spec = self.spec
-        policies = self._policies(spec, values)
-        rules = self._rules(spec, authz_values)
-        inputs = (spec, known, policies, rules)
-        if self.snapshot_of is None or any(mine is not now for mine, now in zip(self.snapshot_of, inputs, strict=True)):
-            self.snapshot = build_snapshot(spec, known, policies, rules)
-            self.snapshot_of = inputs
-        result = self.pusher.round(self.snapshot, self.leader.holds, self.renewer.renew if self.renewer else None,
-                                   wait_s=self.options.round_interval_s)
+        spec = self._refresh_snapshot()
+        self.files_snapshot, self.files_due = self.files_pace.paced(self.snapshot, set(xds_proxies(spec)),
+                                                                    self.clock())
+        result = self.pusher.round(self.files_snapshot, self.leader.holds,
+                                   self.renewer.renew if self.renewer else None, wait_s=self.options.round_interval_s)
         self.behind = result.behind
         self._certificate_metrics()
         traffic, authz = self._applied()
@@ -373,6 +394,32 @@ class Controller:
             self.traffic, self.authz = traffic, authz
             self.next_publish = self.clock()  # publish now
         self.next_round = self.clock() + self.options.round_interval_s
+
+    def _refresh_snapshot(self) -> ControllerSpec:
+        """The snapshot of the current inputs (rebuilt only when one changed), offered to the ADS server."""
+        with self.lock:
+            self.dirty = False
+            known, values, authz_values = self.known, self.traffic_values, self.authz_values
+        spec = self.spec
+        policies = self._policies(spec, values)
+        rules = self._rules(spec, authz_values)
+        inputs = (spec, known, policies, rules)
+        if self.snapshot_of is None or any(mine is not now for mine, now in zip(self.snapshot_of, inputs, strict=True)):
+            self.snapshot = build_snapshot(spec, known, policies, rules)
+            self.snapshot_of = inputs
+        self.xds.offer(spec, self.snapshot, self.pusher.refusal)
+        return spec
+
+    def _publish_xds(self) -> None:
+        """This controller's ADS streams, per proxy and type (synced, stale, NACKed), for `mesh status`."""
+        from mesh.xds.status import publication_text, xds_status_key
+
+        self.next_xds_publish = self.clock() + XDS_PUBLISH_INTERVAL_S
+        try:
+            self.store.put(xds_status_key(self.spec.mesh_id, self.holder),
+                           publication_text(self.holder, self.wall(), self.xds.status()))
+        except (consul.ConsulException, OSError) as exc:
+            self.log.warning("xds_status_not_published", error=str(exc).splitlines()[0] if str(exc) else "")
 
     def _policies(self, spec: ControllerSpec, values: Mapping[str, str] | None) -> RoutePolicies | None:
         """Each service's effective policy (the spec's, with its valid override), redone when the spec or the KV
@@ -447,7 +494,7 @@ class Controller:
         certificates = {(name, identity): cert for name, link in self.pusher.links.items() if link.state
                         for identity, cert in link.state.certs.items()}
         document = state_document(self.holder, self.pushed_digest, self.wall(), self.watch.staleness_s(),
-                                  self.pusher.wanted_versions(self.snapshot), self.pusher.host_versions(),
+                                  self.pusher.wanted_versions(self.files_snapshot), self.pusher.host_versions(),
                                   self.pusher.pushed_at, certificates,
                                   self.behind, self.traffic, self.authz)
         try:
@@ -475,6 +522,7 @@ class Controller:
         self.pusher.set_hosts(spec.hosts)
         self.renewer = self._renewer(spec)
         self._keep_span_receiver()
+        self.xds.keep(spec)
         if self.watching:
             self.watch.watch(watched_services(spec))
         with self.lock:
@@ -520,6 +568,7 @@ class Controller:
         self.metrics.stop()
         if self.span_receiver is not None:
             self.span_receiver.stop()
+        self.xds.stop()
         if self.dashboard is not None:
             self.dashboard.stop()
         self.log.info("controller_stopped", holder=self.holder)
@@ -531,6 +580,17 @@ def span_receiver(spec: ControllerSpec, options: ControllerOptions, store: Trace
     certificate = ControllerCertificate(spec.trust_domain, spec.cert_ttl_s, options.intermediate_cert,
                                         options.intermediate_key)
     return SpanReceiver(store, spec.trace_port, certificate, options.root_cert, spec.trust_domain)
+
+
+def xds_server_for(spec: ControllerSpec, options: ControllerOptions) -> object:
+    """The ADS server on options.xds_port: served with the controller's own certificate (as the span receiver),
+    clients checked against the root bundle and by the node id in their certificate."""
+    from mesh.xds.server import XdsServer  # grpc and the protobuf classes: loaded only where ADS is served
+
+    certificate = ControllerCertificate(spec.trust_domain, spec.cert_ttl_s, options.intermediate_cert,
+                                        options.intermediate_key)
+    return XdsServer(options.xds_port, certificate, options.root_cert, spec.trust_domain,
+                     test_hook_path=options.xds_test_hook)
 
 
 def _consul_leader(spec: ControllerSpec, holder: str) -> Leader:

@@ -37,6 +37,7 @@ from mesh.render import ProxyFiles
 
 STATE_REFRESH_S = 60.0  # re-read a connected host's state this often (someone may have changed its files)
 MAX_WORKERS = 32
+RESTART_BACKOFF_S = 60.0  # a file-started xds proxy is moved back to ADS at most this often
 BOOTSTRAP = "envoy.yaml"
 
 Validate = Callable[[ProxyFiles], None]  # raises EnvoyRejectedConfig (or ConfigError) when Envoy refuses them
@@ -216,6 +217,8 @@ class Pusher:
         self.behind: set[str] = set()
         self.lock = threading.Lock()
         self.log = structlog.get_logger()
+        self.ads_up: Callable[[], bool] = lambda: False  # this controller serves ADS (the daemon sets it)
+        self.restart_after: dict[ProxyKey, float] = {}  # a file-started xds proxy is restarted again after this
 
     def set_hosts(self, hosts: Iterable[HostSpec]) -> None:
         """The hosts of a (re-read) spec: a host whose connection data changed is reconnected; one gone closed."""
@@ -277,6 +280,8 @@ class Pusher:
                     outcome.behind = pending_proxies(link.spec, snapshot, state, {}).behind
             if renew is not None and link.state is not None:
                 renew(link, may_push)
+            if self.ads_up() and link.state is not None and may_push():
+                self._back_to_ads(link)
         except Exception as exc:  # a bug must not stop the other hosts or the loop
             self.log.exception("host_round_failed", host=link.spec.name, error=str(exc))
             outcome.errors += 1
@@ -302,6 +307,16 @@ class Pusher:
         self.log.error("push_refused", host=host, proxy=wanted.proxy, version=wanted.version, by="controller",
                        reason=refusal)
         return False
+
+    def refusal(self, wanted: ProxySnapshot) -> str | None:
+        """Envoy's refusal of `wanted`'s file set (None: accepted), validated once per validation key and shared
+        with the pushes (the ADS server serves only what this accepts)."""
+        with self.lock:
+            future = self.validations.get(wanted.validation_key)
+            if future is None:
+                future = self.validator.submit(self._validation, wanted.files)
+                self.validations[wanted.validation_key] = future
+        return future.result()
 
     def _validation(self, files: ProxyFiles) -> str | None:
         try:
@@ -364,6 +379,37 @@ class Pusher:
             self._count("refused", started, outcome)
             self.log.error("push_refused", host=host, proxy=item.proxy, version=item.version, by="host",
                            exit_code=result.exit_code, reason=_tail(result.stderr))
+
+    def _back_to_ads(self, link: HostLink) -> None:
+        """Restart (graceful drain first, by mesh-ctl) each xds proxy of the host that started from its files
+        while no controller answered: its start step picks the ADS bootstrap now. At most once a
+        RESTART_BACKOFF_S per proxy, so a proxy that cannot reach any controller is not restarted in a loop."""
+        state = link.state
+        assert state is not None
+        restarted = False
+        for proxy in link.spec.proxies:
+            key = (link.spec.name, proxy.name)
+            if proxy.delivery != "xds" or state.delivery.get(proxy.name) != "files" \
+                    or self.clock() < self.restart_after.get(key, float("-inf")):
+                continue
+            self.restart_after[key] = self.clock() + RESTART_BACKOFF_S
+            try:
+                result = link.run(command("restart", proxy.name))
+            except TransportError as exc:
+                self.log.warning("xds_restart_failed", host=link.spec.name, proxy=proxy.name, error=str(exc))
+                return
+            restarted = True
+            if result.exit_code == 0:
+                self.log.info("xds_proxy_back_on_ads", host=link.spec.name, proxy=proxy.name,
+                              reason="it had started from its files while no controller answered")
+            else:
+                self.log.warning("xds_restart_failed", host=link.spec.name, proxy=proxy.name,
+                                 exit_code=result.exit_code, error=_tail(result.stderr))
+        if restarted:
+            try:
+                link.refresh()
+            except (TransportError, CtlProtocolError) as exc:
+                link.drop(exc)
 
     def _count(self, result: str, started: float, outcome: _HostOutcome, pushed: int = 1) -> None:
         if result == "ok":
