@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,7 @@ def proxy_files(state_dir: Path) -> tuple[Any, bytes, dict[str, str]]:
     """web's files as mesh renders them (mesh.testing.loopback's two-service mesh), its proxy folder at the usual
     /etc/mesh/proxies/<proxy>; the CA's root (for the controller's validation); eds path -> upstream service."""
     from mesh.config import compute_proxy_config, paths
+    from mesh.controller.spec import EndpointSource
     from mesh.pki import CertificateAuthority
     from mesh.render import render_proxy_files
     from mesh.testing.loopback import two_service_mesh
@@ -106,7 +107,8 @@ def proxy_files(state_dir: Path) -> tuple[Any, bytes, dict[str, str]]:
     files = render_proxy_files(config)
     authority, _ = CertificateAuthority.ensure(str(state_dir), "bench.mesh")
     xds = f"{files.proxy_dir}/{paths.XDS_DIR_NAME}"
-    endpoints = {f"{xds}/eds.{listener.cluster}.yaml": listener.service for listener in config.outbound}
+    endpoints = {f"{xds}/eds.{listener.cluster}.yaml": EndpointSource(listener.service)
+                 for listener in config.outbound}
     return files, authority.root_pem, endpoints
 
 
@@ -258,8 +260,16 @@ def stop_fleet(fleet: Fleet, keep: bool) -> None:
 
 # ---- the controller side (the worker, inside the namespace) ---------------------------------------------------
 
-def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, out: Path) -> None:
-    from mesh.controller.endpoints import Endpoint
+def endpoint_set(count: int, drained: int | None) -> Any:
+    """Consul's answer for a service of `count` instances (10.9.x.y:21000), the one at index `drained` (if any) not
+    up (a `mesh drain`): what one endpoint change looks like."""
+    from mesh.controller.endpoints import Endpoint, ServiceEndpoints
+
+    registered = tuple(Endpoint(f"10.9.{index // 250}.{index % 250 + 1}", 21000) for index in range(count))
+    return ServiceEndpoints("api", registered, tuple(e for i, e in enumerate(registered) if i != drained))
+
+
+def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, out: Path, endpoints: int = 2) -> None:
     from mesh.controller.pusher import Pusher
     from mesh.controller.snapshot import build_snapshot, watched_services
     from mesh.controller.spec import load_spec
@@ -276,14 +286,14 @@ def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, 
         validations.append(time.perf_counter() - started)
 
     services = watched_services(spec)
-    sets = [(Endpoint("10.9.0.1", 21000), Endpoint("10.9.0.2", 21000)), (Endpoint("10.9.0.1", 21000),)]
+    sets = [endpoint_set(endpoints, None), endpoint_set(endpoints, 1)]
     pusher = Pusher(SshTransport(str(key)), validate, max_workers=workers)
     pusher.set_hosts(spec.hosts)
     timings, snapshots, results = [], [], []
     usage_before = None
     try:
         for number in range(rounds + 1):
-            known = {service: sets[number % 2] for service in services}
+            known = {service: replace(sets[number % 2], service=service) for service in services}
             built = time.perf_counter()
             snapshot = build_snapshot(spec, known)
             snapshots.append(time.perf_counter() - built)
@@ -311,7 +321,8 @@ def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, 
 
 # ---- the driver -------------------------------------------------------------------------------------------------
 
-def fanout(hosts: int, rounds: int, workers: int, keep: bool, host_script: str = "real") -> dict[str, Any]:
+def fanout(hosts: int, rounds: int, workers: int, keep: bool, host_script: str = "real",
+           endpoints: int = 2) -> dict[str, Any]:
     """Start the fleet, run the worker in its namespace, check every host got the last round's file, tear down."""
     if os.geteuid() != 0:
         raise SystemExit("the fan-out bench runs as root (a network namespace, sshd)")
@@ -327,7 +338,8 @@ def fanout(hosts: int, rounds: int, workers: int, keep: bool, host_script: str =
         out = scratch / "worker.json"
         argv = ["ip", "netns", "exec", fleet.netns, sys.executable, str(Path(__file__).resolve()), "worker",
                 "--spec", str(fleet.spec_path), "--key", str(fleet.key), "--ca", str(scratch / "ca.pem"),
-                "--rounds", str(rounds), "--workers", str(workers), "--out", str(out)]
+                "--rounds", str(rounds), "--workers", str(workers), "--out", str(out),
+                "--endpoints", str(endpoints)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"the worker failed ({done.returncode}): {' '.join(map(shlex.quote, argv))}\n"
@@ -337,7 +349,8 @@ def fanout(hosts: int, rounds: int, workers: int, keep: bool, host_script: str =
         report["hosts_cpu_s"] = sshd_cpu_seconds(fleet) - cpu_before
         report["hosts"] = hosts
         report["host_script"] = host_script
-        report["check"] = (_check_hosts(fleet, rounds) if host_script == "real"
+        report["endpoints"] = endpoints
+        report["check"] = (_check_hosts(fleet, rounds, endpoints) if host_script == "real"
                            else "not checked (the null script writes nothing)")
         return report
     finally:
@@ -346,9 +359,9 @@ def fanout(hosts: int, rounds: int, workers: int, keep: bool, host_script: str =
             log(f"kept {scratch}")
 
 
-def _check_hosts(fleet: Fleet, rounds: int) -> str:
-    """Every host's endpoint file holds the last round's endpoints (one endpoint after an odd round count)."""
-    wanted = 1 if rounds % 2 else 2
+def _check_hosts(fleet: Fleet, rounds: int, endpoints: int) -> str:
+    """Every host's endpoint file holds the last round's endpoints (one drained after an odd round count)."""
+    wanted = endpoints - 1 if rounds % 2 else endpoints
     wrong = []
     for root in fleet.roots:
         found = list(root.glob("etc/mesh/proxies/*/xds/eds.upstream-*.yaml"))
@@ -365,7 +378,7 @@ def print_fanout(report: dict[str, Any]) -> None:
     what = ("mesh-ctl.sh apply (stub Envoy)" if report["host_script"] == "real"
             else "a null apply (reads the bundle, answers applied)")
     print(f"\n## push fan-out: {report['hosts']} simulated hosts running {what}, {len(rounds)} rounds (one changed "
-          f"EDS file per host per round), {report['threads']} push threads")
+          f"EDS file of {report.get('endpoints', 2)} endpoints per host per round), {report['threads']} push threads")
     print(f"  connect + state + first push (round 0): {report['connect_round_s']:.3f} s")
     print(f"  per round: p50 {percentile(rounds, 0.5):.3f} s  p99 {percentile(rounds, 0.99):.3f} s  "
           f"min {min(rounds):.3f} s  max {max(rounds):.3f} s  mean {statistics.mean(rounds):.3f} s")
@@ -398,8 +411,9 @@ def main_worker(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--endpoints", type=int, default=2)
     args = parser.parse_args(argv)
-    worker(args.spec, args.key, args.ca, args.rounds, args.workers, args.out)
+    worker(args.spec, args.key, args.ca, args.rounds, args.workers, args.out, args.endpoints)
 
 
 if __name__ == "__main__":
