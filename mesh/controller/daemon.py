@@ -59,6 +59,7 @@ from mesh.controller.spec import (
     deploy_lock_key,
     issued_prefix,
     traffic_prefix,
+    xds_status_prefix,
 )
 from mesh.controller.transport import SshTransport, Transport
 from mesh.controller.xds_feed import ServerFactory, XdsFeed, xds_proxies
@@ -412,12 +413,12 @@ class Controller:
 
     def _publish_xds(self) -> None:
         """This controller's ADS streams, per proxy and type (synced, stale, NACKed), for `mesh status`."""
-        from mesh.xds.status import publication_text, xds_status_key
+        from mesh.xds.status import publication
 
         self.next_xds_publish = self.clock() + XDS_PUBLISH_INTERVAL_S
         try:
-            self.store.put(xds_status_key(self.spec.mesh_id, self.holder),
-                           publication_text(self.holder, self.wall(), self.xds.status()))
+            self.store.put(xds_status_prefix(self.spec.mesh_id) + self.holder,
+                           json.dumps(publication(self.holder, self.xds.status(), self.wall()), sort_keys=True))
         except (consul.ConsulException, OSError) as exc:
             self.log.warning("xds_status_not_published", error=str(exc).splitlines()[0] if str(exc) else "")
 

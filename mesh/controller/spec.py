@@ -66,6 +66,12 @@ def authz_prefix(mesh_id: str) -> str:
     return f"mesh/{mesh_id}/authz/"
 
 
+def xds_status_prefix(mesh_id: str) -> str:
+    """Each controller's ADS streams: `<prefix><holder>` -> mesh.xds.status.publication's JSON (per proxy and
+    resource type: synced, stale, NACKed), rewritten every few seconds while it serves ADS."""
+    return f"mesh/{mesh_id}/controller/xds/"
+
+
 def deploy_lock_key(mesh_id: str) -> str:
     """Held by a running deploy (mesh.deploy.lock): the controller pushes nothing meanwhile."""
     return f"mesh/{mesh_id}/deploy/lock"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mesh import catalog, package_data
+from mesh.config import paths
 from mesh.deploy import record, trust
 from mesh.deploy.controller_inputs import read_state as read_controller_state
 from mesh.deploy.display import Display
@@ -254,12 +255,14 @@ def _groups(targets: Sequence[ManagedHost]) -> dict[str, list[str]]:
 def _host_vars(variables: InventoryVars, prepared: Prepared,
                targets: Sequence[ManagedHost]) -> dict[str, Mapping[str, Any]]:
     """Each host's inventory variables, plus from the plan `mesh_proxies` (its proxies' names) and
-    `mesh_proxy_users` (the system users they run as on a VM)."""
+    `mesh_proxy_users` (the system users they run as on a VM) and `mesh_planned_firewall` (mesh's nftables table
+    is planned there)."""
     made: dict[str, Mapping[str, Any]] = {}
     for host in targets:
         planned = prepared.plan.host(host.name)
         mine = {"mesh_proxies": [proxy.name for proxy in planned.proxies],
-                "mesh_proxy_users": [proxy.user for proxy in planned.proxies if proxy.unit is not None]}
+                "mesh_proxy_users": [proxy.user for proxy in planned.proxies if proxy.unit is not None],
+                "mesh_planned_firewall": any(file.path == paths.FIREWALL_PATH for file in planned.files)}
         made[host.name] = ChainMap(mine, variables.host_vars.get(host.name, {}))  # type: ignore[arg-type]
     return made
 

@@ -204,6 +204,14 @@ class Mesh:
         return tuple(dict.fromkeys((*self.metrics_scrapers, *(host.connection.address for host in self.controllers))))
 
     @property
+    def xds_sources(self) -> tuple[str, ...]:
+        """The only addresses that may reach a controller's ADS port (when some host is on `mesh_delivery: xds`):
+        every host with workloads, in inventory order; empty when no host is on xds."""
+        if not any(host.delivery == "xds" for host in self.hosts):
+            return ()
+        return tuple(dict.fromkeys(host.connection.address for host in self.hosts if host.workloads))
+
+    @property
     def workloads(self) -> tuple[Workload, ...]:
         return tuple(workload for host in self.hosts for workload in host.workloads)
 

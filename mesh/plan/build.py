@@ -105,6 +105,12 @@ def build_plan(mesh: Mesh, inputs: PlanInputs, hosts: Sequence[ManagedHost] | No
                                      else host for host in plan.hosts), controller_digest=digest)
 
 
+def has_firewall(mesh: Mesh, host: ManagedHost) -> bool:
+    """mesh's nftables table goes on a VM with workloads (its app and metrics ports), and on a controller that
+    is not a container host while some host is on `mesh_delivery: xds` (its ADS port)."""
+    return host.kind == "vm" and (bool(host.workloads) or (host.is_controller and bool(mesh.xds_sources)))
+
+
 def _host_plan(mesh: Mesh, host: ManagedHost, inputs: PlanInputs) -> HostPlan:
     proxies = tuple(_proxy_plan(mesh, host, workload, inputs) for workload in host.workloads)
     folders: list[PlannedFolder] = []
@@ -114,13 +120,15 @@ def _host_plan(mesh: Mesh, host: ManagedHost, inputs: PlanInputs) -> HostPlan:
     if host.workloads:
         folders += [PlannedFolder(path, 0o755, "root", "root") for path in HOST_FOLDERS]
         files.append(PlannedFile(paths.CA_PATH, inputs.ca_root_pem, 0o644, "root", "root"))
-    if host.workloads and host.kind == "vm":
-        firewall = render_firewall(host, mesh.metrics_sources).encode()
+    if has_firewall(mesh, host):
+        firewall = render_firewall(host, mesh.metrics_sources, mesh.xds_sources).encode()
         files.append(PlannedFile(paths.FIREWALL_PATH, firewall, 0o644, "root", "root", check=FIREWALL_CHECK))
         files.append(PlannedFile(FIREWALL_UNIT_PATH, render_firewall_unit().encode(), 0o644, "root", "root",
                                  check=unit_check(paths.FIREWALL_UNIT)))
+        units.append(paths.FIREWALL_UNIT)
+    if host.workloads and host.kind == "vm":
         users += [proxy.user for proxy in proxies]
-        units += [paths.envoy_unit_name(proxy.name) for proxy in proxies] + [paths.FIREWALL_UNIT]
+        units[:0] = [paths.envoy_unit_name(proxy.name) for proxy in proxies]
     if host.workloads and host.kind == "container_host":
         files += [PlannedFile(LIST_PATH, render_sidecar_list(host).encode(), 0o644, "root", "root"),
                   PlannedFile(RULES_PATH, render_rules(host, mesh.metrics_sources).encode(), 0o755, "root", "root"),

@@ -76,7 +76,7 @@ def observe_request(plan: HostPlan) -> ObserveRequest:
         admin_sockets=tuple((proxy.name, paths.admin_socket_path(proxy.name)) for proxy in plan.proxies),
         certificates=tuple(certificates),
         envoy_binary=paths.ENVOY_BINARY if plan.envoy_sha256 else None,
-        firewall=host.kind == "vm" and bool(host.workloads),
+        firewall=any(planned.path == paths.FIREWALL_PATH for planned in plan.files),
         container_host=host.kind == "container_host",
         sidecar_image=plan.sidecar_image,
         rules_check=f"{RULES_PATH} check" if plan.sidecar_image else None,

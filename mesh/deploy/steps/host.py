@@ -119,6 +119,8 @@ def firewall(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun
                                 "still open to other hosts)")
         raise ModuleFailure(f"{paths.NFT_BINARY} not found: install nftables")
     plan = ctx.shared.host_plan(ctx.host.name)
+    if not any(planned.path == paths.FIREWALL_PATH for planned in plan.files):
+        return Outcome(msg=f"no mesh firewall on {ctx.host.name} (no app ports, no ADS port)")
     ruleset, unit = plan.file(paths.FIREWALL_PATH), plan.file(FIREWALL_UNIT_PATH)
     # Each file is checked on the host by the tool that reads it (`nft -c`, `systemd-analyze verify`) before it
     # replaces the old one: a refused file fails the host and leaves the old one (and the loaded table) alone.
@@ -140,6 +142,8 @@ def firewall(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> ModuleRun
         yield RunCommand(f"{paths.NFT_BINARY} -f {paths.FIREWALL_PATH} && {_RECORD_LOADED}",
                          "apply mesh's nftables table")
     ports = sorted({workload.port for workload in ctx.host.workloads})
+    if not ports:
+        return Outcome(msg="the ADS port open to the mesh's hosts only", data={"ports": ports})
     return Outcome(msg=f"app ports closed to other hosts: {ports}", data={"ports": ports})
 
 
