@@ -34,6 +34,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The lab's own tests first: they need a lab nobody has deployed to, and their last test takes it down
     and compares the machine with its state before. The deploy tests then bring it up again as they need it.
     The sidecar tests last: they take the lab down and up undeployed, which would cost the module after them a
-    first deploy of the whole lab."""
+    first deploy of the whole lab. Within a module, the `xds` variants of tests parametrized by `delivery` come
+    after the rest (delivery_helpers): the module deploys xds once, then the files inventory back."""
     last = {"test_lab.py": 0, "test_sidecar_lab.py": 2}
-    items.sort(key=lambda item: last.get(item.path.name, 1))
+    module_at: dict[Path, int] = {}
+    for index, item in enumerate(items):
+        module_at.setdefault(item.path, index)
+
+    def on_xds(item: pytest.Item) -> bool:
+        callspec = getattr(item, "callspec", None)
+        return callspec is not None and callspec.params.get("delivery") == "xds"
+
+    items.sort(key=lambda item: (last.get(item.path.name, 1), module_at[item.path], on_xds(item)))

@@ -11,6 +11,9 @@ overriding an allow, a shadow deny; a TCP deny by source on db), then CHANGED (o
 no Envoy restarts, new connections see the new rules), and last inventory/lab.yaml itself (the default
 `declared`: only the declared calls, the checker on every health chain and no app chain), which leaves the lab
 as later modules expect it. It holds the shared lab lock throughout (shared_lab).
+
+The matrix and the run-time deny also run with `mesh_delivery: xds` (issue 23): after every other test of the
+module, RULES with xds is deployed once (every proxy seen on ADS), then inventory/lab.yaml back.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ from authz_helpers import (
     targets,
     workload_identity,
 )
-from deploy_helpers import INVENTORY, hops, inventory_copy, run_mesh, shared_lab, wait_for
+from delivery_helpers import DELIVERIES, Delivery, assert_delivery, delivery_inventory
+from deploy_helpers import INVENTORY, hops, run_mesh, shared_lab, wait_for
 from lab_helpers import LabUp
-from rollout_helpers import chain_ok, deploy, deploy_lab_back, envoy_processes, lab_state_dir
+from rollout_helpers import chain_ok, deploy, deploy_lab_back, envoy_processes
 from traffic_helpers import V1, V2, WEB_TO_API, send
 
 SETTLE = 30.0  # a deploy's new files are read by Envoy within a second or two: generous
@@ -128,6 +132,13 @@ class Fleet:
     rules: Path  # inventory/lab.yaml with RULES
     changed: Path  # ... with CHANGED
     deployed: Path | None = None  # what the last deploy of this module deployed
+    xds_rules: Path | None = None  # RULES with mesh_delivery: xds
+
+    def rules_on(self, delivery: Delivery) -> Path:
+        if delivery == "files":
+            return self.rules
+        assert self.xds_rules is not None
+        return self.xds_rules
 
     def deploy(self, inventory: Path) -> None:
         self.deployed = None
@@ -138,11 +149,11 @@ class Fleet:
         self.deployed = inventory
 
 
-def _variant(folder: Path, services: dict[str, Any]) -> Path:
+def _variant(folder: Path, services: dict[str, Any], delivery: Delivery = "files") -> Path:
     def edit(document: dict[str, Any]) -> None:
         document["all"]["vars"]["mesh_services"] = copy.deepcopy(services)
 
-    return inventory_copy(folder, lab_state_dir(), edit=edit)
+    return delivery_inventory(folder, delivery, edit=edit)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +162,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with shared_lab() as lab:
         print(f"the lab lock taken and the lab up in {time.monotonic() - started:.1f} s")
         found = Fleet(lab, lab_parts(), _variant(tmp_path_factory.mktemp("authz-rules"), RULES),
-                      _variant(tmp_path_factory.mktemp("authz-changed"), CHANGED))
+                      _variant(tmp_path_factory.mktemp("authz-changed"), CHANGED),
+                      xds_rules=_variant(tmp_path_factory.mktemp("authz-rules-xds"), RULES, "xds"))
         forget_runtime_denies(found.rules, "api", ["web"])  # what an interrupted run may have left
         refreshed = refresh_demo_app(lab)
         print(f"demo app refreshed on: {refreshed or 'nothing (current)'}")
@@ -235,21 +247,46 @@ def _outcomes(asks: list[Ask], seen: list[Seen]) -> list[str]:
     return [outcome(a, s) for a, s in zip(asks, seen, strict=True)]
 
 
-@pytest.fixture(scope="module")
-def rules(fleet: Fleet) -> Fleet:
-    """RULES deployed over the running lab, and read by every Envoy (the deny overriding an allow is seen)."""
+def _deploy_rules(fleet: Fleet, inventory: Path) -> None:
+    """RULES (in inventory) deployed over the running lab, and read by every Envoy (the deny overriding an allow
+    is seen)."""
     p = fleet.p
-    fleet.deploy(fleet.rules)
+    fleet.deploy(inventory)
     admin = [http(p.web, api, "GET", "/orders/admin/x", "denied", "deny[0]") for api in p.apis]
     wait_for(lambda: run_matrix(fleet.lab, admin).wrong(), lambda wrong: not wrong,
              "api's Envoys denying web's GET /orders/admin/x after the deploy", timeout=SETTLE, interval=1.0)
+
+
+@pytest.fixture(scope="module")
+def rules(fleet: Fleet) -> Fleet:
+    """RULES deployed over the running lab, and read by every Envoy."""
+    _deploy_rules(fleet, fleet.rules)
     return fleet
+
+
+@pytest.fixture
+def delivery() -> Delivery:
+    """The delivery of a test not parametrized by it."""
+    return "files"
+
+
+@pytest.fixture
+def rules_on(rules: Fleet, delivery: Delivery) -> Fleet:
+    """RULES deployed with `delivery` (again when the lab runs something else); on xds, every proxy on ADS."""
+    inventory = rules.rules_on(delivery)
+    if rules.deployed != inventory:
+        _deploy_rules(rules, inventory)
+    if delivery == "xds":
+        assert_delivery(rules.lab, inventory, "xds")
+    return rules
 
 
 # ---- the tests, in the order they run (each deploy builds on the last) -------------------------------------------
 
-def test_every_pair_of_the_matrix_gives_its_outcome_through_envoy_and_mesh_authz_check_agrees(rules: Fleet) -> None:
-    _assert_matrix(rules, rules.rules, rules_cases(rules.p))
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_every_pair_of_the_matrix_gives_its_outcome_through_envoy_and_mesh_authz_check_agrees(
+        rules_on: Fleet, delivery: Delivery) -> None:
+    _assert_matrix(rules_on, rules_on.rules_on(delivery), rules_cases(rules_on.p))
 
 
 def test_denials_and_a_shadow_rule_are_named_in_the_inbound_access_lines(rules: Fleet) -> None:
@@ -290,8 +327,9 @@ def test_denials_and_a_shadow_rule_are_named_in_the_inbound_access_lines(rules: 
     assert checked.rule == "allow[0]" and "deny[1]" in checked.would_deny, checked.document
 
 
-def test_mesh_authz_deny_denies_web_live_and_undo_restores_it(rules: Fleet) -> None:
-    lab, inventory, p = rules.lab, rules.rules, rules.p
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_mesh_authz_deny_denies_web_live_and_undo_restores_it(rules_on: Fleet, delivery: Delivery) -> None:
+    lab, inventory, p = rules_on.lab, rules_on.rules_on(delivery), rules_on.p
     orders = [Ask(api, "GET", "/orders") for api in p.apis]
     audits = [Ask(api, "GET", "/audit/2", AUDIT) for api in p.apis]
     before = envoy_processes(lab)

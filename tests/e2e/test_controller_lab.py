@@ -17,6 +17,10 @@
   refuses archives naming paths outside the identity's folder or identities the host does not have; `state`
   works.
 
+The drain test also runs with `mesh_delivery: xds` (issue 23), after every other test of the module: every proxy
+is seen running on ADS first, and web's endpoint file (its last-known-good config, which the controllers rewrite
+only once the change is quiet) catches up with the drain instead of being written with it.
+
 The module holds the shared lab lock throughout, deploys inventory/lab.yaml first (controllers installed by this
 checkout) and leaves the lab as it found it after every test (drain undone, Consul, api's app and the controllers
 started, inventory/lab.yaml deployed back after the rotation test).
@@ -30,6 +34,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,7 @@ from controller_helpers import (
     web_api_file,
     web_api_hosts,
 )
+from delivery_helpers import DELIVERIES, Delivery, assert_delivery, delivery_inventory
 from deploy_helpers import (
     INVENTORY,
     consul,
@@ -75,6 +81,7 @@ from deploy_helpers import (
 from lab_helpers import LabUp
 from rollout_helpers import CONSUL, chain_ok, deploy, deploy_lab_back, lab_state_dir
 
+from mesh.config.xds import FILES_QUIET_S
 from mesh.controller.spec import CONTROLLER_UNIT
 
 PUSH_WAIT = 60.0  # a Consul change reaching every caller's Envoy: the goal is under a second; this only bounds the test
@@ -89,6 +96,54 @@ def lab() -> Iterator[LabUp]:
     with shared_lab() as up:
         deploy_lab_back(up)
         yield up
+
+
+@dataclass
+class OnDelivery:
+    """Which delivery the module's lab runs (inventory/lab.yaml, or its copy with mesh_delivery: xds)."""
+
+    lab: LabUp
+    xds_inventory: Path
+    delivery: Delivery = "files"
+
+    @property
+    def inventory(self) -> Path:
+        return INVENTORY if self.delivery == "files" else self.xds_inventory
+
+
+@pytest.fixture(scope="module")
+def lab_delivery(lab: LabUp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnDelivery]:
+    """The module's lab on either delivery; inventory/lab.yaml deployed back at the module's end if it was not."""
+    state = OnDelivery(lab, delivery_inventory(tmp_path_factory.mktemp("controller-xds"), "xds"))
+    try:
+        yield state
+    finally:
+        if state.delivery != "files":
+            deploy_lab_back(lab)
+
+
+@pytest.fixture
+def delivery() -> Delivery:
+    """The delivery of a test not parametrized by it."""
+    return "files"
+
+
+@pytest.fixture
+def delivered(lab_delivery: OnDelivery, delivery: Delivery) -> LabUp:
+    """The lab on `delivery` (deployed with it when it runs the other one); on xds, every proxy seen on ADS."""
+    lab = lab_delivery.lab
+    if lab_delivery.delivery != delivery:
+        lab_delivery.delivery = delivery
+        if delivery == "files":
+            deploy_lab_back(lab)
+        else:
+            run = deploy(lab_delivery.inventory)
+            assert run.code == 0, f"inventory/lab.yaml with mesh_delivery: {delivery} could not be deployed:\n{run}"
+            wait_for(lambda: hops(lab, "vm1", 8080), chain_ok, f"web -> api -> db after the {delivery} deploy",
+                     timeout=60)
+    if delivery == "xds":
+        assert_delivery(lab, lab_delivery.inventory, "xds")
+    return lab
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +186,10 @@ def _wait_for_api_hosts(lab: LabUp, wanted: set[str], what: str, timeout: float 
 
 # ---- drain ---------------------------------------------------------------------------------------------------
 
-def test_drain_moves_every_request_off_vm2_with_no_failure_or_restart_and_undo_brings_them_back(lab: LabUp) -> None:
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_drain_moves_every_request_off_vm2_with_no_failure_or_restart_and_undo_brings_them_back(
+        delivered: LabUp, delivery: Delivery) -> None:
+    lab = delivered
     _both_api_instances_served(lab)
     before = processes(lab)
     with traffic(lab) as trace:
@@ -141,6 +199,10 @@ def test_drain_moves_every_request_off_vm2_with_no_failure_or_restart_and_undo_b
         _wait_for_api_hosts(lab, DOCK1_ONLY, "vm2's api out of web's Envoy on vm1 after `mesh drain api vm2`")
         drained_at = time.time() + 1.0  # a request already sent to vm2 ends within this
         time.sleep(6.0)
+        if delivery == "xds":  # the last-known-good file follows once the change is quiet
+            wait_for(lambda: web_api_file(lab), lambda seen: seen == DOCK1_ONLY,
+                     "web's endpoint file on vm1 without vm2's api (the xds proxy's last-known-good config)",
+                     timeout=FILES_QUIET_S + PUSH_WAIT)
         undone_at = time.time()
         assert web_api_file(lab) == DOCK1_ONLY, "web's endpoint file on vm1 still names vm2's api"
         drain("api", "vm2", undo=True)

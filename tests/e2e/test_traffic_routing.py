@@ -11,6 +11,10 @@ instance that answered (v1 on vm2, v2 in dock1's container). Instances misbehave
 behaviour file. Counts are judged against 5-sigma binomial bounds; waits poll with generous deadlines and no
 latency is judged except a delay fault's lower bound.
 
+The split and match tests run with both deliveries (issue 23): `files`, then, after every other test of the
+module, `xds` (the same policy with `mesh_delivery: xds`, deployed once; each xds test first sees every proxy
+running on ADS).
+
 The module holds the shared lab lock throughout, resets api's overrides and behaviour files, and deploys
 inventory/lab.yaml back at its end.
 """
@@ -25,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import inventory_copy, shared_lab, wait_for
+from delivery_helpers import DELIVERIES, Delivery, assert_delivery, delivery_inventory
+from deploy_helpers import shared_lab, wait_for
 from lab_helpers import LabUp
-from rollout_helpers import deploy, deploy_lab_back, envoy_processes, lab_state_dir
+from rollout_helpers import deploy, deploy_lab_back, envoy_processes
 from traffic_helpers import (
     V1,
     V2,
@@ -72,13 +77,20 @@ ROUTING: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class Routed:
+    """The lab with ROUTING deployed on one delivery (files until the module's xds tests)."""
+
     lab: LabUp
-    inventory: Path
+    inventories: dict[str, Path]  # delivery -> the routing inventory with it
+    delivery: Delivery = "files"
+
+    @property
+    def inventory(self) -> Path:
+        return self.inventories[self.delivery]
 
 
-def _routing_inventory(folder: Path) -> Path:
+def _routing_inventory(folder: Path, delivery: Delivery = "files") -> Path:
     def policies(document: dict[str, Any]) -> None:
         document["all"]["vars"]["mesh_services"] = ROUTING
 
@@ -86,7 +98,7 @@ def _routing_inventory(folder: Path) -> Path:
         api = next(w for w in variables["mesh_workloads"] if w["service"] == "api")
         api.setdefault("upstreams", []).append({"service": "web", "local_port": WEB_FROM_VM2})
 
-    return inventory_copy(folder, lab_state_dir(), edit=policies, hosts={"vm2": api_calls_web})
+    return delivery_inventory(folder, delivery, edit=policies, hosts={"vm2": api_calls_web})
 
 
 def _stable_ok(lab: LabUp) -> Load:
@@ -97,6 +109,8 @@ def _stable_ok(lab: LabUp) -> Load:
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routed]:
     with shared_lab() as lab:
         inventory = _routing_inventory(tmp_path_factory.mktemp("traffic-routing"))
+        inventories = {"files": inventory, "xds": _routing_inventory(tmp_path_factory.mktemp("traffic-routing-xds"),
+                                                                       "xds")}
         reset_overrides(inventory)  # what an interrupted run may have left
         behave_normally(lab)
         try:
@@ -106,7 +120,7 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routed]:
             assert envoy_processes(lab) == before, "deploying a traffic policy restarted an Envoy"
             wait_for(lambda: _stable_ok(lab), lambda load: load.all_ok() and load.ok_by(V1) == 20,
                      "/stable answered by api v1 through web's Envoy after the deploy", timeout=120, interval=1.0)
-            yield Routed(lab, inventory)
+            yield Routed(lab, inventories)
         finally:
             reset_overrides(inventory)
             behave_normally(lab)
@@ -114,13 +128,35 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routed]:
 
 
 @pytest.fixture
-def clean(routed: Routed) -> Iterator[Routed]:
+def delivery() -> Delivery:
+    """The delivery of a test not parametrized by it."""
+    return "files"
+
+
+@pytest.fixture
+def delivered(routed: Routed, delivery: Delivery) -> Routed:
+    """The routed lab on `delivery` (ROUTING deployed with it when the lab runs the other one); on xds, every
+    proxy is seen running on ADS first."""
+    if routed.delivery != delivery:
+        routed.delivery = delivery
+        run = deploy(routed.inventory)
+        assert run.code == 0, f"the routing policy could not be deployed with mesh_delivery: {delivery}:\n{run}"
+        wait_for(lambda: _stable_ok(routed.lab), lambda load: load.all_ok() and load.ok_by(V1) == 20,
+                 f"/stable answered by api v1 through web's Envoy after the {delivery} deploy", timeout=120,
+                 interval=1.0)
+    if delivery == "xds":
+        assert_delivery(routed.lab, routed.inventory, "xds")
+    return routed
+
+
+@pytest.fixture
+def clean(delivered: Routed) -> Iterator[Routed]:
     """The routed lab; api's override and behaviour files dropped after the test, whatever it did."""
     try:
-        yield routed
+        yield delivered
     finally:
-        behave_normally(routed.lab)
-        run = mesh_cli(routed.inventory, "route", "reset", "api")
+        behave_normally(delivered.lab)
+        run = mesh_cli(delivered.inventory, "route", "reset", "api")
         assert run.code == 0, f"`mesh route reset api` failed:\n{run}"
 
 
@@ -131,6 +167,7 @@ def _share_message(load: Load, n: int, p: float, name: str) -> str:
 
 # ---- splits --------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("delivery", DELIVERIES)
 def test_a_90_10_split_then_route_set_50_50_with_no_failed_request_or_restart(clean: Routed) -> None:
     lab, inventory = clean.lab, clean.inventory
     before = envoy_processes(lab)
@@ -156,9 +193,10 @@ def test_a_90_10_split_then_route_set_50_50_with_no_failed_request_or_restart(cl
 
 # ---- matches -------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("delivery", DELIVERIES)
 def test_header_cookie_method_and_path_regex_routes_send_exactly_the_matching_requests_to_v2(
-        routed: Routed) -> None:
-    lab = routed.lab
+        delivered: Routed) -> None:
+    lab = delivered.lab
     header = send(lab, f"{WEB_TO_API}/stable", 200, cycle=("x-canary", ["1", "0"]))
     assert header.all_ok(), header.brief()
     assert header.key_instance == {"1": {V2: 100}, "0": {V1: 100}}, header.brief()
