@@ -36,6 +36,8 @@ MESH_VALID = [
     GOOD / "35-mesh-group-vars" / "hosts.yaml",
     GOOD / "37-mesh-metrics-yaml" / "hosts.yaml",
     GOOD / "38-mesh-metrics-ini" / "hosts.ini",
+    GOOD / "43-mesh-delivery-yaml",
+    GOOD / "44-mesh-delivery-ini" / "hosts.ini",
     REPO / "inventory" / "example.yaml",
     REPO / "inventory" / "example-ini" / "hosts.ini",
 ]

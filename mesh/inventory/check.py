@@ -36,6 +36,7 @@ class CheckReport:
         lines = [f"inventory {self.inventory_path}: ok", f"hosts: {kinds}, {roles}"]
         if mesh.controllers:
             lines.append("controllers: " + ", ".join(host.name for host in mesh.controllers))
+        lines.append(f"delivery: {delivery_brief(mesh)}")
         lines.append(f"services: {len(mesh.services)}")
         for name, instances in mesh.services.items():
             versions = ", ".join(sorted({workload.version for workload in instances}))
@@ -45,6 +46,17 @@ class CheckReport:
         lines.append(f"instances: {len(mesh.workloads)}")
         lines.append(f"tracing: {tracing_brief(mesh)}")
         return lines
+
+
+def delivery_brief(mesh: Mesh) -> str:
+    """`mesh_delivery` of the hosts that run proxies, in words: `files` when all of them use files, else
+    `xds: vm1, vm2` (and `; files: ...` for the others)."""
+    proxied = [host for host in mesh.hosts if host.workloads]
+    xds = [host.name for host in proxied if host.delivery == "xds"]
+    if not xds:
+        return "files"
+    files = [host.name for host in proxied if host.delivery == "files"]
+    return f"xds: {', '.join(xds)}" + (f"; files: {', '.join(files)}" if files else "")
 
 
 def tracing_brief(mesh: Mesh) -> str:

@@ -11,10 +11,12 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, cast
 
+from mesh.config.xds import Delivery
 from mesh.errors import InventoryError, InventoryErrors
 from mesh.inventory.authz import AUTHZ_DEFAULT_KEY, read_authz_default, total_denial
 from mesh.inventory.connection import read_connection, ssh_port
 from mesh.inventory.data import InventoryData, Var
+from mesh.inventory.delivery import DELIVERY_KEY, check_controllers_for_xds, read_delivery
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh, MeshSettings, Workload
 from mesh.inventory.policy import NO_POLICY, ServicePolicy
@@ -39,7 +41,7 @@ from mesh.suggest import did_you_mean
 MESH_WIDE = ("mesh_trust_domain", "mesh_consul_url", "mesh_state_dir", "mesh_cert_ttl", "mesh_cert_renew_fraction",
              "mesh_known_hosts", "mesh_id", "mesh_consul_token_file", "mesh_consul_ca_file", AUTHZ_DEFAULT_KEY,
              SCRAPERS_KEY, SERVICES_KEY, TRACING_KEY)
-PER_HOST = ("mesh_host_kind", "mesh_workloads", "mesh_zone", "mesh_region")
+PER_HOST = ("mesh_host_kind", "mesh_workloads", "mesh_zone", "mesh_region", DELIVERY_KEY)
 MESH_VARIABLES = MESH_WIDE + PER_HOST
 HOST_KINDS = ("vm", "container_host")
 
@@ -56,6 +58,8 @@ class _HostReading:
     workloads_where: Located | None  # set when mesh_workloads is a non-empty list, even if invalid
     is_controller: bool
     wide: dict[str, Located]
+    delivery: Delivery = "files"
+    delivery_where: Located | None = None  # where mesh_delivery is set for this host, if it is
 
 
 def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None = None,
@@ -80,6 +84,9 @@ def build_mesh(data: InventoryData, inventory_path: str, vars_of: VarsOf | None 
     managed = [_managed_host(templating, reading, settings, problems) for reading in readings
                if reading.workloads_where or reading.is_controller]
     _check_mesh(data, readings, settings, problems)
+    check_controllers_for_xds(data, [(r.delivery_where, r.delivery) for r in readings
+                                     if r.workloads_where or r.is_controller],
+                              any(r.is_controller for r in readings), problems)
     controllers_read = [host.name for host in managed if host is not None and host.is_controller]
     scrapers = _metrics_scrapers(data, templating, readings, controllers_read, chosen, problems)
     policies = _policies(readings, chosen, settings.trust_domain, problems)
@@ -129,7 +136,9 @@ def _read_host(data: InventoryData, templating: Templating, name: str, is_contro
     workloads = [] if workloads_spot is None else read_workloads(name, kind, workloads_spot, problems)
     wide = {key: spot for key in MESH_WIDE if (spot := lookup(key)) is not None}
     listed = workloads_spot if workloads_spot is not None and workloads_spot.value else None
-    return _HostReading(name, kind, workloads, listed, is_controller, wide)
+    delivery_spot = lookup(DELIVERY_KEY)
+    delivery = read_delivery(delivery_spot, problems)
+    return _HostReading(name, kind, workloads, listed, is_controller, wide, delivery, delivery_spot)
 
 
 def _managed_host(templating: Templating, reading: _HostReading, settings: MeshSettings,
@@ -143,7 +152,8 @@ def _managed_host(templating: Templating, reading: _HostReading, settings: MeshS
     if connection is None:
         return None
     workloads = tuple(replace(item.workload, trust_domain=settings.trust_domain) for item in reading.workloads)
-    return ManagedHost(reading.name, reading.kind, connection, workloads, reading.is_controller, zone, region)
+    return ManagedHost(reading.name, reading.kind, connection, workloads, reading.is_controller, zone, region,
+                       reading.delivery)
 
 
 def _place(lookup: Callable[[str], Located | None], name: str, problems: Problems) -> str | None:
