@@ -41,7 +41,16 @@ from mesh.config.model import (
     UpstreamTls,
 )
 from mesh.config.traffic import upstream_cluster_name, version_cluster_name
-from mesh.inventory.model import ManagedHost, Mesh, Protocol, Upstream, Workload, spiffe_id
+from mesh.config.xds import XDS_PORT, XdsBootstrap
+from mesh.inventory.model import (
+    ManagedHost,
+    Mesh,
+    Protocol,
+    Upstream,
+    Workload,
+    controller_spiffe_id,
+    spiffe_id,
+)
 from mesh.inventory.policy import AuthzOverride, OutlierPolicy, ServicePolicy, TrafficOverride, apply_override
 
 METRICS_LISTENER = "metrics"
@@ -116,6 +125,22 @@ def compute_proxy_config(mesh: Mesh, workload: Workload,
                                 METRICS_PATH, ADMIN_CLUSTER),
         stats_tags=telemetry.STATS_TAGS,
         tracer=tracer,
+        xds=xds_bootstrap(mesh, workload),
+    )
+
+
+def xds_bootstrap(mesh: Mesh, workload: Workload) -> XdsBootstrap | None:
+    """Where the ADS stream of `workload`'s Envoy goes when its host is on `mesh_delivery: xds`: every
+    controller's address (deduplicated, inventory order, as the tracer's list) at XDS_PORT, checked by the
+    controllers' SNI name and SPIFFE ID; None on a files host."""
+    if mesh.host(workload.host).delivery != "xds":
+        return None
+    trust_domain = mesh.settings.trust_domain
+    return XdsBootstrap(
+        controllers=tuple(dict.fromkeys(host.connection.address for host in mesh.controllers)),
+        port=XDS_PORT,
+        server_name=tracing.CONTROLLER_SERVER_NAME.format(trust_domain=trust_domain),
+        controller_spiffe_id=controller_spiffe_id(trust_domain),
     )
 
 
