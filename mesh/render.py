@@ -18,6 +18,8 @@ another transport later:
 On the host (and, mounted whole and read-only, in a sidecar):
 
     <proxy folder>/envoy.yaml               bootstrap (node.metadata.mesh_bootstrap_sha256)
+    <proxy folder>/envoy-ads.yaml           mesh_delivery: xds only: the bootstrap over ADS (the same metadata digest,
+                                             and mesh_delivery: xds); the start step picks one of the two
     <proxy folder>/xds/sds.<secret>.yaml     a Secret: the certificate (tls/cert.pem, tls/key.pem), the trust bundle
     <proxy folder>/xds/eds.<cluster>.yaml    a ClusterLoadAssignment per cluster of IP addresses
     <proxy folder>/xds/cds.yaml              every Cluster
@@ -37,8 +39,10 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import ipaddress
 import json
 import posixpath
+import re
 import shlex
 import subprocess
 import tempfile
@@ -57,12 +61,31 @@ from mesh.config.authz import InboundInputs
 from mesh.config.consistent import consistent
 from mesh.config.errors import ConfigError, EnvoyRejectedConfig
 from mesh.config.inbound import AUTHZ_FILTERS, INBOUND_LISTENER, inbound_authz, inbound_route
-from mesh.config.model import AuthzConfig, InboundRoute, OutboundRoute, ProxyConfig, RbacFilter
+from mesh.config.model import (
+    Admin,
+    AuthzConfig,
+    Endpoint,
+    InboundRoute,
+    OutboundRoute,
+    ProxyConfig,
+    RbacFilter,
+    StatsTag,
+    UpstreamTls,
+)
 from mesh.config.validate import (
     VALIDATE_TIMEOUT_S,
     envoy_binary,
     rewrite_file_paths,
     throwaway_tls_files,
+)
+from mesh.config.xds import (
+    ADS_BOOTSTRAP_NAME,
+    CONTROLLERS_COMMENT,
+    METADATA_DELIVERY_KEY,
+    XDS_CLUSTER,
+    XDS_PORT,
+    XdsBootstrap,
+    ads_source,
 )
 from mesh.inventory.model import ManagedHost
 from mesh.inventory.policy import AuthzOverride, ServicePolicy
@@ -73,7 +96,7 @@ if TYPE_CHECKING:
 
 TEMPLATES_DIR = package_data.templates_dir()
 
-__all__ = ["ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
+__all__ = ["BOOTSTRAP_KINDS", "ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
            "FirewallUnitContext", "HostValidation", "InboundFileKind", "ProxyFiles", "RenderedFile", "host_validation",
            "inbound_files", "render_envoy_unit", "render_firewall", "render_firewall_unit", "render_inbound_file",
            "render_proxy_files", "render_resources", "render_route_file", "resource_file", "stale_paths",
@@ -90,7 +113,14 @@ VALIDATE_CONFIG_NAME = "validate.yaml"
 INSTALL_WAIT_S = 15  # for a running Envoy to take each moved file
 
 Resource = Mapping[str, Any]  # one xDS resource as Envoy's JSON/YAML form: "@type", then its fields
-FileKind = Literal["bootstrap", "resource", "secret", "trust"]
+FileKind = Literal["bootstrap", "ads-bootstrap", "resource", "secret", "trust"]
+# The bootstraps (envoy.yaml; envoy-ads.yaml of an xds proxy): the deploy's alone, and only a new one restarts Envoy
+BOOTSTRAP_KINDS: tuple[FileKind, ...] = ("bootstrap", "ads-bootstrap")
+ADS_RETRY_BASE_MS = 500  # the ADS stream's jittered reconnect backoff (Envoy's own defaults: 0.5 s to 30 s)
+ADS_RETRY_MAX_MS = 10_000
+ADS_CONNECT_TIMEOUT_MS = 1_000
+ADS_KEEPALIVE_INTERVAL_MS = 15_000  # HTTP/2 pings on the ADS connection
+ADS_KEEPALIVE_TIMEOUT_MS = 5_000
 InboundFileKind = Literal["route", "tcp-deny", "tcp-allow"]  # the inbound files a controller may redo alone
 SourceKind = Literal["lds", "cds", "rds", "eds", "sds", "ecds"]
 
@@ -247,11 +277,16 @@ class ProxyFiles:
     proxy: str
     proxy_dir: str
     files: tuple[RenderedFile, ...]
-    bootstrap_sha256: str  # node.metadata.mesh_bootstrap_sha256 of the bootstrap: Envoy's /server_info shows it
+    bootstrap_sha256: str  # node.metadata.mesh_bootstrap_sha256 of the bootstrap(s): Envoy's /server_info shows it
 
     @property
     def bootstrap(self) -> RenderedFile:
         return next(file for file in self.files if file.kind == "bootstrap")
+
+    @property
+    def ads_bootstrap(self) -> RenderedFile | None:
+        """envoy-ads.yaml of an xds proxy (None for a files proxy)."""
+        return next((file for file in self.files if file.kind == "ads-bootstrap"), None)
 
     def file(self, path: str) -> RenderedFile:
         for file in self.files:
@@ -275,11 +310,68 @@ class BootstrapContext:
     stats_tags: tuple[Any, ...]  # mesh.config.model.StatsTag: Prometheus labels from mesh's stat names
 
 
+@dataclass(frozen=True)
+class AdsBootstrapContext:
+    """templates/envoy/bootstrap-ads.yaml.j2: node, admin, stats and overload manager as envoy.yaml, the ADS
+    stream and the static cluster of every controller."""
+
+    proxy: str
+    node_id: str
+    cluster: str
+    bootstrap_sha256: str | None  # None: the text whose sha256 this is (with envoy.yaml's)
+    delivery: str  # node.metadata.mesh_delivery
+    admin: Admin
+    max_downstream_connections: int
+    stats_tags: tuple[StatsTag, ...]
+    controllers_comment: str  # the first line's start; the controllers' address:port pairs follow it
+    xds_cluster: str
+    discovery: str  # STATIC (IP literals) or STRICT_DNS (some controller is a name)
+    endpoints: tuple[Endpoint, ...]  # every controller at the ADS port
+    connect_timeout_ms: int
+    keepalive_interval_ms: int
+    keepalive_timeout_ms: int
+    retry_base_ms: int
+    retry_max_ms: int
+    tls: UpstreamTls  # the proxy's certificate and trust bundle secrets (read from their files), the controllers' id
+    sources: FileSources  # where those secrets' files are
+    lds_config: dict[str, Any]
+    cds_config: dict[str, Any]
+
+
+def _ads_context(cfg: ProxyConfig, xds: XdsBootstrap, sources: FileSources) -> AdsBootstrapContext:
+    if not xds.controllers:
+        raise ConfigError(cfg.proxy, "mesh_delivery: xds needs a controller (mesh_controllers) to stream from")
+    for address in xds.controllers:  # the start step reads them back from the first line
+        if not _CONTROLLER_ADDRESS.fullmatch(address):
+            raise ConfigError(cfg.proxy, f"controller address {address!r} in {ADS_BOOTSTRAP_NAME}: expected an IP "
+                                         "address or a host name (letters, digits, '-', '.', ':')")
+    tls = UpstreamTls(cfg.secrets.certificate.name, cfg.secrets.trust_bundle.name, xds.server_name,
+                      xds.controller_spiffe_id)
+    return AdsBootstrapContext(
+        cfg.proxy, cfg.node_id, cfg.service, None, "xds", cfg.admin, cfg.max_downstream_connections, cfg.stats_tags,
+        CONTROLLERS_COMMENT, XDS_CLUSTER, "STATIC" if all(_is_ip(address) for address in xds.controllers)
+        else "STRICT_DNS", tuple(Endpoint(address, xds.port) for address in xds.controllers), ADS_CONNECT_TIMEOUT_MS,
+        ADS_KEEPALIVE_INTERVAL_MS, ADS_KEEPALIVE_TIMEOUT_MS, ADS_RETRY_BASE_MS, ADS_RETRY_MAX_MS, tls, sources,
+        ads_source(), ads_source())
+
+
+_CONTROLLER_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
 def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> ProxyFiles:
     """Every file of one proxy (bootstrap, resources, secrets) at its path on the host. Pure.
 
     The proxy folder is the folder of cfg.config_path: a ProxyConfig whose paths point elsewhere (a test's temp
-    folder) renders files there."""
+    folder) renders files there. A proxy with `cfg.xds` also gets envoy-ads.yaml (kind "ads-bootstrap") right
+    before envoy.yaml; both carry one metadata digest, the sha256 of both texts rendered without it."""
     proxy_dir = posixpath.dirname(cfg.config_path)
     sources = FileSources(f"{proxy_dir}/{paths.XDS_DIR_NAME}")
     resources = render_resources(cfg, sources, templates_dir)
@@ -296,7 +388,14 @@ def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) ->
     context = BootstrapContext(cfg.proxy, cfg.node_id, cfg.service, None, cfg.admin, cfg.max_downstream_connections,
                                sources.lds(), sources.cds(), cfg.stats_tags)
     unmarked = _render(templates_dir, "envoy/bootstrap.yaml.j2", context)
-    digest = hashlib.sha256(unmarked.encode()).hexdigest()
+    ads = _ads_context(cfg, cfg.xds, sources) if cfg.xds is not None else None
+    if ads is None:
+        digest = hashlib.sha256(unmarked.encode()).hexdigest()
+    else:
+        unmarked_ads = _render(templates_dir, "envoy/bootstrap-ads.yaml.j2", ads)
+        digest = hashlib.sha256((unmarked + unmarked_ads).encode()).hexdigest()
+        ads_text = _render(templates_dir, "envoy/bootstrap-ads.yaml.j2", replace(ads, bootstrap_sha256=digest))
+        files.append(_ads_bootstrap_file(cfg, proxy_dir, ads_text, digest))
     bootstrap = _render(templates_dir, "envoy/bootstrap.yaml.j2", replace(context, bootstrap_sha256=digest))
     parsed = _parsed_yaml(cfg.proxy, bootstrap, "bootstrap")
     sections = {"node", "admin", "overload_manager", "dynamic_resources"} | ({"stats_config"} if cfg.stats_tags else set())
@@ -306,6 +405,19 @@ def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) ->
                                      f"metadata {parsed['node'].get('metadata')}")
     files.append(RenderedFile(cfg.config_path, bootstrap, "bootstrap"))
     return ProxyFiles(cfg.proxy, proxy_dir, tuple(files), digest)
+
+
+def _ads_bootstrap_file(cfg: ProxyConfig, proxy_dir: str, text: str, digest: str) -> RenderedFile:
+    """envoy-ads.yaml, parsed back: the sections Envoy needs and nothing else, the metadata of an xds proxy."""
+    parsed = _parsed_yaml(cfg.proxy, text, "ADS bootstrap")
+    sections = {"node", "admin", "overload_manager", "dynamic_resources", "static_resources"} \
+        | ({"stats_config"} if cfg.stats_tags else set())
+    metadata = parsed["node"].get("metadata")
+    if set(parsed) != sections or metadata != {BOOTSTRAP_METADATA_KEY: digest, METADATA_DELIVERY_KEY: "xds"} \
+            or not text.startswith(CONTROLLERS_COMMENT + " "):
+        raise ConfigError(cfg.proxy, f"rendered ADS bootstrap has the sections {sorted(parsed)} and the node "
+                                     f"metadata {metadata}")
+    return RenderedFile(f"{proxy_dir}/{ADS_BOOTSTRAP_NAME}", text, "ads-bootstrap")
 
 
 @dataclass(frozen=True)
@@ -430,7 +542,7 @@ def transition(files: ProxyFiles, on_host: Mapping[str, str], host_cds: str | No
     new = list(_load(cds.content)["resources"])
     kept = _resource_file(files.proxy, cds.path, "resource", tuple(new + gone))
     steps = [kept if file is cds else file for file in changed]
-    last_resource = max(index for index, file in enumerate(steps) if file.kind != "bootstrap")
+    last_resource = max(index for index, file in enumerate(steps) if file.kind not in BOOTSTRAP_KINDS)
     steps.insert(last_resource + 1, cds)
     return tuple(steps)
 
@@ -483,7 +595,8 @@ def static_bootstrap(files: ProxyFiles, dynamic: bool = True) -> dict[str, Any]:
     every cluster in cds.yaml), with the folder of that path as its watched folder. dynamic=False drops
     dynamic_resources (whose files need not exist where the result is checked). Raises EnvoyRejectedConfig."""
     proxy = files.proxy
-    responses = {file.path: _discovery_response(proxy, file) for file in files.files if file.kind != "bootstrap"}
+    responses = {file.path: _discovery_response(proxy, file) for file in files.files
+                 if file.kind not in BOOTSTRAP_KINDS}
     bootstrap = _parsed_yaml(proxy, files.bootstrap.content, "bootstrap")
     dynamic_resources = bootstrap.get("dynamic_resources") or {}
 
@@ -568,8 +681,9 @@ def validate_proxy_files(files: ProxyFiles, ca_pem: bytes, envoy: str | None = N
     The files are copied into a temp folder with every path in them moved there (the bootstrap as it is, its
     lds/cds files beside it), the certificate and key are throwaway stand-ins and the trust bundle is `ca_pem`;
     `envoy --mode validate` then checks the bootstrap together with the static equivalent of the resources
-    (static_bootstrap). Raises EnvoyRejectedConfig with Envoy's own reason (or mesh's, for a file Envoy's file
-    source would refuse before parsing a resource)."""
+    (static_bootstrap). An xds proxy's envoy-ads.yaml is checked too, by a second Envoy run at the same time, as
+    it is (the sds files it reads its secrets from are copied there too). Raises EnvoyRejectedConfig
+    with Envoy's own reason (or mesh's, for a file Envoy's file source would refuse before parsing a resource)."""
     with tempfile.TemporaryDirectory(prefix="mesh-validate-") as temp:
         root = f"{temp}/proxy"
         moved = _relocated(files, root)
@@ -583,12 +697,30 @@ def validate_proxy_files(files: ProxyFiles, ca_pem: bytes, envoy: str | None = N
                            lambda _path, role: ca_pem if role == "trusted_ca" else stand_ins[role])
         config_path = Path(temp, VALIDATE_CONFIG_NAME)
         config_path.write_text(_dump(config))
-        command = [envoy or envoy_binary(), "--mode", "validate", "-c", str(config_path), "--disable-hot-restart",
-                   "--log-level", "error"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S, check=False)
-    if result.returncode != 0:
-        message = result.stderr.strip() or result.stdout.strip() or f"exit code {result.returncode}"
-        raise EnvoyRejectedConfig(files.proxy, f"envoy --mode validate refused the files: {_reason(message)}")
+        configs = [("the files", config_path)]
+        ads = moved.ads_bootstrap
+        if ads is not None:  # Envoy checks that the sds files it names exist (they are copied above)
+            configs.append((ADS_BOOTSTRAP_NAME, Path(ads.path)))
+        runs = [(what, subprocess.Popen([envoy or envoy_binary(), "--mode", "validate", "-c", str(path),
+                                         "--disable-hot-restart", "--log-level", "error"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                for what, path in configs]
+        results = [(what, *_communicate(run)) for what, run in runs]
+    for what, code, stdout, stderr in results:
+        if code != 0:
+            message = stderr.strip() or stdout.strip() or f"exit code {code}"
+            raise EnvoyRejectedConfig(files.proxy, f"envoy --mode validate refused {what}: {_reason(message)}")
+
+
+def _communicate(run: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a validating Envoy, killed after VALIDATE_TIMEOUT_S."""
+    try:
+        stdout, stderr = run.communicate(timeout=VALIDATE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        stdout, stderr = run.communicate()
+        stderr += f"\n[critical] envoy --mode validate took more than {VALIDATE_TIMEOUT_S} s"
+    return run.returncode, stdout, stderr
 
 
 def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = None, stale: tuple[str, ...] = (),
@@ -738,6 +870,8 @@ class EnvoyUnitContext:
     config_path: str
     base_id: int
     admin_dir: str
+    start: str | None = None  # mesh_delivery: xds: the start step Envoy runs through (paths.ENVOY_START)
+    proxy_dir: str = ""  # the start step's first argument
 
 
 @dataclass(frozen=True)
@@ -752,6 +886,10 @@ class FirewallContext:
     sources_v4: tuple[str, ...] = ()
     sources_v6: tuple[str, ...] = ()
     source_names: tuple[str, ...] = ()
+    xds_port: int | None = None  # a controller serving ADS: the port open to the mesh's hosts only
+    xds_v4: tuple[str, ...] = ()
+    xds_v6: tuple[str, ...] = ()
+    xds_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -763,34 +901,46 @@ class FirewallUnitContext:
 
 
 def render_envoy_unit(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> str:
-    """The hardened systemd unit running this proxy's Envoy (installed at paths.envoy_unit_path)."""
+    """The hardened systemd unit running this proxy's Envoy (installed at paths.envoy_unit_path); an xds proxy's
+    runs it through the start step (templates/host/envoy-start, installed at paths.ENVOY_START)."""
     context = EnvoyUnitContext(proxy=cfg.proxy, node_id=cfg.node_id, host=cfg.host,
                                user=paths.envoy_user(cfg.proxy),
                                binary=paths.ENVOY_BINARY, config_path=cfg.config_path, base_id=cfg.base_id,
-                               admin_dir=paths.admin_dir(cfg.proxy))
+                               admin_dir=paths.admin_dir(cfg.proxy),
+                               start=paths.ENVOY_START if cfg.xds is not None else None,
+                               proxy_dir=posixpath.dirname(cfg.config_path))
     return _parsed_unit(_render(templates_dir, "systemd/mesh-envoy.service.j2", context))
 
 
-def render_firewall(host: ManagedHost, metrics_sources: tuple[str, ...],
+def render_firewall(host: ManagedHost, metrics_sources: tuple[str, ...], xds_sources: tuple[str, ...] = (),
                     templates_dir: Path = TEMPLATES_DIR) -> str:
     """The nft script of mesh's `inet mesh` table: drop non-loopback tcp to the host's app ports, and to its
     metrics ports from all but metrics_sources (Mesh.metrics_sources; each checked again, as it goes into a
-    ruleset root loads)."""
+    ruleset root loads); on a controller serving ADS (xds_sources: Mesh.xds_sources, non-empty), drop tcp to
+    XDS_PORT from all but those."""
     ports = tuple(sorted({workload.port for workload in host.workloads}))
     metrics_ports = tuple(sorted({workload.metrics_port for workload in host.workloads}))
-    families: dict[str, list[str]] = {"ipv4": [], "ipv6": [], "name": []}
-    for source in metrics_sources:
-        family = source_family(source) if isinstance(source, str) else None
-        if family is None:
-            raise ConfigError(host.name, f"metrics source {source!r}: expected an IP address or a host name of "
-                                         "letters, digits, '-' and '.'")
-        families[family].append(source)
-    context = FirewallContext(host.name, paths.NFT_BINARY, ports, metrics_ports, *(
-        tuple(families[family]) for family in ("ipv4", "ipv6", "name")))
+    families = _source_families(host.name, "metrics source", metrics_sources)
+    xds = _source_families(host.name, "mesh host address", xds_sources if host.is_controller else ())
+    context = FirewallContext(host.name, paths.NFT_BINARY, ports, metrics_ports, sources_v4=tuple(families["ipv4"]),
+                              sources_v6=tuple(families["ipv6"]), source_names=tuple(families["name"]),
+                              xds_port=XDS_PORT if host.is_controller and xds_sources else None,
+                              xds_v4=tuple(xds["ipv4"]), xds_v6=tuple(xds["ipv6"]), xds_names=tuple(xds["name"]))
     text = _render(templates_dir, "nftables/firewall.nft.j2", context)
     if text.count("table inet mesh {") != 1:
         raise ConfigError(host.name, "rendered firewall does not declare exactly one `inet mesh` table")
     return text
+
+
+def _source_families(host: str, what: str, sources: tuple[str, ...]) -> dict[str, list[str]]:
+    families: dict[str, list[str]] = {"ipv4": [], "ipv6": [], "name": []}
+    for source in sources:
+        family = source_family(source) if isinstance(source, str) else None
+        if family is None:
+            raise ConfigError(host, f"{what} {source!r}: expected an IP address or a host name of letters, digits, "
+                                    "'-' and '.'")
+        families[family].append(source)
+    return families
 
 
 def render_firewall_unit(templates_dir: Path = TEMPLATES_DIR) -> str:

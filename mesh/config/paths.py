@@ -14,6 +14,7 @@ MESH_ROOT = "/etc/mesh"
 CA_PATH = f"{MESH_ROOT}/ca.pem"
 FIREWALL_PATH = f"{MESH_ROOT}/firewall.nft"
 ENVOY_BINARY = "/usr/local/lib/mesh/envoy"
+ENVOY_START = "/usr/local/lib/mesh/envoy-start"  # an xds proxy's start step (templates/host/envoy-start)
 ENVOY_USER = "mesh-envoy"
 NFT_BINARY = "/usr/sbin/nft"
 FIREWALL_UNIT = "mesh-firewall.service"

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mesh.config import paths
-from mesh.containers.image import SIDECAR_UID
+from mesh.containers.image import ENVOY_IN_IMAGE, SIDECAR_UID
 from mesh.inventory.model import ManagedHost, Workload
 
 SIDECAR_PREFIX = "mesh-envoy-"
@@ -52,6 +52,7 @@ class SidecarSpec:
     memory: str = MEMORY_LIMIT
     pids_limit: int = PIDS_LIMIT
     log_level: str = LOG_LEVEL
+    start: str | None = None  # mesh_delivery: xds: the start step (paths.ENVOY_START) is the entrypoint
 
     @property
     def revision(self) -> str:
@@ -70,12 +71,14 @@ def sidecar_name(workload: Workload) -> str:
     return SIDECAR_PREFIX + paths.proxy_name(workload)
 
 
-def sidecar_mounts(proxy: str) -> tuple[Mount, ...]:
+def sidecar_mounts(proxy: str, start: str | None = None) -> tuple[Mount, ...]:
     """The proxy's folder, whole and read-only: everything Envoy reads is in it (envoy.yaml, xds/, ca.pem, the
     `tls` link), and a folder mount shows the renames that replace them (a single-file mount would keep the old
     inode); the folder of Envoy's admin socket writable (a file socket there is the host's root's to read, out
-    of the app container's reach)."""
-    return (Mount(paths.proxy_dir(proxy)), Mount(paths.admin_dir(proxy), writable=True))
+    of the app container's reach; the start step writes its `delivery` marker there); an xds proxy's start step,
+    read-only, at its path on the host."""
+    start_mount = (Mount(start),) if start is not None else ()
+    return (Mount(paths.proxy_dir(proxy)), Mount(paths.admin_dir(proxy), writable=True), *start_mount)
 
 
 def files_hash(file_digests: Mapping[str, str], image: str) -> str:
@@ -100,23 +103,28 @@ def hashed_files(proxy: str) -> tuple[str, ...]:
     return (paths.envoy_config_path(proxy),)
 
 
-def sidecar_spec(host: ManagedHost, workload: Workload, image_tag: str, config_hash: str) -> SidecarSpec:
-    """The sidecar of `workload` (on container host `host`) running image_tag with the files of config_hash."""
+def sidecar_spec(host: ManagedHost, workload: Workload, image_tag: str, config_hash: str,
+                 xds: bool = False) -> SidecarSpec:
+    """The sidecar of `workload` (on container host `host`) running image_tag with the files of config_hash;
+    `xds` (mesh_delivery: xds): Envoy runs through the start step, which picks envoy-ads.yaml or envoy.yaml."""
     if not workload.container:
         raise NotAContainerWorkload(f"{workload.consul_id} has no container: it is not a container workload")
     if host.kind != "container_host":
         raise NotAContainerWorkload(f"{host.name} is not a container host (mesh_host_kind: {host.kind})")
     proxy = paths.proxy_name(workload)
+    start = paths.ENVOY_START if xds else None
     return SidecarSpec(name=sidecar_name(workload), proxy=proxy, host=host.name, app_container=workload.container,
                        image=image_tag, config_path=paths.envoy_config_path(proxy),
-                       base_id=paths.base_id(workload), config_hash=config_hash, mounts=sidecar_mounts(proxy))
+                       base_id=paths.base_id(workload), config_hash=config_hash, mounts=sidecar_mounts(proxy, start),
+                       start=start)
 
 
 def bootstrap_sidecar(host: ManagedHost, workload: Workload, image_tag: str, bootstrap_path: str,
-                      bootstrap_sha256: str) -> SidecarSpec:
+                      bootstrap_sha256: str, xds: bool = False) -> SidecarSpec:
     """The sidecar as the plan wants it: its config_hash is the bootstrap's and the image's only (Envoy reloads
-    everything else in place). The one formula the plan and `mesh status` share."""
-    return sidecar_spec(host, workload, image_tag, files_hash({bootstrap_path: bootstrap_sha256}, image_tag))
+    everything else in place; an xds proxy's envoy.yaml carries the digest of envoy-ads.yaml too). The one
+    formula the plan and `mesh status` share."""
+    return sidecar_spec(host, workload, image_tag, files_hash({bootstrap_path: bootstrap_sha256}, image_tag), xds)
 
 
 def docker_run_args(spec: SidecarSpec) -> list[str]:
@@ -149,14 +157,21 @@ def _run_args(spec: SidecarSpec, label: str | None) -> list[str]:
         *[word for key, value in zip(labels[::2], labels[1::2], strict=True)
           for word in ("--label", f"{key}={value}")],
         *_mount_args(spec),
-        spec.image,
+        *_entrypoint(spec),
         # no hot restart: its abstract unix sockets would be open to the app sharing the network namespace;
         # a resource file with a field Envoy does not know is refused whole (as the unit on a VM does)
-        "-c", spec.config_path, "--base-id", str(spec.base_id), "--disable-hot-restart",
+        "--base-id", str(spec.base_id), "--disable-hot-restart",
         "--reject-unknown-dynamic-fields", "--log-level", spec.log_level,
         # access lines are written out every second (Envoy's default is 10 s)
         "--file-flush-interval-msec", "1000",
     ]  # fmt: skip
+
+
+def _entrypoint(spec: SidecarSpec) -> list[str]:
+    """The image and what runs in it: Envoy with the bootstrap, or (xds) the start step choosing one for Envoy."""
+    if spec.start is None:
+        return [spec.image, "-c", spec.config_path]
+    return ["--entrypoint", spec.start, spec.image, paths.proxy_dir(spec.proxy), ENVOY_IN_IMAGE]
 
 
 def _mount_args(spec: SidecarSpec) -> list[str]:
