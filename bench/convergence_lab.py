@@ -398,18 +398,33 @@ def write_file(lab: Lab, caller: Caller, content: str) -> float:
     return float(lab.ssh.run(caller.address, script, input=content.encode()).strip())
 
 
-def run_lab(inventory: Path, service: str, host: str, runs: int, pause: float) -> dict[str, Any]:
+def run_lab(inventory: Path, service: str, host: str, runs: int, pause: float,
+            delivery: str = "files") -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="mesh-bench-conv-lab-"))
     lab = Lab.read(inventory, folder)
     try:
-        return _run_lab(lab, service, host, runs, pause)
+        return _run_lab(lab, service, host, runs, pause, delivery)
     finally:
         lab.ssh.close()
         subprocess.run(["rm", "-rf", str(folder)], check=False)
 
 
-def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict[str, Any]:
-    from mesh.controller.spec import CONTROLLER_UNIT
+def check_delivery(lab: Lab, found: list[Caller], delivery: str) -> None:
+    """Every caller's Envoy started with `delivery` (its admin/delivery marker; a files proxy may have none)."""
+    from mesh.config.xds import DELIVERY_MARKER
+
+    wrong = []
+    for caller in found:
+        marker = lab.sh(caller.host, f"cat {caller.proxy_dir}/admin/{DELIVERY_MARKER} 2>/dev/null || true",
+                        check=False).strip() or "files"
+        if marker != delivery:
+            wrong.append(f"{caller.host}/{caller.proxy}: {marker}")
+    if wrong:
+        raise SystemExit(f"--delivery {delivery}: callers whose Envoy started otherwise: {', '.join(wrong)} (deploy the "
+                         f"lab with mesh_delivery: {delivery}, and wait for the proxies to move)")
+
+
+def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float, delivery: str = "files") -> dict[str, Any]:
 
     active = leader(lab)
     if active is None:
@@ -417,8 +432,9 @@ def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict
     found = callers(lab, service)
     if not found:
         raise SystemExit(f"no proxy's endpoints are filled from {service} in the controller's spec")
+    check_delivery(lab, found, delivery)
     drained_address = lab.addresses[host]
-    log(f"lab: active controller {active}; callers of {service}: "
+    log(f"lab: delivery {delivery}; active controller {active}; callers of {service}: "
         f"{', '.join(f'{c.host}/{c.proxy}' for c in found)}; changing {service} on {host} ({drained_address})")
     for caller in found:
         lab.ssh.master(caller.address)
@@ -436,24 +452,10 @@ def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict
             consul_change(lab, service, host, True)
             wait_clusters(lab, observers, drained_address, present=True)
         pushes = pushed_durations(lab, controller_phase, time.time())
-        files = baseline_files(lab, found, drained_address)
-        log("baseline: stopping the controllers, writing the endpoint files directly")
-        for name in lab.controllers:
-            lab.sh(name, f"systemctl stop {CONTROLLER_UNIT}")
-        try:
-            for number in range(runs):
-                undo = number % 2 == 1
-                t0 = time.time()
-                at_file = [write_file(lab, caller, files[caller.proxy][0 if undo else 1]) for caller in found]
-                changes.append(Change("baseline", undo, t0, min(at_file)))
-                wait_clusters(lab, observers, drained_address, present=undo)
-                time.sleep(pause)
-        finally:
-            for caller in found:
-                write_file(lab, caller, files[caller.proxy][0])
-            for name in lab.controllers:
-                lab.sh(name, f"systemctl start {CONTROLLER_UNIT}", check=False)
-            wait_clusters(lab, observers, drained_address, present=True)
+        if delivery == "xds":  # ADS Envoys do not read the files: the files numbers come from a files deploy
+            log("lab: xds: no file-writing baseline (run --delivery files on a files deploy for that side)")
+        else:
+            _run_baseline(lab, found, observers, drained_address, runs, pause, changes)
     finally:
         lines = stop_observers(lab, observers)
     results: dict[str, Any] = {"callers": [f"{c.host}/{c.proxy}" for c in found], "runs": [], "pushes_s": pushes}
@@ -468,6 +470,31 @@ def _run_lab(lab: Lab, service: str, host: str, runs: int, pause: float) -> dict
     results["failed_requests"] = sum(1 for events in lines.values() for kind, _at, _v in events if kind == "E")
     results["requests"] = sum(1 for events in lines.values() for kind, _at, _v in events if kind == "R")
     return results
+
+
+def _run_baseline(lab: Lab, found: list[Caller], observers: list[Observer], drained_address: str, runs: int,
+                  pause: float, changes: list[Change]) -> None:
+    """The controllers stopped, the same endpoint files written on every caller directly; all restored."""
+    from mesh.controller.spec import CONTROLLER_UNIT
+
+    files = baseline_files(lab, found, drained_address)
+    log("baseline: stopping the controllers, writing the endpoint files directly")
+    for name in lab.controllers:
+        lab.sh(name, f"systemctl stop {CONTROLLER_UNIT}")
+    try:
+        for number in range(runs):
+            undo = number % 2 == 1
+            t0 = time.time()
+            at_file = [write_file(lab, caller, files[caller.proxy][0 if undo else 1]) for caller in found]
+            changes.append(Change("baseline", undo, t0, min(at_file)))
+            wait_clusters(lab, observers, drained_address, present=undo)
+            time.sleep(pause)
+    finally:
+        for caller in found:
+            write_file(lab, caller, files[caller.proxy][0])
+        for name in lab.controllers:
+            lab.sh(name, f"systemctl start {CONTROLLER_UNIT}", check=False)
+        wait_clusters(lab, observers, drained_address, present=True)
 
 
 def pushed_durations(lab: Lab, since: float, until: float) -> list[float]:
