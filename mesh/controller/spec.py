@@ -244,7 +244,8 @@ def _host(data: Mapping[str, Any]) -> HostSpec:
     return HostSpec(
         name=str(data["name"]), address=str(data["address"]), port=int(data["port"]),
         known_hosts=tuple(str(line) for line in data["known_hosts"]),
-        identities=tuple(IdentitySpec(str(item["name"]), item["kind"], str(item["spiffe_id"]))
+        identities=tuple(IdentitySpec(str(item["name"]), item["kind"], str(item["spiffe_id"]),
+                                      str(item.get("node_id", "")))
                          for item in data["identities"]),
         proxies=tuple(_proxy(item) for item in data["proxies"]), user=str(data["user"]))
 
@@ -261,7 +262,15 @@ def _proxy(data: Mapping[str, Any]) -> ProxySpec:
         zone=_optional(data["zone"]), region=_optional(data["region"]),
         inbound={str(path): _inbound(name, str(path), entry) for path, entry in dict(data["inbound"]).items()},
         version=str(data["version"]), kind=_proxy_kind(name, data["kind"]), container=_optional(data["container"]),
-        metrics=_optional(data["metrics"]))
+        metrics=_optional(data["metrics"]), node_id=str(data.get("node_id", "")),
+        delivery=_delivery(name, data.get("delivery", "files")))
+
+
+def _delivery(proxy: str, value: Any) -> str:
+    """A proxy's mesh_delivery; a spec written before xDS delivery has none: files."""
+    if value in ("files", "xds"):
+        return str(value)
+    raise SpecError(f"proxies[{proxy}].delivery: expected files or xds, got {value!r}")
 
 
 def _proxy_kind(proxy: str, value: Any) -> IdentityKind:

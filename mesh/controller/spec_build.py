@@ -91,7 +91,8 @@ def proxy_spec(proxy: ProxyPlan, host: ManagedHost, metrics: str | None = None) 
                      endpoint_files(proxy.config, proxy.rendered), route_files(proxy.config, proxy.rendered),
                      host.zone, host.region, inbound_entries(proxy.config, proxy.rendered),
                      version=proxy.workload.version, kind="vm" if host.consul_kind == "vm" else "container",
-                     container=proxy.workload.container if host.kind != "vm" else None, metrics=metrics)
+                     container=proxy.workload.container if host.kind != "vm" else None, metrics=metrics,
+                     node_id=proxy.config.node_id, delivery=host.delivery)
 
 
 def trace_port(settings: MeshSettings) -> int:
@@ -102,7 +103,8 @@ def trace_port(settings: MeshSettings) -> int:
 
 def identities(host: HostPlan) -> tuple[IdentitySpec, ...]:
     """Each proxy's identity by name (reordering a host's workloads changes nothing), then the checker's."""
-    found = [IdentitySpec(proxy.name, "container" if proxy.sidecar is not None else "vm", proxy.spiffe_id)
+    found = [IdentitySpec(proxy.name, "container" if proxy.sidecar is not None else "vm", proxy.spiffe_id,
+                          proxy.config.node_id)
              for proxy in sorted(host.proxies, key=lambda proxy: proxy.name)]
     if host.checker_identity:
         found.append(IdentitySpec(CHECKER_IDENTITY, "checker", host.checker_identity))
