@@ -1,14 +1,15 @@
 """The controllers as `mesh status` sees them: their Consul lock and the state the active one publishes
 (mesh.controller.spec.state_key: holder, updated_at, consul_stale_s, per proxy the resource version it pushed),
-and each proxy's resource version on its host against that one. Reading is `read_controllers` (two KV reads);
-the rest is pure. It must not read hosts or print.
+each proxy's resource version on its host against that one, and the ADS streams every controller publishes
+(mesh.controller.spec.xds_status_prefix, merged by mesh.xds.status.merged). Reading is `read_controllers` (three
+KV reads); the rest is pure. It must not read hosts or print.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -16,10 +17,11 @@ from typing import Any
 
 from mesh import catalog
 from mesh.controller.protocol import resource_version
-from mesh.controller.spec import lock_key, state_key
+from mesh.controller.spec import lock_key, state_key, xds_status_prefix
 from mesh.errors import MeshError
 from mesh.inventory.model import Mesh
 from mesh.status.report import ControllerStatus, ResourcesStatus
+from mesh.xds.status import StreamStatus, merged, parse_publication
 
 ACTIVE_WITHIN_S = 60.0  # a published state older than this is a controller that no longer answers (as deploy says)
 
@@ -32,17 +34,25 @@ class PushedVersion:
 
 @dataclass(frozen=True)
 class ControllerView:
-    """The controllers' status, and the versions the active one pushed by `HOST/PROXY` (empty when none is)."""
+    """The controllers' status, the versions the active one pushed by `HOST/PROXY` (empty when none is), and the
+    ADS streams of every controller (active or not: each serves ADS) by node id (xds_read False: not read)."""
 
     status: ControllerStatus
     versions: Mapping[str, PushedVersion] = field(default_factory=lambda: MappingProxyType({}))
+    xds: Mapping[str, StreamStatus] = field(default_factory=lambda: MappingProxyType({}))
+    xds_read: bool = False
 
     def pushed(self, host: str, proxy: str) -> PushedVersion | None:
         return self.versions.get(f"{host}/{proxy}") if self.status.active else None
 
+    def stream(self, node_id: str) -> StreamStatus | None:
+        return self.xds.get(node_id)
 
-def judge_controllers(lock_session: str | None, state_value: bytes | str | None, now: datetime) -> ControllerView:
-    """The view from the lock's session (None: nobody holds it) and the published state's text. Pure."""
+
+def judge_controllers(lock_session: str | None, state_value: bytes | str | None, now: datetime,
+                      xds_values: Iterable[bytes | str | None] | None = None) -> ControllerView:
+    """The view from the lock's session (None: nobody holds it), the published state's text and the texts of the
+    controllers' ADS stream publications (None: not read). Pure."""
     state = _document(state_value)
     updated = _time(state.get("updated_at")) if state else None
     reason = None
@@ -65,20 +75,25 @@ def judge_controllers(lock_session: str | None, state_value: bytes | str | None,
     for name, item in (proxies.items() if isinstance(proxies, dict) else ()):
         if isinstance(item, dict) and item.get("version"):
             versions[str(name)] = PushedVersion(str(item["version"]), _time(item.get("pushed_at")))
-    return ControllerView(status, MappingProxyType(versions))
+    streams = merged((parse_publication(value) for value in xds_values if value is not None), now.timestamp()) \
+        if xds_values is not None else {}
+    return ControllerView(status, MappingProxyType(versions), MappingProxyType(streams), xds_values is not None)
 
 
 def read_controllers(mesh: Mesh, now: datetime | None = None) -> ControllerView:
-    """The controllers' lock and state from Consul; a Consul that cannot be read is the reason none is active."""
+    """The controllers' lock, state and ADS streams from Consul; a Consul that cannot be read is the reason none
+    is active (and no stream is known)."""
     when = now or datetime.now(UTC)
     try:
         with catalog.client_for(catalog.access_for(mesh)) as client:
             _, lock = client.kv.get(lock_key(mesh.settings.id))
             _, state = client.kv.get(state_key(mesh.settings.id))
+            _, published = client.kv.get(xds_status_prefix(mesh.settings.id), recurse=True)
     except MeshError as exc:
         return ControllerView(ControllerStatus(False, None, False, None, None, None, (), f"not read: {exc}"))
     session = (lock or {}).get("Session")
-    return judge_controllers(str(session) if session else None, (state or {}).get("Value"), when)
+    return judge_controllers(str(session) if session else None, (state or {}).get("Value"), when,
+                             [item.get("Value") for item in published or () if isinstance(item, dict)])
 
 
 def resources_status(proxy_dir: str, files: Mapping[str, bytes], pushed: PushedVersion | None) -> ResourcesStatus:

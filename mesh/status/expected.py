@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mesh.config import paths
 from mesh.config.compute import compute_proxy_config, upstream_cluster_name
+from mesh.config.xds import Delivery
 from mesh.containers.sidecar import sidecar_name
 from mesh.inventory.model import ManagedHost, Mesh, Workload
 from mesh.render import ProxyFiles, inbound_files, render_proxy_files
@@ -29,6 +30,8 @@ class ExpectedProxy:
     upstream_clusters: tuple[tuple[str, str], ...]  # (service, Envoy cluster name)
     permissive: bool = False  # its service accepts plaintext clients too (mtls: permissive)
     inbound_files: tuple[str, ...] = ()  # its inbound authorization files, which a controller redoes (run-time deny)
+    delivery: Delivery = "files"  # its host's mesh_delivery: xds streams its resources from the controllers
+    node_id: str = ""  # its Envoy node.id (the workload's Consul service ID), the ADS streams' key
 
     @property
     def runs_as_sidecar(self) -> bool:
@@ -50,5 +53,6 @@ def expected_proxies(mesh: Mesh, host: ManagedHost) -> tuple[ExpectedProxy, ...]
             sidecar=sidecar_name(workload) if sidecar else None,
             upstream_clusters=tuple((item.service, upstream_cluster_name(item.service))
                                     for item in workload.upstreams),
-            permissive=mesh.policy(workload.service).mtls == "permissive"))
+            permissive=mesh.policy(workload.service).mtls == "permissive", delivery=host.delivery,
+            node_id=cfg.node_id))
     return tuple(found)

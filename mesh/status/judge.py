@@ -18,6 +18,7 @@ from mesh.inventory.model import ManagedHost
 from mesh.pki.expiry import WARN_REMAINING, Expiry, judge_pem
 from mesh.pki.leaf import load_chain
 from mesh.status import reads
+from mesh.status.ads import judge_xds, xds_problems
 from mesh.status.controllers import ControllerView, resources_status
 from mesh.status.expected import ExpectedProxy
 from mesh.status.report import (
@@ -80,7 +81,8 @@ def judge_proxy(host: ManagedHost, expected: ExpectedProxy, readings: Readings, 
                 controller: ControllerView | None = None) -> ProxyStatus:
     """The status of one proxy from its host's readings. While a controller is active and pushed this proxy, its
     endpoint files are the controller's (Consul's instances, not the inventory's): they are judged by the
-    resource version, not against the inventory's rendering."""
+    resource version, not against the inventory's rendering. An xds proxy's stream is judged per resource type;
+    while its Envoy runs on ADS its resources are the stream's, not its files' (they are the last-known-good)."""
     problems: list[str] = []
 
     def read(what: str) -> CommandResult:
@@ -98,11 +100,15 @@ def judge_proxy(host: ManagedHost, expected: ExpectedProxy, readings: Readings, 
                if read(f"file {file.path}").ok}
     resources = resources_status(expected.files.proxy_dir, on_host, pushed)
     controllers_files = frozenset(_endpoint_files(expected)) if pushed is not None else frozenset()
-    config = _config(host, expected, readings, read, server_info, certificate, seen, problems, controllers_files)
+    xds = judge_xds(expected.node_id, server_info, controller) if expected.delivery == "xds" else None
+    config = _config(host, expected, readings, read, server_info, certificate, seen, problems, controllers_files,
+                     over_ads=xds is not None and xds.running == "xds")
+    if xds is not None:
+        problems += xds_problems(xds)
     upstreams = _upstreams(expected, read("admin clusters") if server_info is not None else None, consul,
                            inventory_hosts, problems)
     return ProxyStatus(expected.proxy, expected.workload.service, "sidecar" if expected.runs_as_sidecar else "systemd",
-                       envoy, config, certificate, upstreams, tuple(problems), resources)
+                       envoy, config, certificate, upstreams, tuple(problems), resources, xds=xds)
 
 
 def _endpoint_files(expected: ExpectedProxy) -> list[str]:
@@ -152,9 +158,9 @@ def _sidecar_envoy(expected: ExpectedProxy, seen: dict[str, ContainerSeen] | str
 def _config(host: ManagedHost, expected: ExpectedProxy, readings: Readings, read: _Read,
             server_info: Mapping[str, object] | None, certificate: CertificateStatus,
             seen: dict[str, ContainerSeen] | str, problems: list[str],
-            controllers_files: frozenset[str] = frozenset()) -> ConfigStatus:
+            controllers_files: frozenset[str] = frozenset(), over_ads: bool = False) -> ConfigStatus:
     """Files on the host against the rendered ones (but the controller's: their content is Consul's); then the
-    running Envoy against the files on the host."""
+    running Envoy against the files on the host (over ADS: its bootstrap and certificate only)."""
     differing, on_host = [], {}
     for file in expected.files.files:
         got = read(f"file {file.path}")
@@ -176,7 +182,7 @@ def _config(host: ManagedHost, expected: ExpectedProxy, readings: Readings, read
         problems.append(f"files in {folder} differ from the inventory's: {listed} (run mesh deploy)")
     drifts: list[RunningDrift] = []
     if server_info is not None:
-        drifts = _running_drifts(expected, on_host, server_info, read, certificate)
+        drifts = _running_drifts(expected, on_host, server_info, read, certificate, over_ads)
         if drifts:
             problems.append("files newer than running: " + "; ".join(drift.describe() for drift in drifts))
     current = _container_current(host, expected, on_host, seen, problems) if expected.runs_as_sidecar else None
@@ -184,17 +190,20 @@ def _config(host: ManagedHost, expected: ExpectedProxy, readings: Readings, read
 
 
 def _running_drifts(expected: ExpectedProxy, on_host: Mapping[str, str], server_info: Mapping[str, object],
-                    read: _Read, certificate: CertificateStatus) -> list[RunningDrift]:
+                    read: _Read, certificate: CertificateStatus, over_ads: bool = False) -> list[RunningDrift]:
+    """Over ADS the resources Envoy holds carry the stream's versions (content hashes), not the files': they are
+    not compared (mesh.status.ads judges the stream)."""
     drifts = []
     bootstrap = on_host.get(expected.files.bootstrap.path)
     found = bootstrap_drift(bootstrap, server_info) if bootstrap is not None else None
     if found is not None:
         drifts.append(found)
-    dump = admin_json(read("admin config_dump").stdout) or {}
-    prefix = expected.files.proxy_dir.rstrip("/") + "/"
-    resources = {path.removeprefix(prefix): text for path, text in on_host.items()
-                 if path != expected.files.bootstrap.path}
-    drifts += resource_drifts(resources, loaded_versions(dump))
+    if not over_ads:
+        dump = admin_json(read("admin config_dump").stdout) or {}
+        prefix = expected.files.proxy_dir.rstrip("/") + "/"
+        resources = {path.removeprefix(prefix): text for path, text in on_host.items()
+                     if path != expected.files.bootstrap.path}
+        drifts += resource_drifts(resources, loaded_versions(dump))
     cert_drift = certificate_drift(certificate.serial, certificate.served_serials or ())
     if cert_drift is not None:
         drifts.append(cert_drift)
@@ -210,7 +219,8 @@ def _container_current(host: ManagedHost, expected: ExpectedProxy, on_host: Mapp
     if sidecar is None or bootstrap is None:
         return None
     digest = hashlib.sha256(bootstrap.encode()).hexdigest()
-    wanted = bootstrap_sidecar(host, expected.workload, sidecar.image, expected.files.bootstrap.path, digest)
+    wanted = bootstrap_sidecar(host, expected.workload, sidecar.image, expected.files.bootstrap.path, digest,
+                               expected.files.ads_bootstrap is not None)
     if sidecar.label != wanted.revision:
         problems.append(f"{expected.sidecar} does not run the current bootstrap and spec (run mesh deploy)")
         return False

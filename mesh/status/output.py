@@ -22,6 +22,7 @@ from mesh.status.report import (
     StatusReport,
     UpstreamStatus,
     WatcherStatus,
+    XdsStatus,
 )
 
 COLUMNS = ("host", "proxy", "reachable", "envoy", "config", "resources", "certificate", "upstreams")
@@ -89,7 +90,7 @@ def _proxy_row(host: str, proxy: ProxyStatus) -> Row:
     else:
         config_text = Text(config.state, style="red" if config.newer_than_running else "")
     return ((host, proxy.proxy, "yes", Text(text, style="" if envoy.running else "red"), config_text,
-             _resources(proxy.resources), _certificate(proxy.certificate), "; ".join(_upstream(item) for item in proxy.upstreams) or "-"),
+             _ads(proxy.xds) if proxy.xds is not None else _resources(proxy.resources), _certificate(proxy.certificate), "; ".join(_upstream(item) for item in proxy.upstreams) or "-"),
             bool(proxy.problems))
 
 
@@ -105,7 +106,7 @@ def _checker_row(host: str, checker: CheckerStatus) -> Row:
 
 
 def _resources(resources: ResourcesStatus | None) -> Text:
-    """`in sync 3f2a1b0c`, `behind: host 12ab..., controller 34cd...`, or `no controller`."""
+    """A files proxy: `in sync 3f2a1b0c`, `behind: host 12ab..., controller 34cd...`, or `no controller`."""
     if resources is None:
         return Text("")
     host = (resources.host_version or "none")[:8]
@@ -114,6 +115,28 @@ def _resources(resources: ResourcesStatus | None) -> Text:
     if resources.state == "in sync":
         return Text(f"in sync {host}")
     return Text("no controller")
+
+
+def _ads(xds: XdsStatus) -> Text:
+    """An xds proxy's stream: `ADS synced (ctl1)`, `ADS NACKed: LDS (ctl1)` (red), `ADS stale: EDS, RDS (ctl1)`
+    (yellow), `on files` (yellow), `no stream` (red), `ADS not read` (Consul could not be read)."""
+    state = xds.state
+    if state == "on files":
+        return Text("on files", style="yellow")
+    if state == "no stream":
+        return Text("no stream", style="red")
+    if state == "not read":
+        return Text("ADS not read", style="yellow")
+    by = f" ({xds.controller.rsplit(':', 1)[0]})" if xds.controller else ""
+    if state == "synced":
+        return Text(f"ADS synced{by}")
+    if state == "nacked":
+        return Text(f"ADS NACKed: {_types(xds, 'nacked')}{by}", style="red")
+    return Text(f"ADS stale: {_types(xds, 'stale') or 'nothing sent yet'}{by}", style="yellow")
+
+
+def _types(xds: XdsStatus, state: str) -> str:
+    return ", ".join(item.type for item in xds.of_state(state))
 
 
 def _certificate(certificate: CertificateStatus) -> Text:

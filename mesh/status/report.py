@@ -1,6 +1,7 @@
 """The typed report `mesh status` gathers: per host reachable or why not; per proxy (a systemd Envoy on a VM or a
 sidecar container) Envoy, its config (files and what runs), the resource version it runs against the
-controller's, certificate and upstreams; the sidecar watcher; the checker; Consul; the controllers, and how long
+controller's (an xds proxy: its ADS stream per
+resource type), certificate and upstreams; the sidecar watcher; the checker; Consul; the controllers, and how long
 the fleet survives without them. Frozen data, its exit code and its JSON form; it must not read hosts or print.
 
 The JSON keys are the field names below (README, "mesh status --json"); a new key may be added, none renamed.
@@ -18,6 +19,8 @@ from mesh.errors import EXIT_HOST_FAILED, EXIT_OK, EXIT_UNREACHABLE
 ConfigState = Literal["applied", "differs", "files newer than running"]
 Owed = Literal["restart", "reload"]
 SyncState = Literal["in sync", "behind", "no controller"]
+Running = Literal["xds", "files"]
+XdsState = Literal["synced", "stale", "nacked", "on files", "no stream", "not read"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,52 @@ class ResourcesStatus:
 
 
 @dataclass(frozen=True)
+class XdsTypeStatus:
+    """One resource type of a proxy's ADS stream, as the controller serving it publishes it (istioctl
+    proxy-status's columns): `synced` (the proxy ACKed the version sent), `nacked` (it refused it: `error` is
+    Envoy's message; it keeps running the version it ACKed before), `stale` (in flight, or not ACKed yet)."""
+
+    type: str  # LDS, CDS, EDS, RDS, SDS, ECDS
+    state: str  # synced | stale | nacked
+    sent: str | None  # the version the controller sent last (a content hash)
+    acked: str | None  # the version the proxy ACKed last
+    error: str | None  # Envoy's NACK message
+
+
+@dataclass(frozen=True)
+class XdsStatus:
+    """An xds proxy's delivery (mesh_delivery: xds): which bootstrap its Envoy runs (`running`, from /server_info's
+    node.metadata.mesh_delivery; None when the admin did not answer) and the ADS stream a controller publishes
+    for its node id (`controller`: whose stream, None when none publishes one)."""
+
+    node_id: str  # the proxy's Envoy node.id (its Consul service ID)
+    running: Running | None
+    controller: str | None  # the holder (`host:pid`) of the controller whose stream it is
+    types: tuple[XdsTypeStatus, ...]
+    connected_since: datetime | None = None
+    peer: str | None = None  # the stream's peer address as the controller saw it
+    streams_read: bool = True  # False: the controllers' publications could not be read (Consul)
+
+    @property
+    def state(self) -> XdsState:
+        """`on files`: Envoy started from its files (no controller answered at its start; the controllers move it
+        back to ADS); `no stream`: no controller publishes a stream for it; else the worst of its types."""
+        if self.running == "files":
+            return "on files"
+        if not self.streams_read:
+            return "not read"
+        if self.controller is None:
+            return "no stream"
+        states = {item.state for item in self.types}
+        if "nacked" in states:
+            return "nacked"
+        return "stale" if "stale" in states or not states else "synced"
+
+    def of_state(self, state: str) -> tuple[XdsTypeStatus, ...]:
+        return tuple(item for item in self.types if item.state == state)
+
+
+@dataclass(frozen=True)
 class PlaintextClient:
     """A client that called a permissive service without mTLS: its address, its requests (or connections) in
     the window read (mesh.status.plaintext.WINDOW) and the start of its last one."""
@@ -175,6 +224,7 @@ class ProxyStatus:
     problems: tuple[str, ...]
     resources: ResourcesStatus | None = None
     plaintext: PlaintextSeen | None = None  # None: the service is strict (no plaintext chain)
+    xds: XdsStatus | None = None  # None: a files proxy (mesh_delivery: files)
 
 
 @dataclass(frozen=True)
@@ -325,7 +375,7 @@ def _merged(clients: Iterable[PlaintextClient]) -> tuple[PlaintextClient, ...]:
 def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         data = {item.name: _plain(getattr(value, item.name)) for item in fields(value)}
-        if isinstance(value, ConfigStatus | ResourcesStatus):
+        if isinstance(value, ConfigStatus | ResourcesStatus | XdsStatus):
             data["state"] = value.state
         return data
     if isinstance(value, tuple | list):

@@ -158,8 +158,9 @@ def test_the_json_keys(fleet: Fleet) -> None:
                         "problems"}
     (web,) = vm1["proxies"]
     assert set(web) == {"proxy", "service", "runs_as", "envoy", "config", "certificate", "upstreams", "problems",
-                        "resources", "plaintext"}
+                        "resources", "plaintext", "xds"}
     assert web["plaintext"] is None  # strict
+    assert web["xds"] is None  # mesh_delivery: files
     assert web["resources"] == {"host_version": web["resources"]["host_version"], "controller_version": None,
                                 "pushed_at": None, "state": "no controller"}
     assert set(web["envoy"]) == {"state", "running", "version", "pid", "container_id", "admin_answers"}
