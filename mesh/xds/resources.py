@@ -44,7 +44,7 @@ from mesh.render import (
 )
 
 __all__ = ["EXTENSION_MODULES", "RESOURCE_TYPES", "SHORT_NAMES", "ProxyResources", "XdsConversionError",
-           "ads_resources", "missing_types", "packed", "unpacked", "with_invalid_listener"]
+           "ads_resources", "assembled", "missing_types", "packed", "unpacked", "with_invalid_listener"]
 
 RESOURCE_TYPES = (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE, EXTENSION_CONFIG_TYPE)
 SHORT_NAMES = {LISTENER_TYPE: "LDS", ROUTE_TYPE: "RDS", CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS",
@@ -130,10 +130,11 @@ def ads_resources(snapshot: ProxySnapshot, node_id: str, bundle_pem: str) -> Pro
                     _memo.clear()
                 _memo[key] = converted
         entries.extend(converted)
-    return _assembled(node_id, entries)
+    return assembled(node_id, entries)
 
 
-def _assembled(node_id: str, entries: Iterable[tuple[str, str, bytes, str]]) -> ProxyResources:
+def assembled(node_id: str, entries: Iterable[tuple[str, str, bytes, str]]) -> ProxyResources:
+    """ProxyResources from (type URL, name, serialized Any, digest of the resource) entries."""
     by_type: dict[str, dict[str, bytes]] = {}
     digests: dict[str, dict[str, str]] = {}
     for type_url, name, packed_bytes, digest in entries:
@@ -253,4 +254,4 @@ def with_invalid_listener(resources: ProxyResources) -> ProxyResources:
     entries = [(url, name, data, resources.digests[url][name])
                for url, named in resources.by_type.items() for name, data in named.items()]
     entries.append((LISTENER_TYPE, INVALID_LISTENER_NAME, packed(invalid), digest))
-    return _assembled(resources.node_id, entries)
+    return assembled(resources.node_id, entries)
