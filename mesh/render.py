@@ -97,8 +97,8 @@ if TYPE_CHECKING:
 TEMPLATES_DIR = package_data.templates_dir()
 
 __all__ = ["BOOTSTRAP_KINDS", "ConfigSources", "EnvoyResources", "EnvoyUnitContext", "FileSources", "FirewallContext",
-           "FirewallUnitContext", "HostValidation", "InboundFileKind", "ProxyFiles", "RenderedFile", "host_validation",
-           "inbound_files", "render_envoy_unit", "render_firewall", "render_firewall_unit", "render_inbound_file",
+           "FirewallUnitContext", "HostValidation", "InboundFileKind", "ProxyFiles", "RenderedFile", "envoy_start_script",
+           "host_validation", "inbound_files", "render_envoy_unit", "render_firewall", "render_firewall_unit", "render_inbound_file",
            "render_proxy_files", "render_resources", "render_route_file", "resource_file", "stale_paths",
            "static_bootstrap", "template_environment", "transition", "validate_proxy_files"]
 
@@ -910,6 +910,12 @@ def render_envoy_unit(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> 
                                start=paths.ENVOY_START if cfg.xds is not None else None,
                                proxy_dir=posixpath.dirname(cfg.config_path))
     return _parsed_unit(_render(templates_dir, "systemd/mesh-envoy.service.j2", context))
+
+
+def envoy_start_script(templates_dir: Path = TEMPLATES_DIR) -> str:
+    """The start step of an xds proxy (templates/host/envoy-start, a plain sh script: nothing is rendered in it),
+    installed at paths.ENVOY_START on every host with one."""
+    return Path(templates_dir, "host", "envoy-start").read_text(encoding="utf-8")
 
 
 def render_firewall(host: ManagedHost, metrics_sources: tuple[str, ...], xds_sources: tuple[str, ...] = (),

@@ -1,5 +1,6 @@
 """The sidecar image with no base image and no registry: Envoy's binary, the libraries `ldd` lists, an
-unprivileged user, as a deterministic tarball for `docker import`. It must not reach a host.
+unprivileged user, as a deterministic tarball for `docker import`; for a mesh with xds sidecars also the start
+step's shell and tools (bash as /bin/sh and /bin/bash, coreutils' timeout). It must not reach a host.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.config.validate import envoy_binary
+from mesh.errors import MeshError
 
 IMAGE_REPOSITORY = "mesh-envoy"
 ENVOY_IN_IMAGE = "/usr/local/bin/envoy"
@@ -28,6 +31,8 @@ SIDECAR_USER = "envoy"
 # Bump when the image's layout changes, so cached tarballs of the old layout are not reused.
 RECIPE = "mesh-envoy-image/2"
 TAG_DIGITS = 12
+# What the start step (templates/host/envoy-start) runs in a sidecar: its interpreter, bash's /dev/tcp probe, timeout.
+START_STEP_TOOLS = {"/bin/sh": "bash", "/bin/bash": "bash", "/usr/bin/timeout": "timeout"}
 _LDD_PATH = re.compile(r"(/\S+)\s+\(0x[0-9a-f]+\)")
 
 
@@ -58,11 +63,26 @@ def shared_libraries(binary: Path) -> tuple[str, ...]:
     return tuple(sorted({match.group(1) for match in _LDD_PATH.finditer(listed)}))
 
 
-def image_files(envoy: Path, libraries: tuple[str, ...]) -> tuple[ImageFile, ...]:
-    """The image's regular files: Envoy and its libraries (symlinks resolved: the image holds real files)."""
+def image_files(envoy: Path, libraries: tuple[str, ...],
+                tools: tuple[tuple[str, Path], ...] = ()) -> tuple[ImageFile, ...]:
+    """The image's regular files: Envoy, `tools` ((path in the image, binary here)) and their libraries (symlinks
+    resolved: the image holds real files)."""
     files = [ImageFile(ENVOY_IN_IMAGE, envoy, 0o755)]
+    files += [ImageFile(path, source, 0o755) for path, source in tools]
     files += [ImageFile(library, Path(library).resolve(), 0o755) for library in libraries]
     return tuple(sorted(files, key=lambda item: item.path))
+
+
+def start_step_tools() -> tuple[tuple[str, Path], ...]:
+    """START_STEP_TOOLS as (path in the image, this machine's binary); MeshError naming a missing one."""
+    tools = []
+    for path, name in START_STEP_TOOLS.items():
+        found = shutil.which(name)
+        if found is None:
+            raise MeshError(f"{name} is not on this machine's PATH: the image of xds sidecars needs it",
+                            hint="install bash and coreutils here (mesh builds the sidecar image on this machine)")
+        tools.append((path, Path(found).resolve()))
+    return tuple(tools)
 
 
 def etc_files() -> dict[str, bytes]:
@@ -103,11 +123,15 @@ def write_image_tar(out: io.BufferedIOBase, files: tuple[ImageFile, ...], extra:
                     tar.addfile(info, handle)
 
 
-def build_sidecar_image_tar(cache_dir: Path, envoy: Path | None = None) -> SidecarImage:
+def build_sidecar_image_tar(cache_dir: Path, envoy: Path | None = None, start_step: bool = False) -> SidecarImage:
     """The sidecar tarball for this machine's Envoy, built once per content into cache_dir (safe to call from
-    several threads or processes at once) and tagged by the sha256 of its bytes."""
+    several threads or processes at once) and tagged by the sha256 of its bytes. `start_step`: with the tools
+    the start step of xds sidecars runs (a mesh without them keeps the image it had)."""
     binary = Path(envoy or envoy_binary()).resolve()
-    files = image_files(binary, shared_libraries(binary))
+    tools = start_step_tools() if start_step else ()
+    libraries = tuple(sorted({library for program in (binary, *(source for _path, source in tools))
+                              for library in shared_libraries(program)}))
+    files = image_files(binary, libraries, tools)
     extra = etc_files()
     key = _cache_key(files, extra)
     folder = Path(cache_dir) / "sidecar-image"

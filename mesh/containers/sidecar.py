@@ -137,7 +137,7 @@ def validate_args(spec: SidecarSpec, config_path: str | None = None) -> list[str
     the sidecar's config) with the same image, user and mounts, and no network."""
     return ["run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges", "--user", spec.user, "--memory", spec.memory,
-            *_mount_args(spec), spec.image,
+            *_mount_args(spec, with_start=False), spec.image,
             "--mode", "validate", "-c", config_path or spec.config_path, "--disable-hot-restart",
             "--log-level", "error"]  # fmt: skip
 
@@ -174,6 +174,7 @@ def _entrypoint(spec: SidecarSpec) -> list[str]:
     return ["--entrypoint", spec.start, spec.image, paths.proxy_dir(spec.proxy), ENVOY_IN_IMAGE]
 
 
-def _mount_args(spec: SidecarSpec) -> list[str]:
-    return [word for mount in spec.mounts
+def _mount_args(spec: SidecarSpec, with_start: bool = True) -> list[str]:
+    """--volume of each mount (the start step's left out of a validating container: it runs Envoy alone)."""
+    return [word for mount in spec.mounts if with_start or mount.path != spec.start
             for word in ("--volume", f"{mount.path}:{mount.path}:{'rw' if mount.writable else 'ro'}")]

@@ -35,7 +35,7 @@ from mesh.config import paths
 from mesh.controller.spec import CTL_STAGING_NAME
 from mesh.errors import MeshError
 from mesh.package_data import templates_dir
-from mesh.render import VALIDATE_CONFIG_NAME, ProxyFiles, host_validation
+from mesh.render import BOOTSTRAP_KINDS, VALIDATE_CONFIG_NAME, ProxyFiles, host_validation
 
 __all__ = ["MAX_BUNDLE_BYTES", "MAX_CHAIN_BYTES", "VERBS", "BundleProxy", "CertState", "CtlProtocolError",
            "HostState", "apply_bundle", "bundle_for", "command", "parse_applied", "parse_installed",
@@ -123,7 +123,7 @@ def bundle_for(files: ProxyFiles, changed: Sequence[str], stale: Sequence[str] =
     for path in wanted:
         if path not in known:
             raise CtlProtocolError(f"proxy {files.proxy}: {path} is not one of its files")
-        if known[path].kind == "bootstrap" or not path.startswith(xds):
+        if known[path].kind in BOOTSTRAP_KINDS or not path.startswith(xds):
             raise CtlProtocolError(f"proxy {files.proxy}: {path} is not a resource file of {xds} (the bootstrap is "
                                    "the deploy's: a new one needs a restart)")
     for path in stale:

@@ -18,7 +18,7 @@ from mesh.controller.inbound import Rules, inbound_file
 from mesh.controller.protocol import relpath_in, resource_version
 from mesh.controller.routes import RoutePolicies, route_file
 from mesh.controller.spec import ControllerSpec, ProxySpec
-from mesh.render import ProxyFiles, RenderedFile
+from mesh.render import BOOTSTRAP_KINDS, ProxyFiles, RenderedFile
 
 ProxyKey = tuple[str, str]  # (host name, proxy name)
 KnownEndpoints = Mapping[str, ServiceEndpoints]  # service -> Consul's last answer that listed some instance
@@ -49,7 +49,7 @@ class ProxySnapshot:
     def xds(self) -> dict[str, RenderedFile]:
         """Relative path (`xds/eds.api.yaml`) -> file, every file but the bootstrap."""
         return {relpath_in(self.files.proxy_dir, file.path): file for file in self.files.files
-                if file.kind != "bootstrap"}
+                if file.kind not in BOOTSTRAP_KINDS}
 
     @property
     def digests(self) -> dict[str, str]:

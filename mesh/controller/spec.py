@@ -81,7 +81,7 @@ class SpecError(MeshError):
     """A spec.json the controller refuses: names the file and the key, and what was expected."""
 
 
-FileKind = Literal["bootstrap", "resource", "secret"]
+FileKind = Literal["bootstrap", "ads-bootstrap", "resource", "secret"]
 IdentityKind = Literal["vm", "container", "checker"]
 
 

@@ -133,11 +133,12 @@ def _checked_plan(mesh: Mesh, ca: CertificateAuthority, targets: Sequence[Manage
 
 def _sidecar_image(mesh: Mesh, targets: Sequence[ManagedHost], out: Display | None) -> SidecarImage | None:
     """The sidecar image tarball (built once per Envoy binary, cached in mesh_state_dir) when container hosts
-    are planned."""
+    are planned; with the start step's tools when one of them is on `mesh_delivery: xds`."""
     if not any(host.kind == "container_host" and host.workloads for host in mesh.hosts):
         return None
     started = time.monotonic()
-    image = build_sidecar_image_tar(cache_dir(IMAGES_CACHE))
+    start_step = any(host.kind == "container_host" and host.workloads and host.delivery == "xds" for host in mesh.hosts)
+    image = build_sidecar_image_tar(cache_dir(IMAGES_CACHE), start_step=start_step)
     if out is not None:
         out.line(f"sidecar image {image.tag} ({image.path.stat().st_size >> 20} MiB, "
                  f"{time.monotonic() - started:.1f} s)")

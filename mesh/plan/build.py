@@ -43,15 +43,21 @@ from mesh.inventory.model import ManagedHost, Mesh, Workload, health_checker_spi
 from mesh.inventory.policy import AuthzOverride, TrafficOverride
 from mesh.plan import access
 from mesh.plan.model import Effect, HostPlan, Plan, PlannedFile, PlannedFolder, ProxyPlan
-from mesh.render import render_envoy_unit, render_firewall, render_firewall_unit, render_proxy_files
+from mesh.render import (
+    envoy_start_script,
+    render_envoy_unit,
+    render_firewall,
+    render_firewall_unit,
+    render_proxy_files,
+)
 
 FIREWALL_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{paths.FIREWALL_UNIT}"
 FIREWALL_CHECK = f"{paths.NFT_BINARY} -c -f %s"  # nft's own check of a staged ruleset (%s: its path)
 CHECKER_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{CHECKER_UNIT}"
 HOST_FOLDERS = (paths.MESH_ROOT, f"{paths.MESH_ROOT}/proxies", "/usr/local/lib/mesh")
 CONTROLLER_UNIT_PATH = f"{paths.SYSTEMD_DIR}/{CONTROLLER_UNIT}"
-FILE_EFFECT: dict[str, Effect] = {"bootstrap": "restart", "resource": "reload", "secret": "reload",
-                                  "trust": "reload"}
+FILE_EFFECT: dict[str, Effect] = {"bootstrap": "restart", "ads-bootstrap": "restart", "resource": "reload",
+                                  "secret": "reload", "trust": "reload"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,8 @@ def _host_plan(mesh: Mesh, host: ManagedHost, inputs: PlanInputs) -> HostPlan:
     if host.workloads:
         folders += [PlannedFolder(path, 0o755, "root", "root") for path in HOST_FOLDERS]
         files.append(PlannedFile(paths.CA_PATH, inputs.ca_root_pem, 0o644, "root", "root"))
+    if any(proxy.config.xds is not None for proxy in proxies):  # the start step its units or sidecars run
+        files.append(PlannedFile(paths.ENVOY_START, envoy_start_script().encode(), 0o755, "root", "root"))
     if has_firewall(mesh, host):
         firewall = render_firewall(host, mesh.metrics_sources, mesh.xds_sources).encode()
         files.append(PlannedFile(paths.FIREWALL_PATH, firewall, 0o644, "root", "root", check=FIREWALL_CHECK))
@@ -232,7 +240,7 @@ def _proxy_plan(mesh: Mesh, host: ManagedHost, workload: Workload, inputs: PlanI
     if container:
         image = inputs.sidecar_image or ""
         bootstrap = rendered.bootstrap
-        sidecar = bootstrap_sidecar(host, workload, image, bootstrap.path, bootstrap.sha256)
+        sidecar = bootstrap_sidecar(host, workload, image, bootstrap.path, bootstrap.sha256, config.xds is not None)
     else:
         unit = PlannedFile(paths.envoy_unit_path(proxy), render_envoy_unit(config).encode(), 0o644, "root", "root",
                            "restart", check=unit_check(paths.envoy_unit_name(proxy)))

@@ -28,7 +28,7 @@ CHECKER_CERT_NAME = "checker"
 ROLE_PATHS = (paths.FIREWALL_PATH, FIREWALL_UNIT_PATH, paths.ENVOY_BINARY, LIST_PATH, RULES_PATH, WATCHER_PATH,
               WATCHER_UNIT_PATH, CHECKER_UNIT_PATH, TOKEN_FILE, CONSUL_CA_FILE, CONFIG_DIR, CONTROLLER_UNIT_PATH,
               controller_spec.CONTROLLER_DIR, controller_spec.CTL_SUDOERS, controller_spec.CTL_SCRIPT,
-              CTL_IDENTITIES_DIR, controller_spec.CTL_HOME, paths.CA_PATH,
+              CTL_IDENTITIES_DIR, controller_spec.CTL_HOME, paths.CA_PATH, paths.ENVOY_START,
               *reversed(HOST_FOLDERS))  # the folders last: a host that lost its last workload keeps none of them
 ROLE_UNITS = (paths.FIREWALL_UNIT, WATCHER_UNIT, CHECKER_UNIT, CONTROLLER_UNIT)
 # Users mesh makes for a role (the controllers' account on managed hosts, the controller's own): observed always,

@@ -37,6 +37,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                    controller_spec.INTERMEDIATE_CERT, controller_spec.INTERMEDIATE_KEY, controller_spec.TOKEN_FILE,
                    controller_spec.CONSUL_CA_FILE, CONTROLLER_UNIT_PATH),
     "spec": (controller_spec.KNOWN_HOSTS, controller_spec.SPEC_PATH),
+    "start": (paths.ENVOY_START,),  # the start step of xds proxies (mesh_delivery: xds), before their units/sidecars
 }
 
 

@@ -34,6 +34,7 @@ from mesh.deploy.variables import to_bool
 from mesh.hosts.facts import file_sha256
 from mesh.plan.model import ProxyPlan
 from mesh.render import (
+    BOOTSTRAP_KINDS,
     ProxyFiles,
     RenderedFile,
     host_validation,
@@ -175,7 +176,7 @@ def proxy_files(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
     if installed is not None and not installed.ok:
         return Outcome(msg=f"proxy {planned.name}: {installed.error_text()}", failed=True)
     moved = [final for _, final in check.moves]
-    if rendered.bootstrap.path in moved:
+    if any(file.kind in BOOTSTRAP_KINDS and file.path in moved for file in rendered.files):  # either bootstrap
         ctx.shared.mark_restart(ctx.host.name, planned.name)
     return Outcome(data={"proxy": planned.name, "moved": moved, "removed": list(stale)})
 

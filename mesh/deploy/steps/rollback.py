@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 
 from mesh.config import paths
+from mesh.config.xds import ADS_BOOTSTRAP_NAME
 from mesh.plan.model import ProxyPlan
 
 ROLLBACK_DIR = "/var/lib/mesh/rollback"  # root's, 0700: a tar per proxy, replaced by every run that changes it
@@ -20,7 +21,7 @@ def backup_command(planned: ProxyPlan, root: str = "") -> str:
     """Keep the proxy's running files (bootstrap, trust bundle, xds/; keys stay where they are) in a tar.
     `root`: the folder standing for the host's / ("" on a host; a test's temp folder)."""
     folder = paths.proxy_dir(planned.name).lstrip("/")
-    members = [f"{folder}/{name}" for name in (paths.XDS_DIR_NAME, paths.PROXY_CA_NAME, "envoy.yaml")]
+    members = [f"{folder}/{name}" for name in (paths.XDS_DIR_NAME, paths.PROXY_CA_NAME, ADS_BOOTSTRAP_NAME, "envoy.yaml")]
     target = shlex.quote(root + backup_path(planned.name))
     listed = " ".join(shlex.quote(member) for member in members)
     return (f"mkdir -p -m 0700 {shlex.quote(root + ROLLBACK_DIR)} && cd {shlex.quote(root or '/')} && "
@@ -49,6 +50,7 @@ def restore_command(planned: ProxyPlan, root: str = "") -> str:
         f"names=\"$names$n \"; mv -f \"$f\" {q(xds)}/\"$n\"; done"),
         (f"for f in {q(xds)}/*; do [ -f \"$f\" ] || continue; case \"$names\" in *\" $(basename \"$f\") \"*) ;; "
          "*) rm -f \"$f\" ;; esac; done"),
+        f"[ -f {q(kept)}/{ADS_BOOTSTRAP_NAME} ] && mv -f {q(kept)}/{ADS_BOOTSTRAP_NAME} {q(folder)}/ || true",
         f"[ -f {q(kept)}/envoy.yaml ] && mv -f {q(kept)}/envoy.yaml {q(folder)}/envoy.yaml || true",
         f"rm -rf {q(staging)}",
     ])
