@@ -1,0 +1,172 @@
+"""XdsServer on loopback with real gRPC clients (no Envoy): the node id must be a DNS SAN of the client's
+certificate (PERMISSION_DENIED otherwise, logged once a minute per peer), an unknown node gets NOT_FOUND, a foreign
+CA is refused at TLS until the bundle file holds it (re-read with no restart), the serving certificate is renewed
+with no restart, delta xDS is UNIMPLEMENTED, pushes are debounced, responses carry the resources' bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+from structlog.testing import capture_logs
+
+from mesh.render import CLUSTER_TYPE, LISTENER_TYPE
+from mesh.xds.resources import ProxyResources, assembled
+from mesh.xds.server import XdsServer
+from tests.xds_samples import AdsClient, FixedCert, Leaf, LeafSigner
+
+TRUST_DOMAIN = "loop.mesh"
+NODE = "web-vm1-8080"
+SPIFFE = f"spiffe://{TRUST_DOMAIN}/svc/web"
+
+
+def resources(node: str = NODE, tag: bytes = b"") -> ProxyResources:
+    items = [(LISTENER_TYPE, "inbound", any_pb2.Any(type_url=LISTENER_TYPE, value=b"inbound" + tag).SerializeToString()),
+             (CLUSTER_TYPE, "api", any_pb2.Any(type_url=CLUSTER_TYPE, value=b"api" + tag).SerializeToString())]
+    return assembled(node, [(url, name, data, hashlib.sha256(data).hexdigest()) for url, name, data in items])
+
+
+@pytest.fixture
+def mesh_ca() -> LeafSigner:
+    return LeafSigner.foreign("mesh-root")
+
+
+@pytest.fixture
+def server(tmp_path: Path, mesh_ca: LeafSigner) -> Iterator[XdsServer]:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(mesh_ca.root_pem)
+    xds = XdsServer(0, FixedCert(mesh_ca.serving_cert(TRUST_DOMAIN)), str(bundle), TRUST_DOMAIN, host="127.0.0.1")
+    xds.update({NODE: resources()})
+    xds.start()
+    assert xds.serving
+    try:
+        yield xds
+    finally:
+        xds.stop()
+
+
+def client(server: XdsServer, ca: LeafSigner, leaf: Leaf, root_pem: bytes | None = None) -> AdsClient:
+    return AdsClient(server.port, root_pem or ca.root_pem, leaf, TRUST_DOMAIN)
+
+
+def refused_with(ads: AdsClient, node: str = NODE) -> grpc.StatusCode:
+    ads.send(LISTENER_TYPE, node)
+    with pytest.raises(grpc.RpcError) as raised:
+        ads.receive()
+    ads.close()
+    return raised.value.code()  # type: ignore[no-any-return, attr-defined]
+
+
+def test_a_proxy_gets_its_own_resources_and_its_ack_shows_synced(server: XdsServer, mesh_ca: LeafSigner) -> None:
+    ads = client(server, mesh_ca, mesh_ca.issue(SPIFFE, (NODE,)))
+    ads.send(LISTENER_TYPE, NODE)
+    response = ads.receive()
+    assert (response.type_url, response.version_info, response.nonce) == (
+        LISTENER_TYPE, resources().versions[LISTENER_TYPE], "1")
+    assert [item.SerializeToString() for item in response.resources] == [resources().by_type[LISTENER_TYPE]["inbound"]]
+    [stream] = server.status().values()
+    assert stream.node_id == NODE and stream.peer.startswith("ipv4:127.0.0.1:")
+    assert [(item.type, item.state) for item in stream.types] == [("LDS", "stale")]
+    ads.send(LISTENER_TYPE, version=response.version_info, nonce=response.nonce)
+    deadline = time.monotonic() + 5
+    while server.status()[NODE].types[0].state != "synced" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.status()[NODE].types[0].state == "synced"
+    ads.close()
+
+
+def test_a_certificate_that_does_not_name_the_node_is_refused_and_logged_once(server: XdsServer,
+                                                                               mesh_ca: LeafSigner) -> None:
+    with capture_logs() as logs:
+        assert refused_with(client(server, mesh_ca, mesh_ca.issue(SPIFFE, ("api-vm2-9090",)))) \
+            == grpc.StatusCode.PERMISSION_DENIED
+        assert refused_with(client(server, mesh_ca, mesh_ca.issue(SPIFFE))) == grpc.StatusCode.PERMISSION_DENIED
+        assert refused_with(client(server, mesh_ca, mesh_ca.issue("spiffe://other.mesh/svc/web", (NODE,)))) \
+            == grpc.StatusCode.PERMISSION_DENIED
+    refusals = [entry for entry in logs if entry["event"] == "xds_stream_refused"]
+    assert len(refusals) == 1 and "does not name node 'web-vm1-8080'" in refusals[0]["reason"]
+    assert server.status() == {}
+
+
+def test_a_node_the_server_has_no_resources_for_gets_not_found(server: XdsServer, mesh_ca: LeafSigner) -> None:
+    assert refused_with(client(server, mesh_ca, mesh_ca.issue(SPIFFE, ("new-vm9-1",))), "new-vm9-1") \
+        == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_foreign_ca_is_refused_at_tls_until_the_bundle_file_holds_it(server: XdsServer, mesh_ca: LeafSigner,
+                                                                       tmp_path: Path) -> None:
+    foreign = LeafSigner.foreign()
+    leaf = foreign.issue(SPIFFE, (NODE,))
+    assert refused_with(client(server, mesh_ca, leaf)) == grpc.StatusCode.UNAVAILABLE
+    (tmp_path / "bundle.new").write_bytes(mesh_ca.root_pem + foreign.root_pem)
+    (tmp_path / "bundle.new").replace(tmp_path / "bundle.pem")  # a CA rotation's new bundle: no restart
+    ads = client(server, mesh_ca, leaf)
+    ads.send(LISTENER_TYPE, NODE)
+    assert ads.receive().type_url == LISTENER_TYPE
+    ads.close()
+
+
+def served_certificate(port: int, ca: LeafSigner, leaf: Leaf, folder: Path) -> x509.Certificate:
+    (folder / "c.pem").write_bytes(leaf.chain_pem)
+    (folder / "k.pem").write_bytes(leaf.key_pem)
+    context = ssl.create_default_context(cadata=ca.root_pem.decode())
+    context.load_cert_chain(folder / "c.pem", folder / "k.pem")
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=f"controller.{TRUST_DOMAIN}") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_renewed_serving_certificate_is_served_with_no_restart(server: XdsServer, mesh_ca: LeafSigner,
+                                                                 tmp_path: Path) -> None:
+    leaf = mesh_ca.issue(SPIFFE, (NODE,))
+    before = served_certificate(server.port, mesh_ca, leaf, tmp_path)
+    source = server.cert_source
+    assert isinstance(source, FixedCert)
+    source.cert = mesh_ca.serving_cert(TRUST_DOMAIN)
+    after = served_certificate(server.port, mesh_ca, leaf, tmp_path)
+    assert before.serial_number != after.serial_number
+    assert after == x509.load_pem_x509_certificates(source.cert.chain_pem)[0]
+
+
+def test_delta_xds_is_unimplemented(server: XdsServer, mesh_ca: LeafSigner) -> None:
+    leaf = mesh_ca.issue(SPIFFE, (NODE,))
+    credentials = grpc.ssl_channel_credentials(mesh_ca.root_pem, leaf.key_pem, leaf.chain_pem)
+    with grpc.secure_channel(f"127.0.0.1:{server.port}", credentials,
+                             options=[("grpc.ssl_target_name_override", f"controller.{TRUST_DOMAIN}")]) as channel:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        calls = stub.DeltaAggregatedResources(iter([discovery_pb2.DeltaDiscoveryRequest(type_url=LISTENER_TYPE)]),
+                                              timeout=10)
+        with pytest.raises(grpc.RpcError) as raised:
+            next(calls)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+
+
+def test_pushes_are_debounced_and_a_node_that_leaves_is_ended(server: XdsServer, mesh_ca: LeafSigner) -> None:
+    ads = client(server, mesh_ca, mesh_ca.issue(SPIFFE, (NODE,)))
+    ads.send(LISTENER_TYPE, NODE)
+    first = ads.receive()
+    ads.send(LISTENER_TYPE, version=first.version_info, nonce=first.nonce)
+    for index in range(5):  # within debounce_s: one push, of the last
+        server.update({NODE: resources(tag=bytes([index]))})
+    pushed = ads.receive()
+    assert pushed.version_info == resources(tag=b"\x04").versions[LISTENER_TYPE]
+    ads.send(LISTENER_TYPE, version=pushed.version_info, nonce=pushed.nonce)
+    time.sleep(0.3)
+    assert server.status()[NODE].types[0].responses == 2
+    server.update({})
+    with pytest.raises(grpc.RpcError) as raised:
+        ads.receive()
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    ads.close()
