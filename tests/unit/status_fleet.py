@@ -102,11 +102,16 @@ class Fleet:
         return expected_proxies(self.mesh, self.host(host))
 
 
-def converged_fleet(tmp_path: Path) -> Fleet:
+def converged_fleet(tmp_path: Path, xds_hosts: tuple[str, ...] = ()) -> Fleet:
     """vm1 (web -> api), vm2 (api), dock1 (api in container api-1), ctl1 (the checker), all as deploy leaves them,
-    every Envoy running its files."""
+    every Envoy running its files; the hosts in `xds_hosts` are on `mesh_delivery: xds` and their Envoys run the
+    ADS bootstrap (node.metadata mesh_delivery: xds) with resources of the stream's versions."""
     inventory = tmp_path / "hosts.yaml"
-    inventory.write_text(INVENTORY)
+    text = INVENTORY
+    for name in xds_hosts:
+        text = re.sub(rf"(\n( +){name}:\n\2  ansible_host: \S+\n)", r"\1\2  mesh_delivery: xds\n", text)
+    assert text.count("mesh_delivery: xds") == len(xds_hosts), text
+    inventory.write_text(text)
     mesh = check_inventory(load_inventory(str(inventory)), str(inventory)).mesh
     ca, _ = CertificateAuthority.ensure(str(tmp_path / "state"), "lab.mesh")
     fleet = Fleet(mesh, FakeFleet(), ca.root_pem)
@@ -139,9 +144,10 @@ def _lay_out(fleet: Fleet, ca: CertificateAuthority, managed: ManagedHost, host:
     fleet.serials[expected.proxy] = leaf.serial_number
     envoy = RunningEnvoy(
         server_info={"version": "deadbeef/1.40.0/Clean/RELEASE/BoringSSL", "state": "LIVE",
-                     "node": {"id": expected.proxy,
-                              "metadata": {"mesh_bootstrap_sha256": expected.files.bootstrap_sha256}}},
-        config_dump=config_dump_of(expected),
+                     "node": {"id": expected.node_id if expected.delivery == "xds" else expected.proxy,
+                              "metadata": {"mesh_bootstrap_sha256": expected.files.bootstrap_sha256,
+                                           **({"mesh_delivery": "xds"} if expected.delivery == "xds" else {})}}},
+        config_dump=config_dump_of(expected, over_ads=expected.delivery == "xds"),
         certs={"certificates": [{"ca_cert": [], "cert_chain": [
             {"path": expected.cert_path, "serial_number": f"0{leaf.serial_number:x}"}]}]},
         clusters="".join(f"{cluster}::10.77.0.12:{21000}::health_flags::healthy\n"
@@ -168,18 +174,19 @@ def _sidecar(fleet: Fleet, managed: ManagedHost, host: FakeHost, expected: Expec
     host.stub(r"sidecar-rules\S* check", CommandResult(0, b"", b""))
 
 
-def config_dump_of(expected: ExpectedProxy) -> dict[str, Any]:
-    """/config_dump?include_eds as an Envoy that loaded every resource file of the proxy would answer it."""
+def config_dump_of(expected: ExpectedProxy, over_ads: bool = False) -> dict[str, Any]:
+    """/config_dump?include_eds as an Envoy that loaded every resource file of the proxy would answer it; over ADS,
+    with the stream's versions (content hashes, not the files' version_info)."""
     listeners: dict[str, Any] = {"@type": _ADMIN_TYPES + "ListenersConfigDump", "dynamic_listeners": []}
     clusters: dict[str, Any] = {"@type": _ADMIN_TYPES + "ClustersConfigDump", "dynamic_active_clusters": []}
     routes: dict[str, Any] = {"@type": _ADMIN_TYPES + "RoutesConfigDump", "dynamic_route_configs": []}
     endpoints: dict[str, Any] = {"@type": _ADMIN_TYPES + "EndpointsConfigDump", "dynamic_endpoint_configs": []}
     secrets: dict[str, Any] = {"@type": _ADMIN_TYPES + "SecretsConfigDump", "dynamic_active_secrets": []}
     for file in expected.files.files:
-        if file.kind == "bootstrap":
-            continue
         response = yaml.safe_load(file.content)
-        version = response["version_info"]
+        if not isinstance(response.get("resources"), list):  # a bootstrap (envoy.yaml, envoy-ads.yaml)
+            continue
+        version = "ads-" + response["version_info"][:8] if over_ads else response["version_info"]
         for resource in response["resources"]:
             kind = resource["@type"].rsplit(".", 1)[-1]
             if kind == "Listener":
