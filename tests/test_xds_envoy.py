@@ -23,9 +23,11 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.controller.snapshot import ProxySnapshot
+from mesh.controller.endpoints import Endpoint, ServiceEndpoints
+from mesh.controller.snapshot import ProxySnapshot, proxy_snapshot
 from mesh.inventory.model import Health, Mesh, Workload
 from mesh.render import ProxyFiles
+from mesh.testing.fake_ctl import proxy_spec
 from mesh.testing.loopback import (
     APP_BODY,
     Identity,
@@ -106,10 +108,6 @@ def two_proxies(tmp_path: Path, over_ads: str, tcp: bool = False) -> Iterator[Ru
             folder = Path(files[over_ads].proxy_dir)
             config = ads_bootstrap(files[over_ads].bootstrap.content, server.port, TRUST_DOMAIN,
                                    str(folder / "xds" / "sds.proxy-cert.yaml"), str(folder / "ca.pem"))
-            # the ADS cluster's client certificate: the proxy's own SDS file names it proxy-cert
-            secrets = config["static_resources"]["clusters"][0]["transport_socket"]["typed_config"][
-                "common_tls_context"]["tls_certificate_sds_secret_configs"]
-            secrets[0]["name"] = "proxy-cert"
             envoys.append(start_envoy(f"{over_ads}-ads", config, tmp_path / f"{over_ads}-ads", base_ids[0],
                                       ("--reject-unknown-dynamic-fields",)))
             other = "api" if over_ads == "web" else "web"
@@ -258,8 +256,6 @@ def test_one_computation_two_deliveries(tmp_path: Path) -> None:
     folder = Path(files.proxy_dir)
     config = ads_bootstrap(files.bootstrap.content, server.port, TRUST_DOMAIN,
                            str(folder / "xds" / "sds.proxy-cert.yaml"), str(folder / "ca.pem"))
-    config["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]["common_tls_context"][
-        "tls_certificate_sds_secret_configs"][0]["name"] = "proxy-cert"
     from_ads = start_envoy("web-ads", config, tmp_path / "web-ads", base_id, ("--reject-unknown-dynamic-fields",))
     try:
         eventually(lambda: "upstream-api" in dynamic_names(from_ads)["endpoints"] or None, WAIT_S, "ADS loaded")
@@ -274,3 +270,57 @@ def test_one_computation_two_deliveries(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _quiet_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRPC_VERBOSITY", "ERROR")
+
+
+def test_a_failover_resends_no_listener_or_cluster_and_a_later_change_arrives(tmp_path: Path) -> None:
+    """web's ADS cluster lists two controllers serving the same snapshot; the one it streams from stops: the other
+    takes the stream with no LDS or CDS response (same content, same version), and a change made after the kill
+    reaches Envoy."""
+    loop = two_service_mesh(free_port(), TRUST_DOMAIN)
+    state = tmp_path / "state"
+    issue_identities(state, TRUST_DOMAIN, (loop.web,))
+    signer = LeafSigner.of_mesh(state)
+    files = mesh_proxy_files(loop, loop.web, tmp_path / "web")
+    node_id = node_id_of(files)
+    leaf = signer.issue(loop.web.spiffe_id, (node_id,))
+    lay_out_proxy(files, Identity(leaf.chain_pem, leaf.key_pem, signer.root_pem))
+    (tmp_path / "bundle.pem").write_bytes(signer.root_pem)
+    snapshot = ProxySnapshot("h-web", files, "t")
+    servers = [XdsServer(0, FixedCert(signer.serving_cert(TRUST_DOMAIN)), str(tmp_path / "bundle.pem"),
+                         TRUST_DOMAIN, host="127.0.0.1") for _ in range(2)]
+    for server in servers:
+        server.update({node_id: ads_resources(snapshot, node_id, signer.root_pem.decode())})
+        server.start()
+    folder = Path(files.proxy_dir)
+    config = ads_bootstrap(files.bootstrap.content, tuple(server.port for server in servers), TRUST_DOMAIN,
+                           str(folder / "xds" / "sds.proxy-cert.yaml"), str(folder / "ca.pem"))
+    [base_id] = free_base_ids(1)
+    envoy = start_envoy("web-ads", config, tmp_path / "web-ads", base_id, ("--reject-unknown-dynamic-fields",))
+    try:
+        first = eventually(lambda: next((server for server in servers
+                                         if set(states(server, node_id).values()) == {"synced"}), None),
+                           WAIT_S, "one controller's stream synced")
+        second = servers[1 - servers.index(first)]
+        assert second.status() == {}
+        listeners_before = config_dump(envoy)["ListenersConfigDump"]["version_info"]
+        first.stop()
+        eventually(lambda: set(states(second, node_id).values()) == {"synced"} or None, WAIT_S,
+                   "the other controller's stream synced")
+        assert responses(second, node_id, "LDS") == 0 and responses(second, node_id, "CDS") == 0
+        assert config_dump(envoy)["ListenersConfigDump"]["version_info"] == listeners_before
+        moved = proxy_snapshot("h-web", proxy_spec(files), {"api": ServiceEndpoints(
+            "api", (Endpoint("127.0.0.9", 9999),), (Endpoint("127.0.0.9", 9999),))})
+        second.update({node_id: ads_resources(moved, node_id, signer.root_pem.decode())})
+
+        def upstream_api() -> list[str]:
+            dump = config_dump(envoy)["EndpointsConfigDump"].get("dynamic_endpoint_configs", [])
+            return [lb["endpoint"]["address"]["socket_address"]["address"] for item in dump
+                    if item["endpoint_config"]["cluster_name"] == "upstream-api"
+                    for locality in item["endpoint_config"]["endpoints"] for lb in locality["lb_endpoints"]]
+
+        eventually(lambda: upstream_api() == ["127.0.0.9"] or None, WAIT_S, "the change made after the kill")
+        assert responses(second, node_id, "LDS") == 0 and responses(second, node_id, "CDS") == 0
+    finally:
+        stop_envoys([envoy])
+        for server in servers:
+            server.stop()

@@ -5,7 +5,6 @@ speaks ADS as Envoy does."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +99,12 @@ class FixedCert:
         return self.cert
 
 
-def ads_bootstrap(files_bootstrap: str, xds_port: int, trust_domain: str, certificate_sds_path: str,
-                  ca_path: str) -> dict[str, Any]:
+def ads_bootstrap(files_bootstrap: str, xds_port: int | tuple[int, ...], trust_domain: str,
+                  certificate_sds_path: str, ca_path: str) -> dict[str, Any]:
     """The files bootstrap of a proxy with its resources from ADS instead: node, admin and the rest kept, the
-    `mesh-xds` cluster at 127.0.0.1:xds_port over HTTP/2 and mTLS (the proxy's certificate from its SDS file, the
-    controller checked against ca_path by SNI and SPIFFE ID)."""
+    `mesh-xds` cluster at 127.0.0.1:<each of xds_port> over HTTP/2 and mTLS (the proxy's certificate from its SDS
+    file, the controller checked against ca_path by SNI and SPIFFE ID)."""
+    ports = xds_port if isinstance(xds_port, tuple) else (xds_port,)
     config = yaml.safe_load(files_bootstrap)
     config["dynamic_resources"] = {
         "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
@@ -112,8 +112,9 @@ def ads_bootstrap(files_bootstrap: str, xds_port: int, trust_domain: str, certif
         "lds_config": ads_source(), "cds_config": ads_source()}
     config["static_resources"] = {"clusters": [{
         "name": XDS_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}]},
+        "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+            for port in ports]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}}}},
@@ -121,22 +122,13 @@ def ads_bootstrap(files_bootstrap: str, xds_port: int, trust_domain: str, certif
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": f"controller.{trust_domain}",
             "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [{"name": "xds-client-cert", "sds_config": {
+                "tls_certificate_sds_secret_configs": [{"name": "proxy-cert", "sds_config": {
                     "resource_api_version": "V3", "path_config_source": {"path": certificate_sds_path}}}],
                 "validation_context": {
                     "trusted_ca": {"filename": ca_path},
                     "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
                         "exact": controller_spiffe_id(trust_domain)}}]}}}}}]}
     return dict(config)
-
-
-def certificate_secret_file(path: Path, name: str, chain_path: str, key_path: str) -> str:
-    """An SDS file holding one certificate Secret `name` (the ADS cluster's client certificate)."""
-    path.write_text(yaml.safe_dump({"resources": [{
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "name": name,
-        "tls_certificate": {"certificate_chain": {"filename": chain_path},
-                            "private_key": {"filename": key_path}}}]}))
-    return str(path)
 
 
 class AdsClient:
@@ -171,6 +163,3 @@ class AdsClient:
         self._queue.put(None)
         self.channel.close()
 
-
-def parsed(files: Mapping[str, str]) -> dict[str, Any]:
-    return {name: yaml.safe_load(text) for name, text in files.items()}
