@@ -114,6 +114,14 @@ def self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _tail(path: Path) -> str:
+    """The server log's last lines, for an error message."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-15:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
 def _log_file(path: Path) -> int:
     """A file descriptor for the server process's stderr (the child gets its copy)."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -122,31 +130,34 @@ def _log_file(path: Path) -> int:
 class ServerProcess:
     """bench/xds_fleet.py serve, spoken to over its stdin/stdout."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.process, self.log_path = process, log_path
 
     @classmethod
-    async def start(cls, folder: Path, port: int, proxies: int, endpoints: int) -> ServerProcess:
+    async def start(cls, folder: Path, port: int, proxies: int, endpoints: int, tls: str) -> ServerProcess:
         log_fd = _log_file(folder / "server.log")
         try:
-            process = await cls._spawn(folder, port, proxies, endpoints, log_fd)
+            process = await cls._spawn(folder, port, proxies, endpoints, tls, log_fd)
         finally:
             os.close(log_fd)
-        return cls(process)
+        return cls(process, folder / "server.log")
 
     @staticmethod
-    async def _spawn(folder: Path, port: int, proxies: int, endpoints: int, log_fd: int) -> asyncio.subprocess.Process:
+    async def _spawn(folder: Path, port: int, proxies: int, endpoints: int, tls: str,
+                     log_fd: int) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             sys.executable, str(REPO / "bench" / "xds_fleet.py"), "serve", "--dir", str(folder), "--port", str(port),
             "--proxies", str(proxies), "--endpoints", str(endpoints), "--trust-domain", TRUST_DOMAIN,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            "--server-tls", tls, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=log_fd, limit=64 * 1024 * 1024)
 
     async def event(self, timeout: float) -> dict[str, Any]:
         assert self.process.stdout is not None
         line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
         if not line:
-            raise RuntimeError(f"the server process exited ({await self.process.wait()}); see its log")
+            code = await self.process.wait()
+            raise RuntimeError(f"the server process exited ({code}{', a crash' if code < 0 else ''}): "
+                               f"{_tail(self.log_path)}")
         event: dict[str, Any] = json.loads(line)
         if event.get("event") == "error":
             raise RuntimeError(f"the server process: {event.get('message')}")
@@ -159,7 +170,10 @@ class ServerProcess:
         return await self.event(timeout)
 
     def usage(self) -> dict[str, float]:
-        return proc_usage(self.process.pid)
+        try:
+            return proc_usage(self.process.pid)
+        except OSError:
+            raise RuntimeError(f"the server process is gone: {_tail(self.log_path)}") from None
 
     async def stop(self) -> None:
         if self.process.returncode is None and self.process.stdin is not None:
@@ -189,14 +203,14 @@ def _acked_eds(expected: dict[str, dict[str, str]]) -> Any:
 
 
 async def run_generator(folder: Path, clients: int, endpoints: int, changes: int, timeout: float,
-                        ramp_s: float) -> dict[str, Any]:
+                        ramp_s: float, tls: str = "dynamic") -> dict[str, Any]:
     nodes = [node_id(index) for index in range(clients)]
     started = time.monotonic()
     root_pem, identities = make_certs(folder, nodes)
     log(f"xds: CA and {clients} leaves in {time.monotonic() - started:.1f} s; starting the server process")
     port = free_port()
-    server = await ServerProcess.start(folder, port, clients, endpoints)
-    report: dict[str, Any] = {"clients": clients, "endpoints": endpoints, "changes": []}
+    server = await ServerProcess.start(folder, port, clients, endpoints, tls)
+    report: dict[str, Any] = {"clients": clients, "endpoints": endpoints, "changes": [], "server_tls": tls}
     generator = Generator(identities, f"127.0.0.1:{port}", root_pem, f"controller.{TRUST_DOMAIN}")
     try:
         ready = await server.event(timeout=600)
@@ -253,11 +267,11 @@ def _describe(proxy: SimulatedProxy, expected: dict[str, dict[str, str]]) -> str
 
 
 def run_xds(clients: int, endpoints: int, changes: int, keep: bool, timeout: float = 120.0,
-            ramp_s: float = 0.0) -> dict[str, Any]:
+            ramp_s: float = 0.0, tls: str = "dynamic") -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="mesh-bench-conv-xds-"))
     log(f"xds: {clients} simulated ADS proxies, {endpoints} endpoints, {changes} changes, in {folder}")
     try:
-        return asyncio.run(run_generator(folder, clients, endpoints, changes, timeout, ramp_s))
+        return asyncio.run(run_generator(folder, clients, endpoints, changes, timeout, ramp_s, tls))
     finally:
         if keep:
             log(f"kept {folder}")
@@ -279,7 +293,9 @@ def xds_change_times(report: dict[str, Any]) -> list[float]:
 def print_xds(report: dict[str, Any], baseline: dict[str, Any] | None) -> None:
     clients = report["clients"]
     print(f"\n## xDS (ADS) convergence: {clients} simulated proxies (one process, grpc.aio, mTLS, acking like Envoy), "
-          f"a service of {report['endpoints']} endpoints, {len(report['changes'])} changes (one instance drained each)")
+          f"a service of {report['endpoints']} endpoints, {len(report['changes'])} changes (one instance drained each)"
+          + ("" if report.get("server_tls", "dynamic") == "dynamic" else
+             "; the server's TLS made STATIC (--server-tls static, a diagnostic)"))
     start = report.get("server_start", {})
     if start:
         print(f"  server start: fleet snapshot {start['snapshot_s']:.2f} s, resources + update {start['offer_s']:.2f} s")

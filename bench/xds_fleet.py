@@ -3,6 +3,7 @@ mesh.testing.loopback's two-service mesh with its own node id; `api` with M inst
 with mesh's real ADS server, so its CPU and memory are measured apart from the load generator.
 
     python bench/xds_fleet.py serve --dir DIR --port PORT --proxies N --endpoints M [--trust-domain bench.mesh]
+                                    [--server-tls dynamic|static]
 
 DIR holds what the driver made (bench/convergence_xds.py): `bundle.pem` (the mesh CA's trust bundle),
 `server.pem` (the controller's chain) and `server-key.pem` (0600). The process prints one JSON line per event on
@@ -100,6 +101,16 @@ class StaticCert:
         return ServingCert(self.chain_pem, self.key_pem, "bench", now - timedelta(minutes=5), now + timedelta(days=1))
 
 
+def _static_credentials(cert: StaticCert, bundle_path: str) -> Any:
+    """`--server-tls static`: the server's mTLS without grpc's dynamic credentials (no renewal, no bundle re-read):
+    a diagnostic, since grpc.dynamic_ssl_server_credentials crashed the server with hundreds of handshakes at once
+    (grpcio 1.85.4); the bench's default runs mesh's server as it is."""
+    import grpc
+
+    return grpc.ssl_server_credentials([(cert.key_pem, cert.chain_pem)], Path(bundle_path).read_bytes(),
+                                       require_client_auth=True)
+
+
 def usage() -> dict[str, float]:
     """This process's CPU seconds (user + system) and RSS (KiB)."""
     times = os.times()
@@ -112,7 +123,8 @@ class FleetServer:
     """The fleet's snapshot served by the controller's own feed (mesh.controller.xds_feed.XdsFeed) over a real
     XdsServer; every file set accepted (the controller validates once per route set, never per endpoint change)."""
 
-    def __init__(self, folder: Path, port: int, proxies: int, endpoints: int, trust_domain: str) -> None:
+    def __init__(self, folder: Path, port: int, proxies: int, endpoints: int, trust_domain: str,
+                 static_tls: bool = False) -> None:
         from mesh.controller.xds_feed import XdsFeed
         from mesh.xds.server import XdsServer
 
@@ -120,7 +132,13 @@ class FleetServer:
         self.spec = fleet_spec(proxies, trust_domain)
         cert = StaticCert((folder / "server.pem").read_bytes(), (folder / "server-key.pem").read_bytes())
         bundle = str(folder / "bundle.pem")
-        self.feed = XdsFeed(lambda spec: XdsServer(port, cert, bundle, spec.trust_domain, host="127.0.0.1"), bundle)
+
+        def make(spec: Any) -> Any:
+            server = XdsServer(port, cert, bundle, spec.trust_domain, host="127.0.0.1")
+            if static_tls:
+                server._credentials = lambda: _static_credentials(cert, bundle)  # type: ignore[method-assign]
+            return server
+        self.feed = XdsFeed(make, bundle)
 
     def start(self) -> None:
         self.feed.keep(self.spec)
@@ -165,7 +183,8 @@ def serve(args: argparse.Namespace) -> None:
     from mesh.testing.loopback import two_service_mesh  # noqa: F401
 
     before = usage()
-    fleet = FleetServer(args.dir, args.port, args.proxies, args.endpoints, args.trust_domain)
+    fleet = FleetServer(args.dir, args.port, args.proxies, args.endpoints, args.trust_domain,
+                        args.server_tls == "static")
     fleet.start()
     first = fleet.apply(0, time.monotonic())
     time.sleep(0.5)  # the server serves an update after its debounce: before that a node is unknown (NOT_FOUND)
@@ -209,6 +228,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--proxies", type=int, required=True)
     parser.add_argument("--endpoints", type=int, required=True)
     parser.add_argument("--trust-domain", default="bench.mesh")
+    parser.add_argument("--server-tls", default="dynamic", choices=["dynamic", "static"])
     serve(parser.parse_args(argv))
     return 0
 
