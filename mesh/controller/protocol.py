@@ -1,7 +1,7 @@
 """The controller's side of `mesh-ctl`, the forced command on every managed host (templates/host/mesh-ctl.sh).
 
-It owns what travels over the controller's SSH access: the command strings of the four verbs (`state`, `apply`,
-`csr NAME`, `install NAME VERSION`), the bundle `apply` reads on stdin (a ustar archive), and the parsing of what
+It owns what travels over the controller's SSH access: the command strings of the five verbs (`state`, `apply`,
+`csr NAME`, `install NAME VERSION`, `restart NAME`), the bundle `apply` reads on stdin (a ustar archive), and the parsing of what
 the verbs print. Pure: no SSH, no Consul, no files but the packaged script's own text.
 
 What the verbs print (space-separated fields, one record a line):
@@ -9,10 +9,13 @@ What the verbs print (space-separated fields, one record a line):
     state     identity NAME KIND                                   (KIND: vm | container | checker)
               file NAME RELPATH SHA256                             (RELPATH: envoy.yaml or xds/FILE.yaml)
               cert NAME SERIAL NOT_BEFORE_EPOCH NOT_AFTER_EPOCH    (or `cert NAME none`)
+              delivery NAME xds|files                              (an xds proxy: the bootstrap its Envoy started
+                                                                    with, as its start step wrote it)
               end                                                  (the last line: the output is whole)
     apply     applied NAME                                         (per identity whose files were moved)
     csr NAME  pending VERSION, then the CSR (PEM)
     install   installed NAME SERIAL
+    restart   restarted NAME                                       (drained, then its unit or sidecar restarted)
 
 Exit codes: 0 done; 1 well-formed but failed (Envoy refused the files or did not take one, a certificate not for
 the pending key or not trusted); 2 refused (unknown verb, identity or version, a malformed archive); the reason
@@ -32,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mesh.config import paths
+from mesh.config.xds import DELIVERIES
 from mesh.controller.spec import CTL_STAGING_NAME
 from mesh.errors import MeshError
 from mesh.package_data import templates_dir
@@ -39,11 +43,11 @@ from mesh.render import BOOTSTRAP_KINDS, VALIDATE_CONFIG_NAME, ProxyFiles, host_
 
 __all__ = ["MAX_BUNDLE_BYTES", "MAX_CHAIN_BYTES", "VERBS", "BundleProxy", "CertState", "CtlProtocolError",
            "HostState", "apply_bundle", "bundle_for", "command", "parse_applied", "parse_installed",
-           "parse_pending", "parse_state", "relpath_in", "resource_version", "resource_version_of", "script_path",
+           "parse_pending", "parse_restarted", "parse_state", "relpath_in", "resource_version", "resource_version_of", "script_path",
            "script_text", "serial_hex"]
 
 SCRIPT_TEMPLATE = "host/mesh-ctl.sh"
-VERBS = ("state", "apply", "csr", "install")
+VERBS = ("state", "apply", "csr", "install", "restart")
 MAX_BUNDLE_BYTES = 8 * 1024 * 1024  # what `apply` reads of stdin at most
 MAX_CHAIN_BYTES = 64 * 1024  # what `install` reads of stdin at most
 REMOVE_NAME = "remove"
@@ -76,7 +80,7 @@ def script_text() -> str:
 
 def command(verb: str, *args: str) -> str:
     """The SSH command the controller sends (the script gets it whole as its one argument)."""
-    arity = {"state": 0, "apply": 0, "csr": 1, "install": 2}
+    arity = {"state": 0, "apply": 0, "csr": 1, "install": 2, "restart": 1}
     if verb not in arity:
         raise CtlProtocolError(f"mesh-ctl has no verb {verb!r} (it has {', '.join(VERBS)})")
     if len(args) != arity[verb]:
@@ -197,11 +201,13 @@ class CertState:
 
 @dataclass
 class HostState:
-    """What `state` reports of a host: its identities, their files (relpath -> sha256) and certificates."""
+    """What `state` reports of a host: its identities, their files (relpath -> sha256), certificates, and for
+    proxies on `mesh_delivery: xds` the bootstrap their Envoy started with."""
 
     identities: dict[str, str] = field(default_factory=dict)  # name -> kind
     files: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {relpath: sha256}
     certs: dict[str, CertState | None] = field(default_factory=dict)  # name -> its certificate, None when missing
+    delivery: dict[str, str] = field(default_factory=dict)  # name -> "xds" | "files" (only proxies that said)
 
     def resource_version(self, name: str) -> str:
         """The resource version of an identity's xds files as the host has them."""
@@ -224,8 +230,8 @@ def parse_state(text: str) -> HostState:
         if record == "end" and not args:
             ended = True
             continue
-        if record not in ("identity", "file", "cert") or not args or not NAME.match(args[0]):
-            raise bad("not a record of state (identity, file, cert, end)")
+        if record not in ("identity", "file", "cert", "delivery") or not args or not NAME.match(args[0]):
+            raise bad("not a record of state (identity, file, cert, delivery, end)")
         name = args[0]
         if record == "identity":
             if len(args) != 2 or args[1] not in KINDS:
@@ -243,6 +249,13 @@ def parse_state(text: str) -> HostState:
             if args[1] in state.files[name]:
                 raise bad("file listed twice")
             state.files[name][args[1]] = args[2]
+            continue
+        if record == "delivery":
+            if len(args) != 2 or args[1] not in DELIVERIES:
+                raise bad("expected `delivery NAME xds|files`")
+            if name in state.delivery:
+                raise bad("delivery listed twice")
+            state.delivery[name] = args[1]
             continue
         if name in state.certs:
             raise bad("certificate listed twice")
@@ -313,6 +326,12 @@ def parse_installed(stdout: str, name: str | None = None) -> str:
             or (name is not None and fields[1] != name):
         raise CtlProtocolError(f"mesh-ctl install: expected `installed {name or 'NAME'} SERIAL`, got {stdout!r}")
     return fields[2]
+
+
+def parse_restarted(stdout: str, name: str) -> None:
+    """Checks the output of `restart NAME`: its one line `restarted NAME`."""
+    if stdout.splitlines() != [f"restarted {name}"]:
+        raise CtlProtocolError(f"mesh-ctl restart: expected `restarted {name}`, got {stdout!r}")
 
 
 def serial_hex(number: int) -> str:

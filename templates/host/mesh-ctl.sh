@@ -4,20 +4,24 @@
 # passes the controller's command line as ONE argument). Verbs (mesh/controller/protocol.py is the other side):
 #
 #   state                 identity NAME KIND / file NAME RELPATH SHA256 / cert NAME SERIAL NOT_BEFORE NOT_AFTER
-#                         (or `cert NAME none`) for every identity of /etc/mesh/ctl/identities, then `end`
+#                         (or `cert NAME none`) / delivery NAME xds|files (what its Envoy started with, when
+#                         its start step wrote HOME/admin/delivery) for every identity of
+#                         /etc/mesh/ctl/identities, then `end`
 #   apply                 stdin: a ustar archive of NAME/validate.yaml, NAME/xds/FILE.yaml, NAME/remove; per NAME
 #                         the files are checked by Envoy's validate mode, then moved into HOME/xds one by one
 #                         (waiting for a running Envoy to take each); prints `applied NAME`
 #   csr NAME              a new key in HOME/tls.VERSION; prints `pending VERSION` and the CSR
 #   install NAME VERSION  stdin: the certificate chain for that key; checked, then the `tls` link swapped to it;
 #                         prints `installed NAME SERIAL`
+#   restart NAME          a proxy's Envoy drained (POST /drain_listeners?graceful on its admin socket), then
+#                         after DRAIN_WAIT_S its unit (vm) or sidecar (container) restarted; prints `restarted NAME`
 #
 # Anything else is refused (exit 2). Exit 1: a well-formed request that failed (Envoy refused the files, a
 # certificate not for the pending key or not trusted). Only identities listed in the identities file are touched:
 #   NAME KIND HOME OWNER CN TRUST IMAGE      (KIND vm|container|checker; IMAGE `-` unless container)
 # MESH_CTL_ROOT (tests, benchmarks: sudo removes it from the environment) prefixes this script's own paths (the
-# identities file, Envoy, the lock and temp files in /run/mesh-ctl, the syslog socket); HOME and TRUST are used as
-# the identities file writes them.
+# identities file, Envoy, systemctl and docker for `restart`, the lock and temp files in /run/mesh-ctl, the syslog
+# socket); HOME and TRUST are used as the identities file writes them.
 # shellcheck disable=SC2015,SC2174,SC2329 # `a && b || fail`: any step failing fails; /run is there; finish: a trap
 set -f -u
 umask 077
@@ -29,6 +33,8 @@ export LC_ALL PATH
 ROOT=${MESH_CTL_ROOT:-}
 IDENTITIES=$ROOT/etc/mesh/ctl/identities
 ENVOY=$ROOT/usr/local/lib/mesh/envoy
+SYSTEMCTL=$ROOT/usr/bin/systemctl
+DOCKER=$ROOT/usr/bin/docker
 RUN_DIR=$ROOT/run/mesh-ctl
 LOCK=$RUN_DIR/lock
 STAGING_NAME=.ctl-staging
@@ -37,6 +43,7 @@ MAX_BUNDLE=8388608
 MAX_CHAIN=65536
 MAX_MEMBERS=4096
 WAIT_S=15
+DRAIN_WAIT_S=5
 VALIDATE_TIMEOUT_S=60
 SIDECAR_MEMORY=256m
 
@@ -201,6 +208,11 @@ FILES
       sum=$(sha_of "$s_home/envoy.yaml") && echo "file $s_name envoy.yaml $sum"
     fi
     cert_line "$s_name" "$s_home"
+    marker=$s_home/admin/delivery  # written by the start step (Envoy's user's folder: a plain file, checked)
+    if [ -f "$marker" ] && [ ! -L "$marker" ]; then
+      delivery=$(head -c 16 "$marker" 2>/dev/null | head -n 1)
+      case $delivery in xds | files) echo "delivery $s_name $delivery" ;; esac
+    fi
   done <<EOF
 $lines
 EOF
@@ -427,6 +439,25 @@ do_install() {
   echo "installed $1 $serial"
 }
 
+# --- restart ---
+
+do_restart() {
+  lookup "$1"
+  case $kind in vm | container) ;; *) refuse "$1 is not a proxy" ;; esac
+  new_work
+  lock
+  # Envoy finishes what it serves and tells clients to go elsewhere; one that does not answer is restarted as well.
+  curl -sf --max-time 5 --unix-socket "$home/admin/admin.sock" -X POST 'http://envoy/drain_listeners?graceful' \
+    > /dev/null 2>&1 || say "$1: Envoy did not take the drain (restarting it anyway)"
+  sleep "$DRAIN_WAIT_S"
+  if [ "$kind" = vm ]; then
+    "$SYSTEMCTL" restart "mesh-envoy-$1.service" > "$work/restart.out" 2>&1
+  else
+    "$DOCKER" restart --time 5 "mesh-envoy-$1" > "$work/restart.out" 2>&1
+  fi || fail "$1: the restart failed: $(head -c 300 "$work/restart.out" | tr '\n' ' ')"
+  echo "restarted $1"
+}
+
 # --- the request ---
 
 [ "$#" -eq 1 ] || refuse "expected the command as one argument"
@@ -445,6 +476,7 @@ case $verb in
   apply) [ "$#" -eq 0 ] || refuse "apply takes no argument"; do_apply ;;
   csr) [ "$#" -eq 1 ] && is_name "$1" || refuse "usage: csr NAME"; do_csr "$1" ;;
   install) [ "$#" -eq 2 ] && is_name "$1" && is_version "$2" || refuse "usage: install NAME VERSION"; do_install "$1" "$2" ;;
+  restart) [ "$#" -eq 1 ] && is_name "$1" || refuse "usage: restart NAME"; do_restart "$1" ;;
   *) refuse "unknown verb $(printable "$verb")" ;;
 esac
 exit 0
