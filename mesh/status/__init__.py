@@ -1,7 +1,7 @@
 """`mesh status INVENTORY`: gather a typed report of every managed host (mesh.status.gather: reachable, per proxy
-or sidecar Envoy running, config applied and running, certificate, upstream health in Consul and in Envoy; the
-sidecar watcher and rules; the checker; Consul), then print it as a table or as JSON (mesh.status.output).
-It only reads.
+or sidecar Envoy running, config applied and running (an xds proxy: its ADS stream per resource type),
+certificate, upstream health in Consul and in Envoy; the sidecar watcher and rules; the checker; Consul), then
+print it as a table or as JSON (mesh.status.output). It only reads.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Gathering the status report: Consul once from this machine (services' health, the controllers' lock and
-published state), then every managed host in parallel, each over one connection with all its reads in one batch
-(mesh.status.reads), judged into a StatusReport. It only reads; it must not print.
+"""Gathering the status report: Consul once from this machine (services' health, the controllers' lock,
+published state and ADS streams), then every managed host in parallel, each over one connection with all its
+reads in one batch (mesh.status.reads), judged into a StatusReport. It only reads; it must not print.
 """
 
 from __future__ import annotations
