@@ -44,7 +44,7 @@ from mesh.render import (
 )
 
 __all__ = ["EXTENSION_MODULES", "RESOURCE_TYPES", "SHORT_NAMES", "ProxyResources", "XdsConversionError",
-           "ads_resources", "assembled", "missing_types", "packed", "unpacked", "with_invalid_listener"]
+           "ads_resources", "assembled", "content_version", "missing_types", "packed", "unpacked", "with_invalid_listener"]
 
 RESOURCE_TYPES = (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE, EXTENSION_CONFIG_TYPE)
 SHORT_NAMES = {LISTENER_TYPE: "LDS", ROUTE_TYPE: "RDS", CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS",
@@ -140,14 +140,15 @@ def assembled(node_id: str, entries: Iterable[tuple[str, str, bytes, str]]) -> P
     for type_url, name, packed_bytes, digest in entries:
         by_type.setdefault(type_url, {})[name] = packed_bytes
         digests.setdefault(type_url, {})[name] = digest
-    versions = {type_url: _version(named) for type_url, named in digests.items()}
+    versions = {type_url: content_version(named) for type_url, named in digests.items()}
     return ProxyResources(node_id,
                           MappingProxyType({url: MappingProxyType(named) for url, named in by_type.items()}),
                           MappingProxyType(versions),
                           MappingProxyType({url: MappingProxyType(named) for url, named in digests.items()}))
 
 
-def _version(digests: Mapping[str, str]) -> str:
+def content_version(digests: Mapping[str, str]) -> str:
+    """The version of a set of resources (name -> sha256 of its canonical JSON): a hash of their content."""
     lines = "".join(f"{name} {digest}\n" for name, digest in sorted(digests.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
 

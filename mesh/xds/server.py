@@ -231,6 +231,7 @@ class XdsServer:
         with self._lock:
             known = node_id in self._served
         if not known:
+            self._refused(peer, node_id, "no resources for this node id")
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this controller has no resources for node {node_id!r}")
         stream = _Stream(node_id, peer, time.time(), StreamState(node_id))
         with self._lock:

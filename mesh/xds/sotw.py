@@ -15,7 +15,8 @@ the proxy last acknowledged and its last refusal (NACK). The rules (Envoy's xDS 
 - a new stream's first request for a wildcard type that already names the current version (the proxy got it from
   another controller: versions are content hashes) gets no response: nothing is resent on a failover;
 - pushes go out in warming order: CDS, EDS, LDS, RDS, then SDS and ECDS; a type the proxy never asked for is not
-  pushed. Nonces count up per stream.
+  pushed. Clusters that leave are removed last (make before break): a first CDS response keeps them beside the
+  new ones, the final one after the routes and listeners. Nonces count up per stream.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mesh.render import (
     ROUTE_TYPE,
     SECRET_TYPE,
 )
-from mesh.xds.resources import SHORT_NAMES, ProxyResources
+from mesh.xds.resources import SHORT_NAMES, ProxyResources, content_version
 from mesh.xds.status import TypeStatus
 
 PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE, EXTENSION_CONFIG_TYPE)
@@ -77,6 +78,7 @@ class TypeState:
     acked_version: str | None = None
     nack: Nack | None = None  # the last refusal, until a later version is ACKed
     responses: int = 0  # responses sent for this type on this stream
+    sent_clusters: dict[str, tuple[bytes, str]] | None = None  # CDS only: what it last sent, name -> (Any, digest)
 
 
 @dataclass
@@ -120,24 +122,47 @@ class StreamState:
 
     def on_resources(self, resources: ProxyResources) -> list[Response]:
         """The responses for new resources, in warming order: a type whose version differs from the one last sent
-        (a refused version is never sent again: it is the one last sent)."""
-        responses = []
+        (a refused version is never sent again: it is the one last sent). Clusters that leave are removed last:
+        first a CDS response that keeps them beside the new ones, then the rest, then the final CDS (a route
+        still naming a leaving cluster never meets a proxy without it)."""
+        keeping = self._clusters_kept(resources)
+        responses = [] if keeping is None else [keeping]
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
-            if state is None or state.names is None:
+            if state is None or state.names is None or (keeping is not None and type_url == CLUSTER_TYPE):
                 continue
             if _version(resources, type_url) != state.sent_version:
                 responses.append(self._response(type_url, state, resources))
+        if keeping is not None:
+            responses.append(self._response(CLUSTER_TYPE, self.types[CLUSTER_TYPE], resources))
         return responses
 
+    def _clusters_kept(self, resources: ProxyResources) -> Response | None:
+        """A CDS response with the new clusters and those leaving, when some leave; None otherwise."""
+        state = self.types.get(CLUSTER_TYPE)
+        if state is None or state.sent_clusters is None or _version(resources, CLUSTER_TYPE) == state.sent_version:
+            return None
+        named, digests = resources.by_type.get(CLUSTER_TYPE, {}), resources.digests.get(CLUSTER_TYPE, {})
+        leaving = {name: sent for name, sent in state.sent_clusters.items() if name not in named}
+        if not leaving:
+            return None
+        kept = {**leaving, **{name: (named[name], digests[name]) for name in named}}
+        return self._sent(CLUSTER_TYPE, state, kept, content_version({name: item[1] for name, item in kept.items()}))
+
     def _response(self, type_url: str, state: TypeState, resources: ProxyResources) -> Response:
-        self.nonce_counter += 1
-        named = resources.by_type.get(type_url, {})
+        named, digests = resources.by_type.get(type_url, {}), resources.digests.get(type_url, {})
         wanted = sorted(named) if type_url in WILDCARD_TYPES else sorted(set(named) & (state.names or frozenset()))
-        version = _version(resources, type_url)
+        return self._sent(type_url, state, {name: (named[name], digests[name]) for name in wanted},
+                          _version(resources, type_url))
+
+    def _sent(self, type_url: str, state: TypeState, items: dict[str, tuple[bytes, str]], version: str) -> Response:
+        self.nonce_counter += 1
         state.sent_version, state.sent_nonce = version, str(self.nonce_counter)
         state.responses += 1
-        return Response(type_url, version, state.sent_nonce, tuple(named[name] for name in wanted), tuple(wanted))
+        if type_url == CLUSTER_TYPE:
+            state.sent_clusters = items
+        names = tuple(sorted(items))
+        return Response(type_url, version, state.sent_nonce, tuple(items[name][0] for name in names), names)
 
     def status(self, resources: ProxyResources | None) -> tuple[TypeStatus, ...]:
         """Per type the proxy subscribed to, in push order: synced, nacked or stale."""

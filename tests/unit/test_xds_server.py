@@ -170,3 +170,23 @@ def test_pushes_are_debounced_and_a_node_that_leaves_is_ended(server: XdsServer,
         ads.receive()
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     ads.close()
+
+
+def test_a_connection_older_than_the_maximum_age_is_closed(tmp_path: Path, mesh_ca: LeafSigner) -> None:
+    (tmp_path / "bundle.pem").write_bytes(mesh_ca.root_pem)
+    xds = XdsServer(0, FixedCert(mesh_ca.serving_cert(TRUST_DOMAIN)), str(tmp_path / "bundle.pem"), TRUST_DOMAIN,
+                    host="127.0.0.1", max_connection_age_s=0.5, max_connection_age_grace_s=0.5)
+    xds.update({NODE: resources()})
+    xds.start()
+    try:
+        ads = client(xds, mesh_ca, mesh_ca.issue(SPIFFE, (NODE,)))
+        ads.send(LISTENER_TYPE, NODE)
+        ads.receive()
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            ads.receive()  # the proxy would reconnect, maybe to another controller
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 5
+        ads.close()
+    finally:
+        xds.stop()

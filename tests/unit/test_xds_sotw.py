@@ -105,12 +105,35 @@ def test_pushes_go_in_warming_order_and_only_for_types_the_proxy_asked_for() -> 
     for request in (Request(SECRET_TYPE, resource_names=("mesh-ca",)), Request(ROUTE_TYPE, resource_names=("inbound",)),
                     Request(LISTENER_TYPE), Request(ENDPOINT_TYPE, resource_names=("api",)), Request(CLUSTER_TYPE)):
         stream.on_request(request, BASE)
-    changed = resources(lds={"inbound": b"L1+"}, cds={"api": b"C1+"}, eds={"api": b"E1+"}, rds={"inbound": b"R1+"},
-                        sds={"mesh-ca": b"S1+"}, ecds={"mesh.authz.deny": b"X"})
+    changed = resources(lds={"inbound": b"L1+"}, cds={"api": b"C1+", "local": b"C2"}, eds={"api": b"E1+"},
+                        rds={"inbound": b"R1+"}, sds={"mesh-ca": b"S1+"}, ecds={"mesh.authz.deny": b"X"})
     pushed = stream.on_resources(changed)
     assert [item.type_url for item in pushed] == [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE]
     assert [int(item.nonce) for item in pushed] == list(range(6, 11))
     assert stream.on_resources(changed) == []
+
+
+def test_clusters_that_leave_are_removed_after_the_routes_that_named_them() -> None:
+    stream = StreamState(NODE)
+    [cds] = stream.on_request(Request(CLUSTER_TYPE), BASE)
+    [rds] = stream.on_request(Request(ROUTE_TYPE, resource_names=("outbound",)), BASE)
+    stream.on_request(Request(CLUSTER_TYPE, cds.version_info, cds.nonce), BASE)
+    stream.on_request(Request(ROUTE_TYPE, rds.version_info, rds.nonce, ("outbound",)), BASE)
+    # api-v2 comes, api leaves: the route moves to api-v2
+    moved = resources(cds={"api-v2": b"C3", "local": b"C2"}, rds={"outbound": b"R2-to-v2"},
+                      eds=dict(BASE.by_type[ENDPOINT_TYPE]), lds=dict(BASE.by_type[LISTENER_TYPE]))
+    keeping, route, final = stream.on_resources(moved)
+    assert (keeping.type_url, keeping.names) == (CLUSTER_TYPE, ("api", "api-v2", "local"))
+    assert keeping.resources == (b"C1", b"C3", b"C2")
+    assert (route.type_url, route.resources) == (ROUTE_TYPE, (b"R2-to-v2",))
+    assert (final.type_url, final.names, final.version_info) == (CLUSTER_TYPE, ("api-v2", "local"),
+                                                                 moved.versions[CLUSTER_TYPE])
+    assert keeping.version_info not in (final.version_info, BASE.versions[CLUSTER_TYPE])
+    # the ACK of the first CDS response is stale; the final one's makes CDS synced
+    assert stream.on_request(Request(CLUSTER_TYPE, keeping.version_info, keeping.nonce), moved) == []
+    assert stream.on_request(Request(CLUSTER_TYPE, final.version_info, final.nonce), moved) == []
+    assert {item.type: item.state for item in stream.status(moved)}["CDS"] == "synced"
+    assert stream.on_resources(moved) == []
 
 
 def test_a_type_with_no_resource_is_answered_empty() -> None:
