@@ -252,7 +252,7 @@ async def run_generator(folder: Path, clients: int, endpoints: int, changes: int
         report["timed"] = {"server_cpu_s": end_server["cpu_s"] - timed_server["cpu_s"],
                            "generator_cpu_s": self_cpu() - timed_gen, "rss_kb": end_server["rss_kb"]}
         report["nacks"] = sum(len(r.nacked) for p in generator.proxies for r in p.types.values())
-        report["ended"] = sum(1 for p in generator.proxies if p.ended is not None)
+        report["ended"] = sum(len(p.ends) for p in generator.proxies)
         return report
     finally:
         await generator.stop()
@@ -263,7 +263,8 @@ def _describe(proxy: SimulatedProxy, expected: dict[str, dict[str, str]]) -> str
     wanted = expected.get(proxy.node_id, {})
     parts = [f"{SHORT.get(t, t)} acked {r.acked[:8] or '-'} want {wanted.get(t, '?')[:8]} names {len(r.names)}"
              for t, r in proxy.types.items()]
-    return f"{proxy.node_id}: ended={proxy.ended} responses={proxy.responses} " + "; ".join(parts)
+    ends = f"streams ended {len(proxy.ends)}, last: {proxy.ends[-1]}" if proxy.ends else "stream open"
+    return f"{proxy.node_id}: {ends}; responses {proxy.responses}; " + "; ".join(parts)
 
 
 def run_xds(clients: int, endpoints: int, changes: int, keep: bool, timeout: float = 120.0,
@@ -323,7 +324,7 @@ def print_xds(report: dict[str, Any], baseline: dict[str, Any] | None) -> None:
           f"{_ms(statistics.median(pushed)) if pushed else '-'}")
     behind = sum(c["behind"] for c in report["changes"])
     print(f"  proxies behind at a change's timeout: {behind}; NACKs: {report['nacks']}; streams ended: "
-          f"{report['ended']}")
+          f"{report['ended']} (each reconnects after a backoff)")
     timed = report["timed"]
     changes = len(report["changes"])
     print(f"  server CPU during the changes: {timed['server_cpu_s']:.2f} s ({timed['server_cpu_s'] / changes:.2f} s a "

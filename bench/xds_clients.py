@@ -11,6 +11,8 @@ Each simulated proxy:
 - ACKs every response (its version_info and nonce, the type's current names) or, when asked (`nack`), NACKs the
   next response of a type (the last ACKed version, the nonce, an error_detail), as Envoy does for a config it
   refuses;
+- reconnects when the server ends the stream (jittered backoff, as mesh's ADS bootstrap asks Envoy to),
+  re-subscribing with the versions it has;
 - records, per type and version, when it received that version and when it ACKed it (time.monotonic(): the same
   clock in every process on this machine).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +54,7 @@ SHORT = {CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS", LISTENER_TYPE: "LDS", ROUTE_
 TYPE_OF = {short: url for url, short in SHORT.items()}
 WILDCARD = (CLUSTER_TYPE, LISTENER_TYPE)
 INVALID_ARGUMENT = 3  # google.rpc.Code, what Envoy puts in a NACK's error_detail
+RETRY_BASE_S, RETRY_MAX_S = 0.5, 10.0  # mesh's ADS bootstrap: jittered backoff, base 0.5 s, max 10 s
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ class SimulatedProxy:
     identity: ClientIdentity
     types: dict[str, TypeRecord] = field(default_factory=dict)  # type URL -> its record
     nack: set[str] = field(default_factory=set)  # type URLs whose next response is NACKed (then ACKs again)
-    ended: str | None = None  # why the stream ended (the gRPC status), None while it runs
+    ended: str | None = None  # why the last stream ended when run() returned (retry=False), None while it runs
+    ends: list[str] = field(default_factory=list)  # why each stream ended (the gRPC status), oldest first
     responses: int = 0
     on_ack: Callable[[SimulatedProxy, str, str], None] | None = None  # (proxy, type URL, version) after each ACK
     # (wildcard type URL, other type URL) -> the names the wildcard type's resources reference over ADS
@@ -96,26 +101,48 @@ class SimulatedProxy:
         record = self.types.get(type_url)
         return record.acked if record is not None else ""
 
-    async def run(self, target: str, root_pem: bytes, server_name: str) -> None:
+    async def run(self, target: str, root_pem: bytes, server_name: str, retry: bool = True) -> None:
+        """Stream until cancelled; when the server ends the stream, reconnect after a jittered backoff (0.5 s
+        doubling to 10 s, reset once a stream got a response), as Envoy's ADS retry policy does, re-subscribing
+        with the versions it has; without `retry`, return after the first stream."""
         credentials = grpc.ssl_channel_credentials(root_certificates=root_pem,
                                                    private_key=self.identity.key_pem,
                                                    certificate_chain=self.identity.cert_chain_pem)
         options = [("grpc.ssl_target_name_override", server_name), ("grpc.use_local_subchannel_pool", 1),
                    ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        backoff = RETRY_BASE_S
         async with grpc.aio.secure_channel(target, credentials, options=options) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            self._subscribe(CLUSTER_TYPE, frozenset(), first=True)
-            call = stub.StreamAggregatedResources(self._requests())
-            try:
-                async for response in call:
-                    self._handle(response)
-                self.ended = "closed by the server (OK)"
-            except grpc.aio.AioRpcError as error:
-                self.ended = f"{error.code().name}: {error.details()}"
-            except Exception as error:  # noqa: BLE001 - the generator's own bug: shown in the report, not lost
-                self.ended = f"generator error: {error!r}"
-            finally:
-                self._queue.put_nowait(None)
+            while True:
+                responses = self.responses
+                reason = await self._stream(stub)
+                self.ends.append(reason)
+                if not retry:
+                    self.ended = reason
+                    return
+                backoff = RETRY_BASE_S if self.responses > responses else min(backoff * 2, RETRY_MAX_S)
+                await asyncio.sleep(random.uniform(backoff / 2, backoff))
+
+    async def _stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> str:
+        """One stream: the subscriptions the proxy has (CDS first, with the node), then ACKs; why it ended."""
+        self._queue = asyncio.Queue()
+        for record in self.types.values():
+            record.nonce = ""
+        self._subscribe(CLUSTER_TYPE, frozenset(), first=True)
+        for type_url, record in list(self.types.items()):
+            if type_url != CLUSTER_TYPE:
+                self._subscribe(type_url, record.names)
+        call = stub.StreamAggregatedResources(self._requests())
+        try:
+            async for response in call:
+                self._handle(response)
+            return "closed by the server (OK)"
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}: {error.details()}"
+        except Exception as error:  # noqa: BLE001 - the generator's own bug: shown in the report, not lost
+            return f"generator error: {error!r}"
+        finally:
+            self._queue.put_nowait(None)
 
     async def _requests(self) -> Any:
         while True:
