@@ -18,7 +18,7 @@ from mesh.inventory.model import ManagedHost
 from mesh.pki.expiry import WARN_REMAINING, Expiry, judge_pem
 from mesh.pki.leaf import load_chain
 from mesh.status import reads
-from mesh.status.ads import judge_xds, xds_problems
+from mesh.status.ads import judge_xds, running_delivery, xds_problems
 from mesh.status.controllers import ControllerView, resources_status
 from mesh.status.expected import ExpectedProxy
 from mesh.status.report import (
@@ -105,6 +105,8 @@ def judge_proxy(host: ManagedHost, expected: ExpectedProxy, readings: Readings, 
                      over_ads=xds is not None and xds.running == "xds")
     if xds is not None:
         problems += xds_problems(xds)
+    elif running_delivery(server_info) == "xds":
+        problems.append("runs on ADS but its host is on mesh_delivery: files (a restart is owed)")
     upstreams = _upstreams(expected, read("admin clusters") if server_info is not None else None, consul,
                            inventory_hosts, problems)
     return ProxyStatus(expected.proxy, expected.workload.service, "sidecar" if expected.runs_as_sidecar else "systemd",

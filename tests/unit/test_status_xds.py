@@ -210,6 +210,13 @@ def test_an_envoy_whose_admin_does_not_answer_has_only_envoys_problem(fleet: Fle
     assert any("does not answer" in problem for problem in api.problems)
 
 
+def test_a_files_proxy_still_on_ads_owes_a_restart(fleet: Fleet) -> None:
+    fleet.envoys["web-8080"].server_info["node"]["metadata"]["mesh_delivery"] = "xds"  # its host left xds
+    web = proxy(gather(fleet, view()), "vm1")
+    assert web.xds is None
+    assert "runs on ADS but its host is on mesh_delivery: files (a restart is owed)" in web.problems
+
+
 def test_the_json_of_an_xds_proxy(fleet: Fleet) -> None:
     printed = io.StringIO()
     output.print_json(gather(fleet, view(published("ctl1:4242", {API: types(LDS="nacked")}))), Console(file=printed))
