@@ -253,3 +253,37 @@ def test_install_output_gives_the_serial_as_mesh_pki_writes_it() -> None:
         with pytest.raises(CtlProtocolError):
             protocol.parse_installed(bad, "web-8080")
     assert protocol.serial_hex(0x07A3F) == "7a3f"
+
+
+# --- xds proxies: delivery and restart ---
+
+def test_state_reports_which_bootstrap_each_xds_proxy_started_with() -> None:
+    text = STATE.replace("identity api-api-v2-1 container\n",
+                         "delivery web-8080 xds\nidentity api-api-v2-1 container\ndelivery api-api-v2-1 files\n")
+    state = protocol.parse_state(text)
+    assert state.delivery == {"web-8080": "xds", "api-api-v2-1": "files"}
+    assert protocol.parse_state(STATE).delivery == {}  # files proxies say nothing
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("delivery web-8080 ads\n", "line 6: expected `delivery NAME xds|files`"),
+    ("delivery web-8080\n", "line 6: expected `delivery NAME xds|files`"),
+    ("delivery web-8080 xds files\n", "line 6: expected `delivery NAME xds|files`"),
+    ("delivery ghost xds\n", "line 6: names an identity not listed before"),
+    ("delivery web-8080 xds\ndelivery web-8080 files\n", "line 7: delivery listed twice"),
+])
+def test_a_delivery_line_that_is_not_well_formed_is_refused_naming_the_line(line: str, message: str) -> None:
+    with pytest.raises(CtlProtocolError, match=message.replace("(", r"\(").replace("|", r"\|")):
+        protocol.parse_state(STATE.replace("identity api-api-v2-1 container\n",
+                                           line + "identity api-api-v2-1 container\n"))
+
+
+def test_restart_is_a_verb_of_one_identity_name() -> None:
+    assert protocol.command("restart", "web-8080") == "restart web-8080"
+    for args in ((), ("web-8080", "now"), ("$(reboot)",), ("../web",)):
+        with pytest.raises(CtlProtocolError):
+            protocol.command("restart", *args)
+    protocol.parse_restarted("restarted web-8080\n", "web-8080")
+    for bad in ("", "restarted api-9090\n", "restarted web-8080\nmore\n", "applied web-8080\n"):
+        with pytest.raises(CtlProtocolError, match="expected `restarted web-8080`"):
+            protocol.parse_restarted(bad, "web-8080")

@@ -16,6 +16,8 @@ import socket
 import stat
 import subprocess
 import tarfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -539,3 +541,105 @@ def test_concurrent_applies_take_turns(host: Host) -> None:
     assert _on_disk(new) == {file.path: file.content for file in new.files if file.kind != "bootstrap"}
 
 
+
+
+# --- xds proxies: delivery and restart ---
+
+def test_state_reports_the_bootstrap_each_proxy_started_with_when_its_start_step_said(host: Host) -> None:
+    assert host.state().delivery == {}  # a files proxy: no marker
+    marker = host.home / "admin" / "delivery"
+    marker.write_text("xds\n")
+    assert host.state().delivery == {host.name: "xds"}
+    marker.write_text("files\n")
+    assert f"delivery {host.name} files\n" in host.run("state").stdout
+    for garbage in ("ads\n", "xds files\n", "x" * 100):  # anything else Envoy's user could write is left out
+        marker.write_text(garbage)
+        assert host.state().delivery == {}
+    marker.unlink()
+    marker.symlink_to(host.home / "ca.pem")
+    assert host.state().delivery == {}
+
+
+class FakeAdmin:
+    """Envoy's admin socket as far as a drain goes: records each request line, answers 200."""
+
+    def __init__(self, path: Path) -> None:
+        self.requests: list[str] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                data = conn.recv(4096).decode(errors="replace")
+                self.requests.append(data.split("\r\n", 1)[0])
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nOK\n")
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _fake_tool(root: Path, name: str, exit_code: int = 0) -> Path:
+    """root/usr/bin/NAME recording its arguments (and when) in root/NAME.calls."""
+    tool = root / "usr" / "bin" / name
+    tool.parent.mkdir(parents=True, exist_ok=True)
+    tool.write_text(f"#!/bin/sh\necho \"$(date +%s.%N) $*\" >> {root}/{name}.calls\nexit {exit_code}\n")
+    tool.chmod(0o755)
+    return root / f"{name}.calls"
+
+
+def test_restart_drains_the_proxy_then_restarts_its_unit(host: Host) -> None:
+    calls = _fake_tool(host.root, "systemctl")
+    admin = FakeAdmin(host.home / "admin" / "admin.sock")
+    try:
+        started = time.time()
+        done = host.run(f"restart {host.name}")
+    finally:
+        admin.close()
+    assert (done.returncode, done.stdout) == (0, f"restarted {host.name}\n"), done.stderr
+    assert admin.requests == ["POST /drain_listeners?graceful HTTP/1.1"]
+    when, command = calls.read_text().splitlines()[0].split(" ", 1)
+    assert command == f"restart mesh-envoy-{host.name}.service"
+    assert float(when) - started >= 5  # the drain had its 5 s
+
+
+def test_restart_of_a_sidecar_restarts_its_container_even_when_envoy_does_not_answer(host: Host) -> None:
+    identities = host.root / "etc/mesh/ctl/identities"
+    identities.write_text(identities.read_text()
+                          + f"api-api-v2-1 container {host.home} 1000 api {host.home}/ca.pem mesh-envoy:abc\n")
+    calls = _fake_tool(host.root, "docker")
+    done = host.run("restart api-api-v2-1")
+    assert (done.returncode, done.stdout) == (0, "restarted api-api-v2-1\n")
+    assert "api-api-v2-1: Envoy did not take the drain (restarting it anyway)" in done.stderr
+    assert calls.read_text().split(" ", 1)[1] == "restart --time 5 mesh-envoy-api-api-v2-1\n"
+
+
+def test_a_failed_restart_exits_1_with_the_reason(host: Host) -> None:
+    _fake_tool(host.root, "systemctl", exit_code=5)
+    done = host.run(f"restart {host.name}")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert f"mesh-ctl: {host.name}: the restart failed" in done.stderr
+
+
+@pytest.mark.parametrize(("request_text", "message"), [
+    ("restart ghost", "unknown identity ghost"),
+    ("restart checker", "checker is not a proxy"),
+    ("restart", "usage: restart NAME"),
+    ("restart web web", "usage: restart NAME"),
+    ("restart ../web", "usage: restart NAME"),
+])
+def test_restart_refuses_what_is_not_a_proxy_of_this_host(untouched_host: Host, request_text: str,
+                                                          message: str) -> None:
+    calls = _fake_tool(untouched_host.root, "systemctl")
+    before = _tree(untouched_host.root)
+    done = untouched_host.run(request_text)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"mesh-ctl: refused: {message}\n")
+    assert not calls.exists()
+    assert _tree(untouched_host.root) == before
