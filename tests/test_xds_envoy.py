@@ -13,7 +13,9 @@ inline trust bundle are set aside.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -23,10 +25,12 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh.config import compute_proxy_config
+from mesh.config.model import WeightedCluster
 from mesh.controller.endpoints import Endpoint, ServiceEndpoints
 from mesh.controller.snapshot import ProxySnapshot, proxy_snapshot
 from mesh.inventory.model import Health, Mesh, Workload
-from mesh.render import ProxyFiles
+from mesh.render import ProxyFiles, render_proxy_files
 from mesh.testing.fake_ctl import proxy_spec
 from mesh.testing.loopback import (
     APP_BODY,
@@ -41,6 +45,7 @@ from mesh.testing.loopback import (
     issue_identities,
     lay_out_proxy,
     mesh_proxy_files,
+    proxy_config_in,
     start_envoy,
     start_proxy,
     stop_envoys,
@@ -324,3 +329,59 @@ def test_a_failover_resends_no_listener_or_cluster_and_a_later_change_arrives(tm
         stop_envoys([envoy])
         for server in servers:
             server.stop()
+
+
+@contextlib.contextmanager
+def request_loop(port: int) -> Iterator[dict[str, int]]:
+    """GETs through web's outbound listener one after another until the block ends: {"ok": n, "failed": n}."""
+    counts = {"ok": 0, "failed": 0}
+    stopping = threading.Event()
+
+    def run() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        while not stopping.is_set():
+            try:
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                body = response.read()
+                counts["ok" if response.status == 200 and body == APP_BODY else "failed"] += 1
+            except (OSError, http.client.HTTPException):
+                counts["failed"] += 1
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stopping.set()
+        thread.join(timeout=10)
+
+
+def test_a_route_moved_to_a_new_cluster_while_the_old_one_leaves_fails_no_request(tmp_path: Path) -> None:
+    with two_proxies(tmp_path, "web") as running:
+        loop, server, node = running.loop, running.server, running.node_id
+        cfg = proxy_config_in(compute_proxy_config(loop.mesh, loop.web), Path(running.files.proxy_dir),
+                              loop.address(loop.web))
+        old = cfg.cluster("upstream-api")
+        moved_cluster = replace(old, name="upstream-api-moved")
+        listener = cfg.outbound[0]
+        assert listener.route is not None
+        route = replace(listener.route, routes=tuple(
+            replace(entry, clusters=(WeightedCluster(moved_cluster.name, 100),)) for entry in listener.route.routes))
+        moved = render_proxy_files(replace(
+            cfg, clusters=tuple(moved_cluster if item.name == old.name else item for item in cfg.clusters),
+            outbound=(replace(listener, cluster=moved_cluster.name, route=route),)))
+        eventually(lambda: through_web(loop), WAIT_S, "a request through web")
+        with request_loop(loop.outbound_port) as counts:
+            eventually(lambda: counts["ok"] >= 20 or None, WAIT_S, "the loop runs")
+            server.update({node: ads_resources(ProxySnapshot("h-web", moved, "t"), node, running.bundle)})
+            eventually(lambda: dynamic_names(running.over_ads)["clusters"] >= {"upstream-api-moved"}
+                       and "upstream-api" not in dynamic_names(running.over_ads)["clusters"] or None,
+                       WAIT_S, "the moved cluster in, the old one out")
+            seen = counts["ok"]
+            eventually(lambda: counts["ok"] >= seen + 20 or None, WAIT_S, "the loop goes on")
+        assert counts["failed"] == 0, counts
+        eventually(lambda: set(states(server, node).values()) == {"synced"} or None, WAIT_S, "every type synced")

@@ -47,6 +47,7 @@ KEEPALIVE_TIME_S = 30
 KEEPALIVE_TIMEOUT_S = 10
 REFUSAL_LOG_INTERVAL_S = 60.0
 STOP_GRACE_S = 1.0
+HOLD_MAX_S = 10.0  # listener and route changes wait this long at most for the clusters they may name
 _GONE = object()  # queued when the stream's node has no resources any more
 
 
@@ -57,6 +58,7 @@ class _Stream:
     connected_since: float
     state: StreamState
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    release: asyncio.TimerHandle | None = None  # while it holds listener and route changes
 
 
 class XdsServer:
@@ -213,6 +215,19 @@ class XdsServer:
                              version=nack.version, error=nack.message[:2000],
                              effect="the proxy keeps its previous config of this type")
         stream.state.new_nacks.clear()
+        if stream.state.holding and stream.release is None and self._loop is not None:
+            stream.release = self._loop.call_later(HOLD_MAX_S, self._release, stream)
+
+    def _release(self, stream: _Stream) -> None:
+        """Listener and route changes held too long for the clusters (the proxy does not answer): sent now."""
+        stream.release = None
+        with self._lock:
+            resources = self._served.get(stream.node_id)
+            if stream not in self._streams or resources is None or not stream.state.holding:
+                return
+            self.log.warning("xds_clusters_not_ready", node_id=stream.node_id, waited_s=HOLD_MAX_S,
+                             effect="listener and route changes are sent anyway")
+            self._send(stream, stream.state.release(resources))
 
     # --- streams ---
 
@@ -250,6 +265,8 @@ class XdsServer:
                 yield _encoded(item)
         finally:
             reader.cancel()
+            if stream.release is not None:
+                stream.release.cancel()
             with self._lock:
                 self._streams.discard(stream)
 

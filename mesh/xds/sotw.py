@@ -75,6 +75,7 @@ class TypeState:
     names: frozenset[str] | None = None  # subscribed names (None: not known yet; wildcard types: empty)
     sent_version: str | None = None  # the version the proxy has or is being sent (None: nothing yet)
     sent_nonce: str | None = None  # the nonce of the last response on this stream (None: none sent)
+    in_flight: bool = False  # the last response not answered (ACK or NACK) yet
     acked_version: str | None = None
     nack: Nack | None = None  # the last refusal, until a later version is ACKed
     responses: int = 0  # responses sent for this type on this stream
@@ -84,12 +85,14 @@ class TypeState:
 @dataclass
 class StreamState:
     """One stream's SotW state for one node. `on_request` and `on_resources` return what to send, in order, and
-    note refusals in `new_nacks` (the caller logs and clears them)."""
+    note refusals in `new_nacks` (the caller logs and clears them). While `holding`, listener and route changes
+    wait for the clusters (the caller calls `release` when they wait too long: HOLD_MAX_S)."""
 
     node_id: str
     types: dict[str, TypeState] = field(default_factory=dict)
     nonce_counter: int = 0
     new_nacks: list[Nack] = field(default_factory=list)
+    holding: bool = False
 
     def on_request(self, request: Request, resources: ProxyResources) -> list[Response]:
         state = self.types.setdefault(request.type_url, TypeState())
@@ -104,50 +107,98 @@ class StreamState:
             state.acked_version = request.version_info or None
             if wildcard and request.version_info == current:
                 state.sent_version = current  # it has it already (from another controller): nothing to resend
-                return []
-            return [self._response(request.type_url, state, resources)]
+                return self._due(resources)
+            return [self._response(request.type_url, state, resources), *self._due(resources)]
+        state.in_flight = False
+        state.acked_version = request.version_info or None  # a NACK names the version the proxy keeps
         if request.error_message is None:
-            state.acked_version = request.version_info or None
             if state.acked_version == state.sent_version:
                 state.nack = None
         else:
-            state.acked_version = request.version_info or None  # a NACK names the version the proxy keeps
             nack = Nack(request.type_url, state.sent_version or "", request.error_message)
             if state.nack is None or state.nack.version != nack.version:
                 self.new_nacks.append(nack)
             state.nack = nack
-        if changed or current != state.sent_version:
-            return [self._response(request.type_url, state, resources)]
-        return []
+        answer = [self._response(request.type_url, state, resources)] if changed else []
+        return answer + self._due(resources)
 
     def on_resources(self, resources: ProxyResources) -> list[Response]:
-        """The responses for new resources, in warming order: a type whose version differs from the one last sent
-        (a refused version is never sent again: it is the one last sent). Clusters that leave are removed last:
-        first a CDS response that keeps them beside the new ones, then the rest, then the final CDS (a route
-        still naming a leaving cluster never meets a proxy without it)."""
-        keeping = self._clusters_kept(resources)
-        responses = [] if keeping is None else [keeping]
-        for type_url in PUSH_ORDER:
-            state = self.types.get(type_url)
-            if state is None or state.names is None or (keeping is not None and type_url == CLUSTER_TYPE):
+        """The responses new resources call for now (the rest follows as the proxy answers)."""
+        return self._due(resources)
+
+    def release(self, resources: ProxyResources) -> list[Response]:
+        """The listener and route changes held for the clusters, sent now (they waited too long)."""
+        return self._due(resources, force=True)
+
+    def _due(self, resources: ProxyResources, force: bool = False) -> list[Response]:
+        """What to send now, in warming order. A type whose version differs from the one last sent (a refused
+        version is never sent again: it is the one last sent) goes out, but:
+        - listeners and routes wait until the clusters are ready: CDS and EDS answered, and EDS subscribed to every
+          cluster that has endpoints (a route to a cluster still warming fails);
+        - clusters that leave are removed last: a first CDS response keeps them beside the new ones, the final one
+          goes once the listeners and routes that named them are ACKed."""
+        responses: list[Response] = []
+        cds = self._subscribed(CLUSTER_TYPE)
+        if cds is not None and _version(resources, CLUSTER_TYPE) != cds.sent_version:
+            keeping = self._clusters_kept(resources, cds)
+            if keeping is None:
+                responses.append(self._response(CLUSTER_TYPE, cds, resources))
+            elif keeping[1] != cds.sent_version:
+                responses.append(self._sent(CLUSTER_TYPE, cds, *keeping))
+        eds = self._subscribed(ENDPOINT_TYPE)
+        if eds is not None and _version(resources, ENDPOINT_TYPE) != eds.sent_version:
+            responses.append(self._response(ENDPOINT_TYPE, eds, resources))
+        ready = force or self._clusters_ready(resources)
+        for type_url in (LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE, EXTENSION_CONFIG_TYPE):
+            state = self._subscribed(type_url)
+            if state is None or _version(resources, type_url) == state.sent_version:
                 continue
-            if _version(resources, type_url) != state.sent_version:
-                responses.append(self._response(type_url, state, resources))
-        if keeping is not None:
-            responses.append(self._response(CLUSTER_TYPE, self.types[CLUSTER_TYPE], resources))
+            if type_url in (LISTENER_TYPE, ROUTE_TYPE) and not ready:
+                continue
+            responses.append(self._response(type_url, state, resources))
+        self.holding = any(
+            (state := self._subscribed(type_url)) is not None and _version(resources, type_url) != state.sent_version
+            for type_url in (LISTENER_TYPE, ROUTE_TYPE))
+        if cds is not None and cds.sent_version != _version(resources, CLUSTER_TYPE) \
+                and self._routes_applied(resources):
+            responses.append(self._response(CLUSTER_TYPE, cds, resources))  # the leaving clusters go
         return responses
 
-    def _clusters_kept(self, resources: ProxyResources) -> Response | None:
-        """A CDS response with the new clusters and those leaving, when some leave; None otherwise."""
-        state = self.types.get(CLUSTER_TYPE)
-        if state is None or state.sent_clusters is None or _version(resources, CLUSTER_TYPE) == state.sent_version:
+    def _subscribed(self, type_url: str) -> TypeState | None:
+        state = self.types.get(type_url)
+        return None if state is None or state.names is None else state
+
+    def _clusters_ready(self, resources: ProxyResources) -> bool:
+        cds, eds = self._subscribed(CLUSTER_TYPE), self._subscribed(ENDPOINT_TYPE)
+        if cds is None:
+            return True
+        if cds.in_flight or (cds.nack is not None and cds.nack.version == cds.sent_version):
+            return False
+        clusters = set(cds.sent_clusters or ())
+        needed = clusters & set(resources.by_type.get(ENDPOINT_TYPE, {}))
+        if not needed:
+            return True
+        return eds is not None and not eds.in_flight and needed <= (eds.names or frozenset()) \
+            and eds.sent_version == _version(resources, ENDPOINT_TYPE)
+
+    def _routes_applied(self, resources: ProxyResources) -> bool:
+        for type_url in (LISTENER_TYPE, ROUTE_TYPE):
+            state = self._subscribed(type_url)
+            if state is not None and (state.in_flight or state.acked_version != _version(resources, type_url)):
+                return False
+        return True
+
+    def _clusters_kept(self, resources: ProxyResources, state: TypeState) -> tuple[dict[str, tuple[bytes, str]],
+                                                                                   str] | None:
+        """The new clusters and those leaving with their version, when some leave; None otherwise."""
+        if state.sent_clusters is None:
             return None
         named, digests = resources.by_type.get(CLUSTER_TYPE, {}), resources.digests.get(CLUSTER_TYPE, {})
         leaving = {name: sent for name, sent in state.sent_clusters.items() if name not in named}
         if not leaving:
             return None
         kept = {**leaving, **{name: (named[name], digests[name]) for name in named}}
-        return self._sent(CLUSTER_TYPE, state, kept, content_version({name: item[1] for name, item in kept.items()}))
+        return kept, content_version({name: item[1] for name, item in kept.items()})
 
     def _response(self, type_url: str, state: TypeState, resources: ProxyResources) -> Response:
         named, digests = resources.by_type.get(type_url, {}), resources.digests.get(type_url, {})
@@ -157,7 +208,7 @@ class StreamState:
 
     def _sent(self, type_url: str, state: TypeState, items: dict[str, tuple[bytes, str]], version: str) -> Response:
         self.nonce_counter += 1
-        state.sent_version, state.sent_nonce = version, str(self.nonce_counter)
+        state.sent_version, state.sent_nonce, state.in_flight = version, str(self.nonce_counter), True
         state.responses += 1
         if type_url == CLUSTER_TYPE:
             state.sent_clusters = items

@@ -13,8 +13,8 @@ from mesh.render import (
     ROUTE_TYPE,
     SECRET_TYPE,
 )
-from mesh.xds.resources import ProxyResources, assembled
-from mesh.xds.sotw import EMPTY_VERSION, Request, StreamState
+from mesh.xds.resources import SHORT_NAMES, ProxyResources, assembled
+from mesh.xds.sotw import EMPTY_VERSION, Request, Response, StreamState
 
 NODE = "web-vm1-8080"
 
@@ -100,39 +100,92 @@ def test_a_nack_is_recorded_once_and_the_refused_version_is_never_resent() -> No
     assert (status.state, status.error, status.responses) == ("synced", None, 3)
 
 
-def test_pushes_go_in_warming_order_and_only_for_types_the_proxy_asked_for() -> None:
+def ack(stream: StreamState, response: Response, current: ProxyResources, names: tuple[str, ...] = ()) -> list[Response]:
+    """The proxy's ACK of `response` (for a named type: its subscription, unchanged unless `names` are given)."""
+    return stream.on_request(Request(response.type_url, response.version_info, response.nonce,
+                                     names or tuple(sorted(stream.types[response.type_url].names or ()))), current)
+
+
+def synced(current: ProxyResources) -> StreamState:
+    """A stream on which the proxy subscribed to every type (EDS to every cluster) and ACKed every response."""
     stream = StreamState(NODE)
-    for request in (Request(SECRET_TYPE, resource_names=("mesh-ca",)), Request(ROUTE_TYPE, resource_names=("inbound",)),
-                    Request(LISTENER_TYPE), Request(ENDPOINT_TYPE, resource_names=("api",)), Request(CLUSTER_TYPE)):
-        stream.on_request(request, BASE)
-    changed = resources(lds={"inbound": b"L1+"}, cds={"api": b"C1+", "local": b"C2"}, eds={"api": b"E1+"},
-                        rds={"inbound": b"R1+"}, sds={"mesh-ca": b"S1+"}, ecds={"mesh.authz.deny": b"X"})
-    pushed = stream.on_resources(changed)
-    assert [item.type_url for item in pushed] == [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE]
-    assert [int(item.nonce) for item in pushed] == list(range(6, 11))
-    assert stream.on_resources(changed) == []
+    for request in (Request(CLUSTER_TYPE), Request(ENDPOINT_TYPE, resource_names=("api", "local")),
+                    Request(LISTENER_TYPE), Request(ROUTE_TYPE, resource_names=("inbound", "outbound")),
+                    Request(SECRET_TYPE, resource_names=("mesh-ca",))):
+        for response in stream.on_request(request, current):
+            assert ack(stream, response, current, request.resource_names) == []
+    assert {item.state for item in stream.status(current)} == {"synced"} and not stream.holding
+    return stream
+
+
+def kinds(responses: list[Response]) -> list[str]:
+    return [SHORT_NAMES[item.type_url] for item in responses]
+
+
+def test_listeners_and_routes_wait_for_the_clusters_and_their_endpoints() -> None:
+    stream = synced(BASE)
+    changed = resources(lds={"inbound": b"L1+"}, cds={"api": b"C1+", "local": b"C2"},
+                        eds={"api": b"E1+", "local": b"E2"}, rds={"inbound": b"R1+", "outbound": b"R2"},
+                        sds={"mesh-ca": b"S1+"}, ecds={"mesh.authz.deny": b"X"})  # ECDS never asked for
+    cds, eds, sds = stream.on_resources(changed)
+    assert kinds([cds, eds, sds]) == ["CDS", "EDS", "SDS"] and stream.holding
+    assert stream.on_resources(changed) == []  # nothing twice
+    assert ack(stream, cds, changed) == []  # the endpoints are still on their way
+    lds, rds = ack(stream, eds, changed)
+    assert kinds([lds, rds]) == ["LDS", "RDS"] and not stream.holding
+    assert [int(item.nonce) for item in (cds, eds, sds, lds, rds)] == sorted(
+        int(item.nonce) for item in (cds, eds, sds, lds, rds))
+    for response in (sds, lds, rds):
+        assert ack(stream, response, changed) == []
+    assert {item.state for item in stream.status(changed)} == {"synced"}
+
+
+def test_a_new_cluster_holds_the_routes_until_the_proxy_has_its_endpoints() -> None:
+    stream = synced(BASE)
+    added = resources(lds=dict(BASE.by_type[LISTENER_TYPE]), cds={**BASE.by_type[CLUSTER_TYPE], "db": b"C3"},
+                      eds={**BASE.by_type[ENDPOINT_TYPE], "db": b"E3"}, rds={"inbound": b"R1", "outbound": b"R2-db"},
+                      sds=dict(BASE.by_type[SECRET_TYPE]))
+    cds, eds = stream.on_resources(added)
+    assert eds.names == ("api", "local")  # not subscribed to db yet
+    assert ack(stream, cds, added) == []
+    [eds_db] = ack(stream, eds, added, ("api", "db", "local"))  # the subscription change is answered
+    assert eds_db.names == ("api", "db", "local") and eds_db.version_info == eds.version_info
+    [rds] = ack(stream, eds_db, added)
+    assert rds.type_url == ROUTE_TYPE and rds.resources == (b"R1", b"R2-db")
+
+
+def test_a_refused_cluster_update_holds_the_routes_until_released() -> None:
+    stream = synced(BASE)
+    changed = resources(lds=dict(BASE.by_type[LISTENER_TYPE]), cds={"api": b"C1-bad", "local": b"C2"},
+                        eds=dict(BASE.by_type[ENDPOINT_TYPE]), rds={"inbound": b"R1", "outbound": b"R2+"},
+                        sds=dict(BASE.by_type[SECRET_TYPE]))
+    [cds] = stream.on_resources(changed)
+    assert stream.on_request(Request(CLUSTER_TYPE, BASE.versions[CLUSTER_TYPE], cds.nonce,
+                                     error_message="bad cluster"), changed) == []
+    assert stream.holding
+    [rds] = stream.release(changed)
+    assert rds.type_url == ROUTE_TYPE and not stream.holding
 
 
 def test_clusters_that_leave_are_removed_after_the_routes_that_named_them() -> None:
-    stream = StreamState(NODE)
-    [cds] = stream.on_request(Request(CLUSTER_TYPE), BASE)
-    [rds] = stream.on_request(Request(ROUTE_TYPE, resource_names=("outbound",)), BASE)
-    stream.on_request(Request(CLUSTER_TYPE, cds.version_info, cds.nonce), BASE)
-    stream.on_request(Request(ROUTE_TYPE, rds.version_info, rds.nonce, ("outbound",)), BASE)
+    stream = synced(BASE)
     # api-v2 comes, api leaves: the route moves to api-v2
-    moved = resources(cds={"api-v2": b"C3", "local": b"C2"}, rds={"outbound": b"R2-to-v2"},
-                      eds=dict(BASE.by_type[ENDPOINT_TYPE]), lds=dict(BASE.by_type[LISTENER_TYPE]))
-    keeping, route, final = stream.on_resources(moved)
-    assert (keeping.type_url, keeping.names) == (CLUSTER_TYPE, ("api", "api-v2", "local"))
-    assert keeping.resources == (b"C1", b"C3", b"C2")
-    assert (route.type_url, route.resources) == (ROUTE_TYPE, (b"R2-to-v2",))
+    moved = resources(cds={"api-v2": b"C3", "local": b"C2"}, eds={"api-v2": b"E3", "local": b"E2"},
+                      rds={"inbound": b"R1", "outbound": b"R2-to-v2"}, lds=dict(BASE.by_type[LISTENER_TYPE]),
+                      sds=dict(BASE.by_type[SECRET_TYPE]))
+    keeping, eds = stream.on_resources(moved)
+    assert (keeping.type_url, keeping.names, keeping.resources) == (CLUSTER_TYPE, ("api", "api-v2", "local"),
+                                                                    (b"C1", b"C3", b"C2"))
+    assert keeping.version_info not in (moved.versions[CLUSTER_TYPE], BASE.versions[CLUSTER_TYPE])
+    assert ack(stream, keeping, moved) == []
+    [eds_v2] = ack(stream, eds, moved, ("api", "api-v2", "local"))
+    [rds] = ack(stream, eds_v2, moved)
+    assert (rds.type_url, rds.resources) == (ROUTE_TYPE, (b"R1", b"R2-to-v2"))
+    [final] = ack(stream, rds, moved)  # the routes no longer name api: it goes
     assert (final.type_url, final.names, final.version_info) == (CLUSTER_TYPE, ("api-v2", "local"),
                                                                  moved.versions[CLUSTER_TYPE])
-    assert keeping.version_info not in (final.version_info, BASE.versions[CLUSTER_TYPE])
-    # the ACK of the first CDS response is stale; the final one's makes CDS synced
-    assert stream.on_request(Request(CLUSTER_TYPE, keeping.version_info, keeping.nonce), moved) == []
-    assert stream.on_request(Request(CLUSTER_TYPE, final.version_info, final.nonce), moved) == []
-    assert {item.type: item.state for item in stream.status(moved)}["CDS"] == "synced"
+    assert ack(stream, final, moved) == []
+    assert {item.state for item in stream.status(moved)} == {"synced"}
     assert stream.on_resources(moved) == []
 
 
