@@ -747,7 +747,10 @@ def host_validation(files: ProxyFiles, steps: tuple[RenderedFile, ...] | None = 
        staging_dir and the stale files. Exit 1 with a message when Envoy did not take a file in time (the moves after it are not
        made: Envoy keeps what it took). A missing xds/ is created (0755: its files name paths, no secret).
        It needs `curl` on the host (as `mesh status` does).
-    Restart the proxy only when the bootstrap (envoy.yaml) was one of the moves: Envoy reloads the rest.
+    Restart the proxy only when a bootstrap (envoy.yaml; an xds proxy's envoy-ads.yaml, moved right before it)
+    was one of the moves: Envoy reloads the rest. envoy-ads.yaml is checked by validate_proxy_files before (the
+    host's check is the static equivalent of the files: the ADS bootstrap names sds files only in place after
+    the moves).
     `user` "" (the default) is the proxy's own user (paths.envoy_user); None runs Envoy as whoever runs the
     command."""
     staging = staging_dir or f"{files.proxy_dir}/{paths.STAGING_DIR_NAME}"
