@@ -14,9 +14,11 @@ the proxy last acknowledged and its last refusal (NACK). The rules (Envoy's xDS 
 - LDS and CDS are wildcard (every resource of the proxy); EDS, RDS, SDS and ECDS carry only the requested names;
 - a new stream's first request for a wildcard type that already names the current version (the proxy got it from
   another controller: versions are content hashes) gets no response: nothing is resent on a failover;
-- pushes go out in warming order: CDS, EDS, LDS, RDS, then SDS and ECDS; a type the proxy never asked for is not
-  pushed. Clusters that leave are removed last (make before break): a first CDS response keeps them beside the
-  new ones, the final one after the routes and listeners. Nonces count up per stream.
+- pushes go out in warming order: CDS, EDS, then LDS and RDS once the clusters are ready (CDS and EDS ACKed, EDS
+  subscribed to every cluster with endpoints: a route to a cluster still warming fails its requests), SDS and ECDS
+  at once (clusters and listeners wait for them); a type the proxy never asked for is not pushed. Clusters that
+  leave are removed last (make before break): a first CDS response keeps them beside the new ones, the final one
+  goes once the listeners and routes are ACKed. Nonces count up per stream.
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ class StreamState:
             state.acked_version = request.version_info or None
             if wildcard and request.version_info == current:
                 state.sent_version = current  # it has it already (from another controller): nothing to resend
+                return self._due(resources)
+            if request.type_url in (LISTENER_TYPE, ROUTE_TYPE) and request.version_info \
+                    and not self._clusters_ready(resources):
+                # a proxy that runs an older config (a reconnect): the new listeners and routes wait for the clusters
+                state.sent_version = request.version_info if request.version_info != current else None
                 return self._due(resources)
             return [self._response(request.type_url, state, resources), *self._due(resources)]
         state.in_flight = False

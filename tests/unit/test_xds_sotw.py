@@ -214,6 +214,21 @@ def test_a_proxy_that_already_runs_the_version_gets_no_wildcard_resend_after_a_f
     assert pushed.type_url == LISTENER_TYPE and pushed.nonce == "2"
 
 
+def test_a_reconnecting_proxy_gets_its_new_listeners_after_its_new_clusters() -> None:
+    stream = StreamState(NODE)  # the proxy runs an older config (the controllers were down while it changed)
+    [cds] = stream.on_request(Request(CLUSTER_TYPE, "old-clusters"), BASE)
+    [eds] = stream.on_request(Request(ENDPOINT_TYPE, "old-endpoints", "", ("api", "local")), BASE)
+    assert stream.on_request(Request(LISTENER_TYPE, "old-listeners"), BASE) == []
+    assert stream.on_request(Request(ROUTE_TYPE, "old-routes", "", ("inbound", "outbound")), BASE) == []
+    assert stream.holding and ack(stream, cds, BASE) == []
+    lds, rds = ack(stream, eds, BASE)
+    assert kinds([lds, rds]) == ["LDS", "RDS"] and rds.names == ("inbound", "outbound")
+    # a cold start (no version yet) is answered at once: Envoy's own start waits for the clusters
+    cold = StreamState(NODE)
+    cold.on_request(Request(CLUSTER_TYPE), BASE)
+    assert kinds(cold.on_request(Request(LISTENER_TYPE), BASE)) == ["LDS"]
+
+
 def test_versions_are_content_hashes() -> None:
     again = resources(lds={"outbound": b"L2", "inbound": b"L1"}, cds={"local": b"C2", "api": b"C1"},
                       eds={"api": b"E1", "local": b"E2"}, rds={"inbound": b"R1", "outbound": b"R2"},
