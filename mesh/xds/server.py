@@ -247,7 +247,7 @@ class XdsServer:
             known = node_id in self._served
         if not known:
             self._refused(peer, node_id, "no resources for this node id")
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"this controller has no resources for node {node_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this controller has no resources for node {node_id[:200]!r}")
         stream = _Stream(node_id, peer, time.time(), StreamState(node_id))
         with self._lock:
             self._streams.add(stream)
@@ -316,7 +316,7 @@ class XdsServer:
         if not any(uri.startswith(prefix) for uri in names.get_values_for_type(x509.UniformResourceIdentifier)):
             return f"the client certificate has no SPIFFE ID in the trust domain {self.trust_domain}"
         if not node_id or node_id not in names.get_values_for_type(x509.DNSName):
-            return f"the client certificate does not name node {node_id!r}"
+            return f"the client certificate does not name node {node_id[:200]!r}"
         return None
 
     def _refused(self, peer: str, node_id: str, reason: str) -> None:
