@@ -51,9 +51,13 @@ def _proxy(tmp_path: Path, first_line: str | None) -> tuple[Path, Path]:
     return proxy, envoy
 
 
-def _start(proxy: Path, envoy: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", str(SCRIPT), str(proxy), str(envoy), *args], capture_output=True, text=True,
+def _start(proxy: Path, envoy: Path, *args: str, shell: str = "sh") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([shell, str(SCRIPT), str(proxy), str(envoy), *args], capture_output=True, text=True,
                           timeout=30, check=False)
+
+
+# The host's /bin/sh (dash on Debian), and bash: the sidecar image's /bin/sh.
+SHELLS = pytest.mark.parametrize("shell", ["sh", "bash"])
 
 
 def _envoy_args(done: subprocess.CompletedProcess[str]) -> list[str]:
@@ -61,19 +65,22 @@ def _envoy_args(done: subprocess.CompletedProcess[str]) -> list[str]:
     return [line[len("ARG "):] for line in done.stdout.splitlines()]
 
 
-def test_a_controller_that_answers_starts_envoy_over_ads(tmp_path: Path, closed: int, listening: int) -> None:
+@SHELLS
+def test_a_controller_that_answers_starts_envoy_over_ads(tmp_path: Path, closed: int, listening: int,
+                                                         shell: str) -> None:
     proxy, envoy = _proxy(tmp_path, f"{CONTROLLERS_COMMENT} 127.0.0.1:{closed} 127.0.0.1:{listening}")
-    done = _start(proxy, envoy, "--base-id", "7", "--log-level", "warn level")
+    done = _start(proxy, envoy, "--base-id", "7", "--log-level", "warn level", shell=shell)
     assert _envoy_args(done) == ["-c", f"{proxy}/envoy-ads.yaml", "--base-id", "7", "--log-level", "warn level"]
     assert (proxy / "admin" / "delivery").read_text() == "xds\n"
     assert done.stderr == (f"envoy-start: starting Envoy with {proxy}/envoy-ads.yaml (xds): controller "
                            f"127.0.0.1:{listening} answered\n")
 
 
-def test_no_controller_answering_starts_envoy_from_the_files(tmp_path: Path, closed: int) -> None:
+@SHELLS
+def test_no_controller_answering_starts_envoy_from_the_files(tmp_path: Path, closed: int, shell: str) -> None:
     proxy, envoy = _proxy(tmp_path, f"{CONTROLLERS_COMMENT} 127.0.0.1:{closed} [::1]:x 127.0.0.1:{closed}")
     (proxy / "admin" / "delivery").write_text("xds\n")  # what the previous Envoy started with
-    done = _start(proxy, envoy, "--base-id", "7")
+    done = _start(proxy, envoy, "--base-id", "7", shell=shell)
     assert _envoy_args(done) == ["-c", f"{proxy}/envoy.yaml", "--base-id", "7"]
     assert (proxy / "admin" / "delivery").read_text() == "files\n"
     assert done.stderr == (f"envoy-start: starting Envoy with {proxy}/envoy.yaml (files): no controller answered "
@@ -147,3 +154,12 @@ def test_the_image_of_xds_sidecars_carries_the_start_steps_shell_and_timeout(tmp
     assert {"/bin/sh", "/bin/bash", "/usr/bin/timeout", image.ENVOY_IN_IMAGE} <= set(paths)
     assert any("libc.so" in path for path in paths)
     assert [item.path for item in image.image_files(Path("/bin/true"), ())] == [image.ENVOY_IN_IMAGE]
+
+
+def test_an_ipv6_controller_is_probed_at_its_address_and_port(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET6) as server:
+        server.bind(("::1", 0))
+        server.listen(8)
+        proxy, envoy = _proxy(tmp_path, f"{CONTROLLERS_COMMENT} ::1:{server.getsockname()[1]}")
+        done = _start(proxy, envoy)
+    assert _envoy_args(done) == ["-c", f"{proxy}/envoy-ads.yaml"]
