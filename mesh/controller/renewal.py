@@ -64,7 +64,8 @@ class Renewer:
                 raise MeshError(f"mesh-ctl csr exited {asked.exit_code}: {_tail(asked.stderr)}")
             version, csr_pem = parse_pending(asked.stdout)
             issued_at = self.now()
-            leaf = self.signer.sign(csr_pem, identity.spiffe_id, timedelta(seconds=self.spec.cert_ttl_s), issued_at)
+            leaf = self.signer.sign(csr_pem, identity.spiffe_id, timedelta(seconds=self.spec.cert_ttl_s), issued_at,
+                                    dns_names=leaf_dns_names_of(identity))
             installed = link.run(command("install", identity.name, version), leaf.chain_pem)
             if installed.exit_code != 0:
                 raise MeshError(f"mesh-ctl install exited {installed.exit_code}: {_tail(installed.stderr)}")
@@ -87,6 +88,11 @@ class Renewer:
         except (consul.ConsulException, MeshError, OSError) as exc:  # installed: reported, not undone
             self.log.warning("certificate_record_failed", host=host, identity=identity.name, serial=leaf.serial,
                              error=str(exc))
+
+
+def leaf_dns_names_of(identity: IdentitySpec) -> tuple[str, ...]:
+    """The DNS SANs of an identity's leaf: a proxy's node id; none for the checker (or a spec without node ids)."""
+    return (identity.node_id,) if identity.node_id else ()
 
 
 def _tail(text: str, lines: int = 3) -> str:

@@ -59,14 +59,15 @@ class Signer:
     key: ec.EllipticCurvePrivateKey = field(repr=False)
     chain_pem: bytes = b""  # the certificates between cert and the root (a CA brought to mesh has some)
 
-    def sign(self, csr_pem: bytes, spiffe_id: str, ttl: timedelta, now: datetime) -> SignedLeaf:
-        """A leaf for the CSR's key (checked: signature, key type) with the one URI SAN spiffe_id; valid from
-        now - backdate(ttl) to now + ttl, never past the intermediate."""
+    def sign(self, csr_pem: bytes, spiffe_id: str, ttl: timedelta, now: datetime,
+             dns_names: tuple[str, ...] = ()) -> SignedLeaf:
+        """A leaf for the CSR's key (checked: signature, key type) with the one URI SAN spiffe_id and the DNS SANs
+        dns_names (a proxy's node id); valid from now - backdate(ttl) to now + ttl, never past the intermediate."""
         segments = spiffe_path(spiffe_id, self.trust_domain)
         csr = checked_csr(csr_pem)
         request = LeafRequest(csr=csr, spiffe_id=spiffe_id, common_name=segments[-1],
                               not_before=now - backdate(ttl),
-                              not_after=min(now + ttl, self.cert.not_valid_after_utc))
+                              not_after=min(now + ttl, self.cert.not_valid_after_utc), dns_names=dns_names)
         leaf = build_leaf(request, Issuer(self.cert, self.key))
         pem = serialization.Encoding.PEM
         return SignedLeaf(chain_pem=leaf.public_bytes(pem) + self.cert.public_bytes(pem) + self.chain_pem,

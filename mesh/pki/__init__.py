@@ -7,6 +7,7 @@ from mesh.pki.leaf import (
     LeafInfo,
     chains_to,
     fingerprint,
+    leaf_dns_names,
     leaf_info,
     leaf_needs_renewal,
     leaf_remaining_fraction,
@@ -15,5 +16,5 @@ from mesh.pki.ledger import IssuedRecord
 
 __all__ = [
     "CertificateAuthority", "IssuedCertificate", "IssuedRecord", "LeafInfo", "chains_to", "fingerprint",
-    "leaf_info", "leaf_needs_renewal", "leaf_remaining_fraction",
+    "leaf_dns_names", "leaf_info", "leaf_needs_renewal", "leaf_remaining_fraction",
 ]

@@ -170,9 +170,9 @@ class CertificateAuthority:
         return tuple(found)
 
     def sign(self, csr_pem: bytes, spiffe_id: str, ttl: timedelta, host: str, proxy: str,
-             now: datetime | None = None) -> IssuedCertificate:
-        """A leaf for the CSR's key with exactly one URI SAN, spiffe_id (the CSR's own names are ignored),
-        valid from a little before now (certs.backdate: 5 minutes, at most ttl/10) for ttl (never past the
+             now: datetime | None = None, dns_names: tuple[str, ...] = ()) -> IssuedCertificate:
+        """A leaf for the CSR's key with exactly one URI SAN, spiffe_id, and the DNS SANs dns_names (a proxy's
+        node id; the CSR's own names are ignored), valid from a little before now (certs.backdate: 5 minutes, at most ttl/10) for ttl (never past the
         intermediate), signed by the phase's intermediate; recorded."""
         segments = spiffe_path(spiffe_id, self.trust_domain)
         if ttl <= timedelta(0):
@@ -181,7 +181,7 @@ class CertificateAuthority:
         now = now or datetime.now(UTC)
         not_before, not_after = leaf_validity(now, ttl, self.intermediate.not_valid_after_utc)
         request = LeafRequest(csr=csr, spiffe_id=spiffe_id, common_name=segments[-1], not_before=not_before,
-                              not_after=not_after)
+                              not_after=not_after, dns_names=dns_names)
         leaf = build_leaf(request, Issuer(self.intermediate, self.signing.key))
         issued = IssuedCertificate(cert_pem=_pem(leaf), chain_pem=_pem(leaf) + self.signing.chain_pem,
                                    not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc,

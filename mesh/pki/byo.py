@@ -154,6 +154,21 @@ def _check_name_constraints(cert: x509.Certificate, trust_domain: str) -> None:
     if hit:
         raise GivenCAError(f"{_name(cert)} excludes URI names under {', '.join(hit)}: it cannot issue "
                            f"spiffe://{trust_domain}/... identities")
+    _check_dns_constraints(cert, names)
+
+
+def _check_dns_constraints(cert: x509.Certificate, names: x509.NameConstraints) -> None:
+    """A proxy's leaf names its node id (a bare name such as web-vm1-8080) as a DNS SAN: a CA that permits DNS
+    names only under some domain, or excludes every DNS name, cannot issue it."""
+    permitted = [n.value for n in names.permitted_subtrees or () if isinstance(n, x509.DNSName)]
+    excluded = [n.value for n in names.excluded_subtrees or () if isinstance(n, x509.DNSName)]
+    if permitted and "" not in permitted:
+        raise GivenCAError(f"{_name(cert)} permits DNS names only under {', '.join(permitted)}: it cannot issue "
+                           "proxy leaves, which name their node id (such as web-vm1-8080) as a DNS name",
+                           "use an intermediate without DNS name constraints")
+    if "" in excluded:
+        raise GivenCAError(f"{_name(cert)} excludes every DNS name: it cannot issue proxy leaves, which name "
+                           "their node id (such as web-vm1-8080) as a DNS name")
 
 
 def uri_host_matches(constraint: str, host: str) -> bool:

@@ -4,6 +4,7 @@ of keys, names and times. It must not touch files, clocks or the ledger of issue
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -137,6 +138,17 @@ def checked_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_dns_name(name: str) -> str:
+    """`name` when it can be a certificate's DNS SAN as written: ASCII labels of letters, digits and '-' (no
+    '-' at either end, at most 63 each), joined by '.', at most 253 in all. A node id (`api-vm2-9090`) is one."""
+    if not (0 < len(name) <= 253) or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise MeshError(f"{name!r} cannot be a certificate's DNS name (ASCII letters, digits, '-' and '.')")
+    return name
+
+
 def _leaf_usage(is_ec: bool) -> x509.KeyUsage:
     return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                          data_encipherment=False, key_agreement=is_ec, key_cert_sign=False, crl_sign=False,
@@ -145,20 +157,25 @@ def _leaf_usage(is_ec: bool) -> x509.KeyUsage:
 
 @dataclass(frozen=True)
 class LeafRequest:
-    """What goes into a leaf; the CSR gives only its public key (its names are ignored)."""
+    """What goes into a leaf; the CSR gives only its public key (its names are ignored). dns_names: a proxy's
+    node id (its ADS stream's name, checked against its certificate), none for other identities."""
 
     csr: x509.CertificateSigningRequest
     spiffe_id: str
     common_name: str
     not_before: datetime
     not_after: datetime
+    dns_names: tuple[str, ...] = ()
 
 
 def build_leaf(request: LeafRequest, issuer: Issuer) -> x509.Certificate:
-    """A workload leaf: one URI SAN (the SPIFFE ID), serverAuth + clientAuth, not a CA, random serial."""
+    """A workload leaf: one URI SAN (the SPIFFE ID) and the request's DNS SANs (a proxy's node id), serverAuth +
+    clientAuth, not a CA, random serial. MeshError for a DNS name that is not a plain host name."""
     key = request.csr.public_key()
     if not isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
         raise TypeError(f"unchecked key type {type(key).__name__}")  # checked_csr() refuses these
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(request.spiffe_id)]
+    names += [x509.DNSName(check_dns_name(name)) for name in request.dns_names]
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, request.common_name)]))
@@ -170,8 +187,7 @@ def build_leaf(request: LeafRequest, issuer: Issuer) -> x509.Certificate:
         .add_extension(_leaf_usage(isinstance(key, ec.EllipticCurvePublicKey)), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(request.spiffe_id)]),
-                       critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
         .add_extension(_aki(issuer.cert), critical=False)
         .sign(issuer.key, hashes.SHA256())

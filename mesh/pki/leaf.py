@@ -58,6 +58,30 @@ def leaf_info(cert_pem: bytes) -> LeafInfo:
     )
 
 
+def leaf_dns_names(cert_pem: bytes) -> tuple[str, ...]:
+    """The DNS SANs of the first certificate of cert_pem (a proxy's leaf: its node id), in order; () when it has
+    none; MeshError if unreadable."""
+    leaf = load_chain(cert_pem)[0]
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(names.get_values_for_type(x509.DNSName))
+
+
+def node_id_reason(cert_pem: bytes | None, node_id: str | None) -> str | None:
+    """Why a proxy's leaf must be re-issued for its node id: it does not name it as a DNS SAN (leaves issued
+    before they did). None when it does, when no node id is asked for (the checker), or when there is no readable
+    leaf (the other reasons cover those)."""
+    if not node_id or cert_pem is None:
+        return None
+    try:
+        names = leaf_dns_names(cert_pem)
+    except MeshError:
+        return None
+    return None if node_id in names else f"without its node id {node_id} as a DNS name"
+
+
 def _spiffe_id(leaf: x509.Certificate) -> str | None:
     try:
         names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -18,6 +18,7 @@ from mesh.controller import spec as controller_spec
 from mesh.controller_env import CHECKER_UNIT, CONTROLLER_UNIT, MARKER_FILE
 from mesh.healthcheck.config import CERT_FILE, CONFIG_DIR, CONSUL_CA_FILE, KEY_FILE, TOKEN_FILE
 from mesh.hosts.observe import ENVOY_SHA_CACHE_SUFFIX, HostFacts, ObserveRequest
+from mesh.pki.leaf import node_id_reason
 from mesh.plan.access import CTL_IDENTITIES_DIR
 from mesh.plan.build import CHECKER_UNIT_PATH, CONTROLLER_UNIT_PATH, FIREWALL_UNIT_PATH, HOST_FOLDERS
 from mesh.plan.model import HostPlan, PlannedFile
@@ -112,7 +113,8 @@ def host_changes(plan: HostPlan, facts: HostFacts, certificate_reason: Certifica
         if change is not None:
             add(change)
     for proxy in plan.proxies:
-        reason = certificate_reason(*_certificate(facts, proxy.name), proxy.spiffe_id)
+        cert, public_key = _certificate(facts, proxy.name)
+        reason = certificate_reason(cert, public_key, proxy.spiffe_id) or node_id_reason(cert, proxy.config.node_id)
         if reason is not None:
             add(Change(name, "certificate", proxy.spiffe_id, "issue" if reason == "missing" else "renew", reason,
                        proxy.name))

@@ -38,16 +38,16 @@ class MeshCAProbeIssuer:
             raise TypeError(f"the mesh intermediate key is a {type(key).__name__}, not an EC key")
         self._issuer = Issuer(self.intermediate, key)
 
-    def issue(self, spiffe_id: str, directory: Path, name: str) -> LeafFiles:
+    def issue(self, spiffe_id: str, directory: Path, name: str, dns_names: tuple[str, ...] = ()) -> LeafFiles:
         """`<name>.pem` (leaf then intermediate, as Envoy presents it) and `<name>-key.pem` (0600) under
-        directory; `ca` is the mesh root."""
+        directory; `ca` is the mesh root. dns_names: DNS SANs, such as a proxy's node id."""
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
                .sign(key, hashes.SHA256()))
         now = datetime.datetime.now(datetime.UTC)
         request = LeafRequest(csr=csr, spiffe_id=spiffe_id, common_name=name, not_before=now - CLOCK_SKEW,
-                              not_after=now + PROBE_LIFETIME)
+                              not_after=now + PROBE_LIFETIME, dns_names=dns_names)
         leaf = build_leaf(request, self._issuer)
         directory.mkdir(parents=True, exist_ok=True)
         cert_file, key_file = directory / f"{name}.pem", directory / f"{name}-key.pem"

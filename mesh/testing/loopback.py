@@ -129,7 +129,8 @@ def issue_identities(state_dir: Path, trust_domain: str, workloads: tuple[Worklo
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, workload.service)]))
                .sign(key, hashes.SHA256()))
         issued = authority.sign(csr.public_bytes(serialization.Encoding.PEM), workload.spiffe_id,
-                                datetime.timedelta(hours=1), workload.host, workload.consul_id)
+                                datetime.timedelta(hours=1), workload.host, workload.consul_id,
+                                dns_names=(workload.consul_id,))
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         identities[workload.service] = Identity(issued.chain_pem, key_pem, authority.root_pem)

@@ -21,6 +21,7 @@ from mesh.healthcheck.config import KEY_FILE as CHECKER_KEY
 from mesh.hosts.connection import Connector, RemoteError
 from mesh.inventory.model import health_checker_spiffe_id
 from mesh.pki import CertificateAuthority, leaf_info
+from mesh.pki.leaf import node_id_reason
 
 CHECKER_LEDGER_NAME = "health-checker"
 TTL_SLACK = timedelta(minutes=5)  # a leaf issued a moment ago with this ttl is not renewed again
@@ -41,16 +42,23 @@ class Identity:
     # new key and its certificate are written into a new folder, then the link is swapped in one rename.
     folder: Owned | None = None
     home: str | None = None
+    node_id: str | None = None  # a proxy's node id: its leaf's DNS SAN (the checker has none)
+
+    @property
+    def dns_names(self) -> tuple[str, ...]:
+        """The DNS SANs its leaf carries (passed to CertificateAuthority.sign)."""
+        return (self.node_id,) if self.node_id else ()
 
 
 def proxy_identity(proxy: str, spiffe_id: str, owner: str | None = None,
-                   folder: Owned | None = None) -> Identity:
+                   folder: Owned | None = None, node_id: str | None = None) -> Identity:
     """A proxy's identity; owner owns its key (a name on VMs, the sidecar's uid on container hosts); folder is
-    the ownership of its key-and-certificate folders (the proxy folder's)."""
+    the ownership of its key-and-certificate folders (the proxy folder's); node_id its Envoy's node id, which
+    its leaf carries as a DNS SAN."""
     owner = owner or paths.envoy_user(proxy)
     return Identity(spiffe_id, paths.key_path(proxy), paths.cert_path(proxy), owner,
                     spiffe_id.rsplit("/", 1)[-1], proxy, proxy,
-                    folder or Owned("root", owner, 0o750), paths.proxy_dir(proxy))
+                    folder or Owned("root", owner, 0o750), paths.proxy_dir(proxy), node_id)
 
 
 def in_new_folder(identity: Identity, version: str) -> Identity:
@@ -91,13 +99,15 @@ def renewal_reason(connector: Connector, identity: Identity, ca: CertificateAuth
     if cert is None:
         return "missing"
     public = connector.run(f"openssl pkey -in {shlex.quote(identity.key)} -pubout")
-    return certificate_reason(cert, public.stdout if public.ok else None, identity.spiffe_id, ca, ttl)
+    return certificate_reason(cert, public.stdout if public.ok else None, identity.spiffe_id, ca, ttl,
+                              identity.node_id)
 
 
 def certificate_reason(cert: bytes | None, public_key: bytes | None, spiffe_id: str, ca: CertificateAuthority,
-                       ttl: timedelta | None = None) -> str | None:
-    """Why a certificate must be replaced (missing, unreadable, another SPIFFE ID, another CA, past half its
-    lifetime, valid for longer than `ttl` allows, not matching the key beside it), or None when it is good.
+                       ttl: timedelta | None = None, node_id: str | None = None) -> str | None:
+    """Why a certificate must be replaced (missing, unreadable, another SPIFFE ID, without the proxy's node id
+    as a DNS SAN when `node_id` is given, another CA, past half its lifetime, valid for longer than `ttl` allows,
+    not matching the key beside it), or None when it is good.
     Pure: the certificate and the key's public half are given (the private key is never read)."""
     if cert is None:
         return "missing"
@@ -107,6 +117,8 @@ def certificate_reason(cert: bytes | None, public_key: bytes | None, spiffe_id: 
         return "unreadable"
     if info.spiffe_id != spiffe_id:
         return f"issued for {info.spiffe_id}, not {spiffe_id}"
+    if (missing := node_id_reason(cert, node_id)) is not None:
+        return missing
     if ca.needs_renewal(cert):
         return "past half its lifetime or not from this CA"
     if ttl is not None and info.not_after - datetime.now(UTC) > ttl + TTL_SLACK:

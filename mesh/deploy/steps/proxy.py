@@ -73,7 +73,7 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
         planned = shared.proxy(ctx.host.name, _proxy(args))
         home = planned.folders[0]
         identity = proxy_identity(planned.name, planned.spiffe_id, planned.user,
-                                  Owned(home.owner, home.group, home.mode))
+                                  Owned(home.owner, home.group, home.mode), planned.config.node_id)
     fresh = not ctx.connector.run(f"test -s {shlex.quote(identity.key)}").ok
     # A new key goes into a new folder with its certificate, swapped in by one rename once both are there: a
     # restart in between still finds the old, matching pair.
@@ -107,7 +107,7 @@ def certificate(ctx: TaskContext[DeployContext], args: dict[str, Any]) -> Module
     if not csr.ok:
         raise ModuleFailure(f"openssl could not make a CSR on the host: {csr.error_text()}")
     issued = shared.ca.sign(csr.stdout, identity.spiffe_id, shared.mesh.settings.cert_ttl, ctx.host.name,
-                            identity.ledger_name)
+                            identity.ledger_name, dns_names=identity.dns_names)
     yield PutFile(target.cert, issued.chain_pem, 0o644, "root", "root", f"write {target.cert}")
     if identity.proxy is not None:
         _before_change(ctx, identity.proxy)
