@@ -20,12 +20,14 @@ RENEW_AT_REMAINING = 0.5
 
 @dataclass(frozen=True)
 class LeafInfo:
-    """What mesh reads from a leaf: its SPIFFE ID (None if it has none), validity and serial (hex)."""
+    """What mesh reads from a leaf: its SPIFFE ID (None if it has none), validity, serial (hex) and DNS SANs (a
+    proxy's node id)."""
 
     spiffe_id: str | None
     not_before: datetime
     not_after: datetime
     serial: str
+    dns_names: tuple[str, ...] = ()
 
 
 def serial_hex(cert: x509.Certificate) -> str:
@@ -55,13 +57,17 @@ def leaf_info(cert_pem: bytes) -> LeafInfo:
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
         serial=serial_hex(leaf),
+        dns_names=_dns_names(leaf),
     )
 
 
 def leaf_dns_names(cert_pem: bytes) -> tuple[str, ...]:
     """The DNS SANs of the first certificate of cert_pem (a proxy's leaf: its node id), in order; () when it has
     none; MeshError if unreadable."""
-    leaf = load_chain(cert_pem)[0]
+    return _dns_names(load_chain(cert_pem)[0])
+
+
+def _dns_names(leaf: x509.Certificate) -> tuple[str, ...]:
     try:
         names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

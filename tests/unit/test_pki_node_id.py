@@ -76,7 +76,7 @@ def test_build_leaf_puts_the_node_id_beside_the_spiffe_id() -> None:
     leaf = build_leaf(request, Issuer(root, root_key)).public_bytes(serialization.Encoding.PEM)
     assert san_values(leaf) == [("UniformResourceIdentifier", WEB), ("DNSName", NODE)]
     assert leaf_dns_names(leaf) == (NODE,)
-    assert leaf_info(leaf).spiffe_id == WEB  # the SPIFFE ID reads as before
+    assert (leaf_info(leaf).spiffe_id, leaf_info(leaf).dns_names) == (WEB, (NODE,))  # the SPIFFE ID as before
 
 
 def test_a_leaf_without_dns_names_has_only_its_uri() -> None:
