@@ -52,7 +52,7 @@ from delivery_helpers import (
 )
 from deploy_helpers import Run, hops, out, run_mesh, sh, shared_lab, wait_for
 from lab_helpers import LabUp
-from rollout_helpers import chain_ok, deploy, deploy_lab_back, lab_state_dir, status_json
+from rollout_helpers import chain_ok, deploy, deploy_lab_back, lab_state_dir, proxy_status, status_json
 
 from mesh.config import paths
 from mesh.config.tracing import CONTROLLER_SERVER_NAME
@@ -65,6 +65,7 @@ from mesh.inventory.model import controller_spiffe_id
 from mesh.lab.network import NETNS_PREFIX
 from mesh.render import LISTENER_TYPE
 from mesh.testing.health_endpoint import TestCA
+from mesh.xds.resources import INVALID_LISTENER_NAME
 
 PUSH_WAIT = 60.0  # a Consul change reaching an Envoy: the goal is under a second; this only bounds the test
 BACK_ON_ADS_WAIT = 300.0  # controllers back: a file-started proxy drained and restarted on ADS
@@ -295,38 +296,14 @@ def test_a_proxy_gets_its_own_config_and_is_refused_another_proxys_or_a_foreign_
 
 # ---- NACK ------------------------------------------------------------------------------------------------------
 
-def _type_states(report: Any, node_id: str) -> list[dict[str, Any]]:
-    """The per-type ADS states `mesh status --json` shows for node_id (its entries with `type` and `state`), found
-    wherever the report nests them under something naming the node."""
-    found: list[dict[str, Any]] = []
-
-    def types_below(value: Any) -> None:
-        if isinstance(value, dict):
-            if "type" in value and "state" in value:
-                found.append(value)
-            for item in value.values():
-                types_below(item)
-        elif isinstance(value, list):
-            for item in value:
-                types_below(item)
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key == node_id or (isinstance(item, str) and item == node_id and key in ("node_id", "node")):
-                    types_below(item if key == node_id else value)
-                    continue
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(report)
-    return found
+def _xds_status(xds: Xds, proxy: LabProxy) -> dict[str, Any]:
+    """The proxy's ADS status as `mesh status --json` shows it (its `xds`: node_id, running, controller, state,
+    types: [{type, state, sent, acked, error}])."""
+    return dict(proxy_status(status_json(xds.inventory), proxy.host, proxy.proxy).get("xds") or {})
 
 
-def _lds_states(xds: Xds, node_id: str) -> list[dict[str, Any]]:
-    return [item for item in _type_states(status_json(xds.inventory), node_id) if item.get("type") == "LDS"]
+def _lds_states(xds: Xds, proxy: LabProxy) -> list[dict[str, Any]]:
+    return [item for item in _xds_status(xds, proxy).get("types") or [] if item.get("type") == "LDS"]
 
 
 def _nack_lines(lab: LabUp, since: int, node_id: str) -> dict[str, list[str]]:
@@ -374,9 +351,11 @@ def test_an_invalid_listener_is_nacked_the_old_config_serves_and_the_controller_
         _wait_for_api_hosts(lab, DOCK1_ONLY, "the drain reaching web's Envoy on vm1 (EDS) with the hook in place")
         wait_for(lambda: _stat(lab, web, LDS_REJECTED), lambda seen: seen > rejected,
                  "web's Envoy on vm1 rejecting an LDS update", timeout=PUSH_WAIT)
-        states = wait_for(lambda: _lds_states(xds, web.node_id),
-                          lambda found: any(item.get("state") == "nacked" and item.get("error") for item in found),
-                          f"`mesh status --json` showing {web.node_id}'s LDS NACKed with Envoy's error",
+        states = wait_for(lambda: _lds_states(xds, web),
+                          lambda found: any(item.get("state") == "nacked"
+                                            and INVALID_LISTENER_NAME in str(item.get("error")) for item in found),
+                          f"`mesh status --json` showing {web.node_id}'s LDS NACKed with Envoy's error naming "
+                          f"{INVALID_LISTENER_NAME}",
                           timeout=PUSH_WAIT, interval=3.0)
         print(f"{web.node_id}'s LDS in `mesh status --json`: {states}")
         _drain(xds, undo=True)  # another push to web: the same NACKed listeners must not be sent again
@@ -390,8 +369,7 @@ def test_an_invalid_listener_is_nacked_the_old_config_serves_and_the_controller_
     assert rejections == streams, \
         f"web's Envoy rejected LDS {rejections} times on {streams} ADS stream(s): the bad version was sent again"
     text = run_mesh("status", str(xds.inventory), timeout=300).stdout
-    rows = [row for row in text.splitlines() if web.node_id in row or ("web" in row and "vm1" in row)]
-    assert any("nack" in row.lower() for row in rows), f"`mesh status` shows no NACK for web on vm1:\n{text}"
+    assert "ADS NACKed: LDS" in text, f"`mesh status` shows no NACKed LDS (web on vm1):\n{text}"
     lines = _nack_lines(lab, since, web.node_id)
     assert sum(len(found) for found in lines.values()) == streams, \
         f"the controllers' NACK lines of {web.node_id} ({streams} stream(s)): {lines}"
@@ -400,7 +378,7 @@ def test_an_invalid_listener_is_nacked_the_old_config_serves_and_the_controller_
         out(lab, host, f"rm -f {XDS_TEST_HOOK}")
     _drain(xds)  # the next push carries web's valid listeners again
     _wait_for_api_hosts(lab, DOCK1_ONLY, "a drain reaching web's Envoy on vm1 once the hook is gone")
-    wait_for(lambda: _lds_states(xds, web.node_id),
+    wait_for(lambda: _lds_states(xds, web),
              lambda found: bool(found) and all(item.get("state") == "synced" for item in found),
              f"`mesh status --json` showing {web.node_id}'s LDS synced once the hook is gone", timeout=PUSH_WAIT,
              interval=3.0)
@@ -443,12 +421,13 @@ def test_a_killed_controller_fails_no_request_and_a_change_after_it_reaches_ever
         _wait_for_api_hosts(lab, BOTH, "the drain's undo reaching web's Envoy on vm1")
     _assert_no_failed_request(trace.requests)
 
-    def not_synced() -> dict[str, list[dict[str, Any]]]:
+    def not_synced() -> dict[str, Any]:
         report = status_json(xds.inventory)
-        return {p.node_id: states for p in xds.proxies if not (states := _type_states(report, p.node_id))
-                or any(item.get("state") != "synced" for item in states)}
+        shown = {p.node_id: proxy_status(report, p.host, p.proxy).get("xds") or {} for p in xds.proxies}
+        return {node: (found.get("state"), found.get("controller")) for node, found in shown.items()
+                if found.get("state") != "synced" or not str(found.get("controller")).startswith(f"{survivor}:")}
 
-    wait_for(not_synced, lambda found: not found, f"every proxy synced at {survivor} in `mesh status --json`",
+    wait_for(not_synced, lambda found: not found, f"every proxy's stream synced at {survivor} in `mesh status --json`",
              timeout=PUSH_WAIT, interval=3.0)
 
 
