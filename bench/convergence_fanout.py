@@ -93,7 +93,7 @@ def ensure_sshd() -> None:
                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-def proxy_files(state_dir: Path) -> tuple[Any, bytes, dict[str, str]]:
+def proxy_files(state_dir: Path) -> tuple[Any, bytes, dict[str, Any]]:
     """web's files as mesh renders them (mesh.testing.loopback's two-service mesh), its proxy folder at the usual
     /etc/mesh/proxies/<proxy>; the CA's root (for the controller's validation); eds path -> upstream service."""
     from mesh.config import compute_proxy_config, paths

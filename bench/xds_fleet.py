@@ -63,7 +63,7 @@ def fleet_spec(proxies: int, trust_domain: str) -> Any:
     xds = f"{files.proxy_dir}/{paths.XDS_DIR_NAME}"
     endpoints = {f"{xds}/eds.{listener.cluster}.yaml": EndpointSource(listener.service)
                  for listener in config.outbound}
-    planned = tuple(SpecFile(f.path, f.kind, f.content) for f in files.files)
+    planned = tuple(SpecFile(f.path, f.kind, f.content) for f in files.files)  # type: ignore[arg-type]
     spiffe = f"spiffe://{trust_domain}/{SERVICE}"
     hosts = []
     for index in range(proxies):
