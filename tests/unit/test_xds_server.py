@@ -19,6 +19,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from structlog.testing import capture_logs
 
+from mesh.errors import MeshError
 from mesh.render import CLUSTER_TYPE, LISTENER_TYPE
 from mesh.xds.resources import ProxyResources, assembled
 from mesh.xds.server import XdsServer
@@ -190,3 +191,26 @@ def test_a_connection_older_than_the_maximum_age_is_closed(tmp_path: Path, mesh_
         ads.close()
     finally:
         xds.stop()
+
+
+class _NoCert:
+    def current(self) -> object:
+        raise MeshError("the controllers' intermediate is missing")
+
+
+def test_a_port_taken_or_no_certificate_is_logged_and_not_served(tmp_path: Path, mesh_ca: LeafSigner) -> None:
+    (tmp_path / "bundle.pem").write_bytes(mesh_ca.root_pem)
+    with socket.socket() as taken, capture_logs() as logs:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = XdsServer(taken.getsockname()[1], FixedCert(mesh_ca.serving_cert(TRUST_DOMAIN)),
+                         str(tmp_path / "bundle.pem"), TRUST_DOMAIN, host="127.0.0.1")
+        busy.start()
+        assert not busy.serving
+        busy.stop()
+        uncertain = XdsServer(0, _NoCert(), str(tmp_path / "bundle.pem"), TRUST_DOMAIN,  # type: ignore[arg-type]
+                              host="127.0.0.1")
+        uncertain.start()
+        assert not uncertain.serving
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
+        "xds_server_cannot_listen", "xds_server_no_tls"]
