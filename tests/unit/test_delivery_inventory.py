@@ -77,3 +77,8 @@ def test_check_says_which_hosts_stream_their_config() -> None:
     fleet = Fleet(CONSUL + "mesh_delivery: xds\n").controller().host("vm1", WEB).host("vm2", API)
     assert "delivery: xds: vm1, vm2" in check_inventory(fleet.data).summary_lines()
     assert "delivery: files" in check_inventory(Fleet(CONSUL).controller().host("vm1", WEB).data).summary_lines()
+
+
+def test_a_misspelled_key_is_an_unknown_variable_with_a_hint() -> None:
+    errors = Fleet(CONSUL).controller().host("vm1", WEB + "mesh_delivry: xds\n").errors()
+    find(errors, "host_vars/vm1.yml", 4, "mesh_delivry", "did you mean 'mesh_delivery'?")
