@@ -81,4 +81,4 @@ def test_check_says_which_hosts_stream_their_config() -> None:
 
 def test_a_misspelled_key_is_an_unknown_variable_with_a_hint() -> None:
     errors = Fleet(CONSUL).controller().host("vm1", WEB + "mesh_delivry: xds\n").errors()
-    find(errors, "host_vars/vm1.yml", 4, "mesh_delivry", "did you mean 'mesh_delivery'?")
+    find(errors, "host_vars/vm1.yml", 4, "mesh_delivry", "did you mean 'mesh_delivery'")
