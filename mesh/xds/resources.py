@@ -107,7 +107,7 @@ class ProxyResources:
 
 
 _Converted = tuple[tuple[str, str, bytes, str], ...]  # (type URL, name, Any bytes, digest) of one file
-_memo: dict[tuple[str, str], _Converted] = {}
+_memo: dict[tuple[str, str, str], _Converted] = {}
 _memo_lock = threading.Lock()
 
 
@@ -118,9 +118,10 @@ def ads_resources(snapshot: ProxySnapshot, node_id: str, bundle_pem: str) -> Pro
     certificate_secrets = frozenset(name for file in files if file.kind == "secret"
                                     for name in _certificate_secret_names(snapshot.proxy, file.path, file.content))
     bundle_digest = hashlib.sha256(bundle_pem.encode()).hexdigest()
+    kept_sources = " ".join(sorted(certificate_secrets))  # a conversion depends on which SDS sources stay files
     entries: list[tuple[str, str, bytes, str]] = []
     for file in sorted(files, key=lambda item: item.path):
-        key = (file.sha256, bundle_digest if file.kind == "secret" else "")
+        key = (file.sha256, bundle_digest if file.kind == "secret" else "", kept_sources)
         with _memo_lock:
             converted = _memo.get(key)
         if converted is None:
