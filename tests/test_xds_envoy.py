@@ -5,7 +5,8 @@ streamed by XdsServer over mTLS to an Envoy started with an ADS bootstrap.
 CA with its node id as DNS SAN, stays a file), the other from its files: Envoy's config dump shows every resource,
 a request goes through, the server shows each type synced. A listener Envoy refuses (the test hook) is NACKed once:
 the old listeners keep serving, the status says nacked with Envoy's message, and no response is resent. A TCP
-service's authorization filters go over ADS too (ECDS): Envoy 1.40 takes them. And one computation, two
+service's authorization filters go over ADS too (ECDS): Envoy 1.40 takes them, and a run-time deny streamed as a
+new filter closes the next connection. And one computation, two
 deliveries: web's config dump from its files and from ADS are the same once config sources, versions and the
 inline trust bundle are set aside.
 """
@@ -30,7 +31,7 @@ from mesh.config.model import WeightedCluster
 from mesh.controller.endpoints import Endpoint, ServiceEndpoints
 from mesh.controller.snapshot import ProxySnapshot, proxy_snapshot
 from mesh.inventory.model import Health, Mesh, Workload
-from mesh.render import ProxyFiles, render_proxy_files
+from mesh.render import EXTENSION_CONFIG_TYPE, ProxyFiles, render_proxy_files
 from mesh.testing.fake_ctl import proxy_spec
 from mesh.testing.loopback import (
     APP_BODY,
@@ -51,7 +52,7 @@ from mesh.testing.loopback import (
     stop_envoys,
     two_service_mesh,
 )
-from mesh.xds.resources import INVALID_LISTENER_NAME, ads_resources
+from mesh.xds.resources import INVALID_LISTENER_NAME, ads_resources, assembled, packed, unpacked
 from mesh.xds.server import XdsServer
 from tests.xds_samples import FixedCert, LeafSigner, ads_bootstrap
 
@@ -147,6 +148,14 @@ def through_web(loop: TwoServiceMesh) -> bytes | None:
     return body if status == 200 else None
 
 
+def refused_through_web(loop: TwoServiceMesh) -> bool | None:
+    try:
+        through_web(loop)
+    except (OSError, http.client.HTTPException):
+        return True
+    return None
+
+
 def states(server: XdsServer, node_id: str) -> dict[str, str]:
     stream = server.status().get(node_id)
     return {} if stream is None else {item.type: item.state for item in stream.types}
@@ -205,6 +214,18 @@ def test_a_tcp_service_takes_its_authorization_filters_over_ads(tmp_path: Path) 
         assert eventually(lambda: through_web(running.loop), WAIT_S, "a request to the TCP api over ADS") == APP_BODY
         eventually(lambda: states(running.server, running.node_id).get("ECDS") == "synced" or None, WAIT_S,
                    "ECDS synced")
+        # a run-time deny of every caller, streamed as a new ECDS resource, closes the next connection
+        served = ads_resources(running.snapshot, running.node_id, running.bundle)
+        deny = unpacked(served.by_type[EXTENSION_CONFIG_TYPE]["mesh.authz.deny"])
+        deny["typed_config"]["rules"] = {"action": "DENY", "policies": {"everyone": {
+            "permissions": [{"any": True}], "principals": [{"any": True}]}}}
+        entries = [(url, name, data, served.digests[url][name]) for url, named in served.by_type.items()
+                   for name, data in named.items() if (url, name) != (EXTENSION_CONFIG_TYPE, "mesh.authz.deny")]
+        entries.append((EXTENSION_CONFIG_TYPE, "mesh.authz.deny", packed(deny), "deny-everyone"))
+        running.server.update({running.node_id: assembled(running.node_id, entries)})
+        eventually(lambda: refused_through_web(running.loop), WAIT_S, "the deny over ECDS closes connections")
+        running.server.update({running.node_id: served})
+        assert eventually(lambda: through_web(running.loop), WAIT_S, "allowed again") == APP_BODY
 
 
 def normalized(dump: dict[str, dict[str, Any]]) -> dict[str, Any]:
