@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from mesh.config import paths
 from mesh.containers.image import ENVOY_IN_IMAGE, SIDECAR_UID
 from mesh.inventory.model import ManagedHost, Workload
+from mesh.render import envoy_start_script
 
 SIDECAR_PREFIX = "mesh-envoy-"
 MEMORY_LIMIT = "256m"
@@ -122,9 +123,13 @@ def sidecar_spec(host: ManagedHost, workload: Workload, image_tag: str, config_h
 def bootstrap_sidecar(host: ManagedHost, workload: Workload, image_tag: str, bootstrap_path: str,
                       bootstrap_sha256: str, xds: bool = False) -> SidecarSpec:
     """The sidecar as the plan wants it: its config_hash is the bootstrap's and the image's only (Envoy reloads
-    everything else in place; an xds proxy's envoy.yaml carries the digest of envoy-ads.yaml too). The one
-    formula the plan and `mesh status` share."""
-    return sidecar_spec(host, workload, image_tag, files_hash({bootstrap_path: bootstrap_sha256}, image_tag), xds)
+    everything else in place; an xds proxy's envoy.yaml carries the digest of envoy-ads.yaml too), and an xds
+    proxy's start step's (a single-file mount keeps the old file when a deploy replaces it: a new container takes
+    the new one). The one formula the plan and `mesh status` share."""
+    digests = {bootstrap_path: bootstrap_sha256}
+    if xds:
+        digests[paths.ENVOY_START] = hashlib.sha256(envoy_start_script().encode()).hexdigest()
+    return sidecar_spec(host, workload, image_tag, files_hash(digests, image_tag), xds)
 
 
 def docker_run_args(spec: SidecarSpec) -> list[str]:

@@ -21,8 +21,9 @@ from mesh.config.errors import ConfigError, EnvoyRejectedConfig
 from mesh.config.model import ProxyConfig
 from mesh.config.validate import throwaway_tls_files
 from mesh.config.xds import XDS_PORT, XdsBootstrap
+from mesh.containers import sidecar as sidecar_module
 from mesh.containers.image import ENVOY_IN_IMAGE
-from mesh.containers.sidecar import docker_run_args, sidecar_spec, validate_args
+from mesh.containers.sidecar import bootstrap_sidecar, docker_run_args, sidecar_spec, validate_args
 from mesh.controller import protocol
 from mesh.controller.snapshot import ProxySnapshot
 from mesh.inventory.loader import load_inventory
@@ -249,3 +250,20 @@ def test_an_xds_sidecar_runs_the_start_step_mounted_read_only_with_the_same_envo
     assert "--entrypoint" not in files_args and start not in " ".join(files_args)
     assert f"{start}:{start}:ro" not in validate_args(xds_spec)  # the check runs Envoy alone
 
+
+
+def test_a_new_start_step_replaces_xds_sidecars_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start step is a single-file mount (a replaced file stays the old one in a running container): its
+    content is in an xds sidecar's revision, and nowhere in a files sidecar's."""
+    mesh = _mesh(CONTAINERS)
+    host = next(host for host in mesh.hosts if host.kind == "container_host" and host.workloads)
+    workload = host.workloads[0]
+
+    def revisions() -> tuple[str, str]:
+        return (bootstrap_sidecar(host, workload, "mesh-envoy:abc", "/b", "0" * 64).revision,
+                bootstrap_sidecar(host, workload, "mesh-envoy:abc", "/b", "0" * 64, xds=True).revision)
+
+    files_before, xds_before = revisions()
+    monkeypatch.setattr(sidecar_module, "envoy_start_script", lambda: "#!/bin/sh\nexit 1\n")
+    files_after, xds_after = revisions()
+    assert files_after == files_before and xds_after != xds_before
