@@ -2,7 +2,7 @@
 (streamed by the controllers over ADS). Owns reading the value and the rule that xds needs a controller; it
 must not decide what xds delivery renders (mesh.config.compute does).
 
-The inventory layer does not import mesh.config: DELIVERIES here is mesh.config.xds.DELIVERIES (a unit test
+The inventory layer does not import mesh.config: Delivery and DELIVERIES here are mesh.config.xds's (a unit test
 keeps them equal).
 """
 
@@ -17,15 +17,16 @@ from mesh.inventory.values import describe
 from mesh.suggest import did_you_mean
 
 DELIVERY_KEY = "mesh_delivery"
-DELIVERIES: tuple[Literal["files", "xds"], ...] = ("files", "xds")
+Delivery = Literal["files", "xds"]
+DELIVERIES: tuple[Delivery, ...] = ("files", "xds")
 
 
-def read_delivery(spot: Located | None, problems: Problems) -> Literal["files", "xds"]:
+def read_delivery(spot: Located | None, problems: Problems) -> Delivery:
     """A host's delivery: `files` when unset; a value other than files or xds is recorded (and read as files)."""
     if spot is None:
         return "files"
     if isinstance(spot.value, str) and spot.value in DELIVERIES:
-        return cast(Literal["files", "xds"], spot.value)
+        return cast(Delivery, spot.value)
     hint = did_you_mean(spot.value.lower(), DELIVERIES) if isinstance(spot.value, str) else None
     problems.at(spot, f"expected files or xds, got {describe(spot.value)}", hint)
     return "files"

@@ -11,12 +11,11 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, cast
 
-from mesh.config.xds import Delivery
 from mesh.errors import InventoryError, InventoryErrors
 from mesh.inventory.authz import AUTHZ_DEFAULT_KEY, read_authz_default, total_denial
 from mesh.inventory.connection import read_connection, ssh_port
 from mesh.inventory.data import InventoryData, Var
-from mesh.inventory.delivery import DELIVERY_KEY, check_controllers_for_xds, read_delivery
+from mesh.inventory.delivery import DELIVERY_KEY, Delivery, check_controllers_for_xds, read_delivery
 from mesh.inventory.located import Located, Problems
 from mesh.inventory.model import CONTROLLERS_GROUP, HostKind, ManagedHost, Mesh, MeshSettings, Workload
 from mesh.inventory.policy import NO_POLICY, ServicePolicy
