@@ -5,6 +5,7 @@ speaks ADS as Envoy does."""
 from __future__ import annotations
 
 import datetime
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,6 @@ class AdsClient:
             options=[("grpc.ssl_target_name_override", f"controller.{trust_domain}")])
         self.stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
         self._requests: list[discovery_pb2.DiscoveryRequest] = []
-        import queue
         self._queue: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
         self.responses = self.stub.StreamAggregatedResources(iter(self._queue.get, None), timeout=30)
 
