@@ -29,10 +29,11 @@ from mesh.controller.snapshot import ProxySnapshot
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import Mesh
 from mesh.inventory.validate import build_mesh
-from mesh.plan.build import FILE_EFFECT
+from mesh.plan.build import FILE_EFFECT, PlanInputs, build_plan
 from mesh.render import (
     FileKind,
     ProxyFiles,
+    envoy_start_script,
     host_validation,
     render_envoy_unit,
     render_proxy_files,
@@ -267,3 +268,23 @@ def test_a_new_start_step_replaces_xds_sidecars_only(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sidecar_module, "envoy_start_script", lambda: "#!/bin/sh\nexit 1\n")
     files_after, xds_after = revisions()
     assert files_after == files_before and xds_after != xds_before
+
+
+def test_the_plan_installs_the_start_step_on_xds_hosts_only() -> None:
+    inventory = Path(__file__).resolve().parents[1] / "inventories" / "good" / "43-mesh-delivery-yaml" / "hosts.yaml"
+    plan = build_plan(_mesh(inventory), PlanInputs(b"root", "00:11", envoy_sha256="0" * 64))
+    seen = {}
+    for host in plan.hosts:
+        for proxy in host.proxies:
+            start = next((item for item in host.files if item.path == "/usr/local/lib/mesh/envoy-start"), None)
+            ads = next((item for item in proxy.files if item.path.endswith("/envoy-ads.yaml")), None)
+            assert proxy.unit is not None
+            runs_start = "ExecStart=/usr/local/lib/mesh/envoy-start " in proxy.unit.content.decode()
+            seen[host.name] = (host.host.delivery, start is not None, ads is not None, runs_start)
+            if start is not None:
+                assert (start.mode, start.owner, start.group, start.content) \
+                    == (0o755, "root", "root", envoy_start_script().encode())
+            if ads is not None:
+                assert ads.effect == "restart"
+    assert seen == {"vm1": ("xds", True, True, True), "vm2": ("files", False, False, False),
+                    "vm3": ("xds", True, True, True)}
