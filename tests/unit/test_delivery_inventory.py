@@ -4,10 +4,12 @@ refused where it is set; `mesh inventory check` says which hosts stream their co
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 from meshvars_helpers import Fleet, find
 
-from mesh.config.xds import DELIVERIES
+from mesh.config.xds import DELIVERIES, Delivery
 from mesh.inventory import delivery
 from mesh.inventory.check import check_inventory
 
@@ -22,6 +24,7 @@ def deliveries(fleet: Fleet) -> dict[str, str]:
 
 def test_the_inventory_layer_knows_the_same_deliveries_as_the_config() -> None:
     assert delivery.DELIVERIES == DELIVERIES
+    assert get_args(delivery.Delivery) == get_args(Delivery) == DELIVERIES
 
 
 def test_unset_is_files() -> None:
