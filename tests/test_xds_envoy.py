@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from mesh.config import compute_proxy_config
 from mesh.config.model import WeightedCluster
@@ -396,7 +397,7 @@ def test_a_route_moved_to_a_new_cluster_while_the_old_one_leaves_fails_no_reques
             cfg, clusters=tuple(moved_cluster if item.name == old.name else item for item in cfg.clusters),
             outbound=(replace(listener, cluster=moved_cluster.name, route=route),)))
         eventually(lambda: through_web(loop), WAIT_S, "a request through web")
-        with request_loop(loop.outbound_port) as counts:
+        with request_loop(loop.outbound_port) as counts, capture_logs() as logs:
             eventually(lambda: counts["ok"] >= 20 or None, WAIT_S, "the loop runs")
             server.update({node: ads_resources(ProxySnapshot("h-web", moved, "t"), node, running.bundle)})
             eventually(lambda: dynamic_names(running.over_ads)["clusters"] >= {"upstream-api-moved"}
@@ -405,4 +406,6 @@ def test_a_route_moved_to_a_new_cluster_while_the_old_one_leaves_fails_no_reques
             seen = counts["ok"]
             eventually(lambda: counts["ok"] >= seen + 20 or None, WAIT_S, "the loop goes on")
         assert counts["failed"] == 0, counts
+        assert not [entry for entry in logs if entry["event"] == "xds_clusters_not_ready"]  # no release by timeout
         eventually(lambda: set(states(server, node).values()) == {"synced"} or None, WAIT_S, "every type synced")
+        assert responses(server, node, "CDS") == 3  # the first, then keeping upstream-api, then without it
