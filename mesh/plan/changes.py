@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from mesh.config import paths
+from mesh.config.xds import ADS_BOOTSTRAP_NAME, DELIVERY_MARKER
 from mesh.containers.reachability import LIST_PATH, RULES_PATH, WATCHER_PATH, WATCHER_UNIT, WATCHER_UNIT_PATH
 from mesh.controller import spec as controller_spec
 from mesh.controller_env import CHECKER_UNIT, CONTROLLER_UNIT, MARKER_FILE
@@ -65,6 +66,7 @@ def observe_request(plan: HostPlan) -> ObserveRequest:
     """What to read on the plan's host to compare it with the plan (and find what mesh must remove)."""
     host = plan.host
     planned = [planned.path for planned in plan.every_file()] + [folder.path for folder in plan.every_folder()]
+    planned += [path for proxy in plan.proxies for path in _delivery_leftovers(proxy.name)]
     certificates = [(proxy.name, paths.cert_path(proxy.name), paths.key_path(proxy.name)) for proxy in plan.proxies]
     if plan.checker_identity:
         certificates.append((CHECKER_CERT_NAME, CERT_FILE, KEY_FILE))
@@ -162,6 +164,9 @@ def removals(plan: HostPlan, facts: HostFacts) -> list[Change]:
     for proxy in plan.proxies:  # resource files Envoy no longer needs (render.stale_paths)
         changes += [Change(name, "file", stale, "remove", "Envoy reloads", proxy.name)
                     for stale in stale_paths(proxy.rendered, on_host(facts, proxy.name))]
+        if proxy.rendered.ads_bootstrap is None:  # a proxy back on files: what xds left in its folder
+            changes += [Change(name, "file", path, "remove", "the proxy is on files", proxy.name)
+                        for path in _delivery_leftovers(proxy.name) if facts.path(path).exists]
     planned_units = {paths.envoy_unit_name(proxy) for proxy in planned_proxies} | set(plan.units)
     changes += [Change(name, "unit", unit, "remove") for unit in facts.unit_files if unit not in planned_units]
     changes += [Change(name, "unit", unit, "remove") for unit in ROLE_UNITS
@@ -179,6 +184,12 @@ def removals(plan: HostPlan, facts: HostFacts) -> list[Change]:
         if path not in planned_paths and facts.path(path).exists:
             changes.append(Change(name, "file" if facts.path(path).kind != "directory" else "folder", path, "remove"))
     return changes
+
+
+def _delivery_leftovers(proxy: str) -> tuple[str, str]:
+    """What a proxy on `mesh_delivery: xds` has that one on files has not: envoy-ads.yaml and the start step's
+    marker (observed for every proxy, removed from those on files)."""
+    return (f"{paths.proxy_dir(proxy)}/{ADS_BOOTSTRAP_NAME}", f"{paths.admin_dir(proxy)}/{DELIVERY_MARKER}")
 
 
 def on_host(facts: HostFacts, proxy: str) -> dict[str, str]:

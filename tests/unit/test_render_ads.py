@@ -15,6 +15,7 @@ from typing import Any, get_args
 import pytest
 import yaml
 from golden_folders import check_golden_folder
+from test_plan_changes import converged
 
 from mesh.config import compute_proxy_config, paths
 from mesh.config.errors import ConfigError, EnvoyRejectedConfig
@@ -26,10 +27,12 @@ from mesh.containers.image import ENVOY_IN_IMAGE
 from mesh.containers.sidecar import bootstrap_sidecar, docker_run_args, sidecar_spec, validate_args
 from mesh.controller import protocol
 from mesh.controller.snapshot import ProxySnapshot
+from mesh.hosts.observe import PathFact
 from mesh.inventory.loader import load_inventory
 from mesh.inventory.model import Mesh
 from mesh.inventory.validate import build_mesh
 from mesh.plan.build import FILE_EFFECT, PlanInputs, build_plan
+from mesh.plan.changes import host_changes, observe_request
 from mesh.render import (
     FileKind,
     ProxyFiles,
@@ -288,3 +291,20 @@ def test_the_plan_installs_the_start_step_on_xds_hosts_only() -> None:
                 assert ads.effect == "restart"
     assert seen == {"vm1": ("xds", True, True, True), "vm2": ("files", False, False, False),
                     "vm3": ("xds", True, True, True)}
+
+
+def test_a_proxy_back_on_files_loses_what_xds_left_in_its_folder() -> None:
+    """vm2's proxy is on files: an envoy-ads.yaml and a delivery marker in its folder (from when it was on xds)
+    are observed and removed by the deploy's cleanup; vm3's (on xds) are its own."""
+    inventory = Path(__file__).resolve().parents[1] / "inventories" / "good" / "43-mesh-delivery-yaml" / "hosts.yaml"
+    plans = {host.name: host for host in build_plan(_mesh(inventory), PlanInputs(b"root", "00:11",
+                                                                                  envoy_sha256="0" * 64)).hosts}
+    leftovers = ["/etc/mesh/proxies/api-9090/envoy-ads.yaml", "/etc/mesh/proxies/api-9090/admin/delivery"]
+    for name, removed in (("vm2", leftovers), ("vm3", [])):
+        plan = plans[name]
+        assert set(leftovers) <= set(observe_request(plan).paths)
+        facts = converged(plan)
+        facts = replace(facts, paths={**facts.paths, **{path: PathFact(path, "file", 0o640, "root", "root", "0", "0",
+                                                                       "a" * 64) for path in leftovers}})
+        changes = host_changes(plan, facts, lambda *_args: None)
+        assert [change.subject for change in changes if change.action == "remove"] == removed
