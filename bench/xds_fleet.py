@@ -124,7 +124,7 @@ class FleetServer:
     XdsServer; every file set accepted (the controller validates once per route set, never per endpoint change)."""
 
     def __init__(self, folder: Path, port: int, proxies: int, endpoints: int, trust_domain: str,
-                 static_tls: bool = False) -> None:
+                 static_tls: bool = False, max_connection_age_s: float | None = None) -> None:
         from mesh.controller.xds_feed import XdsFeed
         from mesh.xds.server import XdsServer
 
@@ -135,6 +135,9 @@ class FleetServer:
 
         def make(spec: Any) -> Any:
             server = XdsServer(port, cert, bundle, spec.trust_domain, host="127.0.0.1")
+            if max_connection_age_s is not None:  # streams closed (and reconnected) sooner than mesh's 300 s
+                server.max_connection_age_s = max_connection_age_s
+                server.max_connection_age_grace_s = min(server.max_connection_age_grace_s, max_connection_age_s)
             if static_tls:
                 server._credentials = lambda: _static_credentials(cert, bundle)  # type: ignore[method-assign]
             return server
