@@ -315,9 +315,10 @@ def _nack_lines(lab: LabUp, since: int, node_id: str) -> dict[str, list[str]]:
 
 
 def _listener_names(lab: LabUp, proxy: LabProxy) -> list[str]:
-    """The names of the listeners the proxy's Envoy runs (its dynamic ones, from /config_dump)."""
+    """The names of the listeners the proxy's Envoy runs (its active dynamic ones, from /config_dump; a refused
+    one shows there too, in an error state)."""
     dump = json.loads(admin(lab, proxy, "/config_dump?resource=dynamic_listeners") or "{}")
-    return sorted(str(config.get("name")) for config in dump.get("configs") or [])
+    return sorted(str(config.get("name")) for config in dump.get("configs") or [] if "active_state" in config)
 
 
 LDS_REJECTED = "listener_manager.lds.update_rejected"
