@@ -262,10 +262,12 @@ def stop_fleet(fleet: Fleet, keep: bool) -> None:
 
 def endpoint_set(count: int, drained: int | None) -> Any:
     """Consul's answer for a service of `count` instances (10.9.x.y:21000), the one at index `drained` (if any) not
-    up (a `mesh drain`): what one endpoint change looks like."""
+    up (a `mesh drain`): what one endpoint change looks like. Each with its service, instance and host, as Consul
+    lists them (the lb_endpoint metadata callers' access logs read; bench/xds_fleet.py's are the same)."""
     from mesh.controller.endpoints import Endpoint, ServiceEndpoints
 
-    registered = tuple(Endpoint(f"10.9.{index // 250}.{index % 250 + 1}", 21000) for index in range(count))
+    registered = tuple(Endpoint(f"10.9.{index // 250}.{index % 250 + 1}", 21000, service="api",
+                                instance=f"api-h{index}", host=f"a{index:04d}") for index in range(count))
     return ServiceEndpoints("api", registered, tuple(e for i, e in enumerate(registered) if i != drained))
 
 

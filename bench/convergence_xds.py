@@ -346,6 +346,14 @@ def print_xds(report: dict[str, Any], baseline: dict[str, Any] | None) -> None:
         print(f"  baseline: the files transport (push fan-out over SSH, {baseline['host_script']} host script) to "
               f"{baseline['hosts']} hosts, {baseline.get('endpoints', 2)} endpoints: snapshot + round p50 "
               f"{_ms(percentile(rounds, 0.5))}  p99 {_ms(percentile(rounds, 0.99))}")
+        pushes = [c["offer_s"] + c["from_update_s"] for c in report["changes"] if c["from_update_s"] is not None]
+        if pushes:
+            files_rounds = baseline["rounds_s"]
+            print(f"  transport alone (after the snapshot): xds feed offer + push to the last ACK p50 "
+                  f"{_ms(percentile(pushes, 0.5))}  p99 {_ms(percentile(pushes, 0.99))}; files push round p50 "
+                  f"{_ms(percentile(files_rounds, 0.5))}  p99 {_ms(percentile(files_rounds, 0.99))}; ratio xds/files "
+                  f"p50 {percentile(pushes, 0.5) / percentile(files_rounds, 0.5):.2f}x  "
+                  f"p99 {percentile(pushes, 0.99) / percentile(files_rounds, 0.99):.2f}x")
         print(f"  ratio xds/files (change to the last proxy): p50 {percentile(last, 0.5) / percentile(rounds, 0.5):.2f}x"
               f"  p99 {percentile(last, 0.99) / percentile(rounds, 0.99):.2f}x"
               + ("" if baseline["hosts"] == clients else f"  (NOT the same fleet size: {baseline['hosts']} hosts "
