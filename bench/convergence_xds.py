@@ -254,6 +254,10 @@ async def run_generator(folder: Path, clients: int, endpoints: int, changes: int
         report["nacks"] = sum(len(r.nacked) for p in generator.proxies for r in p.types.values())
         report["ended"] = sum(len(p.ends) for p in generator.proxies)
         return report
+    except (RuntimeError, TimeoutError) as exc:  # the server process died or stopped answering: in the report
+        report["error"] = str(exc) or type(exc).__name__
+        log(f"xds: ERROR: {report['error']}")
+        return report
     finally:
         await generator.stop()
         await server.stop()
@@ -297,11 +301,13 @@ def print_xds(report: dict[str, Any], baseline: dict[str, Any] | None) -> None:
           f"a service of {report['endpoints']} endpoints, {len(report['changes'])} changes (one instance drained each)"
           + ("" if report.get("server_tls", "dynamic") == "dynamic" else
              "; the server's TLS made STATIC (--server-tls static, a diagnostic)"))
+    if "error" in report:
+        print(f"  ERROR (the run stopped): {report['error']}")
     start = report.get("server_start", {})
     if start:
         print(f"  server start: fleet snapshot {start['snapshot_s']:.2f} s, resources + update {start['offer_s']:.2f} s")
     connect = report.get("connect")
-    if connect is None:
+    if connect is None or "timed" not in report and report["changes"]:
         return
     print(f"  connect + first sync of every proxy ({', '.join(connect['types'])}): {connect['s']:.2f} s, "
           f"{connect['behind']} not synced; server CPU {connect['server_cpu_s']:.2f} s, generator CPU "
