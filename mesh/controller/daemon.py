@@ -30,7 +30,7 @@ from mesh.catalog import ConsulAccess, connect, read_token
 from mesh.config import paths
 from mesh.config.xds import XDS_PORT
 from mesh.controller.consul_watch import ConsulWatch, Fetch, PrefixWatch, consul_fetch, consul_kv_fetch
-from mesh.controller.endpoints import ServiceEndpoints
+from mesh.controller.endpoints import EdsRenders, ServiceEndpoints
 from mesh.controller.inbound import Denies, Rules, applied_authz, inbound_rules, read_denies
 from mesh.controller.lastgood import FilesPace
 from mesh.controller.metrics import ControllerMetrics
@@ -46,7 +46,14 @@ from mesh.controller.routes import (
     effective_policies,
     read_overrides,
 )
-from mesh.controller.snapshot import KnownEndpoints, Snapshot, build_snapshot, remembered, watched_services
+from mesh.controller.snapshot import (
+    Built,
+    KnownEndpoints,
+    Snapshot,
+    build_snapshot,
+    remembered,
+    watched_services,
+)
 from mesh.controller.spec import (
     CONTROLLER_DIR,
     INTERMEDIATE_CERT,
@@ -219,6 +226,7 @@ class Controller:
         self.next_publish = float("-inf")
         self.snapshot: Snapshot = {}
         self.snapshot_of: tuple[ControllerSpec, KnownEndpoints, RoutePolicies | None, Rules | None] | None = None
+        self.eds_renders = EdsRenders()  # EDS rewrites shared by the proxies and builds of the snapshot
         self.pushed_digest: str | None = None  # the plan digest of the last spec a round reached every host with
         self.behind: tuple[str, ...] = ()
         make_fetch = (fetch or (lambda spec: lambda: consul_fetch(consul_access(spec))))(self.spec)
@@ -406,7 +414,8 @@ class Controller:
         rules = self._rules(spec, authz_values)
         inputs = (spec, known, policies, rules)
         if self.snapshot_of is None or any(mine is not now for mine, now in zip(self.snapshot_of, inputs, strict=True)):
-            self.snapshot = build_snapshot(spec, known, policies, rules)
+            previous = Built(self.snapshot, *self.snapshot_of) if self.snapshot_of is not None else None
+            self.snapshot = build_snapshot(spec, known, policies, rules, previous, self.eds_renders)
             self.snapshot_of = inputs
         self.xds.offer(spec, self.snapshot, self.pusher.refusal)
         return spec

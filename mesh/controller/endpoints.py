@@ -7,6 +7,8 @@ its region, then the rest) and the rewrite of one ClusterLoadAssignment file; it
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -150,6 +152,57 @@ def with_endpoints(proxy: str, file: RenderedFile, endpoints: tuple[Endpoint, ..
     assignment["endpoints"] = [_locality(group) for group in wanted]
     assignment["policy"] = {**dict(assignment.get("policy") or {}), "overprovisioning_factor": OVERPROVISIONING_FACTOR}
     return resource_file(proxy, file.path, file.kind, (assignment,))
+
+
+class EdsRenders:
+    """A bounded memo of with_endpoints for the controller's snapshot: proxies of the same name (a service's
+    callers on every host) get byte-identical EDS files, so one render serves them all.
+
+    A render is keyed by everything with_endpoints reads: the proxy name, the plan file (path, kind, content), a
+    digest of the chosen endpoints (repr of the sorted Endpoint tuple: every field), the zone and the region. The
+    digest of a service's chosen endpoints is computed once per Consul answer (`chosen()`, keyed by the answer
+    object), not per proxy. Least recently used renders go past `max_entries` or `max_chars` of content.
+    Not thread-safe: one owner (the controller's loop) builds snapshots."""
+
+    def __init__(self, max_entries: int = 4096, max_chars: int = 128 * 1024 * 1024) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self.hits = 0
+        self.misses = 0
+        self._renders: OrderedDict[tuple[object, ...], RenderedFile] = OrderedDict()
+        self._chars = 0
+        # (service, version) -> (the ServiceEndpoints it was chosen from, the chosen endpoints, their digest)
+        self._chosen: dict[tuple[str, str | None], tuple[ServiceEndpoints, tuple[Endpoint, ...] | None, str]] = {}
+
+    def chosen(self, seen: ServiceEndpoints, version: str | None) -> tuple[tuple[Endpoint, ...] | None, str]:
+        """chosen_endpoints(seen.of_version(version)) and its digest, computed once per answer `seen`."""
+        key = (seen.service, version)
+        found = self._chosen.get(key)
+        if found is not None and found[0] is seen:
+            return found[1], found[2]
+        endpoints = chosen_endpoints(seen.of_version(version))
+        digest = hashlib.sha256(repr(endpoints).encode()).hexdigest()
+        self._chosen[key] = (seen, endpoints, digest)
+        return endpoints, digest
+
+    def with_endpoints(self, proxy: str, file: RenderedFile, endpoints: tuple[Endpoint, ...], digest: str,
+                       zone: str | None = None, region: str | None = None) -> RenderedFile:
+        """with_endpoints(proxy, file, endpoints, zone, region), rendered once per distinct input; `digest` is
+        chosen()'s for these endpoints."""
+        key = (proxy, file.path, file.kind, file.content, digest, zone, region)
+        found = self._renders.get(key)
+        if found is not None:
+            self.hits += 1
+            self._renders.move_to_end(key)
+            return found
+        self.misses += 1
+        rendered = with_endpoints(proxy, file, endpoints, zone, region)
+        self._renders[key] = rendered
+        self._chars += len(rendered.content)
+        while self._renders and (len(self._renders) > self.max_entries or self._chars > self.max_chars):
+            _, dropped = self._renders.popitem(last=False)
+            self._chars -= len(dropped.content)
+        return rendered
 
 
 def _locality(group: Locality) -> dict[str, Any]:

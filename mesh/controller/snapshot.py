@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from types import MappingProxyType
 
-from mesh.controller.endpoints import ServiceEndpoints, chosen_endpoints, with_endpoints
+from mesh.config.authz import InboundInputs
+from mesh.config.traffic import RouteInputs
+from mesh.controller.endpoints import EdsRenders, ServiceEndpoints, chosen_endpoints, with_endpoints
 from mesh.controller.inbound import Rules, inbound_file
 from mesh.controller.protocol import relpath_in, resource_version
 from mesh.controller.routes import RoutePolicies, route_file
@@ -54,11 +57,15 @@ class ProxySnapshot:
     @property
     def digests(self) -> dict[str, str]:
         """Relative path -> sha256 of every xds file: what `state` reports when the host runs them."""
-        return {path: file.sha256 for path, file in self.xds.items()}
+        return dict(self._digests)
 
-    @property
+    @cached_property
+    def _digests(self) -> Mapping[str, str]:
+        return MappingProxyType({path: file.sha256 for path, file in self.xds.items()})
+
+    @cached_property
     def version(self) -> str:
-        return resource_version(self.digests)
+        return resource_version(self._digests)
 
     def on(self, on_host: Mapping[str, str]) -> dict[str, str]:
         """The digests the host should have, given what it has (relpath -> sha256): a file the controller does not
@@ -105,7 +112,7 @@ def remembered(known: KnownEndpoints, seen: ServiceEndpoints) -> KnownEndpoints:
 
 
 def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints, policies: RoutePolicies | None = None,
-                   rules: Rules | None = None) -> ProxySnapshot:
+                   rules: Rules | None = None, renders: EdsRenders | None = None) -> ProxySnapshot:
     """One proxy's desired files: each route file of proxy.routes redone under its service's effective policy
     (`policies`; None before the traffic KV was read: left as the plan wrote it, `unsettled`), each inbound file of
     proxy.inbound under its service's authorization rules and run-time deny (`rules`; None before the authorization
@@ -116,7 +123,9 @@ def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints, policies:
 
     Its validation key is the file set with the routes and inbound files redone: an endpoint rewrite only replaces lb_endpoints
     with IP:port pairs, their metadata strings and localities (endpoints.py takes no other), which cannot make
-    Envoy refuse a set it accepted, so the controller runs Envoy once per route set, not once per endpoint change."""
+    Envoy refuse a set it accepted, so the controller runs Envoy once per route set, not once per endpoint change.
+
+    `renders` (optional) memoizes the EDS rewrites across proxies and builds: the same files either way."""
     files = spec_files(proxy)
     routed, unsettled = [], set()
     for file in files.files:
@@ -135,23 +144,89 @@ def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints, policies:
     for file in routed:
         source = proxy.endpoints.get(file.path)
         seen = known.get(source.service) if source is not None else None
-        endpoints = chosen_endpoints(seen.of_version(source.version)) if seen is not None and source is not None \
-            else None
+        if seen is None or source is None:
+            endpoints, digest = None, ""
+        elif renders is None:
+            endpoints, digest = chosen_endpoints(seen.of_version(source.version)), ""
+        else:
+            endpoints, digest = renders.chosen(seen, source.version)
         if source is not None and endpoints is None:
             unsettled.add(relpath_in(files.proxy_dir, file.path))
-        rewritten.append(file if endpoints is None
-                         else with_endpoints(proxy.name, file, endpoints, proxy.zone, proxy.region))
+        if endpoints is None:
+            rewritten.append(file)
+        elif renders is None:
+            rewritten.append(with_endpoints(proxy.name, file, endpoints, proxy.zone, proxy.region))
+        else:
+            rewritten.append(renders.with_endpoints(proxy.name, file, endpoints, digest, proxy.zone, proxy.region))
     owned = frozenset(relpath_in(files.proxy_dir, path) for path in (*proxy.endpoints, *proxy.routes, *proxy.inbound))
     return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256),
                          files_digest(replace(files, files=tuple(routed))), frozenset(unsettled), owned)
 
 
+@dataclass(frozen=True)
+class Built:
+    """A snapshot and the inputs it was built from: what an incremental build_snapshot starts from."""
+
+    snapshot: Snapshot
+    spec: ControllerSpec
+    known: KnownEndpoints
+    policies: RoutePolicies | None
+    rules: Rules | None
+
+
 def build_snapshot(spec: ControllerSpec, known: KnownEndpoints, policies: RoutePolicies | None = None,
-                   rules: Rules | None = None) -> dict[ProxyKey, ProxySnapshot]:
+                   rules: Rules | None = None, previous: Built | None = None,
+                   renders: EdsRenders | None = None) -> dict[ProxyKey, ProxySnapshot]:
     """Every proxy of every host of the spec, with the known endpoints, the effective policies and the inbound
-    rules (None: the traffic, the authorization KV not read yet)."""
-    return {(host.name, proxy.name): proxy_snapshot(host.name, proxy, known, policies, rules)
-            for host in spec.hosts for proxy in host.proxies}
+    rules (None: the traffic, the authorization KV not read yet).
+
+    With `previous`, a proxy whose inputs are the same as then (its spec, the known entries of its EDS files'
+    services, the policies of its route files' services, the rules of its inbound files' services) keeps its
+    previous ProxySnapshot object: exactly what a full build gives, at the cost of a few lookups per proxy, so one
+    Consul change redoes only the callers of that service. `renders` shares EDS rewrites (EdsRenders)."""
+    before: dict[ProxyKey, ProxySpec] = {}
+    if previous is not None:
+        before = {(host.name, proxy.name): proxy for host in previous.spec.hosts for proxy in host.proxies}
+    built: dict[ProxyKey, ProxySnapshot] = {}
+    for host in spec.hosts:
+        for proxy in host.proxies:
+            key = (host.name, proxy.name)
+            kept = previous.snapshot.get(key) if previous is not None else None
+            if kept is not None and previous is not None and _same_inputs(proxy, before.get(key), previous, known,
+                                                                          policies, rules):
+                built[key] = kept
+            else:
+                built[key] = proxy_snapshot(host.name, proxy, known, policies, rules, renders)
+    return built
+
+
+def _same_inputs(proxy: ProxySpec, proxy_then: ProxySpec | None, previous: Built, known: KnownEndpoints,
+                 policies: RoutePolicies | None, rules: Rules | None) -> bool:
+    """Whether everything proxy_snapshot reads for `proxy` is what it was for the previous build."""
+    if proxy_then is None or not (proxy_then is proxy or proxy_then == proxy):
+        return False
+    if known is not previous.known and any(not _same(known.get(source.service), previous.known.get(source.service))
+                                           for source in proxy.endpoints.values()):
+        return False
+    if proxy.routes and policies is not previous.policies:
+        if policies is None or previous.policies is None:
+            return False
+        for data in proxy.routes.values():
+            service = RouteInputs.from_json(data).service
+            if not _same(policies.get(service), previous.policies.get(service)):
+                return False
+    if proxy.inbound and rules is not previous.rules:
+        if rules is None or previous.rules is None:
+            return False
+        for entry in proxy.inbound.values():
+            service = InboundInputs.from_json(entry["inputs"]).service
+            if not _same(rules.get(service), previous.rules.get(service)):
+                return False
+    return True
+
+
+def _same(now: object, then: object) -> bool:
+    return now is then or now == then
 
 
 def watched_services(spec: ControllerSpec) -> tuple[str, ...]:
