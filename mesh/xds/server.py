@@ -2,12 +2,21 @@
 grpc.aio in a thread and event loop of its own. It streams to each proxy the resources the controller gives it
 (`update`, node id -> ProxyResources) and knows nothing of Consul or of how they were computed.
 
-mTLS only. The client must present a certificate chaining to the trust bundle file (re-read when that file changes:
-grpc's dynamic server credentials ask for the current certificate and bundle at each handshake, so a CA rotation
-or a renewal of the serving certificate needs no restart and keeps the streams that are open), whose leaf has a
-URI SAN in the trust domain and, as a DNS SAN, the node id of the stream's first request: a proxy gets only its own
-resources. Otherwise the stream ends with PERMISSION_DENIED (logged at most once a minute per peer address); a node
-id the server has no resources for ends with NOT_FOUND. Delta xDS is not served (UNIMPLEMENTED).
+mTLS only. The client must present a certificate chaining to the trust bundle file, whose leaf has a URI SAN in the
+trust domain and, as a DNS SAN, the node id of the stream's first request: a proxy gets only its own resources.
+Otherwise the stream ends with PERMISSION_DENIED (logged at most once a minute per peer address); a node id the
+server has no resources for ends with NOT_FOUND. Delta xDS is not served (UNIMPLEMENTED).
+
+TLS credentials are static (grpc.ssl_server_credentials): grpc's dynamic server credentials, a Python callback per
+handshake, crashed the process (grpcio 1.85.4: SIGABRT or SIGSEGV) when hundreds of proxies connect at once, which
+is what a controller restart or the maximum connection age brings. Every `tls_check_s` the loop asks the
+CertSource for the serving certificate and stats the bundle file; when either changed (a renewal, a new
+intermediate, a CA rotation), a new grpc server with the new credentials starts on the same port (SO_REUSEPORT:
+both listen for a moment, no connection is refused), then the old one stops accepting and ends its streams after
+`tls_swap_grace_s`; their proxies reconnect (Envoy's jittered backoff) to the new one and, versions being content
+hashes, get nothing they already hold. The streams' state is the XdsServer's, not a grpc server's: `status()` goes
+on across the swap. Before its first bind the server checks that no other socket listens on the port, so a second
+controller process on a host fails to listen instead of sharing the port.
 
 Connections are closed after MAX_CONNECTION_AGE_S (plus the grace), so streams spread over the controllers again.
 Pushes are debounced (`debounce_s`). Responses are encoded by hand from the resources' serialized Anys (a
@@ -22,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -47,6 +57,8 @@ KEEPALIVE_TIME_S = 30
 KEEPALIVE_TIMEOUT_S = 10
 REFUSAL_LOG_INTERVAL_S = 60.0
 STOP_GRACE_S = 1.0
+TLS_CHECK_S = 10.0  # how often the serving certificate and the bundle file are checked for a change
+TLS_SWAP_GRACE_S = 30.0  # the streams of a server whose TLS was replaced end this long after the new one started
 HOLD_MAX_S = 10.0  # listener and route changes wait this long at most for the clusters they may name
 _GONE = object()  # queued when the stream's node has no resources any more
 
@@ -70,11 +82,12 @@ class XdsServer:
                  host: str = "0.0.0.0", test_hook_path: str | None = None, debounce_s: float = 0.05,
                  max_connection_age_s: float = MAX_CONNECTION_AGE_S,
                  max_connection_age_grace_s: float = MAX_CONNECTION_AGE_GRACE_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tls_check_s: float = TLS_CHECK_S,
+                 tls_swap_grace_s: float = TLS_SWAP_GRACE_S) -> None:
         self.port, self.host, self.cert_source, self.bundle_path = port, host, cert_source, bundle_path
         self.trust_domain, self.test_hook_path, self.debounce_s = trust_domain, test_hook_path, debounce_s
         self.max_connection_age_s, self.max_connection_age_grace_s = max_connection_age_s, max_connection_age_grace_s
-        self.clock = clock
+        self.clock, self.tls_check_s, self.tls_swap_grace_s = clock, tls_check_s, tls_swap_grace_s
         self.serving = False
         self.log = structlog.get_logger()
         self._lock = threading.Lock()  # guards everything below that both the loop and callers touch
@@ -83,10 +96,13 @@ class XdsServer:
         self._served: dict[str, ProxyResources] = {}  # the last update with the test hook applied
         self._streams: set[_Stream] = set()
         self._refusals_logged: dict[str, float] = {}
-        self._tls_seen: tuple[ServingCert, tuple[int, int, int]] | None = None
+        self._tls_seen: tuple[ServingCert, tuple[int, int, int]] | None = None  # what the listening server has
+        self._tls_error: str | None = None  # the last TLS renewal error logged (logged again only when it changes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: grpc.aio.Server | None = None
+        self._server: grpc.aio.Server | None = None  # the one accepting connections
+        self._retiring: set[grpc.aio.Server] = set()  # replaced ones, their streams in their grace
+        self._watcher: asyncio.Task[None] | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
 
     # --- lifecycle ---
@@ -111,16 +127,32 @@ class XdsServer:
 
     async def _serve(self) -> None:
         try:
+            seen = self._tls_stamp()
             credentials = self._credentials()
-        except (MeshError, OSError) as exc:
+        except (MeshError, OSError, ValueError) as exc:
             self.log.error("xds_server_no_tls", error=str(exc), effect="ADS is not served on this controller")
             return
+        try:
+            _check_free(self.host, self.port)
+            server = self._listening(credentials)
+        except (OSError, RuntimeError) as exc:
+            self.log.error("xds_server_cannot_listen", address=self.host, port=self.port, error=str(exc),
+                           effect="ADS is not served on this controller")
+            return
+        await server.start()
+        self._server, self._tls_seen, self.serving = server, seen, True
+        self._flush()
+        self._watcher = asyncio.ensure_future(self._watch_tls())
+        self.log.info("xds_server_started", address=self.host, port=self.port)
+
+    def _listening(self, credentials: grpc.ServerCredentials) -> grpc.aio.Server:
+        """A grpc server bound to host:port (self.port becomes the port bound when it was 0), not started yet."""
         options = [("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
                    ("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace_s * 1000)),
                    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
                    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-                   ("grpc.so_reuseport", 0)]  # a second server on the port fails instead of sharing it
+                   ("grpc.so_reuseport", 1)]  # the next server (new TLS) binds while this one still listens
         server = grpc.aio.server(options=options)
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
@@ -131,27 +163,25 @@ class XdsServer:
                 response_serializer=_identity),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        try:
-            port = server.add_secure_port(f"{self.host}:{self.port}", credentials)
-        except RuntimeError as exc:
-            self.log.error("xds_server_cannot_listen", address=self.host, port=self.port, error=str(exc),
-                           effect="ADS is not served on this controller")
-            return
-        await server.start()
-        self._server, self.port, self.serving = server, port, True
-        self._flush()
-        self.log.info("xds_server_started", address=self.host, port=self.port)
+        self.port = server.add_secure_port(f"{self.host}:{self.port}", credentials)
+        return server
 
     def stop(self) -> None:
-        loop, server = self._loop, self._server
-        if loop is None or server is None or not self.serving:
+        loop = self._loop
+        if loop is None or self._server is None or not self.serving:
             return
         self.serving = False
-        asyncio.run_coroutine_threadsafe(server.stop(STOP_GRACE_S), loop).result(timeout=STOP_GRACE_S + 10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=STOP_GRACE_S + 10)
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.log.info("xds_server_stopped", port=self.port)
+
+    async def _shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        servers = [server for server in (self._server, *self._retiring) if server is not None]
+        await asyncio.gather(*(server.stop(STOP_GRACE_S) for server in servers))
 
     # --- what callers give and read ---
 
@@ -332,35 +362,60 @@ class XdsServer:
 
     # --- TLS ---
 
-    def _credentials(self) -> grpc.ServerCredentials:
-        initial = self._certificate_configuration()
-        if initial is None:  # pragma: no cover (the first call always has one)
-            raise MeshError("no serving certificate")
-        return grpc.dynamic_ssl_server_credentials(initial, self._fetch_configuration,
-                                                   require_client_authentication=True)
-
-    def _fetch_configuration(self) -> Any:
-        """grpc asks at each handshake (from one of its threads): a new configuration when the serving certificate
-        or the bundle file changed, else None (keep the current one). Never raises: the current one stays."""
-        try:
-            return self._certificate_configuration()
-        except (MeshError, OSError, ValueError) as exc:
-            self.log.error("xds_server_tls_not_renewed", error=str(exc), effect="the current certificate is served")
-            return None
-
-    def _certificate_configuration(self) -> Any:
+    def _tls_stamp(self) -> tuple[ServingCert, tuple[int, int, int]]:
+        """The serving certificate to use now and the bundle file's (inode, size, mtime): what, when it changes,
+        needs a server with new credentials."""
         cert = self.cert_source.current()
         info = os.stat(self.bundle_path)
-        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
-        with self._lock:
-            if self._tls_seen is not None and self._tls_seen[0] is cert and self._tls_seen[1] == stamp:
-                return None
+        return cert, (info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        cert = self.cert_source.current()
         with open(self.bundle_path, "rb") as handle:
             bundle = handle.read()
-        configuration = grpc.ssl_server_certificate_configuration([(cert.key_pem, cert.chain_pem)], bundle)
-        with self._lock:
-            self._tls_seen = (cert, stamp)
-        return configuration
+        return grpc.ssl_server_credentials([(cert.key_pem, cert.chain_pem)], bundle, require_client_auth=True)
+
+    async def _watch_tls(self) -> None:
+        """Every tls_check_s: a new server when the serving certificate or the bundle file changed. A failure is
+        logged (once while it stays the same) and the current server keeps serving."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tls_check_s)
+            try:
+                seen = await loop.run_in_executor(None, self._tls_stamp)  # may sign: not in the loop's thread
+                if seen != self._tls_seen:
+                    await self._swap(self._credentials())
+                    self._tls_seen = seen
+                self._tls_error = None
+            except (MeshError, OSError, ValueError, RuntimeError) as exc:
+                if str(exc) != self._tls_error:
+                    self.log.error("xds_server_tls_not_renewed", error=str(exc),
+                                   effect="the current certificate and bundle are served")
+                self._tls_error = str(exc)
+
+    async def _swap(self, credentials: grpc.ServerCredentials) -> None:
+        """Start a server with the new credentials on the port, then stop the old one: it accepts no connection
+        from now on and its streams end after tls_swap_grace_s (their proxies reconnect to the new one)."""
+        new = self._listening(credentials)
+        await new.start()
+        old, self._server = self._server, new
+        if old is not None:
+            self._retiring.add(old)
+            ending = asyncio.ensure_future(old.stop(self.tls_swap_grace_s))
+            ending.add_done_callback(lambda _: self._retiring.discard(old))
+        self.log.info("xds_server_tls_renewed", port=self.port, grace_s=self.tls_swap_grace_s,
+                      effect="new connections get the new certificate and bundle; open streams end after the grace")
+
+
+def _check_free(host: str, port: int) -> None:
+    """OSError when some socket listens on host:port already (another process: the servers here set
+    SO_REUSEPORT, which would share the port with it silently). Port 0: nothing to check."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+        probe.bind((host, port))
 
 
 def _identity(data: bytes) -> bytes:

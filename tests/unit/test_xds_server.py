@@ -1,13 +1,19 @@
 """XdsServer on loopback with real gRPC clients (no Envoy): the node id must be a DNS SAN of the client's
 certificate (PERMISSION_DENIED otherwise, logged once a minute per peer), an unknown node gets NOT_FOUND, a foreign
-CA is refused at TLS until the bundle file holds it (re-read with no restart), the serving certificate is renewed
-with no restart, delta xDS is UNIMPLEMENTED, pushes are debounced, responses carry the resources' bytes."""
+CA is refused at TLS until the bundle file holds it, a renewed serving certificate is served to new connections
+(both with no restart of the controller: a new grpc server on the port, the old one's streams go on for the grace
+and their clients reconnect to versions they hold), 300 proxies connecting at once are all answered, delta xDS is
+UNIMPLEMENTED, pushes are debounced, responses carry the resources' bytes."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +34,8 @@ from tests.xds_samples import AdsClient, FixedCert, Leaf, LeafSigner
 TRUST_DOMAIN = "loop.mesh"
 NODE = "web-vm1-8080"
 SPIFFE = f"spiffe://{TRUST_DOMAIN}/svc/web"
+TLS_CHECK_S = 0.1  # mesh checks every 10 s
+SWAP_GRACE_S = 1.5  # mesh gives 30 s
 
 
 def resources(node: str = NODE, tag: bytes = b"") -> ProxyResources:
@@ -45,7 +53,8 @@ def mesh_ca() -> LeafSigner:
 def server(tmp_path: Path, mesh_ca: LeafSigner) -> Iterator[XdsServer]:
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(mesh_ca.root_pem)
-    xds = XdsServer(0, FixedCert(mesh_ca.serving_cert(TRUST_DOMAIN)), str(bundle), TRUST_DOMAIN, host="127.0.0.1")
+    xds = XdsServer(0, FixedCert(mesh_ca.serving_cert(TRUST_DOMAIN)), str(bundle), TRUST_DOMAIN, host="127.0.0.1",
+                    tls_check_s=TLS_CHECK_S, tls_swap_grace_s=SWAP_GRACE_S)
     xds.update({NODE: resources()})
     xds.start()
     assert xds.serving
@@ -103,17 +112,33 @@ def test_a_node_the_server_has_no_resources_for_gets_not_found(server: XdsServer
         == grpc.StatusCode.NOT_FOUND
 
 
+def answered(server: XdsServer, ca: LeafSigner, leaf: Leaf) -> bool:
+    ads = client(server, ca, leaf)
+    ads.send(LISTENER_TYPE, NODE)
+    try:
+        return ads.receive().type_url == LISTENER_TYPE
+    except grpc.RpcError:
+        return False
+    finally:
+        ads.close()
+
+
 def test_a_foreign_ca_is_refused_at_tls_until_the_bundle_file_holds_it(server: XdsServer, mesh_ca: LeafSigner,
                                                                        tmp_path: Path) -> None:
     foreign = LeafSigner.foreign()
     leaf = foreign.issue(SPIFFE, (NODE,))
     assert refused_with(client(server, mesh_ca, leaf)) == grpc.StatusCode.UNAVAILABLE
+    time.sleep(3 * TLS_CHECK_S)
+    assert not answered(server, mesh_ca, leaf)  # checks that found nothing new changed nothing
     (tmp_path / "bundle.new").write_bytes(mesh_ca.root_pem + foreign.root_pem)
-    (tmp_path / "bundle.new").replace(tmp_path / "bundle.pem")  # a CA rotation's new bundle: no restart
-    ads = client(server, mesh_ca, leaf)
-    ads.send(LISTENER_TYPE, NODE)
-    assert ads.receive().type_url == LISTENER_TYPE
-    ads.close()
+    with capture_logs() as logs:
+        (tmp_path / "bundle.new").replace(tmp_path / "bundle.pem")  # a CA rotation's new bundle
+        deadline = time.monotonic() + 5
+        while not answered(server, mesh_ca, leaf):
+            assert time.monotonic() < deadline, "the new bundle was not taken"
+            time.sleep(0.05)
+    assert [entry["event"] for entry in logs if entry["event"].startswith("xds_server")] == ["xds_server_tls_renewed"]
+    assert answered(server, mesh_ca, mesh_ca.issue(SPIFFE, (NODE,)))
 
 
 def served_certificate(port: int, ca: LeafSigner, leaf: Leaf, folder: Path) -> x509.Certificate:
@@ -129,16 +154,97 @@ def served_certificate(port: int, ca: LeafSigner, leaf: Leaf, folder: Path) -> x
     return x509.load_der_x509_certificate(der)
 
 
-def test_a_renewed_serving_certificate_is_served_with_no_restart(server: XdsServer, mesh_ca: LeafSigner,
-                                                                 tmp_path: Path) -> None:
-    leaf = mesh_ca.issue(SPIFFE, (NODE,))
-    before = served_certificate(server.port, mesh_ca, leaf, tmp_path)
+def renewed(server: XdsServer, ca: LeafSigner, folder: Path) -> x509.Certificate:
+    """Renew the serving certificate; the one a new connection gets once the server took it."""
     source = server.cert_source
     assert isinstance(source, FixedCert)
-    source.cert = mesh_ca.serving_cert(TRUST_DOMAIN)
-    after = served_certificate(server.port, mesh_ca, leaf, tmp_path)
+    source.cert = ca.serving_cert(TRUST_DOMAIN)
+    expected = x509.load_pem_x509_certificates(source.cert.chain_pem)[0]
+    leaf = ca.issue(SPIFFE, (NODE,))
+    deadline = time.monotonic() + 5
+    while (served := served_certificate(server.port, ca, leaf, folder)) != expected:
+        assert time.monotonic() < deadline, "the renewed certificate was not served"
+        time.sleep(0.05)
+    return served
+
+
+def test_a_renewed_serving_certificate_is_served_to_new_connections(server: XdsServer, mesh_ca: LeafSigner,
+                                                                    tmp_path: Path) -> None:
+    before = served_certificate(server.port, mesh_ca, mesh_ca.issue(SPIFFE, (NODE,)), tmp_path)
+    after = renewed(server, mesh_ca, tmp_path)
     assert before.serial_number != after.serial_number
-    assert after == x509.load_pem_x509_certificates(source.cert.chain_pem)[0]
+    assert answered(server, mesh_ca, mesh_ca.issue(SPIFFE, (NODE,)))
+
+
+def test_an_open_stream_outlives_a_renewal_by_the_grace_and_its_reconnect_gets_nothing_it_holds(
+        server: XdsServer, mesh_ca: LeafSigner, tmp_path: Path) -> None:
+    leaf = mesh_ca.issue(SPIFFE, (NODE,))
+    ads = client(server, mesh_ca, leaf)
+    ads.send(LISTENER_TYPE, NODE)
+    first = ads.receive()
+    ads.send(LISTENER_TYPE, version=first.version_info, nonce=first.nonce)
+    connected_since = server.status()[NODE].connected_since
+    renewed(server, mesh_ca, tmp_path)
+    swapped = time.monotonic()
+    server.update({NODE: resources(tag=b"2")})  # the open stream still gets pushes in the grace
+    pushed = ads.receive()
+    assert pushed.version_info == resources(tag=b"2").versions[LISTENER_TYPE] != first.version_info
+    ads.send(LISTENER_TYPE, version=pushed.version_info, nonce=pushed.nonce)
+    time.sleep(0.2)
+    assert server.status()[NODE].connected_since == connected_since  # the same stream, shown throughout
+    assert server.status()[NODE].types[0].state == "synced"
+    with pytest.raises(grpc.RpcError):
+        ads.receive()  # the grace ended: the proxy reconnects
+    assert SWAP_GRACE_S - 0.5 < time.monotonic() - swapped < SWAP_GRACE_S + 5
+    ads.close()
+    again = client(server, mesh_ca, leaf)
+    again.send(LISTENER_TYPE, NODE, version=pushed.version_info)  # Envoy resends the version it holds
+    deadline = time.monotonic() + 5
+    while (shown := server.status().get(NODE)) is None or shown.connected_since == connected_since:
+        assert time.monotonic() < deadline, "the reconnected stream is not shown"
+        time.sleep(0.02)
+    [listeners] = shown.types
+    assert (listeners.state, listeners.sent, listeners.acked, listeners.responses) == (
+        "synced", pushed.version_info, pushed.version_info, 0)
+    server.update({NODE: resources(tag=b"3")})  # nothing was resent: the next response is the next change
+    assert again.receive().version_info == resources(tag=b"3").versions[LISTENER_TYPE]
+    again.close()
+
+
+STORM = 300
+
+
+def test_hundreds_of_proxies_connecting_at_once_are_all_answered(tmp_path: Path, mesh_ca: LeafSigner) -> None:
+    """A controller restart or the maximum connection age: every proxy's TLS handshake at once (grpc's dynamic
+    server credentials aborted the process at a few hundred)."""
+    (tmp_path / "bundle.pem").write_bytes(mesh_ca.root_pem)
+    nodes = [f"web-vm{index}-8080" for index in range(STORM)]
+    xds = XdsServer(0, FixedCert(mesh_ca.serving_cert(TRUST_DOMAIN)), str(tmp_path / "bundle.pem"), TRUST_DOMAIN,
+                    host="127.0.0.1")
+    xds.update({node: resources(node) for node in nodes})
+    xds.start()
+    try:
+        leaves = {node: mesh_ca.issue(SPIFFE, (node,)) for node in nodes}
+        spec = {"port": xds.port, "root_pem": mesh_ca.root_pem.decode(), "server_name": f"controller.{TRUST_DOMAIN}",
+                "clients": [{"node_id": node, "key_pem": leaf.key_pem.decode(), "chain_pem": leaf.chain_pem.decode()}
+                            for node, leaf in leaves.items()]}
+        (tmp_path / "storm.json").write_text(json.dumps(spec))
+        (tmp_path / "storm.json").chmod(0o600)
+        root = Path(__file__).resolve().parents[2]
+        child = subprocess.run([sys.executable, "-m", "tests.xds_storm", str(tmp_path / "storm.json")], cwd=root,
+                               check=False,
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": str(root), "GRPC_VERBOSITY": "ERROR"})
+        assert child.returncode == 0, child.stderr[-2000:]
+        result = json.loads(child.stdout.splitlines()[-1])
+        assert (result["answered"], result["errors"]) == (STORM, [])
+        assert xds.serving
+        ads = client(xds, mesh_ca, mesh_ca.issue(SPIFFE, (nodes[-1],)))  # still serving after the storm
+        ads.send(LISTENER_TYPE, nodes[-1])
+        assert ads.receive().version_info == resources(nodes[-1]).versions[LISTENER_TYPE]
+        ads.close()
+    finally:
+        xds.stop()
 
 
 def test_delta_xds_is_unimplemented(server: XdsServer, mesh_ca: LeafSigner) -> None:
