@@ -203,7 +203,7 @@ def _acked_eds(expected: dict[str, dict[str, str]]) -> Any:
 
 
 async def run_generator(folder: Path, clients: int, endpoints: int, changes: int, timeout: float,
-                        ramp_s: float, tls: str = "dynamic") -> dict[str, Any]:
+                        ramp_s: float, tls: str = "mesh") -> dict[str, Any]:
     nodes = [node_id(index) for index in range(clients)]
     started = time.monotonic()
     root_pem, identities = make_certs(folder, nodes)
@@ -272,7 +272,7 @@ def _describe(proxy: SimulatedProxy, expected: dict[str, dict[str, str]]) -> str
 
 
 def run_xds(clients: int, endpoints: int, changes: int, keep: bool, timeout: float = 120.0,
-            ramp_s: float = 0.0, tls: str = "dynamic") -> dict[str, Any]:
+            ramp_s: float = 0.0, tls: str = "mesh") -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="mesh-bench-conv-xds-"))
     log(f"xds: {clients} simulated ADS proxies, {endpoints} endpoints, {changes} changes, in {folder}")
     try:
@@ -299,7 +299,7 @@ def print_xds(report: dict[str, Any], baseline: dict[str, Any] | None) -> None:
     clients = report["clients"]
     print(f"\n## xDS (ADS) convergence: {clients} simulated proxies (one process, grpc.aio, mTLS, acking like Envoy), "
           f"a service of {report['endpoints']} endpoints, {len(report['changes'])} changes (one instance drained each)"
-          + ("" if report.get("server_tls", "dynamic") == "dynamic" else
+          + ("" if report.get("server_tls", "mesh") == "mesh" else
              "; the server's TLS made STATIC (--server-tls static, a diagnostic)"))
     if "error" in report:
         print(f"  ERROR (the run stopped): {report['error']}")

@@ -3,7 +3,7 @@ mesh.testing.loopback's two-service mesh with its own node id; `api` with M inst
 with mesh's real ADS server, so its CPU and memory are measured apart from the load generator.
 
     python bench/xds_fleet.py serve --dir DIR --port PORT --proxies N --endpoints M [--trust-domain bench.mesh]
-                                    [--server-tls dynamic|static]
+                                    [--server-tls mesh|static]
 
 DIR holds what the driver made (bench/convergence_xds.py): `bundle.pem` (the mesh CA's trust bundle),
 `server.pem` (the controller's chain) and `server-key.pem` (0600). The process prints one JSON line per event on
@@ -102,9 +102,9 @@ class StaticCert:
 
 
 def _static_credentials(cert: StaticCert, bundle_path: str) -> Any:
-    """`--server-tls static`: the server's mTLS without grpc's dynamic credentials (no renewal, no bundle re-read):
-    a diagnostic, since grpc.dynamic_ssl_server_credentials crashed the server with hundreds of handshakes at once
-    (grpcio 1.85.4); the bench's default runs mesh's server as it is."""
+    """`--server-tls static`: the server's mTLS replaced by the bench's own static credentials (no renewal, no
+    bundle re-read): a diagnostic (mesh's server used grpc.dynamic_ssl_server_credentials, which crashed with
+    hundreds of handshakes at once, grpcio 1.85.4); the bench's default runs mesh's server as it is."""
     import grpc
 
     return grpc.ssl_server_credentials([(cert.key_pem, cert.chain_pem)], Path(bundle_path).read_bytes(),
@@ -231,7 +231,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--proxies", type=int, required=True)
     parser.add_argument("--endpoints", type=int, required=True)
     parser.add_argument("--trust-domain", default="bench.mesh")
-    parser.add_argument("--server-tls", default="dynamic", choices=["dynamic", "static"])
+    parser.add_argument("--server-tls", default="mesh", choices=["mesh", "static"])
     serve(parser.parse_args(argv))
     return 0
 
