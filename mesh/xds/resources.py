@@ -13,7 +13,9 @@ What changes on the way from files to ADS:
 
 Versions are content hashes (sha256 over the sorted names and the sha256 of each resource's canonical JSON), so two
 controllers computing the same snapshot give the same version and a failover resends nothing. A file's conversion
-is memoized by its sha256: a thousand proxies share most files.
+is memoized by its sha256: a thousand proxies share most files; and a whole proxy's resources by its files'
+(relative path, kind, sha256) and the bundle: proxies of the same name on many hosts have the same files, so they
+share one assembly (one ProxyResources but for node_id) and its version hashing.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import hashlib
 import importlib
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -31,6 +34,7 @@ import yaml
 from google.protobuf import any_pb2, json_format
 
 from mesh.config.xds import ads_source
+from mesh.controller.protocol import relpath_in
 from mesh.controller.snapshot import ProxySnapshot
 from mesh.errors import MeshError
 from mesh.render import (
@@ -84,6 +88,7 @@ for _module in EXTENSION_MODULES:
 
 _TYPE_PREFIX = "type.googleapis.com/"
 MEMO_LIMIT = 100_000  # files kept converted; past this the memo starts over (a plan changed under it)
+SHARED_LIMIT = 1024  # distinct file sets kept assembled (least recently used go first)
 INVALID_LISTENER_NAME = "mesh-test-hook-invalid"
 
 
@@ -109,15 +114,36 @@ class ProxyResources:
 _Converted = tuple[tuple[str, str, bytes, str], ...]  # (type URL, name, Any bytes, digest) of one file
 _memo: dict[tuple[str, str, str], _Converted] = {}
 _memo_lock = threading.Lock()
+# (bundle sha256, the streamed files' (relative path, kind, sha256) sorted) -> their resources (any node's id)
+_shared: OrderedDict[tuple[str, tuple[tuple[str, str, str], ...]], ProxyResources] = OrderedDict()
 
 
 def ads_resources(snapshot: ProxySnapshot, node_id: str, bundle_pem: str) -> ProxyResources:
     """The snapshot's xds files as streamed resources for node `node_id`, the trust secret holding bundle_pem.
     XdsConversionError names the file that cannot be converted."""
+    bundle_digest = hashlib.sha256(bundle_pem.encode()).hexdigest()
+    streamed = tuple(sorted((relpath_in(snapshot.files.proxy_dir, file.path), file.kind, file.sha256)
+                            for file in snapshot.files.files if file.kind in ("resource", "secret")))
+    shared_key = (bundle_digest, streamed)
+    with _memo_lock:
+        found = _shared.get(shared_key)
+        if found is not None:
+            _shared.move_to_end(shared_key)
+    if found is not None:
+        return found if found.node_id == node_id else replace(found, node_id=node_id)
+    resources = _converted_resources(snapshot, node_id, bundle_pem, bundle_digest)
+    with _memo_lock:
+        _shared[shared_key] = resources
+        while len(_shared) > SHARED_LIMIT:
+            _shared.popitem(last=False)
+    return resources
+
+
+def _converted_resources(snapshot: ProxySnapshot, node_id: str, bundle_pem: str,
+                         bundle_digest: str) -> ProxyResources:
     files = [file for file in snapshot.xds.values() if file.kind in ("resource", "secret")]
     certificate_secrets = frozenset(name for file in files if file.kind == "secret"
                                     for name in _certificate_secret_names(snapshot.proxy, file.path, file.content))
-    bundle_digest = hashlib.sha256(bundle_pem.encode()).hexdigest()
     kept_sources = " ".join(sorted(certificate_secrets))  # a conversion depends on which SDS sources stay files
     entries: list[tuple[str, str, bytes, str]] = []
     for file in sorted(files, key=lambda item: item.path):

@@ -124,6 +124,7 @@ def test_versions_are_content_hashes_and_an_endpoint_change_moves_only_eds(tmp_p
     snap = snapshot(tmp_path)
     first = ads_resources(snap, "n", BUNDLE)
     module._memo.clear()  # another controller: computed afresh
+    module._shared.clear()
     second = ads_resources(snap, "n", BUNDLE)
     assert first.versions == second.versions and first.by_type == second.by_type
     moved = proxy_snapshot("vm1", proxy_spec(snap.files), {"api": ServiceEndpoints(
