@@ -142,6 +142,8 @@ class FleetServer:
                 server._credentials = lambda: _static_credentials(cert, bundle)  # type: ignore[method-assign]
             return server
         self.feed = XdsFeed(make, bundle)
+        self.built: Any = None  # the previous build (mesh.controller.snapshot.Built), as the controller keeps it
+        self.renders: Any = None  # the controller's EDS render memo (mesh.controller.endpoints.EdsRenders)
 
     def start(self) -> None:
         self.feed.keep(self.spec)
@@ -152,9 +154,14 @@ class FleetServer:
     def apply(self, change: int, t0: float) -> dict[str, Any]:
         """Change K as the controller's loop does it: the snapshot with Consul's new answer, then the feed's offer
         (ads_resources for every proxy whose snapshot moved, then XdsServer.update)."""
-        from mesh.controller.snapshot import build_snapshot
+        from mesh.controller.endpoints import EdsRenders
+        from mesh.controller.snapshot import Built, build_snapshot
 
-        snapshot = build_snapshot(self.spec, known_endpoints(self.endpoints, change))
+        if self.renders is None:
+            self.renders = EdsRenders()
+        known = known_endpoints(self.endpoints, change)
+        snapshot = build_snapshot(self.spec, known, previous=self.built, renders=self.renders)  # as the daemon does
+        self.built = Built(snapshot, self.spec, known, None, None)
         built = time.monotonic()
         self.feed.offer(self.spec, snapshot, lambda _snapshot: None)
         updated = time.monotonic()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from types import MappingProxyType
 
 from mesh.config.authz import InboundInputs
@@ -24,6 +24,9 @@ from mesh.controller.spec import ControllerSpec, ProxySpec
 from mesh.render import BOOTSTRAP_KINDS, ProxyFiles, RenderedFile
 
 ProxyKey = tuple[str, str]  # (host name, proxy name)
+# relpath_in of (proxy folder, file path), computed once per pair (posixpath.relpath is slow, and every build and
+# every snapshot's version asks it for every file of every proxy)
+file_relpath = lru_cache(maxsize=65536)(relpath_in)
 KnownEndpoints = Mapping[str, ServiceEndpoints]  # service -> Consul's last answer that listed some instance
 
 
@@ -51,7 +54,7 @@ class ProxySnapshot:
     @property
     def xds(self) -> dict[str, RenderedFile]:
         """Relative path (`xds/eds.api.yaml`) -> file, every file but the bootstrap."""
-        return {relpath_in(self.files.proxy_dir, file.path): file for file in self.files.files
+        return {file_relpath(self.files.proxy_dir, file.path): file for file in self.files.files
                 if file.kind not in BOOTSTRAP_KINDS}
 
     @property
@@ -130,12 +133,12 @@ def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints, policies:
     routed, unsettled = [], set()
     for file in files.files:
         if file.path in proxy.routes and policies is None:
-            unsettled.add(relpath_in(files.proxy_dir, file.path))
+            unsettled.add(file_relpath(files.proxy_dir, file.path))
         elif file.path in proxy.routes and policies is not None:
             redone = route_file(proxy, file.path, policies)
             file = file if redone.content == file.content else redone
         elif file.path in proxy.inbound and rules is None:
-            unsettled.add(relpath_in(files.proxy_dir, file.path))
+            unsettled.add(file_relpath(files.proxy_dir, file.path))
         elif file.path in proxy.inbound and rules is not None:
             redone = inbound_file(proxy, file.path, rules)
             file = file if redone.content == file.content else redone
@@ -151,14 +154,14 @@ def proxy_snapshot(host: str, proxy: ProxySpec, known: KnownEndpoints, policies:
         else:
             endpoints, digest = renders.chosen(seen, source.version)
         if source is not None and endpoints is None:
-            unsettled.add(relpath_in(files.proxy_dir, file.path))
+            unsettled.add(file_relpath(files.proxy_dir, file.path))
         if endpoints is None:
             rewritten.append(file)
         elif renders is None:
             rewritten.append(with_endpoints(proxy.name, file, endpoints, proxy.zone, proxy.region))
         else:
             rewritten.append(renders.with_endpoints(proxy.name, file, endpoints, digest, proxy.zone, proxy.region))
-    owned = frozenset(relpath_in(files.proxy_dir, path) for path in (*proxy.endpoints, *proxy.routes, *proxy.inbound))
+    owned = frozenset(file_relpath(files.proxy_dir, path) for path in (*proxy.endpoints, *proxy.routes, *proxy.inbound))
     return ProxySnapshot(host, ProxyFiles(files.proxy, files.proxy_dir, tuple(rewritten), files.bootstrap_sha256),
                          files_digest(replace(files, files=tuple(routed))), frozenset(unsettled), owned)
 
@@ -184,45 +187,57 @@ def build_snapshot(spec: ControllerSpec, known: KnownEndpoints, policies: RouteP
     services, the policies of its route files' services, the rules of its inbound files' services) keeps its
     previous ProxySnapshot object: exactly what a full build gives, at the cost of a few lookups per proxy, so one
     Consul change redoes only the callers of that service. `renders` shares EDS rewrites (EdsRenders)."""
-    before: dict[ProxyKey, ProxySpec] = {}
-    if previous is not None:
-        before = {(host.name, proxy.name): proxy for host in previous.spec.hosts for proxy in host.proxies}
+    if previous is None:
+        return {(host.name, proxy.name): proxy_snapshot(host.name, proxy, known, policies, rules, renders)
+                for host in spec.hosts for proxy in host.proxies}
+    before = {(host.name, proxy.name): proxy for host in previous.spec.hosts for proxy in host.proxies}
+    moved = _Moved(_moved(known, previous.known), _moved_or_all(policies, previous.policies),
+                   _moved_or_all(rules, previous.rules))
     built: dict[ProxyKey, ProxySnapshot] = {}
     for host in spec.hosts:
         for proxy in host.proxies:
             key = (host.name, proxy.name)
-            kept = previous.snapshot.get(key) if previous is not None else None
-            if kept is not None and previous is not None and _same_inputs(proxy, before.get(key), previous, known,
-                                                                          policies, rules):
-                built[key] = kept
-            else:
-                built[key] = proxy_snapshot(host.name, proxy, known, policies, rules, renders)
+            kept = previous.snapshot.get(key)
+            built[key] = kept if kept is not None and _same_inputs(proxy, before.get(key), moved) \
+                else proxy_snapshot(host.name, proxy, known, policies, rules, renders)
     return built
 
 
-def _same_inputs(proxy: ProxySpec, proxy_then: ProxySpec | None, previous: Built, known: KnownEndpoints,
-                 policies: RoutePolicies | None, rules: Rules | None) -> bool:
+@dataclass(frozen=True)
+class _Moved:
+    """Since the previous build: the services whose known endpoints, policy, inbound rules are not the same (None:
+    every service's, the traffic or authorization KV read or lost since)."""
+
+    known: frozenset[str]
+    policies: frozenset[str] | None
+    rules: frozenset[str] | None
+
+
+def _moved(now: Mapping[str, object], then: Mapping[str, object]) -> frozenset[str]:
+    if now is then:
+        return frozenset()
+    return frozenset(service for service in {*now, *then} if not _same(now.get(service), then.get(service)))
+
+
+def _moved_or_all(now: Mapping[str, object] | None, then: Mapping[str, object] | None) -> frozenset[str] | None:
+    if now is None or then is None:
+        return frozenset() if now is then else None
+    return _moved(now, then)
+
+
+def _same_inputs(proxy: ProxySpec, proxy_then: ProxySpec | None, moved: _Moved) -> bool:
     """Whether everything proxy_snapshot reads for `proxy` is what it was for the previous build."""
-    if proxy_then is None or not (proxy_then is proxy or proxy_then == proxy):
+    if proxy_then is None or not _same(proxy, proxy_then):
         return False
-    if known is not previous.known and any(not _same(known.get(source.service), previous.known.get(source.service))
-                                           for source in proxy.endpoints.values()):
+    if moved.known and any(source.service in moved.known for source in proxy.endpoints.values()):
         return False
-    if proxy.routes and policies is not previous.policies:
-        if policies is None or previous.policies is None:
-            return False
-        for data in proxy.routes.values():
-            service = RouteInputs.from_json(data).service
-            if not _same(policies.get(service), previous.policies.get(service)):
-                return False
-    if proxy.inbound and rules is not previous.rules:
-        if rules is None or previous.rules is None:
-            return False
-        for entry in proxy.inbound.values():
-            service = InboundInputs.from_json(entry["inputs"]).service
-            if not _same(rules.get(service), previous.rules.get(service)):
-                return False
-    return True
+    if proxy.routes and moved.policies != frozenset() and (
+            moved.policies is None
+            or any(RouteInputs.from_json(data).service in moved.policies for data in proxy.routes.values())):
+        return False
+    return not (proxy.inbound and moved.rules != frozenset() and (
+        moved.rules is None
+        or any(InboundInputs.from_json(entry["inputs"]).service in moved.rules for entry in proxy.inbound.values())))
 
 
 def _same(now: object, then: object) -> bool:

@@ -34,7 +34,6 @@ import yaml
 from google.protobuf import any_pb2, json_format
 
 from mesh.config.xds import ads_source
-from mesh.controller.protocol import relpath_in
 from mesh.controller.snapshot import ProxySnapshot
 from mesh.errors import MeshError
 from mesh.render import (
@@ -90,6 +89,9 @@ _TYPE_PREFIX = "type.googleapis.com/"
 MEMO_LIMIT = 100_000  # files kept converted; past this the memo starts over (a plan changed under it)
 SHARED_LIMIT = 1024  # distinct file sets kept assembled (least recently used go first)
 INVALID_LISTENER_NAME = "mesh-test-hook-invalid"
+# libyaml's safe loader when PyYAML has it (the same documents, ~10x faster: an EDS file of 1000 endpoints), else
+# PyYAML's own
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class XdsConversionError(MeshError):
@@ -122,8 +124,8 @@ def ads_resources(snapshot: ProxySnapshot, node_id: str, bundle_pem: str) -> Pro
     """The snapshot's xds files as streamed resources for node `node_id`, the trust secret holding bundle_pem.
     XdsConversionError names the file that cannot be converted."""
     bundle_digest = hashlib.sha256(bundle_pem.encode()).hexdigest()
-    streamed = tuple(sorted((relpath_in(snapshot.files.proxy_dir, file.path), file.kind, file.sha256)
-                            for file in snapshot.files.files if file.kind in ("resource", "secret")))
+    streamed = tuple(sorted((relpath, file.kind, file.sha256) for relpath, file in snapshot.xds.items()
+                            if file.kind in ("resource", "secret")))
     shared_key = (bundle_digest, streamed)
     with _memo_lock:
         found = _shared.get(shared_key)
@@ -182,7 +184,7 @@ def content_version(digests: Mapping[str, str]) -> str:
 
 def _resources_of(proxy: str, path: str, content: str) -> list[dict[str, Any]]:
     try:
-        body = yaml.safe_load(content)
+        body = yaml.load(content, Loader=_YAML_LOADER)  # a safe loader (libyaml's when built)
     except yaml.YAMLError as error:
         raise XdsConversionError(f"proxy {proxy}: {path} is not YAML: {error}") from None
     items = body.get("resources") if isinstance(body, dict) else None
