@@ -132,8 +132,8 @@ def compute_proxy_config(mesh: Mesh, workload: Workload,
 def xds_bootstrap(mesh: Mesh, workload: Workload) -> XdsBootstrap | None:
     """Where the ADS stream of `workload`'s Envoy goes when its host is on `mesh_delivery: xds`: every
     controller's address (deduplicated, inventory order, as the tracer's list) at XDS_PORT, checked by the
-    controllers' SNI name and SPIFFE ID; None on a files host."""
-    if mesh.host(workload.host).delivery != "xds":
+    controllers' SNI name and SPIFFE ID; None on a files host (or a workload placed outside the mesh's hosts)."""
+    if not any(host.name == workload.host and host.delivery == "xds" for host in mesh.hosts):
         return None
     trust_domain = mesh.settings.trust_domain
     return XdsBootstrap(
