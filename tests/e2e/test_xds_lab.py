@@ -411,11 +411,13 @@ def test_a_killed_controller_fails_no_request_and_a_change_after_it_reaches_ever
         out(lab, killed, f"mkdir -p {Path(NO_RESTART_DROPIN).parent} && printf '[Service]\\nRestart=no\\n' > "
                          f"{NO_RESTART_DROPIN} && systemctl daemon-reload")
         out(lab, killed, f"systemctl kill -s KILL {CONTROLLER_UNIT}")
+        killed_at = time.monotonic()
         survivor_address = lab.hosts[survivor]
         wait_for(lambda: _streams(xds),
                  lambda seen: all(found.get(survivor_address, 0) >= 1 and sum(found.values()) == 1
                                   for found in seen.values()),
                  f"every proxy streaming from {survivor} after {killed} was killed", timeout=PUSH_WAIT, interval=1.0)
+        print(f"every proxy streaming from {survivor} {time.monotonic() - killed_at:.1f} s after {killed} was killed")
         _drain(xds)
         _wait_for_api_hosts(lab, DOCK1_ONLY, f"a drain made after {killed} was killed reaching web's Envoy on vm1")
         _drain(xds, undo=True)
@@ -452,10 +454,11 @@ def test_vm1_rebooted_with_every_controller_down_serves_from_files_and_returns_t
 
     for host in CONTROLLERS:
         out(lab, host, f"systemctl start {CONTROLLER_UNIT}")
+    started = time.monotonic()
     back = wait_for(lambda: delivery_seen(lab, web), lambda found: found.on_ads(),
                     "web's Envoy on vm1 back on ADS once the controllers started", timeout=BACK_ON_ADS_WAIT,
                     interval=3.0)
-    print(f"web's Envoy on vm1 back on ADS: {back}")
+    print(f"web's Envoy on vm1 back on ADS {time.monotonic() - started:.1f} s after the controllers started: {back}")
     wait_for(lambda: hops(lab, "vm1", 8080), chain_ok, "web -> api -> db with web back on ADS", timeout=60)
     _drain(xds)
     _wait_for_api_hosts(lab, DOCK1_ONLY, "a drain made once vm1 is back on ADS reaching web's Envoy on vm1")
