@@ -272,8 +272,9 @@ def endpoint_set(count: int, drained: int | None) -> Any:
 
 
 def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, out: Path, endpoints: int = 2) -> None:
+    from mesh.controller.endpoints import EdsRenders
     from mesh.controller.pusher import Pusher
-    from mesh.controller.snapshot import build_snapshot, watched_services
+    from mesh.controller.snapshot import Built, build_snapshot, watched_services
     from mesh.controller.spec import load_spec
     from mesh.controller.transport import SshTransport
     from mesh.render import validate_proxy_files
@@ -292,12 +293,15 @@ def worker(spec_path: Path, key: Path, ca_pem: Path, rounds: int, workers: int, 
     pusher = Pusher(SshTransport(str(key)), validate, max_workers=workers)
     pusher.set_hosts(spec.hosts)
     timings, snapshots, results = [], [], []
+    previous: Built | None = None  # the previous build and the EDS render memo, as the controller keeps them
+    renders = EdsRenders()
     usage_before = None
     try:
         for number in range(rounds + 1):
             known = {service: replace(sets[number % 2], service=service) for service in services}
             built = time.perf_counter()
-            snapshot = build_snapshot(spec, known)
+            snapshot = build_snapshot(spec, known, previous=previous, renders=renders)  # as the daemon does
+            previous = Built(snapshot, spec, known, None, None)
             snapshots.append(time.perf_counter() - built)
             if number == 1:
                 usage_before = (resource.getrusage(resource.RUSAGE_SELF), time.perf_counter())

@@ -80,7 +80,8 @@ class TypeRecord:
 
 @dataclass
 class SimulatedProxy:
-    """One ADS stream's client; `run()` until cancelled or the server ends the stream."""
+    """One simulated proxy's ADS client: `run()` streams until cancelled, reconnecting when the server ends a stream
+    (or, with retry=False, returns when it ends)."""
 
     identity: ClientIdentity
     types: dict[str, TypeRecord] = field(default_factory=dict)  # type URL -> its record
@@ -88,7 +89,6 @@ class SimulatedProxy:
     ended: str | None = None  # why the last stream ended when run() returned (retry=False), None while it runs
     ends: list[str] = field(default_factory=list)  # why each stream ended (the gRPC status), oldest first
     responses: int = 0
-    on_ack: Callable[[SimulatedProxy, str, str], None] | None = None  # (proxy, type URL, version) after each ACK
     # (wildcard type URL, other type URL) -> the names the wildcard type's resources reference over ADS
     references: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
     _queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = field(default_factory=asyncio.Queue)
@@ -189,8 +189,6 @@ class SimulatedProxy:
                              | self.references.get((LISTENER_TYPE, other), frozenset()))
             if type_url == CLUSTER_TYPE and LISTENER_TYPE not in self.types:  # LDS after CDS, as Envoy starts
                 self._subscribe(LISTENER_TYPE, frozenset())
-        if self.on_ack is not None:
-            self.on_ack(self, type_url, version)
 
     def _follow(self, type_url: str, names: frozenset[str]) -> None:
         record = self.types.get(type_url)

@@ -10,9 +10,10 @@ DIR holds what the driver made (bench/convergence_xds.py): `bundle.pem` (the mes
 stdout and reads one command per line on stdin:
 
 - at start, `{"event": "ready", ...}` once the fleet's snapshot and resources are built and the server listens;
-- `change K`: a Consul change (instance K mod M of `api` no longer up; K = 0: every instance up), done as the
-  controller does it: build_snapshot over the spec with the new endpoints, ads_resources for every proxy, then
-  XdsServer.update; answers `{"event": "applied", "change": K, "t0": ..., ...}` (t0: time.monotonic() when the
+- `change K`: a Consul change (instance K-1 mod M of `api` no longer up; K = 0: every instance up), done as the
+  controller does it: build_snapshot over the spec with the new endpoints (from the previous build, with the EDS
+  render memo), then the controller's XdsFeed.offer (ads_resources for every proxy whose snapshot moved,
+  XdsServer.update); answers `{"event": "applied", "change": K, "t0": ..., ...}` (t0: time.monotonic() when the
   line was read; same clock as the generator's) and writes every node's expected versions to DIR/versions-K.json;
 - `status`: `{"event": "status", "nodes": {node id: that node's StreamStatus}}`;
 - `quit` (or end of input): stops the server and exits.
