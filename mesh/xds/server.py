@@ -10,9 +10,10 @@ server has no resources for ends with NOT_FOUND. Delta xDS is not served (UNIMPL
 TLS credentials are static (grpc.ssl_server_credentials): grpc's dynamic server credentials, a Python callback per
 handshake, crashed the process (grpcio 1.85.4: SIGABRT or SIGSEGV) when hundreds of proxies connect at once, which
 is what a controller restart or the maximum connection age brings. Every `tls_check_s` the loop asks the
-CertSource for the serving certificate and stats the bundle file; when either changed (a renewal, a new
-intermediate, a CA rotation), a new grpc server with the new credentials starts on the same port (SO_REUSEPORT:
-both listen for a moment, no connection is refused), then the old one stops accepting and ends its streams after
+CertSource for the serving certificate and reads the bundle file; when either changed (a renewal, a new
+intermediate, a CA rotation) and is the same at the next check (a file caught half written is not taken), a new grpc server with the new credentials starts on the same port (SO_REUSEPORT:
+both listen for a moment; a connection the old one took and had not finished its handshake with when it stopped is
+reset, and its client retries), then the old one stops accepting and ends its streams after
 `tls_swap_grace_s`; their proxies reconnect (Envoy's jittered backoff) to the new one and, versions being content
 hashes, get nothing they already hold. The streams' state is the XdsServer's, not a grpc server's: `status()` goes
 on across the swap. Before its first bind the server checks that no other socket listens on the port, so a second
@@ -29,6 +30,7 @@ Envoy refuses (read at each push): it proves a NACK is reported once and the old
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -47,7 +49,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from mesh.config.xds import MAX_CONNECTION_AGE_GRACE_S, MAX_CONNECTION_AGE_S
 from mesh.errors import MeshError
 from mesh.render import LISTENER_TYPE
-from mesh.traces.serving import CertSource, ServingCert
+from mesh.traces.serving import CertSource
 from mesh.xds.resources import SHORT_NAMES, ProxyResources, with_invalid_listener
 from mesh.xds.sotw import Request, Response, StreamState
 from mesh.xds.status import StreamStatus
@@ -96,7 +98,8 @@ class XdsServer:
         self._served: dict[str, ProxyResources] = {}  # the last update with the test hook applied
         self._streams: set[_Stream] = set()
         self._refusals_logged: dict[str, float] = {}
-        self._tls_seen: tuple[ServingCert, tuple[int, int, int]] | None = None  # what the listening server has
+        self._tls_seen: tuple[bytes, bytes] | None = None  # what the listening server has (_tls_stamp)
+        self._tls_candidate: tuple[bytes, bytes] | None = None  # a change seen once (taken when seen again)
         self._tls_error: str | None = None  # the last TLS renewal error logged (logged again only when it changes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -362,31 +365,38 @@ class XdsServer:
 
     # --- TLS ---
 
-    def _tls_stamp(self) -> tuple[ServingCert, tuple[int, int, int]]:
-        """The serving certificate to use now and the bundle file's (inode, size, mtime): what, when it changes,
-        needs a server with new credentials."""
+    def _tls_stamp(self) -> tuple[bytes, bytes]:
+        """Digests of the serving certificate to use now (chain and key) and of the bundle file's content: what,
+        when it changes, needs a server with new credentials. An equal certificate in a new object or with other
+        dates, or the bundle written again with the same content, is no change."""
         cert = self.cert_source.current()
-        info = os.stat(self.bundle_path)
-        return cert, (info.st_ino, info.st_size, info.st_mtime_ns)
+        with open(self.bundle_path, "rb") as handle:
+            bundle = handle.read()
+        return _digest(cert.chain_pem, cert.key_pem), _digest(bundle)
 
     def _credentials(self) -> grpc.ServerCredentials:
         cert = self.cert_source.current()
         with open(self.bundle_path, "rb") as handle:
             bundle = handle.read()
+        x509.load_pem_x509_certificates(bundle)  # ValueError when it holds no certificate (or a cut one)
         return grpc.ssl_server_credentials([(cert.key_pem, cert.chain_pem)], bundle, require_client_auth=True)
 
     async def _watch_tls(self) -> None:
-        """Every tls_check_s: a new server when the serving certificate or the bundle file changed. A failure is
-        logged (once while it stays the same) and the current server keeps serving."""
+        """Every tls_check_s: a new server when the serving certificate or the bundle file changed and was the
+        same at the check before (a file caught half written is not taken). A failure is logged (once while it
+        stays the same) and the current server keeps serving."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.tls_check_s)
             try:
                 seen = await loop.run_in_executor(None, self._tls_stamp)  # may sign: not in the loop's thread
-                if seen != self._tls_seen:
+                if seen == self._tls_seen:
+                    self._tls_candidate = self._tls_error = None
+                elif seen != self._tls_candidate:
+                    self._tls_candidate = seen
+                else:
                     await self._swap(self._credentials())
-                    self._tls_seen = seen
-                self._tls_error = None
+                    self._tls_seen, self._tls_candidate, self._tls_error = seen, None, None
             except (MeshError, OSError, ValueError, RuntimeError) as exc:
                 if str(exc) != self._tls_error:
                     self.log.error("xds_server_tls_not_renewed", error=str(exc),
@@ -405,6 +415,13 @@ class XdsServer:
             ending.add_done_callback(lambda _: self._retiring.discard(old))
         self.log.info("xds_server_tls_renewed", port=self.port, grace_s=self.tls_swap_grace_s,
                       effect="new connections get the new certificate and bundle; open streams end after the grace")
+
+
+def _digest(*parts: bytes) -> bytes:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.digest()
 
 
 def _check_free(host: str, port: int) -> None:
