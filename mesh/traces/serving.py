@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mesh.config.tracing import CONTROLLER_SERVER_NAME
 from mesh.controller.rotation import Signer, load_signer
 from mesh.controller.spec import INTERMEDIATE_CERT, INTERMEDIATE_KEY
 from mesh.errors import MeshError
@@ -103,8 +104,9 @@ class ControllerCertificate:
         csr = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "controller")]))
                .sign(key, hashes.SHA256()))
+        # the SNI proxies send (controller.<trust domain>) as a DNS name too: gRPC's TLS matches SNI to it
         leaf = signer.sign(csr.public_bytes(serialization.Encoding.PEM), controller_spiffe_id(self.trust_domain),
-                           self.ttl, now)
+                           self.ttl, now, dns_names=(CONTROLLER_SERVER_NAME.format(trust_domain=self.trust_domain),))
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         return ServingCert(leaf.chain_pem, key_pem, leaf.serial, now, leaf.not_after)

@@ -93,6 +93,7 @@ class XdsServer:
         self.serving = False
         self.log = structlog.get_logger()
         self._lock = threading.Lock()  # guards everything below that both the loop and callers touch
+        self._nacks_logged: dict[tuple[str, str], str] = {}  # (node id, type url) -> the version last logged
         self._pending: dict[str, ProxyResources] | None = None
         self._given: dict[str, ProxyResources] = {}  # the last update
         self._served: dict[str, ProxyResources] = {}  # the last update with the test hook applied
@@ -244,6 +245,9 @@ class XdsServer:
         for response in responses:
             stream.queue.put_nowait(response)
         for nack in stream.state.new_nacks:
+            if self._nacks_logged.get((stream.node_id, nack.type_url)) == nack.version:
+                continue  # the same refusal on a new stream (Envoy reopened it): reported once per controller
+            self._nacks_logged[(stream.node_id, nack.type_url)] = nack.version
             self.log.warning("xds_nacked", node_id=stream.node_id, type=SHORT_NAMES.get(nack.type_url, nack.type_url),
                              version=nack.version, error=nack.message[:2000],
                              effect="the proxy keeps its previous config of this type")

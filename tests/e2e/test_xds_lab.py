@@ -372,7 +372,8 @@ def test_an_invalid_listener_is_nacked_the_old_config_serves_and_the_controller_
     text = run_mesh("status", str(xds.inventory), timeout=300).stdout
     assert "ADS NACKed: LDS" in text, f"`mesh status` shows no NACKed LDS (web on vm1):\n{text}"
     lines = _nack_lines(lab, since, web.node_id)
-    assert sum(len(found) for found in lines.values()) == streams, \
+    # reported once per controller that streamed to it, however often Envoy reopened its stream there
+    assert all(len(found) <= 1 for found in lines.values()) and 1 <= sum(len(found) for found in lines.values()), \
         f"the controllers' NACK lines of {web.node_id} ({streams} stream(s)): {lines}"
 
     for host in CONTROLLERS:
