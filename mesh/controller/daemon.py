@@ -82,7 +82,9 @@ from mesh.traces.store import TraceStore
 
 SESSION_NAME = "mesh-controller"
 XDS_TEST_HOOK = f"{CONTROLLER_DIR}/xds-test-hook.json"  # root's file on the controller host; absent in production
-XDS_PUBLISH_INTERVAL_S = 5.0  # each controller's ADS streams (`mesh status` per proxy and type) at most this often
+XDS_STREAMS_READ_S = 2.0  # the leader reads every controller's streams at most this often (route/deny applied)
+XDS_PUBLISH_INTERVAL_S = 2.0
+XDS_PUBLISH_CHUNK = 200  # streams per KV value (chunks left by a larger fleet age out: mesh.xds.status)  # each controller's ADS streams (`mesh status` per proxy and type) at most this often
 ROUND_INTERVAL_S = 1.0  # a round with nothing new costs no I/O but reconnecting hosts and due renewals
 PUBLISH_INTERVAL_S = 5.0
 DEPLOY_POLL_S = 0.5
@@ -126,6 +128,14 @@ class ConsulStore:
 
     def put(self, key: str, value: str) -> None:
         self.client.kv.put(key, value)
+
+    def values(self, prefix: str) -> list[bytes]:
+        """Every value under the KV prefix (empty when Consul cannot be read)."""
+        try:
+            _index, items = self.client.kv.get(prefix, recurse=True)
+        except (consul.ConsulException, OSError):
+            return []
+        return [item["Value"] for item in items or [] if item.get("Value")]
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,8 @@ class Controller:
         self.files_snapshot: Snapshot = {}  # what the pushes carry (self.snapshot, with xds proxies paced)
         self.files_due: float | None = None  # when a held-back xds proxy's files are next due
         self.next_xds_publish = float("-inf")
+        self.xds_streams: Mapping[str, object] = {}  # node id -> StreamStatus, every controller's (read from Consul)
+        self.xds_streams_at: float | None = None
         self.leader = (leader or _consul_leader)(self.spec, self.holder)
         self.store = (store or (lambda spec: ConsulStore(consul_access(spec), spec.mesh_id)))(self.spec)
         self.renewer = self._renewer(self.spec)
@@ -420,14 +432,33 @@ class Controller:
         self.xds.offer(spec, self.snapshot, self.pusher.refusal)
         return spec
 
+    def _xds_streams(self) -> Mapping[str, object]:
+        """Every controller's published ADS streams (mesh.xds.status.merged), read at most every 2 s."""
+        if not self.xds.serving:
+            return {}
+        now = self.clock()
+        if self.xds_streams_at is None or now - self.xds_streams_at >= XDS_STREAMS_READ_S:
+            from mesh.xds.status import merged, parse_publication
+
+            values = getattr(self.store, "values", None)
+            found = values(xds_status_prefix(self.spec.mesh_id)) if values is not None else []
+            self.xds_streams = merged([parse_publication(value) for value in found], self.wall())
+            self.xds_streams_at = now
+        return self.xds_streams
+
     def _publish_xds(self) -> None:
         """This controller's ADS streams, per proxy and type (synced, stale, NACKed), for `mesh status`."""
         from mesh.xds.status import publication
 
         self.next_xds_publish = self.clock() + XDS_PUBLISH_INTERVAL_S
-        try:
-            self.store.put(xds_status_prefix(self.spec.mesh_id) + self.holder,
-                           json.dumps(publication(self.holder, self.xds.status(), self.wall()), sort_keys=True))
+        streams = self.xds.status()
+        nodes = sorted(streams)
+        chunks = [nodes[start:start + XDS_PUBLISH_CHUNK] for start in range(0, len(nodes), XDS_PUBLISH_CHUNK)] or [[]]
+        try:  # in chunks: a Consul KV value holds at most 512 KiB (a stream is about 1 KB)
+            for number, chunk in enumerate(chunks):
+                text = json.dumps(publication(self.holder, {node: streams[node] for node in chunk}, self.wall()),
+                                  sort_keys=True)
+                self.store.put(f"{xds_status_prefix(self.spec.mesh_id)}{self.holder}/{number}", text)
         except (consul.ConsulException, OSError) as exc:
             self.log.warning("xds_status_not_published", error=str(exc).splitlines()[0] if str(exc) else "")
 
@@ -494,6 +525,11 @@ class Controller:
                   if (host.name, proxy.name) in self.snapshot}
         on_hosts = {(name, proxy.name): (link.state.files.get(proxy.name) if link.state is not None else None)
                     for name, link in self.pusher.links.items() for proxy in link.spec.proxies}
+        # an xds proxy runs its snapshot once its stream (on any controller) acknowledged every type of it: its
+        # files on the host follow only at a slow pace
+        for key, node_id in xds_proxies(self.spec).items():
+            if key in self.snapshot and self.xds.acked(node_id, self.snapshot[key].version, self._xds_streams()):
+                on_hosts[key] = {**(on_hosts.get(key) or {}), **self.snapshot[key].digests}
         return (applied_traffic(self.spec, self.overrides if self.policies is not None else None, wanted, on_hosts),
                 applied_authz(self.spec, self.denies if self.rules is not None else None, wanted, on_hosts))
 

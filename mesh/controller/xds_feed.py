@@ -99,6 +99,18 @@ class XdsFeed:
             self.served_of.pop(node_id, None)
         self.server.update(dict(self.served))
 
+    def acked(self, node_id: str, snapshot_version: str, streams: Mapping[str, Any]) -> bool:
+        """Whether node_id runs what this controller serves it for snapshot_version: its stream (`streams`,
+        mesh.xds.status.merged of every controller's, so on any controller: versions are content hashes)
+        acknowledged every type at this controller's version."""
+        from mesh.xds.resources import SHORT_NAMES
+
+        served, stream = self.served.get(node_id), streams.get(node_id)
+        if served is None or stream is None or self.served_of.get(node_id, ("",))[0] != snapshot_version:
+            return False
+        acked = {item.type: item.acked for item in stream.types}
+        return all(acked.get(SHORT_NAMES.get(url, url)) == version for url, version in served.versions.items())
+
     def status(self) -> Mapping[str, Any]:
         return self.server.status() if self.server is not None else {}
 
