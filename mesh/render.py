@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import ipaddress
 import json
 import posixpath
 import re
@@ -57,6 +56,7 @@ import yaml
 
 from mesh import package_data
 from mesh.config import paths
+from mesh.config.addresses import discovery_type
 from mesh.config.authz import InboundInputs
 from mesh.config.consistent import consistent
 from mesh.config.errors import ConfigError, EnvoyRejectedConfig
@@ -350,21 +350,12 @@ def _ads_context(cfg: ProxyConfig, xds: XdsBootstrap, sources: FileSources) -> A
                       xds.controller_spiffe_id)
     return AdsBootstrapContext(
         cfg.proxy, cfg.node_id, cfg.service, None, "xds", cfg.admin, cfg.max_downstream_connections, cfg.stats_tags,
-        CONTROLLERS_COMMENT, XDS_CLUSTER, "STATIC" if all(_is_ip(address) for address in xds.controllers)
-        else "STRICT_DNS", tuple(Endpoint(address, xds.port) for address in xds.controllers), ADS_CONNECT_TIMEOUT_MS,
+        CONTROLLERS_COMMENT, XDS_CLUSTER, discovery_type(xds.controllers), tuple(Endpoint(address, xds.port) for address in xds.controllers), ADS_CONNECT_TIMEOUT_MS,
         ADS_KEEPALIVE_INTERVAL_MS, ADS_KEEPALIVE_TIMEOUT_MS, ADS_RETRY_BASE_MS, ADS_RETRY_MAX_MS, tls, sources,
         ads_source(), ads_source())
 
 
 _CONTROLLER_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
-
-
-def _is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
 
 
 def render_proxy_files(cfg: ProxyConfig, templates_dir: Path = TEMPLATES_DIR) -> ProxyFiles:

@@ -13,6 +13,7 @@ from datetime import timedelta
 from types import MappingProxyType
 
 from mesh.config import paths, telemetry, tracing, traffic
+from mesh.config.addresses import discovery_type, is_ip
 from mesh.config.errors import ConfigError
 from mesh.config.inbound import (
     AUTHZ_FILTERS,
@@ -275,7 +276,7 @@ def _upstream_clusters(mesh: Mesh, proxy: str, caller: Workload, upstream: Upstr
     every = Cluster(
         name=upstream_cluster_name(service),
         protocol=instances[0][1].protocol,
-        discovery="STATIC" if all(is_ip(host.connection.address) for host, _ in instances) else "STRICT_DNS",
+        discovery=discovery_type(host.connection.address for host, _ in instances),
         endpoints=endpoints,
         health_check=check,
         connect_timeout_ms=CONNECT_TIMEOUT_MS,
@@ -316,15 +317,6 @@ def _renumbered(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     priorities = traffic.prioritized([endpoint.priority for endpoint in endpoints])
     return tuple(replace(endpoint, priority=priority) for endpoint, priority in zip(endpoints, priorities,
                                                                                      strict=True))
-
-
-def is_ip(address: str) -> bool:
-    """An IP address literal (v4 or v6), not a name Envoy would have to resolve."""
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
 
 
 def _ms(value: timedelta) -> int:

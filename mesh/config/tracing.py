@@ -6,9 +6,8 @@ It must not render text (templates/envoy) or do I/O.
 
 from __future__ import annotations
 
-import ipaddress
-
-from mesh.config.model import CollectorTls, Discovery, Endpoint, Tracer, TraceTags, UpstreamTls
+from mesh.config.addresses import discovery_type, is_ip
+from mesh.config.model import CollectorTls, Endpoint, Tracer, TraceTags, UpstreamTls
 from mesh.inventory.model import Mesh, Workload, controller_spiffe_id
 
 TRACE_PORT = 9411  # the controllers' span receiver (mTLS), where every proxy sends its spans
@@ -41,14 +40,14 @@ def tracer(mesh: Mesh, workload: Workload, certificate_secret: str, trust_bundle
         addresses = tuple(dict.fromkeys(host.connection.address for host in mesh.controllers))
         return Tracer(
             kind="zipkin", sampling=settings.sampling, cluster=TRACE_CLUSTER, endpoint=ZIPKIN_PATH,
-            hostname=TRACE_CLUSTER, service_name=workload.service, discovery=_discovery(addresses),
+            hostname=TRACE_CLUSTER, service_name=workload.service, discovery=discovery_type(addresses),
             endpoints=tuple(Endpoint(address, TRACE_PORT) for address in addresses),
             connect_timeout_ms=CONNECT_TIMEOUT_MS,
             mesh_tls=UpstreamTls(certificate_secret, trust_bundle_secret,
                                  CONTROLLER_SERVER_NAME.format(trust_domain=trust_domain),
                                  controller_spiffe_id(trust_domain)))
     host, port = str(settings.host), int(settings.port or 0)
-    ip = _is_ip(host)
+    ip = is_ip(host)
     default_path = ZIPKIN_PATH if settings.collector == "zipkin" else OTLP_PATH
     shown = f"[{host}]" if ":" in host else host
     outside_tls = None
@@ -59,7 +58,7 @@ def tracer(mesh: Mesh, workload: Workload, certificate_secret: str, trust_bundle
     return Tracer(
         kind="zipkin" if settings.collector == "zipkin" else "opentelemetry", sampling=settings.sampling,
         cluster=TRACE_CLUSTER, endpoint=endpoint, hostname=hostname, service_name=workload.service,
-        discovery=_discovery((host,)), endpoints=(Endpoint(host, port),), connect_timeout_ms=CONNECT_TIMEOUT_MS,
+        discovery=discovery_type((host,)), endpoints=(Endpoint(host, port),), connect_timeout_ms=CONNECT_TIMEOUT_MS,
         outside_tls=outside_tls, uri=f"{settings.scheme}://{hostname}{endpoint}")
 
 
@@ -78,13 +77,3 @@ def _tags(workload: Workload, proxy: str, direction: str) -> TraceTags:
             (TAG_HOST, workload.host), (TAG_INSTANCE, workload.consul_id), (TAG_DIRECTION, direction))
 
 
-def _discovery(addresses: tuple[str, ...]) -> Discovery:
-    return "STATIC" if all(_is_ip(address) for address in addresses) else "STRICT_DNS"
-
-
-def _is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
