@@ -259,15 +259,7 @@ def normalized(dump: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def test_one_computation_two_deliveries(tmp_path: Path) -> None:
     """web's Envoy from its files, then (same ports) from ADS: the same resources run."""
-    app_port = free_port()
-    loop = two_service_mesh(app_port, TRUST_DOMAIN)
-    state = tmp_path / "state"
-    issue_identities(state, TRUST_DOMAIN, (loop.web,))
-    signer = LeafSigner.of_mesh(state)
-    files = mesh_proxy_files(loop, loop.web, tmp_path / "web")
-    node_id = node_id_of(files)
-    leaf = signer.issue(loop.web.spiffe_id, (node_id,))
-    lay_out_proxy(files, Identity(leaf.chain_pem, leaf.key_pem, signer.root_pem))
+    signer, files, node_id = _web_laid_out(tmp_path)
     [base_id] = free_base_ids(1)
     from_files = start_proxy("web-files", files, base_id)
     try:
@@ -303,14 +295,7 @@ def test_a_failover_resends_no_listener_or_cluster_and_a_later_change_arrives(tm
     """web's ADS cluster lists two controllers serving the same snapshot; the one it streams from stops: the other
     takes the stream with no LDS or CDS response (same content, same version), and a change made after the kill
     reaches Envoy."""
-    loop = two_service_mesh(free_port(), TRUST_DOMAIN)
-    state = tmp_path / "state"
-    issue_identities(state, TRUST_DOMAIN, (loop.web,))
-    signer = LeafSigner.of_mesh(state)
-    files = mesh_proxy_files(loop, loop.web, tmp_path / "web")
-    node_id = node_id_of(files)
-    leaf = signer.issue(loop.web.spiffe_id, (node_id,))
-    lay_out_proxy(files, Identity(leaf.chain_pem, leaf.key_pem, signer.root_pem))
+    signer, files, node_id = _web_laid_out(tmp_path)
     (tmp_path / "bundle.pem").write_bytes(signer.root_pem)
     snapshot = ProxySnapshot("h-web", files, "t")
     servers = [XdsServer(0, FixedCert(signer.serving_cert(TRUST_DOMAIN)), str(tmp_path / "bundle.pem"),
@@ -409,3 +394,16 @@ def test_a_route_moved_to_a_new_cluster_while_the_old_one_leaves_fails_no_reques
         assert not [entry for entry in logs if entry["event"] == "xds_clusters_not_ready"]  # no release by timeout
         eventually(lambda: set(states(server, node).values()) == {"synced"} or None, WAIT_S, "every type synced")
         assert responses(server, node, "CDS") == 3  # the first, then keeping upstream-api, then without it
+
+
+def _web_laid_out(tmp_path: Path) -> tuple[LeafSigner, Any, str]:
+    """The loopback mesh's CA's signer, web's rendered files laid out with a leaf naming its node id, and that
+    node id."""
+    loop = two_service_mesh(free_port(), TRUST_DOMAIN)
+    issue_identities(tmp_path / "state", TRUST_DOMAIN, (loop.web,))
+    signer = LeafSigner.of_mesh(tmp_path / "state")
+    files = mesh_proxy_files(loop, loop.web, tmp_path / "web")
+    node_id = node_id_of(files)
+    leaf = signer.issue(loop.web.spiffe_id, (node_id,))
+    lay_out_proxy(files, Identity(leaf.chain_pem, leaf.key_pem, signer.root_pem))
+    return signer, files, node_id
