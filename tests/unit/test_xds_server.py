@@ -372,3 +372,33 @@ def test_a_port_taken_or_no_certificate_is_logged_and_not_served(tmp_path: Path,
         assert not uncertain.serving
     assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
         "xds_server_cannot_listen", "xds_server_no_tls"]
+
+
+def test_the_same_nack_on_a_reopened_stream_is_logged_once(server: XdsServer, mesh_ca: LeafSigner) -> None:
+    """Envoy reopens its stream (a reset, another controller's restart) and refuses the same version again: the
+    controller reports that refusal once, and a refusal of a new version again."""
+    leaf = mesh_ca.issue(SPIFFE, (NODE,))
+
+    def refuse_once(expected_version: str) -> None:
+        ads = client(server, mesh_ca, leaf)
+        ads.send(LISTENER_TYPE, NODE)
+        response = ads.receive()
+        assert response.version_info == expected_version
+        ads.send(LISTENER_TYPE, nonce=response.nonce, error="bad listener")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+                item.state == "nacked" for stream in server.status().values() for item in stream.types):
+            time.sleep(0.02)
+        ads.close()
+        deadline = time.monotonic() + 5
+        while server.status() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    with capture_logs() as logs:
+        refuse_once(resources().versions[LISTENER_TYPE])
+        refuse_once(resources().versions[LISTENER_TYPE])
+        server.update({NODE: resources(tag=b"-2")})
+        time.sleep(0.5)  # pushes are debounced (50 ms)
+        refuse_once(resources(tag=b"-2").versions[LISTENER_TYPE])
+    nacks = [entry["version"] for entry in logs if entry["event"] == "xds_nacked"]
+    assert nacks == [resources().versions[LISTENER_TYPE], resources(tag=b"-2").versions[LISTENER_TYPE]]
