@@ -81,6 +81,7 @@ from mesh.config.validate import (
 from mesh.config.xds import (
     ADS_BOOTSTRAP_NAME,
     CONTROLLERS_COMMENT,
+    DELIVERY_MARKER,
     METADATA_DELIVERY_KEY,
     XDS_CLUSTER,
     XDS_PORT,
@@ -794,9 +795,11 @@ def _install_script(proxy: str, moves: tuple[tuple[RenderedFile, tuple[str, str]
          "see its log)\" >&2; exit 1; fi; sleep 0.1; done"),
         "}",
         # Waits only for an Envoy that runs this bootstrap: one running another (an old one, or none) is
-        # restarted after the moves and reads every file then.
+        # restarted after the moves and reads every file then. One that started from envoy-ads.yaml (its start
+        # step's marker says xds) reads no resource file: its files are the last-known-good, nothing to wait for.
         (f"live=0; curl -sf --max-time 2 --unix-socket \"$admin\" http://envoy/server_info 2>/dev/null "
          f"| grep -q {q(bootstrap_sha256)} && live=1"),
+        (f"[ \"$(head -c 16 \"$(dirname \"$admin\")\"/{DELIVERY_MARKER} 2>/dev/null)\" = xds ] && live=0"),
     ]
     for folder in sorted({posixpath.dirname(final) for _file, (_staged, final) in moves}):
         lines.append(f"[ -d {q(folder)} ] || mkdir -p -m 0755 {q(folder)} || exit 1")  # xds/ on a first deploy

@@ -643,3 +643,42 @@ def test_restart_refuses_what_is_not_a_proxy_of_this_host(untouched_host: Host, 
     assert (done.returncode, done.stdout, done.stderr) == (2, "", f"mesh-ctl: refused: {message}\n")
     assert not calls.exists()
     assert _tree(untouched_host.root) == before
+
+
+class BootstrapAdmin(FakeAdmin):
+    """An Envoy's admin socket that runs this proxy's bootstrap (its digest in every answer) and takes no file."""
+
+    def __init__(self, path: Path, digest: str) -> None:
+        self.body = f'{{"node": {{"metadata": {{"mesh_bootstrap_sha256": "{digest}", "mesh_delivery": "xds"}}}}}}\n'
+        super().__init__(path)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                data = conn.recv(4096).decode(errors="replace")
+                self.requests.append(data.split("\r\n", 1)[0])
+                body = self.body.encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+
+
+def test_apply_to_an_envoy_on_ads_moves_the_files_without_waiting_for_it(host: Host) -> None:
+    """An Envoy started from envoy-ads.yaml (the start step's marker says xds) reads no resource file: apply moves
+    the last-known-good files and does not wait for Envoy to take them (it never would)."""
+    (host.home / "admin" / "delivery").write_text("xds\n")
+    admin = BootstrapAdmin(host.home / "admin" / "admin.sock", host.files.bootstrap_sha256)
+    try:
+        new = host.rendered(endpoints=(Endpoint("127.0.0.9", 4000),), rename="upstream-api-next")
+        changed, stale = _changed(host.files, new)
+        started = time.monotonic()
+        done = host.run("apply", protocol.apply_bundle([protocol.bundle_for(new, changed, stale)]))
+        took_s = time.monotonic() - started
+    finally:
+        admin.close()
+    assert (done.returncode, done.stdout) == (0, f"applied {host.name}\n"), done.stderr
+    assert took_s < 10, f"apply waited {took_s:.1f} s for an Envoy that reads no file"
+    assert "upstream-api-next" in (host.home / "xds" / "cds.yaml").read_text()
+    assert any("server_info" in line for line in admin.requests)

@@ -14,6 +14,7 @@ wait_for() {
     echo "proxy web-8080: Envoy did not take $4 within 15 s (it runs the files it took before; see its log)" >&2; exit 1; fi; sleep 0.1; done
 }
 live=0; curl -sf --max-time 2 --unix-socket "$admin" http://envoy/server_info 2>/dev/null | grep -q 88331f61ccff314723094ee78a08f2d8be681bc844f7887975f6acc7963c482e && live=1
+[ "$(head -c 16 "$(dirname "$admin")"/delivery 2>/dev/null)" = xds ] && live=0
 [ -d /etc/mesh/proxies/web-8080/xds ] || mkdir -p -m 0755 /etc/mesh/proxies/web-8080/xds || exit 1
 mv -f /etc/mesh/proxies/web-8080/.staging/xds/cds.yaml /etc/mesh/proxies/web-8080/xds/cds.yaml || exit 1
 wait_for cluster_manager.cds.version_text 'cluster_manager.cds.version_text: "6549b3a0e6449868e54b9b122be9414e3584a92188d187702523342c14b9c559"' absent-ok cds.yaml
