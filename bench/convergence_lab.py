@@ -256,7 +256,7 @@ def callers(lab: Lab, service: str) -> list[Caller]:
     for host in spec.hosts:
         for proxy in host.proxies:
             for eds_path, upstream in proxy.endpoints.items():
-                if upstream != service:
+                if upstream.service != service or upstream.version is not None:
                     continue
                 content = next(file.content for file in proxy.files if file.path == eds_path)
                 cluster = str(yaml.safe_load(content)["resources"][0]["cluster_name"])
