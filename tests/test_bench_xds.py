@@ -10,12 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-
-pytest.importorskip("mesh.xds.server")
 
 from convergence_xds import TRUST_DOMAIN, _acked_eds, _synced, free_port, make_certs
 from xds_clients import (

@@ -561,9 +561,10 @@ def test_state_reports_the_bootstrap_each_proxy_started_with_when_its_start_step
 
 
 class FakeAdmin:
-    """Envoy's admin socket as far as a drain goes: records each request line, answers 200."""
+    """Envoy's admin socket as far as a drain goes: records each request line, answers 200 with `body`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, body: str = "OK\n") -> None:
+        self.body = body.encode()
         self.requests: list[str] = []
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
@@ -580,7 +581,8 @@ class FakeAdmin:
             with conn:
                 data = conn.recv(4096).decode(errors="replace")
                 self.requests.append(data.split("\r\n", 1)[0])
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nOK\n")
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(self.body)
+                             + self.body)
 
     def close(self) -> None:
         self.server.close()
@@ -645,31 +647,14 @@ def test_restart_refuses_what_is_not_a_proxy_of_this_host(untouched_host: Host, 
     assert _tree(untouched_host.root) == before
 
 
-class BootstrapAdmin(FakeAdmin):
-    """An Envoy's admin socket that runs this proxy's bootstrap (its digest in every answer) and takes no file."""
-
-    def __init__(self, path: Path, digest: str) -> None:
-        self.body = f'{{"node": {{"metadata": {{"mesh_bootstrap_sha256": "{digest}", "mesh_delivery": "xds"}}}}}}\n'
-        super().__init__(path)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                data = conn.recv(4096).decode(errors="replace")
-                self.requests.append(data.split("\r\n", 1)[0])
-                body = self.body.encode()
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
-
-
 def test_apply_to_an_envoy_on_ads_moves_the_files_without_waiting_for_it(host: Host) -> None:
     """An Envoy started from envoy-ads.yaml (the start step's marker says xds) reads no resource file: apply moves
     the last-known-good files and does not wait for Envoy to take them (it never would)."""
     (host.home / "admin" / "delivery").write_text("xds\n")
-    admin = BootstrapAdmin(host.home / "admin" / "admin.sock", host.files.bootstrap_sha256)
+    # an Envoy that runs this proxy's bootstrap (its digest in every answer) and takes no file
+    digest = host.files.bootstrap_sha256
+    admin = FakeAdmin(host.home / "admin" / "admin.sock",
+                      f'{{"node": {{"metadata": {{"mesh_bootstrap_sha256": "{digest}", "mesh_delivery": "xds"}}}}}}\n')
     try:
         new = host.rendered(endpoints=(Endpoint("127.0.0.9", 4000),), rename="upstream-api-next")
         changed, stale = _changed(host.files, new)
