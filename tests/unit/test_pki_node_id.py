@@ -89,7 +89,7 @@ def test_a_leaf_without_dns_names_has_only_its_uri() -> None:
     assert leaf_dns_names(pem) == ()
 
 
-@pytest.mark.parametrize("name", ["", "web vm1", "web_vm1", "-web", "wéb-vm1", "a" * 64, "web\nvm1"])
+@pytest.mark.parametrize("name", ["", "web vm1", "wéb-vm1", "a" * 1025, "web\nvm1", "web/vm1", "web\x00vm1"])
 def test_a_name_that_is_no_dns_name_is_refused(name: str) -> None:
     root_key = new_ca_key()
     root = build_root(root_key, TD, NOW)
@@ -232,3 +232,24 @@ def test_the_plan_renews_a_proxy_leaf_without_its_node_id_and_not_the_checkers(t
     facts = replace(facts, certificates={name: CertificateFact(name, chain, public_pem(key))
                                          for name, chain in new.items()})
     assert [change for change in host_changes(plan, facts, reason) if change.kind == "certificate"] == []
+
+
+@pytest.mark.parametrize(("host", "container"), [("vm_1", None), ("web01.example.com", None), ("dock1", "api_v2.1"),
+                                                 ("h-" + "a" * 200, "c" * 60)])
+def test_the_node_id_of_every_host_and_container_name_the_inventory_accepts_is_signed(
+        host: str, container: str | None) -> None:
+    """An underscore is valid in an Ansible host name and a Docker container name: the leaf must still be signed
+    (a refusal here would stop a deploy halfway through its hosts)."""
+    from mesh.inventory.model import Workload
+    from mesh.inventory.values import check_container_name, check_host_name
+
+    check_host_name(host)
+    if container is not None:
+        check_container_name(container)
+    workload = Workload(host=host, index=0, service="api", port=9090, trust_domain="lab.mesh", container=container)
+    root_key = new_ca_key()
+    root = build_root(root_key, TD, NOW)
+    _, csr = key_and_csr()
+    leaf = build_leaf(LeafRequest(checked_csr(csr), WEB, "web", NOW, NOW + TTL, dns_names=(workload.consul_id,)),
+                      Issuer(root, root_key))
+    assert leaf_dns_names(leaf.public_bytes(serialization.Encoding.PEM)) == (workload.consul_id,)
