@@ -109,6 +109,8 @@ class Store(Protocol):
 
     def put(self, key: str, value: str) -> None: ...
 
+    def values(self, prefix: str) -> list[bytes]: ...
+
 
 class ConsulStore:
     """Store over py-consul; a failed read of the deploy lock keeps the last answer (the lock fences anyway)."""
@@ -440,8 +442,7 @@ class Controller:
         if self.xds_streams_at is None or now - self.xds_streams_at >= XDS_STREAMS_READ_S:
             from mesh.xds.status import merged, parse_publication
 
-            values = getattr(self.store, "values", None)
-            found = values(xds_status_prefix(self.spec.mesh_id)) if values is not None else []
+            found = self.store.values(xds_status_prefix(self.spec.mesh_id))
             self.xds_streams = merged([parse_publication(value) for value in found], self.wall())
             self.xds_streams_at = now
         return self.xds_streams

@@ -65,6 +65,9 @@ class FakeStore:
     def put(self, key: str, value: str) -> None:
         self.puts[key] = value
 
+    def values(self, prefix: str) -> list[bytes]:
+        return [value.encode() for key, value in sorted(self.puts.items()) if key.startswith(prefix)]
+
 
 @dataclass
 class Loop:

@@ -54,6 +54,9 @@ class NoStore:
     def put(self, key: str, value: str) -> None:
         pass
 
+    def values(self, prefix: str) -> list[bytes]:
+        return []
+
 
 def controller(tmp_path: Path, trace_port: int,
                specs: list[ControllerSpec] | None = None) -> tuple[Controller, CertificateAuthority, Path]:
