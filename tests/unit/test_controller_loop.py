@@ -313,3 +313,38 @@ def test_the_running_loop_waits_between_passes(tmp_path: Path) -> None:
     runner.join(timeout=10)
     assert 2 <= len(passes) <= 10  # a pass per round (1 s) and lock renewal, no busy loop
     assert loop.leader.steps >= 1
+
+
+class StreamsServer:
+    """An ADS server as the controller's feed sees it: `status()` gives its streams."""
+
+    def __init__(self, streams: dict[str, object]) -> None:
+        self.streams = streams
+
+    def status(self) -> dict[str, object]:
+        return self.streams
+
+
+def test_the_ads_streams_are_published_in_chunks_that_merge_back_whole(loop: Loop) -> None:
+    """A Consul KV value holds at most 512 KiB: 450 streams go out as three values under the controller's name,
+    each small enough, and `mesh status`'s merge of them gives every stream back."""
+    import json
+
+    from mesh.controller.spec import xds_status_prefix
+    from mesh.xds.status import StreamStatus, TypeStatus, merged, parse_publication
+
+    version = "f" * 64
+    streams = {f"web-h{n:04d}-8080": StreamStatus(f"web-h{n:04d}-8080", f"10.1.{n // 250}.{n % 250}:40000", 1.0,
+                                                  tuple(TypeStatus(kind, "synced", version, version, None, 1)
+                                                        for kind in ("CDS", "EDS", "LDS", "RDS", "SDS", "ECDS")))
+               for n in range(450)}
+    loop.controller.xds.server = StreamsServer(streams)
+    loop.controller._publish_xds()
+    prefix = xds_status_prefix(loop.controller.spec.mesh_id)
+    written = {key: value for key, value in loop.store.puts.items() if key.startswith(prefix)}
+    assert sorted(written) == [f"{prefix}ctl-test/{n}" for n in range(3)]
+    assert all(len(value.encode()) < 512 * 1024 for value in written.values())
+    back = merged([parse_publication(value) for value in loop.store.values(prefix)], 1_765_000_000.0)
+    assert sorted(back) == sorted(streams)
+    assert {item.state for stream in back.values() for item in stream.types} == {"synced"}
+    assert json.loads(written[f"{prefix}ctl-test/2"])["controller"] == "ctl-test"
